@@ -1,0 +1,170 @@
+"""Score matrices against a naive loop, hand-computed numbers and each other."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ntxr import scores
+
+
+def naive_alignment(x, x_lengths, y, y_lengths):
+  """S[i, j] by explicit loops over valid frames and words, in float64."""
+  x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+  out = np.zeros((len(x), len(y)))
+  for i in range(len(x)):
+    for j in range(len(y)):
+      pairs = [max(0.0, x[i, t] @ y[j, w])
+               for t in range(x_lengths[i]) for w in range(y_lengths[j])]
+      out[i, j] = np.mean(pairs) if pairs else 0.0
+  return out
+
+
+def ragged(key, n, t, e, lengths):
+  x = jax.random.normal(key, (n, t, e))
+  mask = jnp.arange(t)[None, :] < jnp.asarray(lengths)[:, None]
+  return x, mask
+
+
+@pytest.fixture
+def batch():
+  a_len, t_len = [7, 3, 5, 1, 7, 2], [4, 2, 3, 1, 4, 4]
+  audio, audio_mask = ragged(jax.random.PRNGKey(0), 6, 7, 5, a_len)
+  text, text_mask = ragged(jax.random.PRNGKey(1), 6, 4, 5, t_len)
+  return audio, audio_mask, a_len, text, text_mask, t_len
+
+
+def test_hand_computed_score():
+  # Frames (1, 0) and (0, 1); words (1, 1) and (-1, 0): products 1, -1, 1, 0.
+  x = jnp.array([[[1.0, 0.0], [0.0, 1.0]]])
+  y = jnp.array([[[1.0, 1.0], [-1.0, 0.0]]])
+  np.testing.assert_allclose(scores.alignment_scores(x, y), [[0.5]])
+  # Masking the second word leaves products 1 and 1.
+  np.testing.assert_allclose(
+      scores.alignment_scores(x, y, y_mask=jnp.array([[True, False]])), [[1.0]])
+
+
+def test_alignment_matches_naive_loop_with_masks(batch):
+  audio, audio_mask, a_len, text, text_mask, t_len = batch
+  expected = naive_alignment(audio, a_len, text, t_len)
+  got = jax.jit(scores.alignment_scores)(audio, text, audio_mask, text_mask)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_padding_does_not_change_scores(batch):
+  audio, audio_mask, _, text, text_mask, _ = batch
+  padded_audio = jnp.pad(audio, ((0, 0), (0, 9), (0, 0)), constant_values=5.0)
+  padded_mask = jnp.pad(audio_mask, ((0, 0), (0, 9)))
+  np.testing.assert_allclose(
+      scores.alignment_scores(padded_audio, text, padded_mask, text_mask),
+      scores.alignment_scores(audio, text, audio_mask, text_mask), rtol=1e-6)
+
+
+@pytest.mark.parametrize("tile_elements", [1, 30, 200, 10_000])
+def test_tiling_matches_one_shot(batch, tile_elements):
+  audio, audio_mask, _, text, text_mask, _ = batch
+  one_shot = scores.alignment_scores(audio, text, audio_mask, text_mask)
+  tiled = scores.alignment_scores(audio, text, audio_mask, text_mask,
+                                  tile_elements=tile_elements)
+  np.testing.assert_allclose(tiled, one_shot, rtol=1e-6, atol=1e-7)
+
+
+def test_tiled_gradient_matches_one_shot(batch):
+  audio, audio_mask, _, text, text_mask, _ = batch
+  def total(a, tile_elements):
+    s = scores.alignment_scores(a, text, audio_mask, text_mask,
+                                tile_elements=tile_elements)
+    return jnp.sum(s * jnp.arange(s.size).reshape(s.shape))
+  np.testing.assert_allclose(jax.grad(total)(audio, 30),
+                             jax.grad(total)(audio, 1 << 20), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tile_elements", [49, 200, 1 << 20])
+def test_symmetric_matches_full_and_is_symmetric(batch, tile_elements):
+  audio, audio_mask, a_len, *_ = batch
+  got = scores.symmetric_alignment_scores(audio, audio_mask, tile_elements=tile_elements)
+  np.testing.assert_allclose(got, naive_alignment(audio, a_len, audio, a_len),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(got, got.T)
+
+
+def test_paired_is_the_diagonal(batch):
+  audio, audio_mask, _, text, text_mask, _ = batch
+  np.testing.assert_allclose(
+      scores.paired_alignment_scores(audio, text, audio_mask, text_mask),
+      np.diag(scores.alignment_scores(audio, text, audio_mask, text_mask)), rtol=1e-6)
+
+
+def test_pooled_scores_are_cosines_of_masked_means(batch):
+  audio, audio_mask, a_len, text, text_mask, t_len = batch
+  def pooled(x, lengths):
+    means = np.stack([np.asarray(x[i, :n]).mean(0) for i, n in enumerate(lengths)])
+    return means / np.linalg.norm(means, axis=1, keepdims=True)
+  expected = pooled(audio, a_len) @ pooled(text, t_len).T
+  np.testing.assert_allclose(scores.pooled_scores(audio, text, audio_mask, text_mask),
+                             expected, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      scores.paired_pooled_scores(audio, text, audio_mask, text_mask),
+      np.diag(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_fully_masked_sequence_scores_zero_without_nan(batch):
+  audio, audio_mask, _, text, text_mask, _ = batch
+  audio_mask = audio_mask.at[2].set(False)
+  s, grad = jax.value_and_grad(
+      lambda a: scores.alignment_scores(a, text, audio_mask, text_mask).sum())(audio)
+  assert np.all(np.isfinite(grad))
+  np.testing.assert_array_equal(
+      scores.alignment_scores(audio, text, audio_mask, text_mask)[2], 0.0)
+  np.testing.assert_array_equal(scores.pooled_scores(audio, text, audio_mask)[2], 0.0)
+
+
+def test_bfloat16_is_close_to_float32(batch):
+  audio, audio_mask, _, text, text_mask, _ = batch
+  s32 = scores.alignment_scores(audio, text, audio_mask, text_mask)
+  s16 = scores.alignment_scores(audio.astype(jnp.bfloat16), text.astype(jnp.bfloat16),
+                                audio_mask, text_mask, tile_elements=30)
+  assert s16.dtype == jnp.bfloat16
+  np.testing.assert_allclose(s16.astype(jnp.float32), s32, rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: scores.alignment_scores(jnp.ones((2, 3)), jnp.ones((2, 3, 4))), r"\[N, T, E\]"),
+    (lambda: scores.alignment_scores(jnp.ones((2, 3, 4), jnp.int32), jnp.ones((2, 3, 4))),
+     "floating"),
+    (lambda: scores.alignment_scores(jnp.ones((2, 3, 4)), jnp.ones((2, 3, 5))),
+     "embedding sizes"),
+    (lambda: scores.alignment_scores(jnp.ones((2, 3, 4)), jnp.ones((2, 3, 4)),
+                                     x_mask=jnp.ones((2, 4), bool)), "mask must have shape"),
+    (lambda: scores.alignment_scores(jnp.ones((2, 3, 4)), jnp.ones((2, 3, 4)),
+                                     x_mask=jnp.ones((2, 3))), "boolean"),
+    (lambda: scores.paired_alignment_scores(jnp.ones((2, 3, 4)), jnp.ones((3, 3, 4))),
+     "paired shapes"),
+    (lambda: scores.get_scorer("cosine"), "unknown score"),
+])
+def test_bad_inputs_raise(call, message):
+  with pytest.raises(ValueError, match=message):
+    call()
+
+
+def test_audio_audio_memory_is_bounded_at_paper_scale():
+  """N=256, T=1500 audio-audio: the compiled program's scratch stays near one tile."""
+  audio = jax.ShapeDtypeStruct((256, 1500, 300), jnp.float32)
+  mask = jax.ShapeDtypeStruct((256, 1500), jnp.bool_)
+  compiled = jax.jit(scores.symmetric_alignment_scores).lower(audio, mask).compile()
+  tile_bytes = 4 * scores.DEFAULT_TILE_ELEMENTS
+  all_products_bytes = 4 * (256 * 1500) ** 2
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  assert temp < 4 * tile_bytes + 2 * 256 * 1500 * 300 * 4, temp
+  assert temp < all_products_bytes / 1000
+
+
+@pytest.mark.parametrize("paired, matrix", [
+    (scores.paired_alignment_scores, scores.alignment_scores),
+    (scores.paired_pooled_scores, scores.pooled_scores)])
+def test_paired_candidates_pick_matrix_entries(batch, paired, matrix):
+  audio, audio_mask, _, text, text_mask, _ = batch
+  choice = jnp.array([[0, 5], [3, 1], [2, 2], [4, 0], [1, 3], [5, 4]])
+  got = paired(audio, text[choice], audio_mask, text_mask[choice])
+  full = matrix(audio, text, audio_mask, text_mask)
+  np.testing.assert_allclose(got, full[jnp.arange(6)[:, None], choice], rtol=1e-5)
