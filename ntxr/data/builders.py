@@ -1,0 +1,140 @@
+"""TFDS builders for Clotho v2 and AudioCaps, from folders users download by hand.
+
+Features are computed once at prepare time, in parallel worker processes, and stored
+as TFRecords; each builder config's name records every feature parameter, so a change
+of parameters prepares a new dataset instead of mixing. TFDS writes into a temporary
+folder and renames it when complete, so an interrupted prepare leaves nothing a later
+run would trust.
+
+  builder = NtxrClotho(data_dir=..., config=clotho_config(LogMelConfig()))
+  prepare(builder, manual_dir="/path/to/Clotho")
+  builder.as_dataset(split="development")
+"""
+
+import concurrent.futures
+import multiprocessing
+import os
+
+from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
+
+from ntxr.data import clotho, features
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3")
+
+
+class FeatureConfig(tfds.core.BuilderConfig):
+  """A builder config carrying the log-mel parameters."""
+
+  def __init__(self, *, logmel: features.LogMelConfig, **kwargs):
+    super().__init__(name=logmel.name, **kwargs)
+    self.logmel = logmel
+
+
+def clotho_config(logmel: features.LogMelConfig) -> FeatureConfig:
+  return FeatureConfig(logmel=logmel, description=f"log-mel features: {logmel}")
+
+
+class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
+  """One example per clip: log-mel features and all its captions."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [clotho_config(features.LogMelConfig())]
+  SPLITS = ()
+
+  def __init__(self, *, skip_bad_files: bool = False, processes: int = 0, **kwargs):
+    self.skip_bad_files = skip_bad_files
+    self.processes = processes or os.cpu_count()
+    self.skipped = {}  # split -> [(where, reason)]
+    super().__init__(**kwargs)
+
+  def _info(self):
+    return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
+        "audio_id": np.int64,
+        "file_name": tfds.features.Text(),
+        "logmel": tfds.features.Tensor(shape=(None, self.builder_config.logmel.mel_bands),
+                                       dtype=np.float32),
+        "captions": tfds.features.Sequence(tfds.features.Text()),
+    }))
+
+  def _read(self, root: str, split: str):
+    """(clips, skipped rows, caption file) of a split."""
+    raise NotImplementedError
+
+  def _audio_path(self, root: str, split: str, clip: clotho.Clip) -> str:
+    raise NotImplementedError
+
+  def _split_generators(self, dl_manager):
+    root = dl_manager.manual_dir
+    for split in self.SPLITS:
+      self._read(root, split)  # fail before any work on a missing or malformed file
+    return {split: self._generate_examples(root, split) for split in self.SPLITS}
+
+  def _generate_examples(self, root, split):
+    clips, skipped, csv_path = self._read(root, split)
+    skipped = [(f"{csv_path}:{line}", reason) for line, reason in skipped]
+    paths = [self._audio_path(root, split, clip) for clip in clips]
+    jobs = [(path, self.builder_config.logmel) for path in paths]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(self.processes, mp_context=context) as pool:
+      results = pool.map(features.features_or_error, jobs, chunksize=8)
+      for audio_id, (clip, path, logmel) in enumerate(zip(clips, paths, results)):
+        if isinstance(logmel, str):
+          if not self.skip_bad_files:
+            raise ValueError(f"{logmel} (named at {csv_path}:{clip.line}); "
+                             "pass skip_bad_files to leave such clips out")
+          skipped.append((f"{csv_path}:{clip.line}", logmel))
+          continue
+        yield clip.file_name, dict(audio_id=audio_id, file_name=clip.file_name,
+                                   logmel=logmel, captions=list(clip.captions))
+    self.skipped[split] = skipped
+    if skipped:
+      logging.warning("%s: skipped %d bad clips or rows: %s", split, len(skipped), skipped)
+
+
+class NtxrClotho(_CaptionedAudio):
+  """Clotho v2 (or the built-in synthetic corpus, written in its layout)."""
+
+  SPLITS = ("development", "validation", "evaluation")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Download Clotho v2 from Zenodo (record 4783391) and unpack it into one folder holding
+  clotho_captions_{development,validation,evaluation}.csv and the audio folders
+  development/, validation/ and evaluation/. Pass that folder as --data_dir.
+  """
+
+  def _read(self, root, split):
+    csv_path = os.path.join(root, f"clotho_captions_{split}.csv")
+    return (*clotho.read_clotho_captions(csv_path, skip=self.skip_bad_files), csv_path)
+
+  def _audio_path(self, root, split, clip):
+    return os.path.join(root, split, clip.file_name)
+
+
+class NtxrAudiocaps(_CaptionedAudio):
+  """AudioCaps: {train,val,test}.csv and audio/{split}/{youtube_id}_{start}.{wav,flac,mp3}."""
+
+  SPLITS = ("train", "val", "test")
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Place AudioCaps' train.csv, val.csv and test.csv (audiocap_id,youtube_id,start_time,
+  caption) in one folder, with each clip's audio fetched by you as
+  audio/{split}/{youtube_id}_{start_time}.wav (or .flac, .mp3).
+  """
+
+  def _read(self, root, split):
+    csv_path = os.path.join(root, f"{split}.csv")
+    return (*clotho.read_audiocaps_captions(csv_path, skip=self.skip_bad_files), csv_path)
+
+  def _audio_path(self, root, split, clip):
+    stem = os.path.join(root, "audio", split, clip.file_name)
+    found = [stem + ext for ext in AUDIO_EXTENSIONS if os.path.exists(stem + ext)]
+    return found[0] if found else stem + AUDIO_EXTENSIONS[0]
+
+
+def prepare(builder: _CaptionedAudio, manual_dir: str) -> dict:
+  """Prepares the builder's dataset from `manual_dir` unless done; returns skips per split."""
+  if not os.path.isdir(manual_dir):
+    raise ValueError(f"{manual_dir}: no such folder.{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder.skipped

@@ -1,0 +1,108 @@
+"""tf.data pipelines from prepared clips to NumPy batches.
+
+Training batches hold one example per (clip, caption):
+  audio [B, T, mel] float32, audio_mask [B, T] bool, tokens [B, W] int32,
+  token_mask [B, W] bool, audio_id [B] int64 (equal exactly for captions of one clip).
+T is padded up to one of `frame_buckets` and W is fixed, so a jitted step compiles
+once per bucket, not per batch.
+"""
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from ntxr.data import tokenizer as tokenizer_lib
+
+FRAME_BUCKETS = (256, 512, 768, 1024, 1536)
+MAX_TOKENS = 32
+
+
+def _tokenize(tokenizer: tokenizer_lib.Tokenizer, max_tokens: int):
+  """tf string -> tokens [max_tokens] int32 padded with PAD_ID (truncated if longer)."""
+  def encode(text):
+    ids = tokenizer.encode(text.decode("utf-8"))[:max_tokens]
+    return np.pad(ids, (0, max_tokens - len(ids)), constant_values=tokenizer_lib.PAD_ID)
+  def op(text):
+    tokens = tf.numpy_function(encode, [text], tf.int32, stateful=False)
+    return tf.ensure_shape(tokens, [max_tokens])
+  return op
+
+
+def _crop(logmel, max_frames: int):
+  return logmel[:max_frames]
+
+
+def _pad_to_bucket(batch: dict, buckets: Sequence[int]) -> dict:
+  """Pads audio to the smallest bucket >= its length and adds both masks."""
+  frames = tf.shape(batch["audio"])[1]
+  boundaries = tf.constant(buckets, tf.int32)
+  target = tf.gather(boundaries, tf.searchsorted(boundaries, [frames])[0])
+  batch = dict(batch)
+  batch["audio"] = tf.pad(batch["audio"], [[0, 0], [0, target - frames], [0, 0]])
+  batch["audio_mask"] = tf.sequence_mask(batch.pop("audio_length"), target)
+  if "tokens" in batch:
+    batch["token_mask"] = batch["tokens"] != tokenizer_lib.PAD_ID
+  return batch
+
+
+def _pairs(clip: dict, tokenize, max_frames: int) -> tf.data.Dataset:
+  """One clip -> one example per caption."""
+  audio = _crop(clip["logmel"], max_frames)
+  captions = tf.data.Dataset.from_tensor_slices(clip["captions"])
+  return captions.map(lambda c: dict(audio=audio, audio_length=tf.shape(audio)[0],
+                                     tokens=tokenize(c), audio_id=clip["audio_id"]))
+
+
+def train_batches(clips: tf.data.Dataset, tokenizer: tokenizer_lib.Tokenizer, *,
+                  batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
+                  frame_buckets: Sequence[int] = FRAME_BUCKETS,
+                  max_tokens: int = MAX_TOKENS, shuffle_buffer: int = 20000,
+                  repeat: bool = False) -> tf.data.Dataset:
+  """Shuffled (clip, caption) batches, dropping the remainder.
+
+  Args:
+    clips: prepared clips (`builder.as_dataset(split=...)`).
+    tokenizer: caption tokenizer.
+    batch_size: examples per batch on this process.
+    seed: shuffle seed; the same seed gives the same batches.
+    shard_index, shard_count: this process's disjoint share of the clips
+      (`jax.process_index()`, `jax.process_count()`).
+  """
+  tokenize = _tokenize(tokenizer, max_tokens)
+  max_frames = frame_buckets[-1]
+  ds = clips.shard(shard_count, shard_index)
+  ds = ds.flat_map(lambda clip: _pairs(clip, tokenize, max_frames))
+  ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+  if repeat:
+    ds = ds.repeat()
+  ds = ds.padded_batch(batch_size, drop_remainder=True)
+  return ds.map(lambda b: _pad_to_bucket(b, frame_buckets)).prefetch(tf.data.AUTOTUNE)
+
+
+def clip_batches(clips: tf.data.Dataset, *, batch_size: int,
+                 frame_buckets: Sequence[int] = FRAME_BUCKETS) -> tf.data.Dataset:
+  """Every clip once, in order: audio, audio_mask, audio_id (last batch may be short)."""
+  ds = clips.map(lambda c: dict(audio=_crop(c["logmel"], frame_buckets[-1]),
+                                audio_length=tf.minimum(tf.shape(c["logmel"])[0],
+                                                        frame_buckets[-1]),
+                                audio_id=c["audio_id"]))
+  ds = ds.padded_batch(batch_size)
+  return ds.map(lambda b: _pad_to_bucket(b, frame_buckets)).prefetch(tf.data.AUTOTUNE)
+
+
+def caption_batches(clips: tf.data.Dataset, tokenizer: tokenizer_lib.Tokenizer, *,
+                    batch_size: int, max_tokens: int = MAX_TOKENS) -> tf.data.Dataset:
+  """Every caption once, in clip order: tokens, token_mask, audio_id."""
+  tokenize = _tokenize(tokenizer, max_tokens)
+  ds = clips.flat_map(lambda c: tf.data.Dataset.from_tensor_slices(c["captions"]).map(
+      lambda text: dict(tokens=tokenize(text), audio_id=c["audio_id"])))
+  ds = ds.batch(batch_size).map(
+      lambda b: dict(b, token_mask=b["tokens"] != tokenizer_lib.PAD_ID))
+  return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def as_numpy(ds: tf.data.Dataset) -> Iterator[dict]:
+  """Iterates a batched dataset as dicts of NumPy arrays."""
+  return iter(tfds.as_numpy(ds))

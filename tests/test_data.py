@@ -1,0 +1,211 @@
+"""Data layer: the real Clotho CSV, the synthetic corpus, TFDS, tf.data and bad input."""
+
+import csv
+import os
+import shutil
+import wave
+
+import numpy as np
+import pytest
+
+from ntxr.data import builders, clotho, features, input_pipeline, synthetic, tokenizer
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "dcase2022")
+LOGMEL = features.LogMelConfig(sample_rate=synthetic.SAMPLE_RATE)
+
+
+def test_real_clotho_evaluation_captions_parse():
+  clips, skipped = clotho.read_clotho_captions(
+      os.path.join(SHARED, "clotho_evaluation_captions.csv"))
+  assert not skipped
+  assert len(clips) == 1045
+  assert sum(len(c.captions) for c in clips) == 5225
+  names = {c.file_name for c in clips}
+  assert any("," in name for name in names)  # file names with commas
+  assert sum("," in caption for c in clips for caption in c.captions) > 100  # quoted fields
+  assert clips[0].file_name == "Santa Motor.wav"
+  assert clips[0].captions[-1].startswith("While rhythmically punching or stamping,")
+
+
+def test_clean_text():
+  assert clotho.clean_text("A dog's bark, then... SILENCE!") == "a dog s bark then silence"
+
+
+def write_csv(path, rows, header=clotho.CLOTHO_COLUMNS):
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    csv.writer(f).writerows([header] + rows)
+
+
+def test_malformed_captions_name_file_and_line(tmp_path):
+  path = str(tmp_path / "caps.csv")
+  write_csv(path, [["a.wav"] + ["a caption"] * 5, ["b.wav", "x", "", "y", "z", "w"]])
+  with pytest.raises(ValueError, match=r"caps\.csv:3: empty caption for 'b\.wav'"):
+    clotho.read_clotho_captions(path)
+  clips, skipped = clotho.read_clotho_captions(path, skip=True)
+  assert [c.file_name for c in clips] == ["a.wav"] and skipped == [(3, "empty caption for 'b.wav'")]
+  write_csv(path, [["a.wav", "x"]], header=["file_name", "caption_1"])
+  with pytest.raises(ValueError, match=r"caps\.csv:1: missing columns \['caption_2'"):
+    clotho.read_clotho_captions(path)
+  with open(path, "wb") as f:
+    f.write(b"file_name,caption_1\n\xff\xfe bad bytes\n")
+  with pytest.raises(ValueError, match=r"caps\.csv: not UTF-8"):
+    clotho.read_clotho_captions(path)
+  with pytest.raises(ValueError, match="caption file not found"):
+    clotho.read_clotho_captions(str(tmp_path / "missing.csv"))
+
+
+def test_audiocaps_captions_group_by_clip(tmp_path):
+  path = str(tmp_path / "train.csv")
+  write_csv(path, [["1", "abc", "30", "A dog barks."], ["2", "abc", "30", "Barking."],
+                   ["3", "xyz", "0", "Rain falls."], ["4", "bad", "x", "Oops."]],
+            header=clotho.AUDIOCAPS_COLUMNS)
+  with pytest.raises(ValueError, match=r"train\.csv:5: bad youtube_id or start_time"):
+    clotho.read_audiocaps_captions(path)
+  clips, skipped = clotho.read_audiocaps_captions(path, skip=True)
+  assert [(c.file_name, c.captions) for c in clips] == [
+      ("abc_30", ("A dog barks.", "Barking.")), ("xyz_0", ("Rain falls.",))]
+  assert skipped == [(5, "bad youtube_id or start_time")]
+
+
+def write_wav(path, samples, rate=16000):
+  with wave.open(str(path), "wb") as w:
+    w.setnchannels(1)
+    w.setsampwidth(2)
+    w.setframerate(rate)
+    w.writeframes(np.asarray(samples, "<i2").tobytes())
+
+
+def test_bad_audio_names_the_file(tmp_path):
+  write_wav(tmp_path / "empty.wav", [])
+  write_wav(tmp_path / "silent.wav", np.zeros(1600))
+  (tmp_path / "corrupt.wav").write_bytes(b"RIFF not really a wav file")
+  for name, message in [("empty.wav", "empty audio"), ("silent.wav", "silent audio"),
+                        ("corrupt.wav", "cannot decode"), ("gone.wav", "not found")]:
+    with pytest.raises(ValueError, match=message) as error:
+      features.decode_audio(str(tmp_path / name), 16000)
+    assert name in str(error.value)
+
+
+def test_log_mel_frames_follow_the_hop(tmp_path):
+  write_wav(tmp_path / "a.wav", (np.sin(np.arange(32000) / 5) * 9000), rate=32000)
+  mel = features.clip_features(str(tmp_path / "a.wav"), LOGMEL)  # resampled to 16 kHz
+  assert mel.shape == (1 + 16000 // 320, 64) and np.all(np.isfinite(mel))
+
+
+def test_synthetic_clips_are_deterministic_and_captioned():
+  first, captions = synthetic.make_clip(0, 0, 3)
+  assert synthetic.make_clip(0, 0, 3) == (first, captions)
+  assert synthetic.make_clip(1, 0, 3)[0] != first
+  assert len(synthetic.EVENT_KINDS) >= 12
+  for index in range(40):
+    _, captions = synthetic.make_clip(0, 1, index)
+    assert len(captions) == 5
+    assert all(8 <= len(c.split()) <= 20 for c in captions), captions
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  root = str(tmp_path_factory.mktemp("synthetic") / "clotho")
+  return synthetic.generate(root, "tiny", processes=2)
+
+
+def test_synthetic_corpus_layout_and_cache(corpus, tmp_path):
+  for split, count in zip(synthetic.SPLITS, synthetic.SIZES["tiny"]):
+    clips, _ = clotho.read_clotho_captions(os.path.join(corpus, f"clotho_captions_{split}.csv"))
+    assert len(clips) == count
+    assert all(os.path.exists(os.path.join(corpus, split, c.file_name)) for c in clips)
+  assert synthetic.is_complete(corpus, "tiny", 0)
+  copy = str(tmp_path / "copy")
+  synthetic.generate(copy, "tiny", processes=1)
+  for split in synthetic.SPLITS:
+    name = f"clotho_captions_{split}.csv"
+    assert open(os.path.join(copy, name)).read() == open(os.path.join(corpus, name)).read()
+  os.remove(os.path.join(copy, synthetic.MANIFEST))  # an interrupted corpus
+  os.remove(os.path.join(copy, "development", "dev_00000.wav"))
+  assert not synthetic.is_complete(copy, "tiny", 0)
+  synthetic.generate(copy, "tiny", processes=1)
+  assert os.path.exists(os.path.join(copy, "development", "dev_00000.wav"))
+  assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+
+
+@pytest.fixture(scope="module")
+def prepared(corpus, tmp_path_factory):
+  builder = builders.NtxrClotho(data_dir=str(tmp_path_factory.mktemp("tfds")),
+                                config=builders.clotho_config(LOGMEL), processes=2)
+  skipped = builders.prepare(builder, corpus)
+  assert skipped == {split: [] for split in synthetic.SPLITS}
+  development, _ = clotho.read_clotho_captions(
+      os.path.join(corpus, "clotho_captions_development.csv"))
+  model = tokenizer.train([c for clip in development for c in clip.captions],
+                          os.path.join(corpus, "spm.model"), vocab_size=100)
+  return builder, tokenizer.Tokenizer(model)
+
+
+def test_prepared_clips_hold_features_and_captions(corpus, prepared):
+  builder, _ = prepared
+  examples = list(builder.as_dataset(split="validation").as_numpy_iterator())
+  assert len(examples) == synthetic.SIZES["tiny"][1]
+  example = next(e for e in examples if e["file_name"] == b"val_00002.wav")
+  expected = features.clip_features(os.path.join(corpus, "validation", "val_00002.wav"), LOGMEL)
+  np.testing.assert_allclose(example["logmel"], expected, rtol=1e-6)
+  assert len(example["captions"]) == 5
+
+
+def test_train_batches_masks_and_determinism(prepared):
+  builder, tok = prepared
+  clips = builder.as_dataset(split="development")
+  lengths = {int(e["audio_id"]): len(e["logmel"]) for e in clips.as_numpy_iterator()}
+  batches = lambda seed: list(input_pipeline.as_numpy(input_pipeline.train_batches(
+      clips, tok, batch_size=8, seed=seed)))
+  first = batches(0)
+  assert len(first) == synthetic.SIZES["tiny"][0] * 5 // 8
+  for b in first:
+    assert b["audio"].shape[1] in input_pipeline.FRAME_BUCKETS
+    np.testing.assert_array_equal(b["audio_mask"].sum(1), [lengths[i] for i in b["audio_id"]])
+    assert np.all(b["audio"][~b["audio_mask"]] == 0)
+    np.testing.assert_array_equal(b["token_mask"], b["tokens"] != tokenizer.PAD_ID)
+    assert np.all(b["token_mask"].sum(1) > 0)
+  for a, b in zip(first, batches(0)):
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
+  assert any((a["audio_id"] != b["audio_id"]).any() for a, b in zip(first, batches(1)))
+
+
+def test_evaluation_iterates_every_clip_and_caption_once(prepared):
+  builder, tok = prepared
+  clips = builder.as_dataset(split="evaluation")
+  audio_ids = np.concatenate([b["audio_id"] for b in input_pipeline.as_numpy(
+      input_pipeline.clip_batches(clips, batch_size=3))])
+  caption_ids = np.concatenate([b["audio_id"] for b in input_pipeline.as_numpy(
+      input_pipeline.caption_batches(clips, tok, batch_size=7))])
+  assert sorted(audio_ids) == list(range(synthetic.SIZES["tiny"][2]))
+  assert sorted(caption_ids) == sorted(list(range(synthetic.SIZES["tiny"][2])) * 5)
+
+
+def test_sharding_gives_disjoint_clips(prepared):
+  builder, tok = prepared
+  clips = builder.as_dataset(split="development")
+  ids = [set(np.concatenate([b["audio_id"] for b in input_pipeline.as_numpy(
+      input_pipeline.train_batches(clips, tok, batch_size=2, seed=0, shard_index=i,
+                                   shard_count=2))])) for i in range(2)]
+  assert ids[0] and ids[1] and not ids[0] & ids[1]
+
+
+def test_missing_wav_fails_cleanly_or_is_skipped(corpus, tmp_path):
+  broken = str(tmp_path / "broken")
+  shutil.copytree(corpus, broken)
+  os.remove(os.path.join(broken, "evaluation", "eva_00004.wav"))
+  config = builders.clotho_config(LOGMEL)
+  builder = builders.NtxrClotho(data_dir=str(tmp_path / "tfds"), config=config, processes=1)
+  with pytest.raises(ValueError, match=r"eva_00004\.wav: audio file not found \(named at "
+                     r".*clotho_captions_evaluation\.csv:6\)"):
+    builders.prepare(builder, broken)
+  final = os.path.join(str(tmp_path / "tfds"), "ntxr_clotho", config.name, "1.0.0")
+  assert not os.path.exists(final)  # nothing half-written that a later run would trust
+  builder = builders.NtxrClotho(data_dir=str(tmp_path / "tfds"), config=config,
+                                processes=1, skip_bad_files=True)
+  skipped = builders.prepare(builder, broken)
+  assert len(skipped["evaluation"]) == 1 and "eva_00004.wav" in skipped["evaluation"][0][1]
+  assert len(list(builder.as_dataset(split="evaluation"))) == synthetic.SIZES["tiny"][2] - 1
+  with pytest.raises(ValueError, match="no such folder"):
+    builders.prepare(builder, str(tmp_path / "nowhere"))
