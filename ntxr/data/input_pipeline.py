@@ -30,8 +30,10 @@ def _tokenize(tokenizer: tokenizer_lib.Tokenizer, max_tokens: int):
   return op
 
 
-def _crop(logmel, max_frames: int):
-  return logmel[:max_frames]
+def _cropped_audio(logmel, max_frames: int) -> dict:
+  """{audio: logmel's first max_frames frames, audio_length: their count}."""
+  audio = logmel[:max_frames]
+  return dict(audio=audio, audio_length=tf.shape(audio)[0])
 
 
 def _pad_to_bucket(batch: dict, buckets: Sequence[int]) -> dict:
@@ -49,10 +51,9 @@ def _pad_to_bucket(batch: dict, buckets: Sequence[int]) -> dict:
 
 def _pairs(clip: dict, tokenize, max_frames: int) -> tf.data.Dataset:
   """One clip -> one example per caption."""
-  audio = _crop(clip["logmel"], max_frames)
+  audio = _cropped_audio(clip["logmel"], max_frames)
   captions = tf.data.Dataset.from_tensor_slices(clip["captions"])
-  return captions.map(lambda c: dict(audio=audio, audio_length=tf.shape(audio)[0],
-                                     tokens=tokenize(c), audio_id=clip["audio_id"]))
+  return captions.map(lambda c: dict(audio, tokens=tokenize(c), audio_id=clip["audio_id"]))
 
 
 def train_batches(clips: tf.data.Dataset, tokenizer: tokenizer_lib.Tokenizer, *,
@@ -84,9 +85,7 @@ def train_batches(clips: tf.data.Dataset, tokenizer: tokenizer_lib.Tokenizer, *,
 def clip_batches(clips: tf.data.Dataset, *, batch_size: int,
                  frame_buckets: Sequence[int] = FRAME_BUCKETS) -> tf.data.Dataset:
   """Every clip once, in order: audio, audio_mask, audio_id (last batch may be short)."""
-  ds = clips.map(lambda c: dict(audio=_crop(c["logmel"], frame_buckets[-1]),
-                                audio_length=tf.minimum(tf.shape(c["logmel"])[0],
-                                                        frame_buckets[-1]),
+  ds = clips.map(lambda c: dict(_cropped_audio(c["logmel"], frame_buckets[-1]),
                                 audio_id=c["audio_id"]))
   ds = ds.padded_batch(batch_size)
   return ds.map(lambda b: _pad_to_bucket(b, frame_buckets)).prefetch(tf.data.AUTOTUNE)
