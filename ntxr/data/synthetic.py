@@ -240,11 +240,11 @@ def _phrase(rng, event: Event, brief: bool) -> str:
   if event.pitch is not None:
     table = CLICK_RATE_WORDS if event.kind.name == "clicks" else PITCH_WORDS
     words.append(rng.choice(table[event.pitch]))
-  words.append(rng.choice(event.kind.nouns))
-  text = " ".join(words)
-  article = "an" if text[0] in "aeiou" else "a"
-  text = f"{article} {text}" if event.kind.name not in ("clicks", "knocks", "drips") else (
-      f"{article} {text}" if text.startswith("series") else text)
+  noun = rng.choice(event.kind.nouns)
+  text = " ".join([*words, noun])
+  countable = event.kind.name not in ("clicks", "knocks", "drips") or noun.startswith("series")
+  if countable:
+    text = f"{'an' if text[0] in 'aeiou' else 'a'} {text}"
   if not brief and COUNT_WORDS[event.count]:
     text += f" sounding {rng.choice(COUNT_WORDS[event.count])}"
   return text

@@ -1,5 +1,13 @@
-"""A sentencepiece tokenizer trained on the development captions, cached by the data."""
+"""Caption tokenizers cached by the data, and word2vec-format vectors.
 
+Two vocabularies share one interface (`vocab_size`, `encode`), with PAD_ID = 0 and
+UNK_ID = 1:
+  - sentencepiece pieces trained on the development captions (the default);
+  - whole words of the cleaned development captions, for word vectors such as the
+    paper's frozen Word2Vec (`read_word2vec` aligns a word2vec file to them).
+"""
+
+import collections
 import os
 
 import numpy as np
@@ -8,29 +16,52 @@ import sentencepiece as spm
 from ntxr.data import clotho
 
 PAD_ID, UNK_ID = 0, 1
+_RESERVED = ("<pad>", "<unk>")
+
+
+def _write_atomically(path: str, write) -> None:
+  """write(temporary_path), then rename into place: no half-written file survives."""
+  partial = f"{path}.partial-{os.getpid()}"
+  write(partial)
+  os.replace(partial, path)
 
 
 def train(captions: list, model_path: str, vocab_size: int) -> str:
-  """Trains on cleaned captions unless `model_path` exists; returns model_path.
-
-  The model is written under a temporary prefix and renamed into place, so an
-  interrupted run leaves no model a later run would load.
-  """
+  """Trains sentencepiece on cleaned captions unless `model_path` exists; returns it."""
   if os.path.exists(model_path):
     return model_path
-  prefix = f"{model_path}.partial-{os.getpid()}"
-  spm.SentencePieceTrainer.train(
-      sentence_iterator=iter([clotho.clean_text(c) for c in captions]),
-      model_prefix=prefix, vocab_size=vocab_size, pad_id=PAD_ID, unk_id=UNK_ID,
-      bos_id=-1, eos_id=-1, hard_vocab_limit=False, model_type="unigram",
-      minloglevel=2)
-  os.replace(prefix + ".model", model_path)
-  os.remove(prefix + ".vocab")
+  def write(partial):
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([clotho.clean_text(c) for c in captions]),
+        model_prefix=partial, vocab_size=vocab_size, pad_id=PAD_ID, unk_id=UNK_ID,
+        bos_id=-1, eos_id=-1, hard_vocab_limit=False, model_type="unigram",
+        minloglevel=2)
+    os.replace(partial + ".model", partial)
+    os.remove(partial + ".vocab")
+  _write_atomically(model_path, write)
   return model_path
 
 
+def train_words(captions: list, vocab_path: str, min_count: int = 1) -> str:
+  """Writes the words seen `min_count` times, most frequent first, unless it exists.
+
+  Ties are ordered alphabetically, so the file is the same on every run.
+  """
+  if os.path.exists(vocab_path):
+    return vocab_path
+  counts = collections.Counter(
+      word for caption in captions for word in clotho.clean_text(caption).split())
+  words = sorted((w for w, n in counts.items() if n >= min_count),
+                 key=lambda w: (-counts[w], w))
+  def write(partial):
+    with open(partial, "w", encoding="utf-8") as f:
+      f.write("\n".join([*_RESERVED, *words]) + "\n")
+  _write_atomically(vocab_path, write)
+  return vocab_path
+
+
 class Tokenizer:
-  """Cleaned caption -> int32 piece ids (never PAD_ID)."""
+  """Cleaned caption -> int32 sentencepiece ids (never PAD_ID)."""
 
   def __init__(self, model_path: str):
     self.processor = spm.SentencePieceProcessor(model_file=model_path)
@@ -41,3 +72,121 @@ class Tokenizer:
 
   def encode(self, caption: str) -> np.ndarray:
     return np.asarray(self.processor.encode(clotho.clean_text(caption)), np.int32)
+
+
+class WordTokenizer:
+  """Cleaned caption -> int32 word ids; words outside the vocabulary map to UNK_ID.
+
+  Example:
+    >>> import tempfile
+    >>> path = train_words(["A dog barks.", "a dog"], tempfile.mkdtemp() + "/w.txt")
+    >>> WordTokenizer(path).encode("The dog, barking!").tolist()
+    [1, 3, 1]
+  """
+
+  def __init__(self, vocab_path: str):
+    with open(vocab_path, encoding="utf-8") as f:
+      self.words = f.read().split("\n")[:-1]
+    if tuple(self.words[:2]) != _RESERVED:
+      raise ValueError(f"{vocab_path}: not a word vocabulary (must start with {_RESERVED})")
+    self.ids = {word: i for i, word in enumerate(self.words)}
+
+  @property
+  def vocab_size(self) -> int:
+    return len(self.words)
+
+  def encode(self, caption: str) -> np.ndarray:
+    return np.asarray([self.ids.get(w, UNK_ID) for w in clotho.clean_text(caption).split()],
+                      np.int32)
+
+
+def _records(path: str, binary: bool):
+  """Yields (line_number, word, vector bytes or text fields) after the header."""
+  with open(path, "rb") as f:
+    header = f.readline().split()
+    if len(header) != 2 or not all(h.isdigit() for h in header):
+      raise ValueError(f"{path}:1: expected a word2vec header 'count dimension', "
+                       f"got {b' '.join(header)[:60]!r}")
+    count, dim = map(int, header)
+    yield count, dim
+    for index in range(count):
+      line = index + 2
+      if binary:
+        word = b""
+        while (char := f.read(1)) != b" ":
+          if not char:
+            raise ValueError(f"{path}: record {index + 1}: file ends inside a word; "
+                             f"the header promised {count} vectors")
+          word += char
+        values = f.read(4 * dim)
+        if len(values) != 4 * dim:
+          raise ValueError(f"{path}: record {index + 1} ({word.strip()!r}): file ends "
+                           f"inside its vector")
+        yield line, word.strip(), values
+      else:
+        fields = f.readline().rstrip().split(b" ")
+        if fields == [b""]:
+          raise ValueError(f"{path}:{line}: file ends; the header promised {count} vectors")
+        yield line, fields[0], fields[1:]
+
+
+def _is_binary(path: str) -> bool:
+  """A text file's second line is a word and decimal numbers; a binary one is not."""
+  with open(path, "rb") as f:
+    f.readline()
+    first = f.readline(1 << 16)
+  try:
+    fields = first.decode("utf-8").split()
+    [float(x) for x in fields[1:]]
+  except (UnicodeDecodeError, ValueError):
+    return True
+  return len(fields) < 2
+
+
+def read_word2vec(path: str, words: list, *, binary=None, seed: int = 0):
+  """Vectors for `words` from a word2vec-format file (binary or text).
+
+  Args:
+    path: a `.bin` (C binary: header, then word, space, float32 x dim) or text file
+      (header, then one 'word v1 .. vdim' per line); `binary=None` detects which.
+    words: the vocabulary, e.g. `WordTokenizer.words`.
+    seed: seeds the small random vectors of words the file lacks.
+
+  Returns:
+    (table [len(words), dim] float32, missing: list of words not in the file). A word
+    matches exactly, else the file's first entry equal to it in lower case; row PAD_ID
+    is zero.
+  """
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: word vectors not found")
+  binary = _is_binary(path) if binary is None else binary
+  records = _records(path, binary)
+  _, dim = next(records)
+  wanted = {w: i for i, w in enumerate(words)}
+  table = np.zeros((len(words), dim), np.float32)
+  found = {}  # row -> True for an exact match, False for a lower-case one
+  for line, raw, values in records:
+    try:
+      word = raw.decode("utf-8")
+    except UnicodeDecodeError:
+      continue  # byte-truncated multi-byte words appear in real files; never wanted
+    row = wanted.get(word, wanted.get(word.lower()))
+    exact = word in wanted
+    if row is None or found.get(row) is True or (row in found and not exact):
+      continue
+    if binary:
+      vector = np.frombuffer(values, "<f4")
+    else:
+      if len(values) != dim:
+        raise ValueError(f"{path}:{line}: {word!r} has {len(values)} values, expected {dim}")
+      try:
+        vector = np.asarray(values, np.float32)
+      except ValueError as error:
+        raise ValueError(f"{path}:{line}: {word!r}: {error}") from None
+    if not np.all(np.isfinite(vector)):
+      raise ValueError(f"{path}:{line}: {word!r} has a non-finite value")
+    table[row], found[row] = vector, exact
+  rows = [i for i in range(len(words)) if i not in found and i != PAD_ID]
+  scale = float(np.std(table[list(found)])) if found else 1.0
+  table[rows] = np.random.default_rng(seed).normal(0, scale, (len(rows), dim))
+  return table, [words[i] for i in rows]

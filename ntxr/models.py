@@ -1,0 +1,133 @@
+"""The paper's encoders in Flax Linen: a CRNN over log-mel frames, word embeddings.
+
+Both return L2-normalised embeddings, one per frame / per token, zero where masked.
+A clip's embedding does not depend on how much padding its batch added: padded frames
+are zeroed after every layer, the GRU stops at each clip's length and upsampling
+clamps at it.
+"""
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+PAPER_BLOCKS = ((32, (2, 4)), (128, None), (128, (2, 4)), (128, None), (128, (1, 4)))
+
+
+def l2_normalize(x: Array, mask: Array) -> Array:
+  """x [..., E] / its norm, zero where mask [...] is False (and for zero vectors)."""
+  norm = jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True)
+  return jnp.where(mask[..., None], x / jnp.maximum(norm, 1e-12).astype(x.dtype), 0)
+
+
+def lp_pool(x: Array, window: Tuple[int, int], p: float = 4.0) -> Array:
+  """(sum over each window of x^p)^(1/p) on [B, T, F, C], stride = window (PyTorch LPPool2d).
+
+  T and F must be multiples of the window (a reshape, which XLA runs faster than a
+  strided reduce_window on CPU).
+  """
+  b, t, f, c = x.shape
+  wt, wf = window
+  total = (x ** p).reshape(b, t // wt, wt, f // wf, wf, c).sum(axis=(2, 4))
+  return jnp.maximum(total, 1e-12) ** (1 / p)  # bounded gradient at all-zero windows
+
+
+def upsample_linear(x: Array, lengths: Array, factor: int) -> Array:
+  """Linear interpolation by `factor` along time, clamped at each row's own length.
+
+  Args:
+    x: [B, T, D]; lengths: [B] valid steps of each row (>= 1); factor: int.
+  Returns:
+    [B, T * factor, D], PyTorch's `interpolate(mode="linear", align_corners=False)`
+    applied to each row's first `lengths` steps.
+  """
+  steps = jnp.arange(x.shape[1] * factor)
+  position = jnp.clip((steps + 0.5) / factor - 0.5, 0, (lengths - 1)[:, None])
+  low = jnp.floor(position).astype(jnp.int32)
+  high = jnp.minimum(low + 1, (lengths - 1)[:, None])
+  weight = (position - low)[..., None].astype(x.dtype)
+  take = lambda i: jnp.take_along_axis(x, i[..., None], axis=1)
+  return (1 - weight) * take(low) + weight * take(high)
+
+
+def _downsampled_mask(mask: Array, factor: int) -> Array:
+  """[B, T] -> [B, T // factor]: a step is valid when any frame it covers is."""
+  return mask.reshape(mask.shape[0], -1, factor).any(axis=-1)
+
+
+class CRNN(nn.Module):
+  """Log-mel [B, T, F] -> frame embeddings [B, T, embed_dim].
+
+  Per block BatchNorm, a 3x3 conv and LeakyReLU(0.1), then LP-pooling (p=4) over
+  (time, frequency) where the block names a window, as in the authors' encoder;
+  dropout; a bidirectional GRU (embed_dim // 2 per direction); linear upsampling
+  back to T frames. BatchNorm statistics skip padded frames.
+  """
+  blocks: Sequence[Tuple[int, Optional[Tuple[int, int]]]] = PAPER_BLOCKS
+  embed_dim: int = 300
+  dropout: float = 0.3
+
+  @nn.compact
+  def __call__(self, audio: Array, mask: Array, *, train: bool) -> Array:
+    frames = audio.shape[1]
+    stride = math.prod(window[0] for _, window in self.blocks if window)
+    pad = -frames % stride
+    x = jnp.pad(audio, ((0, 0), (0, pad), (0, 0)))[..., None]  # [B, T, F, 1]
+    step_mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    for channels, window in self.blocks:
+      valid = jnp.broadcast_to(step_mask[:, :, None, None], x.shape)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x, mask=valid)
+      x = nn.Conv(channels, (3, 3), padding="SAME", use_bias=False)(x * valid)
+      x = nn.leaky_relu(x, 0.1)
+      if window:
+        x = lp_pool(x, window)
+        step_mask = _downsampled_mask(step_mask, window[0])
+    x = x * step_mask[:, :, None, None]
+    x = nn.Dropout(self.dropout, deterministic=not train)(x.reshape(*x.shape[:2], -1))
+    lengths = jnp.maximum(step_mask.sum(axis=1), 1)
+    gru = lambda: nn.RNN(nn.GRUCell(self.embed_dim // 2))
+    x = nn.Bidirectional(gru(), gru())(x, seq_lengths=lengths)
+    x = upsample_linear(x, lengths, stride)[:, :frames]
+    return l2_normalize(x, mask)
+
+
+class TextEncoder(nn.Module):
+  """Token ids [B, W] -> word embeddings [B, W, embed_dim] (a plain lookup table).
+
+  The table can be overwritten with word2vec vectors after `init` (and frozen by the
+  optimizer): see `train.create_train_state`.
+  """
+  vocab_size: int
+  embed_dim: int = 300
+
+  @nn.compact
+  def __call__(self, tokens: Array, mask: Array) -> Array:
+    embed = nn.Embed(self.vocab_size, self.embed_dim, name="embed",
+                     embedding_init=nn.initializers.normal(1.0))
+    return l2_normalize(embed(tokens), mask)
+
+
+class DualEncoder(nn.Module):
+  """Both encoders; `__call__` embeds a batch, `embed_audio` / `embed_text` one side."""
+  vocab_size: int
+  embed_dim: int = 300
+  blocks: Sequence[Tuple[int, Optional[Tuple[int, int]]]] = PAPER_BLOCKS
+  dropout: float = 0.3
+
+  def setup(self):
+    self.audio = CRNN(self.blocks, self.embed_dim, self.dropout)
+    self.text = TextEncoder(self.vocab_size, self.embed_dim)
+
+  def embed_audio(self, audio: Array, audio_mask: Array, *, train: bool = False) -> Array:
+    return self.audio(audio, audio_mask, train=train)
+
+  def embed_text(self, tokens: Array, token_mask: Array) -> Array:
+    return self.text(tokens, token_mask)
+
+  def __call__(self, batch: dict, *, train: bool = False) -> Tuple[Array, Array]:
+    """batch {audio [B,T,F], audio_mask, tokens [B,W], token_mask} -> ([B,T,E], [B,W,E])."""
+    return (self.embed_audio(batch["audio"], batch["audio_mask"], train=train),
+            self.embed_text(batch["tokens"], batch["token_mask"]))

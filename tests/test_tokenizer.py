@@ -1,0 +1,97 @@
+"""Word vocabulary and word2vec-format vectors, against files written by hand here."""
+
+import struct
+
+import numpy as np
+import pytest
+
+from ntxr.data import input_pipeline, tokenizer
+
+VECTORS = {"dog": [1.0, 2.0, 3.0], "Rain": [-1.5, 0.25, 4.0], "rain": [0.5, 0.5, 0.5],
+           "Bird": [7.0, 8.0, 9.0], "zzz": [0.0, 0.0, 1.0]}
+
+
+def write_text(path, vectors):
+  lines = [f"{len(vectors)} 3"] + [f"{w} " + " ".join(map(str, v)) for w, v in vectors.items()]
+  path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_binary(path, vectors, newline):
+  with open(path, "wb") as f:
+    f.write(f"{len(vectors)} 3\n".encode())
+    for word, vector in vectors.items():
+      f.write(word.encode() + b" " + struct.pack("<3f", *vector) + (b"\n" if newline else b""))
+
+
+def words(tmp_path):
+  path = tokenizer.train_words(["A dog barks, rain falls.", "Rain and a bird."],
+                               str(tmp_path / "words.txt"))
+  return tokenizer.WordTokenizer(path)
+
+
+def test_word_vocabulary_orders_by_count_then_alphabet(tmp_path):
+  tok = words(tmp_path)
+  assert tok.words == ["<pad>", "<unk>", "a", "rain", "and", "barks", "bird", "dog", "falls"]
+  assert tok.encode("A dog, a CAT!").tolist() == [2, 7, 2, tokenizer.UNK_ID]
+  assert tok.encode("").tolist() == []
+
+
+@pytest.mark.parametrize("form", ["text", "binary", "binary_newline"])
+def test_read_word2vec_aligns_rows_to_the_vocabulary(tmp_path, form):
+  tok = words(tmp_path)
+  path = tmp_path / "vectors"
+  if form == "text":
+    write_text(path, VECTORS)
+  else:
+    write_binary(path, VECTORS, newline=form == "binary_newline")
+  table, missing = tokenizer.read_word2vec(str(path), tok.words)
+  assert table.shape == (9, 3) and table.dtype == np.float32
+  np.testing.assert_array_equal(table[tok.ids["dog"]], VECTORS["dog"])
+  np.testing.assert_array_equal(table[tok.ids["rain"]], VECTORS["rain"])  # exact beats "Rain"
+  np.testing.assert_array_equal(table[tok.ids["bird"]], VECTORS["Bird"])  # lower-case match
+  np.testing.assert_array_equal(table[tokenizer.PAD_ID], 0)
+  assert missing == ["<unk>", "a", "and", "barks", "falls"]
+  assert np.all(np.abs(table[tok.ids["a"]]) > 0)  # random, never zero
+
+
+def test_word2vec_format_is_detected(tmp_path):
+  write_text(tmp_path / "t", VECTORS)
+  write_binary(tmp_path / "b", VECTORS, newline=True)
+  assert not tokenizer._is_binary(str(tmp_path / "t"))
+  assert tokenizer._is_binary(str(tmp_path / "b"))
+
+
+@pytest.mark.parametrize("content, message", [
+    ("three 3\n", ":1: expected a word2vec header"),
+    ("2 3\ndog 1 2 3\n", ":3: file ends; the header promised 2"),
+    ("1 3\ndog 1 2\n", ":2: 'dog' has 2 values, expected 3"),
+    ("1 3\ndog 1 x 3\n", ":2: 'dog'"),
+    ("1 3\ndog 1 nan 3\n", ":2: 'dog' has a non-finite value"),
+])
+def test_bad_text_vectors_name_file_and_line(tmp_path, content, message):
+  path = tmp_path / "bad.txt"
+  path.write_text(content)
+  with pytest.raises(ValueError, match=f"bad.txt{message}"):
+    tokenizer.read_word2vec(str(path), ["<pad>", "<unk>", "dog"], binary=False)
+
+
+def test_truncated_binary_vectors_are_reported(tmp_path):
+  path = tmp_path / "cut.bin"
+  write_binary(path, VECTORS, newline=True)
+  path.write_bytes(path.read_bytes()[:-7])
+  with pytest.raises(ValueError, match="cut.bin: record 5 .*'zzz'.* inside its vector"):
+    tokenizer.read_word2vec(str(path), ["<pad>", "<unk>", "dog"], binary=True)
+  with pytest.raises(FileNotFoundError, match="nowhere.bin"):
+    tokenizer.read_word2vec(str(tmp_path / "nowhere.bin"), ["dog"])
+
+
+def test_word_tokens_flow_through_the_input_pipeline(tmp_path):
+  import tensorflow as tf
+  tok = words(tmp_path)
+  clips = tf.data.Dataset.from_tensors(dict(
+      logmel=tf.zeros([10, 64]), audio_id=tf.constant(4, tf.int64),
+      captions=tf.constant(["a dog", "bird and rain"])))
+  batch = next(input_pipeline.as_numpy(
+      input_pipeline.caption_batches(clips, tok, batch_size=2, max_tokens=4)))
+  np.testing.assert_array_equal(batch["tokens"], [[2, 7, 0, 0], [6, 4, 3, 0]])
+  np.testing.assert_array_equal(batch["token_mask"], batch["tokens"] > 0)
