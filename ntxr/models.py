@@ -14,13 +14,15 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
-PAPER_BLOCKS = ((32, (2, 4)), (128, None), (128, (2, 4)), (128, None), (128, (1, 4)))
+PAPER_CHANNELS = (32, 128, 128, 128, 128)
+PAPER_POOLS = ((2, 4), None, (2, 4), None, (1, 4))  # (time, frequency) after each block
 
 
 def l2_normalize(x: Array, mask: Array) -> Array:
   """x [..., E] / its norm, zero where mask [...] is False (and for zero vectors)."""
-  norm = jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True)
-  return jnp.where(mask[..., None], x / jnp.maximum(norm, 1e-12).astype(x.dtype), 0)
+  squared = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
+  inverse = jax.lax.rsqrt(jnp.maximum(squared, 1e-24))  # finite gradient at zero vectors
+  return jnp.where(mask[..., None], x * inverse.astype(x.dtype), 0)
 
 
 def lp_pool(x: Array, window: Tuple[int, int], p: float = 4.0) -> Array:
@@ -66,18 +68,21 @@ class CRNN(nn.Module):
   dropout; a bidirectional GRU (embed_dim // 2 per direction); linear upsampling
   back to T frames. BatchNorm statistics skip padded frames.
   """
-  blocks: Sequence[Tuple[int, Optional[Tuple[int, int]]]] = PAPER_BLOCKS
+  channels: Sequence[int] = PAPER_CHANNELS
+  pools: Sequence[Optional[Tuple[int, int]]] = PAPER_POOLS
   embed_dim: int = 300
   dropout: float = 0.3
 
   @nn.compact
   def __call__(self, audio: Array, mask: Array, *, train: bool) -> Array:
     frames = audio.shape[1]
-    stride = math.prod(window[0] for _, window in self.blocks if window)
+    if len(self.channels) != len(self.pools):
+      raise ValueError(f"{len(self.channels)} channel counts but {len(self.pools)} pools")
+    stride = math.prod(window[0] for window in self.pools if window)
     pad = -frames % stride
     x = jnp.pad(audio, ((0, 0), (0, pad), (0, 0)))[..., None]  # [B, T, F, 1]
     step_mask = jnp.pad(mask, ((0, 0), (0, pad)))
-    for channels, window in self.blocks:
+    for channels, window in zip(self.channels, self.pools):
       valid = jnp.broadcast_to(step_mask[:, :, None, None], x.shape)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x, mask=valid)
       x = nn.Conv(channels, (3, 3), padding="SAME", use_bias=False)(x * valid)
@@ -114,11 +119,11 @@ class DualEncoder(nn.Module):
   """Both encoders; `__call__` embeds a batch, `embed_audio` / `embed_text` one side."""
   vocab_size: int
   embed_dim: int = 300
-  blocks: Sequence[Tuple[int, Optional[Tuple[int, int]]]] = PAPER_BLOCKS
+  channels: Sequence[int] = PAPER_CHANNELS
   dropout: float = 0.3
 
   def setup(self):
-    self.audio = CRNN(self.blocks, self.embed_dim, self.dropout)
+    self.audio = CRNN(self.channels, embed_dim=self.embed_dim, dropout=self.dropout)
     self.text = TextEncoder(self.vocab_size, self.embed_dim)
 
   def embed_audio(self, audio: Array, audio_mask: Array, *, train: bool = False) -> Array:

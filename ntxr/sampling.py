@@ -17,7 +17,7 @@ Strategies live in the registry `STRATEGIES`; a new one is one decorated functio
 """
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -232,12 +232,25 @@ def triplet_loss(s_cross: Array, audio_ids: Array, *, strategy: str,
   return _hinge_mean(negative, positive, margin, audio_neg >= 0)
 
 
-def triplet_loss_from_embeddings(audio: Array, text: Array, audio_ids: Array, *,
-                                 strategy: str, margin: float = 0.5,
-                                 key: Optional[Array] = None,
-                                 audio_mask: Optional[Array] = None,
-                                 text_mask: Optional[Array] = None,
-                                 score: str = "alignment") -> Array:
+class TripletTerms(NamedTuple):
+  """What the loss saw, for diagnostics: positive [N]; negative [N, 2] (audio
+  negative, text negative; full_batch: the mean over the pool); valid [N] (non-empty pool)."""
+  positive: Array
+  negative: Array
+  valid: Array
+
+
+def triplet_loss_from_embeddings(*args, **kwargs) -> Array:
+  """The scalar loss of `triplet_loss_and_terms` (same arguments)."""
+  return triplet_loss_and_terms(*args, **kwargs)[0]
+
+
+def triplet_loss_and_terms(audio: Array, text: Array, audio_ids: Array, *,
+                           strategy: str, margin: float = 0.5,
+                           key: Optional[Array] = None,
+                           audio_mask: Optional[Array] = None,
+                           text_mask: Optional[Array] = None,
+                           score: str = "alignment") -> Tuple[Array, TripletTerms]:
   """The triplet loss from embeddings, computing only what the strategy needs.
 
   Negatives are chosen without gradient from the one matrix the strategy reads (the
@@ -255,7 +268,7 @@ def triplet_loss_from_embeddings(audio: Array, text: Array, audio_ids: Array, *,
     score: "alignment" (the paper's) or "pooled".
 
   Returns:
-    Scalar loss.
+    (scalar loss, TripletTerms).
   """
   spec = get_strategy(strategy)
   scorer = scores.get_scorer(score)
@@ -266,7 +279,13 @@ def triplet_loss_from_embeddings(audio: Array, text: Array, audio_ids: Array, *,
   _check_key(spec, key)
   if spec.select is None:
     s_cross = scorer.matrix(audio, text, audio_mask, text_mask)
-    return _full_batch_loss(s_cross, negative_pool(audio_ids), margin)
+    pool = negative_pool(audio_ids)
+    count = jnp.maximum(pool.sum(axis=1), 1)
+    pool_mean = lambda s: jnp.where(pool, s, 0).sum(axis=1) / count
+    terms = TripletTerms(jnp.diagonal(s_cross),
+                         jnp.stack([pool_mean(s_cross.T), pool_mean(s_cross)], axis=1),
+                         pool.any(axis=1))
+    return _full_batch_loss(s_cross, pool, margin), terms
 
   frozen_audio, frozen_text = jax.lax.stop_gradient((audio, text))
   selection_matrix = {
@@ -285,5 +304,6 @@ def triplet_loss_from_embeddings(audio: Array, text: Array, audio_ids: Array, *,
       audio, own_and_negative(text), audio_mask, own_and_negative(text_mask)).T
   audio_negative = scorer.paired(audio[audio_neg], text, take(audio_mask, audio_neg),
                                  text_mask)
-  return _hinge_mean(jnp.stack([audio_negative, text_negative], axis=1),
-                     positive[:, None], margin, audio_neg >= 0)
+  terms = TripletTerms(positive, jnp.stack([audio_negative, text_negative], axis=1),
+                       audio_neg >= 0)
+  return _hinge_mean(terms.negative, positive[:, None], margin, terms.valid), terms

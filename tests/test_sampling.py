@@ -266,3 +266,23 @@ def test_bad_inputs_raise(batch):
   with pytest.raises(ValueError, match="must match audio_ids"):
     sampling.triplet_loss_from_embeddings(batch["audio"][:7], batch["text"],
                                           batch["audio_ids"], strategy="hard_cross")
+
+
+@pytest.mark.parametrize("strategy", ["hard_cross", "easy_text", "full_batch"])
+def test_terms_report_the_scores_the_loss_used(batch, strategy):
+  masks = dict(audio_mask=batch["audio_mask"], text_mask=batch["text_mask"])
+  loss, terms = sampling.triplet_loss_and_terms(
+      batch["audio"], batch["text"], batch["audio_ids"], strategy=strategy, **masks)
+  s = np.asarray(batch["s_cross"])
+  np.testing.assert_allclose(terms.positive, np.diagonal(s), rtol=1e-5)
+  pool = np.asarray(sampling.negative_pool(batch["audio_ids"]))
+  if strategy == "full_batch":
+    expected = np.stack([(s.T * pool).sum(1), (s * pool).sum(1)], 1) / pool.sum(1)[:, None]
+  else:
+    audio_neg, text_neg = (np.asarray(x) for x in sampling.select_negatives(
+        s, batch["audio_ids"], strategy=strategy, s_text=batch["s_text"]))
+    expected = np.stack([s[audio_neg, np.arange(len(s))], s[np.arange(len(s)), text_neg]], 1)
+    hinge = np.maximum(expected - np.diagonal(s)[:, None] + 0.5, 0).sum(1).mean()
+    np.testing.assert_allclose(loss, hinge, rtol=1e-5)
+  np.testing.assert_allclose(terms.negative, expected, rtol=1e-5)
+  np.testing.assert_array_equal(terms.valid, pool.any(1))

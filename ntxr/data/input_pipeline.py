@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from ntxr.data import tokenizer as tokenizer_lib
 
-FRAME_BUCKETS = (256, 512, 768, 1024, 1536)
+FRAME_BUCKETS = (160, 320, 640, 960, 1280, 1600)  # multiples of the CRNN's time stride
 MAX_TOKENS = 32
 
 

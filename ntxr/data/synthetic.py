@@ -31,7 +31,7 @@ SPLITS = ("development", "validation", "evaluation")
 SIZES = {"tiny": (24, 8, 8), "default": (1000, 272, 272), "large": (3839, 1045, 1045)}
 CLIP_SECONDS = (3.0, 6.0)
 MANIFEST = "ntxr_synthetic.json"
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 def _envelope(n: int, attack: float = 0.01, release: float = 0.05) -> np.ndarray:

@@ -1,0 +1,52 @@
+"""The default run: the built-in synthetic corpus on a 2-core CPU in under 10 minutes.
+
+  python -m ntxr.main --strategy=semihard_cross
+  python -m ntxr.main --config=ntxr/configs/default.py --config.num_epochs=8
+
+The model is the paper's CRNN at half width (16, 64, 64, 64, 64 channels), since
+XLA's CPU convolutions make the full width about 3 s per batch there; `paper.py`
+holds the paper's full setting for Clotho on an accelerator.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.strategy = "semihard_cross"  # a name in ntxr.sampling.STRATEGIES
+  config.score = "alignment"          # or "pooled"
+  config.margin = 0.5
+  config.seed = 0
+
+  # Data: an empty data_dir means the built-in synthetic corpus of `size`.
+  config.data_dir = ""
+  config.size = "default"
+  config.cache_dir = "~/.cache/ntxr"
+  config.sample_rate = 0              # 0: 16000 for the synthetic corpus, 44100 for Clotho
+  config.tokens = "sentencepiece"     # or "words"
+  config.vocab_size = 1000
+  config.word_vectors = ""            # word2vec file: word tokens, a frozen table (the paper)
+  config.frame_buckets = (160, 320, 640, 960, 1280, 1600)
+  config.max_tokens = 32
+  config.skip_bad_files = False
+  config.validation_split = "validation"
+  config.test_split = "evaluation"
+
+  # Model.
+  config.channels = (8, 32, 32, 32, 32)
+  config.embed_dim = 300
+  config.dropout = 0.3
+
+  # Optimisation: Adam, ReduceLROnPlateau on the validation loss as the paper.
+  config.batch_size = 32
+  config.learning_rate = 1e-3
+  config.num_epochs = 4
+  config.plateau = ml_collections.ConfigDict(
+      dict(factor=0.1, patience=5, threshold=0.005, min_lr=1e-6))
+  config.eval_batch_size = 64
+  config.checkpoint_every_steps = 50
+
+  # Feature-collapse thresholds (see ntxr.evaluate.collapse_diagnostics).
+  config.collapse = ml_collections.ConfigDict(
+      dict(cosine=0.9, effective_rank=2.0, share_at_margin=0.5))
+  return config

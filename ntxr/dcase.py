@@ -1,0 +1,122 @@
+"""DCASE language-based audio retrieval submissions: write one, score one.
+
+  python -m ntxr.dcase --ground_truth=clotho_captions_evaluation.csv \\
+      --predictions=submission.csv [--output_json=scores.json]
+
+A submission holds `caption,file_name_1..file_name_10`, one row per caption, best
+first. Scoring follows the challenge's script: each distinct caption text of the
+ground truth has one relevant file (the last row naming that text, as the script's
+dictionary keeps it); R@k says whether that file is in the top k and mAP@10 is
+1/rank within the top 10, each averaged over captions.
+"""
+
+import csv
+import json
+import os
+
+from absl import app
+from absl import flags
+import numpy as np
+
+TOP = 10
+COLUMNS = ["caption"] + [f"file_name_{k}" for k in range(1, TOP + 1)]
+
+
+def _rows(path: str):
+  """(line, row) of a UTF-8 CSV after its header; errors name the file."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: file not found")
+  try:
+    with open(path, newline="", encoding="utf-8") as f:
+      reader = csv.reader(f)
+      header = next(reader, None)
+      yield reader.line_num, header
+      for row in reader:
+        yield reader.line_num, row
+  except UnicodeDecodeError as error:
+    raise ValueError(f"{path}: not UTF-8 text ({error})") from None
+
+
+def read_ground_truth(path: str) -> tuple:
+  """Clotho `file_name,caption_1..caption_5` -> ({caption: file_name}, file names)."""
+  rows = _rows(path)
+  _, header = next(rows)
+  if not header or header[0] != "file_name" or len(header) < 2:
+    raise ValueError(f"{path}:1: expected a header file_name,caption_1,..., got {header}")
+  relevant, files = {}, set()
+  for line, row in rows:
+    if len(row) != len(header) or not row[0] or not all(row[1:]):
+      raise ValueError(f"{path}:{line}: expected a file name and {len(header) - 1} "
+                       f"non-empty captions")
+    files.add(row[0])
+    relevant.update((caption, row[0]) for caption in row[1:])
+  return relevant, files
+
+
+def read_predictions(path: str, relevant: dict, files: set) -> dict:
+  """A submission -> {caption: ten file names}, checked against the ground truth."""
+  rows = _rows(path)
+  _, header = next(rows)
+  if header != COLUMNS:
+    raise ValueError(f"{path}:1: expected the header {','.join(COLUMNS)}")
+  ranked = {}
+  for line, row in rows:
+    if len(row) != TOP + 1 or not all(row):
+      raise ValueError(f"{path}:{line}: expected a caption and {TOP} file names, "
+                       f"got {len([r for r in row[1:] if r])} names")
+    caption, names = row[0], row[1:]
+    if caption not in relevant:
+      raise ValueError(f"{path}:{line}: caption {caption[:60]!r} is not in the ground truth")
+    unknown = [n for n in names if n not in files]
+    if unknown:
+      raise ValueError(f"{path}:{line}: unknown file {unknown[0]!r}")
+    ranked[caption] = names
+  missing = [c for c in relevant if c not in ranked]
+  if missing:
+    raise ValueError(f"{path}: {len(missing)} ground-truth captions have no row, "
+                     f"e.g. {missing[0][:60]!r}")
+  return ranked
+
+
+def score(relevant: dict, ranked: dict) -> dict:
+  """{"R@1", "R@5", "R@10", "mAP@10"} averaged over the ground truth's captions."""
+  ranks = np.array([ranked[c].index(f) + 1 if f in ranked[c] else TOP + 1
+                    for c, f in relevant.items()])
+  result = {f"R@{k}": float(np.mean(ranks <= k)) for k in (1, 5, TOP)}
+  result["mAP@10"] = float(np.mean(np.where(ranks <= TOP, 1.0 / ranks, 0.0)))
+  return result
+
+
+def score_files(ground_truth: str, predictions: str) -> dict:
+  relevant, files = read_ground_truth(ground_truth)
+  return score(relevant, read_predictions(predictions, relevant, files))
+
+
+def write_submission(path: str, captions: list, file_names: list, s: np.ndarray) -> None:
+  """Writes each caption's top 10 files by s [captions, files], best first (atomic)."""
+  order = np.argsort(-np.asarray(s), axis=1, kind="stable")[:, :TOP]
+  partial = f"{path}.partial-{os.getpid()}"
+  with open(partial, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(COLUMNS)
+    writer.writerows([caption, *(file_names[j] for j in row)]
+                     for caption, row in zip(captions, order))
+  os.replace(partial, path)
+
+
+def main(argv):
+  del argv
+  args = flags.FLAGS
+  result = score_files(args.ground_truth, args.predictions)
+  print("  ".join(f"{k} {v:.4f}" for k, v in result.items()))
+  if args.output_json:
+    with open(args.output_json, "w") as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":  # flags only when run as the scorer, not when imported
+  flags.DEFINE_string("ground_truth", None, "Clotho captions CSV")
+  flags.DEFINE_string("predictions", None, "submission CSV to score")
+  flags.DEFINE_string("output_json", None, "also write the four scores here as JSON")
+  flags.mark_flags_as_required(["ground_truth", "predictions"])
+  app.run(main)

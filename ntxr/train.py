@@ -1,0 +1,494 @@
+"""Training and evaluation: train state, jitted steps, the epoch loop, checkpoints.
+
+`train_and_evaluate(config, workdir)` trains (resuming from `workdir` if a run is
+there), keeps the latest and the best (validation text-to-audio mAP@10) checkpoints,
+evaluates the best on the test split and writes, in workdir:
+  metrics.jsonl            one line per epoch (training, validation, collapse signs)
+  tensorboard/             the same as TensorBoard scalars
+  results.json             test metrics both directions, strategy, collapse, epochs, seconds
+  dcase_{split}.csv        the DCASE submission (each caption's top 10 files)
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Optional
+
+from absl import logging
+from flax import traverse_util
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tensorflow_datasets as tfds
+import tqdm
+
+from ntxr import dcase, evaluate, models, sampling
+from ntxr.data import corpus, input_pipeline, tokenizer as tokenizer_lib
+
+# Config fields a resumed run may change; any other change needs a new workdir.
+RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every_steps", "cache_dir", "eval_batch_size")
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+
+def make_optimizer(learning_rate, frozen_text: bool) -> optax.GradientTransformation:
+  """Adam; with frozen_text the word table (params/text/embed) is never updated."""
+  adam = optax.adam(learning_rate)
+  if not frozen_text:
+    return adam
+  labels = lambda params: traverse_util.path_aware_map(
+      lambda path, _: "frozen" if path[:2] == ("text", "embed") else "train", params)
+  return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: models.DualEncoder,
+                       key: jax.Array, word_table: Optional[np.ndarray] = None) -> TrainState:
+  """Initialised parameters and optimizer; word_table [V, E] replaces (and freezes) the
+  text encoder's table."""
+  frames, words = config.frame_buckets[0], config.max_tokens
+  example = dict(audio=jnp.zeros((2, frames, 64)), audio_mask=jnp.ones((2, frames), bool),
+                 tokens=jnp.ones((2, words), jnp.int32), token_mask=jnp.ones((2, words), bool))
+  variables = jax.jit(functools.partial(model.init, train=False))(key, example)
+  params = variables["params"]
+  if word_table is not None:
+    expected = params["text"]["embed"]["embedding"].shape
+    if word_table.shape != expected:
+      raise ValueError(f"word vectors are {word_table.shape}, the text encoder needs "
+                       f"{expected}: set --config.embed_dim={word_table.shape[1]}")
+    params = {**params, "text": {"embed": {"embedding": jnp.asarray(word_table)}}}
+  tx = optax.inject_hyperparams(make_optimizer, static_args="frozen_text")(
+      learning_rate=config.learning_rate, frozen_text=word_table is not None)
+  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                            batch_stats=variables["batch_stats"])
+  # Strongly typed leaves, as train_step returns them: the step compiles once, not twice.
+  return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), state)
+
+
+def triplet_statistics(terms: sampling.TripletTerms, margin: float) -> dict:
+  """Batch means over valid anchors and both directions: the share of triplets at zero
+  loss and at exactly the margin (negative scored as the positive), and the positive
+  and negative scores' mean and spread."""
+  valid = terms.valid[:, None] & jnp.ones_like(terms.negative, bool)
+  gap = terms.negative - terms.positive[:, None]
+  count = jnp.maximum(valid.sum(), 1)
+  mean = lambda x, where: jnp.sum(jnp.where(where, x, 0)) / jnp.maximum(where.sum(), 1)
+  negative_mean = mean(terms.negative, valid)
+  return dict(
+      share_zero_loss=jnp.sum(valid & (gap + margin <= 0)) / count,
+      share_at_margin=jnp.sum(valid & (jnp.abs(gap) <= 1e-6)) / count,
+      positive_mean=jnp.mean(terms.positive),
+      positive_std=jnp.std(terms.positive),
+      negative_mean=negative_mean,
+      negative_std=jnp.sqrt(mean(jnp.square(terms.negative - negative_mean), valid)))
+
+
+def _loss_and_terms(variables: dict, apply_fn, batch: dict, key: jax.Array, *, train: bool,
+                    strategy: str, margin: float, score: str):
+  """(loss, (new batch_stats or None, TripletTerms)) of one batch."""
+  dropout_key, sample_key = jax.random.split(key)
+  if train:
+    (audio, text), updates = apply_fn(variables, batch, train=True, mutable=["batch_stats"],
+                                      rngs={"dropout": dropout_key})
+  else:
+    (audio, text), updates = apply_fn(variables, batch, train=False), {}
+  loss, terms = sampling.triplet_loss_and_terms(
+      audio, text, batch["audio_id"], strategy=strategy, margin=margin, key=sample_key,
+      audio_mask=batch["audio_mask"], text_mask=batch["token_mask"], score=score)
+  return loss, (updates.get("batch_stats"), terms)
+
+
+def train_step(state: TrainState, batch: dict, key: jax.Array, *, strategy: str,
+               margin: float, score: str):
+  """One optimizer step: (state, batch, key) -> (state, metrics). Jit it with
+  donate_argnums=0.
+
+  batch: {audio [B,T,F], audio_mask [B,T], tokens [B,W], token_mask [B,W], audio_id [B]}.
+  """
+  def loss_fn(params):
+    return _loss_and_terms({"params": params, "batch_stats": state.batch_stats},
+                           state.apply_fn, batch, key, train=True, strategy=strategy,
+                           margin=margin, score=score)
+  (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  return state, dict(loss=loss, grad_norm=optax.global_norm(grads),
+                     **triplet_statistics(terms, margin))
+
+
+def eval_loss(state: TrainState, batch: dict, key: jax.Array, *, strategy: str,
+              margin: float, score: str) -> jax.Array:
+  """The loss of one batch in inference mode (no dropout, running BatchNorm)."""
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  return _loss_and_terms(variables, state.apply_fn, batch, key, train=False,
+                         strategy=strategy, margin=margin, score=score)[0]
+
+
+@functools.partial(jax.jit, static_argnames="method")
+def _embed(state: TrainState, arrays: tuple, method: str) -> jax.Array:
+  variables = {"params": state.params, "batch_stats": state.batch_stats}
+  return state.apply_fn(variables, *arrays, method=method)
+
+
+def reduce_on_plateau(plateau: dict, value: float, learning_rate: float,
+                      config: ml_collections.ConfigDict) -> tuple:
+  """PyTorch's ReduceLROnPlateau(mode="min", threshold_mode="abs") for one epoch.
+
+  plateau: {"best": lowest value so far, "bad_epochs": epochs since it improved}.
+  Returns (plateau, learning_rate): the rate is multiplied by factor (not below
+  min_lr) once more than `patience` epochs in a row fail to improve on the best by
+  `threshold`.
+
+  Example:
+    >>> from ntxr.configs import default
+    >>> c, state, lr = default.get_config(), {"best": float("inf"), "bad_epochs": 0}, 1e-3
+    >>> for loss in [1.0, 0.999, 0.998, 0.997, 0.996, 0.995, 0.994]:
+    ...   state, lr = reduce_on_plateau(state, loss, lr, c)
+    >>> state, round(lr, 6)
+    ({'best': 1.0, 'bad_epochs': 0}, 0.0001)
+  """
+  options = config.plateau
+  if value < plateau["best"] - options.threshold:
+    plateau = dict(best=float(value), bad_epochs=0)
+  else:
+    plateau = dict(plateau, bad_epochs=plateau["bad_epochs"] + 1)
+  if plateau["bad_epochs"] > options.patience:
+    learning_rate = max(learning_rate * options.factor, options.min_lr)
+    plateau = dict(plateau, bad_epochs=0)
+  return plateau, learning_rate
+
+
+def set_learning_rate(state: TrainState, learning_rate: float) -> TrainState:
+  hyperparams = dict(state.opt_state.hyperparams,
+                     learning_rate=jnp.asarray(learning_rate, jnp.float32))
+  return state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
+
+
+class Checkpoints:
+  """Orbax checkpoints in workdir/checkpoints/{latest,best}: train state + progress.
+
+  Orbax writes to a temporary folder and renames it when complete, so a run killed
+  mid-save leaves the previous checkpoint as the one a rerun restores.
+  """
+
+  def __init__(self, workdir: str):
+    root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    self.latest = ocp.CheckpointManager(os.path.join(root, "latest"), options=options)
+    self.best = ocp.CheckpointManager(os.path.join(root, "best"), options=options)
+
+  @staticmethod
+  def save(manager: ocp.CheckpointManager, state: TrainState, progress: dict) -> None:
+    step = int(state.step)
+    if manager.latest_step() != step:
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                 progress=ocp.args.JsonSave(progress)))
+
+  @staticmethod
+  def restore(manager: ocp.CheckpointManager, state: TrainState):
+    """(state, progress) of the manager's checkpoint, or None if it has none."""
+    step = manager.latest_step()
+    if step is None:
+      return None
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state), progress=ocp.args.JsonRestore()))
+    return restored.state, restored.progress
+
+  def close(self) -> None:
+    for manager in (self.latest, self.best):
+      manager.wait_until_finished()
+      manager.close()
+
+
+class Log:
+  """metrics.jsonl (one line per epoch) and TensorBoard scalars in workdir."""
+
+  def __init__(self, workdir: str, completed_epochs: int):
+    from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(self.path):  # drop epochs a resumed run will redo
+      with open(self.path) as f:
+        kept = [line for line in f if line.strip() and
+                json.loads(line)["epoch"] <= completed_epochs]
+      with open(self.path + ".partial", "w") as f:
+        f.writelines(kept)
+      os.replace(self.path + ".partial", self.path)
+    self.tensorboard = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, record: dict) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for name, value in traverse_util.flatten_dict(record, sep="/").items():
+      if isinstance(value, (int, float)) and not isinstance(value, bool):
+        self.tensorboard.scalar(name, value, step)
+    self.tensorboard.flush()
+
+
+@dataclasses.dataclass
+class Split:
+  """A split's embeddings: clips [C, T, E] + mask, captions [Q, W, E] + mask, ids."""
+  audio: np.ndarray
+  audio_mask: np.ndarray
+  clip_ids: np.ndarray
+  text: np.ndarray
+  text_mask: np.ndarray
+  caption_ids: np.ndarray
+
+
+def _padded_batches(batches, size: int):
+  """Yields (batch padded to `size` rows, real row count) so one shape compiles once."""
+  for batch in batches:
+    rows = len(batch["audio_id"])
+    yield {k: np.pad(v, [(0, size - rows)] + [(0, 0)] * (v.ndim - 1))
+           for k, v in batch.items()}, rows
+
+
+def embed_split(state: TrainState, clips, tokenizer, config) -> Split:
+  """Embeds every clip and caption of a split (builder.as_dataset(split=...)), in order."""
+  size = config.eval_batch_size
+  audio, audio_mask, clip_ids = [], [], []
+  for batch, rows in _padded_batches(input_pipeline.as_numpy(input_pipeline.clip_batches(
+      clips, batch_size=size, frame_buckets=config.frame_buckets)), size):
+    audio.append(np.asarray(_embed(state, (batch["audio"], batch["audio_mask"]),
+                                   "embed_audio"))[:rows])
+    audio_mask.append(batch["audio_mask"][:rows])
+    clip_ids.append(batch["audio_id"][:rows])
+  frames = max(a.shape[1] for a in audio)
+  pad = lambda x: np.pad(x, [(0, 0), (0, frames - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+  text, text_mask, caption_ids = [], [], []
+  for batch, rows in _padded_batches(input_pipeline.as_numpy(input_pipeline.caption_batches(
+      clips, tokenizer, batch_size=size, max_tokens=config.max_tokens)), size):
+    text.append(np.asarray(_embed(state, (batch["tokens"], batch["token_mask"]),
+                                  "embed_text"))[:rows])
+    text_mask.append(batch["token_mask"][:rows])
+    caption_ids.append(batch["audio_id"][:rows])
+  return Split(np.concatenate([pad(a) for a in audio]),
+               np.concatenate([pad(m) for m in audio_mask]), np.concatenate(clip_ids),
+               np.concatenate(text), np.concatenate(text_mask), np.concatenate(caption_ids))
+
+
+def _scores(split: Split, config) -> np.ndarray:
+  s = evaluate.score_matrix(split.audio, split.audio_mask, split.text, split.text_mask,
+                            score=config.score)
+  if not np.isfinite(s).all():
+    raise FloatingPointError("retrieval scores became NaN or infinite")
+  return s
+
+
+def _checked_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes config.json, or checks that a resumed run has the same one."""
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json())
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    changed = sorted(k for k in set(current) | set(previous)
+                     if k not in RESUMABLE_CHANGES and current.get(k) != previous.get(k))
+    if changed:
+      raise ValueError(f"{workdir} holds a run with other settings ({', '.join(changed)}); "
+                       f"use another --workdir")
+  with open(path + ".partial", "w") as f:
+    json.dump(current, f, indent=2)
+  os.replace(path + ".partial", path)
+
+
+class Experiment:
+  """The data, model and jitted functions of one config."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.builder, self.tokenizer, _ = corpus.load(
+        config.data_dir or None, cache_dir=os.path.expanduser(config.cache_dir),
+        size=config.size, sample_rate=config.sample_rate or None,
+        tokens="words" if config.word_vectors else config.tokens,
+        vocab_size=config.vocab_size, skip_bad_files=config.skip_bad_files)
+    word_table = None
+    if config.word_vectors:
+      word_table, missing = tokenizer_lib.read_word2vec(config.word_vectors,
+                                                        self.tokenizer.words)
+      logging.info("word vectors: %d of %d words missing from %s (random, frozen)",
+                   len(missing), len(self.tokenizer.words), config.word_vectors)
+    model = models.DualEncoder(vocab_size=self.tokenizer.vocab_size,
+                               embed_dim=config.embed_dim, channels=tuple(config.channels),
+                               dropout=config.dropout)
+    self.initial_state = create_train_state(config, model, jax.random.key(config.seed),
+                                            word_table)
+    loss_args = dict(strategy=config.strategy, margin=config.margin, score=config.score)
+    self.train_step = jax.jit(functools.partial(train_step, **loss_args), donate_argnums=0)
+    self.eval_loss = jax.jit(functools.partial(eval_loss, **loss_args))
+
+  def clips(self, split: str):
+    return self.builder.as_dataset(split=split)
+
+  def train_batches(self, split: str, seed: int):
+    return input_pipeline.train_batches(
+        self.clips(split), self.tokenizer, batch_size=self.config.batch_size, seed=seed,
+        frame_buckets=self.config.frame_buckets, max_tokens=self.config.max_tokens)
+
+  def steps_per_epoch(self) -> int:
+    sizes = self.builder.as_dataset(split="development",
+                                    decoders={"logmel": tfds.decode.SkipDecoding()})
+    pairs = sum(len(c["captions"]) for c in tfds.as_numpy(sizes))
+    return pairs // self.config.batch_size
+
+  def validate(self, state: TrainState, triplets: dict) -> dict:
+    """Validation loss (fixed seed), retrieval metrics and collapse diagnostics."""
+    key = jax.random.key(self.config.seed)
+    losses = [float(self.eval_loss(state, batch, key)) for batch in
+              input_pipeline.as_numpy(self.train_batches(self.config.validation_split, 0))]
+    split = embed_split(state, self.clips(self.config.validation_split), self.tokenizer,
+                        self.config)
+    metrics = evaluate.both_directions(_scores(split, self.config), split.clip_ids,
+                                       split.caption_ids)
+    collapse = evaluate.collapse_diagnostics(
+        split.audio, split.audio_mask, split.text, split.text_mask,
+        {k: v for k, v in triplets.items() if k != "loss"}, self.config.collapse.to_dict())
+    loss = float(np.mean(losses)) if losses else float("nan")
+    if not np.isfinite(loss):
+      raise FloatingPointError(f"validation loss is {loss}")
+    return dict(loss=loss, **metrics, collapse=collapse)
+
+  def test(self, state: TrainState, workdir: str) -> dict:
+    """Test-split metrics, and its DCASE submission written to workdir."""
+    split_name = self.config.test_split
+    split = embed_split(state, self.clips(split_name), self.tokenizer, self.config)
+    s = _scores(split, self.config)
+    names = [(c["file_name"].decode(), [x.decode() for x in c["captions"]]) for c in
+             tfds.as_numpy(self.builder.as_dataset(
+                 split=split_name, decoders={"logmel": tfds.decode.SkipDecoding()}))]
+    if len(names) >= dcase.TOP:
+      dcase.write_submission(os.path.join(workdir, f"dcase_{split_name}.csv"),
+                             [c for _, captions in names for c in captions],
+                             [f for f, _ in names], s.T)
+    else:
+      logging.warning("%s has %d clips, fewer than a DCASE submission's %d: none written",
+                      split_name, len(names), dcase.TOP)
+    return evaluate.both_directions(s, split.clip_ids, split.caption_ids)
+
+
+def _fresh_progress(config) -> dict:
+  return dict(epoch=0, step_in_epoch=0, learning_rate=config.learning_rate,
+              plateau=dict(best=float("inf"), bad_epochs=0), best_map10=-1.0,
+              best_epoch=0, seconds=0.0, collapse_epochs=[])
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+  return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains (resuming if workdir holds a run), then tests the best checkpoint.
+
+  Returns the dict written to workdir/results.json. Raises FloatingPointError if the
+  loss or a score becomes NaN; the last good checkpoints stay in workdir.
+  """
+  os.makedirs(workdir, exist_ok=True)
+  _checked_config(workdir, config)
+  experiment = Experiment(config)
+  checkpoints = Checkpoints(workdir)
+  try:
+    state, progress = Checkpoints.restore(checkpoints.latest, experiment.initial_state) or (
+        experiment.initial_state, _fresh_progress(config))
+    if progress["epoch"] or progress["step_in_epoch"]:
+      logging.info("resuming at epoch %d, step %d", progress["epoch"] + 1, int(state.step))
+    log = Log(workdir, progress["epoch"])
+    _train(experiment, state, progress, checkpoints, log, workdir)
+    return _test_best(experiment, checkpoints, workdir)
+  finally:
+    checkpoints.close()
+
+
+def _train(experiment: Experiment, state: TrainState, progress: dict,
+           checkpoints: Checkpoints, log: Log, workdir: str) -> None:
+  config = experiment.config
+  steps_per_epoch = experiment.steps_per_epoch()
+  base_key = jax.random.key(config.seed + 1)
+  while progress["epoch"] < config.num_epochs:
+    start = time.perf_counter()
+    epoch = progress["epoch"] + 1
+    batches = experiment.train_batches("development", _epoch_seed(config.seed, epoch))
+    sums, count = {}, 0
+    bar = tqdm.tqdm(input_pipeline.as_numpy(batches.skip(progress["step_in_epoch"])),
+                    total=steps_per_epoch, initial=progress["step_in_epoch"],
+                    desc=f"epoch {epoch}/{config.num_epochs}", unit="batch")
+    for batch in bar:
+      step = int(state.step)
+      state, metrics = experiment.train_step(state, batch, jax.random.fold_in(base_key, step))
+      metrics = jax.device_get(metrics)
+      if not (np.isfinite(metrics["loss"]) and np.isfinite(metrics["grad_norm"])):
+        raise FloatingPointError(
+            f"training loss became {metrics['loss']} (gradient norm "
+            f"{metrics['grad_norm']}) at step {step + 1} (epoch {epoch}); "
+            f"stopped. The last good checkpoint (step {checkpoints.latest.latest_step()}) "
+            f"is kept in {workdir}/checkpoints; try a lower --config.learning_rate")
+      for name, value in metrics.items():
+        sums[name] = sums.get(name, 0.0) + float(value)
+      count += 1
+      bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
+      progress["step_in_epoch"] += 1
+      if progress["step_in_epoch"] % config.checkpoint_every_steps == 0:
+        Checkpoints.save(checkpoints.latest, state, progress)
+    training = {name: total / max(count, 1) for name, total in sums.items()}
+    validation = experiment.validate(state, training)
+    plateau, learning_rate = reduce_on_plateau(progress["plateau"], validation["loss"],
+                                               progress["learning_rate"], config)
+    state = set_learning_rate(state, learning_rate)
+    collapse = validation["collapse"]
+    if collapse["collapse"]:
+      logging.warning("feature collapse at epoch %d: %s", epoch,
+                      "; ".join(collapse["collapse_reasons"]))
+      progress["collapse_epochs"] = progress["collapse_epochs"] + [epoch]
+    progress.update(epoch=epoch, step_in_epoch=0, learning_rate=learning_rate,
+                    plateau=plateau, seconds=progress["seconds"] + time.perf_counter() - start)
+    map10 = validation["t2a"]["mAP@10"]
+    if map10 > progress["best_map10"]:
+      progress.update(best_map10=map10, best_epoch=epoch)
+      Checkpoints.save(checkpoints.best, state, progress)
+    Checkpoints.save(checkpoints.latest, state, progress)
+    checkpoints.latest.wait_until_finished()
+    log.write(int(state.step), dict(epoch=epoch, step=int(state.step), training=training,
+                                    validation=validation, learning_rate=learning_rate,
+                                    seconds=progress["seconds"]))
+    tqdm.tqdm.write(
+        f"epoch {epoch}: train loss {training.get('loss', float('nan')):.4f}, validation "
+        f"loss {validation['loss']:.4f}, t2a R@10 {validation['t2a']['R@10']:.3f} mAP@10 "
+        f"{map10:.3f}, a2t R@10 {validation['a2t']['R@10']:.3f}, lr {learning_rate:g}")
+
+
+def _test_best(experiment: Experiment, checkpoints: Checkpoints, workdir: str) -> dict:
+  """Evaluates the best checkpoint on the test split; writes results.json."""
+  checkpoints.best.wait_until_finished()
+  restored = Checkpoints.restore(checkpoints.best, experiment.initial_state)
+  if restored is None:
+    raise FileNotFoundError(f"{workdir}/checkpoints/best: no checkpoint; train first")
+  state, progress = restored
+  latest = Checkpoints.restore(checkpoints.latest, experiment.initial_state)
+  trained = latest[1] if latest else progress
+  results = dict(experiment.test(state, workdir), strategy=experiment.config.strategy,
+                 score=experiment.config.score, split=experiment.config.test_split,
+                 collapse=bool(trained["collapse_epochs"]),
+                 collapse_epochs=trained["collapse_epochs"], epochs=trained["epoch"],
+                 steps=int(latest[0].step if latest else state.step),
+                 best_epoch=progress["best_epoch"], best_step=int(state.step),
+                 seconds=trained["seconds"])
+  path = os.path.join(workdir, "results.json")
+  with open(path + ".partial", "w") as f:
+    json.dump(results, f, indent=2)
+  os.replace(path + ".partial", path)
+  return results
+
+
+def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Tests the best checkpoint in workdir without training."""
+  checkpoints = Checkpoints(workdir)
+  try:
+    return _test_best(Experiment(config), checkpoints, workdir)
+  finally:
+    checkpoints.close()

@@ -1,0 +1,77 @@
+"""The DCASE submission scorer on the real shared files, and its errors."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ntxr import dcase
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "dcase2022")
+GROUND_TRUTH = os.path.join(SHARED, "clotho_evaluation_captions.csv")
+BASELINE = os.path.join(SHARED, "baseline_top10.csv")
+
+
+def test_baseline_submission_gets_the_published_scores(tmp_path):
+  output = tmp_path / "scores.json"
+  run = subprocess.run([sys.executable, "-m", "ntxr.dcase", f"--ground_truth={GROUND_TRUTH}",
+                        f"--predictions={BASELINE}", f"--output_json={output}"],
+                       capture_output=True, text=True, check=True)
+  result = json.loads(output.read_text())
+  assert {k: round(v, 2) for k, v in result.items()} == {
+      "R@1": 0.03, "R@5": 0.11, "R@10": 0.19, "mAP@10": 0.07}
+  assert "R@10 0.1883" in run.stdout
+
+
+def write_ground_truth(path, files=12):
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["file_name"] + [f"caption_{k}" for k in range(1, 3)])
+    writer.writerows([f"f{i}.wav", f"cap {i} a", f"cap {i} b"] for i in range(files))
+
+
+def test_written_submission_scores_as_planted(tmp_path):
+  write_ground_truth(tmp_path / "gt.csv")
+  captions = [f"cap {i} {v}" for i in range(12) for v in "ab"]
+  files = [f"f{i}.wav" for i in range(12)]
+  # Caption of file i ranks file (i + 1) % 12 first and its own file second, except
+  # the captions of files 0-2, which rank their own file first.
+  s = np.zeros((24, 12))
+  for row, caption in enumerate(captions):
+    own = int(caption.split()[1])
+    s[row, (own + 1) % 12] = 1.0
+    s[row, own] = 2.0 if own < 3 else 0.5
+  dcase.write_submission(str(tmp_path / "sub.csv"), captions, files, s)
+  result = dcase.score_files(str(tmp_path / "gt.csv"), str(tmp_path / "sub.csv"))
+  assert result == pytest.approx({"R@1": 6 / 24, "R@5": 1.0, "R@10": 1.0,
+                                  "mAP@10": (6 * 1 + 18 * 0.5) / 24})
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda rows: rows[1].__setitem__(0, "no such caption"), ":2: caption 'no such caption'"),
+    (lambda rows: rows[2].__setitem__(3, "ghost.wav"), ":3: unknown file 'ghost.wav'"),
+    (lambda rows: rows[3].__setitem__(10, ""), ":4: expected a caption and 10 file names"),
+    (lambda rows: rows.pop(), "1 ground-truth captions have no row"),
+    (lambda rows: rows[0].__setitem__(0, "text"), ":1: expected the header"),
+])
+def test_bad_submissions_name_file_and_line(tmp_path, edit, message):
+  write_ground_truth(tmp_path / "gt.csv")
+  captions = [f"cap {i} {v}" for i in range(12) for v in "ab"]
+  dcase.write_submission(str(tmp_path / "sub.csv"), captions,
+                         [f"f{i}.wav" for i in range(12)], np.zeros((24, 12)))
+  with open(tmp_path / "sub.csv", newline="") as f:
+    rows = list(csv.reader(f))
+  edit(rows)
+  with open(tmp_path / "sub.csv", "w", newline="") as f:
+    csv.writer(f).writerows(rows)
+  with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+    dcase.score_files(str(tmp_path / "gt.csv"), str(tmp_path / "sub.csv"))
+
+
+def test_missing_file_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nothing.csv"):
+    dcase.score_files(str(tmp_path / "nothing.csv"), BASELINE)

@@ -1,0 +1,117 @@
+"""Retrieval metrics against hand-made rankings and a naive per-query loop."""
+
+import numpy as np
+import pytest
+
+from ntxr import evaluate, scores
+
+
+def naive_metrics(score, relevant):
+  """One query at a time, with Python lists."""
+  out = {k: [] for k in ["R@1", "R@5", "R@10", "HR@1", "HR@5", "HR@10", "mAP", "mAP@10"]}
+  for s, r in zip(score.tolist(), relevant.tolist()):
+    ranked = sorted(range(len(s)), key=lambda j: (-s[j], j))
+    hits = [r[j] for j in ranked]
+    total = sum(hits)
+    for k in (1, 5, 10):
+      out[f"R@{k}"].append(sum(hits[:k]) / total)
+      out[f"HR@{k}"].append(float(any(hits[:k])))
+    precisions = [sum(hits[:i + 1]) / (i + 1) for i in range(len(hits))]
+    out["mAP"].append(sum(p for p, h in zip(precisions, hits) if h) / total)
+    out["mAP@10"].append(sum(p for p, h in zip(precisions[:10], hits[:10]) if h)
+                         / min(total, 10))
+  return {k: float(np.mean(v)) for k, v in out.items()}
+
+
+def test_hand_made_ranking():
+  # Query 0 ranks items 3, 1, 0, 2 (relevant: 1 and 2): hits at ranks 2 and 4.
+  # Query 1 ranks items 0, 1, 2, 3 with ties broken by index (relevant: 0): rank 1.
+  score = np.array([[0.3, 0.5, 0.1, 0.9], [0.2, 0.2, 0.2, 0.2]])
+  relevant = np.array([[False, True, True, False], [True, False, False, False]])
+  m = evaluate.retrieval_metrics(score, relevant)
+  assert m["R@1"] == pytest.approx((0 + 1) / 2)
+  assert m["HR@1"] == pytest.approx(0.5)
+  assert m["R@5"] == m["HR@5"] == pytest.approx(1.0)
+  ap0 = (1 / 2 + 2 / 4) / 2
+  assert m["mAP"] == pytest.approx((ap0 + 1) / 2)
+  assert m["mAP@10"] == pytest.approx((ap0 + 1) / 2)
+
+
+def test_matches_naive_loop_with_many_relevant_items():
+  rng = np.random.default_rng(0)
+  score = rng.normal(size=(40, 60)).round(1)  # rounding makes ties
+  relevant = rng.random((40, 60)) < 0.2
+  relevant[np.arange(40), rng.integers(0, 60, 40)] = True
+  got = evaluate.retrieval_metrics(score, relevant)
+  for name, value in naive_metrics(score, relevant).items():
+    assert got[name] == pytest.approx(value), name
+
+
+def test_map_at_10_divides_by_at_most_ten():
+  score = -np.arange(30.0)[None]  # item j ranks j + 1
+  relevant = np.zeros((1, 30), bool)
+  relevant[0, :12] = True  # 12 relevant: the top 10 are all hits
+  m = evaluate.retrieval_metrics(score, relevant)
+  assert m["mAP@10"] == pytest.approx(1.0)
+  assert m["R@10"] == pytest.approx(10 / 12)
+
+
+def test_both_directions_uses_clip_ids():
+  # Two clips, four captions (two each); clip 0 scores its captions highest.
+  s = np.array([[0.9, 0.8, 0.1, 0.7], [0.2, 0.3, 0.6, 0.5]])
+  clip_ids, caption_ids = np.array([10, 11]), np.array([10, 10, 11, 11])
+  m = evaluate.both_directions(s, clip_ids, caption_ids)
+  assert "HR@1" not in m["t2a"]
+  assert m["t2a"]["R@1"] == pytest.approx(3 / 4)  # caption 3 prefers clip 0
+  assert m["a2t"]["R@1"] == pytest.approx(1 / 2)  # one of two relevant captions at rank 1
+  assert m["a2t"]["HR@1"] == pytest.approx(1.0)
+
+
+def test_bad_inputs_are_reported():
+  with pytest.raises(ValueError, match="query 1 has no relevant item"):
+    evaluate.retrieval_metrics(np.zeros((2, 3)), np.array([[1, 0, 0], [0, 0, 0]], bool))
+  with pytest.raises(FloatingPointError, match="NaN"):
+    evaluate.retrieval_metrics(np.array([[np.nan, 1.0]]), np.array([[True, False]]))
+
+
+@pytest.mark.parametrize("frame_multiple", [2, 64])
+def test_score_matrix_in_chunks_equals_one_call(frame_multiple):
+  rng = np.random.default_rng(1)
+  audio, text = rng.normal(size=(7, 9, 8)), rng.normal(size=(5, 4, 8))
+  audio_mask, text_mask = rng.random((7, 9)) < 0.8, rng.random((5, 4)) < 0.8
+  audio_mask[:, 0] = text_mask[:, 0] = True
+  audio_mask[2, 4:] = audio_mask[5, 2:] = False  # short clips: their chunk is cut
+  text_mask[:, 3] = False  # no caption uses the last word slot
+  chunked = evaluate.score_matrix(audio.astype(np.float32), audio_mask,
+                                  text.astype(np.float32), text_mask, chunk=3,
+                                  caption_chunk=2, frame_multiple=frame_multiple,
+                                  word_multiple=frame_multiple)
+  whole = scores.alignment_scores(audio.astype(np.float32), text.astype(np.float32),
+                                  audio_mask, text_mask)
+  np.testing.assert_allclose(chunked, whole, rtol=1e-5)
+
+
+def test_collapse_diagnostics():
+  thresholds = dict(cosine=0.9, effective_rank=2.0, share_at_margin=0.5)
+  mask = np.ones((6, 3), bool)
+  same = np.tile(np.array([1.0, 2.0, 0.0, 0.0, 0.0, 0.0]), (6, 3, 1))
+  distinct = np.tile(np.eye(6)[:, None, :], (1, 3, 1))
+  collapsed = evaluate.collapse_diagnostics(same, mask, distinct, mask, None, thresholds)
+  assert collapsed["audio_cosine"] == pytest.approx(1.0)
+  assert collapsed["audio_effective_rank"] == pytest.approx(1.0)
+  assert collapsed["text_cosine"] == pytest.approx(0.0)
+  assert collapsed["text_effective_rank"] == pytest.approx(6.0)
+  assert collapsed["collapse"] and len(collapsed["collapse_reasons"]) == 2
+  healthy = evaluate.collapse_diagnostics(distinct, mask, distinct, mask,
+                                          dict(share_at_margin=0.1), thresholds)
+  assert not healthy["collapse"]
+  stuck = evaluate.collapse_diagnostics(distinct, mask, distinct, mask,
+                                        dict(share_at_margin=0.9), thresholds)
+  assert stuck["collapse_reasons"] == ["share_at_margin 0.900 > 0.5"]
+
+
+def test_mean_pairwise_cosine_matches_pairs():
+  x = np.random.default_rng(2).normal(size=(5, 3))
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  pairs = [x[i] @ x[j] for i in range(5) for j in range(5) if i != j]
+  assert evaluate.mean_pairwise_cosine(x) == pytest.approx(np.mean(pairs))

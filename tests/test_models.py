@@ -1,0 +1,100 @@
+"""The encoders: shapes, normalisation, padding invariance, pooling and upsampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ntxr import models
+
+SMALL = dict(channels=(4, 8, 8, 8, 8), embed_dim=12)
+
+
+def crnn_inputs(lengths, frames, seed=0):
+  audio = np.random.default_rng(seed).normal(size=(len(lengths), frames, 64))
+  mask = np.arange(frames)[None] < np.asarray(lengths)[:, None]
+  return jnp.asarray(audio * mask[..., None], jnp.float32), jnp.asarray(mask)
+
+
+@pytest.fixture(scope="module")
+def crnn():
+  model = models.CRNN(SMALL["channels"], embed_dim=SMALL["embed_dim"])
+  audio, mask = crnn_inputs([37, 80], 80)
+  return model, model.init(jax.random.key(0), audio, mask, train=False)
+
+
+def test_frames_are_unit_vectors_and_padding_is_zero(crnn):
+  model, variables = crnn
+  audio, mask = crnn_inputs([37, 80], 80)
+  out = model.apply(variables, audio, mask, train=False)
+  assert out.shape == (2, 80, 12)
+  norms = np.linalg.norm(np.asarray(out), axis=-1)
+  np.testing.assert_allclose(norms[np.asarray(mask)], 1.0, rtol=1e-5)
+  assert np.all(norms[~np.asarray(mask)] == 0)
+
+
+def test_embedding_does_not_depend_on_padding(crnn):
+  model, variables = crnn
+  audio, mask = crnn_inputs([37, 53], 56)
+  padded, padded_mask = (jnp.pad(audio, ((0, 0), (0, 104), (0, 0))),
+                         jnp.pad(mask, ((0, 0), (0, 104))))
+  short = model.apply(variables, audio, mask, train=False)
+  long = model.apply(variables, padded, padded_mask, train=False)
+  np.testing.assert_allclose(long[:, :56], short, atol=1e-5)
+  # Training-mode BatchNorm statistics skip padded frames too, whatever they hold.
+  garbage = padded + 100.0 * (~padded_mask)[..., None]
+  train_out = lambda a: model.apply(variables, a, padded_mask, train=True,
+                                    mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})
+  (clean, clean_stats), (dirty, dirty_stats) = train_out(padded), train_out(garbage)
+  np.testing.assert_allclose(dirty, clean, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               clean_stats, dirty_stats)
+
+
+def test_lp_pool_matches_a_loop():
+  x = np.random.default_rng(0).normal(size=(1, 4, 8, 2)).astype(np.float32)
+  got = np.asarray(models.lp_pool(jnp.asarray(x), (2, 4)))
+  for t in range(2):
+    for f in range(2):
+      window = x[0, 2 * t:2 * t + 2, 4 * f:4 * f + 4]
+      np.testing.assert_allclose(got[0, t, f], (window ** 4).sum(axis=(0, 1)) ** 0.25,
+                                 rtol=1e-5)
+
+
+def test_upsample_linear_matches_interpolation_of_each_row():
+  x = np.random.default_rng(0).normal(size=(2, 6, 3)).astype(np.float32)
+  lengths = np.array([4, 6])
+  got = np.asarray(models.upsample_linear(jnp.asarray(x), jnp.asarray(lengths), 4))
+  for row, length in enumerate(lengths):
+    # align_corners=False: output step t samples input position (t + 0.5) / 4 - 0.5.
+    positions = (np.arange(4 * length) + 0.5) / 4 - 0.5
+    for d in range(3):
+      expected = np.interp(positions, np.arange(length), x[row, :length, d])
+      np.testing.assert_allclose(got[row, :4 * length, d], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_text_encoder_normalises_tokens():
+  model = models.TextEncoder(vocab_size=10, embed_dim=6)
+  tokens = jnp.array([[3, 4, 0]])
+  mask = tokens != 0
+  variables = model.init(jax.random.key(0), tokens, mask)
+  out = np.asarray(model.apply(variables, tokens, mask))
+  table = np.asarray(variables["params"]["embed"]["embedding"])
+  np.testing.assert_allclose(out[0, 0], table[3] / np.linalg.norm(table[3]), rtol=1e-5)
+  assert np.all(out[0, 2] == 0)
+
+
+def test_channels_and_pools_must_agree():
+  model = models.CRNN(channels=(4, 8), embed_dim=4)
+  audio, mask = crnn_inputs([8], 8)
+  with pytest.raises(ValueError, match="2 channel counts but 5 pools"):
+    model.init(jax.random.key(0), audio, mask, train=False)
+
+
+def test_zero_vectors_normalise_to_zero_with_finite_gradient():
+  grad = jax.grad(lambda x: models.l2_normalize(x, jnp.array([True, True])).sum())(
+      jnp.array([[0.0, 0.0], [3.0, 4.0]]))
+  assert np.all(np.isfinite(np.asarray(grad)))
+  np.testing.assert_allclose(models.l2_normalize(jnp.array([[0.0, 0.0], [3.0, 4.0]]),
+                                                 jnp.array([True, True])),
+                             [[0, 0], [0.6, 0.8]], rtol=1e-6)

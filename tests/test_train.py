@@ -1,0 +1,150 @@
+"""The training loop on a tiny synthetic corpus: end to end, resume, NaN, frozen vectors."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from ntxr import train
+from ntxr.configs import default
+from ntxr.data import input_pipeline
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("cache"))
+
+
+def tiny_config(cache_dir, **overrides):
+  config = default.get_config()
+  config.update(dict(dict(size="tiny", cache_dir=cache_dir, batch_size=8, num_epochs=2,
+                          channels=(4, 8, 8, 8, 8), embed_dim=16, vocab_size=60,
+                          checkpoint_every_steps=2, eval_batch_size=8), **overrides))
+  return config
+
+
+def params_of(workdir, which="latest"):
+  checkpoints = train.Checkpoints(workdir)
+  manager = getattr(checkpoints, which)
+  step = manager.latest_step()
+  restored = manager.restore(step)  # raw arrays, no target structure needed
+  checkpoints.close()
+  return step, restored["state"]["params"]
+
+
+def interrupt_after(monkeypatch, batches: int, poison: bool = False):
+  """Makes training batch iterators stop (KeyboardInterrupt) or turn NaN after `batches`."""
+  real = input_pipeline.as_numpy
+  def as_numpy(ds):
+    for i, batch in enumerate(real(ds)):
+      if "tokens" in batch and "audio_mask" in batch and i >= batches and not poison:
+        raise KeyboardInterrupt("simulated kill")
+      if "tokens" in batch and "audio_mask" in batch and i >= batches and poison:
+        batch = dict(batch, audio=np.full_like(batch["audio"], np.nan))
+      yield batch
+  monkeypatch.setattr(input_pipeline, "as_numpy", as_numpy)
+
+
+def test_tiny_run_end_to_end(cache_dir, tmp_path):
+  config = tiny_config(cache_dir)
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert results["strategy"] == "semihard_cross" and results["epochs"] == 2
+  assert results["steps"] == 30 and results["split"] == "evaluation"  # 2 x 24 clips x 5 / 8
+  for direction, keys in [("t2a", ["R@1", "R@5", "R@10", "mAP@10", "mAP"]),
+                          ("a2t", ["R@1", "R@5", "R@10", "HR@1", "HR@5", "HR@10",
+                                   "mAP@10", "mAP"])]:
+    assert sorted(results[direction]) == sorted(keys)
+    assert all(0 <= results[direction][k] <= 1 for k in keys)
+  assert results["t2a"]["R@10"] == 1.0  # eight clips: every caption's clip is in the top 10
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved == json.loads(json.dumps(results))
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [l["epoch"] for l in lines] == [1, 2]
+  assert {"share_zero_loss", "share_at_margin", "positive_mean"} <= set(lines[0]["training"])
+  assert {"audio_cosine", "text_effective_rank", "collapse"} <= set(
+      lines[0]["validation"]["collapse"])
+  assert os.listdir(tmp_path / "tensorboard")
+  # Rerunning a finished run trains nothing more and tests the same best checkpoint.
+  again = train.train_and_evaluate(config, str(tmp_path))
+  assert again["steps"] == results["steps"] and again["t2a"] == results["t2a"]
+  assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+  assert train.evaluate_only(config, str(tmp_path))["a2t"] == results["a2t"]
+
+
+def test_interrupted_run_resumes_to_the_same_parameters(cache_dir, tmp_path, monkeypatch):
+  config = tiny_config(cache_dir)
+  straight = tmp_path / "straight"
+  train.train_and_evaluate(config, str(straight))
+  resumed = tmp_path / "resumed"
+  with monkeypatch.context() as m:
+    interrupt_after(m, 3)  # killed after 3 steps of epoch 1; a checkpoint was saved at 2
+    with pytest.raises(KeyboardInterrupt):
+      train.train_and_evaluate(config, str(resumed))
+  assert params_of(str(resumed))[0] == 2
+  train.train_and_evaluate(config, str(resumed))
+  (step_a, a), (step_b, b) = params_of(str(straight)), params_of(str(resumed))
+  assert step_a == step_b
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cache_dir, tmp_path, monkeypatch):
+  config = tiny_config(cache_dir)
+  interrupt_after(monkeypatch, 3, poison=True)
+  with pytest.raises(FloatingPointError, match=r"gradient norm nan\) at step 4 .*\(step 2\)"):
+    train.train_and_evaluate(config, str(tmp_path))
+  step, params = params_of(str(tmp_path))
+  assert step == 2
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_frozen_word_vectors_stay_fixed(cache_dir, tmp_path):
+  vectors = tmp_path / "vectors.txt"
+  words = ["a", "the", "of", "engine", "bird", "chirping", "heard", "is"]
+  rng = np.random.default_rng(0)
+  vectors.write_text(f"{len(words)} 16\n" + "".join(
+      w + " " + " ".join(f"{v:.4f}" for v in rng.normal(size=16)) + "\n" for w in words))
+  config = tiny_config(cache_dir, word_vectors=str(vectors), num_epochs=1)
+  experiment = train.Experiment(config)
+  table = np.asarray(experiment.initial_state.params["text"]["embed"]["embedding"])
+  article = experiment.tokenizer.ids["a"]  # the first word of the file
+  np.testing.assert_allclose(table[article], [float(f"{v:.4f}") for v in
+                             np.random.default_rng(0).normal(size=(8, 16))[0]], rtol=1e-6)
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  _, params = params_of(str(tmp_path / "run"))
+  np.testing.assert_array_equal(params["text"]["embed"]["embedding"], table)
+  initial_conv = np.asarray(experiment.initial_state.params["audio"]["Conv_0"]["kernel"])
+  assert np.abs(params["audio"]["Conv_0"]["kernel"] - initial_conv).max() > 0
+
+
+def test_changed_settings_need_a_new_workdir(cache_dir, tmp_path):
+  train.train_and_evaluate(tiny_config(cache_dir, num_epochs=1), str(tmp_path))
+  with pytest.raises(ValueError, match="other settings \\(strategy\\)"):
+    train.train_and_evaluate(tiny_config(cache_dir, strategy="hard_cross"), str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    train.evaluate_only(tiny_config(cache_dir), str(tmp_path / "empty"))
+
+
+def test_reduce_on_plateau_follows_pytorch_abs_threshold():
+  config = default.get_config()
+  plateau, lr = {"best": float("inf"), "bad_epochs": 0}, 1e-3
+  rates = []
+  # 0.996 is not 0.005 below 1.0, so it is a bad epoch; 0.99 improves on 1.0.
+  for value in [1.0, 0.996, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99]:
+    plateau, lr = train.reduce_on_plateau(plateau, value, lr, config)
+    rates.append(lr)
+  assert rates == [1e-3] * 8 + [pytest.approx(1e-4)]  # the 6th bad epoch in a row cuts
+  for _ in range(40):
+    plateau, lr = train.reduce_on_plateau(plateau, 2.0, lr, config)
+  assert lr == 1e-6
+
+
+def test_train_step_compiles_once_per_bucket(cache_dir):
+  experiment = train.Experiment(tiny_config(cache_dir))
+  batches = list(input_pipeline.as_numpy(experiment.train_batches("development", 0)))
+  state = experiment.initial_state
+  for batch in batches:
+    state, _ = experiment.train_step(state, batch, jax.random.key(0))
+  shapes = {b["audio"].shape for b in batches}
+  assert experiment.train_step._cache_size() == len(shapes)
