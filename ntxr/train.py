@@ -149,7 +149,7 @@ def reduce_on_plateau(plateau: dict, value: float, learning_rate: float,
   Example:
     >>> from ntxr.configs import default
     >>> c, state, lr = default.get_config(), {"best": float("inf"), "bad_epochs": 0}, 1e-3
-    >>> for loss in [1.0, 0.999, 0.998, 0.997, 0.996, 0.995, 0.994]:
+    >>> for loss in [1.0, 0.999, 0.998, 0.997, 0.996, 0.996, 0.996]:
     ...   state, lr = reduce_on_plateau(state, loss, lr, c)
     >>> state, round(lr, 6)
     ({'best': 1.0, 'bad_epochs': 0}, 0.0001)
