@@ -18,6 +18,8 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from ntxr import files
+
 TOP = 10
 COLUMNS = ["caption"] + [f"file_name_{k}" for k in range(1, TOP + 1)]
 
@@ -95,13 +97,13 @@ def score_files(ground_truth: str, predictions: str) -> dict:
 def write_submission(path: str, captions: list, file_names: list, s: np.ndarray) -> None:
   """Writes each caption's top 10 files by s [captions, files], best first (atomic)."""
   order = np.argsort(-np.asarray(s), axis=1, kind="stable")[:, :TOP]
-  partial = f"{path}.partial-{os.getpid()}"
-  with open(partial, "w", newline="", encoding="utf-8") as f:
-    writer = csv.writer(f)
-    writer.writerow(COLUMNS)
-    writer.writerows([caption, *(file_names[j] for j in row)]
-                     for caption, row in zip(captions, order))
-  os.replace(partial, path)
+  def write(partial):
+    with open(partial, "w", newline="", encoding="utf-8") as f:
+      writer = csv.writer(f)
+      writer.writerow(COLUMNS)
+      writer.writerows([caption, *(file_names[j] for j in row)]
+                       for caption, row in zip(captions, order))
+  files.write_atomically(path, write)
 
 
 def main(argv):

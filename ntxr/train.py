@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 import tqdm
 
-from ntxr import dcase, evaluate, models, sampling
+from ntxr import dcase, evaluate, files, models, sampling
 from ntxr.data import corpus, input_pipeline, tokenizer as tokenizer_lib
 
 # Config fields a resumed run may change; any other change needs a new workdir.
@@ -217,9 +217,7 @@ class Log:
       with open(self.path) as f:
         kept = [line for line in f if line.strip() and
                 json.loads(line)["epoch"] <= completed_epochs]
-      with open(self.path + ".partial", "w") as f:
-        f.writelines(kept)
-      os.replace(self.path + ".partial", self.path)
+      files.write_text(self.path, "".join(kept))
     self.tensorboard = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, record: dict) -> None:
@@ -294,9 +292,7 @@ def _checked_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     if changed:
       raise ValueError(f"{workdir} holds a run with other settings ({', '.join(changed)}); "
                        f"use another --workdir")
-  with open(path + ".partial", "w") as f:
-    json.dump(current, f, indent=2)
-  os.replace(path + ".partial", path)
+  files.write_json(path, current)
 
 
 class Experiment:
@@ -478,10 +474,7 @@ def _test_best(experiment: Experiment, checkpoints: Checkpoints, workdir: str) -
                  steps=int(latest[0].step if latest else state.step),
                  best_epoch=progress["best_epoch"], best_step=int(state.step),
                  seconds=trained["seconds"])
-  path = os.path.join(workdir, "results.json")
-  with open(path + ".partial", "w") as f:
-    json.dump(results, f, indent=2)
-  os.replace(path + ".partial", path)
+  files.write_json(os.path.join(workdir, "results.json"), results)
   return results
 
 

@@ -13,17 +13,11 @@ import os
 import numpy as np
 import sentencepiece as spm
 
+from ntxr import files
 from ntxr.data import clotho
 
 PAD_ID, UNK_ID = 0, 1
 _RESERVED = ("<pad>", "<unk>")
-
-
-def _write_atomically(path: str, write) -> None:
-  """write(temporary_path), then rename into place: no half-written file survives."""
-  partial = f"{path}.partial-{os.getpid()}"
-  write(partial)
-  os.replace(partial, path)
 
 
 def train(captions: list, model_path: str, vocab_size: int) -> str:
@@ -38,7 +32,7 @@ def train(captions: list, model_path: str, vocab_size: int) -> str:
         minloglevel=2)
     os.replace(partial + ".model", partial)
     os.remove(partial + ".vocab")
-  _write_atomically(model_path, write)
+  files.write_atomically(model_path, write)
   return model_path
 
 
@@ -53,10 +47,7 @@ def train_words(captions: list, vocab_path: str, min_count: int = 1) -> str:
       word for caption in captions for word in clotho.clean_text(caption).split())
   words = sorted((w for w, n in counts.items() if n >= min_count),
                  key=lambda w: (-counts[w], w))
-  def write(partial):
-    with open(partial, "w", encoding="utf-8") as f:
-      f.write("\n".join([*_RESERVED, *words]) + "\n")
-  _write_atomically(vocab_path, write)
+  files.write_text(vocab_path, "\n".join([*_RESERVED, *words]) + "\n")
   return vocab_path
 
 
