@@ -113,9 +113,8 @@ def score_matrix(audio, audio_mask, text, text_mask, *, score: str = "alignment"
 
 
 def _pooled(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """Masked mean over steps, L2-normalised: [N, T, E] -> [N, E]."""
-  pooled = np.asarray(scores.pooled_embeddings(jnp.asarray(x), jnp.asarray(mask)), np.float64)
-  return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+  """Masked mean over steps, L2-normalised: [N, T, E] -> [N, E] float64."""
+  return np.asarray(scores.pooled_embeddings(jnp.asarray(x), jnp.asarray(mask)), np.float64)
 
 
 def mean_pairwise_cosine(x: np.ndarray) -> float:

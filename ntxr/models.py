@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ntxr import scores
+
 Array = jax.Array
 PAPER_CHANNELS = (32, 128, 128, 128, 128)
 PAPER_POOLS = ((2, 4), None, (2, 4), None, (1, 4))  # (time, frequency) after each block
@@ -20,9 +22,7 @@ PAPER_POOLS = ((2, 4), None, (2, 4), None, (1, 4))  # (time, frequency) after ea
 
 def l2_normalize(x: Array, mask: Array) -> Array:
   """x [..., E] / its norm, zero where mask [...] is False (and for zero vectors)."""
-  squared = jnp.sum(jnp.square(x.astype(jnp.float32)), axis=-1, keepdims=True)
-  inverse = jax.lax.rsqrt(jnp.maximum(squared, 1e-24))  # finite gradient at zero vectors
-  return jnp.where(mask[..., None], x * inverse.astype(x.dtype), 0)
+  return jnp.where(mask[..., None], scores.unit_vectors(x), 0)
 
 
 def lp_pool(x: Array, window: Tuple[int, int], p: float = 4.0) -> Array:

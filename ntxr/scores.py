@@ -217,13 +217,18 @@ def paired_alignment_scores(x: Array, y: Array, x_mask: Optional[Array] = None,
   return paired[:, 0] if k is None else paired
 
 
+def unit_vectors(x: Array) -> Array:
+  """x [..., E] over its L2 norm; zero vectors stay zero, with a finite gradient."""
+  squared = jnp.sum(jnp.square(x.astype(_accumulator(x))), axis=-1, keepdims=True)
+  return x * jax.lax.rsqrt(jnp.maximum(squared, 1e-24)).astype(x.dtype)
+
+
 def pooled_embeddings(x: Array, x_mask: Optional[Array] = None) -> Array:
   """Masked mean over steps, L2-normalised: [N, T, E] -> [N, E] (zeros stay zero)."""
   _check_sequences("x", x, x_mask)
   x, counts = _zero_padding(x, x_mask)
   mean = x.astype(_accumulator(x)).sum(axis=1) / jnp.maximum(counts, 1.0)[:, None]
-  norm = jnp.sqrt(jnp.sum(mean * mean, axis=-1, keepdims=True))
-  return (mean / jnp.maximum(norm, 1e-12)).astype(x.dtype)
+  return unit_vectors(mean).astype(x.dtype)
 
 
 def pooled_scores(x: Array, y: Array, x_mask: Optional[Array] = None,
