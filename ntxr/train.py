@@ -29,7 +29,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from ntxr import dcase, evaluate, files, models, sampling
-from ntxr.data import corpus, input_pipeline, tokenizer as tokenizer_lib
+from ntxr.data import corpus, features, input_pipeline, tokenizer as tokenizer_lib
 
 # Config fields a resumed run may change; any other change needs a new workdir.
 RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every_steps", "cache_dir", "eval_batch_size")
@@ -37,6 +37,11 @@ RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every_steps", "cache_dir", "eval_
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
+
+  def variables(self, params=None) -> dict:
+    """The model's variables, with `params` in place of the state's if given."""
+    return {"params": self.params if params is None else params,
+            "batch_stats": self.batch_stats}
 
 
 def make_optimizer(learning_rate, frozen_text: bool) -> optax.GradientTransformation:
@@ -54,7 +59,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.DualEnco
   """Initialised parameters and optimizer; word_table [V, E] replaces (and freezes) the
   text encoder's table."""
   frames, words = config.frame_buckets[0], config.max_tokens
-  example = dict(audio=jnp.zeros((2, frames, 64)), audio_mask=jnp.ones((2, frames), bool),
+  mel_bands = features.LogMelConfig().mel_bands
+  example = dict(audio=jnp.zeros((2, frames, mel_bands)), audio_mask=jnp.ones((2, frames), bool),
                  tokens=jnp.ones((2, words), jnp.int32), token_mask=jnp.ones((2, words), bool))
   variables = jax.jit(functools.partial(model.init, train=False))(key, example)
   params = variables["params"]
@@ -78,16 +84,15 @@ def triplet_statistics(terms: sampling.TripletTerms, margin: float) -> dict:
   and negative scores' mean and spread."""
   valid = terms.valid[:, None] & jnp.ones_like(terms.negative, bool)
   gap = terms.negative - terms.positive[:, None]
-  count = jnp.maximum(valid.sum(), 1)
-  mean = lambda x, where: jnp.sum(jnp.where(where, x, 0)) / jnp.maximum(where.sum(), 1)
-  negative_mean = mean(terms.negative, valid)
+  mean = lambda x: jnp.sum(jnp.where(valid, x, 0)) / jnp.maximum(valid.sum(), 1)
+  negative_mean = mean(terms.negative)
   return dict(
-      share_zero_loss=jnp.sum(valid & (gap + margin <= 0)) / count,
-      share_at_margin=jnp.sum(valid & (jnp.abs(gap) <= 1e-6)) / count,
+      share_zero_loss=mean(gap + margin <= 0),
+      share_at_margin=mean(jnp.abs(gap) <= 1e-6),
       positive_mean=jnp.mean(terms.positive),
       positive_std=jnp.std(terms.positive),
       negative_mean=negative_mean,
-      negative_std=jnp.sqrt(mean(jnp.square(terms.negative - negative_mean), valid)))
+      negative_std=jnp.sqrt(mean(jnp.square(terms.negative - negative_mean))))
 
 
 def _loss_and_terms(variables: dict, apply_fn, batch: dict, key: jax.Array, *, train: bool,
@@ -113,28 +118,25 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *, strategy: str,
   batch: {audio [B,T,F], audio_mask [B,T], tokens [B,W], token_mask [B,W], audio_id [B]}.
   """
   def loss_fn(params):
-    return _loss_and_terms({"params": params, "batch_stats": state.batch_stats},
-                           state.apply_fn, batch, key, train=True, strategy=strategy,
-                           margin=margin, score=score)
+    return _loss_and_terms(state.variables(params), state.apply_fn, batch, key, train=True,
+                           strategy=strategy, margin=margin, score=score)
   (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  return state, dict(loss=loss, grad_norm=optax.global_norm(grads),
+  return state, dict(loss=loss, grad_norm=optax.tree.norm(grads),
                      **triplet_statistics(terms, margin))
 
 
 def eval_loss(state: TrainState, batch: dict, key: jax.Array, *, strategy: str,
               margin: float, score: str) -> jax.Array:
   """The loss of one batch in inference mode (no dropout, running BatchNorm)."""
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  return _loss_and_terms(variables, state.apply_fn, batch, key, train=False,
+  return _loss_and_terms(state.variables(), state.apply_fn, batch, key, train=False,
                          strategy=strategy, margin=margin, score=score)[0]
 
 
 @functools.partial(jax.jit, static_argnames="method")
 def _embed(state: TrainState, arrays: tuple, method: str) -> jax.Array:
-  variables = {"params": state.params, "batch_stats": state.batch_stats}
-  return state.apply_fn(variables, *arrays, method=method)
+  return state.apply_fn(state.variables(), *arrays, method=method)
 
 
 def reduce_on_plateau(plateau: dict, value: float, learning_rate: float,
@@ -192,6 +194,15 @@ class Checkpoints:
                                                  progress=ocp.args.JsonSave(progress)))
 
   @staticmethod
+  def progress(manager: ocp.CheckpointManager):
+    """(step, progress) of the manager's checkpoint without reading its arrays, or None."""
+    step = manager.latest_step()
+    if step is None:
+      return None
+    return step, manager.restore(step, args=ocp.args.Composite(
+        progress=ocp.args.JsonRestore())).progress
+
+  @staticmethod
   def restore(manager: ocp.CheckpointManager, state: TrainState):
     """(state, progress) of the manager's checkpoint, or None if it has none."""
     step = manager.latest_step()
@@ -240,36 +251,36 @@ class Split:
   caption_ids: np.ndarray
 
 
-def _padded_batches(batches, size: int):
-  """Yields (batch padded to `size` rows, real row count) so one shape compiles once."""
-  for batch in batches:
+def _embed_all(state: TrainState, batches, inputs: tuple, method: str, size: int) -> tuple:
+  """(embeddings [N, L, E], mask [N, L], audio_id [N]) of every row of `batches`.
+
+  Each batch is padded to `size` rows so one shape compiles once; steps are padded
+  to the longest batch's.
+  """
+  embedded, masks, ids = [], [], []
+  for batch in input_pipeline.as_numpy(batches):
     rows = len(batch["audio_id"])
-    yield {k: np.pad(v, [(0, size - rows)] + [(0, 0)] * (v.ndim - 1))
-           for k, v in batch.items()}, rows
+    padded = [np.pad(batch[k], [(0, size - rows)] + [(0, 0)] * (batch[k].ndim - 1))
+              for k in inputs]
+    embedded.append(np.asarray(_embed(state, tuple(padded), method))[:rows])
+    masks.append(batch[inputs[1]])
+    ids.append(batch["audio_id"])
+  steps = max(m.shape[1] for m in masks)
+  pad = lambda x: np.pad(x, [(0, 0), (0, steps - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+  return (np.concatenate([pad(e) for e in embedded]), np.concatenate([pad(m) for m in masks]),
+          np.concatenate(ids))
 
 
 def embed_split(state: TrainState, clips, tokenizer, config) -> Split:
   """Embeds every clip and caption of a split (builder.as_dataset(split=...)), in order."""
   size = config.eval_batch_size
-  audio, audio_mask, clip_ids = [], [], []
-  for batch, rows in _padded_batches(input_pipeline.as_numpy(input_pipeline.clip_batches(
-      clips, batch_size=size, frame_buckets=config.frame_buckets)), size):
-    audio.append(np.asarray(_embed(state, (batch["audio"], batch["audio_mask"]),
-                                   "embed_audio"))[:rows])
-    audio_mask.append(batch["audio_mask"][:rows])
-    clip_ids.append(batch["audio_id"][:rows])
-  frames = max(a.shape[1] for a in audio)
-  pad = lambda x: np.pad(x, [(0, 0), (0, frames - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-  text, text_mask, caption_ids = [], [], []
-  for batch, rows in _padded_batches(input_pipeline.as_numpy(input_pipeline.caption_batches(
-      clips, tokenizer, batch_size=size, max_tokens=config.max_tokens)), size):
-    text.append(np.asarray(_embed(state, (batch["tokens"], batch["token_mask"]),
-                                  "embed_text"))[:rows])
-    text_mask.append(batch["token_mask"][:rows])
-    caption_ids.append(batch["audio_id"][:rows])
-  return Split(np.concatenate([pad(a) for a in audio]),
-               np.concatenate([pad(m) for m in audio_mask]), np.concatenate(clip_ids),
-               np.concatenate(text), np.concatenate(text_mask), np.concatenate(caption_ids))
+  audio = _embed_all(state, input_pipeline.clip_batches(
+      clips, batch_size=size, frame_buckets=config.frame_buckets),
+      ("audio", "audio_mask"), "embed_audio", size)
+  text = _embed_all(state, input_pipeline.caption_batches(
+      clips, tokenizer, batch_size=size, max_tokens=config.max_tokens),
+      ("tokens", "token_mask"), "embed_text", size)
+  return Split(*audio, *text)
 
 
 def _scores(split: Split, config) -> np.ndarray:
@@ -328,10 +339,15 @@ class Experiment:
         self.clips(split), self.tokenizer, batch_size=self.config.batch_size, seed=seed,
         frame_buckets=self.config.frame_buckets, max_tokens=self.config.max_tokens)
 
-  def steps_per_epoch(self) -> int:
-    sizes = self.builder.as_dataset(split="development",
+  def captions(self, split: str) -> list:
+    """[(file_name, [captions])] of a split's clips in order, without decoding audio."""
+    clips = self.builder.as_dataset(split=split,
                                     decoders={"logmel": tfds.decode.SkipDecoding()})
-    pairs = sum(len(c["captions"]) for c in tfds.as_numpy(sizes))
+    return [(c["file_name"].decode(), [x.decode() for x in c["captions"]])
+            for c in tfds.as_numpy(clips)]
+
+  def steps_per_epoch(self) -> int:
+    pairs = sum(len(captions) for _, captions in self.captions("development"))
     return pairs // self.config.batch_size
 
   def validate(self, state: TrainState, triplets: dict) -> dict:
@@ -356,9 +372,7 @@ class Experiment:
     split_name = self.config.test_split
     split = embed_split(state, self.clips(split_name), self.tokenizer, self.config)
     s = _scores(split, self.config)
-    names = [(c["file_name"].decode(), [x.decode() for x in c["captions"]]) for c in
-             tfds.as_numpy(self.builder.as_dataset(
-                 split=split_name, decoders={"logmel": tfds.decode.SkipDecoding()}))]
+    names = self.captions(split_name)
     if len(names) >= dcase.TOP:
       dcase.write_submission(os.path.join(workdir, f"dcase_{split_name}.csv"),
                              [c for _, captions in names for c in captions],
@@ -465,13 +479,12 @@ def _test_best(experiment: Experiment, checkpoints: Checkpoints, workdir: str) -
   if restored is None:
     raise FileNotFoundError(f"{workdir}/checkpoints/best: no checkpoint; train first")
   state, progress = restored
-  latest = Checkpoints.restore(checkpoints.latest, experiment.initial_state)
-  trained = latest[1] if latest else progress
+  steps, trained = Checkpoints.progress(checkpoints.latest) or (int(state.step), progress)
   results = dict(experiment.test(state, workdir), strategy=experiment.config.strategy,
                  score=experiment.config.score, split=experiment.config.test_split,
                  collapse=bool(trained["collapse_epochs"]),
                  collapse_epochs=trained["collapse_epochs"], epochs=trained["epoch"],
-                 steps=int(latest[0].step if latest else state.step),
+                 steps=steps,
                  best_epoch=progress["best_epoch"], best_step=int(state.step),
                  seconds=trained["seconds"])
   files.write_json(os.path.join(workdir, "results.json"), results)
