@@ -14,6 +14,13 @@ warm-up excluded and `block_until_ready`:
           the share of plain-matmul throughput the kernel reaches.
 A second table times the score matrices alone (cross, and symmetric audio-audio)
 with the scratch memory XLA allots them.
+
+  python -m ntxr.bench --encoder [--torch_loop]
+
+times instead one whole training step (CRNN and text encoder forward and backward,
+the semihard_cross loss, an Adam update) at the paper's width and the narrower ones,
+and with --torch_loop the same step in PyTorch with the authors' structure (their CRNN,
+their per-anchor loss loop).
 """
 
 import argparse
@@ -28,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntxr import sampling, scores
+from ntxr import models, sampling, scores
 
 GRIDS = {
     # (N, T, W, E) for the loss table; (kind, N, T, W, E) for the score table.
@@ -237,6 +244,110 @@ def format_tables(loss_rows: list, score_rows: list, device: str) -> str:
   return "\n".join(lines)
 
 
+ENCODER_WIDTHS = {"paper": models.PAPER_CHANNELS, "half": (16, 64, 64, 64, 64),
+                  "default": (8, 32, 32, 32, 32)}
+ENCODER_SHAPE = dict(n=32, frames=320, words=12, mel_bands=64, vocab=1000)
+
+
+def _encoder_batch(n, frames, words, mel_bands, vocab) -> tuple:
+  """Random log-mel [n, frames, mel_bands], token ids [n, words], two captions a clip."""
+  rng = np.random.default_rng(0)
+  return (rng.normal(size=(n, frames, mel_bands)).astype(np.float32),
+          rng.integers(2, vocab, size=(n, words)).astype(np.int32),
+          (np.arange(n) // 2).astype(np.int32))
+
+
+def jax_train_step_seconds(channels: tuple, repeats: int) -> float:
+  """Median seconds of one jitted training step of the dual encoder."""
+  import optax  # pylint: disable=import-outside-toplevel
+  audio, tokens, audio_ids = _encoder_batch(**ENCODER_SHAPE)
+  batch = jax.tree.map(jnp.asarray, dict(
+      audio=audio, audio_mask=np.ones(audio.shape[:2], bool), tokens=tokens,
+      token_mask=np.ones(tokens.shape, bool)))
+  audio_ids = jnp.asarray(audio_ids)
+  model = models.DualEncoder(vocab_size=ENCODER_SHAPE["vocab"], channels=channels)
+  variables = model.init(jax.random.PRNGKey(0), batch)
+  optimizer = optax.adam(1e-3)
+
+  @jax.jit
+  def step(params, opt_state, batch_stats):
+    def loss_fn(p):
+      (a, t), updates = model.apply(
+          {"params": p, "batch_stats": batch_stats}, batch, train=True,
+          mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(1)})
+      return sampling.triplet_loss_from_embeddings(
+          a, t, audio_ids, strategy="semihard_cross", audio_mask=batch["audio_mask"],
+          text_mask=batch["token_mask"]), updates["batch_stats"]
+    (_, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, batch_stats
+
+  params = variables["params"]
+  return time_call(step, params, optimizer.init(params), variables["batch_stats"],
+                   repeats=repeats)
+
+
+def torch_train_step_seconds(channels: tuple, repeats: int) -> float:
+  """Median seconds of the same step in PyTorch, structured as the authors' code."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from torch import nn  # pylint: disable=import-outside-toplevel
+  functional = torch.nn.functional
+  layers, previous = [], 1
+  for width, window in zip(channels, models.PAPER_POOLS):
+    layers += [nn.BatchNorm2d(previous), nn.Conv2d(previous, width, 3, padding=1, bias=False),
+               nn.LeakyReLU(0.1)]
+    layers += [nn.LPPool2d(4, window)] if window else []
+    previous = width
+  cnn = nn.Sequential(*layers, nn.Dropout(0.3))
+  gru = nn.GRU(previous, 150, batch_first=True, bidirectional=True)
+  embed = nn.Embedding(ENCODER_SHAPE["vocab"], 300)
+  optimizer = torch.optim.Adam([*cnn.parameters(), *gru.parameters(), *embed.parameters()],
+                               lr=1e-3)
+  audio, tokens, audio_ids = _encoder_batch(**ENCODER_SHAPE)
+  audio, tokens = torch.from_numpy(audio), torch.from_numpy(tokens).long()
+  ops, rng = torch_ops(), np.random.default_rng(0)
+
+  def step():
+    frames = cnn(audio.unsqueeze(1)).flatten(2, 3)          # [N, C, T/4] (frequency is 1)
+    frames, _ = gru(frames.transpose(1, 2))
+    frames = functional.interpolate(frames.transpose(1, 2), audio.shape[1], mode="linear",
+                                    align_corners=False).transpose(1, 2)
+    loss = loop_loss(ops, functional.normalize(frames, dim=-1),
+                     functional.normalize(embed(tokens), dim=-1), audio_ids,
+                     "semihard_cross", 0.5, rng)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+  step()
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    step()
+    seconds.append(time.perf_counter() - start)
+  return statistics.median(seconds)
+
+
+def bench_encoders(repeats: int, torch_too: bool) -> list:
+  """One row per CRNN width: training-step seconds in JAX (and PyTorch)."""
+  return [dict(width=name, channels=list(channels), **ENCODER_SHAPE,
+               jax_ms=1e3 * jax_train_step_seconds(channels, repeats),
+               torch_ms=1e3 * torch_train_step_seconds(channels, repeats) if torch_too
+               else None)
+          for name, channels in ENCODER_WIDTHS.items()]
+
+
+def format_encoder_table(rows: list, device: str) -> str:
+  lines = [f"device: {device}", "",
+           "| CRNN width | channels | N | frames | JAX step ms | PyTorch step ms | "
+           "JAX steps/s |", "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['width']} | {tuple(r['channels'])} | {r['n']} | {r['frames']} | "
+                 f"{r['jax_ms']:.0f} | {_cell(r['torch_ms'], '.0f')} | "
+                 f"{1e3 / r['jax_ms']:.2f} |")
+  return "\n".join(lines)
+
+
 def parse_args(argv):
   parser = argparse.ArgumentParser(prog="python -m ntxr.bench", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -253,6 +364,8 @@ def parse_args(argv):
   parser.add_argument("--torch_loop", action="store_true",
                       help="also time the loop in PyTorch (CPU), as the authors ran it")
   parser.add_argument("--skip_scores", action="store_true", help="omit the score table")
+  parser.add_argument("--encoder", action="store_true",
+                      help="time whole training steps per CRNN width instead of the kernels")
   parser.add_argument("--device_kind", default=None,
                       help="device name for the output (default: JAX's device_kind)")
   parser.add_argument("--json", default=None, help="write all rows to this JSON file")
@@ -267,6 +380,13 @@ def main(argv=None) -> None:
   strategies = [sampling.get_strategy(s).name for s in args.strategies.split(",")]
   dtype = jnp.dtype(args.dtype)
   device = args.device_kind or f"{jax.devices()[0].platform}: {jax.devices()[0].device_kind}"
+  if args.encoder:
+    rows = bench_encoders(args.repeats, args.torch_loop)
+    print(format_encoder_table(rows, device))
+    if args.json:
+      with open(args.json, "w") as f:
+        json.dump(dict(device=device, jax=jax.__version__, encoder=rows), f, indent=1)
+    return
   loss_rows = []
   for shape in loss_shapes:
     for strategy in strategies:

@@ -37,3 +37,16 @@ def test_command_writes_json(tmp_path, capsys):
   assert all(r["kernel_ms"] > 0 and r["speedup"] > 0 for r in result["loss"])
   assert {r["kind"] for r in result["scores"]} == {"cross", "audio-audio"}
   assert "| hard_text | 4 | 6 | 3 | 8 |" in capsys.readouterr().out
+
+
+def test_encoder_command_times_each_width(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(bench, "ENCODER_WIDTHS", {"narrow": (2, 4, 4, 4, 4)})
+  monkeypatch.setattr(bench, "ENCODER_SHAPE",
+                      dict(n=4, frames=8, words=3, mel_bands=64, vocab=10))
+  out = tmp_path / "encoder.json"
+  bench.main(["--encoder", "--repeats=1", "--device_kind=test-cpu", f"--json={out}"])
+  rows = json.loads(out.read_text())["encoder"]
+  assert [(r["width"], r["channels"], r["n"], r["frames"]) for r in rows] == [
+      ("narrow", [2, 4, 4, 4, 4], 4, 8)]
+  assert rows[0]["jax_ms"] > 0 and rows[0]["torch_ms"] is None
+  assert "| narrow | (2, 4, 4, 4, 4) | 4 | 8 |" in capsys.readouterr().out
