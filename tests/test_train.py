@@ -12,19 +12,6 @@ from ntxr.configs import default
 from ntxr.data import input_pipeline
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("cache"))
-
-
-def tiny_config(cache_dir, **overrides):
-  config = default.get_config()
-  config.update(dict(dict(size="tiny", cache_dir=cache_dir, batch_size=8, num_epochs=2,
-                          channels=(4, 8, 8, 8, 8), embed_dim=16, vocab_size=60,
-                          checkpoint_every_steps=2, eval_batch_size=8), **overrides))
-  return config
-
-
 def params_of(workdir, which="latest"):
   checkpoints = train.Checkpoints(workdir)
   manager = getattr(checkpoints, which)
@@ -47,8 +34,8 @@ def interrupt_after(monkeypatch, batches: int, poison: bool = False):
   monkeypatch.setattr(input_pipeline, "as_numpy", as_numpy)
 
 
-def test_tiny_run_end_to_end(cache_dir, tmp_path):
-  config = tiny_config(cache_dir)
+def test_tiny_run_end_to_end(tiny_config, tmp_path):
+  config = tiny_config()
   results = train.train_and_evaluate(config, str(tmp_path))
   assert results["strategy"] == "semihard_cross" and results["epochs"] == 2
   assert results["steps"] == 30 and results["split"] == "evaluation"  # 2 x 24 clips x 5 / 8
@@ -73,8 +60,8 @@ def test_tiny_run_end_to_end(cache_dir, tmp_path):
   assert train.evaluate_only(config, str(tmp_path))["a2t"] == results["a2t"]
 
 
-def test_interrupted_run_resumes_to_the_same_parameters(cache_dir, tmp_path, monkeypatch):
-  config = tiny_config(cache_dir)
+def test_interrupted_run_resumes_to_the_same_parameters(tiny_config, tmp_path, monkeypatch):
+  config = tiny_config()
   straight = tmp_path / "straight"
   train.train_and_evaluate(config, str(straight))
   resumed = tmp_path / "resumed"
@@ -89,8 +76,8 @@ def test_interrupted_run_resumes_to_the_same_parameters(cache_dir, tmp_path, mon
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cache_dir, tmp_path, monkeypatch):
-  config = tiny_config(cache_dir)
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
+  config = tiny_config()
   interrupt_after(monkeypatch, 3, poison=True)
   with pytest.raises(FloatingPointError, match=r"gradient norm nan\) at step 4 .*\(step 2\)"):
     train.train_and_evaluate(config, str(tmp_path))
@@ -99,13 +86,13 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cache_dir, tmp_path, 
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
-def test_frozen_word_vectors_stay_fixed(cache_dir, tmp_path):
+def test_frozen_word_vectors_stay_fixed(tiny_config, tmp_path):
   vectors = tmp_path / "vectors.txt"
   words = ["a", "the", "of", "engine", "bird", "chirping", "heard", "is"]
   rng = np.random.default_rng(0)
   vectors.write_text(f"{len(words)} 16\n" + "".join(
       w + " " + " ".join(f"{v:.4f}" for v in rng.normal(size=16)) + "\n" for w in words))
-  config = tiny_config(cache_dir, word_vectors=str(vectors), num_epochs=1)
+  config = tiny_config(word_vectors=str(vectors), num_epochs=1)
   experiment = train.Experiment(config)
   table = np.asarray(experiment.initial_state.params["text"]["embed"]["embedding"])
   article = experiment.tokenizer.ids["a"]  # the first word of the file
@@ -118,12 +105,12 @@ def test_frozen_word_vectors_stay_fixed(cache_dir, tmp_path):
   assert np.abs(params["audio"]["Conv_0"]["kernel"] - initial_conv).max() > 0
 
 
-def test_changed_settings_need_a_new_workdir(cache_dir, tmp_path):
-  train.train_and_evaluate(tiny_config(cache_dir, num_epochs=1), str(tmp_path))
+def test_changed_settings_need_a_new_workdir(tiny_config, tmp_path):
+  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
   with pytest.raises(ValueError, match="other settings \\(strategy\\)"):
-    train.train_and_evaluate(tiny_config(cache_dir, strategy="hard_cross"), str(tmp_path))
+    train.train_and_evaluate(tiny_config(strategy="hard_cross"), str(tmp_path))
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
-    train.evaluate_only(tiny_config(cache_dir), str(tmp_path / "empty"))
+    train.evaluate_only(tiny_config(), str(tmp_path / "empty"))
 
 
 def test_reduce_on_plateau_follows_pytorch_abs_threshold():
@@ -140,8 +127,8 @@ def test_reduce_on_plateau_follows_pytorch_abs_threshold():
   assert lr == 1e-6
 
 
-def test_train_step_compiles_once_per_bucket(cache_dir):
-  experiment = train.Experiment(tiny_config(cache_dir))
+def test_train_step_compiles_once_per_bucket(tiny_config):
+  experiment = train.Experiment(tiny_config())
   batches = list(input_pipeline.as_numpy(experiment.train_batches("development", 0)))
   state = experiment.initial_state
   for batch in batches:

@@ -1,5 +1,7 @@
 """One call from a data folder (or none: the built-in corpus) to prepared clips and a tokenizer."""
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import time
@@ -25,12 +27,30 @@ def _prepared_dir(cache_dir: str, data_dir: str) -> str:
   return os.path.join(cache_dir, "tfds", f"{os.path.basename(source)}-{digest}")
 
 
+@contextlib.contextmanager
+def _exclusive(path: str):
+  """Holds an exclusive lock on the file `path`: processes sharing a cache (a sweep's
+  parallel runs) generate and prepare it one at a time, the others then reuse it."""
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def load(data_dir=None, *, cache_dir, size="default", sample_rate=None, tokens="sentencepiece",
          vocab_size=1000, skip_bad_files=False):
   """(builder, tokenizer, timings) for a Clotho folder or the synthetic corpus.
 
   tokens: "sentencepiece" (vocab_size pieces) or "words" (every development word).
   """
+  with _exclusive(os.path.join(cache_dir, "lock")):
+    return _load(data_dir, cache_dir, size, sample_rate, tokens, vocab_size, skip_bad_files)
+
+
+def _load(data_dir, cache_dir, size, sample_rate, tokens, vocab_size, skip_bad_files):
   timings = {}
   if data_dir is None:
     start = time.perf_counter()

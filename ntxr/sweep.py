@@ -1,0 +1,189 @@
+"""The paper's ablation in one command: strategies x seeds, one workdir each, one table.
+
+  python -m ntxr.sweep --root=sweeps/default --seeds=0,1
+  python -m ntxr.sweep --root=sweeps/short --strategies=random,semihard_cross \\
+      --processes=2 -- --config.num_epochs=2
+  python -m ntxr.sweep --root=sweeps/default --table_only
+
+Each run is `python -m ntxr.main --strategy=S --seed=N --workdir=ROOT/S/seed_N ARGS`
+(ARGS: whatever follows `--`), its output in ROOT/S/seed_N/log.txt. A run whose
+results.json exists is skipped, an unfinished one resumes, a failed one is reported
+and the others go on. The table of every finished run goes to ROOT/results.csv and
+ROOT/results.md: per strategy, the mean and sample standard deviation over seeds of
+both directions' metrics, and how many seeds collapsed.
+"""
+
+import concurrent.futures
+import csv
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from ntxr import files, sampling
+
+T2A = ("R@1", "R@5", "R@10", "mAP@10", "mAP")
+A2T = ("R@1", "R@5", "R@10", "HR@1", "HR@5", "HR@10", "mAP@10", "mAP")
+COLUMNS = tuple(f"t2a {m}" for m in T2A) + tuple(f"a2t {m}" for m in A2T)
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  strategy: str
+  seed: int
+  workdir: str
+
+  @property
+  def finished(self) -> bool:
+    return os.path.exists(os.path.join(self.workdir, "results.json"))
+
+  def command(self, main_args=()) -> list:
+    return [sys.executable, "-m", "ntxr.main", f"--strategy={self.strategy}",
+            f"--seed={self.seed}", f"--workdir={self.workdir}", *main_args]
+
+
+def plan(root: str, strategies, seeds) -> list:
+  """Every (strategy, seed) run under root, seed by seed so a stopped sweep has whole
+  seeds."""
+  unknown = sorted(set(strategies) - set(sampling.STRATEGIES))
+  if unknown:
+    raise ValueError(f"unknown strategies {unknown}; choose from {list(sampling.STRATEGIES)}")
+  return [Run(s, seed, os.path.join(root, s, f"seed_{seed}")) for seed in seeds
+          for s in strategies]
+
+
+def execute(run: Run, main_args=(), env=None) -> int:
+  """Runs one training process, its output in workdir/log.txt; returns its exit code."""
+  os.makedirs(run.workdir, exist_ok=True)
+  with open(os.path.join(run.workdir, "log.txt"), "a") as log:
+    return subprocess.run(run.command(main_args), stdout=log, stderr=subprocess.STDOUT,
+                          env=env, check=False).returncode
+
+
+def run_all(runs, main_args=(), processes: int = 1, report=print) -> list:
+  """Runs the unfinished runs, `processes` at a time; returns the failed ones.
+
+  With several processes on one accelerator, JAX is told not to preallocate its memory.
+  """
+  pending = [r for r in runs if not r.finished]
+  report(f"{len(runs) - len(pending)} of {len(runs)} runs finished already; "
+         f"{len(pending)} to run, {processes} at a time")
+  env = dict(os.environ, **({"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if processes > 1
+                            else {}))
+  failed = []
+  with concurrent.futures.ThreadPoolExecutor(max_workers=processes) as pool:
+    futures = {pool.submit(execute, r, main_args, env): r for r in pending}
+    for future in concurrent.futures.as_completed(futures):
+      run, code = futures[future], future.result()
+      status = "done" if code == 0 else f"FAILED (exit {code})"
+      report(f"{run.strategy} seed {run.seed}: {status}; log {run.workdir}/log.txt")
+      if code:
+        failed.append(run)
+  return failed
+
+
+def read_run(workdir: str) -> dict:
+  """A run's results.json and its per-epoch metrics.jsonl records (as "epochs")."""
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  epochs = []
+  metrics = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(metrics):
+    with open(metrics) as f:
+      epochs = [json.loads(line) for line in f if line.strip()]
+  return dict(results, workdir=workdir, epochs_log=epochs)
+
+
+def read_sweep(root: str) -> list:
+  """Every finished run under root (ROOT/STRATEGY/seed_N), in strategy then seed order."""
+  runs = []
+  for strategy in sampling.STRATEGIES:
+    folder = os.path.join(root, strategy)
+    seeds = sorted((int(d[5:]), d) for d in os.listdir(folder) if d.startswith("seed_")
+                   and d[5:].isdigit()) if os.path.isdir(folder) else []
+    for seed, name in seeds:
+      if os.path.exists(os.path.join(folder, name, "results.json")):
+        runs.append(dict(read_run(os.path.join(folder, name)), seed=seed))
+  return runs
+
+
+def table(runs) -> list:
+  """Per strategy: {"strategy", "seeds", "collapsed", COLUMN: (mean, spread)}.
+
+  The spread is the sample standard deviation over seeds (nan for one seed)."""
+  rows = []
+  for strategy in sampling.STRATEGIES:
+    mine = [r for r in runs if r["strategy"] == strategy]
+    if not mine:
+      continue
+    row = dict(strategy=strategy, seeds=len(mine), collapsed=sum(r["collapse"] for r in mine))
+    for column in COLUMNS:
+      direction, metric = column.split()
+      values = np.array([r[direction][metric] for r in mine])
+      row[column] = (float(values.mean()),
+                     float(values.std(ddof=1)) if len(values) > 1 else float("nan"))
+    rows.append(row)
+  return rows
+
+
+def to_csv(rows) -> str:
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(["strategy", "seeds", "collapsed"] +
+                  [f"{c} {part}" for c in COLUMNS for part in ("mean", "std")])
+  for row in rows:
+    writer.writerow([row["strategy"], row["seeds"], row["collapsed"]] +
+                    [f"{v:.4f}" for c in COLUMNS for v in row[c]])
+  return out.getvalue()
+
+
+def to_markdown(rows) -> str:
+  """Mean ± spread per cell, the collapse column as collapsed seeds / seeds."""
+  cell = lambda m, s: f"{m:.3f}" if np.isnan(s) else f"{m:.3f} ± {s:.3f}"
+  lines = ["| strategy | " + " | ".join(COLUMNS) + " | collapse |",
+           "|---" * (len(COLUMNS) + 2) + "|"]
+  for row in rows:
+    lines.append(f"| {row['strategy']} | " + " | ".join(cell(*row[c]) for c in COLUMNS) +
+                 f" | {row['collapsed']}/{row['seeds']} |")
+  return "\n".join(lines) + "\n"
+
+
+def write_table(root: str) -> list:
+  """ROOT/results.csv and ROOT/results.md from the finished runs; returns the rows."""
+  rows = table(read_sweep(root))
+  files.write_text(os.path.join(root, "results.csv"), to_csv(rows))
+  files.write_text(os.path.join(root, "results.md"), to_markdown(rows))
+  return rows
+
+
+def main(argv):
+  options = flags.FLAGS
+  runs = plan(options.root, options.strategies or list(sampling.STRATEGIES),
+              [int(s) for s in options.seeds])
+  failed = [] if options.table_only else run_all(runs, argv[1:], options.processes)
+  rows = write_table(options.root)
+  print(to_markdown(rows))
+  print(f"table of {sum(r['seeds'] for r in rows)} runs: {options.root}/results.csv, "
+        f"{options.root}/results.md")
+  if failed:
+    sys.exit(f"error: {len(failed)} runs failed; see " +
+             ", ".join(f"{r.workdir}/log.txt" for r in failed))
+
+
+def _define_flags():
+  flags.DEFINE_string("root", "sweeps/default", "folder holding one workdir per run")
+  flags.DEFINE_list("strategies", [], "strategies to run (default: all eight)")
+  flags.DEFINE_list("seeds", ["0", "1"], "seeds to run for each strategy")
+  flags.DEFINE_integer("processes", 1, "training processes at a time", lower_bound=1)
+  flags.DEFINE_bool("table_only", False, "only write the table of finished runs")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

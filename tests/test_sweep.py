@@ -1,0 +1,100 @@
+"""The sweep: its plan, its runs as real processes, and its table against hand numbers."""
+
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from ntxr import sweep
+
+
+def fake_run(root, strategy, seed, r1, collapse=False):
+  """A finished run's results.json whose every metric is r1 (t2a) or r1 / 2 (a2t)."""
+  workdir = os.path.join(root, strategy, f"seed_{seed}")
+  os.makedirs(workdir)
+  results = dict(strategy=strategy, collapse=collapse,
+                 t2a={m: r1 for m in sweep.T2A}, a2t={m: r1 / 2 for m in sweep.A2T})
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f)
+
+
+def test_plan_goes_seed_by_seed_and_rejects_unknown_strategies(tmp_path):
+  runs = sweep.plan(str(tmp_path), ["random", "hard_cross"], [0, 1])
+  assert [(r.strategy, r.seed) for r in runs] == [
+      ("random", 0), ("hard_cross", 0), ("random", 1), ("hard_cross", 1)]
+  assert runs[1].workdir == os.path.join(str(tmp_path), "hard_cross", "seed_0")
+  assert runs[1].command(["--config.num_epochs=2"])[2:] == [
+      "ntxr.main", "--strategy=hard_cross", "--seed=0",
+      f"--workdir={runs[1].workdir}", "--config.num_epochs=2"]
+  with pytest.raises(ValueError, match="unknown strategies \\['semihard'\\]"):
+    sweep.plan(str(tmp_path), ["random", "semihard"], [0])
+
+
+def test_table_is_the_mean_and_sample_spread_over_seeds(tmp_path):
+  root = str(tmp_path)
+  fake_run(root, "hard_cross", 0, 0.2, collapse=True)
+  fake_run(root, "hard_cross", 1, 0.4)
+  fake_run(root, "random", 3, 0.5)
+  os.makedirs(os.path.join(root, "random", "seed_4"))  # unfinished: not in the table
+  rows = sweep.write_table(root)
+  assert [r["strategy"] for r in rows] == ["random", "hard_cross"]  # the registry's order
+  random, hard = rows
+  assert (random["seeds"], random["collapsed"]) == (1, 0)
+  assert random["t2a R@1"][0] == 0.5 and np.isnan(random["t2a R@1"][1])
+  assert (hard["seeds"], hard["collapsed"]) == (2, 1)
+  # mean 0.3, sample std sqrt(((0.1)^2 + (0.1)^2) / 1) = 0.1414; a2t is half of both.
+  assert hard["t2a mAP"] == pytest.approx((0.3, 0.14142136))
+  assert hard["a2t HR@10"] == pytest.approx((0.15, 0.07071068))
+  with open(os.path.join(root, "results.csv")) as f:
+    table = list(csv.DictReader(f))
+  assert table[1]["strategy"] == "hard_cross" and table[1]["t2a R@10 std"] == "0.1414"
+  assert table[0]["t2a R@10 std"] == "nan"
+  markdown = open(os.path.join(root, "results.md")).read().splitlines()
+  assert markdown[0].startswith("| strategy | t2a R@1 | t2a R@5 |")
+  assert markdown[0].endswith("| a2t mAP@10 | a2t mAP | collapse |")
+  assert markdown[3].startswith("| hard_cross | 0.300 ± 0.141 |")
+  assert markdown[3].endswith("| 0.150 ± 0.071 | 1/2 |")
+  assert markdown[2].startswith("| random | 0.500 | 0.500 |")
+
+
+def test_run_all_skips_finished_runs_and_reports_failures(tmp_path, cache_dir):
+  root = str(tmp_path)
+  fake_run(root, "hard_cross", 0, 0.2)
+  refused = os.path.join(root, "random", "seed_1")
+  os.makedirs(refused)
+  with open(os.path.join(refused, "config.json"), "w") as f:
+    json.dump({"strategy": "something else"}, f)
+  tiny = [f"--config.cache_dir={cache_dir}", "--config.size=tiny", "--config.batch_size=8",
+          "--config.num_epochs=1", "--config.channels=(4,8,8,8,8)", "--config.embed_dim=16",
+          "--config.vocab_size=60", "--config.eval_batch_size=8"]
+  runs = sweep.plan(root, ["random", "hard_cross"], [0, 1])
+  reports = []
+  failed = sweep.run_all(runs, tiny, processes=2, report=reports.append)
+  assert reports[0] == "1 of 4 runs finished already; 3 to run, 2 at a time"
+  assert failed == [runs[2]]  # random seed 1: its workdir holds other settings
+  assert "other settings" in open(os.path.join(refused, "log.txt")).read()
+  assert not os.path.exists(os.path.join(root, "hard_cross", "seed_0", "log.txt"))
+  for run in (runs[0], runs[3]):
+    with open(os.path.join(run.workdir, "results.json")) as f:
+      results = json.load(f)
+    assert (results["strategy"], results["epochs"]) == (run.strategy, 1)
+    with open(os.path.join(run.workdir, "config.json")) as f:
+      assert json.load(f)["seed"] == run.seed
+  assert sweep.run_all(runs, tiny, report=reports.append) == [runs[2]]
+  assert reports[-2] == "3 of 4 runs finished already; 1 to run, 1 at a time"
+
+
+def test_table_of_a_trained_sweep(tiny_sweep):
+  rows = sweep.write_table(tiny_sweep)
+  assert [(r["strategy"], r["seeds"]) for r in rows] == [
+      ("random", 2), ("semihard_cross", 2), ("hard_cross", 2)]
+  for row in rows:
+    values = []
+    for seed in (0, 1):
+      with open(os.path.join(tiny_sweep, row["strategy"], f"seed_{seed}", "results.json")) as f:
+        values.append(json.load(f)["a2t"]["mAP"])
+    assert row["a2t mAP"] == pytest.approx((np.mean(values), np.std(values, ddof=1)))
+  assert len(sweep.read_sweep(tiny_sweep)[0]["epochs_log"]) == 2
