@@ -7,7 +7,9 @@
 
 With no --data_dir the built-in synthetic corpus is generated (once) and used.
 Rerunning a command resumes its workdir. Any config field can be set with
---config.FIELD=VALUE (see ntxr/configs/default.py).
+--config.FIELD=VALUE (see ntxr/configs/default.py). Training is data-parallel over
+every local device, negatives drawn from the global batch; with --distributed, over
+every device of every process (launch/run_tpu.sh, launch/run_slurm.sh).
 """
 
 import os
@@ -18,7 +20,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-from ntxr import evaluate, sampling, train
+from ntxr import evaluate, parallel, sampling, train
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "default.py"),
@@ -37,6 +39,14 @@ _SCORE = flags.DEFINE_enum("score", None, ["alignment", "pooled"],
 _SEED = flags.DEFINE_integer("seed", None, "random seed (default: the config's, 0)")
 _EVAL_ONLY = flags.DEFINE_bool("eval_only", False,
                                "evaluate the workdir's best checkpoint without training")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False, "one of several processes (hosts): jax.distributed.initialize "
+    "with the three flags below, which a Cloud TPU slice or SLURM job fills in if unset")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0, with --distributed")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
+                                      "how many processes, with --distributed")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process, with --distributed")
 
 
 def main(argv):
@@ -44,6 +54,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # libraries log every checkpoint at INFO
+  if _DISTRIBUTED.value:
+    parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = _CONFIG.value
   for field, flag in [("strategy", _STRATEGY), ("data_dir", _DATA_DIR),
                       ("word_vectors", _WORD_VECTORS), ("score", _SCORE), ("seed", _SEED)]:

@@ -20,6 +20,7 @@ from absl import logging
 from flax import traverse_util
 from flax.training import train_state
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -28,7 +29,7 @@ import orbax.checkpoint as ocp
 import tensorflow_datasets as tfds
 import tqdm
 
-from ntxr import dcase, evaluate, files, models, sampling
+from ntxr import dcase, evaluate, files, models, parallel, sampling
 from ntxr.data import corpus, features, input_pipeline, tokenizer as tokenizer_lib
 
 # Config fields a resumed run may change; any other change needs a new workdir.
@@ -219,10 +220,14 @@ class Checkpoints:
 
 
 class Log:
-  """metrics.jsonl (one line per epoch) and TensorBoard scalars in workdir."""
+  """metrics.jsonl (one line per epoch) and TensorBoard scalars in workdir, written by
+  the first process only."""
 
   def __init__(self, workdir: str, completed_epochs: int):
     from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+    self.chief = jax.process_index() == 0
+    if not self.chief:
+      return
     self.path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(self.path):  # drop epochs a resumed run will redo
       with open(self.path) as f:
@@ -232,6 +237,8 @@ class Log:
     self.tensorboard = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, record: dict) -> None:
+    if not self.chief:
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     for name, value in traverse_util.flatten_dict(record, sep="/").items():
@@ -251,18 +258,20 @@ class Split:
   caption_ids: np.ndarray
 
 
-def _embed_all(state: TrainState, batches, inputs: tuple, method: str, size: int) -> tuple:
+def _embed_all(state: TrainState, batches, inputs: tuple, method: str, size: int,
+               devices: parallel.Devices) -> tuple:
   """(embeddings [N, L, E], mask [N, L], audio_id [N]) of every row of `batches`.
 
-  Each batch is padded to `size` rows so one shape compiles once; steps are padded
-  to the longest batch's.
+  Each batch is padded to `size` rows so one shape compiles once, and split over the
+  devices; steps are padded to the longest batch's.
   """
   embedded, masks, ids = [], [], []
   for batch in input_pipeline.as_numpy(batches):
     rows = len(batch["audio_id"])
     padded = [np.pad(batch[k], [(0, size - rows)] + [(0, 0)] * (batch[k].ndim - 1))
               for k in inputs]
-    embedded.append(np.asarray(_embed(state, tuple(padded), method))[:rows])
+    out = _embed(state, devices.shard(tuple(padded)), method)
+    embedded.append(np.asarray(multihost_utils.process_allgather(out, tiled=True))[:rows])
     masks.append(batch[inputs[1]])
     ids.append(batch["audio_id"])
   steps = max(m.shape[1] for m in masks)
@@ -271,15 +280,15 @@ def _embed_all(state: TrainState, batches, inputs: tuple, method: str, size: int
           np.concatenate(ids))
 
 
-def embed_split(state: TrainState, clips, tokenizer, config) -> Split:
+def embed_split(state: TrainState, clips, tokenizer, config, devices: parallel.Devices) -> Split:
   """Embeds every clip and caption of a split (builder.as_dataset(split=...)), in order."""
   size = config.eval_batch_size
   audio = _embed_all(state, input_pipeline.clip_batches(
       clips, batch_size=size, frame_buckets=config.frame_buckets),
-      ("audio", "audio_mask"), "embed_audio", size)
+      ("audio", "audio_mask"), "embed_audio", size, devices)
   text = _embed_all(state, input_pipeline.caption_batches(
       clips, tokenizer, batch_size=size, max_tokens=config.max_tokens),
-      ("tokens", "token_mask"), "embed_text", size)
+      ("tokens", "token_mask"), "embed_text", size, devices)
   return Split(*audio, *text)
 
 
@@ -307,10 +316,14 @@ def _checked_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 class Experiment:
-  """The data, model and jitted functions of one config."""
+  """The data, model and jitted functions of one config, data-parallel over `devices`
+  (default: all)."""
 
-  def __init__(self, config: ml_collections.ConfigDict):
+  def __init__(self, config: ml_collections.ConfigDict, devices=None):
     self.config = config
+    self.devices = parallel.Devices(devices)
+    self.devices.check_divides("--config.batch_size", config.batch_size)
+    self.devices.check_divides("--config.eval_batch_size", config.eval_batch_size)
     self.builder, self.tokenizer, _ = corpus.load(
         config.data_dir or None, cache_dir=os.path.expanduser(config.cache_dir),
         size=config.size, sample_rate=config.sample_rate or None,
@@ -325,11 +338,22 @@ class Experiment:
     model = models.DualEncoder(vocab_size=self.tokenizer.vocab_size,
                                embed_dim=config.embed_dim, channels=tuple(config.channels),
                                dropout=config.dropout)
-    self.initial_state = create_train_state(config, model, jax.random.key(config.seed),
-                                            word_table)
+    self.initial_state = self.devices.replicate(
+        create_train_state(config, model, jax.random.key(config.seed), word_table))
     loss_args = dict(strategy=config.strategy, margin=config.margin, score=config.score)
-    self.train_step = jax.jit(functools.partial(train_step, **loss_args), donate_argnums=0)
-    self.eval_loss = jax.jit(functools.partial(eval_loss, **loss_args))
+    self._train_step = self.devices.jit(functools.partial(train_step, **loss_args),
+                                        donate_argnums=0)
+    self._eval_loss = self.devices.jit(functools.partial(eval_loss, **loss_args))
+
+  def train_step(self, state: TrainState, batch: dict, key: jax.Array):
+    """(state, metrics) after one step on a global batch of numpy arrays."""
+    return self._train_step(state, self.devices.shard(batch), key)
+
+  def eval_loss(self, state: TrainState, batch: dict, key: jax.Array) -> jax.Array:
+    return self._eval_loss(state, self.devices.shard(batch), key)
+
+  def embed_split(self, state: TrainState, split: str) -> Split:
+    return embed_split(state, self.clips(split), self.tokenizer, self.config, self.devices)
 
   def clips(self, split: str):
     return self.builder.as_dataset(split=split)
@@ -355,8 +379,7 @@ class Experiment:
     key = jax.random.key(self.config.seed)
     losses = [float(self.eval_loss(state, batch, key)) for batch in
               input_pipeline.as_numpy(self.train_batches(self.config.validation_split, 0))]
-    split = embed_split(state, self.clips(self.config.validation_split), self.tokenizer,
-                        self.config)
+    split = self.embed_split(state, self.config.validation_split)
     metrics = evaluate.both_directions(_scores(split, self.config), split.clip_ids,
                                        split.caption_ids)
     collapse = evaluate.collapse_diagnostics(
@@ -370,7 +393,7 @@ class Experiment:
   def test(self, state: TrainState, workdir: str) -> dict:
     """Test-split metrics, and its DCASE submission written to workdir."""
     split_name = self.config.test_split
-    split = embed_split(state, self.clips(split_name), self.tokenizer, self.config)
+    split = self.embed_split(state, split_name)
     s = _scores(split, self.config)
     names = self.captions(split_name)
     if len(names) >= dcase.TOP:

@@ -134,4 +134,4 @@ def test_train_step_compiles_once_per_bucket(tiny_config):
   for batch in batches:
     state, _ = experiment.train_step(state, batch, jax.random.key(0))
   shapes = {b["audio"].shape for b in batches}
-  assert experiment.train_step._cache_size() == len(shapes)
+  assert experiment._train_step._cache_size() == len(shapes)

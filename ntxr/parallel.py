@@ -1,0 +1,67 @@
+"""Data parallelism over every device of every process: one mesh axis, "data".
+
+The global batch is split by rows over the devices and the train state is replicated.
+Under `jax.jit` the in-batch score matrices are still computed over the global batch
+(XLA gathers the other devices' embeddings where a matrix needs them), so negatives
+come from the whole global batch, exactly as on one device: the point of scale for
+negative sampling.
+
+Several hosts: call `initialize` before anything touches a device. Every process then
+reads the same global batches (same seed, same length buckets, hence the same padded
+shapes) and hands over only its own rows.
+"""
+
+from typing import Optional, Sequence
+
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+import numpy as np
+
+
+def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
+               process_id: Optional[int] = None) -> None:
+  """jax.distributed.initialize; with no arguments it finds a Cloud TPU slice's or a
+  SLURM job's processes by itself."""
+  jax.distributed.initialize(coordinator_address=coordinator_address,
+                             num_processes=num_processes, process_id=process_id)
+
+
+class Devices:
+  """A one-axis ("data") mesh over `devices` (default: every device of every process)."""
+
+  def __init__(self, devices: Optional[Sequence[jax.Device]] = None):
+    devices = list(devices or jax.devices())
+    self.mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(AxisType.Auto,),
+                              devices=devices)
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.rows = NamedSharding(self.mesh, PartitionSpec("data"))
+
+  @property
+  def count(self) -> int:
+    return self.mesh.size
+
+  def check_divides(self, name: str, size: int) -> None:
+    if size % self.count:
+      raise ValueError(f"{name} {size} does not split over {self.count} devices: make it "
+                       f"a multiple of {self.count}")
+
+  def replicate(self, tree):
+    """A copy of every leaf on every device."""
+    return jax.device_put(tree, self.replicated)
+
+  def shard(self, batch):
+    """A global batch (a tree of [B, ...] arrays, the same in every process) as global
+    arrays split by rows over the devices; each process hands over only its rows."""
+    processes, index = jax.process_count(), jax.process_index()
+    def split(x):
+      x = np.asarray(x)
+      rows = x.shape[0] // processes
+      return jax.make_array_from_process_local_data(
+          self.rows, x[index * rows:(index + 1) * rows], x.shape)
+    return jax.tree.map(split, batch)
+
+  def jit(self, fn, *, donate_argnums=()):
+    """jit of fn(state, batch, key): state and key replicated, batch split by rows, all
+    outputs replicated."""
+    return jax.jit(fn, in_shardings=(self.replicated, self.rows, self.replicated),
+                   out_shardings=self.replicated, donate_argnums=donate_argnums)

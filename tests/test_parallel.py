@@ -1,0 +1,114 @@
+"""One global batch on 1 and on 8 (CPU) devices: the same loss, negatives and parameters.
+
+The comparison runs in a child process started with 8 host devices (XLA reads the
+device count once, at start-up); run as a script, this file is that child.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+STRATEGIES = ("semihard_cross", "random", "hard_text", "easy_audio", "full_batch")
+STEPS = 3
+
+
+def test_eight_devices_give_what_one_gives(cache_dir, tmp_path):
+  out = tmp_path / "steps.npz"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  child = subprocess.run([sys.executable, __file__, cache_dir, str(out)], env=env,
+                         capture_output=True, text=True, check=False)
+  assert child.returncode == 0, child.stderr[-3000:]
+  found = dict(np.load(out))
+  assert found["device_counts"].tolist() == [1, 8]
+  for strategy in STRATEGIES:
+    one, eight = (lambda name, d=d: found[f"{strategy}/{d}/{name}"] for d in (1, 8))
+    np.testing.assert_allclose(eight("loss"), one("loss"), rtol=1e-5)
+    assert np.all(np.diff(one("loss")) != 0)  # three different batches, three losses
+    if strategy != "full_batch":
+      assert_same_negatives(strategy, eight("negatives"), one("negatives"),
+                            {m: one(m) for m in ("s_cross", "s_audio", "s_text")})
+    params = sorted(k for k in found if k.startswith(f"{strategy}/1/params/"))
+    assert len(params) > 10
+    for key in params:
+      np.testing.assert_allclose(found[key.replace("/1/", "/8/")], found[key],
+                                 rtol=1e-4, atol=1e-6, err_msg=key)
+    moved = [np.abs(found[k] - found[k.replace("/params/", "/initial/")]).max() for k in params]
+    assert max(moved) > 1e-3  # the steps did update the parameters
+
+
+def assert_same_negatives(strategy, found, expected, matrices):
+  """found == expected [2, N] (audio negative per text anchor, text negative per audio
+  anchor), except where two candidates tie (within float noise) on the selecting score."""
+  from ntxr import sampling  # pylint: disable=g-import-not-at-top
+  needs = sampling.get_strategy(strategy).needs
+  assert (found == expected).mean() >= 0.75
+  for row, anchor in zip(*np.nonzero(found != expected)):
+    assert needs is not None, "random negatives must match exactly"
+    if needs == "cross":  # s_cross[audio, text]
+      score = lambda j: (matrices["s_cross"][j, anchor] if row == 0
+                         else matrices["s_cross"][anchor, j])
+    else:
+      score = lambda j: matrices[f"s_{needs}"][anchor, j]
+    assert abs(score(found[row, anchor]) - score(expected[row, anchor])) < 1e-5, (
+        strategy, row, anchor)
+
+
+def _steps(cache_dir: str) -> dict:
+  """For each strategy, on 1 device and on all: the losses of STEPS train steps, the
+  initial model's selected negatives on the first batch, and the final parameters."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  from ntxr import sampling, scores, train  # pylint: disable=g-import-not-at-top
+  from ntxr.configs import default  # pylint: disable=g-import-not-at-top
+  from ntxr.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.dirname(__file__))
+  from conftest import TINY  # pylint: disable=g-import-not-at-top
+
+  def select(strategy):
+    def negatives(state, batch, key):
+      audio, text = state.apply_fn(state.variables(), batch, train=False)
+      scorer = scores.get_scorer("alignment")
+      matrices = dict(s_cross=scorer.matrix(audio, text, batch["audio_mask"],
+                                            batch["token_mask"]),
+                      s_audio=scorer.symmetric(audio, batch["audio_mask"]),
+                      s_text=scorer.symmetric(text, batch["token_mask"]))
+      chosen = sampling.select_negatives(matrices["s_cross"], batch["audio_id"],
+                                         strategy=strategy, key=key, s_audio=matrices["s_audio"],
+                                         s_text=matrices["s_text"])
+      return dict(matrices, negatives=jax.numpy.stack(chosen))
+    return negatives
+
+  flat = lambda tree: {"/".join(k): np.asarray(v) for k, v in
+                       traverse_util.flatten_dict(jax.device_get(tree)).items()}
+  found = dict(device_counts=np.array([1, len(jax.devices())]))
+  key = jax.random.key(7)
+  for strategy in STRATEGIES:
+    config = default.get_config()
+    config.update(dict(TINY, cache_dir=cache_dir, strategy=strategy, batch_size=16))
+    for devices in (jax.devices()[:1], jax.devices()):
+      experiment = train.Experiment(config, devices)
+      prefix = f"{strategy}/{len(devices)}"
+      batches = list(input_pipeline.as_numpy(experiment.train_batches("development", 0)))
+      state = experiment.initial_state
+      for name, value in flat(state.params).items():
+        found[f"{prefix}/initial/{name}"] = value
+      if strategy != "full_batch":
+        selected = experiment.devices.jit(select(strategy))(
+            state, experiment.devices.shard(batches[0]), key)
+        found.update({f"{prefix}/{name}": np.asarray(v) for name, v in selected.items()})
+      losses = []
+      for i, batch in enumerate(batches[:STEPS]):
+        state, metrics = experiment.train_step(state, batch, jax.random.fold_in(key, i))
+        losses.append(float(metrics["loss"]))
+      found[f"{prefix}/loss"] = np.array(losses)
+      for name, value in flat(state.params).items():
+        found[f"{prefix}/params/{name}"] = value
+  return found
+
+
+if __name__ == "__main__":
+  np.savez(sys.argv[2], **_steps(sys.argv[1]))
