@@ -65,6 +65,22 @@ def both_directions(s: np.ndarray, clip_ids: np.ndarray, caption_ids: np.ndarray
           "a2t": retrieval_metrics(s, relevant)}
 
 
+def score_histogram(s: np.ndarray, clip_ids: np.ndarray, caption_ids: np.ndarray,
+                    bins: int = 50) -> dict:
+  """Counts of matching and non-matching scores s [clips, captions] in `bins` equal bins
+  over [-1, 1] (scores outside are counted in the end bins).
+
+  Example:
+    >>> h = score_histogram(np.array([[0.9, -0.5], [0.1, 0.8]]), [0, 1], [0, 1], bins=4)
+    >>> h["edges"], h["positive"], h["negative"]
+    ([-1.0, -0.5, 0.0, 0.5, 1.0], [0, 0, 0, 2], [0, 1, 1, 0])
+  """
+  relevant = np.asarray(clip_ids)[:, None] == np.asarray(caption_ids)[None, :]
+  edges = np.linspace(-1, 1, bins + 1)
+  count = lambda x: np.histogram(np.clip(x, -1, 1), edges)[0].tolist()
+  return dict(edges=edges.tolist(), positive=count(s[relevant]), negative=count(s[~relevant]))
+
+
 @functools.partial(jax.jit, static_argnames=("score",))
 def _score_chunk(audio, audio_mask, text, text_mask, *, score):
   return scores.get_scorer(score).matrix(audio, text, audio_mask, text_mask)

@@ -10,7 +10,8 @@ Each run is `python -m ntxr.main --strategy=S --seed=N --workdir=ROOT/S/seed_N A
 results.json exists is skipped, an unfinished one resumes, a failed one is reported
 and the others go on. The table of every finished run goes to ROOT/results.csv and
 ROOT/results.md: per strategy, the mean and sample standard deviation over seeds of
-both directions' metrics, and how many seeds collapsed.
+both directions' metrics, and how many seeds collapsed; its figures (metrics by
+strategy, collapse signals over epochs) to ROOT/*.png.
 """
 
 import concurrent.futures
@@ -26,7 +27,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from ntxr import files, sampling
+from ntxr import files, plots, sampling
 
 T2A = ("R@1", "R@5", "R@10", "mAP@10", "mAP")
 A2T = ("R@1", "R@5", "R@10", "HR@1", "HR@5", "HR@10", "mAP@10", "mAP")
@@ -154,11 +155,17 @@ def to_markdown(rows) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write_table(root: str) -> list:
-  """ROOT/results.csv and ROOT/results.md from the finished runs; returns the rows."""
-  rows = table(read_sweep(root))
+def write_report(root: str) -> list:
+  """From the finished runs: ROOT/results.csv, ROOT/results.md and the figures
+  ROOT/metrics_by_strategy.png and ROOT/collapse_over_epochs.png. Returns the rows."""
+  runs = read_sweep(root)
+  rows = table(runs)
   files.write_text(os.path.join(root, "results.csv"), to_csv(rows))
   files.write_text(os.path.join(root, "results.md"), to_markdown(rows))
+  for name, fig in [("metrics_by_strategy", plots.metrics_by_strategy(rows)),
+                    ("collapse_over_epochs", plots.collapse_over_epochs(runs))]:
+    files.write_atomically(os.path.join(root, f"{name}.png"),
+                           lambda path, fig=fig: fig.savefig(path, format="png", dpi=110))
   return rows
 
 
@@ -167,10 +174,9 @@ def main(argv):
   runs = plan(options.root, options.strategies or list(sampling.STRATEGIES),
               [int(s) for s in options.seeds])
   failed = [] if options.table_only else run_all(runs, argv[1:], options.processes)
-  rows = write_table(options.root)
+  rows = write_report(options.root)
   print(to_markdown(rows))
-  print(f"table of {sum(r['seeds'] for r in rows)} runs: {options.root}/results.csv, "
-        f"{options.root}/results.md")
+  print(f"{sum(r['seeds'] for r in rows)} runs: table and figures in {options.root}")
   if failed:
     sys.exit(f"error: {len(failed)} runs failed; see " +
              ", ".join(f"{r.workdir}/log.txt" for r in failed))

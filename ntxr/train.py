@@ -391,7 +391,7 @@ class Experiment:
     return dict(loss=loss, **metrics, collapse=collapse)
 
   def test(self, state: TrainState, workdir: str) -> dict:
-    """Test-split metrics, and its DCASE submission written to workdir."""
+    """Test-split metrics and score histogram; its DCASE submission written to workdir."""
     split_name = self.config.test_split
     split = self.embed_split(state, split_name)
     s = _scores(split, self.config)
@@ -403,7 +403,8 @@ class Experiment:
     else:
       logging.warning("%s has %d clips, fewer than a DCASE submission's %d: none written",
                       split_name, len(names), dcase.TOP)
-    return evaluate.both_directions(s, split.clip_ids, split.caption_ids)
+    return dict(evaluate.both_directions(s, split.clip_ids, split.caption_ids),
+                score_histogram=evaluate.score_histogram(s, split.clip_ids, split.caption_ids))
 
 
 def _fresh_progress(config) -> dict:

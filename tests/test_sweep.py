@@ -39,7 +39,7 @@ def test_table_is_the_mean_and_sample_spread_over_seeds(tmp_path):
   fake_run(root, "hard_cross", 1, 0.4)
   fake_run(root, "random", 3, 0.5)
   os.makedirs(os.path.join(root, "random", "seed_4"))  # unfinished: not in the table
-  rows = sweep.write_table(root)
+  rows = sweep.write_report(root)
   assert [r["strategy"] for r in rows] == ["random", "hard_cross"]  # the registry's order
   random, hard = rows
   assert (random["seeds"], random["collapsed"]) == (1, 0)
@@ -88,7 +88,7 @@ def test_run_all_skips_finished_runs_and_reports_failures(tmp_path, cache_dir):
 
 
 def test_table_of_a_trained_sweep(tiny_sweep):
-  rows = sweep.write_table(tiny_sweep)
+  rows = sweep.write_report(tiny_sweep)
   assert [(r["strategy"], r["seeds"]) for r in rows] == [
       ("random", 2), ("semihard_cross", 2), ("hard_cross", 2)]
   for row in rows:
@@ -98,3 +98,6 @@ def test_table_of_a_trained_sweep(tiny_sweep):
         values.append(json.load(f)["a2t"]["mAP"])
     assert row["a2t mAP"] == pytest.approx((np.mean(values), np.std(values, ddof=1)))
   assert len(sweep.read_sweep(tiny_sweep)[0]["epochs_log"]) == 2
+  for name in ("metrics_by_strategy", "collapse_over_epochs"):
+    with open(os.path.join(tiny_sweep, f"{name}.png"), "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"

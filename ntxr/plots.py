@@ -1,0 +1,152 @@
+"""Figures of a sweep (ntxr.sweep) and of kernel benchmarks (ntxr.bench); each returns a
+matplotlib Figure.
+
+  runs = sweep.read_sweep("sweeps/default")
+  plots.metrics_by_strategy(sweep.table(runs))
+  plots.collapse_over_epochs(runs)
+"""
+
+import matplotlib
+from matplotlib import figure
+from matplotlib import ticker
+import numpy as np
+
+from ntxr import sampling
+
+METRICS = ("t2a R@10", "t2a mAP@10", "a2t R@10", "a2t mAP@10")
+SIGNALS = {"audio_cosine": "clip embeddings: mean pairwise cosine",
+           "text_cosine": "caption embeddings: mean pairwise cosine",
+           "audio_effective_rank": "clip embeddings: effective rank",
+           "text_effective_rank": "caption embeddings: effective rank",
+           "positive_std": "training: spread of positive scores",
+           "grad_norm": "training: gradient norm"}
+
+
+def strategy_color(strategy: str):
+  """One fixed colour per strategy, the same in every figure."""
+  return matplotlib.colormaps["tab10"](list(sampling.STRATEGIES).index(strategy))
+
+
+def metrics_by_strategy(rows, metrics=METRICS) -> figure.Figure:
+  """Grouped bars: each metric's mean per strategy, the seed spread as error bars;
+  collapsed strategies hatched. rows: ntxr.sweep.table(...)."""
+  fig = figure.Figure(figsize=(max(8, 2 + 1.3 * len(rows)), 4.5), layout="constrained")
+  ax = fig.subplots()
+  width = 0.8 / len(metrics)
+  for i, metric in enumerate(metrics):
+    means = [r[metric][0] for r in rows]
+    spreads = [0 if np.isnan(r[metric][1]) else r[metric][1] for r in rows]
+    bars = ax.bar(np.arange(len(rows)) + (i - (len(metrics) - 1) / 2) * width, means, width,
+                  yerr=spreads, capsize=2, label=metric, color=matplotlib.colormaps["Set2"](i))
+    for bar, row in zip(bars, rows):
+      if row["collapsed"]:
+        bar.set_hatch("//")
+  ax.set_xticks(np.arange(len(rows)),
+                [f"{r['strategy']}\n{r['seeds']} seed{'s' * (r['seeds'] > 1)}"
+                 f"{', ' + str(r['collapsed']) + ' collapsed' if r['collapsed'] else ''}"
+                 for r in rows], fontsize=8)
+  ax.set_ylabel("evaluation split")
+  ax.set_ylim(0, 1)
+  ax.legend(ncols=len(metrics), fontsize=8, loc="upper right")
+  ax.set_title("Retrieval by negative-sampling strategy (mean and spread over seeds)")
+  return fig
+
+
+def _per_epoch(run: dict, path: tuple) -> tuple:
+  """(epochs, values) of one metrics.jsonl field, e.g. ("validation", "loss")."""
+  epochs, values = [], []
+  for record in run["epochs_log"]:
+    value = record
+    for key in path:
+      value = value.get(key) if isinstance(value, dict) else None
+    if value is not None:
+      epochs.append(record["epoch"])
+      values.append(value)
+  return epochs, values
+
+
+def _lines_per_run(runs, panels: dict, strategies, columns: int) -> figure.Figure:
+  """One panel per {title: metrics.jsonl path}, one line per run coloured by strategy."""
+  rows = -(-len(panels) // columns)
+  fig = figure.Figure(figsize=(4 * columns, 3 * rows), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(rows, columns)).ravel()
+  for ax, (title, path) in zip(axes, panels.items()):
+    labelled = set()
+    for run in runs:
+      if run["strategy"] not in strategies:
+        continue
+      epochs, values = _per_epoch(run, path)
+      ax.plot(epochs, values, "o-", color=strategy_color(run["strategy"]), alpha=0.8,
+              label=None if run["strategy"] in labelled else run["strategy"])
+      labelled.add(run["strategy"])
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+  for ax in axes[len(panels):]:
+    ax.set_axis_off()
+  axes[0].legend(fontsize=7)
+  return fig
+
+
+def collapse_over_epochs(runs, strategies=("semihard_cross", "hard_cross"),
+                         signals=tuple(SIGNALS)) -> figure.Figure:
+  """The collapse diagnostics of each run over epochs (one line per seed)."""
+  fig = _lines_per_run(runs, {SIGNALS[s]: ("validation", "collapse", s) for s in signals},
+                       strategies, columns=3)
+  fig.suptitle("Feature-collapse signals per epoch: " + " vs ".join(strategies))
+  return fig
+
+
+def training_curves(runs, strategies=tuple(sampling.STRATEGIES)) -> figure.Figure:
+  """Training and validation loss and validation mAP@10 over epochs, per run."""
+  return _lines_per_run(runs, {"training loss": ("training", "loss"),
+                               "validation loss": ("validation", "loss"),
+                               "validation t2a mAP@10": ("validation", "t2a", "mAP@10")},
+                        strategies, columns=3)
+
+
+def score_histograms(runs, strategies=("random", "semihard_cross", "hard_cross")):
+  """Densities of matching and non-matching clip-caption scores on the test split, per
+  strategy (the first seed of each); runs without a histogram are left out."""
+  chosen = {}
+  for run in runs:
+    if run["strategy"] in strategies and "score_histogram" in run:
+      chosen.setdefault(run["strategy"], run)
+  fig = figure.Figure(figsize=(4 * max(len(chosen), 1), 3), layout="constrained")
+  axes = np.atleast_1d(fig.subplots(1, max(len(chosen), 1)))
+  for ax, (strategy, run) in zip(axes, chosen.items()):
+    histogram = run["score_histogram"]
+    edges = np.asarray(histogram["edges"])
+    for kind, color in (("positive", "tab:green"), ("negative", "tab:red")):
+      counts = np.asarray(histogram[kind], float)
+      density = counts / max(counts.sum(), 1) / np.diff(edges)
+      ax.stairs(density, edges, color=color, label=kind)
+    ax.set_title(f"{strategy} (seed {run['seed']})", fontsize=9)
+    ax.set_xlabel("score")
+  axes[0].legend(fontsize=7)
+  return fig
+
+
+def kernel_times(reports) -> figure.Figure:
+  """Kernel time and matmul fraction against N per strategy, one line style per device.
+
+  reports: the JSON objects `python -m ntxr.bench --json=...` writes."""
+  fig = figure.Figure(figsize=(10, 4), layout="constrained")
+  time_ax, fraction_ax = fig.subplots(1, 2)
+  styles = ["o-", "s--", "^:", "d-."]
+  for report, style in zip(reports, styles):
+    for strategy in sampling.STRATEGIES:
+      rows = sorted((r for r in report["loss"] if r["strategy"] == strategy),
+                    key=lambda r: r["N"])
+      if not rows:
+        continue
+      n = [r["N"] for r in rows]
+      label = f"{strategy} ({report['device']})"
+      time_ax.plot(n, [r["kernel_ms"] for r in rows], style, label=label,
+                   color=strategy_color(strategy))
+      fraction_ax.plot(n, [r["matmul_fraction"] for r in rows], style,
+                       color=strategy_color(strategy))
+  time_ax.set(xscale="log", yscale="log", xlabel="batch size N", ylabel="forward+backward ms")
+  fraction_ax.set(xscale="log", xlabel="batch size N", ylabel="share of matmul throughput")
+  time_ax.legend(fontsize=6, ncols=2)
+  return fig

@@ -1,0 +1,50 @@
+"""The notebooks run from top to bottom on a tiny sweep and a tiny benchmark."""
+
+import os
+
+import nbclient
+import nbformat
+import pytest
+
+from ntxr import bench
+
+NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "notebooks")
+
+
+def execute(name: str) -> list:
+  """Runs notebooks/NAME in a fresh kernel; returns each code cell's outputs."""
+  notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+  nbclient.NotebookClient(notebook, timeout=600, kernel_name="python3",
+                          resources={"metadata": {"path": NOTEBOOKS}}).execute()
+  return [cell.outputs for cell in notebook.cells if cell.cell_type == "code"]
+
+
+def images(outputs: list) -> int:
+  return sum("image/png" in o.get("data", {}) for o in outputs)
+
+
+def text(outputs: list) -> str:
+  return "".join(o.get("text", "") + o.get("data", {}).get("text/markdown", "")
+                 for o in outputs)
+
+
+def test_ablation_notebook(tiny_sweep, monkeypatch):
+  monkeypatch.setenv("NTXR_SWEEP", tiny_sweep)
+  setup, table, *figures = execute("ablation.ipynb")
+  assert text(setup).strip() == f"6 finished runs in {tiny_sweep}"
+  assert [line.split(" |")[0] for line in text(table).splitlines()[2:]] == [
+      "| random", "| semihard_cross", "| hard_cross"]
+  assert [images(f) for f in figures] == [1, 1, 1, 1]
+
+
+def test_kernel_notebook(tmp_path, monkeypatch):
+  for device in ("a", "b"):
+    bench.main(["--shapes=8:5:3:4,16:5:3:4", "--strategies=random,hard_cross",
+                "--repeats=1", "--skip_scores", "--loop_max_n=0", f"--device_kind=cpu {device}",
+                f"--json={tmp_path}/bench_{device}.json"])
+  monkeypatch.setenv("NTXR_BENCH", str(tmp_path / "bench_*.json"))
+  setup, figure = execute("kernels.ipynb")
+  assert text(setup).splitlines() == [f"{tmp_path}/bench_a.json: cpu a, 4 rows",
+                                      f"{tmp_path}/bench_b.json: cpu b, 4 rows"]
+  assert images(figure) == 1
