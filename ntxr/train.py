@@ -370,8 +370,12 @@ class Experiment:
     return [(c["file_name"].decode(), [x.decode() for x in c["captions"]])
             for c in tfds.as_numpy(clips)]
 
-  def steps_per_epoch(self) -> int:
-    pairs = sum(len(captions) for _, captions in self.captions("development"))
+  def batches_per_epoch(self, split: str) -> int:
+    """Full batches of caption pairs in a split; raises ValueError if it has none."""
+    pairs = sum(len(captions) for _, captions in self.captions(split))
+    if pairs < self.config.batch_size:
+      raise ValueError(f"the {split} split has {pairs} caption pairs, fewer than one batch "
+                       f"of {self.config.batch_size}: lower --config.batch_size")
     return pairs // self.config.batch_size
 
   def validate(self, state: TrainState, triplets: dict) -> dict:
@@ -385,7 +389,7 @@ class Experiment:
     collapse = evaluate.collapse_diagnostics(
         split.audio, split.audio_mask, split.text, split.text_mask,
         {k: v for k, v in triplets.items() if k != "loss"}, self.config.collapse.to_dict())
-    loss = float(np.mean(losses)) if losses else float("nan")
+    loss = float(np.mean(losses))
     if not np.isfinite(loss):
       raise FloatingPointError(f"validation loss is {loss}")
     return dict(loss=loss, **metrics, collapse=collapse)
@@ -442,7 +446,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _train(experiment: Experiment, state: TrainState, progress: dict,
            checkpoints: Checkpoints, log: Log, workdir: str) -> None:
   config = experiment.config
-  steps_per_epoch = experiment.steps_per_epoch()
+  steps_per_epoch = experiment.batches_per_epoch("development")
+  experiment.batches_per_epoch(config.validation_split)  # fails now rather than in epoch 1
   base_key = jax.random.key(config.seed + 1)
   while progress["epoch"] < config.num_epochs:
     start = time.perf_counter()

@@ -111,6 +111,9 @@ def test_changed_settings_need_a_new_workdir(tiny_config, tmp_path):
   train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
   with pytest.raises(ValueError, match="other settings \\(strategy\\)"):
     train.train_and_evaluate(tiny_config(strategy="hard_cross"), str(tmp_path))
+  with pytest.raises(ValueError, match="the validation split has 40 caption pairs, fewer "
+                     "than one batch of 48: lower --config.batch_size"):
+    train.train_and_evaluate(tiny_config(batch_size=48), str(tmp_path / "big_batch"))
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     train.evaluate_only(tiny_config(), str(tmp_path / "empty"))
 
