@@ -155,10 +155,12 @@ def collapse_diagnostics(audio, audio_mask, text, text_mask, triplets: Optional[
   Args:
     audio, audio_mask, text, text_mask: embeddings of a split's clips and captions.
     triplets: the training epoch's {"share_zero_loss", "share_at_margin", ...} or None.
-    thresholds: {"cosine", "effective_rank", "share_at_margin"}: collapse is flagged
-      when either modality's mean pairwise cosine exceeds `cosine`, its effective rank
-      falls below `effective_rank`, or the share of triplets whose negative scores
-      exactly as the positive (loss = margin) exceeds `share_at_margin`.
+    thresholds: {"cosine", "effective_rank", "share_at_margin", "score_std"}: collapse
+      is flagged when either modality's mean pairwise cosine exceeds `cosine`, its
+      effective rank falls below `effective_rank`, the share of triplets whose negative
+      scores exactly as the positive (loss = margin) exceeds `share_at_margin`, or the
+      spread of both positive and negative training scores falls below `score_std`
+      (the scores no longer tell pairs apart).
   """
   clips, captions = _pooled(audio, audio_mask), _pooled(text, text_mask)
   found = dict(audio_cosine=mean_pairwise_cosine(clips),
@@ -174,6 +176,9 @@ def collapse_diagnostics(audio, audio_mask, text, text_mask, triplets: Optional[
   if found.get("share_at_margin", 0) > thresholds["share_at_margin"]:
     reasons.append(f"share_at_margin {found['share_at_margin']:.3f} > "
                    f"{thresholds['share_at_margin']}")
+  spread = max(found.get("positive_std", np.inf), found.get("negative_std", np.inf))
+  if spread < thresholds["score_std"]:
+    reasons.append(f"score spread {spread:.2g} < {thresholds['score_std']:g}")
   return dict(found, collapse=bool(reasons), collapse_reasons=reasons)
 
 

@@ -90,7 +90,7 @@ def run_all(runs, main_args=(), processes: int = 1, report=print) -> list:
 
 
 def read_run(workdir: str) -> dict:
-  """A run's results.json and its per-epoch metrics.jsonl records (as "epochs")."""
+  """A run's results.json, with its per-epoch metrics.jsonl records as "epochs_log"."""
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
   epochs = []

@@ -32,8 +32,10 @@ import tqdm
 from ntxr import dcase, evaluate, files, models, parallel, sampling
 from ntxr.data import corpus, features, input_pipeline, tokenizer as tokenizer_lib
 
-# Config fields a resumed run may change; any other change needs a new workdir.
-RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every_steps", "cache_dir", "eval_batch_size")
+# Config fields a resumed run may change (they leave training as it was); any other
+# change needs a new workdir.
+RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every_steps", "cache_dir", "eval_batch_size",
+                     "collapse")
 
 
 class TrainState(train_state.TrainState):

@@ -92,7 +92,7 @@ def test_score_matrix_in_chunks_equals_one_call(frame_multiple):
 
 
 def test_collapse_diagnostics():
-  thresholds = dict(cosine=0.9, effective_rank=2.0, share_at_margin=0.5)
+  thresholds = dict(cosine=0.9, effective_rank=2.0, share_at_margin=0.5, score_std=1e-3)
   mask = np.ones((6, 3), bool)
   same = np.tile(np.array([1.0, 2.0, 0.0, 0.0, 0.0, 0.0]), (6, 3, 1))
   distinct = np.tile(np.eye(6)[:, None, :], (1, 3, 1))
@@ -108,6 +108,15 @@ def test_collapse_diagnostics():
   stuck = evaluate.collapse_diagnostics(distinct, mask, distinct, mask,
                                         dict(share_at_margin=0.9), thresholds)
   assert stuck["collapse_reasons"] == ["share_at_margin 0.900 > 0.5"]
+  # hard_cross on the default corpus, epoch 1: every score about the same.
+  flat = evaluate.collapse_diagnostics(distinct, mask, distinct, mask,
+                                       dict(positive_std=9.9e-5, negative_std=9.7e-5),
+                                       thresholds)
+  assert flat["collapse_reasons"] == ["score spread 9.9e-05 < 0.001"]
+  spread = evaluate.collapse_diagnostics(distinct, mask, distinct, mask,
+                                         dict(positive_std=9.9e-5, negative_std=0.006),
+                                         thresholds)
+  assert not spread["collapse"]
 
 
 def test_mean_pairwise_cosine_matches_pairs():
