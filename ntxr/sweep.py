@@ -3,6 +3,7 @@
   python -m ntxr.sweep --root=sweeps/default --seeds=0,1
   python -m ntxr.sweep --root=sweeps/short --strategies=random,semihard_cross \\
       --processes=2 -- --config.num_epochs=2
+  python -m ntxr.sweep --root=sweeps/gpu --processes=4 --gpus=0,1,2,3,4,5,6,7
   python -m ntxr.sweep --root=sweeps/default --table_only
 
 Each run is `python -m ntxr.main --strategy=S --seed=N --workdir=ROOT/S/seed_N ARGS`
@@ -20,6 +21,7 @@ import dataclasses
 import io
 import json
 import os
+import queue
 import subprocess
 import sys
 
@@ -67,19 +69,42 @@ def execute(run: Run, main_args=(), env=None) -> int:
                           env=env, check=False).returncode
 
 
-def run_all(runs, main_args=(), processes: int = 1, report=print) -> list:
+def gpu_groups(gpus, processes: int) -> list:
+  """Splits GPU ids into `processes` equal groups: ["0", "1", "2", "3"], 2 -> ["0,1", "2,3"]."""
+  if len(gpus) % processes:
+    raise ValueError(f"{len(gpus)} GPUs ({','.join(gpus)}) do not split evenly into "
+                     f"{processes} processes")
+  size = len(gpus) // processes
+  return [",".join(gpus[i:i + size]) for i in range(0, len(gpus), size)]
+
+
+def run_all(runs, main_args=(), processes: int = 1, gpus=(), report=print) -> list:
   """Runs the unfinished runs, `processes` at a time; returns the failed ones.
 
-  With several processes on one accelerator, JAX is told not to preallocate its memory.
+  With gpus, each process sees only its own group of them (CUDA_VISIBLE_DEVICES, see
+  gpu_groups); without, processes share every device, and with several JAX is told not
+  to preallocate its memory.
   """
   pending = [r for r in runs if not r.finished]
   report(f"{len(runs) - len(pending)} of {len(runs)} runs finished already; "
          f"{len(pending)} to run, {processes} at a time")
-  env = dict(os.environ, **({"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if processes > 1
-                            else {}))
+  share = processes > 1 and not gpus
+  env = dict(os.environ, **({"XLA_PYTHON_CLIENT_PREALLOCATE": "false"} if share else {}))
+  free = queue.Queue()
+  for group in gpu_groups(list(gpus), processes) if gpus else [None] * processes:
+    free.put(group)
+
+  def execute_on_free_group(run):
+    group = free.get()
+    try:
+      return execute(run, main_args,
+                     env if group is None else dict(env, CUDA_VISIBLE_DEVICES=group))
+    finally:
+      free.put(group)
+
   failed = []
   with concurrent.futures.ThreadPoolExecutor(max_workers=processes) as pool:
-    futures = {pool.submit(execute, r, main_args, env): r for r in pending}
+    futures = {pool.submit(execute_on_free_group, r): r for r in pending}
     for future in concurrent.futures.as_completed(futures):
       run, code = futures[future], future.result()
       status = "done" if code == 0 else f"FAILED (exit {code})"
@@ -171,9 +196,15 @@ def write_report(root: str) -> list:
 
 def main(argv):
   options = flags.FLAGS
-  runs = plan(options.root, options.strategies or list(sampling.STRATEGIES),
-              [int(s) for s in options.seeds])
-  failed = [] if options.table_only else run_all(runs, argv[1:], options.processes)
+  try:
+    runs = plan(options.root, options.strategies or list(sampling.STRATEGIES),
+                [int(s) for s in options.seeds])
+    if options.gpus:
+      gpu_groups(options.gpus, options.processes)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
+  failed = [] if options.table_only else run_all(runs, argv[1:], options.processes,
+                                                 options.gpus)
   rows = write_report(options.root)
   print(to_markdown(rows))
   print(f"{sum(r['seeds'] for r in rows)} runs: table and figures in {options.root}")
@@ -187,6 +218,8 @@ def _define_flags():
   flags.DEFINE_list("strategies", [], "strategies to run (default: all eight)")
   flags.DEFINE_list("seeds", ["0", "1"], "seeds to run for each strategy")
   flags.DEFINE_integer("processes", 1, "training processes at a time", lower_bound=1)
+  flags.DEFINE_list("gpus", [], "GPU ids to split evenly among the processes, e.g. "
+                    "0,1,2,3 with --processes=4: one GPU per run (default: all shared)")
   flags.DEFINE_bool("table_only", False, "only write the table of finished runs")
 
 

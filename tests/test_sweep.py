@@ -4,6 +4,8 @@ import csv
 import json
 import os
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -101,3 +103,31 @@ def test_table_of_a_trained_sweep(tiny_sweep):
   for name in ("metrics_by_strategy", "collapse_over_epochs"):
     with open(os.path.join(tiny_sweep, f"{name}.png"), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_each_parallel_process_gets_its_own_gpus(tmp_path, monkeypatch):
+  assert sweep.gpu_groups(["0", "1", "2", "3"], 2) == ["0,1", "2,3"]
+  assert sweep.gpu_groups(["3", "5"], 2) == ["3", "5"]
+  with pytest.raises(ValueError, match="3 GPUs \\(0,1,2\\) do not split evenly into 2"):
+    sweep.gpu_groups(["0", "1", "2"], 2)
+  lock, busy, seen = threading.Lock(), set(), []
+
+  def fake_execute(run, main_args, env):
+    group = env["CUDA_VISIBLE_DEVICES"]
+    with lock:
+      assert group not in busy, f"{group} given to two runs at once"
+      busy.add(group)
+      seen.append((run.seed, group, env.get("XLA_PYTHON_CLIENT_PREALLOCATE")))
+    time.sleep(0.05)
+    with lock:
+      busy.remove(group)
+    return run.seed % 2  # odd seeds fail
+
+  monkeypatch.setattr(sweep, "execute", fake_execute)
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+  runs = sweep.plan(str(tmp_path), ["random"], range(6))
+  failed = sweep.run_all(runs, processes=2, gpus=["0", "1", "2", "3"], report=lambda _: None)
+  assert sorted(r.seed for r in failed) == [1, 3, 5]
+  assert sorted(seed for seed, _, _ in seen) == list(range(6))
+  assert {group for _, group, _ in seen} == {"0,1", "2,3"}
+  assert {preallocate for _, _, preallocate in seen} == {None}  # a GPU each: no sharing
