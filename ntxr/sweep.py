@@ -134,8 +134,9 @@ def read_sweep(root: str) -> list:
     seeds = sorted((int(d[5:]), d) for d in os.listdir(folder) if d.startswith("seed_")
                    and d[5:].isdigit()) if os.path.isdir(folder) else []
     for seed, name in seeds:
-      if os.path.exists(os.path.join(folder, name, "results.json")):
-        runs.append(dict(read_run(os.path.join(folder, name)), seed=seed))
+      run = Run(strategy, seed, os.path.join(folder, name))
+      if run.finished:
+        runs.append(dict(read_run(run.workdir), seed=seed))
   return runs
 
 

@@ -26,6 +26,15 @@ def tiny_config(cache_dir):
 
 
 @pytest.fixture(scope="session")
+def tiny_flags(cache_dir):
+  """tiny_flags(**overrides): the same shrunk config as `ntxr.main` flags."""
+  def make(**overrides):
+    return [f"--config.{field}={value}"
+            for field, value in dict(TINY, cache_dir=cache_dir, **overrides).items()]
+  return make
+
+
+@pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory, tiny_config):
   """A sweep root with SWEEP_STRATEGIES x seeds 0 and 1 trained in this process."""
   root = str(tmp_path_factory.mktemp("sweep"))

@@ -62,16 +62,14 @@ def test_table_is_the_mean_and_sample_spread_over_seeds(tmp_path):
   assert markdown[2].startswith("| random | 0.500 | 0.500 |")
 
 
-def test_run_all_skips_finished_runs_and_reports_failures(tmp_path, cache_dir):
+def test_run_all_skips_finished_runs_and_reports_failures(tmp_path, tiny_flags):
   root = str(tmp_path)
   fake_run(root, "hard_cross", 0, 0.2)
   refused = os.path.join(root, "random", "seed_1")
   os.makedirs(refused)
   with open(os.path.join(refused, "config.json"), "w") as f:
     json.dump({"strategy": "something else"}, f)
-  tiny = [f"--config.cache_dir={cache_dir}", "--config.size=tiny", "--config.batch_size=8",
-          "--config.num_epochs=1", "--config.channels=(4,8,8,8,8)", "--config.embed_dim=16",
-          "--config.vocab_size=60", "--config.eval_batch_size=8"]
+  tiny = tiny_flags(num_epochs=1)
   runs = sweep.plan(root, ["random", "hard_cross"], [0, 1])
   reports = []
   failed = sweep.run_all(runs, tiny, processes=2, report=reports.append)
