@@ -69,8 +69,12 @@ def main(argv):
     logging.error("%s", error)
     sys.exit(f"error: {error}")
   print(f"\n{config.strategy} on {results['split']} (epochs {results['epochs']}, best "
-        f"{results['best_epoch']}, {results['seconds']:.0f} s training, collapse: "
-        f"{results['collapse']})")
+        f"{results['best_epoch']} by {results['selected_by']}, {results['seconds']:.0f} s "
+        f"training; reported checkpoint collapsed: {results['collapse']}, epochs flagged: "
+        f"{results['collapse_epochs'] or 'none'})")
+  if results["skipped"]["count"]:
+    print(f"{results['skipped']['count']} clips or rows left out when preparing the data: "
+          + "; ".join(results["skipped"]["entries"]))
   print(evaluate.format_table(results))
   print(f"results: {os.path.join(workdir, 'results.json')}")
 

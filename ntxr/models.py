@@ -55,6 +55,29 @@ def upsample_linear(x: Array, lengths: Array, factor: int) -> Array:
   return (1 - weight) * take(low) + weight * take(high)
 
 
+INITIALIZERS = ("flax", "pytorch")
+
+
+def _pytorch_uniform(fan: int):
+  """PyTorch's RNN initialiser: uniform in [-1/sqrt(fan), 1/sqrt(fan)]."""
+  bound = 1 / math.sqrt(fan)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype,
+                                                                   -bound, bound)
+
+
+def _initializers(name: str, hidden: int) -> tuple:
+  """(conv kernel init, GRUCell init kwargs) of `name`: "flax" (Flax's defaults) or
+  "pytorch" (the authors': kaiming_normal_ convolutions, PyTorch's GRU uniform; Flax's
+  GRU has one bias per reset/update gate where PyTorch sums two, each drawn once here)."""
+  if name == "flax":
+    return nn.linear.default_kernel_init, {}
+  if name != "pytorch":
+    raise ValueError(f"initializer must be one of {INITIALIZERS}, not {name!r}")
+  uniform = _pytorch_uniform(hidden)
+  return (nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
+          dict(kernel_init=uniform, recurrent_kernel_init=uniform, bias_init=uniform))
+
+
 def _downsampled_mask(mask: Array, factor: int) -> Array:
   """[B, T] -> [B, T // factor]: a step is valid when any frame it covers is."""
   return mask.reshape(mask.shape[0], -1, factor).any(axis=-1)
@@ -72,6 +95,7 @@ class CRNN(nn.Module):
   pools: Sequence[Optional[Tuple[int, int]]] = PAPER_POOLS
   embed_dim: int = 300
   dropout: float = 0.3
+  initializer: str = "flax"
 
   @nn.compact
   def __call__(self, audio: Array, mask: Array, *, train: bool) -> Array:
@@ -82,10 +106,12 @@ class CRNN(nn.Module):
     pad = -frames % stride
     x = jnp.pad(audio, ((0, 0), (0, pad), (0, 0)))[..., None]  # [B, T, F, 1]
     step_mask = jnp.pad(mask, ((0, 0), (0, pad)))
+    conv_init, gru_init = _initializers(self.initializer, self.embed_dim // 2)
     for channels, window in zip(self.channels, self.pools):
       valid = jnp.broadcast_to(step_mask[:, :, None, None], x.shape)
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x, mask=valid)
-      x = nn.Conv(channels, (3, 3), padding="SAME", use_bias=False)(x * valid)
+      x = nn.Conv(channels, (3, 3), padding="SAME", use_bias=False,
+                  kernel_init=conv_init)(x * valid)
       x = nn.leaky_relu(x, 0.1)
       if window:
         x = lp_pool(x, window)
@@ -93,7 +119,7 @@ class CRNN(nn.Module):
     x = x * step_mask[:, :, None, None]
     x = nn.Dropout(self.dropout, deterministic=not train)(x.reshape(*x.shape[:2], -1))
     lengths = jnp.maximum(step_mask.sum(axis=1), 1)
-    gru = lambda: nn.RNN(nn.GRUCell(self.embed_dim // 2))
+    gru = lambda: nn.RNN(nn.GRUCell(self.embed_dim // 2, **gru_init))
     x = nn.Bidirectional(gru(), gru())(x, seq_lengths=lengths)
     x = upsample_linear(x, lengths, stride)[:, :frames]
     return l2_normalize(x, mask)
@@ -121,9 +147,11 @@ class DualEncoder(nn.Module):
   embed_dim: int = 300
   channels: Sequence[int] = PAPER_CHANNELS
   dropout: float = 0.3
+  initializer: str = "flax"
 
   def setup(self):
-    self.audio = CRNN(self.channels, embed_dim=self.embed_dim, dropout=self.dropout)
+    self.audio = CRNN(self.channels, embed_dim=self.embed_dim, dropout=self.dropout,
+                      initializer=self.initializer)
     self.text = TextEncoder(self.vocab_size, self.embed_dim)
 
   def embed_audio(self, audio: Array, audio_mask: Array, *, train: bool = False) -> Array:

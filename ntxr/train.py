@@ -1,11 +1,14 @@
 """Training and evaluation: train state, jitted steps, the epoch loop, checkpoints.
 
 `train_and_evaluate(config, workdir)` trains (resuming from `workdir` if a run is
-there), keeps the latest and the best (validation text-to-audio mAP@10) checkpoints,
-evaluates the best on the test split and writes, in workdir:
+there), keeps the latest and the best (by `config.select_by`: validation text-to-audio
+mAP@10, or the authors' lowest validation loss) checkpoints, evaluates the best on the
+test split and writes, in workdir:
   metrics.jsonl            one line per epoch (training, validation, collapse signs)
   tensorboard/             the same as TensorBoard scalars
-  results.json             test metrics both directions, strategy, collapse, epochs, seconds
+  results.json             test metrics both directions, strategy, whether the reported
+                           checkpoint's epoch was flagged as collapsed and which epochs
+                           were, clips skipped when preparing, epochs, seconds
   dcase_{split}.csv        the DCASE submission (each caption's top 10 files)
 """
 
@@ -30,7 +33,7 @@ import tensorflow_datasets as tfds
 import tqdm
 
 from ntxr import dcase, evaluate, files, models, parallel, sampling
-from ntxr.data import corpus, features, input_pipeline, tokenizer as tokenizer_lib
+from ntxr.data import corpus as corpus_lib, features, input_pipeline, tokenizer as tokenizer_lib
 
 # Config fields a resumed run may change (they leave training as it was); any other
 # change needs a new workdir.
@@ -58,11 +61,11 @@ def make_optimizer(learning_rate, frozen_text: bool) -> optax.GradientTransforma
 
 
 def create_train_state(config: ml_collections.ConfigDict, model: models.DualEncoder,
-                       key: jax.Array, word_table: Optional[np.ndarray] = None) -> TrainState:
+                       key: jax.Array, word_table: Optional[np.ndarray] = None, *,
+                       mel_bands: int = features.LogMelConfig.mel_bands) -> TrainState:
   """Initialised parameters and optimizer; word_table [V, E] replaces (and freezes) the
   text encoder's table."""
   frames, words = config.frame_buckets[0], config.max_tokens
-  mel_bands = features.LogMelConfig().mel_bands
   example = dict(audio=jnp.zeros((2, frames, mel_bands)), audio_mask=jnp.ones((2, frames), bool),
                  tokens=jnp.ones((2, words), jnp.int32), token_mask=jnp.ones((2, words), bool))
   variables = jax.jit(functools.partial(model.init, train=False))(key, example)
@@ -98,23 +101,50 @@ def triplet_statistics(terms: sampling.TripletTerms, margin: float) -> dict:
       negative_std=jnp.sqrt(mean(jnp.square(terms.negative - negative_mean))))
 
 
+PADDINGS = ("masked", "batch")
+
+
+def _to_longest(mask: jax.Array) -> jax.Array:
+  """[B, L] -> [B, L]: every row valid up to the batch's longest row."""
+  longest = mask.sum(axis=1).max()
+  return jnp.broadcast_to(jnp.arange(mask.shape[1]) < longest, mask.shape)
+
+
+def training_masks(batch: dict, padding: str) -> tuple:
+  """(the audio encoder's mask [B, T], the score's audio [B, T] and word [B, W] masks).
+
+  "masked": each clip's and caption's own length everywhere. "batch": the authors'
+  training semantics, where a batch is zero-padded to its longest clip and caption and
+  the score's mean runs over all those T x W pairs: padded frames are encoded like
+  audio, and padded words (a zero vector) count in the mean with a zero product.
+  """
+  if padding == "masked":
+    return batch["audio_mask"], batch["audio_mask"], batch["token_mask"]
+  if padding != "batch":
+    raise ValueError(f"padding must be one of {PADDINGS}, not {padding!r}")
+  audio_mask = _to_longest(batch["audio_mask"])
+  return audio_mask, audio_mask, _to_longest(batch["token_mask"])
+
+
 def _loss_and_terms(variables: dict, apply_fn, batch: dict, key: jax.Array, *, train: bool,
-                    strategy: str, margin: float, score: str):
+                    strategy: str, margin: float, score: str, padding: str = "masked"):
   """(loss, (new batch_stats or None, TripletTerms)) of one batch."""
   dropout_key, sample_key = jax.random.split(key)
+  encoder_mask, audio_mask, text_mask = training_masks(batch, padding)
+  inputs = dict(batch, audio_mask=encoder_mask)
   if train:
-    (audio, text), updates = apply_fn(variables, batch, train=True, mutable=["batch_stats"],
+    (audio, text), updates = apply_fn(variables, inputs, train=True, mutable=["batch_stats"],
                                       rngs={"dropout": dropout_key})
   else:
-    (audio, text), updates = apply_fn(variables, batch, train=False), {}
+    (audio, text), updates = apply_fn(variables, inputs, train=False), {}
   loss, terms = sampling.triplet_loss_and_terms(
       audio, text, batch["audio_id"], strategy=strategy, margin=margin, key=sample_key,
-      audio_mask=batch["audio_mask"], text_mask=batch["token_mask"], score=score)
+      audio_mask=audio_mask, text_mask=text_mask, score=score)
   return loss, (updates.get("batch_stats"), terms)
 
 
 def train_step(state: TrainState, batch: dict, key: jax.Array, *, strategy: str,
-               margin: float, score: str):
+               margin: float, score: str, padding: str = "masked"):
   """One optimizer step: (state, batch, key) -> (state, metrics). Jit it with
   donate_argnums=0.
 
@@ -122,7 +152,7 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *, strategy: str,
   """
   def loss_fn(params):
     return _loss_and_terms(state.variables(params), state.apply_fn, batch, key, train=True,
-                           strategy=strategy, margin=margin, score=score)
+                           strategy=strategy, margin=margin, score=score, padding=padding)
   (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
@@ -131,10 +161,10 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *, strategy: str,
 
 
 def eval_loss(state: TrainState, batch: dict, key: jax.Array, *, strategy: str,
-              margin: float, score: str) -> jax.Array:
+              margin: float, score: str, padding: str = "masked") -> jax.Array:
   """The loss of one batch in inference mode (no dropout, running BatchNorm)."""
   return _loss_and_terms(state.variables(), state.apply_fn, batch, key, train=False,
-                         strategy=strategy, margin=margin, score=score)[0]
+                         strategy=strategy, margin=margin, score=score, padding=padding)[0]
 
 
 @functools.partial(jax.jit, static_argnames="method")
@@ -326,23 +356,31 @@ class Experiment:
     self.devices = parallel.Devices(devices)
     self.devices.check_divides("--config.batch_size", config.batch_size)
     self.devices.check_divides("--config.eval_batch_size", config.eval_batch_size)
-    self.builder, self.tokenizer, _ = corpus.load(
-        config.data_dir or None, cache_dir=os.path.expanduser(config.cache_dir),
-        size=config.size, sample_rate=config.sample_rate or None,
-        tokens="words" if config.word_vectors else config.tokens,
-        vocab_size=config.vocab_size, skip_bad_files=config.skip_bad_files)
+    if config.require_word_vectors and not config.word_vectors:
+      raise ValueError(
+          "this config trains on frozen word2vec vectors, as the paper: pass "
+          "--config.word_vectors=/path/to/GoogleNews-vectors-negative300.bin (or any "
+          "word2vec-format file), or --config.require_word_vectors=false to learn a "
+          "random word table instead")
+    self.corpus = corpus_lib.from_config(config)
+    self.builder, self.tokenizer = self.corpus.builder, self.corpus.tokenizer
+    self.training_split = self.corpus.splits[0]
+    self.validation_split = config.validation_split or self.corpus.splits[1]
+    self.test_split = config.test_split or self.corpus.splits[2]
     word_table = None
     if config.word_vectors:
-      word_table, missing = tokenizer_lib.read_word2vec(config.word_vectors,
-                                                        self.tokenizer.words)
-      logging.info("word vectors: %d of %d words missing from %s (random, frozen)",
-                   len(missing), len(self.tokenizer.words), config.word_vectors)
+      word_table, missing = tokenizer_lib.read_word2vec(
+          config.word_vectors, self.tokenizer.words, missing=config.missing_word_vectors)
+      logging.info("word vectors: %d of %d words missing from %s (%s, frozen)", len(missing),
+                   len(self.tokenizer.words), config.word_vectors, config.missing_word_vectors)
     model = models.DualEncoder(vocab_size=self.tokenizer.vocab_size,
                                embed_dim=config.embed_dim, channels=tuple(config.channels),
-                               dropout=config.dropout)
-    self.initial_state = self.devices.replicate(
-        create_train_state(config, model, jax.random.key(config.seed), word_table))
-    loss_args = dict(strategy=config.strategy, margin=config.margin, score=config.score)
+                               dropout=config.dropout, initializer=config.initializer)
+    self.initial_state = self.devices.replicate(create_train_state(
+        config, model, jax.random.key(config.seed), word_table,
+        mel_bands=self.builder.builder_config.logmel.mel_bands))
+    loss_args = dict(strategy=config.strategy, margin=config.margin, score=config.score,
+                     padding=config.train_padding)
     self._train_step = self.devices.jit(functools.partial(train_step, **loss_args),
                                         donate_argnums=0)
     self._eval_loss = self.devices.jit(functools.partial(eval_loss, **loss_args))
@@ -384,8 +422,8 @@ class Experiment:
     """Validation loss (fixed seed), retrieval metrics and collapse diagnostics."""
     key = jax.random.key(self.config.seed)
     losses = [float(self.eval_loss(state, batch, key)) for batch in
-              input_pipeline.as_numpy(self.train_batches(self.config.validation_split, 0))]
-    split = self.embed_split(state, self.config.validation_split)
+              input_pipeline.as_numpy(self.train_batches(self.validation_split, 0))]
+    split = self.embed_split(state, self.validation_split)
     metrics = evaluate.both_directions(_scores(split, self.config), split.clip_ids,
                                        split.caption_ids)
     collapse = evaluate.collapse_diagnostics(
@@ -398,7 +436,7 @@ class Experiment:
 
   def test(self, state: TrainState, workdir: str) -> dict:
     """Test-split metrics and score histogram; its DCASE submission written to workdir."""
-    split_name = self.config.test_split
+    split_name = self.test_split
     split = self.embed_split(state, split_name)
     s = _scores(split, self.config)
     names = self.captions(split_name)
@@ -413,9 +451,17 @@ class Experiment:
                 score_histogram=evaluate.score_histogram(s, split.clip_ids, split.caption_ids))
 
 
+# How the reported ("best") checkpoint is chosen from each epoch's validation: the
+# higher the better.
+SELECTIONS = {
+    "t2a_mAP@10": lambda validation: validation["t2a"]["mAP@10"],
+    "validation_loss": lambda validation: -validation["loss"],  # the authors' choice
+}
+
+
 def _fresh_progress(config) -> dict:
   return dict(epoch=0, step_in_epoch=0, learning_rate=config.learning_rate,
-              plateau=dict(best=float("inf"), bad_epochs=0), best_map10=-1.0,
+              plateau=dict(best=float("inf"), bad_epochs=0), best_selection=-float("inf"),
               best_epoch=0, seconds=0.0, collapse_epochs=[])
 
 
@@ -448,13 +494,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _train(experiment: Experiment, state: TrainState, progress: dict,
            checkpoints: Checkpoints, log: Log, workdir: str) -> None:
   config = experiment.config
-  steps_per_epoch = experiment.batches_per_epoch("development")
-  experiment.batches_per_epoch(config.validation_split)  # fails now rather than in epoch 1
+  select = SELECTIONS[config.select_by]
+  steps_per_epoch = experiment.batches_per_epoch(experiment.training_split)
+  experiment.batches_per_epoch(experiment.validation_split)  # fails now, not in epoch 1
   base_key = jax.random.key(config.seed + 1)
   while progress["epoch"] < config.num_epochs:
     start = time.perf_counter()
     epoch = progress["epoch"] + 1
-    batches = experiment.train_batches("development", _epoch_seed(config.seed, epoch))
+    batches = experiment.train_batches(experiment.training_split,
+                                       _epoch_seed(config.seed, epoch))
     sums, count = {}, 0
     bar = tqdm.tqdm(input_pipeline.as_numpy(batches.skip(progress["step_in_epoch"])),
                     total=steps_per_epoch, initial=progress["step_in_epoch"],
@@ -474,7 +522,8 @@ def _train(experiment: Experiment, state: TrainState, progress: dict,
       count += 1
       bar.set_postfix(loss=f"{sums['loss'] / count:.4f}")
       progress["step_in_epoch"] += 1
-      if progress["step_in_epoch"] % config.checkpoint_every_steps == 0:
+      if (progress["step_in_epoch"] % config.checkpoint_every_steps == 0
+          and progress["step_in_epoch"] < steps_per_epoch):  # the epoch's end saves below
         Checkpoints.save(checkpoints.latest, state, progress)
     training = {name: total / max(count, 1) for name, total in sums.items()}
     validation = experiment.validate(state, training)
@@ -488,9 +537,8 @@ def _train(experiment: Experiment, state: TrainState, progress: dict,
       progress["collapse_epochs"] = progress["collapse_epochs"] + [epoch]
     progress.update(epoch=epoch, step_in_epoch=0, learning_rate=learning_rate,
                     plateau=plateau, seconds=progress["seconds"] + time.perf_counter() - start)
-    map10 = validation["t2a"]["mAP@10"]
-    if map10 > progress["best_map10"]:
-      progress.update(best_map10=map10, best_epoch=epoch)
+    if select(validation) > progress["best_selection"]:
+      progress.update(best_selection=select(validation), best_epoch=epoch)
       Checkpoints.save(checkpoints.best, state, progress)
     Checkpoints.save(checkpoints.latest, state, progress)
     checkpoints.latest.wait_until_finished()
@@ -500,7 +548,7 @@ def _train(experiment: Experiment, state: TrainState, progress: dict,
     tqdm.tqdm.write(
         f"epoch {epoch}: train loss {training.get('loss', float('nan')):.4f}, validation "
         f"loss {validation['loss']:.4f}, t2a R@10 {validation['t2a']['R@10']:.3f} mAP@10 "
-        f"{map10:.3f}, a2t R@10 {validation['a2t']['R@10']:.3f}, lr {learning_rate:g}")
+        f"{validation['t2a']['mAP@10']:.3f}, a2t R@10 {validation['a2t']['R@10']:.3f}, lr {learning_rate:g}")
 
 
 def _test_best(experiment: Experiment, checkpoints: Checkpoints, workdir: str) -> dict:
@@ -511,10 +559,13 @@ def _test_best(experiment: Experiment, checkpoints: Checkpoints, workdir: str) -
     raise FileNotFoundError(f"{workdir}/checkpoints/best: no checkpoint; train first")
   state, progress = restored
   steps, trained = Checkpoints.progress(checkpoints.latest) or (int(state.step), progress)
+  skipped = [entry for entries in experiment.corpus.skipped.values() for entry in entries]
   results = dict(experiment.test(state, workdir), strategy=experiment.config.strategy,
-                 score=experiment.config.score, split=experiment.config.test_split,
-                 collapse=bool(trained["collapse_epochs"]),
+                 score=experiment.config.score, split=experiment.test_split,
+                 collapse=progress["best_epoch"] in trained["collapse_epochs"],
                  collapse_epochs=trained["collapse_epochs"], epochs=trained["epoch"],
+                 selected_by=experiment.config.select_by,
+                 skipped=dict(count=len(skipped), entries=skipped),
                  steps=steps,
                  best_epoch=progress["best_epoch"], best_step=int(state.step),
                  seconds=trained["seconds"])

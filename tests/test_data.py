@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import shutil
 import wave
 
@@ -10,13 +11,13 @@ import pytest
 
 from ntxr.data import builders, clotho, features, input_pipeline, synthetic, tokenizer
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "dcase2022")
+DCASE2022 = os.path.join(os.path.dirname(__file__), "data", "dcase2022")
 LOGMEL = features.LogMelConfig(sample_rate=synthetic.SAMPLE_RATE)
 
 
 def test_real_clotho_evaluation_captions_parse():
   clips, skipped = clotho.read_clotho_captions(
-      os.path.join(SHARED, "clotho_evaluation_captions.csv"))
+      os.path.join(DCASE2022, "clotho_evaluation_captions.csv"))
   assert not skipped
   assert len(clips) == 1045
   assert sum(len(c.captions) for c in clips) == 5225
@@ -132,12 +133,12 @@ def test_synthetic_corpus_layout_and_cache(corpus, tmp_path):
 def prepared(corpus, tmp_path_factory):
   builder = builders.NtxrClotho(data_dir=str(tmp_path_factory.mktemp("tfds")),
                                 config=builders.clotho_config(LOGMEL), processes=2)
-  skipped = builders.prepare(builder, corpus)
-  assert skipped == {split: [] for split in synthetic.SPLITS}
+  builders.prepare(builder, corpus)
+  assert builders.skipped(builder) == {split: [] for split in synthetic.SPLITS}
   development, _ = clotho.read_clotho_captions(
       os.path.join(corpus, "clotho_captions_development.csv"))
   model = tokenizer.train([c for clip in development for c in clip.captions],
-                          os.path.join(corpus, "spm.model"), vocab_size=100)
+                          str(tmp_path_factory.mktemp("spm") / "spm.model"), vocab_size=100)
   return builder, tokenizer.Tokenizer(model)
 
 
@@ -204,8 +205,12 @@ def test_missing_wav_fails_cleanly_or_is_skipped(corpus, tmp_path):
   assert not os.path.exists(final)  # nothing half-written that a later run would trust
   builder = builders.NtxrClotho(data_dir=str(tmp_path / "tfds"), config=config,
                                 processes=1, skip_bad_files=True)
-  skipped = builders.prepare(builder, broken)
-  assert len(skipped["evaluation"]) == 1 and "eva_00004.wav" in skipped["evaluation"][0][1]
+  builders.prepare(builder, broken)
+  skipped = builders.skipped(builder)["evaluation"]
+  assert len(skipped) == 1 and re.fullmatch(
+      r".*clotho_captions_evaluation\.csv:6: .*eva_00004\.wav: audio file not found", skipped[0])
+  reopened = builders.NtxrClotho(data_dir=str(tmp_path / "tfds"), config=config)
+  assert builders.skipped(reopened)["evaluation"] == skipped  # recorded with the data
   assert len(list(builder.as_dataset(split="evaluation"))) == synthetic.SIZES["tiny"][2] - 1
   with pytest.raises(ValueError, match="no such folder"):
     builders.prepare(builder, str(tmp_path / "nowhere"))

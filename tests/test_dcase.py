@@ -11,9 +11,9 @@ import pytest
 
 from ntxr import dcase
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "dcase2022")
-GROUND_TRUTH = os.path.join(SHARED, "clotho_evaluation_captions.csv")
-BASELINE = os.path.join(SHARED, "baseline_top10.csv")
+DCASE2022 = os.path.join(os.path.dirname(__file__), "data", "dcase2022")
+GROUND_TRUTH = os.path.join(DCASE2022, "clotho_evaluation_captions.csv")
+BASELINE = os.path.join(DCASE2022, "baseline_top10.csv")
 
 
 def test_baseline_submission_gets_the_published_scores(tmp_path):

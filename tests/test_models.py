@@ -98,3 +98,19 @@ def test_zero_vectors_normalise_to_zero_with_finite_gradient():
   np.testing.assert_allclose(models.l2_normalize(jnp.array([[0.0, 0.0], [3.0, 4.0]]),
                                                  jnp.array([True, True])),
                              [[0, 0], [0.6, 0.8]], rtol=1e-6)
+
+
+def test_pytorch_initializer_draws_kaiming_normal_convs_and_uniform_gru():
+  model = models.CRNN((32, 128, 128, 128, 128), embed_dim=300, initializer="pytorch")
+  audio, mask = crnn_inputs([16], 16)
+  params = model.init(jax.random.key(0), audio, mask, train=False)["params"]
+  kernel = np.asarray(params["Conv_2"]["kernel"])  # 3 x 3 x 128 in -> 128 out
+  np.testing.assert_allclose(kernel.std(), np.sqrt(2 / (3 * 3 * 128)), rtol=0.02)
+  assert np.abs(kernel).max() > 3.5 * np.sqrt(2 / (3 * 3 * 128))  # normal, not truncated at 2 std
+  bound = 1 / np.sqrt(150)  # PyTorch's GRU: U(-1/sqrt(hidden), 1/sqrt(hidden)), hidden 150
+  gru = jax.tree.leaves((params["GRUCell_0"], params["GRUCell_1"]))
+  values = np.concatenate([np.ravel(leaf) for leaf in gru])
+  assert np.abs(values).max() <= bound and np.abs(values).max() > 0.99 * bound
+  np.testing.assert_allclose(values.std(), bound / np.sqrt(3), rtol=0.02)  # uniform's std
+  with pytest.raises(ValueError, match="initializer must be one of"):
+    models.CRNN(initializer="keras").init(jax.random.key(0), audio, mask, train=False)

@@ -95,3 +95,28 @@ def test_word_tokens_flow_through_the_input_pipeline(tmp_path):
       input_pipeline.caption_batches(clips, tok, batch_size=2, max_tokens=4)))
   np.testing.assert_array_equal(batch["tokens"], [[2, 7, 0, 0], [6, 4, 3, 0]])
   np.testing.assert_array_equal(batch["token_mask"], batch["tokens"] > 0)
+
+
+def test_paper_cleaning_keeps_hyphenated_words_and_the_vocabulary_says_so(tmp_path):
+  path = tokenizer.train_words(["A walkie-talkie crackles.", "Rain, on a tin-roof!"],
+                               str(tmp_path / "words.txt"), cleaning="paper")
+  tok = tokenizer.WordTokenizer(path)
+  assert "walkie-talkie" in tok.words and "tin-roof" in tok.words
+  assert tok.encode("The walkie-talkie").tolist() == [tokenizer.UNK_ID, tok.ids["walkie-talkie"]]
+  ntxr_tok = tokenizer.WordTokenizer(tokenizer.train_words(
+      ["A walkie-talkie crackles."], str(tmp_path / "ntxr.txt")))
+  assert "walkie" in ntxr_tok.words and "walkie-talkie" not in ntxr_tok.words
+
+
+def test_hyphenated_word_gets_its_parts_mean_and_missing_words_share_one_unit_vector(tmp_path):
+  vocabulary = ["<pad>", "<unk>", "walkie-talkie", "dog", "zorp", "blip"]
+  write_text(tmp_path / "v", {"walkie": [1.0, 0.0, 2.0], "talkie": [3.0, 2.0, 0.0],
+                              "dog": [0.0, 5.0, 1.0]})
+  table, missing = tokenizer.read_word2vec(str(tmp_path / "v"), vocabulary, missing="shared")
+  np.testing.assert_allclose(table[2], [2.0, 1.0, 1.0])
+  assert missing == ["<unk>", "zorp", "blip"]
+  np.testing.assert_array_equal(table[1], table[4])
+  np.testing.assert_array_equal(table[4], table[5])
+  np.testing.assert_allclose(np.linalg.norm(table[4]), 1.0, rtol=1e-6)
+  random_table, _ = tokenizer.read_word2vec(str(tmp_path / "v"), vocabulary)
+  assert not np.array_equal(random_table[4], random_table[5])

@@ -140,3 +140,49 @@ def test_train_step_compiles_once_per_bucket(tiny_config):
     state, _ = experiment.train_step(state, batch, jax.random.key(0))
   shapes = {b["audio"].shape for b in batches}
   assert experiment._train_step._cache_size() == len(shapes)
+
+
+def their_criterion(audio, text, ids, strategy, margin=0.5):
+  """The authors' TripletLoss.forward, as a loop: audio [N, T, E] and text [N, W, E] are
+  their zero-padded batch (padded words are zero vectors), score = mean over all T x W."""
+  score = lambda x, y: np.maximum(x @ y.T, 0).mean()
+  hinge = lambda s: np.maximum(s, 0).mean()
+  n, loss = len(ids), 0.0
+  for i in range(n):
+    s_ii = score(audio[i], text[i])
+    negatives = [j for j in range(n) if ids[j] != ids[i]]
+    s_ai = np.array([score(audio[j], text[i]) for j in negatives])
+    s_it = np.array([score(audio[i], text[j]) for j in negatives])
+    if strategy == "hard_cross":
+      s_ai, s_it = s_ai.max(), s_it.max()
+    elif strategy == "semihard_cross":
+      s_ai, s_it = s_ai[np.argmin(np.abs(s_ai - s_ii))], s_it[np.argmin(np.abs(s_it - s_ii))]
+    elif strategy in ("hard_text", "hard_audio"):
+      x = text if strategy == "hard_text" else audio
+      k = int(np.argmax([score(x[i], x[j]) for j in negatives]))
+      s_ai, s_it = s_ai[k], s_it[k]
+    loss += hinge(s_ai - s_ii + margin) + hinge(s_it - s_ii + margin)
+  return loss / n
+
+
+@pytest.mark.parametrize("strategy", ["full_batch", "semihard_cross", "hard_cross", "hard_text",
+                                      "hard_audio"])
+def test_batch_padding_reproduces_the_authors_training_score(strategy):
+  rng = np.random.default_rng(0)
+  unit = lambda x: (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+  # What the encoders give at every position of a 24-frame / 8-word bucket, padding included.
+  audio, text = unit(rng.normal(size=(6, 24, 5))), unit(rng.normal(size=(6, 8, 5)))
+  audio_lengths, word_lengths = np.array([9, 17, 4, 12, 17, 6]), np.array([3, 5, 2, 5, 4, 1])
+  batch = dict(audio_mask=np.arange(24) < audio_lengths[:, None],
+               token_mask=np.arange(8) < word_lengths[:, None],
+               audio_id=np.array([0, 0, 1, 2, 2, 3]))
+  def encoders(variables, inputs, train):  # zero where the encoder's mask is False
+    return (audio * inputs["audio_mask"][..., None], text * inputs["token_mask"][..., None])
+  loss = lambda padding: float(train._loss_and_terms(
+      None, encoders, batch, jax.random.key(0), train=False, strategy=strategy, margin=0.5,
+      score="alignment", padding=padding)[0])
+  # Their batch is padded to its longest clip (17 frames) and caption (5 words).
+  theirs = their_criterion(audio[:, :17], (text * batch["token_mask"][..., None])[:, :5],
+                           batch["audio_id"], strategy)
+  np.testing.assert_allclose(loss("batch"), theirs, rtol=1e-5)
+  assert abs(loss("masked") - theirs) > 1e-3  # the default differs: it masks padding

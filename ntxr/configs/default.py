@@ -23,20 +23,30 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = ""
   config.size = "default"
   config.cache_dir = "~/.cache/ntxr"
-  config.sample_rate = 0              # 0: 16000 for the synthetic corpus, 44100 for Clotho
+  # Log-mel, 40 ms windows, 20 ms hop, 64 bands (ntxr.data.features.LogMelConfig).
+  config.sample_rate = 0              # 0: 16000 for the synthetic corpus, 44100 otherwise
+  config.n_fft = 0                    # 0: the window length
+  config.f_min = 0.0
+  config.f_max = 0.0                  # 0: the Nyquist frequency
+  config.log_offset = 1e-8
   config.tokens = "sentencepiece"     # or "words"
   config.vocab_size = 1000
+  config.text_cleaning = "ntxr"       # or "paper" (ntxr.data.clotho.TEXT_CLEANING)
+  config.vocabulary = "training"      # or "all": every split's captions (the paper)
   config.word_vectors = ""            # word2vec file: word tokens, a frozen table (the paper)
+  config.require_word_vectors = False
+  config.missing_word_vectors = "random"  # or "shared": one UNK vector (the paper)
   config.frame_buckets = (160, 320, 640, 960, 1280, 1600)
   config.max_tokens = 32
   config.skip_bad_files = False
-  config.validation_split = "validation"
-  config.test_split = "evaluation"
+  config.validation_split = ""        # "": the data set's own (Clotho: validation)
+  config.test_split = ""              # "": the data set's own (Clotho: evaluation)
 
   # Model.
   config.channels = (8, 32, 32, 32, 32)
   config.embed_dim = 300
   config.dropout = 0.3
+  config.initializer = "flax"         # or "pytorch": kaiming-normal convs, PyTorch's GRU
 
   # Optimisation: Adam, ReduceLROnPlateau on the validation loss as the paper.
   config.batch_size = 32
@@ -46,6 +56,8 @@ def get_config() -> ml_collections.ConfigDict:
       dict(factor=0.1, patience=5, threshold=0.005, min_lr=1e-6))
   config.eval_batch_size = 64
   config.checkpoint_every_steps = 50
+  config.select_by = "t2a_mAP@10"     # the reported checkpoint; or "validation_loss"
+  config.train_padding = "masked"     # or "batch": the authors' padded training score
 
   # Feature-collapse thresholds (see ntxr.evaluate.collapse_diagnostics). In the README's
   # ablation, collapsed hard_cross runs reach a clip-embedding mean cosine of 0.91 to 0.99

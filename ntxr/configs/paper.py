@@ -1,9 +1,11 @@
-"""The paper's setting: Clotho v2, the full CRNN, frozen word2vec vectors.
+"""The paper's setting as the authors' code runs it: Clotho v2, the full CRNN, frozen word2vec.
 
   python -m ntxr.main --config=ntxr/configs/paper.py --data_dir=/path/to/Clotho \\
       --word_vectors=/path/to/GoogleNews-vectors-negative300.bin --strategy=semihard_cross
 
-Meant for an accelerator: on a 2-core CPU one epoch of Clotho takes hours.
+Every field follows xieh97/contrastive-negative-sampling (`conf.yaml`, `preprocessing/`,
+`models/`, `utils/criterion_utils.py`); the README's table lists each against the
+default. Meant for an accelerator: on a 2-core CPU one epoch of Clotho takes hours.
 """
 
 from ntxr.configs import default
@@ -11,9 +13,28 @@ from ntxr.configs import default
 
 def get_config():
   config = default.get_config()
-  config.channels = (32, 128, 128, 128, 128)
-  config.tokens = "words"
+  # audio_logmel.py: librosa at the file's 44.1 kHz, 40 ms / 20 ms, n_fft the next power
+  # of two (2048), 64 bands from 12 Hz to 8 kHz, log(x + np.spacing(1)).
   config.sample_rate = 44100
-  config.num_epochs = 150
+  config.n_fft = 2048
+  config.f_min = 12.0
+  config.f_max = 8000.0
+  config.log_offset = 2.220446049250313e-16
+  # text_cleaning.py, clotho_dataset.py, word2vec_embeddings.py: their punctuation
+  # cleaning, a vocabulary of every split's words, frozen GoogleNews vectors, and one
+  # shared UNK vector for the words it lacks.
+  config.tokens = "words"
+  config.text_cleaning = "paper"
+  config.vocabulary = "all"
+  config.require_word_vectors = True
+  config.missing_word_vectors = "shared"
+  # audio_encoders.py: the full CRNN, kaiming-normal convolutions, PyTorch's GRU.
+  config.channels = (32, 128, 128, 128, 128)
+  config.initializer = "pytorch"
+  # conf.yaml and criterion_utils.py: 120 epochs; the training score's mean runs over
+  # the batch's padding; the reported checkpoint has the lowest validation loss.
+  config.num_epochs = 120
+  config.train_padding = "batch"
+  config.select_by = "validation_loss"
   config.checkpoint_every_steps = 200
   return config

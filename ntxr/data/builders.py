@@ -6,22 +6,24 @@ of parameters prepares a new dataset instead of mixing. TFDS writes into a tempo
 folder and renames it when complete, so an interrupted prepare leaves nothing a later
 run would trust.
 
-  builder = NtxrClotho(data_dir=..., config=clotho_config(LogMelConfig()))
+  builder = NtxrClotho(data_dir=..., config=clotho_config(LogMelConfig(sample_rate=44100)))
   prepare(builder, manual_dir="/path/to/Clotho")
   builder.as_dataset(split="development")
+
+Clips or rows left out with skip_bad_files are recorded in the prepared data's metadata
+(`skipped(builder)`), so every later run that uses it can report them.
 """
 
 import concurrent.futures
 import multiprocessing
 import os
 
-from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
 from ntxr.data import clotho, features
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 
 
 class FeatureConfig(tfds.core.BuilderConfig):
@@ -40,13 +42,12 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
   """One example per clip: log-mel features and all its captions."""
 
   VERSION = tfds.core.Version("1.0.0")
-  BUILDER_CONFIGS = [clotho_config(features.LogMelConfig())]
+  BUILDER_CONFIGS = []  # every feature config is built on demand (FeatureConfig)
   SPLITS = ()
 
   def __init__(self, *, skip_bad_files: bool = False, processes: int = 0, **kwargs):
     self.skip_bad_files = skip_bad_files
     self.processes = processes or os.cpu_count()
-    self.skipped = {}  # split -> [(where, reason)]
     super().__init__(**kwargs)
 
   def _info(self):
@@ -56,7 +57,16 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
         "logmel": tfds.features.Tensor(shape=(None, self.builder_config.logmel.mel_bands),
                                        dtype=np.float32),
         "captions": tfds.features.Sequence(tfds.features.Text()),
-    }))
+    }), metadata=tfds.core.MetadataDict(skipped={}))
+
+  @classmethod
+  def holds(cls, root: str) -> bool:
+    """Whether the folder `root` is laid out for this builder."""
+    return os.path.isfile(os.path.join(root, cls.CAPTION_FILE.format(split=cls.SPLITS[0])))
+
+  def captions(self, root: str, split: str) -> list:
+    """Every caption of a split's caption file, in order."""
+    return [c for clip in self._read(root, split)[0] for c in clip.captions]
 
   def _read(self, root: str, split: str):
     """(clips, skipped rows, caption file) of a split."""
@@ -83,20 +93,19 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
         if isinstance(logmel, str):
           if not self.skip_bad_files:
             raise ValueError(f"{logmel} (named at {csv_path}:{clip.line}); "
-                             "pass skip_bad_files to leave such clips out")
+                             "pass --config.skip_bad_files=true to leave such clips out")
           skipped.append((f"{csv_path}:{clip.line}", logmel))
           continue
         yield clip.file_name, dict(audio_id=audio_id, file_name=clip.file_name,
                                    logmel=logmel, captions=list(clip.captions))
-    self.skipped[split] = skipped
-    if skipped:
-      logging.warning("%s: skipped %d bad clips or rows: %s", split, len(skipped), skipped)
+    self.info.metadata["skipped"][split] = [f"{where}: {reason}" for where, reason in skipped]
 
 
 class NtxrClotho(_CaptionedAudio):
   """Clotho v2 (or the built-in synthetic corpus, written in its layout)."""
 
   SPLITS = ("development", "validation", "evaluation")
+  CAPTION_FILE = "clotho_captions_{split}.csv"
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download Clotho v2 from Zenodo (record 4783391) and unpack it into one folder holding
   clotho_captions_{development,validation,evaluation}.csv and the audio folders
@@ -104,7 +113,7 @@ class NtxrClotho(_CaptionedAudio):
   """
 
   def _read(self, root, split):
-    csv_path = os.path.join(root, f"clotho_captions_{split}.csv")
+    csv_path = os.path.join(root, self.CAPTION_FILE.format(split=split))
     return (*clotho.read_clotho_captions(csv_path, skip=self.skip_bad_files), csv_path)
 
   def _audio_path(self, root, split, clip):
@@ -115,6 +124,7 @@ class NtxrAudiocaps(_CaptionedAudio):
   """AudioCaps: {train,val,test}.csv and audio/{split}/{youtube_id}_{start}.{wav,flac,mp3}."""
 
   SPLITS = ("train", "val", "test")
+  CAPTION_FILE = "{split}.csv"
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Place AudioCaps' train.csv, val.csv and test.csv (audiocap_id,youtube_id,start_time,
   caption) in one folder, with each clip's audio fetched by you as
@@ -122,7 +132,7 @@ class NtxrAudiocaps(_CaptionedAudio):
   """
 
   def _read(self, root, split):
-    csv_path = os.path.join(root, f"{split}.csv")
+    csv_path = os.path.join(root, self.CAPTION_FILE.format(split=split))
     return (*clotho.read_audiocaps_captions(csv_path, skip=self.skip_bad_files), csv_path)
 
   def _audio_path(self, root, split, clip):
@@ -131,10 +141,27 @@ class NtxrAudiocaps(_CaptionedAudio):
     return found[0] if found else stem + AUDIO_EXTENSIONS[0]
 
 
-def prepare(builder: _CaptionedAudio, manual_dir: str) -> dict:
-  """Prepares the builder's dataset from `manual_dir` unless done; returns skips per split."""
+BUILDERS = (NtxrClotho, NtxrAudiocaps)
+
+
+def builder_for(root: str) -> type:
+  """The builder class whose layout the folder `root` has (Clotho v2 or AudioCaps)."""
+  for builder in BUILDERS:
+    if builder.holds(root):
+      return builder
+  expected = " or ".join(b.CAPTION_FILE.format(split=b.SPLITS[0]) for b in BUILDERS)
+  raise ValueError(f"{root}: neither a Clotho v2 nor an AudioCaps folder (no {expected})")
+
+
+def prepare(builder: _CaptionedAudio, manual_dir: str) -> None:
+  """Prepares the builder's dataset from `manual_dir` unless done. Nothing is written
+  into `manual_dir`."""
   if not os.path.isdir(manual_dir):
     raise ValueError(f"{manual_dir}: no such folder.{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-  return builder.skipped
+
+
+def skipped(builder: _CaptionedAudio) -> dict:
+  """{split: ["file:line: reason", ...]} of what preparing left out (skip_bad_files)."""
+  return dict(builder.info.metadata["skipped"])

@@ -22,8 +22,26 @@ class Clip:
 
 
 def clean_text(text: str) -> str:
-  """The paper's cleaning: lower case, punctuation to spaces, single spaces."""
+  """ntxr's cleaning: lower case, every punctuation mark (hyphens too) to a space.
+
+  >>> clean_text("A dog's walkie-talkie, then... SILENCE!")
+  'a dog s walkie talkie then silence'
+  """
   return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+
+
+def clean_text_paper(text: str) -> str:
+  """The authors' cleaning (their `text_cleaning.py`): lower case, ASCII punctuation but
+  the hyphen to spaces, split on white space. (Their named-entity step, NLTK's NE chunker,
+  needs a model download and is not reproduced.)
+
+  >>> clean_text_paper("A dog's walkie-talkie, then... SILENCE!")
+  'a dog s walkie-talkie then silence'
+  """
+  return " ".join(re.sub(r"""[!"#$%&'()*+,./\\:;<=>?@\[\]^_`{|}~]""", " ", text.lower()).split())
+
+
+TEXT_CLEANING = {"ntxr": clean_text, "paper": clean_text_paper}
 
 
 def _rows(path: str, columns: list):

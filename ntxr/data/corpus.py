@@ -1,23 +1,49 @@
-"""One call from a data folder (or none: the built-in corpus) to prepared clips and a tokenizer."""
+"""One call from a data folder (or none: the built-in corpus) to prepared clips and a tokenizer.
+
+A user's data folder is only read: the prepared TFRecords and the tokenizer live in the
+cache, in one folder per source folder.
+"""
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import os
 import time
 
-from ntxr.data import builders, clotho, features, synthetic, tokenizer
+from absl import logging
+
+from ntxr.data import builders, features, synthetic, tokenizer
 
 TOKENS = ("sentencepiece", "words")
+VOCABULARY_SPLITS = ("training", "all")  # which splits' captions a tokenizer learns from
 
 
-def _tokenizer(kind: str, captions: list, data_dir: str, vocab_size: int):
-  """The caption tokenizer of `kind`, trained once and cached in data_dir."""
+@dataclasses.dataclass(frozen=True)
+class Corpus:
+  """A prepared corpus: its builder (splits in `splits`: training, validation, test),
+  caption tokenizer, what preparing left out, and how long generating and preparing took
+  in this call (0 when cached)."""
+  builder: builders.NtxrClotho
+  tokenizer: object
+  skipped: dict
+  generate_s: float
+  prepare_s: float
+
+  @property
+  def splits(self) -> tuple:
+    return self.builder.SPLITS
+
+
+def _tokenizer(kind: str, captions: list, folder: str, vocab_size: int, cleaning: str,
+               vocabulary: str):
+  """The caption tokenizer of `kind`, trained once and cached in `folder`."""
+  os.makedirs(folder, exist_ok=True)
   if kind == "words":
-    return tokenizer.WordTokenizer(
-        tokenizer.train_words(captions, os.path.join(data_dir, "words.txt")))
-  return tokenizer.Tokenizer(
-      tokenizer.train(captions, os.path.join(data_dir, f"spm_{vocab_size}.model"), vocab_size))
+    return tokenizer.WordTokenizer(tokenizer.train_words(
+        captions, os.path.join(folder, f"words_{cleaning}_{vocabulary}.txt"), cleaning))
+  path = os.path.join(folder, f"spm_{vocab_size}_{cleaning}_{vocabulary}.model")
+  return tokenizer.Tokenizer(tokenizer.train(captions, path, vocab_size, cleaning), cleaning)
 
 
 def _prepared_dir(cache_dir: str, data_dir: str) -> str:
@@ -40,31 +66,56 @@ def _exclusive(path: str):
       fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def load(data_dir=None, *, cache_dir, size="default", sample_rate=None, tokens="sentencepiece",
-         vocab_size=1000, skip_bad_files=False):
-  """(builder, tokenizer, timings) for a Clotho folder or the synthetic corpus.
+def load(data_dir=None, *, cache_dir, size="default", logmel=features.LogMelConfig(),
+         tokens="sentencepiece", vocab_size=1000, cleaning="ntxr", vocabulary="training",
+         skip_bad_files=False) -> Corpus:
+  """Prepares (once) and opens a Clotho v2 or AudioCaps folder, or the synthetic corpus.
 
-  tokens: "sentencepiece" (vocab_size pieces) or "words" (every development word).
+  Args:
+    data_dir: a Clotho v2 or AudioCaps folder (told apart by their caption files), or
+      None for the built-in synthetic corpus of `size`.
+    logmel: feature parameters; sample_rate 0 takes the corpus's own (16 kHz synthetic,
+      44.1 kHz otherwise).
+    tokens: "sentencepiece" (vocab_size pieces) or "words" (every word seen).
+    cleaning: caption cleaning, a name in `clotho.TEXT_CLEANING`.
+    vocabulary: "training" (the training split's captions) or "all" (every split's, as
+      the authors' frozen word2vec vocabulary).
   """
+  if vocabulary not in VOCABULARY_SPLITS:
+    raise ValueError(f"vocabulary must be one of {VOCABULARY_SPLITS}, not {vocabulary!r}")
   with _exclusive(os.path.join(cache_dir, "lock")):
-    return _load(data_dir, cache_dir, size, sample_rate, tokens, vocab_size, skip_bad_files)
-
-
-def _load(data_dir, cache_dir, size, sample_rate, tokens, vocab_size, skip_bad_files):
-  timings = {}
-  if data_dir is None:
+    generate_s = 0.0
+    if data_dir is None:
+      start = time.perf_counter()
+      data_dir = synthetic.generate(os.path.join(cache_dir, f"synthetic_{size}"), size)
+      generate_s = time.perf_counter() - start
+      logmel = dataclasses.replace(logmel, sample_rate=logmel.sample_rate or synthetic.SAMPLE_RATE)
+    logmel = dataclasses.replace(logmel, sample_rate=logmel.sample_rate or 44100)
+    builder_class = builders.builder_for(data_dir)
+    prepared = _prepared_dir(cache_dir, data_dir)
+    builder = builder_class(data_dir=prepared, config=builders.clotho_config(logmel),
+                            skip_bad_files=skip_bad_files)
     start = time.perf_counter()
-    data_dir = synthetic.generate(os.path.join(cache_dir, f"synthetic_{size}"), size)
-    timings["generate_s"] = time.perf_counter() - start
-    sample_rate = sample_rate or synthetic.SAMPLE_RATE
-  logmel = features.LogMelConfig(sample_rate=sample_rate or 44100)
-  builder = builders.NtxrClotho(data_dir=_prepared_dir(cache_dir, data_dir),
-                                config=builders.clotho_config(logmel),
-                                skip_bad_files=skip_bad_files)
-  start = time.perf_counter()
-  timings["skipped"] = builders.prepare(builder, data_dir)
-  timings["prepare_s"] = time.perf_counter() - start
-  development, _ = clotho.read_clotho_captions(
-      os.path.join(data_dir, "clotho_captions_development.csv"), skip=skip_bad_files)
-  captions = [c for clip in development for c in clip.captions]
-  return builder, _tokenizer(tokens, captions, data_dir, vocab_size), timings
+    builders.prepare(builder, data_dir)
+    prepare_s = time.perf_counter() - start
+    splits = builder.SPLITS if vocabulary == "all" else builder.SPLITS[:1]
+    captions = [c for split in splits for c in builder.captions(data_dir, split)]
+    tok = _tokenizer(tokens, captions, os.path.join(prepared, "tokenizers"), vocab_size,
+                     cleaning, vocabulary)
+  skipped = builders.skipped(builder)
+  for split, entries in skipped.items():
+    if entries:
+      logging.warning("%s: %d clips or rows were left out when the data was prepared "
+                      "(skip_bad_files): %s", split, len(entries), "; ".join(entries))
+  return Corpus(builder, tok, skipped, generate_s, prepare_s)
+
+
+def from_config(config) -> Corpus:
+  """`load` with a training config's data fields (ntxr/configs/default.py)."""
+  return load(config.data_dir or None, cache_dir=os.path.expanduser(config.cache_dir),
+              size=config.size, logmel=features.LogMelConfig(
+                  sample_rate=config.sample_rate, n_fft=config.n_fft, f_min=config.f_min,
+                  f_max=config.f_max, log_offset=config.log_offset),
+              tokens="words" if config.word_vectors else config.tokens,
+              vocab_size=config.vocab_size, cleaning=config.text_cleaning,
+              vocabulary=config.vocabulary, skip_bad_files=config.skip_bad_files)

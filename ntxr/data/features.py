@@ -10,17 +10,26 @@ import soundfile
 
 @dataclasses.dataclass(frozen=True)
 class LogMelConfig:
-  """Feature parameters; `name` encodes all of them, so a change re-prepares."""
-  sample_rate: int = 44100
+  """Feature parameters; `name` encodes all of them, so a change re-prepares.
+
+  sample_rate 0 means the corpus's own default (16 kHz synthetic, 44.1 kHz Clotho);
+  n_fft 0 means the window length; f_max 0 means the Nyquist frequency. The paper's
+  (their `audio_logmel.py`): n_fft 2048, f_min 12, f_max 8000, log_offset 2.2e-16.
+  """
+  sample_rate: int = 0
   window_ms: float = 40.0
   hop_ms: float = 20.0
   mel_bands: int = 64
+  n_fft: int = 0
+  f_min: float = 0.0
+  f_max: float = 0.0
   log_offset: float = 1e-8
 
   @property
   def name(self) -> str:
-    return (f"sr{self.sample_rate}_win{self.window_ms:g}_hop{self.hop_ms:g}"
-            f"_mel{self.mel_bands}_off{self.log_offset:g}").replace(".", "p")
+    return (f"sr{self.sample_rate}_win{self.window_ms:g}_hop{self.hop_ms:g}_fft{self.n_fft}"
+            f"_mel{self.mel_bands}_f{self.f_min:g}-{self.f_max:g}_off{self.log_offset:g}"
+            ).replace(".", "p")
 
 
 def decode_audio(path: str, sample_rate: int) -> np.ndarray:
@@ -48,8 +57,9 @@ def log_mel(audio: np.ndarray, config: LogMelConfig) -> np.ndarray:
   window = int(round(config.window_ms * config.sample_rate / 1000))
   hop = int(round(config.hop_ms * config.sample_rate / 1000))
   mel = librosa.feature.melspectrogram(
-      y=audio, sr=config.sample_rate, n_fft=window, hop_length=hop,
-      win_length=window, n_mels=config.mel_bands, power=2.0)
+      y=audio, sr=config.sample_rate, n_fft=config.n_fft or window, hop_length=hop,
+      win_length=window, n_mels=config.mel_bands, fmin=config.f_min,
+      fmax=config.f_max or None, power=2.0)
   return np.log(mel + config.log_offset).T.astype(np.float32)
 
 

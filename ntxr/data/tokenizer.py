@@ -18,15 +18,17 @@ from ntxr.data import clotho
 
 PAD_ID, UNK_ID = 0, 1
 _RESERVED = ("<pad>", "<unk>")
+_HEADER = "# cleaning: "
 
 
-def train(captions: list, model_path: str, vocab_size: int) -> str:
+def train(captions: list, model_path: str, vocab_size: int, cleaning: str = "ntxr") -> str:
   """Trains sentencepiece on cleaned captions unless `model_path` exists; returns it."""
+  clean = clotho.TEXT_CLEANING[cleaning]
   if os.path.exists(model_path):
     return model_path
   def write(partial):
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter([clotho.clean_text(c) for c in captions]),
+        sentence_iterator=iter([clean(c) for c in captions]),
         model_prefix=partial, vocab_size=vocab_size, pad_id=PAD_ID, unk_id=UNK_ID,
         bos_id=-1, eos_id=-1, hard_vocab_limit=False, model_type="unigram",
         minloglevel=2)
@@ -36,33 +38,34 @@ def train(captions: list, model_path: str, vocab_size: int) -> str:
   return model_path
 
 
-def train_words(captions: list, vocab_path: str, min_count: int = 1) -> str:
-  """Writes the words seen `min_count` times, most frequent first, unless it exists.
+def train_words(captions: list, vocab_path: str, cleaning: str = "ntxr") -> str:
+  """Writes every word of the cleaned captions, most frequent first, unless it exists.
 
-  Ties are ordered alphabetically, so the file is the same on every run.
+  Ties are ordered alphabetically, so the file is the same on every run. The first line
+  names the cleaning, so the tokenizer reading it cleans captions the same way.
   """
   if os.path.exists(vocab_path):
     return vocab_path
-  counts = collections.Counter(
-      word for caption in captions for word in clotho.clean_text(caption).split())
-  words = sorted((w for w, n in counts.items() if n >= min_count),
-                 key=lambda w: (-counts[w], w))
-  files.write_text(vocab_path, "\n".join([*_RESERVED, *words]) + "\n")
+  clean = clotho.TEXT_CLEANING[cleaning]
+  counts = collections.Counter(word for caption in captions for word in clean(caption).split())
+  words = sorted(counts, key=lambda w: (-counts[w], w))
+  files.write_text(vocab_path, "\n".join([f"{_HEADER}{cleaning}", *_RESERVED, *words]) + "\n")
   return vocab_path
 
 
 class Tokenizer:
   """Cleaned caption -> int32 sentencepiece ids (never PAD_ID)."""
 
-  def __init__(self, model_path: str):
+  def __init__(self, model_path: str, cleaning: str = "ntxr"):
     self.processor = spm.SentencePieceProcessor(model_file=model_path)
+    self.clean = clotho.TEXT_CLEANING[cleaning]
 
   @property
   def vocab_size(self) -> int:
     return self.processor.get_piece_size()
 
   def encode(self, caption: str) -> np.ndarray:
-    return np.asarray(self.processor.encode(clotho.clean_text(caption)), np.int32)
+    return np.asarray(self.processor.encode(self.clean(caption)), np.int32)
 
 
 class WordTokenizer:
@@ -77,9 +80,13 @@ class WordTokenizer:
 
   def __init__(self, vocab_path: str):
     with open(vocab_path, encoding="utf-8") as f:
-      self.words = f.read().split("\n")[:-1]
-    if tuple(self.words[:2]) != _RESERVED:
-      raise ValueError(f"{vocab_path}: not a word vocabulary (must start with {_RESERVED})")
+      header, *self.words = f.read().split("\n")[:-1]
+    cleaning = header[len(_HEADER):]
+    if not header.startswith(_HEADER) or cleaning not in clotho.TEXT_CLEANING or tuple(
+        self.words[:2]) != _RESERVED:
+      raise ValueError(f"{vocab_path}: not a word vocabulary (a '{_HEADER}NAME' line, then "
+                       f"{_RESERVED})")
+    self.clean = clotho.TEXT_CLEANING[cleaning]
     self.ids = {word: i for i, word in enumerate(self.words)}
 
   @property
@@ -87,7 +94,7 @@ class WordTokenizer:
     return len(self.words)
 
   def encode(self, caption: str) -> np.ndarray:
-    return np.asarray([self.ids.get(w, UNK_ID) for w in clotho.clean_text(caption).split()],
+    return np.asarray([self.ids.get(w, UNK_ID) for w in self.clean(caption).split()],
                       np.int32)
 
 
@@ -134,27 +141,36 @@ def _is_binary(path: str) -> bool:
   return len(fields) < 2
 
 
-def read_word2vec(path: str, words: list, *, binary=None, seed: int = 0):
+def read_word2vec(path: str, words: list, *, binary=None, seed: int = 0,
+                  missing: str = "random"):
   """Vectors for `words` from a word2vec-format file (binary or text).
 
   Args:
     path: a `.bin` (C binary: header, then word, space, float32 x dim) or text file
       (header, then one 'word v1 .. vdim' per line); `binary=None` detects which.
     words: the vocabulary, e.g. `WordTokenizer.words`.
-    seed: seeds the small random vectors of words the file lacks.
+    seed: seeds the vectors of words the file lacks.
+    missing: what a word the file lacks gets: "random" (a small random vector of its
+      own) or "shared" (the authors' one UNK vector: unit norm, drawn around the found
+      vectors' mean until its cosine with each of them is at most 0.25).
 
   Returns:
     (table [len(words), dim] float32, missing: list of words not in the file). A word
-    matches exactly, else the file's first entry equal to it in lower case; row PAD_ID
-    is zero.
+    matches exactly, else the file's first entry equal to it in lower case; a
+    hyphenated word the file lacks gets the mean of its parts' vectors when it has them
+    all (the authors' "walkie-talkie" rule). Row PAD_ID is zero.
   """
+  if missing not in ("random", "shared"):
+    raise ValueError(f"missing must be 'random' or 'shared', not {missing!r}")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: word vectors not found")
   binary = _is_binary(path) if binary is None else binary
   records = _records(path, binary)
   _, dim = next(records)
-  wanted = {w: i for i, w in enumerate(words)}
-  table = np.zeros((len(words), dim), np.float32)
+  parts = {w: w.split("-") for w in words if "-" in w.strip("-")}
+  lookup = list(dict.fromkeys([*words, *(p for ps in parts.values() for p in ps if p)]))
+  wanted = {w: i for i, w in enumerate(lookup)}
+  table = np.zeros((len(lookup), dim), np.float32)
   found = {}  # row -> True for an exact match, False for a lower-case one
   for line, raw, values in records:
     try:
@@ -177,7 +193,34 @@ def read_word2vec(path: str, words: list, *, binary=None, seed: int = 0):
     if not np.all(np.isfinite(vector)):
       raise ValueError(f"{path}:{line}: {word!r} has a non-finite value")
     table[row], found[row] = vector, exact
+  for word, pieces in parts.items():
+    rows = [wanted[p] for p in pieces if p]
+    if wanted[word] not in found and all(r in found for r in rows):
+      table[wanted[word]], found[wanted[word]] = table[rows].mean(axis=0), False
+  table, found = table[:len(words)], [i for i in found if i < len(words)]
   rows = [i for i in range(len(words)) if i not in found and i != PAD_ID]
-  scale = float(np.std(table[list(found)])) if found else 1.0
-  table[rows] = np.random.default_rng(seed).normal(0, scale, (len(rows), dim))
+  rng = np.random.default_rng(seed)
+  if missing == "shared":
+    table[rows] = _unknown_vector(table[found], rng)
+  else:
+    scale = float(np.std(table[found])) if found else 1.0
+    table[rows] = rng.normal(0, scale, (len(rows), dim))
   return table, [words[i] for i in rows]
+
+
+def _unknown_vector(vectors: np.ndarray, rng: np.random.Generator, tries: int = 1000):
+  """The authors' UNK vector: unit norm, mean + std * normal of the unit-normalised
+  `vectors` [K, dim], redrawn until its |cosine| with every row is at most 0.25 (the
+  draw with the lowest such maximum after `tries`)."""
+  units = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+  mean, std = units.mean(axis=0), units.std(axis=0)
+  best, best_cosine = None, np.inf
+  for _ in range(tries):
+    candidate = mean + std * rng.standard_normal(vectors.shape[1])
+    candidate /= np.linalg.norm(candidate)
+    cosine = float(np.abs(units @ candidate).max(initial=0.0))
+    if cosine < best_cosine:
+      best, best_cosine = candidate, cosine
+    if cosine <= 0.25:
+      break
+  return best.astype(np.float32)
