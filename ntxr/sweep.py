@@ -18,6 +18,7 @@ strategy, collapse signals over epochs) to ROOT/*.png.
 import concurrent.futures
 import csv
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -30,6 +31,7 @@ from absl import flags
 import numpy as np
 
 from ntxr import files, plots, sampling
+from ntxr.data import workers
 
 T2A = ("R@1", "R@5", "R@10", "mAP@10", "mAP")
 A2T = ("R@1", "R@5", "R@10", "HR@1", "HR@5", "HR@10", "mAP@10", "mAP")
@@ -66,7 +68,9 @@ def execute(run: Run, main_args=(), env=None) -> int:
   os.makedirs(run.workdir, exist_ok=True)
   with open(os.path.join(run.workdir, "log.txt"), "a") as log:
     return subprocess.run(run.command(main_args), stdout=log, stderr=subprocess.STDOUT,
-                          env=env, check=False).returncode
+                          env=env, check=False,
+                          preexec_fn=functools.partial(workers.die_with, os.getpid())
+                          ).returncode
 
 
 def gpu_groups(gpus, processes: int) -> list:

@@ -496,6 +496,8 @@ def _train(experiment: Experiment, state: TrainState, progress: dict,
   config = experiment.config
   select = SELECTIONS[config.select_by]
   steps_per_epoch = experiment.batches_per_epoch(experiment.training_split)
+  if config.max_steps_per_epoch:
+    steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
   experiment.batches_per_epoch(experiment.validation_split)  # fails now, not in epoch 1
   base_key = jax.random.key(config.seed + 1)
   while progress["epoch"] < config.num_epochs:
@@ -504,7 +506,8 @@ def _train(experiment: Experiment, state: TrainState, progress: dict,
     batches = experiment.train_batches(experiment.training_split,
                                        _epoch_seed(config.seed, epoch))
     sums, count = {}, 0
-    bar = tqdm.tqdm(input_pipeline.as_numpy(batches.skip(progress["step_in_epoch"])),
+    batches = batches.take(steps_per_epoch).skip(progress["step_in_epoch"])
+    bar = tqdm.tqdm(input_pipeline.as_numpy(batches),
                     total=steps_per_epoch, initial=progress["step_in_epoch"],
                     desc=f"epoch {epoch}/{config.num_epochs}", unit="batch")
     for batch in bar:

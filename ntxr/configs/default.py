@@ -52,6 +52,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_size = 32
   config.learning_rate = 1e-3
   config.num_epochs = 4
+  config.max_steps_per_epoch = 0      # 0: the whole training split; else cut epochs short
   config.plateau = ml_collections.ConfigDict(
       dict(factor=0.1, patience=5, threshold=0.005, min_lr=1e-6))
   config.eval_batch_size = 64

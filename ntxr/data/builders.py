@@ -14,14 +14,12 @@ Clips or rows left out with skip_bad_files are recorded in the prepared data's m
 (`skipped(builder)`), so every later run that uses it can report them.
 """
 
-import concurrent.futures
-import multiprocessing
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ntxr.data import clotho, features
+from ntxr.data import clotho, features, workers
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 
@@ -86,9 +84,8 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
     skipped = [(f"{csv_path}:{line}", reason) for line, reason in skipped]
     paths = [self._audio_path(root, split, clip) for clip in clips]
     jobs = [(path, self.builder_config.logmel) for path in paths]
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(self.processes, mp_context=context) as pool:
-      results = pool.map(features.features_or_error, jobs, chunksize=8)
+    with workers.pool(self.processes) as pool:
+      results = pool.imap(features.features_or_error, jobs, chunksize=8)
       for audio_id, (clip, path, logmel) in enumerate(zip(clips, paths, results)):
         if isinstance(logmel, str):
           if not self.skip_bad_files:

@@ -16,7 +16,6 @@ import csv
 import dataclasses
 import io
 import json
-import multiprocessing
 import os
 import shutil
 import wave
@@ -25,11 +24,16 @@ from typing import Callable
 import numpy as np
 import scipy.signal
 
+from ntxr.data import workers
+
 SAMPLE_RATE = 16000
 SPLITS = ("development", "validation", "evaluation")
-# Clips per split, in Clotho's 3839 : 1045 : 1045 proportions.
-SIZES = {"tiny": (24, 8, 8), "default": (1000, 272, 272), "large": (3839, 1045, 1045)}
-CLIP_SECONDS = (3.0, 6.0)
+# Clips per split, in Clotho's 3839 : 1045 : 1045 proportions, and their length range in
+# seconds: "clotho" has Clotho's shape (15 to 30 s clips), the others 3 to 6 s.
+SIZES = {"tiny": (24, 8, 8), "default": (1000, 272, 272), "large": (3839, 1045, 1045),
+         "clotho": (3839, 1045, 1045)}
+CLIP_SECONDS = {"clotho": (15.0, 30.0)}
+SHORT_CLIP_SECONDS = (3.0, 6.0)
 MANIFEST = "ntxr_synthetic.json"
 GENERATOR_VERSION = 2
 
@@ -279,10 +283,11 @@ def caption(rng: np.random.Generator, events, background) -> str:
   raise RuntimeError("caption grammar found no sentence of 8 to 20 words")
 
 
-def make_clip(seed: int, split: int, index: int) -> tuple:
-  """(16-bit PCM wav bytes, five captions) for one clip, from its own seed."""
+def make_clip(seed: int, split: int, index: int, seconds=SHORT_CLIP_SECONDS) -> tuple:
+  """(16-bit PCM wav bytes, five captions) for one clip of `seconds` (a range), from its
+  own seed."""
   rng = np.random.default_rng([seed, split, index])
-  seconds = float(rng.uniform(*CLIP_SECONDS))
+  seconds = float(rng.uniform(*seconds))
   events, background = _scene(rng, seconds)
   audio = _render(rng, seconds, events, background)
   captions = [caption(rng, events, background) for _ in range(5)]
@@ -302,7 +307,8 @@ def _make_clip_args(args):
 def _manifest(size: str, seed: int) -> dict:
   return dict(generator_version=GENERATOR_VERSION, size=size, seed=seed,
               sample_rate=SAMPLE_RATE,
-              clips=dict(zip(SPLITS, SIZES[size])))
+              clips=dict(zip(SPLITS, SIZES[size])),
+              seconds=list(CLIP_SECONDS.get(size, SHORT_CLIP_SECONDS)))
 
 
 def is_complete(root: str, size: str, seed: int) -> bool:
@@ -330,24 +336,24 @@ def generate(root: str, size: str = "default", seed: int = 0, processes: int = 0
   partial = f"{root}.partial-{os.getpid()}"
   shutil.rmtree(partial, ignore_errors=True)
   os.makedirs(partial)
-  jobs = [(seed, s, i) for s, count in enumerate(SIZES[size]) for i in range(count)]
-  with multiprocessing.get_context("spawn").Pool(processes or os.cpu_count()) as pool:
-    clips = pool.map(_make_clip_args, jobs, chunksize=16)
-  for split_index, split in enumerate(SPLITS):
+  seconds = CLIP_SECONDS.get(size, SHORT_CLIP_SECONDS)
+  jobs = [(seed, s, i, seconds) for s, count in enumerate(SIZES[size]) for i in range(count)]
+  rows = {split: [] for split in SPLITS}
+  for split in SPLITS:
     os.makedirs(os.path.join(partial, split))
-    rows = []
-    for (_, s, i), (wav_bytes, captions) in zip(jobs, clips):
-      if s != split_index:
-        continue
-      file_name = f"{split[:3]}_{i:05d}.wav"
-      with open(os.path.join(partial, split, file_name), "wb") as f:
+  with workers.pool(processes) as pool:  # each clip written as it arrives
+    for (_, s, i, _), (wav_bytes, captions) in zip(
+        jobs, pool.imap(_make_clip_args, jobs, chunksize=16)):
+      file_name = f"{SPLITS[s][:3]}_{i:05d}.wav"
+      with open(os.path.join(partial, SPLITS[s], file_name), "wb") as f:
         f.write(wav_bytes)
-      rows.append([file_name] + captions)
+      rows[SPLITS[s]].append([file_name] + captions)
+  for split in SPLITS:
     with open(os.path.join(partial, f"clotho_captions_{split}.csv"), "w", newline="",
               encoding="utf-8") as f:
       writer = csv.writer(f)
       writer.writerow(["file_name"] + [f"caption_{k}" for k in range(1, 6)])
-      writer.writerows(rows)
+      writer.writerows(rows[split])
   with open(os.path.join(partial, MANIFEST), "w") as f:
     json.dump(_manifest(size, seed), f)
   shutil.rmtree(root, ignore_errors=True)
