@@ -333,7 +333,14 @@ def _scores(split: Split, config) -> np.ndarray:
 
 
 def _checked_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json, or checks that a resumed run has the same one."""
+  """Writes config.json, or checks that a resumed run has the same one; raises
+  ValueError first, writing nothing, for a config that cannot run."""
+  if config.require_word_vectors and not config.word_vectors:
+    raise ValueError(
+        "this config trains on frozen word2vec vectors, as the paper: pass "
+        "--config.word_vectors=/path/to/GoogleNews-vectors-negative300.bin (or any "
+        "word2vec-format file), or --config.require_word_vectors=false to learn a "
+        "random word table instead")
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json())
   if os.path.exists(path):
@@ -344,6 +351,7 @@ def _checked_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     if changed:
       raise ValueError(f"{workdir} holds a run with other settings ({', '.join(changed)}); "
                        f"use another --workdir")
+  os.makedirs(workdir, exist_ok=True)
   files.write_json(path, current)
 
 
@@ -356,12 +364,6 @@ class Experiment:
     self.devices = parallel.Devices(devices)
     self.devices.check_divides("--config.batch_size", config.batch_size)
     self.devices.check_divides("--config.eval_batch_size", config.eval_batch_size)
-    if config.require_word_vectors and not config.word_vectors:
-      raise ValueError(
-          "this config trains on frozen word2vec vectors, as the paper: pass "
-          "--config.word_vectors=/path/to/GoogleNews-vectors-negative300.bin (or any "
-          "word2vec-format file), or --config.require_word_vectors=false to learn a "
-          "random word table instead")
     self.corpus = corpus_lib.from_config(config)
     self.builder, self.tokenizer = self.corpus.builder, self.corpus.tokenizer
     self.training_split = self.corpus.splits[0]
@@ -475,7 +477,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the dict written to workdir/results.json. Raises FloatingPointError if the
   loss or a score becomes NaN; the last good checkpoints stay in workdir.
   """
-  os.makedirs(workdir, exist_ok=True)
   _checked_config(workdir, config)
   experiment = Experiment(config)
   checkpoints = Checkpoints(workdir)

@@ -41,7 +41,9 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = []  # every feature config is built on demand (FeatureConfig)
-  SPLITS = ()
+  SPLITS = ()  # training, validation, test
+  CAPTION_FILE = ""  # a split's caption file under the data folder, {split} filled in
+  read_captions = None  # (csv path, skip) -> (clips, skipped rows), see ntxr.data.clotho
 
   def __init__(self, *, skip_bad_files: bool = False, processes: int = 0, **kwargs):
     self.skip_bad_files = skip_bad_files
@@ -68,7 +70,8 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
 
   def _read(self, root: str, split: str):
     """(clips, skipped rows, caption file) of a split."""
-    raise NotImplementedError
+    csv_path = os.path.join(root, self.CAPTION_FILE.format(split=split))
+    return (*self.read_captions(csv_path, skip=self.skip_bad_files), csv_path)
 
   def _audio_path(self, root: str, split: str, clip: clotho.Clip) -> str:
     raise NotImplementedError
@@ -103,34 +106,28 @@ class NtxrClotho(_CaptionedAudio):
 
   SPLITS = ("development", "validation", "evaluation")
   CAPTION_FILE = "clotho_captions_{split}.csv"
+  read_captions = staticmethod(clotho.read_clotho_captions)
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download Clotho v2 from Zenodo (record 4783391) and unpack it into one folder holding
   clotho_captions_{development,validation,evaluation}.csv and the audio folders
   development/, validation/ and evaluation/. Pass that folder as --data_dir.
   """
 
-  def _read(self, root, split):
-    csv_path = os.path.join(root, self.CAPTION_FILE.format(split=split))
-    return (*clotho.read_clotho_captions(csv_path, skip=self.skip_bad_files), csv_path)
-
   def _audio_path(self, root, split, clip):
     return os.path.join(root, split, clip.file_name)
 
 
 class NtxrAudiocaps(_CaptionedAudio):
-  """AudioCaps: {train,val,test}.csv and audio/{split}/{youtube_id}_{start}.{wav,flac,mp3}."""
+  """AudioCaps: {train,val,test}.csv and audio/{split}/{youtube_id}_{start}.{wav,flac,mp3,ogg}."""
 
   SPLITS = ("train", "val", "test")
   CAPTION_FILE = "{split}.csv"
+  read_captions = staticmethod(clotho.read_audiocaps_captions)
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Place AudioCaps' train.csv, val.csv and test.csv (audiocap_id,youtube_id,start_time,
   caption) in one folder, with each clip's audio fetched by you as
   audio/{split}/{youtube_id}_{start_time}.wav (or .flac, .mp3).
   """
-
-  def _read(self, root, split):
-    csv_path = os.path.join(root, self.CAPTION_FILE.format(split=split))
-    return (*clotho.read_audiocaps_captions(csv_path, skip=self.skip_bad_files), csv_path)
 
   def _audio_path(self, root, split, clip):
     stem = os.path.join(root, "audio", split, clip.file_name)
@@ -143,6 +140,8 @@ BUILDERS = (NtxrClotho, NtxrAudiocaps)
 
 def builder_for(root: str) -> type:
   """The builder class whose layout the folder `root` has (Clotho v2 or AudioCaps)."""
+  if not os.path.isdir(root):
+    raise ValueError(f"{root}: no such folder; pass a Clotho v2 or AudioCaps folder")
   for builder in BUILDERS:
     if builder.holds(root):
       return builder
