@@ -341,6 +341,10 @@ def _checked_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         "--config.word_vectors=/path/to/GoogleNews-vectors-negative300.bin (or any "
         "word2vec-format file), or --config.require_word_vectors=false to learn a "
         "random word table instead")
+  for field, choices in [("select_by", SELECTIONS), ("train_padding", PADDINGS)]:
+    if config[field] not in choices:
+      raise ValueError(f"--config.{field} must be one of {sorted(choices)}, not "
+                       f"{config[field]!r}")
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json())
   if os.path.exists(path):

@@ -186,3 +186,12 @@ def test_batch_padding_reproduces_the_authors_training_score(strategy):
                            batch["audio_id"], strategy)
   np.testing.assert_allclose(loss("batch"), theirs, rtol=1e-5)
   assert abs(loss("masked") - theirs) > 1e-3  # the default differs: it masks padding
+
+
+@pytest.mark.parametrize("field", ["select_by", "train_padding"])
+def test_an_unknown_choice_is_refused_before_anything_is_written(field, tmp_path):
+  config = default.get_config()
+  config[field] = "sideways"
+  with pytest.raises(ValueError, match=rf"--config\.{field} must be one of .*'sideways'"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
