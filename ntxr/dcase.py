@@ -45,17 +45,17 @@ def read_ground_truth(path: str) -> tuple:
   _, header = next(rows)
   if not header or header[0] != "file_name" or len(header) < 2:
     raise ValueError(f"{path}:1: expected a header file_name,caption_1,..., got {header}")
-  relevant, files = {}, set()
+  relevant, names = {}, set()
   for line, row in rows:
     if len(row) != len(header) or not row[0] or not all(row[1:]):
       raise ValueError(f"{path}:{line}: expected a file name and {len(header) - 1} "
                        f"non-empty captions")
-    files.add(row[0])
+    names.add(row[0])
     relevant.update((caption, row[0]) for caption in row[1:])
-  return relevant, files
+  return relevant, names
 
 
-def read_predictions(path: str, relevant: dict, files: set) -> dict:
+def read_predictions(path: str, relevant: dict, known_files: set) -> dict:
   """A submission -> {caption: ten file names}, checked against the ground truth."""
   rows = _rows(path)
   _, header = next(rows)
@@ -69,7 +69,7 @@ def read_predictions(path: str, relevant: dict, files: set) -> dict:
     caption, names = row[0], row[1:]
     if caption not in relevant:
       raise ValueError(f"{path}:{line}: caption {caption[:60]!r} is not in the ground truth")
-    unknown = [n for n in names if n not in files]
+    unknown = [n for n in names if n not in known_files]
     if unknown:
       raise ValueError(f"{path}:{line}: unknown file {unknown[0]!r}")
     ranked[caption] = names
@@ -90,8 +90,8 @@ def score(relevant: dict, ranked: dict) -> dict:
 
 
 def score_files(ground_truth: str, predictions: str) -> dict:
-  relevant, files = read_ground_truth(ground_truth)
-  return score(relevant, read_predictions(predictions, relevant, files))
+  relevant, known_files = read_ground_truth(ground_truth)
+  return score(relevant, read_predictions(predictions, relevant, known_files))
 
 
 def write_submission(path: str, captions: list, file_names: list, s: np.ndarray) -> None:

@@ -14,7 +14,8 @@ MARGIN = 0.5
 
 
 def naive_loss(s_cross, audio_ids, strategy, s_audio=None, s_text=None):
-  """The DESIGN.md semantics, one anchor at a time in float64.
+  """The strategies' semantics (ntxr/sampling.py's docstring and the README's table), one
+  anchor at a time in float64.
 
   Returns (loss, audio_negatives, text_negatives), negatives -1 where the pool is empty.
   Python's min/max return the first best item of the ascending pool: ties go low.
