@@ -1,4 +1,4 @@
-"""The DCASE submission scorer on the real shared files, and its errors."""
+"""The DCASE submission scorer on the real DCASE 2022 files (tests/data/dcase2022), and its errors."""
 
 import csv
 import json
