@@ -1,4 +1,4 @@
-"""The DCASE submission scorer on the real DCASE 2022 files (tests/data/dcase2022), and its errors."""
+"""The DCASE scorer on the real DCASE 2022 files in tests/data/dcase2022, and its errors."""
 
 import csv
 import json
