@@ -52,6 +52,8 @@ STRATEGIES: dict[str, Strategy] = {}
 def register(name: str, needs: Optional[str], needs_key: bool = False):
   """Decorator adding a selector to STRATEGIES under `name`."""
   def decorate(select: Selector) -> Selector:
+    if name in STRATEGIES:
+      raise ValueError(f"a strategy named {name!r} is registered already")
     STRATEGIES[name] = Strategy(name, needs, select, needs_key)
     return select
   return decorate
@@ -240,9 +242,16 @@ class TripletTerms(NamedTuple):
   valid: Array
 
 
-def triplet_loss_from_embeddings(*args, **kwargs) -> Array:
+def triplet_loss_from_embeddings(audio: Array, text: Array, audio_ids: Array, *,
+                                 strategy: str, margin: float = 0.5,
+                                 key: Optional[Array] = None,
+                                 audio_mask: Optional[Array] = None,
+                                 text_mask: Optional[Array] = None,
+                                 score: str = "alignment") -> Array:
   """The scalar loss of `triplet_loss_and_terms` (same arguments)."""
-  return triplet_loss_and_terms(*args, **kwargs)[0]
+  return triplet_loss_and_terms(audio, text, audio_ids, strategy=strategy, margin=margin,
+                                key=key, audio_mask=audio_mask, text_mask=text_mask,
+                                score=score)[0]
 
 
 def triplet_loss_and_terms(audio: Array, text: Array, audio_ids: Array, *,

@@ -183,15 +183,6 @@ def test_evaluation_iterates_every_clip_and_caption_once(prepared):
   assert sorted(caption_ids) == sorted(list(range(synthetic.SIZES["tiny"][2])) * 5)
 
 
-def test_sharding_gives_disjoint_clips(prepared):
-  builder, tok = prepared
-  clips = builder.as_dataset(split="development")
-  ids = [set(np.concatenate([b["audio_id"] for b in input_pipeline.as_numpy(
-      input_pipeline.train_batches(clips, tok, batch_size=2, seed=0, shard_index=i,
-                                   shard_count=2))])) for i in range(2)]
-  assert ids[0] and ids[1] and not ids[0] & ids[1]
-
-
 def test_missing_wav_fails_cleanly_or_is_skipped(corpus, tmp_path):
   broken = str(tmp_path / "broken")
   shutil.copytree(corpus, broken)

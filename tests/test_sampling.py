@@ -287,3 +287,9 @@ def test_terms_report_the_scores_the_loss_used(batch, strategy):
     np.testing.assert_allclose(loss, hinge, rtol=1e-5)
   np.testing.assert_allclose(terms.negative, expected, rtol=1e-5)
   np.testing.assert_array_equal(terms.valid, pool.any(1))
+
+
+def test_a_strategy_name_is_registered_once():
+  with pytest.raises(ValueError, match="'hard_cross' is registered already"):
+    sampling.register("hard_cross", needs="cross")(lambda s, pool, key: (None, None))
+  assert sampling.STRATEGIES["hard_cross"].select.__name__ == "_hard_cross"

@@ -44,7 +44,6 @@ def test_tiny_run_end_to_end(tiny_config, tmp_path):
                                    "mAP@10", "mAP"])]:
     assert sorted(results[direction]) == sorted(keys)
     assert all(0 <= results[direction][k] <= 1 for k in keys)
-  assert results["t2a"]["R@10"] == 1.0  # eight clips: every caption's clip is in the top 10
   histogram = results["score_histogram"]  # 8 clips x 40 captions, 40 of the pairs matching
   assert (sum(histogram["positive"]), sum(histogram["negative"])) == (40, 280)
   saved = json.loads((tmp_path / "results.json").read_text())

@@ -57,27 +57,22 @@ def _pairs(clip: dict, tokenize, max_frames: int) -> tf.data.Dataset:
 
 
 def train_batches(clips: tf.data.Dataset, tokenizer: tokenizer_lib.Tokenizer, *,
-                  batch_size: int, seed: int, shard_index: int = 0, shard_count: int = 1,
+                  batch_size: int, seed: int,
                   frame_buckets: Sequence[int] = FRAME_BUCKETS,
-                  max_tokens: int = MAX_TOKENS, shuffle_buffer: int = 20000,
-                  repeat: bool = False) -> tf.data.Dataset:
+                  max_tokens: int = MAX_TOKENS, shuffle_buffer: int = 20000) -> tf.data.Dataset:
   """Shuffled (clip, caption) batches, dropping the remainder.
 
   Args:
     clips: prepared clips (`builder.as_dataset(split=...)`).
     tokenizer: caption tokenizer.
-    batch_size: examples per batch on this process.
+    batch_size: examples per global batch: every process reads the same batches and
+      keeps its own rows (ntxr.parallel).
     seed: shuffle seed; the same seed gives the same batches.
-    shard_index, shard_count: this process's disjoint share of the clips
-      (`jax.process_index()`, `jax.process_count()`).
   """
   tokenize = _tokenize(tokenizer, max_tokens)
   max_frames = frame_buckets[-1]
-  ds = clips.shard(shard_count, shard_index)
-  ds = ds.flat_map(lambda clip: _pairs(clip, tokenize, max_frames))
+  ds = clips.flat_map(lambda clip: _pairs(clip, tokenize, max_frames))
   ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-  if repeat:
-    ds = ds.repeat()
   ds = ds.padded_batch(batch_size, drop_remainder=True)
   return ds.map(lambda b: _pad_to_bucket(b, frame_buckets)).prefetch(tf.data.AUTOTUNE)
 
