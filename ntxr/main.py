@@ -21,6 +21,7 @@ from absl import logging
 from ml_collections import config_flags
 
 from ntxr import evaluate, parallel, sampling, train
+from ntxr.data import workers
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "default.py"),
@@ -52,6 +53,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process, with --dis
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  workers.die_with_launcher()  # a sweep's run ends with its sweep
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # libraries log every checkpoint at INFO
   if _DISTRIBUTED.value:

@@ -18,7 +18,6 @@ strategy, collapse signals over epochs) to ROOT/*.png.
 import concurrent.futures
 import csv
 import dataclasses
-import functools
 import io
 import json
 import os
@@ -68,9 +67,7 @@ def execute(run: Run, main_args=(), env=None) -> int:
   os.makedirs(run.workdir, exist_ok=True)
   with open(os.path.join(run.workdir, "log.txt"), "a") as log:
     return subprocess.run(run.command(main_args), stdout=log, stderr=subprocess.STDOUT,
-                          env=env, check=False,
-                          preexec_fn=functools.partial(workers.die_with, os.getpid())
-                          ).returncode
+                          env=workers.launcher_environment(env), check=False).returncode
 
 
 def gpu_groups(gpus, processes: int) -> list:

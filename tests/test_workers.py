@@ -62,16 +62,19 @@ def test_a_run_killed_while_preparing_leaves_no_worker_and_a_rerun_completes(tmp
   assert "prepare:" in rerun.stdout and "skipped clips or rows: 0" in rerun.stdout
 
 
-def test_a_process_started_with_die_with_ends_with_its_parent(tmp_path):
+def test_a_command_started_as_a_sweep_starts_its_runs_ends_with_its_launcher(tmp_path):
   parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
-      import functools, os, subprocess, sys, time
+      import subprocess, sys, time
       from ntxr.data import workers
-      child = subprocess.Popen(["sleep", "120"],
-                               preexec_fn=functools.partial(workers.die_with, os.getpid()))
+      child = subprocess.Popen(
+          [sys.executable, "-c", "from ntxr.data import workers; import time; "
+           "workers.die_with_launcher(); time.sleep(120)"],
+          env=workers.launcher_environment())
       print(child.pid, flush=True)
       time.sleep(120)
   """)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
   child = int(parent.stdout.readline())
+  time.sleep(2)  # the child has started and asked to die with its launcher
   assert alive([child])
   parent.send_signal(signal.SIGKILL)
   parent.wait()

@@ -5,7 +5,8 @@
 needs NumPy and librosa). The pool here starts its workers with `__main__` hidden, so
 they import only what their task's module imports, and on Linux each worker asks the
 kernel to kill it when its parent dies, however the parent ends (SIGKILL included).
-`die_with` does the same for any process started with `subprocess` (the sweep's runs).
+A command started with `launcher_environment()` (the sweep's runs) does the same once it
+calls `die_with_launcher()`.
 """
 
 import contextlib
@@ -18,15 +19,27 @@ import sys
 import types
 
 _PR_SET_PDEATHSIG = 1
+_LAUNCHER = "NTXR_DIE_WITH"  # the environment variable naming a launching process
 
 
 def die_with(parent: int) -> None:
-  """Run in a new process (a pool initializer, or `subprocess`'s preexec_fn): SIGKILL it
-  when `parent`, the process that started it, ends."""
+  """Run in a new process: SIGKILL it when `parent`, the process that started it, ends."""
   if sys.platform.startswith("linux"):
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
   if os.getppid() != parent:  # the parent ended before the request took effect
     os._exit(1)
+
+
+def launcher_environment(env=None) -> dict:
+  """`env` (default: this process's) for a child command that should die with this
+  process: the child calls `die_with_launcher()` first thing."""
+  return dict(os.environ if env is None else env, **{_LAUNCHER: str(os.getpid())})
+
+
+def die_with_launcher() -> None:
+  """`die_with` the process that launched this one with `launcher_environment`, if any."""
+  if _LAUNCHER in os.environ:
+    die_with(int(os.environ[_LAUNCHER]))
 
 
 @contextlib.contextmanager
