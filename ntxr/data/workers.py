@@ -12,7 +12,6 @@ calls `die_with_launcher()`.
 import contextlib
 import ctypes
 import multiprocessing
-import multiprocessing.pool
 import os
 import signal
 import sys
