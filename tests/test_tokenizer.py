@@ -112,7 +112,7 @@ def test_hyphenated_word_gets_its_parts_mean_and_missing_words_share_one_unit_ve
   vocabulary = ["<pad>", "<unk>", "walkie-talkie", "dog", "zorp", "blip"]
   write_text(tmp_path / "v", {"walkie": [1.0, 0.0, 2.0], "talkie": [3.0, 2.0, 0.0],
                               "dog": [0.0, 5.0, 1.0]})
-  table, missing = tokenizer.read_word2vec(str(tmp_path / "v"), vocabulary, missing="shared")
+  table, missing = tokenizer.read_word2vec(str(tmp_path / "v"), vocabulary, missing="one_unk")
   np.testing.assert_allclose(table[2], [2.0, 1.0, 1.0])
   assert missing == ["<unk>", "zorp", "blip"]
   np.testing.assert_array_equal(table[1], table[4])

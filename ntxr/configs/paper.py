@@ -27,7 +27,7 @@ def get_config():
   config.text_cleaning = "paper"
   config.vocabulary = "all"
   config.require_word_vectors = True
-  config.missing_word_vectors = "shared"
+  config.missing_word_vectors = "one_unk"
   # audio_encoders.py: the full CRNN, kaiming-normal convolutions, PyTorch's GRU.
   config.channels = (32, 128, 128, 128, 128)
   config.initializer = "pytorch"

@@ -151,7 +151,7 @@ def read_word2vec(path: str, words: list, *, binary=None, seed: int = 0,
     words: the vocabulary, e.g. `WordTokenizer.words`.
     seed: seeds the vectors of words the file lacks.
     missing: what a word the file lacks gets: "random" (a small random vector of its
-      own) or "shared" (the authors' one UNK vector: unit norm, drawn around the found
+      own) or "one_unk" (the authors' one UNK vector: unit norm, drawn around the found
       vectors' mean until its cosine with each of them is at most 0.25).
 
   Returns:
@@ -160,8 +160,8 @@ def read_word2vec(path: str, words: list, *, binary=None, seed: int = 0,
     hyphenated word the file lacks gets the mean of its parts' vectors when it has them
     all (the authors' "walkie-talkie" rule). Row PAD_ID is zero.
   """
-  if missing not in ("random", "shared"):
-    raise ValueError(f"missing must be 'random' or 'shared', not {missing!r}")
+  if missing not in ("random", "one_unk"):
+    raise ValueError(f"missing must be 'random' or 'one_unk', not {missing!r}")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: word vectors not found")
   binary = _is_binary(path) if binary is None else binary
@@ -200,7 +200,7 @@ def read_word2vec(path: str, words: list, *, binary=None, seed: int = 0,
   table, found = table[:len(words)], [i for i in found if i < len(words)]
   rows = [i for i in range(len(words)) if i not in found and i != PAD_ID]
   rng = np.random.default_rng(seed)
-  if missing == "shared":
+  if missing == "one_unk":
     table[rows] = _unknown_vector(table[found], rng)
   else:
     scale = float(np.std(table[found])) if found else 1.0
