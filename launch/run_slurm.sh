@@ -5,7 +5,7 @@
 # (pip install -e . 'jax[cuda12]>=0.10,<0.11') on a shared file system.
 #
 #   NODES=2 GPUS_PER_NODE=8 launch/run_slurm.sh --strategy=hard_cross \
-#       --data_dir=/shared/clotho --config=ntxr/configs/paper.py
+#       --config.data_dir=/shared/clotho --config=ntxr/configs/paper.py
 #   DRY_RUN=1 launch/run_slurm.sh ...   # print the batch script instead of submitting it
 #
 # Settings (environment): NODES (1), GPUS_PER_NODE (8), CPUS_PER_NODE (16),

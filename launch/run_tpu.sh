@@ -3,10 +3,10 @@
 # big_vision's run_tpu.sh: ships this checkout's committed HEAD to each worker, installs
 # it there in a venv with JAX for TPU, and starts `python -m ntxr.main --distributed`
 # with your flags on all workers at once. JAX finds the slice's processes by itself;
-# each process feeds its own rows of every global batch. --data_dir must exist on every
+# each process feeds its own rows of every global batch. --config.data_dir must exist on every
 # worker (a persistent disk or a bucket mount).
 #
-#   launch/run_tpu.sh TPU_NAME ZONE --strategy=hard_cross --data_dir=/mnt/clotho \
+#   launch/run_tpu.sh TPU_NAME ZONE --strategy=hard_cross --config.data_dir=/mnt/clotho \
 #       --config=ntxr/configs/paper.py
 #   DRY_RUN=1 launch/run_tpu.sh ...   # print the commands instead of running them
 set -euo pipefail

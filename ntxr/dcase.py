@@ -11,8 +11,8 @@ dictionary keeps it); R@k says whether that file is in the top k and mAP@10 is
 """
 
 import csv
-import json
 import os
+from typing import NamedTuple
 
 from absl import app
 from absl import flags
@@ -21,6 +21,17 @@ import numpy as np
 from ntxr import files
 
 TOP = 10
+
+_GROUND_TRUTH = flags.DEFINE_string("ground_truth", None, "Clotho captions CSV")
+_PREDICTIONS = flags.DEFINE_string("predictions", None, "submission CSV to score")
+_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "also write the four scores here as JSON")
+
+
+class Submission(NamedTuple):
+  """What a submission ranks: captions [Q], file_names [C], scores [Q, C]."""
+  captions: list
+  file_names: list
+  scores: np.ndarray
 COLUMNS = ["caption"] + [f"file_name_{k}" for k in range(1, TOP + 1)]
 
 
@@ -107,18 +118,15 @@ def write_submission(path: str, captions: list, file_names: list, s: np.ndarray)
 
 
 def main(argv):
-  del argv
-  args = flags.FLAGS
-  result = score_files(args.ground_truth, args.predictions)
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not (_GROUND_TRUTH.value and _PREDICTIONS.value):
+    raise app.UsageError("--ground_truth and --predictions are required")
+  result = score_files(_GROUND_TRUTH.value, _PREDICTIONS.value)
   print("  ".join(f"{k} {v:.4f}" for k, v in result.items()))
-  if args.output_json:
-    with open(args.output_json, "w") as f:
-      json.dump(result, f, indent=2)
+  if _OUTPUT_JSON.value:
+    files.write_json(_OUTPUT_JSON.value, result)
 
 
-if __name__ == "__main__":  # flags only when run as the scorer, not when imported
-  flags.DEFINE_string("ground_truth", None, "Clotho captions CSV")
-  flags.DEFINE_string("predictions", None, "submission CSV to score")
-  flags.DEFINE_string("output_json", None, "also write the four scores here as JSON")
-  flags.mark_flags_as_required(["ground_truth", "predictions"])
+if __name__ == "__main__":
   app.run(main)

@@ -6,16 +6,22 @@ truncated one, AP@10 = sum_{i<=10} P@i rel_i / min(#relevant, 10). Ties rank the
 lower index first.
 """
 
+import dataclasses
 import functools
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from ntxr import scores
+from ntxr import parallel, scores
 
 KS = (1, 5, 10)
+# What each direction reports: text-to-audio has one relevant clip per caption, so its
+# R@k equals HR@k; audio-to-text reports both conventions.
+T2A = tuple(f"R@{k}" for k in KS) + ("mAP@10", "mAP")
+A2T = tuple(f"R@{k}" for k in KS) + tuple(f"HR@{k}" for k in KS) + ("mAP@10", "mAP")
 
 
 def retrieval_metrics(score: np.ndarray, relevant: np.ndarray, ks=KS) -> dict:
@@ -56,13 +62,11 @@ def retrieval_metrics(score: np.ndarray, relevant: np.ndarray, ks=KS) -> dict:
 def both_directions(s: np.ndarray, clip_ids: np.ndarray, caption_ids: np.ndarray) -> dict:
   """{"t2a": ..., "a2t": ...} from s [clips, captions] and the clip id of each side.
 
-  Text-to-audio has one relevant clip per caption, so its R@k = HR@k and it reports R@k;
-  audio-to-text reports both conventions.
+  Each direction reports the metrics T2A and A2T name.
   """
   relevant = np.asarray(clip_ids)[:, None] == np.asarray(caption_ids)[None, :]
-  t2a = retrieval_metrics(s.T, relevant.T)
-  return {"t2a": {k: v for k, v in t2a.items() if not k.startswith("HR")},
-          "a2t": retrieval_metrics(s, relevant)}
+  t2a, a2t = retrieval_metrics(s.T, relevant.T), retrieval_metrics(s, relevant)
+  return {"t2a": {k: t2a[k] for k in T2A}, "a2t": {k: a2t[k] for k in A2T}}
 
 
 def score_histogram(s: np.ndarray, clip_ids: np.ndarray, caption_ids: np.ndarray,
@@ -148,13 +152,33 @@ def effective_rank(x: np.ndarray) -> float:
   return float(np.exp(-(p * np.log(p)).sum()))
 
 
-def collapse_diagnostics(audio, audio_mask, text, text_mask, triplets: Optional[dict],
-                         thresholds: dict) -> dict:
-  """Signs of feature collapse, and whether any crosses its threshold.
+@dataclasses.dataclass(frozen=True)
+class Collapse:
+  """Signs of feature collapse in a split's embeddings and the training epoch's
+  triplets: each modality's mean pairwise cosine and effective rank, and the reasons
+  (thresholds crossed), empty if none."""
+  audio_cosine: float
+  text_cosine: float
+  audio_effective_rank: float
+  text_effective_rank: float
+  reasons: tuple
+
+  @property
+  def collapsed(self) -> bool:
+    return bool(self.reasons)
+
+  def to_dict(self) -> dict:
+    return dict(dataclasses.asdict(self), reasons=list(self.reasons), collapsed=self.collapsed)
+
+
+def collapse_diagnostics(audio, audio_mask, text, text_mask, training: Optional[dict],
+                         thresholds: dict) -> Collapse:
+  """Signs of feature collapse, and which cross their thresholds.
 
   Args:
     audio, audio_mask, text, text_mask: embeddings of a split's clips and captions.
-    triplets: the training epoch's {"share_zero_loss", "share_at_margin", ...} or None.
+    training: the training epoch's mean statistics ({"share_at_margin",
+      "positive_std", "negative_std", ...}, ntxr.steps.TrainingStatistics) or None.
     thresholds: {"cosine", "effective_rank", "share_at_margin", "score_std"}: collapse
       is flagged when either modality's mean pairwise cosine exceeds `cosine`, its
       effective rank falls below `effective_rank`, the share of triplets whose negative
@@ -166,25 +190,68 @@ def collapse_diagnostics(audio, audio_mask, text, text_mask, triplets: Optional[
   found = dict(audio_cosine=mean_pairwise_cosine(clips),
                text_cosine=mean_pairwise_cosine(captions),
                audio_effective_rank=effective_rank(clips),
-               text_effective_rank=effective_rank(captions),
-               **(triplets or {}))
+               text_effective_rank=effective_rank(captions))
+  training = training or {}
   reasons = [f"{m}_cosine {found[f'{m}_cosine']:.3f} > {thresholds['cosine']}"
              for m in ("audio", "text") if found[f"{m}_cosine"] > thresholds["cosine"]]
   reasons += [f"{m}_effective_rank {found[f'{m}_effective_rank']:.2f} < "
               f"{thresholds['effective_rank']}" for m in ("audio", "text")
               if found[f"{m}_effective_rank"] < thresholds["effective_rank"]]
-  if found.get("share_at_margin", 0) > thresholds["share_at_margin"]:
-    reasons.append(f"share_at_margin {found['share_at_margin']:.3f} > "
+  if training.get("share_at_margin", 0) > thresholds["share_at_margin"]:
+    reasons.append(f"share_at_margin {training['share_at_margin']:.3f} > "
                    f"{thresholds['share_at_margin']}")
-  spread = max(found.get("positive_std", np.inf), found.get("negative_std", np.inf))
+  spread = max(training.get("positive_std", np.inf), training.get("negative_std", np.inf))
   if spread < thresholds["score_std"]:
     reasons.append(f"score spread {spread:.2g} < {thresholds['score_std']:g}")
-  return dict(found, collapse=bool(reasons), collapse_reasons=reasons)
+  return Collapse(**found, reasons=tuple(reasons))
+
+
+@dataclasses.dataclass
+class Split:
+  """A split's embeddings: clips [C, T, E] + mask, captions [Q, W, E] + mask, and the
+  clip id of each clip and each caption."""
+  audio: np.ndarray
+  audio_mask: np.ndarray
+  clip_ids: np.ndarray
+  text: np.ndarray
+  text_mask: np.ndarray
+  caption_ids: np.ndarray
+
+
+def embed_rows(embed: Callable, batches: Iterable[dict], inputs: tuple, size: int,
+               devices: parallel.Devices) -> tuple:
+  """(embeddings [N, L, E], mask [N, L], audio_id [N]) of every row of `batches`.
+
+  embed(sharded inputs) -> [size, L, E]. Each numpy batch is padded to `size` rows so
+  one shape compiles once, and split over the devices; steps are padded to the longest
+  batch's.
+  """
+  embedded, masks, ids = [], [], []
+  for batch in batches:
+    rows = len(batch["audio_id"])
+    padded = [np.pad(batch[k], [(0, size - rows)] + [(0, 0)] * (batch[k].ndim - 1))
+              for k in inputs]
+    out = embed(devices.shard(tuple(padded)))
+    embedded.append(np.asarray(multihost_utils.process_allgather(out, tiled=True))[:rows])
+    masks.append(batch[inputs[1]])
+    ids.append(batch["audio_id"])
+  steps = max(m.shape[1] for m in masks)
+  pad = lambda x: np.pad(x, [(0, 0), (0, steps - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+  return (np.concatenate([pad(e) for e in embedded]), np.concatenate([pad(m) for m in masks]),
+          np.concatenate(ids))
+
+
+def split_scores(split: Split, score: str) -> np.ndarray:
+  """All-pairs scores [clips, captions] of a split; FloatingPointError if any is not finite."""
+  s = score_matrix(split.audio, split.audio_mask, split.text, split.text_mask, score=score)
+  if not np.isfinite(s).all():
+    raise FloatingPointError("retrieval scores became NaN or infinite")
+  return s
 
 
 def format_table(results: dict) -> str:
   """A printed table of both directions' metrics."""
-  columns = ["R@1", "R@5", "R@10", "HR@1", "HR@5", "HR@10", "mAP@10", "mAP"]
+  columns = A2T
   lines = ["direction " + " ".join(f"{c:>7}" for c in columns)]
   for direction in ("t2a", "a2t"):
     row = results[direction]

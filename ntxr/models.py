@@ -129,7 +129,7 @@ class TextEncoder(nn.Module):
   """Token ids [B, W] -> word embeddings [B, W, embed_dim] (a plain lookup table).
 
   The table can be overwritten with word2vec vectors after `init` (and frozen by the
-  optimizer): see `train.create_train_state`.
+  optimizer): see `steps.create_train_state`.
   """
   vocab_size: int
   embed_dim: int = 300

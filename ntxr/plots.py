@@ -14,12 +14,15 @@ import numpy as np
 from ntxr import sampling
 
 METRICS = ("t2a R@10", "t2a mAP@10", "a2t R@10", "a2t mAP@10")
-SIGNALS = {"audio_cosine": "clip embeddings: mean pairwise cosine",
-           "text_cosine": "caption embeddings: mean pairwise cosine",
-           "audio_effective_rank": "clip embeddings: effective rank",
-           "text_effective_rank": "caption embeddings: effective rank",
-           "positive_std": "training: spread of positive scores",
-           "grad_norm": "training: gradient norm"}
+# Collapse signals: metrics.jsonl path -> title. "collapse" holds the validation
+# embeddings' signs (ntxr.evaluate.Collapse), "training" the epoch's mean training
+# statistics (ntxr.steps.TrainingStatistics).
+SIGNALS = {("collapse", "audio_cosine"): "clip embeddings: mean pairwise cosine",
+           ("collapse", "text_cosine"): "caption embeddings: mean pairwise cosine",
+           ("collapse", "audio_effective_rank"): "clip embeddings: effective rank",
+           ("collapse", "text_effective_rank"): "caption embeddings: effective rank",
+           ("training", "positive_std"): "training: spread of positive scores",
+           ("training", "grad_norm"): "training: gradient norm"}
 
 
 def strategy_color(strategy: str):
@@ -91,7 +94,7 @@ def _lines_per_run(runs, panels: dict, strategies, columns: int) -> figure.Figur
 def collapse_over_epochs(runs, strategies=("semihard_cross", "hard_cross"),
                          signals=tuple(SIGNALS)) -> figure.Figure:
   """The collapse diagnostics of each run over epochs (one line per seed)."""
-  fig = _lines_per_run(runs, {SIGNALS[s]: ("validation", "collapse", s) for s in signals},
+  fig = _lines_per_run(runs, {SIGNALS[path]: path for path in signals},
                        strategies, columns=3)
   fig.suptitle("Feature-collapse signals per epoch: " + " vs ".join(strategies))
   return fig

@@ -8,7 +8,7 @@ negative scored s_cross[i, j]. The loss is
 
   (1/N) sum_i [relu(S_ai - S_ii + m) + relu(S_it - S_ii + m)],
 
-and an anchor with an empty pool contributes 0. Negatives are chosen without
+full_batch averaging each anchor's hinges over its whole pool instead, and an anchor with an empty pool contributes 0. Negatives are chosen without
 gradient (indices only, ties to the lowest index); gradients flow through the
 selected scores. Reference: Xie, Rasanen, Virtanen, "On Negative Sampling for
 Contrastive Audio-Text Retrieval", ICASSP 2023.
@@ -26,8 +26,27 @@ from ntxr import scores
 
 Array = jax.Array
 
-# (selection matrix [N, N] or None, pool [N, N] bool, key) -> (audio_neg, text_neg).
-Selector = Callable[[Optional[Array], Array, Optional[Array]], tuple[Array, Array]]
+
+
+class Negatives(NamedTuple):
+  """Each anchor's chosen negatives, K per anchor (K = 1 for all but full_batch).
+
+  audio [N, K] int32: the clips scored against text anchor i; text [N, K] int32: the
+  captions scored against audio anchor i; valid [N, K] bool: which entries are real
+  (an anchor with an empty pool has none).
+  """
+  audio: Array
+  text: Array
+  valid: Array
+
+
+def _one_each(audio_neg: Array, text_neg: Array) -> Negatives:
+  """Negatives from one index per anchor and direction ([N], -1 where the pool is empty)."""
+  return Negatives(audio_neg[:, None], text_neg[:, None], (audio_neg >= 0)[:, None])
+
+
+# (selection matrix [N, N] or None, pool [N, N] bool, key or None) -> Negatives.
+Selector = Callable[[Optional[Array], Array, Optional[Array]], Negatives]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,12 +56,12 @@ class Strategy:
   Attributes:
     name: registry name.
     needs: the score matrix selection reads: "cross", "audio", "text" or None.
-    select: the selector, or None for full_batch (every pool member is a negative).
+    select: the selector.
     needs_key: whether selection draws random numbers.
   """
   name: str
   needs: Optional[str]
-  select: Optional[Selector]
+  select: Selector
   needs_key: bool = False
 
 
@@ -50,16 +69,13 @@ STRATEGIES: dict[str, Strategy] = {}
 
 
 def register(name: str, needs: Optional[str], needs_key: bool = False):
-  """Decorator adding a selector to STRATEGIES under `name`."""
+  """Decorator adding a selector to STRATEGIES under `name`; a taken name is refused."""
   def decorate(select: Selector) -> Selector:
     if name in STRATEGIES:
       raise ValueError(f"a strategy named {name!r} is registered already")
     STRATEGIES[name] = Strategy(name, needs, select, needs_key)
     return select
   return decorate
-
-
-STRATEGIES["full_batch"] = Strategy("full_batch", "cross", None)
 
 
 def masked_argmax(values: Array, pool: Array) -> Array:
@@ -71,33 +87,40 @@ def masked_argmax(values: Array, pool: Array) -> Array:
   return jnp.where(pool.any(axis=1), index, -1)
 
 
+@register("full_batch", needs=None)
+def _full_batch(_, pool, __):
+  """Every member of the pool; the anchor's hinge is averaged over them."""
+  every = jnp.broadcast_to(jnp.arange(pool.shape[0], dtype=jnp.int32), pool.shape)
+  return Negatives(every, every, pool)
+
+
 @register("random", needs=None, needs_key=True)
 def _random(_, pool, key):
   """Uniform over the pool, audio and text drawn independently."""
   audio_key, text_key = jax.random.split(key)
-  return (masked_argmax(jax.random.uniform(audio_key, pool.shape), pool),
-          masked_argmax(jax.random.uniform(text_key, pool.shape), pool))
+  return _one_each(masked_argmax(jax.random.uniform(audio_key, pool.shape), pool),
+                   masked_argmax(jax.random.uniform(text_key, pool.shape), pool))
 
 
 @register("semihard_cross", needs="cross")
 def _semihard_cross(s_cross, pool, _):
   """Negative whose cross score is closest to the positive's, either side."""
   positive = jnp.diagonal(s_cross)[:, None]
-  return (masked_argmax(-jnp.abs(s_cross.T - positive), pool),
-          masked_argmax(-jnp.abs(s_cross - positive), pool))
+  return _one_each(masked_argmax(-jnp.abs(s_cross.T - positive), pool),
+                   masked_argmax(-jnp.abs(s_cross - positive), pool))
 
 
 @register("hard_cross", needs="cross")
 def _hard_cross(s_cross, pool, _):
   """Negative with the highest cross score."""
-  return masked_argmax(s_cross.T, pool), masked_argmax(s_cross, pool)
+  return _one_each(masked_argmax(s_cross.T, pool), masked_argmax(s_cross, pool))
 
 
 def _same_for_both(sign: float) -> Selector:
   """Selector taking one j per anchor from a within-modality matrix, used both ways."""
   def select(s_within, pool, _):
     index = masked_argmax(sign * s_within, pool)
-    return index, index
+    return _one_each(index, index)
   return select
 
 
@@ -134,11 +157,6 @@ def _check_matrix(name: str, matrix: Optional[Array], n: int, required: bool) ->
     raise ValueError(f"{name} must be floating point, got {matrix.dtype}")
 
 
-def _check_key(strategy: Strategy, key: Optional[Array]) -> None:
-  if strategy.needs_key and key is None:
-    raise ValueError(f"strategy {strategy.name!r} draws at random: pass key=")
-
-
 def negative_pool(audio_ids: Array) -> Array:
   """pool[i, j] = audio_ids[i] != audio_ids[j]: [N] -> [N, N] bool."""
   return audio_ids[:, None] != audio_ids[None, :]
@@ -146,112 +164,70 @@ def negative_pool(audio_ids: Array) -> Array:
 
 def select_negatives(s_cross: Optional[Array], audio_ids: Array, *, strategy: str,
                      key: Optional[Array] = None, s_audio: Optional[Array] = None,
-                     s_text: Optional[Array] = None) -> tuple[Array, Array]:
-  """Indices of one audio negative per text anchor and one text negative per audio anchor.
+                     s_text: Optional[Array] = None) -> Negatives:
+  """Each anchor's negatives under `strategy`, chosen without gradient.
 
   Args:
     s_cross: [N, N] float, s_cross[a, t] = score(audio a, text t); may be None for
       strategies that do not read it.
     audio_ids: [N] int, equal exactly when two captions belong to the same clip.
-    strategy: a single-negative name in STRATEGIES (not full_batch).
+    strategy: a name in STRATEGIES.
     key: PRNG key, required by "random".
     s_audio: [N, N] float audio-audio scores, for easy_audio / hard_audio.
     s_text: [N, N] float text-text scores, for easy_text / hard_text.
 
   Returns:
-    (audio_neg [N] int32, text_neg [N] int32); -1 where the pool is empty.
+    Negatives: [N, K] indices and validity; an empty pool gives index -1, not valid.
 
   Example:
     >>> s = jnp.array([[.9, .2, .4], [.1, .8, .3], [.5, .6, .7]])
-    >>> select_negatives(s, jnp.array([0, 1, 2]), strategy="hard_cross")
+    >>> chosen = select_negatives(s, jnp.array([0, 1, 2]), strategy="hard_cross")
+    >>> chosen.audio[:, 0], chosen.text[:, 0]
     (Array([2, 2, 0], dtype=int32), Array([2, 2, 1], dtype=int32))
   """
   spec = get_strategy(strategy)
-  if spec.select is None:
-    raise ValueError(f"{strategy!r} uses every pool member; it selects no single negative")
   n = _check_ids(audio_ids)
   matrices = {"cross": s_cross, "audio": s_audio, "text": s_text}
   for name, matrix in matrices.items():
     _check_matrix(f"s_{name}", matrix, n, required=spec.needs == name)
-  _check_key(spec, key)
+  if spec.needs_key and key is None:
+    raise ValueError(f"strategy {strategy!r} draws at random: pass key=")
   within = matrices.get(spec.needs)
   return spec.select(None if within is None else jax.lax.stop_gradient(within),
                      negative_pool(audio_ids), key)
 
 
-def _hinge_mean(negative: Array, positive: Array, margin: float, valid: Array) -> Array:
-  """Mean over anchors of relu(negative - positive + margin), 0 where not valid.
-
-  negative and positive are [N, 2]-broadcastable: one column per direction.
-  """
-  hinge = jax.nn.relu(negative - positive + margin).sum(axis=-1)
-  return jnp.mean(jnp.where(valid, hinge, 0.0))
-
-
-def _full_batch_loss(s_cross: Array, pool: Array, margin: float) -> Array:
-  """Hinge averaged over each anchor's whole pool, both directions; [N, N] -> scalar."""
-  positive = jnp.diagonal(s_cross)[:, None]
-  count = jnp.maximum(pool.sum(axis=1), 1)
-  hinge = (jnp.where(pool, jax.nn.relu(s_cross.T - positive + margin), 0.0)
-           + jnp.where(pool, jax.nn.relu(s_cross - positive + margin), 0.0))
-  return jnp.mean(hinge.sum(axis=1) / count)
-
-
-def triplet_loss(s_cross: Array, audio_ids: Array, *, strategy: str,
-                 margin: float = 0.5, key: Optional[Array] = None,
-                 s_audio: Optional[Array] = None,
-                 s_text: Optional[Array] = None) -> Array:
-  """The paper's bidirectional triplet loss from a cross score matrix.
-
-  Args:
-    s_cross: [N, N] float, s_cross[a, t] = score(audio a, text t); differentiable.
-    audio_ids: [N] int clip ids.
-    strategy: a name in STRATEGIES.
-    margin: hinge margin m.
-    key: PRNG key, required by "random".
-    s_audio, s_text: [N, N] within-modality scores for the audio / text strategies
-      (selection only: no gradient flows through them).
-
-  Returns:
-    Scalar loss in s_cross's dtype; anchors with an empty pool add 0.
-
-  Example:
-    >>> s = jnp.array([[.6, .5], [.3, .7]])
-    >>> round(float(triplet_loss(s, jnp.array([0, 1]), strategy="hard_cross")), 4)
-    0.5
-  """
-  spec = get_strategy(strategy)
-  n = _check_ids(audio_ids)
-  _check_matrix("s_cross", s_cross, n, required=True)
-  pool = negative_pool(audio_ids)
-  if spec.select is None:
-    return _full_batch_loss(s_cross, pool, margin)
-  audio_neg, text_neg = select_negatives(s_cross, audio_ids, strategy=strategy, key=key,
-                                         s_audio=s_audio, s_text=s_text)
-  anchors = jnp.arange(n)
-  negative = jnp.stack([s_cross[audio_neg, anchors], s_cross[anchors, text_neg]], axis=1)
-  positive = jnp.diagonal(s_cross)[:, None]
-  return _hinge_mean(negative, positive, margin, audio_neg >= 0)
-
-
 class TripletTerms(NamedTuple):
-  """What the loss saw, for diagnostics: positive [N]; negative [N, 2] (audio
-  negative, text negative; full_batch: the mean over the pool); valid [N] (non-empty pool)."""
+  """What the loss saw, for diagnostics: positive [N]; negative [N, 2] (the audio
+  negatives' and the text negatives' mean score); valid [N] (non-empty pool)."""
   positive: Array
   negative: Array
   valid: Array
 
 
-def triplet_loss_from_embeddings(audio: Array, text: Array, audio_ids: Array, *,
-                                 strategy: str, margin: float = 0.5,
-                                 key: Optional[Array] = None,
-                                 audio_mask: Optional[Array] = None,
-                                 text_mask: Optional[Array] = None,
-                                 score: str = "alignment") -> Array:
-  """The scalar loss of `triplet_loss_and_terms` (same arguments)."""
-  return triplet_loss_and_terms(audio, text, audio_ids, strategy=strategy, margin=margin,
-                                key=key, audio_mask=audio_mask, text_mask=text_mask,
-                                score=score)[0]
+def _selected_scores(scorer: scores.Scorer, audio: Array, text: Array,
+                     audio_mask: Optional[Array], text_mask: Optional[Array],
+                     chosen: Negatives) -> tuple[Array, Array, Array]:
+  """(positive [N], audio negatives [N, K], text negatives [N, K]) scored with gradient.
+
+  One negative each: only the 3N chosen pairs are scored, each audio against its own
+  caption and its text negative in one product, the audio tensor gathered once. More:
+  the N x N cross matrix once, and the chosen entries read from it.
+  """
+  n, k = chosen.audio.shape
+  if k > 1:
+    s_cross = scorer.matrix(audio, text, audio_mask, text_mask)
+    return (jnp.diagonal(s_cross), jnp.take_along_axis(s_cross.T, chosen.audio, axis=1),
+            jnp.take_along_axis(s_cross, chosen.text, axis=1))
+  take = lambda x, rows: None if x is None else x[rows]
+  own_and_negative = lambda x: None if x is None else jnp.concatenate(
+      [x[:, None], x[chosen.text]], axis=1)
+  own, text_negative = jnp.split(scorer.paired(
+      audio, own_and_negative(text), audio_mask, own_and_negative(text_mask)), [1], axis=1)
+  audio_rows = chosen.audio[:, 0]
+  audio_negative = scorer.paired(audio[audio_rows], text, take(audio_mask, audio_rows),
+                                 text_mask)
+  return own[:, 0], audio_negative.reshape(n, 1), text_negative
 
 
 def triplet_loss_and_terms(audio: Array, text: Array, audio_ids: Array, *,
@@ -260,14 +236,13 @@ def triplet_loss_and_terms(audio: Array, text: Array, audio_ids: Array, *,
                            audio_mask: Optional[Array] = None,
                            text_mask: Optional[Array] = None,
                            score: str = "alignment") -> Tuple[Array, TripletTerms]:
-  """The triplet loss from embeddings, computing only what the strategy needs.
+  """The bidirectional triplet loss from embeddings, computing only what the strategy needs.
 
-  Negatives are chosen without gradient from the one matrix the strategy reads (the
-  N x N cross matrix for the cross strategies, a symmetric within-modality matrix for
-  the audio and text ones, none for random); then only the 3N selected pairs
-  (positive, audio negative, text negative) are scored with gradient, the audio
-  tensor gathered once. full_batch
-  builds the cross matrix with gradient. Equals `triplet_loss` on full matrices.
+  Negatives are chosen by `select_negatives` from the one matrix the strategy reads
+  (the N x N cross matrix for the cross strategies, a symmetric within-modality matrix
+  for the audio and text ones, none for random and full_batch), computed without
+  gradient; then only the chosen pairs are scored with gradient. Each anchor's hinge is
+  averaged over its valid negatives, the two directions added, and the anchors averaged.
 
   Args:
     audio: [N, T, E] float frame embeddings; text: [N, W, E] float word embeddings.
@@ -277,42 +252,45 @@ def triplet_loss_and_terms(audio: Array, text: Array, audio_ids: Array, *,
     score: "alignment" (the paper's) or "pooled".
 
   Returns:
-    (scalar loss, TripletTerms).
+    (scalar loss, TripletTerms); anchors with an empty pool add 0.
+
+  Example:
+    >>> clips = jnp.eye(2)[:, None, :]  # two one-frame clips, two one-word captions
+    >>> captions = jnp.array([[[.8, .6]], [[.6, .8]]])  # s_cross = [[.8, .6], [.6, .8]]
+    >>> loss, terms = triplet_loss_and_terms(clips, captions, jnp.array([0, 1]),
+    ...                                      strategy="hard_cross")
+    >>> round(float(loss), 4), round(float(terms.negative[0, 0]), 4)  # 2 x (.6 - .8 + .5)
+    (0.6, 0.6)
   """
-  spec = get_strategy(strategy)
   scorer = scores.get_scorer(score)
   n = _check_ids(audio_ids)
   if audio.ndim != 3 or text.ndim != 3 or audio.shape[0] != n or text.shape[0] != n:
     raise ValueError(f"audio [N, T, E] and text [N, W, E] must match audio_ids [{n}]; "
                      f"got {audio.shape} and {text.shape}")
-  _check_key(spec, key)
-  if spec.select is None:
-    s_cross = scorer.matrix(audio, text, audio_mask, text_mask)
-    pool = negative_pool(audio_ids)
-    count = jnp.maximum(pool.sum(axis=1), 1)
-    pool_mean = lambda s: jnp.where(pool, s, 0).sum(axis=1) / count
-    terms = TripletTerms(jnp.diagonal(s_cross),
-                         jnp.stack([pool_mean(s_cross.T), pool_mean(s_cross)], axis=1),
-                         pool.any(axis=1))
-    return _full_batch_loss(s_cross, pool, margin), terms
-
   frozen_audio, frozen_text = jax.lax.stop_gradient((audio, text))
-  selection_matrix = {
-      None: lambda: None,
-      "cross": lambda: scorer.matrix(frozen_audio, frozen_text, audio_mask, text_mask),
-      "audio": lambda: scorer.symmetric(frozen_audio, audio_mask),
-      "text": lambda: scorer.symmetric(frozen_text, text_mask),
-  }[spec.needs]()
-  audio_neg, text_neg = spec.select(selection_matrix, negative_pool(audio_ids), key)
+  needs = get_strategy(strategy).needs
+  compute = {"cross": lambda: scorer.matrix(frozen_audio, frozen_text, audio_mask, text_mask),
+             "audio": lambda: scorer.symmetric(frozen_audio, audio_mask),
+             "text": lambda: scorer.symmetric(frozen_text, text_mask)}
+  matrices = {f"s_{needs}": compute[needs]()} if needs else {}
+  chosen = select_negatives(matrices.pop("s_cross", None), audio_ids, strategy=strategy,
+                            key=key, **matrices)
+  positive, audio_negative, text_negative = _selected_scores(
+      scorer, audio, text, audio_mask, text_mask, chosen)
+  count = jnp.maximum(chosen.valid.sum(axis=1), 1)
+  mean = lambda x: jnp.where(chosen.valid, x, 0).sum(axis=1) / count
+  hinge = lambda negative: mean(jax.nn.relu(negative - positive[:, None] + margin))
+  loss = jnp.mean(hinge(audio_negative) + hinge(text_negative))
+  terms = TripletTerms(positive, jnp.stack([mean(audio_negative), mean(text_negative)], axis=1),
+                       chosen.valid.any(axis=1))
+  return loss, terms
 
-  # Each audio scores its own caption and its text negative in one [T, 2W] product;
-  # only the audio negatives need the (large) audio tensor gathered.
-  take = lambda x, rows: None if x is None else x[rows]
-  own_and_negative = lambda x: None if x is None else jnp.stack([x, x[text_neg]], axis=1)
-  positive, text_negative = scorer.paired(
-      audio, own_and_negative(text), audio_mask, own_and_negative(text_mask)).T
-  audio_negative = scorer.paired(audio[audio_neg], text, take(audio_mask, audio_neg),
-                                 text_mask)
-  terms = TripletTerms(positive, jnp.stack([audio_negative, text_negative], axis=1),
-                       audio_neg >= 0)
-  return _hinge_mean(terms.negative, positive[:, None], margin, terms.valid), terms
+
+def triplet_loss(audio: Array, text: Array, audio_ids: Array, *, strategy: str,
+                 margin: float = 0.5, key: Optional[Array] = None,
+                 audio_mask: Optional[Array] = None, text_mask: Optional[Array] = None,
+                 score: str = "alignment") -> Array:
+  """The scalar loss of `triplet_loss_and_terms` (the same arguments)."""
+  return triplet_loss_and_terms(audio, text, audio_ids, strategy=strategy, margin=margin,
+                                key=key, audio_mask=audio_mask, text_mask=text_mask,
+                                score=score)[0]

@@ -6,7 +6,7 @@
   python -m ntxr.sweep --root=sweeps/gpu --processes=4 --gpus=0,1,2,3,4,5,6,7
   python -m ntxr.sweep --root=sweeps/default --table_only
 
-Each run is `python -m ntxr.main --strategy=S --seed=N --workdir=ROOT/S/seed_N ARGS`
+Each run is `python -m ntxr.main --strategy=S --config.seed=N --workdir=ROOT/S/seed_N ARGS`
 (ARGS: whatever follows `--`), its output in ROOT/S/seed_N/log.txt. A run whose
 results.json exists is skipped, an unfinished one resumes, a failed one is reported
 and the others go on. The table of every finished run goes to ROOT/results.csv and
@@ -29,12 +29,18 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from ntxr import files, plots, sampling
+from ntxr import cli, evaluate, files, plots, sampling
 from ntxr.data import workers
 
-T2A = ("R@1", "R@5", "R@10", "mAP@10", "mAP")
-A2T = ("R@1", "R@5", "R@10", "HR@1", "HR@5", "HR@10", "mAP@10", "mAP")
-COLUMNS = tuple(f"t2a {m}" for m in T2A) + tuple(f"a2t {m}" for m in A2T)
+_ROOT = flags.DEFINE_string("root", "sweeps/default", "folder holding one workdir per run")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "seeds to run for each strategy")
+_PROCESSES = flags.DEFINE_integer("processes", 1, "training processes at a time",
+                                  lower_bound=1)
+_GPUS = flags.DEFINE_list("gpus", [], "GPU ids to split evenly among the processes, e.g. "
+                          "0,1,2,3 with --processes=4: one GPU per run (default: all shared)")
+_TABLE_ONLY = flags.DEFINE_bool("table_only", False, "only write the table of finished runs")
+
+COLUMNS = (tuple(f"t2a {m}" for m in evaluate.T2A) + tuple(f"a2t {m}" for m in evaluate.A2T))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +55,7 @@ class Run:
 
   def command(self, main_args=()) -> list:
     return [sys.executable, "-m", "ntxr.main", f"--strategy={self.strategy}",
-            f"--seed={self.seed}", f"--workdir={self.workdir}", *main_args]
+            f"--config.seed={self.seed}", f"--workdir={self.workdir}", *main_args]
 
 
 def plan(root: str, strategies, seeds) -> list:
@@ -197,34 +203,20 @@ def write_report(root: str) -> list:
 
 
 def main(argv):
-  options = flags.FLAGS
   try:
-    runs = plan(options.root, options.strategies or list(sampling.STRATEGIES),
-                [int(s) for s in options.seeds])
-    if options.gpus:
-      gpu_groups(options.gpus, options.processes)
+    runs = plan(_ROOT.value, cli.strategies(), [int(s) for s in _SEEDS.value])
+    if _GPUS.value:
+      gpu_groups(_GPUS.value, _PROCESSES.value)
   except ValueError as e:
     sys.exit(f"error: {e}")
-  failed = [] if options.table_only else run_all(runs, argv[1:], options.processes,
-                                                 options.gpus)
-  rows = write_report(options.root)
+  failed = [] if _TABLE_ONLY.value else run_all(runs, argv[1:], _PROCESSES.value, _GPUS.value)
+  rows = write_report(_ROOT.value)
   print(to_markdown(rows))
-  print(f"{sum(r['seeds'] for r in rows)} runs: table and figures in {options.root}")
+  print(f"{sum(r['seeds'] for r in rows)} runs: table and figures in {_ROOT.value}")
   if failed:
     sys.exit(f"error: {len(failed)} runs failed; see " +
              ", ".join(f"{r.workdir}/log.txt" for r in failed))
 
 
-def _define_flags():
-  flags.DEFINE_string("root", "sweeps/default", "folder holding one workdir per run")
-  flags.DEFINE_list("strategies", [], "strategies to run (default: all eight)")
-  flags.DEFINE_list("seeds", ["0", "1"], "seeds to run for each strategy")
-  flags.DEFINE_integer("processes", 1, "training processes at a time", lower_bound=1)
-  flags.DEFINE_list("gpus", [], "GPU ids to split evenly among the processes, e.g. "
-                    "0,1,2,3 with --processes=4: one GPU per run (default: all shared)")
-  flags.DEFINE_bool("table_only", False, "only write the table of finished runs")
-
-
 if __name__ == "__main__":
-  _define_flags()
   app.run(main)

@@ -1,52 +1,66 @@
-"""The benchmark's baseline computes the same loss, and its command runs."""
+"""The benchmark's reference loop computes the kernel's loss, and its jobs and command run."""
 
 import json
+import subprocess
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from ntxr import bench, sampling
+from ntxr import sampling
+from ntxr.bench import kernels, reference, score_matrices, timing, training_steps
 
 
 @pytest.mark.parametrize("strategy", [s for s in sampling.STRATEGIES if s != "random"])
-def test_loop_baseline_computes_the_kernel_loss(strategy):
-  audio, text, audio_ids = bench.inputs(12, 9, 4, 8, np.float32)
+def test_reference_loop_computes_the_kernel_loss(strategy):
+  audio, text, audio_ids = timing.embeddings(12, 9, 4, 8, np.float32)
   audio_ids[3] = audio_ids[2]  # at least one clip with two captions
-  loop = bench.loop_loss(bench.JAX_OPS, audio, text, audio_ids, strategy, 0.5,
-                         np.random.default_rng(0))
-  kernel = sampling.triplet_loss_from_embeddings(audio, text, jax.numpy.asarray(audio_ids),
-                                                 strategy=strategy)
+  loop, *_ = reference.per_anchor_loss(reference.JAX_OPS, audio, text, audio_ids, strategy,
+                                       0.5, np.random.default_rng(0))
+  kernel = sampling.triplet_loss(audio, text, jax.numpy.asarray(audio_ids), strategy=strategy)
   np.testing.assert_allclose(loop, kernel, rtol=1e-5)
 
 
 def test_kernel_flops_count_the_selected_pairs():
-  pair = 2 * 5 * 3 * 7
-  assert bench.kernel_flops("random", 4, 5, 3, 7) == 9 * 4 * pair
-  assert bench.kernel_flops("full_batch", 4, 5, 3, 7) == 3 * 16 * pair
-  assert bench.kernel_flops("hard_audio", 4, 5, 3, 7) == 10 * 2 * 5 * 5 * 7 + 9 * 4 * pair
+  # n=4 pairs of a 5-frame clip and a 3-word caption, e=7: one pair is 2*5*3*7 FLOPs.
+  assert kernels.kernel_flops("random", 4, 5, 3, 7) == 12 * 210 * 3       # 12 pairs, fwd+2 bwd
+  assert kernels.kernel_flops("full_batch", 4, 5, 3, 7) == 16 * 210 * 3   # all 16, fwd+2 bwd
+  assert kernels.kernel_flops("hard_cross", 4, 5, 3, 7) == 16 * 210 + 12 * 210 * 3
+  # hard_audio: 10 audio-audio pairs (upper triangle with diagonal) of 2*5*5*7 FLOPs.
+  assert kernels.kernel_flops("hard_audio", 4, 5, 3, 7) == 10 * 350 + 12 * 210 * 3
 
 
-def test_command_writes_json(tmp_path, capsys):
-  out = tmp_path / "bench.json"
-  bench.main(["--shapes=4:6:3:8", "--strategies=random,hard_text", "--repeats=1",
-              "--device_kind=test-cpu", f"--json={out}"])
-  result = json.loads(out.read_text())
-  assert result["device"] == "test-cpu"
-  assert [r["strategy"] for r in result["loss"]] == ["random", "hard_text"]
-  assert all(r["kernel_ms"] > 0 and r["speedup"] > 0 for r in result["loss"])
-  assert {r["kind"] for r in result["scores"]} == {"cross", "audio-audio"}
-  assert "| hard_text | 4 | 6 | 3 | 8 |" in capsys.readouterr().out
+def test_matmul_yardstick_is_bounded_whatever_the_flops():
+  # A petaflop of work is timed on at most 8 x 4096 x 4096 outputs, then scaled.
+  seconds = timing.matmul_seconds(1e15, 16, np.float32, repeats=1)
+  small = timing.matmul_seconds(2 * 16 * 4096 * 4096 * 8, 16, np.float32, repeats=1)
+  assert seconds == pytest.approx(small * 1e15 / (2 * 16 * 4096 * 4096 * 8), rel=0.5)
 
 
-def test_encoder_command_times_each_width(tmp_path, capsys, monkeypatch):
-  monkeypatch.setattr(bench, "ENCODER_WIDTHS", {"narrow": (2, 4, 4, 4, 4)})
-  monkeypatch.setattr(bench, "ENCODER_SHAPE",
-                      dict(n=4, frames=8, words=3, mel_bands=64, vocab=10))
-  out = tmp_path / "encoder.json"
-  bench.main(["--encoder", "--repeats=1", "--device_kind=test-cpu", f"--json={out}"])
-  rows = json.loads(out.read_text())["encoder"]
+def test_jobs_give_one_row_each():
+  rows = kernels.run([(4, 6, 3, 8)], ["random", "hard_text"], np.float32, repeats=1,
+                     loop_max_n=4, torch_loop=False)
+  assert [r["strategy"] for r in rows] == ["random", "hard_text"]
+  assert all(r["kernel_ms"] > 0 and r["speedup"] > 0 for r in rows)
+  assert "| hard_text | 4 | 6 | 3 | 8 |" in kernels.format_table(rows)
+  rows = score_matrices.run([("cross", 4, 6, 3, 8), ("audio-audio", 4, 6, 6, 8)], np.float32, 1)
+  assert [r["kind"] for r in rows] == ["cross", "audio-audio"]
+  rows = training_steps.run({"narrow": (2, 4, 4, 4, 4)}, [4], repeats=1, torch_too=False,
+                            shape=dict(frames=8, words=3, mel_bands=64, vocab=10))
   assert [(r["width"], r["channels"], r["n"], r["frames"]) for r in rows] == [
       ("narrow", [2, 4, 4, 4, 4], 4, 8)]
   assert rows[0]["jax_ms"] > 0 and rows[0]["torch_ms"] is None
-  assert "| narrow | (2, 4, 4, 4, 4) | 4 | 8 |" in capsys.readouterr().out
+  assert "| narrow | (2, 4, 4, 4, 4) | 4 | 8 |" in training_steps.format_table(rows)
+
+
+def test_command_writes_json_and_imports_no_tensorflow(tmp_path):
+  out = tmp_path / "bench.json"
+  code = ("import sys; from absl import app; from ntxr.bench import __main__ as bench\n"
+          "try: app.run(bench.main)\nexcept SystemExit as e: assert not e.code, e.code\n"
+          "assert 'tensorflow' not in sys.modules and 'librosa' not in sys.modules")
+  subprocess.run([sys.executable, "-c", code, "--jobs=kernels", "--shapes=4:6:3:8",
+                  "--strategies=random", "--repeats=1", "--device_kind=test-cpu",
+                  f"--json={out}"], check=True)
+  result = json.loads(out.read_text())
+  assert result["device"] == "test-cpu" and [r["strategy"] for r in result["loss"]] == ["random"]

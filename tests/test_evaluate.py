@@ -97,26 +97,26 @@ def test_collapse_diagnostics():
   same = np.tile(np.array([1.0, 2.0, 0.0, 0.0, 0.0, 0.0]), (6, 3, 1))
   distinct = np.tile(np.eye(6)[:, None, :], (1, 3, 1))
   collapsed = evaluate.collapse_diagnostics(same, mask, distinct, mask, None, thresholds)
-  assert collapsed["audio_cosine"] == pytest.approx(1.0)
-  assert collapsed["audio_effective_rank"] == pytest.approx(1.0)
-  assert collapsed["text_cosine"] == pytest.approx(0.0)
-  assert collapsed["text_effective_rank"] == pytest.approx(6.0)
-  assert collapsed["collapse"] and len(collapsed["collapse_reasons"]) == 2
+  assert collapsed.audio_cosine == pytest.approx(1.0)
+  assert collapsed.audio_effective_rank == pytest.approx(1.0)
+  assert collapsed.text_cosine == pytest.approx(0.0)
+  assert collapsed.text_effective_rank == pytest.approx(6.0)
+  assert collapsed.collapsed and len(collapsed.reasons) == 2
   healthy = evaluate.collapse_diagnostics(distinct, mask, distinct, mask,
                                           dict(share_at_margin=0.1), thresholds)
-  assert not healthy["collapse"]
+  assert not healthy.collapsed
   stuck = evaluate.collapse_diagnostics(distinct, mask, distinct, mask,
                                         dict(share_at_margin=0.9), thresholds)
-  assert stuck["collapse_reasons"] == ["share_at_margin 0.900 > 0.5"]
+  assert stuck.reasons == ("share_at_margin 0.900 > 0.5",)
   # hard_cross on the default corpus, epoch 1: every score about the same.
   flat = evaluate.collapse_diagnostics(distinct, mask, distinct, mask,
                                        dict(positive_std=9.9e-5, negative_std=9.7e-5),
                                        thresholds)
-  assert flat["collapse_reasons"] == ["score spread 9.9e-05 < 0.001"]
+  assert flat.reasons == ("score spread 9.9e-05 < 0.001",)
   spread = evaluate.collapse_diagnostics(distinct, mask, distinct, mask,
                                          dict(positive_std=9.9e-5, negative_std=0.006),
                                          thresholds)
-  assert not spread["collapse"]
+  assert not spread.collapsed
 
 
 def test_mean_pairwise_cosine_matches_pairs():

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ["--strategy=hard_cross", "--data_dir=/mnt/Clotho v2's copy", "--config.num_epochs=3"]
+FLAGS = ["--strategy=hard_cross", "--config.data_dir=/mnt/Clotho v2's copy", "--config.num_epochs=3"]
 
 
 def dry_run(script, *args, **env):

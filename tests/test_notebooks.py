@@ -6,7 +6,8 @@ import nbclient
 import nbformat
 import pytest
 
-from ntxr import bench
+from ntxr import files
+from ntxr.bench import kernels
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "notebooks")
@@ -39,10 +40,10 @@ def test_ablation_notebook(tiny_sweep, monkeypatch):
 
 
 def test_kernel_notebook(tmp_path, monkeypatch):
-  for device in ("a", "b"):
-    bench.main(["--shapes=8:5:3:4,16:5:3:4", "--strategies=random,hard_cross",
-                "--repeats=1", "--skip_scores", "--loop_max_n=0", f"--device_kind=cpu {device}",
-                f"--json={tmp_path}/bench_{device}.json"])
+  rows = kernels.run([(8, 5, 3, 4), (16, 5, 3, 4)], ["random", "hard_cross"], "float32",
+                     repeats=1, loop_max_n=0, torch_loop=False)
+  for device in ("a", "b"):  # what `python -m ntxr.bench --json=...` writes on two devices
+    files.write_json(f"{tmp_path}/bench_{device}.json", dict(device=f"cpu {device}", loss=rows))
   monkeypatch.setenv("NTXR_BENCH", str(tmp_path / "bench_*.json"))
   setup, figure = execute("kernels.ipynb")
   assert text(setup).splitlines() == [f"{tmp_path}/bench_a.json: cpu a, 4 rows",

@@ -62,7 +62,7 @@ def _steps(cache_dir: str) -> dict:
   initial model's selected negatives on the first batch, and the final parameters."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  from ntxr import sampling, scores, train  # pylint: disable=g-import-not-at-top
+  from ntxr import experiment, sampling, scores  # pylint: disable=g-import-not-at-top
   from ntxr.configs import default  # pylint: disable=g-import-not-at-top
   from ntxr.data import input_pipeline  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(__file__))
@@ -79,7 +79,7 @@ def _steps(cache_dir: str) -> dict:
       chosen = sampling.select_negatives(matrices["s_cross"], batch["audio_id"],
                                          strategy=strategy, key=key, s_audio=matrices["s_audio"],
                                          s_text=matrices["s_text"])
-      return dict(matrices, negatives=jax.numpy.stack(chosen))
+      return dict(matrices, negatives=jax.numpy.stack([chosen.audio[:, 0], chosen.text[:, 0]]))
     return negatives
 
   flat = lambda tree: {"/".join(k): np.asarray(v) for k, v in
@@ -90,7 +90,7 @@ def _steps(cache_dir: str) -> dict:
     config = default.get_config()
     config.update(dict(TINY, cache_dir=cache_dir, strategy=strategy, batch_size=16))
     for devices in (jax.devices()[:1], jax.devices()):
-      experiment = train.Experiment(config, devices)
+      experiment = experiment.Experiment(config, devices)
       prefix = f"{strategy}/{len(devices)}"
       batches = list(input_pipeline.as_numpy(experiment.train_batches("development", 0)))
       state = experiment.initial_state
@@ -103,7 +103,7 @@ def _steps(cache_dir: str) -> dict:
       losses = []
       for i, batch in enumerate(batches[:STEPS]):
         state, metrics = experiment.train_step(state, batch, jax.random.fold_in(key, i))
-        losses.append(float(metrics["loss"]))
+        losses.append(float(metrics.loss))
       found[f"{prefix}/loss"] = np.array(losses)
       for name, value in flat(state.params).items():
         found[f"{prefix}/params/{name}"] = value

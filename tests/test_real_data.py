@@ -19,7 +19,7 @@ import pytest
 import soundfile
 
 import recordings
-from ntxr import train
+from ntxr import experiment, train
 from ntxr.configs import paper
 from ntxr.data import builders, clotho, corpus, features, tokenizer
 
@@ -113,7 +113,7 @@ def test_main_on_real_recordings_records_and_reports_skipped_clips(real_clotho, 
     f.write(b"RIFF....WAVEnot audio")
   before = recordings.snapshot(data)
   workdir = str(tmp_path / "run")
-  flags = [f"--data_dir={data}", "--strategy=semihard_cross", f"--workdir={workdir}",
+  flags = [f"--config.data_dir={data}", "--strategy=semihard_cross", f"--workdir={workdir}",
            f"--config.cache_dir={cache_dir}", "--config.skip_bad_files=true",
            *[f"--config.{k}={v}" for k, v in SMALL_MODEL.items()]]
   first = run_main(*flags)
@@ -153,7 +153,7 @@ def test_paper_config_trains_on_real_recordings_with_word2vec(real_clotho, cache
   config = paper.get_config()
   config.update(dict(SMALL_MODEL, data_dir=real_clotho, cache_dir=cache_dir,
                      word_vectors=vectors))
-  experiment = train.Experiment(config)
+  experiment = experiment.Experiment(config)
   vocabulary = experiment.tokenizer.words
   assert "xylophone" in vocabulary  # an evaluation-only word is in the paper's vocabulary
   table = experiment.initial_state.params["text"]["embed"]["embedding"]

@@ -8,47 +8,31 @@ import numpy as np
 import pytest
 
 from ntxr import sampling, scores
+from ntxr.bench import reference
 
 SINGLE = [s for s in sampling.STRATEGIES if s not in ("full_batch", "random")]
 MARGIN = 0.5
 
 
-def naive_loss(s_cross, audio_ids, strategy, s_audio=None, s_text=None):
-  """The strategies' semantics (ntxr/sampling.py's docstring and the README's table), one
-  anchor at a time in float64.
+def masked_score(x, y):
+  """The alignment score in NumPy float64 for the reference loop: padded steps are zero
+  vectors (`zeroed`), so the mean runs over the non-zero rows of each side."""
+  valid = lambda z: (np.abs(z).sum(-1) > 0).sum(-1)
+  sums = np.maximum(x @ np.swapaxes(y, -1, -2), 0).sum(axis=(-2, -1))
+  return sums / np.maximum(valid(x) * valid(y), 1)
 
-  Returns (loss, audio_negatives, text_negatives), negatives -1 where the pool is empty.
-  Python's min/max return the first best item of the ascending pool: ties go low.
-  """
-  s_cross = np.asarray(s_cross, np.float64)
-  n = len(audio_ids)
-  total, audio_negs, text_negs = 0.0, [], []
-  for i in range(n):
-    pool = [j for j in range(n) if audio_ids[j] != audio_ids[i]]
-    positive = s_cross[i, i]
-    if not pool:
-      audio_negs.append(-1)
-      text_negs.append(-1)
-      continue
-    if strategy == "full_batch":
-      total += np.mean([max(0.0, s_cross[j, i] - positive + MARGIN) for j in pool])
-      total += np.mean([max(0.0, s_cross[i, j] - positive + MARGIN) for j in pool])
-      continue
-    if strategy == "semihard_cross":
-      a = min(pool, key=lambda j: abs(s_cross[j, i] - positive))
-      t = min(pool, key=lambda j: abs(s_cross[i, j] - positive))
-    elif strategy == "hard_cross":
-      a = max(pool, key=lambda j: s_cross[j, i])
-      t = max(pool, key=lambda j: s_cross[i, j])
-    else:
-      within = {"text": s_text, "audio": s_audio}[strategy.split("_")[1]]
-      pick = min if strategy.startswith("easy") else max
-      a = t = pick(pool, key=lambda j: within[i, j])
-    audio_negs.append(a)
-    text_negs.append(t)
-    total += max(0.0, s_cross[a, i] - positive + MARGIN)
-    total += max(0.0, s_cross[i, t] - positive + MARGIN)
-  return total / n, audio_negs, text_negs
+
+def zeroed(b):
+  """The batch's audio and text in float64 with padded steps set to zero."""
+  return (np.where(np.asarray(b["audio_mask"])[..., None], np.asarray(b["audio"], np.float64), 0),
+          np.where(np.asarray(b["text_mask"])[..., None], np.asarray(b["text"], np.float64), 0))
+
+
+def reference_loss(b, strategy, audio_ids=None):
+  """(loss, audio negatives, text negatives) of the per-anchor reference loop."""
+  ids = list(np.asarray(b["audio_ids"] if audio_ids is None else audio_ids))
+  return reference.per_anchor_loss(reference.NUMPY_OPS, *zeroed(b), ids, strategy, MARGIN,
+                                   np.random.default_rng(0), score=masked_score)
 
 
 @pytest.fixture
@@ -78,26 +62,27 @@ def matrices(b):
 
 
 @pytest.mark.parametrize("strategy", SINGLE)
-def test_selection_and_loss_match_naive_loop(batch, strategy):
-  expected_loss, audio_negs, text_negs = naive_loss(
-      batch["s_cross"], list(batch["audio_ids"]), strategy,
-      np.asarray(batch["s_audio"]), np.asarray(batch["s_text"]))
+def test_selection_and_loss_match_the_reference_loop(batch, strategy):
+  expected_loss, audio_negs, text_negs = reference_loss(batch, strategy)
   select = jax.jit(functools.partial(sampling.select_negatives, strategy=strategy))
-  audio_neg, text_neg = select(batch["s_cross"], batch["audio_ids"], **matrices(batch))
-  assert audio_neg.dtype == jnp.int32 and text_neg.dtype == jnp.int32
-  np.testing.assert_array_equal(audio_neg, audio_negs)
-  np.testing.assert_array_equal(text_neg, text_negs)
+  chosen = select(batch["s_cross"], batch["audio_ids"], **matrices(batch))
+  assert chosen.audio.dtype == jnp.int32 and chosen.audio.shape == (8, 1)
+  np.testing.assert_array_equal(chosen.audio[:, 0], audio_negs)
+  np.testing.assert_array_equal(chosen.text[:, 0], text_negs)
   loss = jax.jit(functools.partial(sampling.triplet_loss, strategy=strategy))(
-      batch["s_cross"], batch["audio_ids"], **matrices(batch))
+      batch["audio"], batch["text"], batch["audio_ids"], audio_mask=batch["audio_mask"],
+      text_mask=batch["text_mask"])
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
 
 
-def test_full_batch_matches_naive_loop(batch):
-  expected, *_ = naive_loss(batch["s_cross"], list(batch["audio_ids"]), "full_batch")
-  loss = sampling.triplet_loss(batch["s_cross"], batch["audio_ids"], strategy="full_batch")
+def test_full_batch_matches_the_reference_loop(batch):
+  expected, *_ = reference_loss(batch, "full_batch")
+  loss = sampling.triplet_loss(batch["audio"], batch["text"], batch["audio_ids"],
+                               strategy="full_batch", audio_mask=batch["audio_mask"],
+                               text_mask=batch["text_mask"])
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
-  with pytest.raises(ValueError, match="every pool member"):
-    sampling.select_negatives(batch["s_cross"], batch["audio_ids"], strategy="full_batch")
+  chosen = sampling.select_negatives(None, batch["audio_ids"], strategy="full_batch")
+  np.testing.assert_array_equal(chosen.valid, sampling.negative_pool(batch["audio_ids"]))
 
 
 def test_hand_computed_semihard_may_pick_above_the_positive():
@@ -106,31 +91,25 @@ def test_hand_computed_semihard_may_pick_above_the_positive():
   s = jnp.array([[0.5, 0.6, 0.0],
                  [0.9, 0.7, 0.1],
                  [0.3, 0.2, 0.8]])
-  audio_neg, text_neg = sampling.select_negatives(s, jnp.array([0, 1, 2]),
-                                                  strategy="semihard_cross")
-  assert int(audio_neg[0]) == 2 and int(text_neg[0]) == 1
-  # Anchor 0 hinges: 0.3 - 0.5 + 0.5 = 0.3 and 0.6 - 0.5 + 0.5 = 0.6.
-  per_anchor_0 = 0.3 + 0.6
-  expected, *_ = naive_loss(s, [0, 1, 2], "semihard_cross")
-  loss = sampling.triplet_loss(s, jnp.array([0, 1, 2]), strategy="semihard_cross")
-  np.testing.assert_allclose(loss, expected, rtol=1e-6)
-  assert expected > per_anchor_0 / 3
+  chosen = sampling.select_negatives(s, jnp.array([0, 1, 2]), strategy="semihard_cross")
+  assert int(chosen.audio[0, 0]) == 2 and int(chosen.text[0, 0]) == 1
+  assert chosen.valid.all()
 
 
 def test_ties_go_to_the_lowest_index():
   s = jnp.array([[0.5, 0.7, 0.7, 0.7]] * 4)
-  audio_neg, text_neg = sampling.select_negatives(
+  chosen = sampling.select_negatives(
       s, jnp.array([0, 1, 2, 3]), strategy="hard_text", s_text=jnp.ones((4, 4)))
-  np.testing.assert_array_equal(audio_neg, [1, 0, 0, 0])
-  _, text_neg = sampling.select_negatives(s, jnp.array([0, 1, 2, 3]), strategy="hard_cross")
-  np.testing.assert_array_equal(text_neg, [1, 2, 1, 1])
+  np.testing.assert_array_equal(chosen.audio[:, 0], [1, 0, 0, 0])
+  chosen = sampling.select_negatives(s, jnp.array([0, 1, 2, 3]), strategy="hard_cross")
+  np.testing.assert_array_equal(chosen.text[:, 0], [1, 2, 1, 1])
 
 
 def test_random_covers_the_pool_uniformly_and_never_a_positive(batch):
   ids = batch["audio_ids"]
   select = jax.jit(jax.vmap(
-      lambda key: sampling.select_negatives(None, ids, strategy="random", key=key)))
-  audio_neg, text_neg = select(jax.random.split(jax.random.PRNGKey(3), 4000))
+      lambda key: sampling.select_negatives(None, ids, strategy="random", key=key)[:2]))
+  audio_neg, text_neg = (x[..., 0] for x in select(jax.random.split(jax.random.PRNGKey(3), 4000)))
   ids = np.asarray(ids)
   for negatives in (np.asarray(audio_neg), np.asarray(text_neg)):
     for i in range(len(ids)):
@@ -146,41 +125,36 @@ def test_one_clip_batch_and_empty_pools_contribute_zero(batch):
   ids = jnp.zeros(8, jnp.int32)
   for strategy in sampling.STRATEGIES:
     loss, grad = jax.value_and_grad(
-        lambda a: sampling.triplet_loss_from_embeddings(
+        lambda a: sampling.triplet_loss(
             a, batch["text"], ids, strategy=strategy, key=jax.random.PRNGKey(0),
             audio_mask=batch["audio_mask"], text_mask=batch["text_mask"]))(batch["audio"])
     assert float(loss) == 0.0, strategy
     assert np.all(np.asarray(grad) == 0.0), strategy
-  np.testing.assert_array_equal(
-      sampling.select_negatives(batch["s_cross"], ids, strategy="hard_cross")[0], -1)
+  chosen = sampling.select_negatives(batch["s_cross"], ids, strategy="hard_cross")
+  np.testing.assert_array_equal(chosen.audio, -1)
+  assert not chosen.valid.any()
 
 
-@pytest.mark.parametrize("strategy", sorted(sampling.STRATEGIES))
-def test_from_embeddings_equals_loss_on_full_matrices(batch, strategy):
-  key = jax.random.PRNGKey(7)
-  masks = dict(audio_mask=batch["audio_mask"], text_mask=batch["text_mask"])
-
-  def from_matrices(audio, text):
-    return sampling.triplet_loss(
-        scores.alignment_scores(audio, text, batch["audio_mask"], batch["text_mask"]),
-        batch["audio_ids"], strategy=strategy, key=key,
-        s_audio=scores.alignment_scores(audio, audio, batch["audio_mask"],
-                                        batch["audio_mask"]),
-        s_text=scores.alignment_scores(text, text, batch["text_mask"],
-                                       batch["text_mask"]))
-
-  def from_embeddings(audio, text):
-    return sampling.triplet_loss_from_embeddings(
-        audio, text, batch["audio_ids"], strategy=strategy, key=key, **masks)
-
-  args = (batch["audio"], batch["text"])
-  value, grads = jax.value_and_grad(from_matrices, argnums=(0, 1))(*args)
-  value_e, grads_e = jax.jit(jax.value_and_grad(from_embeddings, argnums=(0, 1)))(*args)
+@pytest.mark.parametrize("strategy", sorted(set(sampling.STRATEGIES) - {"random"}))
+def test_loss_and_gradients_equal_the_reference_loop_in_jax(batch, strategy):
+  # Padded steps zeroed and a masked mean, so the eager loop scores as the kernel does.
+  audio, text = (jnp.asarray(x, jnp.float32) for x in zeroed(batch))
+  valid = lambda z: jnp.maximum((jnp.abs(z).sum(-1) > 0).sum(-1), 1)
+  score = lambda x, y: (jax.nn.relu(x @ jnp.swapaxes(y, -1, -2)).sum(axis=(-2, -1))
+                        / (valid(x) * valid(y)))
+  ids = list(np.asarray(batch["audio_ids"]))
+  loop = lambda a, t: reference.per_anchor_loss(reference.JAX_OPS, a, t, ids, strategy,
+                                                MARGIN, None, score=score)[0]
+  kernel = lambda a, t: sampling.triplet_loss(a, t, batch["audio_ids"], strategy=strategy,
+                                              audio_mask=batch["audio_mask"],
+                                              text_mask=batch["text_mask"])
+  value, grads = jax.value_and_grad(loop, argnums=(0, 1))(audio, text)
+  value_k, grads_k = jax.jit(jax.value_and_grad(kernel, argnums=(0, 1)))(audio, text)
   assert float(value) > 0
-  np.testing.assert_allclose(value_e, value, rtol=1e-5)
-  for g, g_e in zip(grads, grads_e):
+  np.testing.assert_allclose(value_k, value, rtol=1e-5)
+  for g, g_k in zip(grads, grads_k):
     assert np.abs(np.asarray(g)).sum() > 0
-    np.testing.assert_allclose(g_e, g, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(g_k, g, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("strategy", ["full_batch", "semihard_cross", "hard_audio", "random"])
@@ -188,7 +162,7 @@ def test_gradient_matches_finite_differences(batch, strategy):
   with jax.enable_x64(True):
     audio = jnp.asarray(batch["audio"], jnp.float64)
     text = jnp.asarray(batch["text"], jnp.float64)
-    loss = lambda a, t: sampling.triplet_loss_from_embeddings(
+    loss = lambda a, t: sampling.triplet_loss(
         a, t, batch["audio_ids"], strategy=strategy, key=jax.random.PRNGKey(1),
         audio_mask=batch["audio_mask"], text_mask=batch["text_mask"])
     grad_a, grad_t = jax.grad(loss, argnums=(0, 1))(audio, text)
@@ -208,7 +182,7 @@ def test_gradient_matches_finite_differences(batch, strategy):
 def test_vmap_over_batches_equals_one_at_a_time(batch):
   keys = jax.random.split(jax.random.PRNGKey(0), 3)
   audio = jnp.stack([batch["audio"], batch["audio"] * 0.5, batch["audio"][::-1]])
-  loss = lambda a, k: sampling.triplet_loss_from_embeddings(
+  loss = lambda a, k: sampling.triplet_loss(
       a, batch["text"], batch["audio_ids"], strategy="random", key=k,
       audio_mask=batch["audio_mask"], text_mask=batch["text_mask"])
   batched = jax.jit(jax.vmap(loss))(audio, keys)
@@ -218,7 +192,7 @@ def test_vmap_over_batches_equals_one_at_a_time(batch):
 @pytest.mark.parametrize("strategy", sorted(sampling.STRATEGIES))
 def test_bfloat16_runs_and_tracks_float32(batch, strategy):
   key = jax.random.PRNGKey(0)
-  loss = lambda a, t: sampling.triplet_loss_from_embeddings(
+  loss = lambda a, t: sampling.triplet_loss(
       a, t, batch["audio_ids"], strategy=strategy, key=key,
       audio_mask=batch["audio_mask"], text_mask=batch["text_mask"])
   l32 = loss(batch["audio"], batch["text"])
@@ -235,7 +209,7 @@ def test_compiles_once_per_shape(batch):
   @jax.jit
   def step(audio, text, ids, key):
     traces.append(1)
-    return sampling.triplet_loss_from_embeddings(
+    return sampling.triplet_loss(
         audio, text, ids, strategy="semihard_cross", key=key,
         audio_mask=batch["audio_mask"], text_mask=batch["text_mask"])
 
@@ -253,19 +227,20 @@ def test_compiles_once_per_shape(batch):
 ])
 def test_bad_arguments_raise(batch, kwargs, message):
   with pytest.raises(ValueError, match=message):
-    sampling.triplet_loss(batch["s_cross"], batch["audio_ids"], **kwargs)
+    sampling.select_negatives(batch["s_cross"], batch["audio_ids"], **kwargs)
 
 
 def test_bad_inputs_raise(batch):
   with pytest.raises(ValueError, match="floating"):
-    sampling.triplet_loss(jnp.ones((8, 8), jnp.int32), batch["audio_ids"],
-                          strategy="hard_cross")
+    sampling.select_negatives(jnp.ones((8, 8), jnp.int32), batch["audio_ids"],
+                              strategy="hard_cross")
   with pytest.raises(ValueError, match="integer vector"):
-    sampling.triplet_loss(batch["s_cross"], jnp.zeros(8), strategy="hard_cross")
+    sampling.triplet_loss(batch["audio"], batch["text"], jnp.zeros(8), strategy="hard_cross")
   with pytest.raises(ValueError, match=r"s_cross must have shape \(8, 8\)"):
-    sampling.triplet_loss(batch["s_cross"][:, :7], batch["audio_ids"], strategy="hard_cross")
+    sampling.select_negatives(batch["s_cross"][:, :7], batch["audio_ids"],
+                              strategy="hard_cross")
   with pytest.raises(ValueError, match="must match audio_ids"):
-    sampling.triplet_loss_from_embeddings(batch["audio"][:7], batch["text"],
+    sampling.triplet_loss(batch["audio"][:7], batch["text"],
                                           batch["audio_ids"], strategy="hard_cross")
 
 
@@ -280,8 +255,9 @@ def test_terms_report_the_scores_the_loss_used(batch, strategy):
   if strategy == "full_batch":
     expected = np.stack([(s.T * pool).sum(1), (s * pool).sum(1)], 1) / pool.sum(1)[:, None]
   else:
-    audio_neg, text_neg = (np.asarray(x) for x in sampling.select_negatives(
-        s, batch["audio_ids"], strategy=strategy, s_text=batch["s_text"]))
+    chosen = sampling.select_negatives(s, batch["audio_ids"], strategy=strategy,
+                                       s_text=batch["s_text"])
+    audio_neg, text_neg = np.asarray(chosen.audio[:, 0]), np.asarray(chosen.text[:, 0])
     expected = np.stack([s[audio_neg, np.arange(len(s))], s[np.arange(len(s)), text_neg]], 1)
     hinge = np.maximum(expected - np.diagonal(s)[:, None] + 0.5, 0).sum(1).mean()
     np.testing.assert_allclose(loss, hinge, rtol=1e-5)
@@ -291,5 +267,5 @@ def test_terms_report_the_scores_the_loss_used(batch, strategy):
 
 def test_a_strategy_name_is_registered_once():
   with pytest.raises(ValueError, match="'hard_cross' is registered already"):
-    sampling.register("hard_cross", needs="cross")(lambda s, pool, key: (None, None))
+    sampling.register("hard_cross", needs="cross")(lambda s, pool, key: None)
   assert sampling.STRATEGIES["hard_cross"].select.__name__ == "_hard_cross"

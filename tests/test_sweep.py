@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from ntxr import sweep
+from ntxr import evaluate, sweep
 
 
 def fake_run(root, strategy, seed, r1, collapse=False):
@@ -18,7 +18,7 @@ def fake_run(root, strategy, seed, r1, collapse=False):
   workdir = os.path.join(root, strategy, f"seed_{seed}")
   os.makedirs(workdir)
   results = dict(strategy=strategy, collapse=collapse,
-                 t2a={m: r1 for m in sweep.T2A}, a2t={m: r1 / 2 for m in sweep.A2T})
+                 t2a={m: r1 for m in evaluate.T2A}, a2t={m: r1 / 2 for m in evaluate.A2T})
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f)
 
@@ -29,7 +29,7 @@ def test_plan_goes_seed_by_seed_and_rejects_unknown_strategies(tmp_path):
       ("random", 0), ("hard_cross", 0), ("random", 1), ("hard_cross", 1)]
   assert runs[1].workdir == os.path.join(str(tmp_path), "hard_cross", "seed_0")
   assert runs[1].command(["--config.num_epochs=2"])[2:] == [
-      "ntxr.main", "--strategy=hard_cross", "--seed=0",
+      "ntxr.main", "--strategy=hard_cross", "--config.seed=0",
       f"--workdir={runs[1].workdir}", "--config.num_epochs=2"]
   with pytest.raises(ValueError, match="unknown strategies \\['semihard'\\]"):
     sweep.plan(str(tmp_path), ["random", "semihard"], [0])

@@ -7,14 +7,14 @@ import jax
 import numpy as np
 import pytest
 
-from ntxr import train
+from ntxr import experiment as experiment_lib, steps, train, workdir as workdir_lib
 from ntxr.configs import default
 from ntxr.data import input_pipeline
 
 
 def params_of(workdir, which="latest"):
-  checkpoints = train.Checkpoints(workdir)
-  manager = getattr(checkpoints, which)
+  checkpoints = workdir_lib.Checkpoints(workdir)
+  manager = checkpoints.managers[which]
   step = manager.latest_step()
   restored = manager.restore(step)  # raw arrays, no target structure needed
   checkpoints.close()
@@ -51,8 +51,9 @@ def test_tiny_run_end_to_end(tiny_config, tmp_path):
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [l["epoch"] for l in lines] == [1, 2]
   assert {"share_zero_loss", "share_at_margin", "positive_mean"} <= set(lines[0]["training"])
-  assert {"audio_cosine", "text_effective_rank", "collapse"} <= set(
-      lines[0]["validation"]["collapse"])
+  assert {"audio_cosine", "text_effective_rank", "collapsed", "reasons"} <= set(
+      lines[0]["collapse"])
+  assert set(lines[0]["validation"]) == {"loss", "t2a", "a2t"}
   assert os.listdir(tmp_path / "tensorboard")
   # Rerunning a finished run trains nothing more and tests the same best checkpoint.
   again = train.train_and_evaluate(config, str(tmp_path))
@@ -94,7 +95,7 @@ def test_frozen_word_vectors_stay_fixed(tiny_config, tmp_path):
   vectors.write_text(f"{len(words)} 16\n" + "".join(
       w + " " + " ".join(f"{v:.4f}" for v in rng.normal(size=16)) + "\n" for w in words))
   config = tiny_config(word_vectors=str(vectors), num_epochs=1)
-  experiment = train.Experiment(config)
+  experiment = experiment_lib.Experiment(config)
   table = np.asarray(experiment.initial_state.params["text"]["embed"]["embedding"])
   article = experiment.tokenizer.ids["a"]  # the first word of the file
   np.testing.assert_allclose(table[article], [float(f"{v:.4f}") for v in
@@ -119,7 +120,7 @@ def test_changed_settings_need_a_new_workdir(tiny_config, tmp_path):
 
 def test_reduce_on_plateau_follows_pytorch_abs_threshold():
   config = default.get_config()
-  plateau, lr = {"best": float("inf"), "bad_epochs": 0}, 1e-3
+  plateau, lr = train.Plateau(), 1e-3
   rates = []
   # 0.996 is not 0.005 below 1.0, so it is a bad epoch; 0.99 improves on 1.0.
   for value in [1.0, 0.996, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99]:
@@ -132,7 +133,8 @@ def test_reduce_on_plateau_follows_pytorch_abs_threshold():
 
 
 def test_train_step_compiles_once_per_bucket(tiny_config):
-  experiment = train.Experiment(tiny_config())
+  experiment_lib.compiled_steps.cache_clear()  # steps other tests compiled are shared
+  experiment = experiment_lib.Experiment(tiny_config())
   batches = list(input_pipeline.as_numpy(experiment.train_batches("development", 0)))
   state = experiment.initial_state
   for batch in batches:
@@ -177,7 +179,7 @@ def test_batch_padding_reproduces_the_authors_training_score(strategy):
                audio_id=np.array([0, 0, 1, 2, 2, 3]))
   def encoders(variables, inputs, train):  # zero where the encoder's mask is False
     return (audio * inputs["audio_mask"][..., None], text * inputs["token_mask"][..., None])
-  loss = lambda padding: float(train._loss_and_terms(
+  loss = lambda padding: float(steps._loss_and_terms(
       None, encoders, batch, jax.random.key(0), train=False, strategy=strategy, margin=0.5,
       score="alignment", padding=padding)[0])
   # Their batch is padded to its longest clip (17 frames) and caption (5 words).

@@ -1,7 +1,7 @@
 """The paper's setting as the authors' code runs it: Clotho v2, the full CRNN, frozen word2vec.
 
-  python -m ntxr.main --config=ntxr/configs/paper.py --data_dir=/path/to/Clotho \\
-      --word_vectors=/path/to/GoogleNews-vectors-negative300.bin --strategy=semihard_cross
+  python -m ntxr.main --config=ntxr/configs/paper.py --config.data_dir=/path/to/Clotho \\
+      --config.word_vectors=/path/to/GoogleNews-vectors-negative300.bin --strategy=semihard_cross
 
 Every field follows xieh97/contrastive-negative-sampling (`conf.yaml`, `preprocessing/`,
 `models/`, `utils/criterion_utils.py`); the README's table lists each against the

@@ -110,7 +110,7 @@ class NtxrClotho(_CaptionedAudio):
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download Clotho v2 from Zenodo (record 4783391) and unpack it into one folder holding
   clotho_captions_{development,validation,evaluation}.csv and the audio folders
-  development/, validation/ and evaluation/. Pass that folder as --data_dir.
+  development/, validation/ and evaluation/. Pass that folder as --config.data_dir.
   """
 
   def _audio_path(self, root, split, clip):

@@ -7,19 +7,18 @@ It reads the same `--config` as `ntxr.main`, so it prepares exactly what trainin
 read. Prints the time to generate and to prepare, clips skipped, and training batches/s.
 """
 
-import os
 import time
 
 from absl import app
-from ml_collections import config_flags
 
+from ntxr import cli
 from ntxr.data import corpus, input_pipeline
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  config = _CONFIG.value
+  config = cli.CONFIG.value
   prepared = corpus.from_config(config)
   batches = input_pipeline.train_batches(
       prepared.builder.as_dataset(split=prepared.splits[0]), prepared.tokenizer,
@@ -37,7 +36,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  _CONFIG = config_flags.DEFINE_config_file(
-      "config", os.path.join(os.path.dirname(__file__), "..", "configs", "default.py"),
-      "the training configuration whose data to prepare (--config.FIELD=VALUE)")
   app.run(main)

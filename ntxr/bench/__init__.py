@@ -1,0 +1,1 @@
+"""Benchmarks of the hot paths: `python -m ntxr.bench` (see __main__.py)."""

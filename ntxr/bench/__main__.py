@@ -1,0 +1,81 @@
+"""Benchmarks of the hot paths (JAX and NumPy; PyTorch only with --torch_loop).
+
+  python -m ntxr.bench                                   # loss kernels and score matrices
+  python -m ntxr.bench --grid=accelerator --json=bench.json
+  python -m ntxr.bench --jobs=steps --torch_loop --repeats=3
+
+Jobs (--jobs, comma-separated): kernels (ntxr/bench/kernels.py), scores
+(score_matrices.py), steps (training_steps.py). Each prints a Markdown table; --json
+writes every row with the device and the command line.
+"""
+
+import json
+import sys
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+from ntxr import cli, files
+from ntxr.bench import kernels, score_matrices, timing, training_steps
+
+GRIDS = {
+    # kernels: (N, T, W, E); scores: (kind, N, T, W, E); steps: batch sizes.
+    "cpu": dict(
+        kernels=[(32, 250, 12, 300), (32, 500, 15, 300), (64, 250, 12, 300)],
+        scores=[("cross", 64, 250, 12, 300), ("audio-audio", 32, 500, 500, 300)],
+        steps=[32]),
+    "accelerator": dict(
+        kernels=[(32, 250, 12, 300), (32, 500, 15, 300), (32, 1500, 20, 300),
+                 (128, 500, 20, 300), (256, 500, 20, 300), (1024, 250, 12, 300)],
+        scores=[("cross", 256, 500, 20, 300), ("audio-audio", 256, 1500, 1500, 300)],
+        steps=[32, 256]),
+}
+JOBS = ("kernels", "scores", "steps")
+
+_JOBS = flags.DEFINE_list("jobs", ["kernels", "scores"], f"which of {JOBS} to run")
+_GRID = flags.DEFINE_enum("grid", "cpu", sorted(GRIDS),
+                          "shape grid: 'cpu' fits 2 cores; 'accelerator' is paper scale")
+_SHAPES = flags.DEFINE_string("shapes", None, "kernel shapes N:T:W:E,... instead of the grid's")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                           "embedding dtype of the kernels and score matrices")
+_REPEATS = flags.DEFINE_integer("repeats", 10, "timed calls per measurement", lower_bound=1)
+_LOOP_MAX_N = flags.DEFINE_integer("loop_max_n", 64,
+                                   "largest N at which the per-anchor loop is timed")
+_TORCH_LOOP = flags.DEFINE_bool("torch_loop", False,
+                                "also time the authors' structure in PyTorch (CPU)")
+_DEVICE_KIND = flags.DEFINE_string("device_kind", None,
+                                   "device name for the output (default: JAX's)")
+_JSON = flags.DEFINE_string("json", None, "write every row to this JSON file")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  unknown = sorted(set(_JOBS.value) - set(JOBS))
+  if unknown:
+    raise app.UsageError(f"unknown jobs {unknown}; choose from {JOBS}")
+  grid, dtype = GRIDS[_GRID.value], jnp.dtype(_DTYPE.value)
+  device = _DEVICE_KIND.value or timing.device_name()
+  report = dict(device=device, jax=jax.__version__, argv=sys.argv[1:])
+  print(f"device: {device}\n")
+  if "kernels" in _JOBS.value:
+    shapes = ([tuple(int(v) for v in s.split(":")) for s in _SHAPES.value.split(",")]
+              if _SHAPES.value else grid["kernels"])
+    report["loss"] = kernels.run(shapes, cli.strategies(), dtype, _REPEATS.value,
+                                 _LOOP_MAX_N.value, _TORCH_LOOP.value)
+    print(kernels.format_table(report["loss"]) + "\n")
+  if "scores" in _JOBS.value:
+    report["scores"] = score_matrices.run(grid["scores"], dtype, _REPEATS.value)
+    print(score_matrices.format_table(report["scores"]) + "\n")
+  if "steps" in _JOBS.value:
+    report["steps"] = training_steps.run(training_steps.WIDTHS, grid["steps"],
+                                         _REPEATS.value, _TORCH_LOOP.value)
+    print(training_steps.format_table(report["steps"]))
+  if _JSON.value:
+    files.write_json(_JSON.value, report)
+
+
+if __name__ == "__main__":
+  app.run(main)

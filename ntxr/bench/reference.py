@@ -1,0 +1,92 @@
+"""The triplet loss one anchor at a time, as the authors' PyTorch criterion computes it.
+
+The benchmark times it against the kernels (in JAX, and in PyTorch with --torch_loop);
+the tests check the kernels against it in NumPy float64. Each anchor scores its own
+pool, picks its negative and adds its hinges; `score` decides how padding counts.
+"""
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayOps:
+  """The few array operations the loop needs, for one framework."""
+  relu: Callable
+  mean_last_two: Callable
+  transpose_last_two: Callable
+  index: Callable  # list of ints -> index array
+  argmin: Callable
+  argmax: Callable
+
+
+JAX_OPS = ArrayOps(relu=jax.nn.relu, mean_last_two=lambda x: x.mean(axis=(-2, -1)),
+                   transpose_last_two=lambda x: jnp.swapaxes(x, -1, -2),
+                   index=jnp.asarray, argmin=jnp.argmin, argmax=jnp.argmax)
+NUMPY_OPS = ArrayOps(relu=lambda x: np.maximum(x, 0), mean_last_two=lambda x: x.mean(axis=(-2, -1)),
+                     transpose_last_two=lambda x: np.swapaxes(x, -1, -2),
+                     index=np.asarray, argmin=np.argmin, argmax=np.argmax)
+
+
+def torch_ops() -> ArrayOps:
+  """ArrayOps for PyTorch, imported only when asked for."""
+  import torch  # pylint: disable=import-outside-toplevel
+  return ArrayOps(relu=torch.relu, mean_last_two=lambda x: x.mean(dim=(-2, -1)),
+                  transpose_last_two=lambda x: x.transpose(-2, -1),
+                  index=torch.tensor, argmin=torch.argmin, argmax=torch.argmax)
+
+
+def padded_score(ops: ArrayOps) -> Callable:
+  """The authors' score of x [..., L, E] against y [..., M, E]: relu(x y^T) averaged
+  over all L x M pairs, padding included."""
+  return lambda x, y: ops.mean_last_two(ops.relu(x @ ops.transpose_last_two(y)))
+
+
+def per_anchor_loss(ops: ArrayOps, audio, text, audio_ids, strategy: str, margin: float,
+                    rng: np.random.Generator, score: Callable = None):
+  """The loss of `ntxr.sampling.triplet_loss` on audio [N, T, E] and text [N, W, E].
+
+  score(x, y): x [..., T, E] against y [..., W, E] -> [...]; default `padded_score`.
+  "random" draws with `rng`. Returns (loss, audio negatives, text negatives): the
+  chosen index per anchor (None for full_batch and for an anchor with an empty pool).
+  """
+  score = score or padded_score(ops)
+  n = audio.shape[0]
+  loss, audio_negs, text_negs = 0.0, [], []
+  for i in range(n):
+    audio_i, text_i = audio[i], text[i]
+    positive = score(audio_i, text_i)
+    pool = [j for j in range(n) if audio_ids[j] != audio_ids[i]]
+    a = t = None
+    if not pool:
+      audio_negs.append(a)
+      text_negs.append(t)
+      continue
+    pool_index = ops.index(pool)
+    if strategy in ("full_batch", "semihard_cross", "hard_cross"):
+      audio_scores = score(audio[pool_index], text_i)
+      text_scores = score(audio_i, text[pool_index])
+      if strategy != "full_batch":
+        pick = ((lambda s: ops.argmin(abs(s - positive))) if strategy == "semihard_cross"
+                else ops.argmax)
+        k_audio, k_text = int(pick(audio_scores)), int(pick(text_scores))
+        a, t = pool[k_audio], pool[k_text]
+        audio_scores, text_scores = audio_scores[k_audio], text_scores[k_text]
+    else:
+      if strategy == "random":
+        a, t = int(rng.choice(pool)), int(rng.choice(pool))
+      else:
+        within = (score(text_i, text[pool_index]) if strategy.endswith("text")
+                  else score(audio_i, audio[pool_index]))
+        pick = ops.argmin if strategy.startswith("easy") else ops.argmax
+        a = t = pool[int(pick(within))]
+      audio_scores, text_scores = score(audio[a], text_i), score(audio_i, text[t])
+    audio_negs.append(a)
+    text_negs.append(t)
+    loss = loss + (ops.relu(audio_scores - positive + margin).mean()
+                   + ops.relu(text_scores - positive + margin).mean())
+  return loss / n, audio_negs, text_negs

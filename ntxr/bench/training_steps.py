@@ -1,0 +1,103 @@
+"""The training-step table: one whole step (CRNN and word encoder forward and backward,
+the semihard_cross loss, an Adam update) per CRNN width and batch size, through
+`ntxr.steps.train_step` as training runs it; with torch_loop, the same step in
+PyTorch structured as the authors' code (their CRNN, their per-anchor loss loop)."""
+
+import functools
+import statistics
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from ntxr import models, steps
+from ntxr.bench import reference, timing
+
+WIDTHS = {"paper": models.PAPER_CHANNELS, "half": (16, 64, 64, 64, 64),
+          "default": (8, 32, 32, 32, 32)}
+SHAPE = dict(frames=320, words=12, mel_bands=64, vocab=1000)
+
+
+def _batch(n, frames, words, mel_bands, vocab) -> dict:
+  """Random log-mel [n, frames, mel_bands], token ids [n, words], two captions a clip."""
+  rng = np.random.default_rng(0)
+  return dict(audio=rng.normal(size=(n, frames, mel_bands)).astype(np.float32),
+              audio_mask=np.ones((n, frames), bool),
+              tokens=rng.integers(2, vocab, size=(n, words)).astype(np.int32),
+              token_mask=np.ones((n, words), bool),
+              audio_id=(np.arange(n) // 2).astype(np.int32))
+
+
+def jax_seconds(channels: tuple, n: int, shape: dict, repeats: int) -> float:
+  """Median seconds of one jitted `steps.train_step`."""
+  config = ml_collections.ConfigDict(dict(frame_buckets=[shape["frames"]],
+                                          max_tokens=shape["words"], learning_rate=1e-3))
+  model = models.DualEncoder(vocab_size=shape["vocab"], channels=channels)
+  state = steps.create_train_state(config, model, jax.random.PRNGKey(0),
+                                   mel_bands=shape["mel_bands"])
+  step = jax.jit(functools.partial(steps.train_step, strategy="semihard_cross", margin=0.5))
+  batch = jax.device_put(_batch(n, **shape))
+  return timing.time_call(lambda: step(state, batch, jax.random.PRNGKey(1)), repeats=repeats)
+
+
+def torch_seconds(channels: tuple, n: int, shape: dict, repeats: int) -> float:
+  """Median seconds of the same step in PyTorch on the CPU, as the authors' code runs it."""
+  import torch  # pylint: disable=import-outside-toplevel
+  from torch import nn  # pylint: disable=import-outside-toplevel
+  functional = torch.nn.functional
+  layers, previous = [], 1
+  for width, window in zip(channels, models.PAPER_POOLS):
+    layers += [nn.BatchNorm2d(previous), nn.Conv2d(previous, width, 3, padding=1, bias=False),
+               nn.LeakyReLU(0.1)]
+    layers += [nn.LPPool2d(4, window)] if window else []
+    previous = width
+  cnn = nn.Sequential(*layers, nn.Dropout(0.3))
+  gru = nn.GRU(previous, 150, batch_first=True, bidirectional=True)
+  embed = nn.Embedding(shape["vocab"], 300)
+  optimizer = torch.optim.Adam([*cnn.parameters(), *gru.parameters(), *embed.parameters()],
+                               lr=1e-3)
+  batch = _batch(n, **shape)
+  audio, tokens = torch.from_numpy(batch["audio"]), torch.from_numpy(batch["tokens"]).long()
+  ops, rng = reference.torch_ops(), np.random.default_rng(0)
+
+  def step():
+    frames = cnn(audio.unsqueeze(1)).flatten(2, 3)          # [N, C, T/4] (frequency is 1)
+    frames, _ = gru(frames.transpose(1, 2))
+    frames = functional.interpolate(frames.transpose(1, 2), audio.shape[1], mode="linear",
+                                    align_corners=False).transpose(1, 2)
+    loss = reference.per_anchor_loss(
+        ops, functional.normalize(frames, dim=-1), functional.normalize(embed(tokens), dim=-1),
+        batch["audio_id"], "semihard_cross", 0.5, rng)[0]
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+  step()
+  seconds = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    step()
+    seconds.append(time.perf_counter() - start)
+  return statistics.median(seconds)
+
+
+def run(widths: dict, batch_sizes, repeats: int, torch_too: bool, shape: dict = None) -> list:
+  """One row per CRNN width and batch size: step seconds in JAX (and PyTorch)."""
+  shape = shape or SHAPE
+  return [dict(width=name, channels=list(channels), n=n, **shape,
+               jax_ms=1e3 * jax_seconds(channels, n, shape, repeats),
+               torch_ms=1e3 * torch_seconds(channels, n, shape, repeats) if torch_too
+               else None)
+          for name, channels in widths.items() for n in batch_sizes]
+
+
+def format_table(rows: list) -> str:
+  """The rows as a Markdown table."""
+  lines = ["| CRNN width | channels | N | frames | JAX step ms | PyTorch step ms | "
+           "JAX steps/s |", "|---|---|---|---|---|---|---|"]
+  for r in rows:
+    lines.append(f"| {r['width']} | {tuple(r['channels'])} | {r['n']} | {r['frames']} | "
+                 f"{r['jax_ms']:.0f} | {timing.cell(r['torch_ms'], '.0f')} | "
+                 f"{1e3 / r['jax_ms']:.2f} |")
+  return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""One config's data, model and jitted functions: what the training loop works with.
+
+`Experiment(config)` loads (preparing once) the corpus and the word vectors, builds
+the model and its first train state, and jits the steps data-parallel over the
+devices; its methods feed them batches of a split and embed, validate and test.
+"""
+
+import functools
+from typing import Optional
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import tensorflow_datasets as tfds
+
+from ntxr import dcase, evaluate, models, parallel, steps
+from ntxr.data import corpus as corpus_lib, input_pipeline, tokenizer as tokenizer_lib
+
+
+@functools.partial(jax.jit, static_argnames="method")
+def _embed(state: steps.TrainState, arrays: tuple, method: str) -> jax.Array:
+  return state.apply_fn(state.variables(), *arrays, method=method)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_steps(devices: tuple, loss_args: tuple) -> tuple:
+  """(train_step, eval_loss) jitted over `devices` for one loss setting (sorted (name,
+  value) pairs), shared by every Experiment in the process: a second run with the same
+  settings (a sweep's next seed, a test) compiles nothing again."""
+  mesh = parallel.Devices(devices)
+  return (mesh.jit(functools.partial(steps.train_step, **dict(loss_args)), donate_argnums=0),
+          mesh.jit(functools.partial(steps.eval_loss, **dict(loss_args))))
+
+
+class Experiment:
+  """The data, model and jitted functions of one config, data-parallel over `devices`
+  (default: all)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, devices=None):
+    self.config = config
+    self.devices = parallel.Devices(devices)
+    self.devices.check_divides("--config.batch_size", config.batch_size)
+    self.devices.check_divides("--config.eval_batch_size", config.eval_batch_size)
+    self.corpus = corpus_lib.from_config(config)
+    self.builder, self.tokenizer = self.corpus.builder, self.corpus.tokenizer
+    self.training_split = self.corpus.splits[0]
+    self.validation_split = config.validation_split or self.corpus.splits[1]
+    self.test_split = config.test_split or self.corpus.splits[2]
+    model = models.DualEncoder(vocab_size=self.tokenizer.vocab_size,
+                               embed_dim=config.embed_dim, channels=tuple(config.channels),
+                               dropout=config.dropout, initializer=config.initializer)
+    self.initial_state = self.devices.replicate(steps.create_train_state(
+        config, model, jax.random.key(config.seed),
+        mel_bands=self.builder.builder_config.logmel.mel_bands,
+        word_table=self._word_table()))
+    loss_args = dict(strategy=config.strategy, margin=config.margin, score=config.score,
+                     padding=config.train_padding)
+    self._train_step, self._eval_loss = compiled_steps(
+        tuple(self.devices.mesh.devices.flat), tuple(sorted(loss_args.items())))
+
+  def _word_table(self) -> Optional[np.ndarray]:
+    """The frozen word2vec table of config.word_vectors, or None to learn one."""
+    if not self.config.word_vectors:
+      return None
+    table, missing = tokenizer_lib.read_word2vec(
+        self.config.word_vectors, self.tokenizer.words,
+        missing=self.config.missing_word_vectors)
+    logging.info("word vectors: %d of %d words missing from %s (%s, frozen)", len(missing),
+                 len(self.tokenizer.words), self.config.word_vectors,
+                 self.config.missing_word_vectors)
+    return table
+
+  def train_step(self, state: steps.TrainState, batch: dict, key: jax.Array):
+    """(state, TrainingStatistics) after one step on a global batch of numpy arrays."""
+    return self._train_step(state, self.devices.shard(batch), key)
+
+  def clips(self, split: str):
+    return self.builder.as_dataset(split=split)
+
+  def train_batches(self, split: str, seed: int):
+    """A split's shuffled caption pairs in batches (tf.data)."""
+    return input_pipeline.train_batches(
+        self.clips(split), self.tokenizer, batch_size=self.config.batch_size, seed=seed,
+        frame_buckets=self.config.frame_buckets, max_tokens=self.config.max_tokens)
+
+  def captions(self, split: str) -> list:
+    """[(file_name, [captions])] of a split's clips in order, without decoding audio."""
+    clips = self.builder.as_dataset(split=split,
+                                    decoders={"logmel": tfds.decode.SkipDecoding()})
+    return [(c["file_name"].decode(), [x.decode() for x in c["captions"]])
+            for c in tfds.as_numpy(clips)]
+
+  def batches_per_epoch(self, split: str) -> int:
+    """Full batches of caption pairs in a split; raises ValueError if it has none."""
+    pairs = sum(len(captions) for _, captions in self.captions(split))
+    if pairs < self.config.batch_size:
+      raise ValueError(f"the {split} split has {pairs} caption pairs, fewer than one batch "
+                       f"of {self.config.batch_size}: lower --config.batch_size")
+    return pairs // self.config.batch_size
+
+  def embed_split(self, state: steps.TrainState, split: str) -> evaluate.Split:
+    """Every clip and caption of a split embedded, in order."""
+    config, clips = self.config, self.clips(split)
+    size = config.eval_batch_size
+    embed = lambda method: lambda arrays: _embed(state, arrays, method)
+    audio = evaluate.embed_rows(
+        embed("embed_audio"), input_pipeline.as_numpy(input_pipeline.clip_batches(
+            clips, batch_size=size, frame_buckets=config.frame_buckets)),
+        ("audio", "audio_mask"), size, self.devices)
+    text = evaluate.embed_rows(
+        embed("embed_text"), input_pipeline.as_numpy(input_pipeline.caption_batches(
+            clips, self.tokenizer, batch_size=size, max_tokens=config.max_tokens)),
+        ("tokens", "token_mask"), size, self.devices)
+    return evaluate.Split(*audio, *text)
+
+  def validate(self, state: steps.TrainState, training: dict) -> tuple:
+    """(validation {"loss", "t2a", "a2t"}, Collapse) on the validation split; the loss
+    under a fixed seed. training: the epoch's mean TrainingStatistics, for Collapse."""
+    key = jax.random.key(self.config.seed)
+    losses = [float(self._eval_loss(state, self.devices.shard(batch), key)) for batch in
+              input_pipeline.as_numpy(self.train_batches(self.validation_split, 0))]
+    loss = float(np.mean(losses))
+    if not np.isfinite(loss):
+      raise FloatingPointError(f"validation loss is {loss}")
+    split = self.embed_split(state, self.validation_split)
+    metrics = evaluate.both_directions(evaluate.split_scores(split, self.config.score),
+                                       split.clip_ids, split.caption_ids)
+    collapse = evaluate.collapse_diagnostics(
+        split.audio, split.audio_mask, split.text, split.text_mask, training,
+        self.config.collapse.to_dict())
+    return dict(loss=loss, **metrics), collapse
+
+  def test(self, state: steps.TrainState) -> tuple:
+    """(test-split metrics and score histogram, its DCASE Submission or None when the
+    split has fewer clips than a submission ranks)."""
+    split = self.embed_split(state, self.test_split)
+    s = evaluate.split_scores(split, self.config.score)
+    names = self.captions(self.test_split)
+    submission = None
+    if len(names) >= dcase.TOP:
+      submission = dcase.Submission([c for _, captions in names for c in captions],
+                                    [f for f, _ in names], s.T)
+    metrics = dict(evaluate.both_directions(s, split.clip_ids, split.caption_ids),
+                   score_histogram=evaluate.score_histogram(s, split.clip_ids,
+                                                            split.caption_ids))
+    return metrics, submission

@@ -1,0 +1,168 @@
+"""The train state, the optimizer and the pure steps of one batch (no data code here).
+
+`train_step` and `eval_loss` are pure functions of (state, batch, key); the trainer
+(ntxr.train) and the benchmark (ntxr.bench) jit them. This module imports no
+TensorFlow, so the benchmark runs where only JAX is installed.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Optional
+
+import flax
+from flax import traverse_util
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ntxr import models, sampling
+
+
+class TrainState(train_state.TrainState):
+  batch_stats: Any
+
+  def variables(self, params=None) -> dict:
+    """The model's variables, with `params` in place of the state's if given."""
+    return {"params": self.params if params is None else params,
+            "batch_stats": self.batch_stats}
+
+
+def make_optimizer(learning_rate, frozen_text: bool) -> optax.GradientTransformation:
+  """Adam; with frozen_text the word table (params/text/embed) is never updated."""
+  adam = optax.adam(learning_rate)
+  if not frozen_text:
+    return adam
+  labels = lambda params: traverse_util.path_aware_map(
+      lambda path, _: "frozen" if path[:2] == ("text", "embed") else "train", params)
+  return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
+
+
+def create_train_state(config: ml_collections.ConfigDict, model: models.DualEncoder,
+                       key: jax.Array, *, mel_bands: int,
+                       word_table: Optional[np.ndarray] = None) -> TrainState:
+  """Initialised parameters and optimizer for log-mel input of `mel_bands` bands;
+  word_table [V, E] replaces (and freezes) the text encoder's table."""
+  frames, words = config.frame_buckets[0], config.max_tokens
+  example = dict(audio=jnp.zeros((2, frames, mel_bands)), audio_mask=jnp.ones((2, frames), bool),
+                 tokens=jnp.ones((2, words), jnp.int32), token_mask=jnp.ones((2, words), bool))
+  variables = jax.jit(functools.partial(model.init, train=False))(key, example)
+  params = variables["params"]
+  if word_table is not None:
+    expected = params["text"]["embed"]["embedding"].shape
+    if word_table.shape != expected:
+      raise ValueError(f"word vectors are {word_table.shape}, the text encoder needs "
+                       f"{expected}: set --config.embed_dim={word_table.shape[1]}")
+    params = {**params, "text": {"embed": {"embedding": jnp.asarray(word_table)}}}
+  tx = optax.inject_hyperparams(make_optimizer, static_args="frozen_text")(
+      learning_rate=config.learning_rate, frozen_text=word_table is not None)
+  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                            batch_stats=variables["batch_stats"])
+  # Strongly typed leaves, as train_step returns them: the step compiles once, not twice.
+  return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), state)
+
+
+def set_learning_rate(state: TrainState, learning_rate: float) -> TrainState:
+  hyperparams = dict(state.opt_state.hyperparams,
+                     learning_rate=jnp.asarray(learning_rate, jnp.float32))
+  return state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
+
+
+@flax.struct.dataclass
+class TrainingStatistics:
+  """One training step's loss, gradient norm and what its triplets looked like: the
+  share of triplets at zero loss and at exactly the margin (negative scored as the
+  positive), and the positive and negative scores' mean and spread (valid anchors,
+  both directions). Scalars; `mean` averages a stack of steps."""
+  loss: jax.Array
+  grad_norm: jax.Array
+  share_zero_loss: jax.Array
+  share_at_margin: jax.Array
+  positive_mean: jax.Array
+  positive_std: jax.Array
+  negative_mean: jax.Array
+  negative_std: jax.Array
+
+  @classmethod
+  def of(cls, loss: jax.Array, grad_norm: jax.Array, terms: sampling.TripletTerms,
+         margin: float) -> "TrainingStatistics":
+    valid = terms.valid[:, None] & jnp.ones_like(terms.negative, bool)
+    gap = terms.negative - terms.positive[:, None]
+    mean = lambda x: jnp.sum(jnp.where(valid, x, 0)) / jnp.maximum(valid.sum(), 1)
+    negative_mean = mean(terms.negative)
+    return cls(loss=loss, grad_norm=grad_norm, share_zero_loss=mean(gap + margin <= 0),
+               share_at_margin=mean(jnp.abs(gap) <= 1e-6),
+               positive_mean=jnp.mean(terms.positive), positive_std=jnp.std(terms.positive),
+               negative_mean=negative_mean,
+               negative_std=jnp.sqrt(mean(jnp.square(terms.negative - negative_mean))))
+
+  def to_dict(self) -> dict:
+    """{field: float}."""
+    return {field.name: float(getattr(self, field.name)) for field in dataclasses.fields(self)}
+
+
+PADDINGS = ("masked", "batch")
+
+
+def _to_longest(mask: jax.Array) -> jax.Array:
+  """[B, L] -> [B, L]: every row valid up to the batch's longest row."""
+  longest = mask.sum(axis=1).max()
+  return jnp.broadcast_to(jnp.arange(mask.shape[1]) < longest, mask.shape)
+
+
+def training_masks(batch: dict, padding: str) -> tuple:
+  """(the audio encoder's mask [B, T], the score's audio [B, T] and word [B, W] masks).
+
+  "masked": each clip's and caption's own length everywhere. "batch": the authors'
+  training semantics, where a batch is zero-padded to its longest clip and caption and
+  the score's mean runs over all those T x W pairs: padded frames are encoded like
+  audio, and padded words (a zero vector) count in the mean with a zero product.
+  """
+  if padding == "masked":
+    return batch["audio_mask"], batch["audio_mask"], batch["token_mask"]
+  if padding != "batch":
+    raise ValueError(f"padding must be one of {PADDINGS}, not {padding!r}")
+  audio_mask = _to_longest(batch["audio_mask"])
+  return audio_mask, audio_mask, _to_longest(batch["token_mask"])
+
+
+def _loss_and_terms(variables: dict, apply_fn, batch: dict, key: jax.Array, *, train: bool,
+                    strategy: str, margin: float, score: str, padding: str):
+  """(loss, (new batch_stats or None, TripletTerms)) of one batch."""
+  dropout_key, sample_key = jax.random.split(key)
+  encoder_mask, audio_mask, text_mask = training_masks(batch, padding)
+  inputs = dict(batch, audio_mask=encoder_mask)
+  if train:
+    (audio, text), updates = apply_fn(variables, inputs, train=True, mutable=["batch_stats"],
+                                      rngs={"dropout": dropout_key})
+  else:
+    (audio, text), updates = apply_fn(variables, inputs, train=False), {}
+  loss, terms = sampling.triplet_loss_and_terms(
+      audio, text, batch["audio_id"], strategy=strategy, margin=margin, key=sample_key,
+      audio_mask=audio_mask, text_mask=text_mask, score=score)
+  return loss, (updates.get("batch_stats"), terms)
+
+
+def train_step(state: TrainState, batch: dict, key: jax.Array, *, strategy: str,
+               margin: float, score: str = "alignment", padding: str = "masked"):
+  """One optimizer step: (state, batch, key) -> (state, TrainingStatistics). Jit it with
+  donate_argnums=0.
+
+  batch: {audio [B,T,F], audio_mask [B,T], tokens [B,W], token_mask [B,W], audio_id [B]}.
+  """
+  def loss_fn(params):
+    return _loss_and_terms(state.variables(params), state.apply_fn, batch, key, train=True,
+                           strategy=strategy, margin=margin, score=score, padding=padding)
+  (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  return state, TrainingStatistics.of(loss, optax.tree.norm(grads), terms, margin)
+
+
+def eval_loss(state: TrainState, batch: dict, key: jax.Array, *, strategy: str,
+              margin: float, score: str = "alignment", padding: str = "masked") -> jax.Array:
+  """The loss of one batch in inference mode (no dropout, running BatchNorm)."""
+  return _loss_and_terms(state.variables(), state.apply_fn, batch, key, train=False,
+                         strategy=strategy, margin=margin, score=score, padding=padding)[0]

@@ -1,0 +1,153 @@
+"""What a run keeps in its workdir: config.json, checkpoints, metrics and results.
+
+  config.json              the run's config; a rerun with other settings is refused
+  checkpoints/{latest,best} Orbax checkpoints: train state + the loop's progress
+  metrics.jsonl            one line per epoch: training, validation, collapse
+  tensorboard/             the same as TensorBoard scalars
+  results.json             the test metrics and how they were reached
+  dcase_{split}.csv        the DCASE submission (each caption's top 10 files)
+"""
+
+import json
+import os
+from typing import Optional
+
+from absl import logging
+from flax import traverse_util
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from ntxr import dcase, files, steps
+
+# Config fields a resumed run may change (they leave training as it was); any other
+# change needs a new workdir.
+RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every_steps", "cache_dir", "eval_batch_size",
+                     "collapse")
+
+
+# How the reported ("best") checkpoint is chosen from each epoch's validation: the
+# higher the better.
+SELECTIONS = {
+    "t2a_mAP@10": lambda validation: validation["t2a"]["mAP@10"],
+    "validation_loss": lambda validation: -validation["loss"],  # the authors' choice
+}
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes config.json, or checks that a resumed run has the same one; raises
+  ValueError first, writing nothing, for a config that cannot run."""
+  if config.require_word_vectors and not config.word_vectors:
+    raise ValueError(
+        "this config trains on frozen word2vec vectors, as the paper: pass "
+        "--config.word_vectors=/path/to/GoogleNews-vectors-negative300.bin (or any "
+        "word2vec-format file), or --config.require_word_vectors=false to learn a "
+        "random word table instead")
+  for field, choices in [("select_by", SELECTIONS), ("train_padding", steps.PADDINGS)]:
+    if config[field] not in choices:
+      raise ValueError(f"--config.{field} must be one of {sorted(choices)}, not "
+                       f"{config[field]!r}")
+  path = os.path.join(workdir, "config.json")
+  current = json.loads(config.to_json())
+  if os.path.exists(path):
+    with open(path) as f:
+      previous = json.load(f)
+    changed = sorted(k for k in set(current) | set(previous)
+                     if k not in RESUMABLE_CHANGES and current.get(k) != previous.get(k))
+    if changed:
+      raise ValueError(f"{workdir} holds a run with other settings ({', '.join(changed)}); "
+                       f"use another --workdir")
+  os.makedirs(workdir, exist_ok=True)
+  files.write_json(path, current)
+
+
+class Checkpoints:
+  """Orbax checkpoints in workdir/checkpoints/{latest,best}: a train state and the JSON
+  of the loop's progress.
+
+  Orbax writes to a temporary folder and renames it when complete, so a run killed
+  mid-save leaves the previous checkpoint as the one a rerun restores.
+  """
+
+  def __init__(self, workdir: str):
+    root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    self.root = root
+    self.managers = {which: ocp.CheckpointManager(os.path.join(root, which), options=options)
+                     for which in ("latest", "best")}
+
+  def step(self, which: str) -> Optional[int]:
+    """The step of the `which` ("latest" or "best") checkpoint, or None."""
+    return self.managers[which].latest_step()
+
+  def save(self, which: str, state, progress: dict) -> None:
+    manager = self.managers[which]
+    step = int(state.step)
+    if manager.latest_step() != step:
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                 progress=ocp.args.JsonSave(progress)))
+
+  def progress(self, which: str) -> Optional[dict]:
+    """The progress saved with the `which` checkpoint, without reading its arrays, or None."""
+    manager, step = self.managers[which], self.step(which)
+    if step is None:
+      return None
+    return manager.restore(step, args=ocp.args.Composite(
+        progress=ocp.args.JsonRestore())).progress
+
+  def restore(self, which: str, state):
+    """(state, progress) of the `which` checkpoint, shaped like `state`, or None."""
+    manager, step = self.managers[which], self.step(which)
+    if step is None:
+      return None
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(state), progress=ocp.args.JsonRestore()))
+    return restored.state, restored.progress
+
+  def wait(self) -> None:
+    for manager in self.managers.values():
+      manager.wait_until_finished()
+
+  def close(self) -> None:
+    for manager in self.managers.values():
+      manager.wait_until_finished()
+      manager.close()
+
+
+class MetricsLog:
+  """metrics.jsonl (one line per epoch) and TensorBoard scalars in workdir, written by
+  the first process only."""
+
+  def __init__(self, workdir: str, completed_epochs: int):
+    from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+    self.chief = jax.process_index() == 0
+    if not self.chief:
+      return
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    if os.path.exists(self.path):  # drop epochs a resumed run will redo
+      with open(self.path) as f:
+        kept = [line for line in f if line.strip() and
+                json.loads(line)["epoch"] <= completed_epochs]
+      files.write_text(self.path, "".join(kept))
+    self.tensorboard = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, step: int, record: dict) -> None:
+    if not self.chief:
+      return
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for name, value in traverse_util.flatten_dict(record, sep="/").items():
+      if isinstance(value, (int, float)) and not isinstance(value, bool):
+        self.tensorboard.scalar(name, value, step)
+    self.tensorboard.flush()
+
+
+def write_results(workdir: str, results: dict, submission: Optional[dcase.Submission]) -> None:
+  """results.json, and the split's DCASE submission if it has enough clips for one."""
+  split = results["split"]
+  if submission is None:
+    logging.warning("%s has fewer clips than a DCASE submission's %d: none written",
+                    split, dcase.TOP)
+  else:
+    dcase.write_submission(os.path.join(workdir, f"dcase_{split}.csv"), *submission)
+  files.write_json(os.path.join(workdir, "results.json"), results)
