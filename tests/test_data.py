@@ -9,10 +9,12 @@ import wave
 import numpy as np
 import pytest
 
+from ntxr.configs import default
 from ntxr.data import builders, clotho, features, input_pipeline, synthetic, tokenizer
 
 DCASE2022 = os.path.join(os.path.dirname(__file__), "data", "dcase2022")
 LOGMEL = features.LogMelConfig(sample_rate=synthetic.SAMPLE_RATE)
+BUCKETS = default.get_config().frame_buckets
 
 
 def test_real_clotho_evaluation_captions_parse():
@@ -157,11 +159,11 @@ def test_train_batches_masks_and_determinism(prepared):
   clips = builder.as_dataset(split="development")
   lengths = {int(e["audio_id"]): len(e["logmel"]) for e in clips.as_numpy_iterator()}
   batches = lambda seed: list(input_pipeline.as_numpy(input_pipeline.train_batches(
-      clips, tok, batch_size=8, seed=seed)))
+      clips, tok, batch_size=8, seed=seed, frame_buckets=BUCKETS, max_tokens=32)))
   first = batches(0)
   assert len(first) == synthetic.SIZES["tiny"][0] * 5 // 8
   for b in first:
-    assert b["audio"].shape[1] in input_pipeline.FRAME_BUCKETS
+    assert b["audio"].shape[1] in BUCKETS
     np.testing.assert_array_equal(b["audio_mask"].sum(1), [lengths[i] for i in b["audio_id"]])
     assert np.all(b["audio"][~b["audio_mask"]] == 0)
     np.testing.assert_array_equal(b["token_mask"], b["tokens"] != tokenizer.PAD_ID)
@@ -176,9 +178,9 @@ def test_evaluation_iterates_every_clip_and_caption_once(prepared):
   builder, tok = prepared
   clips = builder.as_dataset(split="evaluation")
   audio_ids = np.concatenate([b["audio_id"] for b in input_pipeline.as_numpy(
-      input_pipeline.clip_batches(clips, batch_size=3))])
+      input_pipeline.clip_batches(clips, batch_size=3, frame_buckets=BUCKETS))])
   caption_ids = np.concatenate([b["audio_id"] for b in input_pipeline.as_numpy(
-      input_pipeline.caption_batches(clips, tok, batch_size=7))])
+      input_pipeline.caption_batches(clips, tok, batch_size=7, max_tokens=32))])
   assert sorted(audio_ids) == list(range(synthetic.SIZES["tiny"][2]))
   assert sorted(caption_ids) == sorted(list(range(synthetic.SIZES["tiny"][2])) * 5)
 

@@ -36,7 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.word_vectors = ""            # word2vec file: word tokens, a frozen table (the paper)
   config.require_word_vectors = False
   config.missing_word_vectors = "random"  # or "one_unk": one UNK vector (the paper)
-  config.frame_buckets = (160, 320, 640, 960, 1280, 1600)
+  config.frame_buckets = (160, 320, 640, 960, 1280, 1600)  # multiples of the CRNN's time stride
   config.max_tokens = 32
   config.skip_bad_files = False
   config.validation_split = ""        # "": the data set's own (Clotho: validation)

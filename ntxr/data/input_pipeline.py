@@ -15,9 +15,6 @@ import tensorflow_datasets as tfds
 
 from ntxr.data import tokenizer as tokenizer_lib
 
-FRAME_BUCKETS = (160, 320, 640, 960, 1280, 1600)  # multiples of the CRNN's time stride
-MAX_TOKENS = 32
-
 
 def _tokenize(tokenizer: tokenizer_lib.Tokenizer, max_tokens: int):
   """tf string -> tokens [max_tokens] int32 padded with PAD_ID (truncated if longer)."""
@@ -58,8 +55,7 @@ def _pairs(clip: dict, tokenize, max_frames: int) -> tf.data.Dataset:
 
 def train_batches(clips: tf.data.Dataset, tokenizer: tokenizer_lib.Tokenizer, *,
                   batch_size: int, seed: int,
-                  frame_buckets: Sequence[int] = FRAME_BUCKETS,
-                  max_tokens: int = MAX_TOKENS, shuffle_buffer: int = 20000) -> tf.data.Dataset:
+                  frame_buckets: Sequence[int], max_tokens: int, shuffle_buffer: int = 20000) -> tf.data.Dataset:
   """Shuffled (clip, caption) batches, dropping the remainder.
 
   Args:
@@ -78,7 +74,7 @@ def train_batches(clips: tf.data.Dataset, tokenizer: tokenizer_lib.Tokenizer, *,
 
 
 def clip_batches(clips: tf.data.Dataset, *, batch_size: int,
-                 frame_buckets: Sequence[int] = FRAME_BUCKETS) -> tf.data.Dataset:
+                 frame_buckets: Sequence[int]) -> tf.data.Dataset:
   """Every clip once, in order: audio, audio_mask, audio_id (last batch may be short)."""
   ds = clips.map(lambda c: dict(_cropped_audio(c["logmel"], frame_buckets[-1]),
                                 audio_id=c["audio_id"]))
@@ -87,7 +83,7 @@ def clip_batches(clips: tf.data.Dataset, *, batch_size: int,
 
 
 def caption_batches(clips: tf.data.Dataset, tokenizer: tokenizer_lib.Tokenizer, *,
-                    batch_size: int, max_tokens: int = MAX_TOKENS) -> tf.data.Dataset:
+                    batch_size: int, max_tokens: int) -> tf.data.Dataset:
   """Every caption once, in clip order: tokens, token_mask, audio_id."""
   tokenize = _tokenize(tokenizer, max_tokens)
   ds = clips.flat_map(lambda c: tf.data.Dataset.from_tensor_slices(c["captions"]).map(
