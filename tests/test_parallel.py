@@ -62,7 +62,7 @@ def _steps(cache_dir: str) -> dict:
   initial model's selected negatives on the first batch, and the final parameters."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  from ntxr import experiment, sampling, scores  # pylint: disable=g-import-not-at-top
+  from ntxr import experiment as experiment_lib, sampling, scores  # pylint: disable=g-import-not-at-top
   from ntxr.configs import default  # pylint: disable=g-import-not-at-top
   from ntxr.data import input_pipeline  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(__file__))
@@ -90,7 +90,7 @@ def _steps(cache_dir: str) -> dict:
     config = default.get_config()
     config.update(dict(TINY, cache_dir=cache_dir, strategy=strategy, batch_size=16))
     for devices in (jax.devices()[:1], jax.devices()):
-      experiment = experiment.Experiment(config, devices)
+      experiment = experiment_lib.Experiment(config, devices)
       prefix = f"{strategy}/{len(devices)}"
       batches = list(input_pipeline.as_numpy(experiment.train_batches("development", 0)))
       state = experiment.initial_state

@@ -19,7 +19,7 @@ import pytest
 import soundfile
 
 import recordings
-from ntxr import experiment, train
+from ntxr import experiment as experiment_lib, train
 from ntxr.configs import paper
 from ntxr.data import builders, clotho, corpus, features, tokenizer
 
@@ -153,7 +153,7 @@ def test_paper_config_trains_on_real_recordings_with_word2vec(real_clotho, cache
   config = paper.get_config()
   config.update(dict(SMALL_MODEL, data_dir=real_clotho, cache_dir=cache_dir,
                      word_vectors=vectors))
-  experiment = experiment.Experiment(config)
+  experiment = experiment_lib.Experiment(config)
   vocabulary = experiment.tokenizer.words
   assert "xylophone" in vocabulary  # an evaluation-only word is in the paper's vocabulary
   table = experiment.initial_state.params["text"]["embed"]["embedding"]
