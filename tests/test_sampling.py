@@ -14,12 +14,14 @@ SINGLE = [s for s in sampling.STRATEGIES if s not in ("full_batch", "random")]
 MARGIN = 0.5
 
 
-def masked_score(x, y):
-  """The alignment score in NumPy float64 for the reference loop: padded steps are zero
+def masked_score(ops):
+  """The alignment score for the reference loop in `ops`' arrays: padded steps are zero
   vectors (`zeroed`), so the mean runs over the non-zero rows of each side."""
-  valid = lambda z: (np.abs(z).sum(-1) > 0).sum(-1)
-  sums = np.maximum(x @ np.swapaxes(y, -1, -2), 0).sum(axis=(-2, -1))
-  return sums / np.maximum(valid(x) * valid(y), 1)
+  def valid(z):
+    count = (abs(z).sum(-1) > 0).sum(-1)
+    return count + (count == 0)
+  return lambda x, y: (ops.relu(x @ ops.transpose_last_two(y)).sum(axis=(-2, -1))
+                       / (valid(x) * valid(y)))
 
 
 def zeroed(b):
@@ -32,7 +34,8 @@ def reference_loss(b, strategy, audio_ids=None):
   """(loss, audio negatives, text negatives) of the per-anchor reference loop."""
   ids = list(np.asarray(b["audio_ids"] if audio_ids is None else audio_ids))
   return reference.per_anchor_loss(reference.NUMPY_OPS, *zeroed(b), ids, strategy, MARGIN,
-                                   np.random.default_rng(0), score=masked_score)
+                                   np.random.default_rng(0),
+                                   score=masked_score(reference.NUMPY_OPS))
 
 
 @pytest.fixture
@@ -139,9 +142,7 @@ def test_one_clip_batch_and_empty_pools_contribute_zero(batch):
 def test_loss_and_gradients_equal_the_reference_loop_in_jax(batch, strategy):
   # Padded steps zeroed and a masked mean, so the eager loop scores as the kernel does.
   audio, text = (jnp.asarray(x, jnp.float32) for x in zeroed(batch))
-  valid = lambda z: jnp.maximum((jnp.abs(z).sum(-1) > 0).sum(-1), 1)
-  score = lambda x, y: (jax.nn.relu(x @ jnp.swapaxes(y, -1, -2)).sum(axis=(-2, -1))
-                        / (valid(x) * valid(y)))
+  score = masked_score(reference.JAX_OPS)
   ids = list(np.asarray(batch["audio_ids"]))
   loop = lambda a, t: reference.per_anchor_loss(reference.JAX_OPS, a, t, ids, strategy,
                                                 MARGIN, None, score=score)[0]

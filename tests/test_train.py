@@ -9,6 +9,7 @@ import pytest
 
 from ntxr import experiment as experiment_lib, steps, train, workdir as workdir_lib
 from ntxr.configs import default
+from ntxr.bench import reference
 from ntxr.data import input_pipeline
 
 
@@ -143,29 +144,6 @@ def test_train_step_compiles_once_per_bucket(tiny_config):
   assert experiment._train_step._cache_size() == len(shapes)
 
 
-def their_criterion(audio, text, ids, strategy, margin=0.5):
-  """The authors' TripletLoss.forward, as a loop: audio [N, T, E] and text [N, W, E] are
-  their zero-padded batch (padded words are zero vectors), score = mean over all T x W."""
-  score = lambda x, y: np.maximum(x @ y.T, 0).mean()
-  hinge = lambda s: np.maximum(s, 0).mean()
-  n, loss = len(ids), 0.0
-  for i in range(n):
-    s_ii = score(audio[i], text[i])
-    negatives = [j for j in range(n) if ids[j] != ids[i]]
-    s_ai = np.array([score(audio[j], text[i]) for j in negatives])
-    s_it = np.array([score(audio[i], text[j]) for j in negatives])
-    if strategy == "hard_cross":
-      s_ai, s_it = s_ai.max(), s_it.max()
-    elif strategy == "semihard_cross":
-      s_ai, s_it = s_ai[np.argmin(np.abs(s_ai - s_ii))], s_it[np.argmin(np.abs(s_it - s_ii))]
-    elif strategy in ("hard_text", "hard_audio"):
-      x = text if strategy == "hard_text" else audio
-      k = int(np.argmax([score(x[i], x[j]) for j in negatives]))
-      s_ai, s_it = s_ai[k], s_it[k]
-    loss += hinge(s_ai - s_ii + margin) + hinge(s_it - s_ii + margin)
-  return loss / n
-
-
 @pytest.mark.parametrize("strategy", ["full_batch", "semihard_cross", "hard_cross", "hard_text",
                                       "hard_audio"])
 def test_batch_padding_reproduces_the_authors_training_score(strategy):
@@ -182,9 +160,11 @@ def test_batch_padding_reproduces_the_authors_training_score(strategy):
   loss = lambda padding: float(steps._loss_and_terms(
       None, encoders, batch, jax.random.key(0), train=False, strategy=strategy, margin=0.5,
       score="alignment", padding=padding)[0])
-  # Their batch is padded to its longest clip (17 frames) and caption (5 words).
-  theirs = their_criterion(audio[:, :17], (text * batch["token_mask"][..., None])[:, :5],
-                           batch["audio_id"], strategy)
+  # Their batch is padded to its longest clip (17 frames) and caption (5 words), padded
+  # words are zero vectors, and their criterion averages each score over all T x W.
+  theirs, *_ = reference.per_anchor_loss(
+      reference.NUMPY_OPS, audio[:, :17], (text * batch["token_mask"][..., None])[:, :5],
+      batch["audio_id"], strategy, 0.5, None)
   np.testing.assert_allclose(loss("batch"), theirs, rtol=1e-5)
   assert abs(loss("masked") - theirs) > 1e-3  # the default differs: it masks padding
 
