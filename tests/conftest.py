@@ -1,5 +1,7 @@
 """Shared fixtures: tiny configs on a tiny synthetic corpus, and a tiny sweep of them."""
 
+import os
+
 import pytest
 
 from ntxr import sweep, train
@@ -41,3 +43,10 @@ def tiny_sweep(tmp_path_factory, tiny_config):
   for run in sweep.plan(root, SWEEP_STRATEGIES, [0, 1]):
     train.train_and_evaluate(tiny_config(strategy=run.strategy, seed=run.seed), run.workdir)
   return root
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_sweep):
+  """The workdir of a finished run of tiny_config() (semihard_cross, seed 0), trained
+  once for the whole session: the tiny sweep's."""
+  return os.path.join(tiny_sweep, "semihard_cross", "seed_0")

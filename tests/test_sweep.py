@@ -69,7 +69,7 @@ def test_run_all_skips_finished_runs_and_reports_failures(tmp_path, tiny_flags):
   os.makedirs(refused)
   with open(os.path.join(refused, "config.json"), "w") as f:
     json.dump({"strategy": "something else"}, f)
-  tiny = tiny_flags(num_epochs=1)
+  tiny = tiny_flags(num_epochs=1, max_steps_per_epoch=1)
   runs = sweep.plan(root, ["random", "hard_cross"], [0, 1])
   reports = []
   failed = sweep.run_all(runs, tiny, processes=2, report=reports.append)

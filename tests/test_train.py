@@ -2,6 +2,7 @@
 
 import json
 import os
+import pathlib
 
 import jax
 import numpy as np
@@ -35,9 +36,9 @@ def interrupt_after(monkeypatch, batches: int, poison: bool = False):
   monkeypatch.setattr(input_pipeline, "as_numpy", as_numpy)
 
 
-def test_tiny_run_end_to_end(tiny_config, tmp_path):
-  config = tiny_config()
-  results = train.train_and_evaluate(config, str(tmp_path))
+def test_tiny_run_end_to_end(tiny_config, tiny_run):
+  config, tmp_path = tiny_config(), pathlib.Path(tiny_run)
+  results = json.loads((tmp_path / "results.json").read_text())
   assert results["strategy"] == "semihard_cross" and results["epochs"] == 2
   assert results["steps"] == 30 and results["split"] == "evaluation"  # 2 x 24 clips x 5 / 8
   for direction, keys in [("t2a", ["R@1", "R@5", "R@10", "mAP@10", "mAP"]),
@@ -47,8 +48,6 @@ def test_tiny_run_end_to_end(tiny_config, tmp_path):
     assert all(0 <= results[direction][k] <= 1 for k in keys)
   histogram = results["score_histogram"]  # 8 clips x 40 captions, 40 of the pairs matching
   assert (sum(histogram["positive"]), sum(histogram["negative"])) == (40, 280)
-  saved = json.loads((tmp_path / "results.json").read_text())
-  assert saved == json.loads(json.dumps(results))
   lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [l["epoch"] for l in lines] == [1, 2]
   assert {"share_zero_loss", "share_at_margin", "positive_mean"} <= set(lines[0]["training"])
@@ -59,14 +58,14 @@ def test_tiny_run_end_to_end(tiny_config, tmp_path):
   # Rerunning a finished run trains nothing more and tests the same best checkpoint.
   again = train.train_and_evaluate(config, str(tmp_path))
   assert again["steps"] == results["steps"] and again["t2a"] == results["t2a"]
+  assert json.loads(json.dumps(again)) == results  # what it returns is what it wrote
   assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
   assert train.evaluate_only(config, str(tmp_path))["a2t"] == results["a2t"]
 
 
-def test_interrupted_run_resumes_to_the_same_parameters(tiny_config, tmp_path, monkeypatch):
-  config = tiny_config()
-  straight = tmp_path / "straight"
-  train.train_and_evaluate(config, str(straight))
+def test_interrupted_run_resumes_to_the_same_parameters(tiny_config, tiny_run, tmp_path,
+                                                        monkeypatch):
+  config, straight = tiny_config(), tiny_run  # trained without a stop
   resumed = tmp_path / "resumed"
   with monkeypatch.context() as m:
     interrupt_after(m, 3)  # killed after 3 steps of epoch 1; a checkpoint was saved at 2
@@ -108,10 +107,9 @@ def test_frozen_word_vectors_stay_fixed(tiny_config, tmp_path):
   assert np.abs(params["audio"]["Conv_0"]["kernel"] - initial_conv).max() > 0
 
 
-def test_changed_settings_need_a_new_workdir(tiny_config, tmp_path):
-  train.train_and_evaluate(tiny_config(num_epochs=1), str(tmp_path))
+def test_changed_settings_need_a_new_workdir(tiny_config, tiny_run, tmp_path):
   with pytest.raises(ValueError, match="other settings \\(strategy\\)"):
-    train.train_and_evaluate(tiny_config(strategy="hard_cross"), str(tmp_path))
+    train.train_and_evaluate(tiny_config(strategy="hard_cross"), tiny_run)
   with pytest.raises(ValueError, match="the validation split has 40 caption pairs, fewer "
                      "than one batch of 48: lower --config.batch_size"):
     train.train_and_evaluate(tiny_config(batch_size=48), str(tmp_path / "big_batch"))
