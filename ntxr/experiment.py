@@ -24,6 +24,14 @@ def _embed(state: steps.TrainState, arrays: tuple, method: str) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=None)
+def shared_model(**fields) -> models.DualEncoder:
+  """One DualEncoder object per setting in the process. The train state carries its
+  bound `apply`, which jit's cache compares by the module's identity, so Experiments
+  of one setting must share the object to share compiled steps."""
+  return models.DualEncoder(**fields)
+
+
+@functools.lru_cache(maxsize=None)
 def compiled_steps(devices: tuple, loss_args: tuple) -> tuple:
   """(train_step, eval_loss) jitted over `devices` for one loss setting (sorted (name,
   value) pairs), shared by every Experiment in the process: a second run with the same
@@ -47,9 +55,9 @@ class Experiment:
     self.training_split = self.corpus.splits[0]
     self.validation_split = config.validation_split or self.corpus.splits[1]
     self.test_split = config.test_split or self.corpus.splits[2]
-    model = models.DualEncoder(vocab_size=self.tokenizer.vocab_size,
-                               embed_dim=config.embed_dim, channels=tuple(config.channels),
-                               dropout=config.dropout, initializer=config.initializer)
+    model = shared_model(vocab_size=self.tokenizer.vocab_size, embed_dim=config.embed_dim,
+                         channels=tuple(config.channels), dropout=config.dropout,
+                         initializer=config.initializer)
     self.initial_state = self.devices.replicate(steps.create_train_state(
         config, model, jax.random.key(config.seed),
         mel_bands=self.builder.builder_config.logmel.mel_bands,

@@ -40,6 +40,21 @@ def make_optimizer(learning_rate, frozen_text: bool) -> optax.GradientTransforma
   return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
 
 
+@functools.lru_cache(maxsize=None)
+def optimizer(learning_rate: float, frozen_text: bool) -> optax.GradientTransformation:
+  """`make_optimizer` with the learning rate in its state (set_learning_rate changes it).
+  One object per setting: a train state's optimizer is part of its static structure,
+  so states of one setting must share it to share compiled steps."""
+  return optax.inject_hyperparams(make_optimizer, static_args="frozen_text")(
+      learning_rate=learning_rate, frozen_text=frozen_text)
+
+
+@functools.partial(jax.jit, static_argnames="model")
+def _init_variables(model: models.DualEncoder, key: jax.Array, example: dict) -> dict:
+  """The model's initial variables; compiled once per model setting (modules hash by field)."""
+  return model.init(key, example, train=False)
+
+
 def create_train_state(config: ml_collections.ConfigDict, model: models.DualEncoder,
                        key: jax.Array, *, mel_bands: int,
                        word_table: Optional[np.ndarray] = None) -> TrainState:
@@ -48,7 +63,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.DualEnco
   frames, words = config.frame_buckets[0], config.max_tokens
   example = dict(audio=jnp.zeros((2, frames, mel_bands)), audio_mask=jnp.ones((2, frames), bool),
                  tokens=jnp.ones((2, words), jnp.int32), token_mask=jnp.ones((2, words), bool))
-  variables = jax.jit(functools.partial(model.init, train=False))(key, example)
+  variables = _init_variables(model, key, example)
   params = variables["params"]
   if word_table is not None:
     expected = params["text"]["embed"]["embedding"].shape
@@ -56,9 +71,8 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.DualEnco
       raise ValueError(f"word vectors are {word_table.shape}, the text encoder needs "
                        f"{expected}: set --config.embed_dim={word_table.shape[1]}")
     params = {**params, "text": {"embed": {"embedding": jnp.asarray(word_table)}}}
-  tx = optax.inject_hyperparams(make_optimizer, static_args="frozen_text")(
-      learning_rate=config.learning_rate, frozen_text=word_table is not None)
-  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+  state = TrainState.create(apply_fn=model.apply, params=params,
+                            tx=optimizer(config.learning_rate, word_table is not None),
                             batch_stats=variables["batch_stats"])
   # Strongly typed leaves, as train_step returns them: the step compiles once, not twice.
   return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), state)
