@@ -156,7 +156,7 @@ def train_epochs(experiment: experiment_lib.Experiment, state: steps.TrainState,
   return progress
 
 
-def test_best(experiment: experiment_lib.Experiment, checkpoints: workdir_lib.Checkpoints,
+def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: workdir_lib.Checkpoints,
               workdir: str) -> dict:
   """Evaluates the best checkpoint on the test split; writes and returns its results."""
   checkpoints.wait()
@@ -199,7 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       logging.info("resuming at epoch %d, step %d", progress.epoch + 1, int(state.step))
     log = workdir_lib.MetricsLog(workdir, progress.epoch)
     train_epochs(experiment, state, progress, checkpoints, log)
-    return test_best(experiment, checkpoints, workdir)
+    return evaluate_best(experiment, checkpoints, workdir)
   finally:
     checkpoints.close()
 
@@ -208,6 +208,6 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Tests the best checkpoint in workdir without training."""
   checkpoints = workdir_lib.Checkpoints(workdir)
   try:
-    return test_best(experiment_lib.Experiment(config), checkpoints, workdir)
+    return evaluate_best(experiment_lib.Experiment(config), checkpoints, workdir)
   finally:
     checkpoints.close()
