@@ -7,7 +7,7 @@ import os
 from absl import flags
 from ml_collections import config_flags
 
-from ntxr import sampling
+from ntxr import objectives, sampling
 
 CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(__file__), "configs", "default.py"),
@@ -16,9 +16,13 @@ CONFIG = config_flags.DEFINE_config_file(
 WORKDIR = flags.DEFINE_string(
     "workdir", None, "where checkpoints, metrics and results go (default: workdir/STRATEGY)")
 STRATEGIES = flags.DEFINE_list(
-    "strategies", [], f"negative-sampling strategies (default: all: {','.join(sampling.STRATEGIES)})")
+    "strategies", [], "negative-sampling strategies, or objectives (ntxr.objectives), to "
+    f"run (default: every strategy: {','.join(sampling.STRATEGIES)})")
 
 
 def strategies() -> list:
-  """The --strategies chosen, checked against the registry (default: all)."""
-  return [sampling.get_strategy(name).name for name in STRATEGIES.value or sampling.STRATEGIES]
+  """The --strategies chosen, checked against the registries (default: every strategy)."""
+  unknown = sorted(set(STRATEGIES.value) - set(objectives.SETTINGS))
+  if unknown:
+    raise ValueError(f"unknown strategies {unknown}; choose from {list(objectives.SETTINGS)}")
+  return list(STRATEGIES.value or sampling.STRATEGIES)

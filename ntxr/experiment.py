@@ -14,8 +14,9 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ntxr import dcase, evaluate, models, parallel, steps
-from ntxr.data import corpus as corpus_lib, input_pipeline, tokenizer as tokenizer_lib
+from ntxr import dcase, evaluate, false_negatives, models, parallel, steps
+from ntxr.data import corpus as corpus_lib, input_pipeline, synthetic
+from ntxr.data import tokenizer as tokenizer_lib
 
 
 @functools.partial(jax.jit, static_argnames="method")
@@ -32,13 +33,13 @@ def shared_model(**fields) -> models.DualEncoder:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_steps(devices: tuple, loss_args: tuple) -> tuple:
-  """(train_step, eval_loss) jitted over `devices` for one loss setting (sorted (name,
-  value) pairs), shared by every Experiment in the process: a second run with the same
-  settings (a sweep's next seed, a test) compiles nothing again."""
+def compiled_steps(devices: tuple, loss: steps.Loss) -> tuple:
+  """(train_step, eval_loss) jitted over `devices` for one loss setting, shared by every
+  Experiment in the process: a second run with the same settings (a sweep's next seed,
+  a test) compiles nothing again."""
   mesh = parallel.Devices(devices)
-  return (mesh.jit(functools.partial(steps.train_step, **dict(loss_args)), donate_argnums=0),
-          mesh.jit(functools.partial(steps.eval_loss, **dict(loss_args))))
+  return (mesh.jit(functools.partial(steps.train_step, loss=loss), donate_argnums=0),
+          mesh.jit(functools.partial(steps.eval_loss, loss=loss)))
 
 
 class Experiment:
@@ -58,14 +59,21 @@ class Experiment:
     model = shared_model(vocab_size=self.tokenizer.vocab_size, embed_dim=config.embed_dim,
                          channels=tuple(config.channels), dropout=config.dropout,
                          initializer=config.initializer)
+    self.word_table = self._word_table()
     self.initial_state = self.devices.replicate(steps.create_train_state(
         config, model, jax.random.key(config.seed),
-        mel_bands=self.builder.builder_config.logmel.mel_bands,
-        word_table=self._word_table()))
-    loss_args = dict(strategy=config.strategy, margin=config.margin, score=config.score,
-                     padding=config.train_padding)
+        mel_bands=self.builder.builder_config.logmel.mel_bands, word_table=self.word_table))
+    if config.similarity == "events" and self.corpus.events is None:
+      raise ValueError("--config.similarity=events needs the built-in corpus, whose clips' "
+                       "events are known: use tfidf or word_vectors on recorded data")
+    self._events = {}  # split -> [clips, kinds] bool by audio_id
+    self._idf = None
+    if config.similarity == "tfidf":  # over the training captions, as the model sees them
+      self._idf = false_negatives.inverse_document_frequency(
+          [self.tokenizer.encode(c) for _, captions in self.captions(self.training_split)
+           for c in captions], self.tokenizer.vocab_size)
     self._train_step, self._eval_loss = compiled_steps(
-        tuple(self.devices.mesh.devices.flat), tuple(sorted(loss_args.items())))
+        tuple(self.devices.mesh.devices.flat), steps.Loss.from_config(config))
 
   def _word_table(self) -> Optional[np.ndarray]:
     """The frozen word2vec table of config.word_vectors, or None to learn one."""
@@ -81,7 +89,41 @@ class Experiment:
 
   def train_step(self, state: steps.TrainState, batch: dict, key: jax.Array):
     """(state, TrainingStatistics) after one step on a global batch of numpy arrays."""
-    return self._train_step(state, self.devices.shard(batch), key)
+    return self._train_step(
+        state, self.devices.shard(self.with_relations(batch, self.training_split)), key)
+
+  def clip_events(self, split: str) -> Optional[np.ndarray]:
+    """[clips, len(synthetic.EVENT_KINDS)] bool each clip's event kinds by audio_id, or
+    None for recorded data."""
+    if self.corpus.events is None:
+      return None
+    if split not in self._events:
+      clips = self.builder.as_dataset(split=split,
+                                      decoders={"logmel": tfds.decode.SkipDecoding()})
+      kinds = [kind.name for kind in synthetic.EVENT_KINDS]
+      names = {int(c["audio_id"]): c["file_name"].decode() for c in tfds.as_numpy(clips)}
+      table = np.zeros((len(names), len(kinds)), bool)
+      for audio_id, name in names.items():
+        table[audio_id, [kinds.index(k) for k in self.corpus.events[split][name]]] = True
+      self._events[split] = table
+    return self._events[split]
+
+  def with_relations(self, batch: dict, split: str) -> dict:
+    """The batch with what the loss may use beyond it: events [B, K] bool (the built-in
+    corpus) and caption_similarity [B, B] (with --config.similarity)."""
+    extra, events = {}, self.clip_events(split)
+    if events is not None:
+      extra["events"] = events[batch["audio_id"]]
+    source = self.config.similarity
+    if source == "tfidf":
+      extra["caption_similarity"] = false_negatives.tfidf_similarity(
+          batch["tokens"], batch["token_mask"], self._idf)
+    elif source == "word_vectors":
+      extra["caption_similarity"] = false_negatives.word_vector_similarity(
+          batch["tokens"], batch["token_mask"], self.word_table)
+    elif source == "events":
+      extra["caption_similarity"] = false_negatives.event_similarity(extra["events"])
+    return dict(batch, **extra)
 
   def clips(self, split: str):
     return self.builder.as_dataset(split=split)
@@ -126,8 +168,9 @@ class Experiment:
     """(validation {"loss", "t2a", "a2t"}, Collapse) on the validation split; the loss
     under a fixed seed. training: the epoch's mean TrainingStatistics, for Collapse."""
     key = jax.random.key(self.config.seed)
-    losses = [float(self._eval_loss(state, self.devices.shard(batch), key)) for batch in
-              input_pipeline.as_numpy(self.train_batches(self.validation_split, 0))]
+    losses = [float(self._eval_loss(state, self.devices.shard(self.with_relations(
+                  batch, self.validation_split)), key))
+              for batch in input_pipeline.as_numpy(self.train_batches(self.validation_split, 0))]
     loss = float(np.mean(losses))
     if not np.isfinite(loss):
       raise FloatingPointError(f"validation loss is {loss}")

@@ -1,6 +1,7 @@
-"""Trains and evaluates a dual encoder under one negative-sampling strategy.
+"""Trains and evaluates a dual encoder under one negative-sampling strategy or objective.
 
   python -m ntxr.main --strategy=semihard_cross
+  python -m ntxr.main --objective=infonce
   python -m ntxr.main --strategy=hard_cross --config=ntxr/configs/paper.py \\
       --config.data_dir=/path/to/Clotho --config.word_vectors=/path/to/vectors.bin
   python -m ntxr.main --strategy=semihard_cross --eval_only
@@ -19,12 +20,15 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from ntxr import cli, evaluate, parallel, sampling, train
+from ntxr import cli, evaluate, objectives, parallel, sampling, train
 from ntxr.data import workers
 
 _STRATEGY = flags.DEFINE_enum(
     "strategy", None, sorted(sampling.STRATEGIES),
     "negative-sampling strategy (default: the config's, semihard_cross)")
+_OBJECTIVE = flags.DEFINE_enum(
+    "objective", None, ["triplet", *sorted(objectives.OBJECTIVES)],
+    "training objective (default: the config's, the paper's triplet loss with --strategy)")
 _EVAL_ONLY = flags.DEFINE_bool("eval_only", False,
                                "evaluate the workdir's best checkpoint without training")
 _DISTRIBUTED = flags.DEFINE_bool(
@@ -46,16 +50,18 @@ def main(argv):
   if _DISTRIBUTED.value:
     parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   config = cli.CONFIG.value
-  if _STRATEGY.value:  # the one field the command names, as the paper's table does
+  if _STRATEGY.value:  # the fields the command names, as the paper's table does
     config.strategy = _STRATEGY.value
-  workdir = cli.WORKDIR.value or os.path.join("workdir", config.strategy)
+  if _OBJECTIVE.value:
+    config.objective = _OBJECTIVE.value
+  workdir = cli.WORKDIR.value or os.path.join("workdir", train.run_name(config))
   run = train.evaluate_only if _EVAL_ONLY.value else train.train_and_evaluate
   try:
     results = run(config, workdir)
   except (FloatingPointError, FileNotFoundError, ValueError) as error:
     logging.error("%s", error)
     sys.exit(f"error: {error}")
-  print(f"\n{config.strategy} on {results['split']} (epochs {results['epochs']}, best "
+  print(f"\n{train.run_name(config)} on {results['split']} (epochs {results['epochs']}, best "
         f"{results['best_epoch']} by {results['selected_by']}, {results['seconds']:.0f} s "
         f"training; reported checkpoint collapsed: {results['collapse']}, epochs flagged: "
         f"{results['collapse_epochs'] or 'none'})")

@@ -11,7 +11,7 @@ from matplotlib import figure
 from matplotlib import ticker
 import numpy as np
 
-from ntxr import sampling
+from ntxr import objectives
 
 METRICS = ("t2a R@10", "t2a mAP@10", "a2t R@10", "a2t mAP@10")
 # Collapse signals: metrics.jsonl path -> title. "collapse" holds the validation
@@ -27,7 +27,7 @@ SIGNALS = {("collapse", "audio_cosine"): "clip embeddings: mean pairwise cosine"
 
 def strategy_color(strategy: str):
   """One fixed colour per strategy, the same in every figure."""
-  return matplotlib.colormaps["tab10"](list(sampling.STRATEGIES).index(strategy))
+  return matplotlib.colormaps["tab10"](list(objectives.SETTINGS).index(strategy))
 
 
 def metrics_by_strategy(rows, metrics=METRICS) -> figure.Figure:
@@ -100,7 +100,7 @@ def collapse_over_epochs(runs, strategies=("semihard_cross", "hard_cross"),
   return fig
 
 
-def training_curves(runs, strategies=tuple(sampling.STRATEGIES)) -> figure.Figure:
+def training_curves(runs, strategies=objectives.SETTINGS) -> figure.Figure:
   """Training and validation loss and validation mAP@10 over epochs, per run."""
   return _lines_per_run(runs, {"training loss": ("training", "loss"),
                                "validation loss": ("validation", "loss"),
@@ -138,7 +138,7 @@ def kernel_times(reports) -> figure.Figure:
   time_ax, fraction_ax = fig.subplots(1, 2)
   styles = ["o-", "s--", "^:", "d-."]
   for report, style in zip(reports, styles):
-    for strategy in sampling.STRATEGIES:
+    for strategy in objectives.SETTINGS:
       rows = sorted((r for r in report["loss"] if r["strategy"] == strategy),
                     key=lambda r: r["N"])
       if not rows:

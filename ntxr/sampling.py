@@ -164,7 +164,8 @@ def negative_pool(audio_ids: Array) -> Array:
 
 def select_negatives(s_cross: Optional[Array], audio_ids: Array, *, strategy: str,
                      key: Optional[Array] = None, s_audio: Optional[Array] = None,
-                     s_text: Optional[Array] = None) -> Negatives:
+                     s_text: Optional[Array] = None,
+                     pool: Optional[Array] = None) -> Negatives:
   """Each anchor's negatives under `strategy`, chosen without gradient.
 
   Args:
@@ -175,6 +176,8 @@ def select_negatives(s_cross: Optional[Array], audio_ids: Array, *, strategy: st
     key: PRNG key, required by "random".
     s_audio: [N, N] float audio-audio scores, for easy_audio / hard_audio.
     s_text: [N, N] float text-text scores, for easy_text / hard_text.
+    pool: [N, N] bool, anchor i may take j (default: negative_pool(audio_ids)); a
+      false-negative filter passes a smaller one.
 
   Returns:
     Negatives: [N, K] indices and validity; an empty pool gives index -1, not valid.
@@ -192,17 +195,32 @@ def select_negatives(s_cross: Optional[Array], audio_ids: Array, *, strategy: st
     _check_matrix(f"s_{name}", matrix, n, required=spec.needs == name)
   if spec.needs_key and key is None:
     raise ValueError(f"strategy {strategy!r} draws at random: pass key=")
+  if pool is None:
+    pool = negative_pool(audio_ids)
+  elif pool.shape != (n, n) or pool.dtype != jnp.bool_:
+    raise ValueError(f"pool must be bool {(n, n)}, got {pool.dtype} {pool.shape}")
   within = matrices.get(spec.needs)
-  return spec.select(None if within is None else jax.lax.stop_gradient(within),
-                     negative_pool(audio_ids), key)
+  return spec.select(None if within is None else jax.lax.stop_gradient(within), pool, key)
 
 
 class TripletTerms(NamedTuple):
   """What the loss saw, for diagnostics: positive [N]; negative [N, 2] (the audio
-  negatives' and the text negatives' mean score); valid [N] (non-empty pool)."""
+  negatives' and the text negatives' mean score); valid [N] (non-empty pool); weights
+  [2, N, N] (each caption anchor's weight on clips, each audio anchor's on captions:
+  how much each negative counts, rows summing to 1 over the negatives, 0 without any)."""
   positive: Array
   negative: Array
   valid: Array
+  weights: Array
+
+
+def negative_weights(chosen: Negatives) -> Array:
+  """Negatives as weights [2, N, N]: each valid chosen index gets 1 / (valid count)."""
+  n = chosen.audio.shape[0]
+  share = jnp.where(chosen.valid, 1.0 / jnp.maximum(chosen.valid.sum(1, keepdims=True), 1), 0)
+  rows = jnp.broadcast_to(jnp.arange(n)[:, None], chosen.audio.shape)
+  scatter = lambda columns: jnp.zeros((n, n)).at[rows, columns].add(share)
+  return jnp.stack([scatter(chosen.audio), scatter(chosen.text)])
 
 
 def _selected_scores(scorer: scores.Scorer, audio: Array, text: Array,
@@ -235,7 +253,8 @@ def triplet_loss_and_terms(audio: Array, text: Array, audio_ids: Array, *,
                            key: Optional[Array] = None,
                            audio_mask: Optional[Array] = None,
                            text_mask: Optional[Array] = None,
-                           score: str = "alignment") -> Tuple[Array, TripletTerms]:
+                           score: str = "alignment",
+                           pool: Optional[Array] = None) -> Tuple[Array, TripletTerms]:
   """The bidirectional triplet loss from embeddings, computing only what the strategy needs.
 
   Negatives are chosen by `select_negatives` from the one matrix the strategy reads
@@ -250,6 +269,7 @@ def triplet_loss_and_terms(audio: Array, text: Array, audio_ids: Array, *,
     strategy: a name in STRATEGIES; margin: hinge margin; key: PRNG key for "random".
     audio_mask: [N, T] bool; text_mask: [N, W] bool (None: all valid).
     score: "alignment" (the paper's) or "pooled".
+    pool: [N, N] bool each anchor's candidates (default: every other clip).
 
   Returns:
     (scalar loss, TripletTerms); anchors with an empty pool add 0.
@@ -274,7 +294,7 @@ def triplet_loss_and_terms(audio: Array, text: Array, audio_ids: Array, *,
              "text": lambda: scorer.symmetric(frozen_text, text_mask)}
   matrices = {f"s_{needs}": compute[needs]()} if needs else {}
   chosen = select_negatives(matrices.pop("s_cross", None), audio_ids, strategy=strategy,
-                            key=key, **matrices)
+                            key=key, pool=pool, **matrices)
   positive, audio_negative, text_negative = _selected_scores(
       scorer, audio, text, audio_mask, text_mask, chosen)
   count = jnp.maximum(chosen.valid.sum(axis=1), 1)
@@ -282,15 +302,15 @@ def triplet_loss_and_terms(audio: Array, text: Array, audio_ids: Array, *,
   hinge = lambda negative: mean(jax.nn.relu(negative - positive[:, None] + margin))
   loss = jnp.mean(hinge(audio_negative) + hinge(text_negative))
   terms = TripletTerms(positive, jnp.stack([mean(audio_negative), mean(text_negative)], axis=1),
-                       chosen.valid.any(axis=1))
+                       chosen.valid.any(axis=1), negative_weights(chosen))
   return loss, terms
 
 
 def triplet_loss(audio: Array, text: Array, audio_ids: Array, *, strategy: str,
                  margin: float = 0.5, key: Optional[Array] = None,
                  audio_mask: Optional[Array] = None, text_mask: Optional[Array] = None,
-                 score: str = "alignment") -> Array:
+                 score: str = "alignment", pool: Optional[Array] = None) -> Array:
   """The scalar loss of `triplet_loss_and_terms` (the same arguments)."""
   return triplet_loss_and_terms(audio, text, audio_ids, strategy=strategy, margin=margin,
                                 key=key, audio_mask=audio_mask, text_mask=text_mask,
-                                score=score)[0]
+                                score=score, pool=pool)[0]

@@ -18,15 +18,18 @@ import ml_collections
 import numpy as np
 import optax
 
-from ntxr import models, sampling
+from ntxr import false_negatives, models, objectives, sampling, scores
 
 
 class TrainState(train_state.TrainState):
+  """params: the model's, and under "objective" the objective's learnt scalars (siglip's
+  log inverse temperature and bias), if it has any."""
   batch_stats: Any
 
   def variables(self, params=None) -> dict:
     """The model's variables, with `params` in place of the state's if given."""
-    return {"params": self.params if params is None else params,
+    params = self.params if params is None else params
+    return {"params": {k: v for k, v in params.items() if k != "objective"},
             "batch_stats": self.batch_stats}
 
 
@@ -71,6 +74,7 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.DualEnco
       raise ValueError(f"word vectors are {word_table.shape}, the text encoder needs "
                        f"{expected}: set --config.embed_dim={word_table.shape[1]}")
     params = {**params, "text": {"embed": {"embedding": jnp.asarray(word_table)}}}
+  params = {**params, **objectives.initial_parameters(config.objective)}
   state = TrainState.create(apply_fn=model.apply, params=params,
                             tx=optimizer(config.learning_rate, word_table is not None),
                             batch_stats=variables["batch_stats"])
@@ -98,10 +102,14 @@ class TrainingStatistics:
   positive_std: jax.Array
   negative_mean: jax.Array
   negative_std: jax.Array
+  # Measured where the batch knows its clips' events (false_negatives.shares).
+  false_negative_share: Optional[jax.Array] = None
+  filtered_share: Optional[jax.Array] = None
+  filtered_false_share: Optional[jax.Array] = None
 
   @classmethod
   def of(cls, loss: jax.Array, grad_norm: jax.Array, terms: sampling.TripletTerms,
-         margin: float) -> "TrainingStatistics":
+         margin: float, shares: Optional[dict] = None) -> "TrainingStatistics":
     valid = terms.valid[:, None] & jnp.ones_like(terms.negative, bool)
     gap = terms.negative - terms.positive[:, None]
     mean = lambda x: jnp.sum(jnp.where(valid, x, 0)) / jnp.maximum(valid.sum(), 1)
@@ -110,11 +118,13 @@ class TrainingStatistics:
                share_at_margin=mean(jnp.abs(gap) <= 1e-6),
                positive_mean=jnp.mean(terms.positive), positive_std=jnp.std(terms.positive),
                negative_mean=negative_mean,
-               negative_std=jnp.sqrt(mean(jnp.square(terms.negative - negative_mean))))
+               negative_std=jnp.sqrt(mean(jnp.square(terms.negative - negative_mean))),
+               **(shares or {}))
 
   def to_dict(self) -> dict:
-    """{field: float}."""
-    return {field.name: float(getattr(self, field.name)) for field in dataclasses.fields(self)}
+    """{field: float} of the fields measured."""
+    return {field.name: float(getattr(self, field.name)) for field in dataclasses.fields(self)
+            if getattr(self, field.name) is not None}
 
 
 PADDINGS = ("masked", "batch")
@@ -142,41 +152,101 @@ def training_masks(batch: dict, padding: str) -> tuple:
   return audio_mask, audio_mask, _to_longest(batch["token_mask"])
 
 
-def _loss_and_terms(variables: dict, apply_fn, batch: dict, key: jax.Array, *, train: bool,
-                    strategy: str, margin: float, score: str, padding: str):
-  """(loss, (new batch_stats or None, TripletTerms)) of one batch."""
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """What a batch's loss is; hashable, so jit compiles one step per setting.
+
+  objective: "triplet" (negatives chosen by `strategy`, hinge `margin`) or a name in
+  objectives.OBJECTIVES (the whole pool: `temperature`, hn_nce's `beta`, soft's
+  relevance sigmoid(relevance_slope * similarity - relevance_offset)). score and
+  padding: see scores and training_masks. filter_similarity, filter_share_of_positive:
+  the false-negative filter's bounds (false_negatives.filter_pool; 0 is off).
+  """
+  objective: str = "triplet"
+  strategy: str = "semihard_cross"
+  margin: float = 0.5
+  score: str = "alignment"
+  padding: str = "masked"
+  temperature: float = 0.05
+  beta: float = 0.0
+  relevance_slope: float = 10.0
+  relevance_offset: float = 5.0
+  filter_similarity: float = 0.0
+  filter_share_of_positive: float = 0.0
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "Loss":
+    fields = {f.name for f in dataclasses.fields(cls)} - {"padding"}
+    return cls(padding=config.train_padding, **{name: config[name] for name in fields})
+
+
+def _loss_and_terms(params: dict, variables: dict, apply_fn, batch: dict, key: jax.Array, *,
+                    train: bool, loss: Loss):
+  """(loss, (new batch_stats or None, TripletTerms, false-negative shares or None)) of
+  one batch; params: the state's (for the objective's learnt scalars), variables: the
+  model's. Optional batch entries: caption_similarity [B, B] (the filter's and soft's),
+  events [B, K] bool (to measure false negatives)."""
   dropout_key, sample_key = jax.random.split(key)
-  encoder_mask, audio_mask, text_mask = training_masks(batch, padding)
+  encoder_mask, audio_mask, text_mask = training_masks(batch, loss.padding)
   inputs = dict(batch, audio_mask=encoder_mask)
   if train:
     (audio, text), updates = apply_fn(variables, inputs, train=True, mutable=["batch_stats"],
                                       rngs={"dropout": dropout_key})
   else:
     (audio, text), updates = apply_fn(variables, inputs, train=False), {}
-  loss, terms = sampling.triplet_loss_and_terms(
-      audio, text, batch["audio_id"], strategy=strategy, margin=margin, key=sample_key,
-      audio_mask=audio_mask, text_mask=text_mask, score=score)
-  return loss, (updates.get("batch_stats"), terms)
+  audio_ids, similarity = batch["audio_id"], batch.get("caption_similarity")
+  scorer = scores.get_scorer(loss.score)
+  whole_pool = loss.objective != "triplet"
+  s_cross = None  # with gradient for the whole-pool objectives; the filter needs none
+  if whole_pool:
+    s_cross = scorer.matrix(audio, text, audio_mask, text_mask)
+  elif loss.filter_share_of_positive:
+    s_cross = scorer.matrix(*jax.lax.stop_gradient((audio, text)), audio_mask, text_mask)
+  pool = sampling.negative_pool(audio_ids)
+  kept = pool
+  if loss.filter_similarity or loss.filter_share_of_positive:
+    kept = false_negatives.filter_pool(
+        pool, s_cross, similarity, max_similarity=loss.filter_similarity,
+        max_share_of_positive=loss.filter_share_of_positive)
+  if whole_pool:
+    relevance = None
+    if loss.objective == "soft":
+      relevance = false_negatives.relevance(similarity, ~pool, loss.relevance_slope,
+                                            loss.relevance_offset)
+    value, terms = objectives.objective_loss_and_terms(
+        s_cross, audio_ids, params.get("objective", {}), objective=loss.objective,
+        temperature=loss.temperature, beta=loss.beta, relevance=relevance,
+        pools=objectives.Pools(kept, kept))
+  else:
+    value, terms = sampling.triplet_loss_and_terms(
+        audio, text, audio_ids, strategy=loss.strategy, margin=loss.margin, key=sample_key,
+        audio_mask=audio_mask, text_mask=text_mask, score=loss.score, pool=kept)
+  shares = None
+  if "events" in batch:
+    shares = false_negatives.shares(terms.weights, pool, kept,
+                                    false_negatives.same_events(batch["events"]) & pool)
+  return value, (updates.get("batch_stats"), terms, shares)
 
 
-def train_step(state: TrainState, batch: dict, key: jax.Array, *, strategy: str,
-               margin: float, score: str = "alignment", padding: str = "masked"):
+def train_step(state: TrainState, batch: dict, key: jax.Array, *, loss: Loss = Loss()):
   """One optimizer step: (state, batch, key) -> (state, TrainingStatistics). Jit it with
   donate_argnums=0.
 
-  batch: {audio [B,T,F], audio_mask [B,T], tokens [B,W], token_mask [B,W], audio_id [B]}.
+  batch: {audio [B,T,F], audio_mask [B,T], tokens [B,W], token_mask [B,W], audio_id [B]},
+  and optionally caption_similarity [B, B] and events [B, K] (see _loss_and_terms).
   """
   def loss_fn(params):
-    return _loss_and_terms(state.variables(params), state.apply_fn, batch, key, train=True,
-                           strategy=strategy, margin=margin, score=score, padding=padding)
-  (loss, (batch_stats, terms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+    return _loss_and_terms(params, state.variables(params), state.apply_fn, batch, key,
+                           train=True, loss=loss)
+  (value, (batch_stats, terms, shares)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  return state, TrainingStatistics.of(loss, optax.tree.norm(grads), terms, margin)
+  return state, TrainingStatistics.of(value, optax.tree.norm(grads), terms, loss.margin,
+                                      shares)
 
 
-def eval_loss(state: TrainState, batch: dict, key: jax.Array, *, strategy: str,
-              margin: float, score: str = "alignment", padding: str = "masked") -> jax.Array:
+def eval_loss(state: TrainState, batch: dict, key: jax.Array, *,
+              loss: Loss = Loss()) -> jax.Array:
   """The loss of one batch in inference mode (no dropout, running BatchNorm)."""
-  return _loss_and_terms(state.variables(), state.apply_fn, batch, key, train=False,
-                         strategy=strategy, margin=margin, score=score, padding=padding)[0]
+  return _loss_and_terms(state.params, state.variables(), state.apply_fn, batch, key,
+                         train=False, loss=loss)[0]

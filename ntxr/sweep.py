@@ -1,4 +1,5 @@
-"""The paper's ablation in one command: strategies x seeds, one workdir each, one table.
+"""The paper's ablation in one command: strategies (or objectives) x seeds, one workdir
+each, one table.
 
   python -m ntxr.sweep --root=sweeps/default --seeds=0,1
   python -m ntxr.sweep --root=sweeps/short --strategies=random,semihard_cross \\
@@ -7,11 +8,13 @@
   python -m ntxr.sweep --root=sweeps/default --table_only
 
 Each run is `python -m ntxr.main --strategy=S --config.seed=N --workdir=ROOT/S/seed_N ARGS`
-(ARGS: whatever follows `--`), its output in ROOT/S/seed_N/log.txt. A run whose
+(ARGS: whatever follows `--`; an objective's name runs `--objective=S`), its output in
+ROOT/S/seed_N/log.txt. A run whose
 results.json exists is skipped, an unfinished one resumes, a failed one is reported
 and the others go on. The table of every finished run goes to ROOT/results.csv and
 ROOT/results.md: per strategy, the mean and sample standard deviation over seeds of
-both directions' metrics, and how many seeds collapsed; its figures (metrics by
+both directions' metrics, how many seeds collapsed, and where the corpus knows its
+events, the share of the negatives' weight on false negatives; its figures (metrics by
 strategy, collapse signals over epochs) to ROOT/*.png.
 """
 
@@ -29,7 +32,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from ntxr import cli, evaluate, files, plots, sampling
+from ntxr import cli, evaluate, files, objectives, plots
 from ntxr.data import workers
 
 _ROOT = flags.DEFINE_string("root", "sweeps/default", "folder holding one workdir per run")
@@ -41,6 +44,7 @@ _GPUS = flags.DEFINE_list("gpus", [], "GPU ids to split evenly among the process
 _TABLE_ONLY = flags.DEFINE_bool("table_only", False, "only write the table of finished runs")
 
 COLUMNS = (tuple(f"t2a {m}" for m in evaluate.T2A) + tuple(f"a2t {m}" for m in evaluate.A2T))
+FALSE_NEGATIVES = "false negatives"  # the column, where a run measured them
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,16 +58,17 @@ class Run:
     return os.path.exists(os.path.join(self.workdir, "results.json"))
 
   def command(self, main_args=()) -> list:
-    return [sys.executable, "-m", "ntxr.main", f"--strategy={self.strategy}",
+    flag = "objective" if self.strategy in objectives.OBJECTIVES else "strategy"
+    return [sys.executable, "-m", "ntxr.main", f"--{flag}={self.strategy}",
             f"--config.seed={self.seed}", f"--workdir={self.workdir}", *main_args]
 
 
 def plan(root: str, strategies, seeds) -> list:
-  """Every (strategy, seed) run under root, seed by seed so a stopped sweep has whole
-  seeds."""
-  unknown = sorted(set(strategies) - set(sampling.STRATEGIES))
+  """Every (strategy or objective, seed) run under root, seed by seed so a stopped sweep
+  has whole seeds."""
+  unknown = sorted(set(strategies) - set(objectives.SETTINGS))
   if unknown:
-    raise ValueError(f"unknown strategies {unknown}; choose from {list(sampling.STRATEGIES)}")
+    raise ValueError(f"unknown strategies {unknown}; choose from {list(objectives.SETTINGS)}")
   return [Run(s, seed, os.path.join(root, s, f"seed_{seed}")) for seed in seeds
           for s in strategies]
 
@@ -125,65 +130,74 @@ def read_run(workdir: str) -> dict:
   """A run's results.json, with its per-epoch metrics.jsonl records as "epochs_log"."""
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
-  epochs = []
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(metrics):
-    with open(metrics) as f:
-      epochs = [json.loads(line) for line in f if line.strip()]
-  return dict(results, workdir=workdir, epochs_log=epochs)
+  return dict(results, workdir=workdir,
+              epochs_log=files.read_jsonl(os.path.join(workdir, "metrics.jsonl")))
 
 
 def read_sweep(root: str) -> list:
   """Every finished run under root (ROOT/STRATEGY/seed_N), in strategy then seed order."""
   runs = []
-  for strategy in sampling.STRATEGIES:
+  for strategy in objectives.SETTINGS:
     folder = os.path.join(root, strategy)
     seeds = sorted((int(d[5:]), d) for d in os.listdir(folder) if d.startswith("seed_")
                    and d[5:].isdigit()) if os.path.isdir(folder) else []
     for seed, name in seeds:
       run = Run(strategy, seed, os.path.join(folder, name))
       if run.finished:
-        runs.append(dict(read_run(run.workdir), seed=seed))
+        runs.append(dict(read_run(run.workdir), seed=seed, strategy=strategy))  # its name
   return runs
 
 
 def table(runs) -> list:
-  """Per strategy: {"strategy", "seeds", "collapsed", COLUMN: (mean, spread)}.
+  """Per strategy (or objective): {"strategy", "seeds", "collapsed", COLUMN: (mean,
+  spread)}, and FALSE_NEGATIVES (the false-negative share) where every seed measured it.
 
   The spread is the sample standard deviation over seeds (nan for one seed)."""
+  def mean_and_spread(values):
+    values = np.array(values)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan")
   rows = []
-  for strategy in sampling.STRATEGIES:
+  for strategy in objectives.SETTINGS:
     mine = [r for r in runs if r["strategy"] == strategy]
     if not mine:
       continue
     row = dict(strategy=strategy, seeds=len(mine), collapsed=sum(r["collapse"] for r in mine))
     for column in COLUMNS:
       direction, metric = column.split()
-      values = np.array([r[direction][metric] for r in mine])
-      row[column] = (float(values.mean()),
-                     float(values.std(ddof=1)) if len(values) > 1 else float("nan"))
+      row[column] = mean_and_spread([r[direction][metric] for r in mine])
+    if all(r.get("false_negatives") for r in mine):
+      row[FALSE_NEGATIVES] = mean_and_spread(
+          [r["false_negatives"]["false_negative_share"] for r in mine])
     rows.append(row)
   return rows
+
+
+def _columns(rows) -> tuple:
+  """COLUMNS, and FALSE_NEGATIVES if some row has it."""
+  return COLUMNS + ((FALSE_NEGATIVES,) if any(FALSE_NEGATIVES in r for r in rows) else ())
 
 
 def to_csv(rows) -> str:
   out = io.StringIO()
   writer = csv.writer(out, lineterminator="\n")
+  columns, missing = _columns(rows), (float("nan"), float("nan"))
   writer.writerow(["strategy", "seeds", "collapsed"] +
-                  [f"{c} {part}" for c in COLUMNS for part in ("mean", "std")])
+                  [f"{c} {part}" for c in columns for part in ("mean", "std")])
   for row in rows:
     writer.writerow([row["strategy"], row["seeds"], row["collapsed"]] +
-                    [f"{v:.4f}" for c in COLUMNS for v in row[c]])
+                    [f"{v:.4f}" for c in columns for v in row.get(c, missing)])
   return out.getvalue()
 
 
 def to_markdown(rows) -> str:
   """Mean ± spread per cell, the collapse column as collapsed seeds / seeds."""
   cell = lambda m, s: f"{m:.3f}" if np.isnan(s) else f"{m:.3f} ± {s:.3f}"
-  lines = ["| strategy | " + " | ".join(COLUMNS) + " | collapse |",
-           "|---" * (len(COLUMNS) + 2) + "|"]
+  columns, missing = _columns(rows), (float("nan"), float("nan"))
+  lines = ["| strategy | " + " | ".join(columns) + " | collapse |",
+           "|---" * (len(columns) + 2) + "|"]
   for row in rows:
-    lines.append(f"| {row['strategy']} | " + " | ".join(cell(*row[c]) for c in COLUMNS) +
+    lines.append(f"| {row['strategy']} | " +
+                 " | ".join(cell(*row.get(c, missing)) for c in columns) +
                  f" | {row['collapsed']}/{row['seeds']} |")
   return "\n".join(lines) + "\n"
 

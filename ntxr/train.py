@@ -9,6 +9,7 @@ the files).
 """
 
 import dataclasses
+import os
 import time
 
 from absl import logging
@@ -17,7 +18,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from ntxr import experiment as experiment_lib, steps, workdir as workdir_lib
+from ntxr import experiment as experiment_lib, files, steps, workdir as workdir_lib
 from ntxr.data import input_pipeline
 
 
@@ -168,7 +169,8 @@ def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: workdir_li
   config = experiment.config
   metrics, submission = experiment.test(state)
   skipped = [entry for entries in experiment.corpus.skipped.values() for entry in entries]
-  results = dict(metrics, strategy=config.strategy, score=config.score,
+  results = dict(metrics, objective=config.objective, strategy=config.strategy,
+                 run=run_name(config), score=config.score,
                  split=experiment.test_split,
                  collapse=best.best_epoch in trained.collapse_epochs,
                  collapse_epochs=list(trained.collapse_epochs), epochs=trained.epoch,
@@ -176,9 +178,17 @@ def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: workdir_li
                                                             entries=skipped),
                  steps=checkpoints.step("latest") or int(state.step),
                  best_epoch=best.best_epoch, best_step=int(state.step),
-                 seconds=trained.seconds)
+                 seconds=trained.seconds,
+                 false_negatives=workdir_lib.false_negatives_of(
+                     files.read_jsonl(os.path.join(workdir, "metrics.jsonl")),
+                     best.best_epoch))
   workdir_lib.write_results(workdir, results, submission)
   return results
+
+
+def run_name(config: ml_collections.ConfigDict) -> str:
+  """The run's setting in a word: the strategy for the triplet loss, else the objective."""
+  return config.strategy if config.objective == "triplet" else config.objective
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:

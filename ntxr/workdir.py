@@ -18,7 +18,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from ntxr import dcase, files, steps
+from ntxr import dcase, false_negatives, files, objectives, steps
 
 # Config fields a resumed run may change (they leave training as it was); any other
 # change needs a new workdir.
@@ -43,10 +43,19 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         "--config.word_vectors=/path/to/GoogleNews-vectors-negative300.bin (or any "
         "word2vec-format file), or --config.require_word_vectors=false to learn a "
         "random word table instead")
-  for field, choices in [("select_by", SELECTIONS), ("train_padding", steps.PADDINGS)]:
+  for field, choices in [("select_by", SELECTIONS), ("train_padding", steps.PADDINGS),
+                         ("objective", ("triplet", *objectives.OBJECTIVES)),
+                         ("similarity", ("", *false_negatives.SIMILARITIES))]:
     if config[field] not in choices:
       raise ValueError(f"--config.{field} must be one of {sorted(choices)}, not "
                        f"{config[field]!r}")
+  for needs, what in [(config.objective == "soft", "--config.objective=soft"),
+                      (config.filter_similarity > 0, "--config.filter_similarity")]:
+    if needs and not config.similarity:
+      raise ValueError(f"{what} compares captions: set --config.similarity to one of "
+                       f"{list(false_negatives.SIMILARITIES)}")
+  if config.similarity == "word_vectors" and not config.word_vectors:
+    raise ValueError("--config.similarity=word_vectors needs --config.word_vectors")
   path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json())
   if os.path.exists(path):
@@ -114,6 +123,17 @@ class Checkpoints:
       manager.close()
 
 
+FALSE_NEGATIVE_SHARES = ("false_negative_share", "filtered_share", "filtered_false_share")
+
+
+def false_negatives_of(records: list, epoch: int) -> Optional[dict]:
+  """The training false-negative shares logged for `epoch`, or None if not measured."""
+  for record in records:
+    if record["epoch"] == epoch and FALSE_NEGATIVE_SHARES[0] in record["training"]:
+      return {name: record["training"][name] for name in FALSE_NEGATIVE_SHARES}
+  return None
+
+
 class MetricsLog:
   """metrics.jsonl (one line per epoch) and TensorBoard scalars in workdir, written by
   the first process only."""
@@ -125,10 +145,8 @@ class MetricsLog:
       return
     self.path = os.path.join(workdir, "metrics.jsonl")
     if os.path.exists(self.path):  # drop epochs a resumed run will redo
-      with open(self.path) as f:
-        kept = [line for line in f if line.strip() and
-                json.loads(line)["epoch"] <= completed_epochs]
-      files.write_text(self.path, "".join(kept))
+      kept = [r for r in files.read_jsonl(self.path) if r["epoch"] <= completed_epochs]
+      files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
     self.tensorboard = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, record: dict) -> None:

@@ -1,20 +1,62 @@
-"""Shared fixtures: tiny configs on a tiny synthetic corpus, and a tiny sweep of them."""
+"""Shared fixtures: tiny configs on a tiny synthetic corpus, and a tiny sweep of them.
+
+The suite runs in two worker processes (pytest-xdist). Compiling, not running, is
+most of its time, so XLA compiles without its backend optimisations (the same
+programs, compiled in about half the time), and the workers and every process a test
+starts share one JAX compilation cache, made for the session and removed after it:
+a step compiled once is not compiled again in another process.
+"""
 
 import os
+import shutil
+import tempfile
 
-import pytest
+FAST_COMPILE = "--xla_backend_optimization_level=0"
+if FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):  # before XLA starts
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
-from ntxr import sweep, train
-from ntxr.configs import default
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from ntxr import sweep, train  # pylint: disable=wrong-import-position
+from ntxr.data import corpus  # pylint: disable=wrong-import-position
+from ntxr.configs import default  # pylint: disable=wrong-import-position
+
+# One frame bucket (the tiny clips are 3-6 s): each step compiles once per setting.
 TINY = dict(size="tiny", batch_size=8, num_epochs=2, channels=(4, 8, 8, 8, 8), embed_dim=16,
-            vocab_size=60, checkpoint_every_steps=2, eval_batch_size=8)
-SWEEP_STRATEGIES = ("random", "semihard_cross", "hard_cross")
+            vocab_size=60, checkpoint_every_steps=10, eval_batch_size=8, frame_buckets=(320,))
+SWEEP_STRATEGIES = ("random", "semihard_cross")
+COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR"
+CACHE_OWNER = pytest.StashKey[str]()  # the cache this process made and removes
+
+
+def pytest_configure(config):
+  """The session's compilation cache: made by the first process, inherited by the rest."""
+  if COMPILATION_CACHE not in os.environ:
+    os.environ[COMPILATION_CACHE] = tempfile.mkdtemp(prefix="ntxr-tests-jax-cache-")
+    config.stash[CACHE_OWNER] = os.environ[COMPILATION_CACHE]
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+  jax.config.update("jax_compilation_cache_dir", os.environ[COMPILATION_CACHE])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def pytest_unconfigure(config):
+  if CACHE_OWNER in config.stash:
+    shutil.rmtree(config.stash[CACHE_OWNER], ignore_errors=True)
+
+
+def shared_path(tmp_path_factory, name: str) -> str:
+  """A path in this session's temporary folder, the same in every worker process."""
+  base = tmp_path_factory.getbasetemp()
+  return str((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name)
 
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp("cache"))
+  """The workers' one cache: the corpus is generated and prepared once (under a lock)."""
+  path = shared_path(tmp_path_factory, "cache")
+  os.makedirs(path, exist_ok=True)
+  return path
 
 
 @pytest.fixture(scope="session")
@@ -38,10 +80,13 @@ def tiny_flags(cache_dir):
 
 @pytest.fixture(scope="session")
 def tiny_sweep(tmp_path_factory, tiny_config):
-  """A sweep root with SWEEP_STRATEGIES x seeds 0 and 1 trained in this process."""
-  root = str(tmp_path_factory.mktemp("sweep"))
-  for run in sweep.plan(root, SWEEP_STRATEGIES, [0, 1]):
-    train.train_and_evaluate(tiny_config(strategy=run.strategy, seed=run.seed), run.workdir)
+  """A sweep root with SWEEP_STRATEGIES x seeds 0 and 1, trained once for the session:
+  the first worker to ask trains it while holding a lock, the others wait and reuse it."""
+  root = shared_path(tmp_path_factory, "sweep")
+  with corpus._exclusive(root + ".lock"):  # pylint: disable=protected-access
+    for run in sweep.plan(root, SWEEP_STRATEGIES, [0, 1]):
+      if not run.finished:
+        train.train_and_evaluate(tiny_config(strategy=run.strategy, seed=run.seed), run.workdir)
   return root
 
 

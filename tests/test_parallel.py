@@ -11,24 +11,32 @@ import sys
 import numpy as np
 import pytest
 
-STRATEGIES = ("semihard_cross", "random", "hard_text", "easy_audio", "full_batch")
+# One strategy per way of selecting: the cross matrix, random draws, a within-modality
+# matrix (over sharded frames), and the whole pool; then objectives over the whole pool,
+# with learnt scalars (siglip) and with caption similarity, relevance and the filter (soft).
+# Two halves, one child process each, so that two test workers share the compiling.
+HALVES = (("semihard_cross", "random", "easy_audio"), ("full_batch", "siglip", "soft"))
+OBJECTIVE_SETTINGS = {"siglip": dict(objective="siglip"),
+                      "soft": dict(objective="soft", similarity="tfidf",
+                                   filter_share_of_positive=0.95)}
 STEPS = 3
 
 
-def test_eight_devices_give_what_one_gives(cache_dir, tmp_path):
+@pytest.mark.parametrize("strategies", HALVES)
+def test_eight_devices_give_what_one_gives(strategies, cache_dir, tmp_path):
   out = tmp_path / "steps.npz"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  child = subprocess.run([sys.executable, __file__, cache_dir, str(out)], env=env,
-                         capture_output=True, text=True, check=False)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
+  child = subprocess.run([sys.executable, __file__, cache_dir, str(out), *strategies],
+                         env=env, capture_output=True, text=True, check=False)
   assert child.returncode == 0, child.stderr[-3000:]
   found = dict(np.load(out))
   assert found["device_counts"].tolist() == [1, 8]
-  for strategy in STRATEGIES:
+  for strategy in strategies:
     one, eight = (lambda name, d=d: found[f"{strategy}/{d}/{name}"] for d in (1, 8))
     np.testing.assert_allclose(eight("loss"), one("loss"), rtol=1e-5)
     assert np.all(np.diff(one("loss")) != 0)  # three different batches, three losses
-    if strategy != "full_batch":
+    if strategy not in ("full_batch", *OBJECTIVE_SETTINGS):
       assert_same_negatives(strategy, eight("negatives"), one("negatives"),
                             {m: one(m) for m in ("s_cross", "s_audio", "s_text")})
     params = sorted(k for k in found if k.startswith(f"{strategy}/1/params/"))
@@ -57,7 +65,7 @@ def assert_same_negatives(strategy, found, expected, matrices):
         strategy, row, anchor)
 
 
-def _steps(cache_dir: str) -> dict:
+def _steps(cache_dir: str, strategies) -> dict:
   """For each strategy, on 1 device and on all: the losses of STEPS train steps, the
   initial model's selected negatives on the first batch, and the final parameters."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -86,9 +94,10 @@ def _steps(cache_dir: str) -> dict:
                        traverse_util.flatten_dict(jax.device_get(tree)).items()}
   found = dict(device_counts=np.array([1, len(jax.devices())]))
   key = jax.random.key(7)
-  for strategy in STRATEGIES:
+  for strategy in strategies:
     config = default.get_config()
-    config.update(dict(TINY, cache_dir=cache_dir, strategy=strategy, batch_size=16))
+    config.update(dict(TINY, cache_dir=cache_dir, batch_size=16,
+                       **OBJECTIVE_SETTINGS.get(strategy, dict(strategy=strategy))))
     for devices in (jax.devices()[:1], jax.devices()):
       experiment = experiment_lib.Experiment(config, devices)
       prefix = f"{strategy}/{len(devices)}"
@@ -96,7 +105,7 @@ def _steps(cache_dir: str) -> dict:
       state = experiment.initial_state
       for name, value in flat(state.params).items():
         found[f"{prefix}/initial/{name}"] = value
-      if strategy != "full_batch":
+      if strategy not in ("full_batch", *OBJECTIVE_SETTINGS):
         selected = experiment.devices.jit(select(strategy))(
             state, experiment.devices.shard(batches[0]), key)
         found.update({f"{prefix}/{name}": np.asarray(v) for name, v in selected.items()})
@@ -111,4 +120,4 @@ def _steps(cache_dir: str) -> dict:
 
 
 if __name__ == "__main__":
-  np.savez(sys.argv[2], **_steps(sys.argv[1]))
+  np.savez(sys.argv[2], **_steps(sys.argv[1], sys.argv[3:]))

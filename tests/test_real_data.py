@@ -25,7 +25,7 @@ from ntxr.data import builders, clotho, corpus, features, tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_MODEL = dict(channels=(4, 8, 8, 8, 8), embed_dim=16, batch_size=8, eval_batch_size=8,
-                   num_epochs=1, checkpoint_every_steps=2)
+                   num_epochs=1, checkpoint_every_steps=2, frame_buckets=(480,))
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,11 @@ import pytest
 from ntxr import evaluate, sweep
 
 
-def fake_run(root, strategy, seed, r1, collapse=False):
+def fake_run(root, strategy, seed, r1, collapse=False, false_negatives=None):
   """A finished run's results.json whose every metric is r1 (t2a) or r1 / 2 (a2t)."""
   workdir = os.path.join(root, strategy, f"seed_{seed}")
   os.makedirs(workdir)
-  results = dict(strategy=strategy, collapse=collapse,
+  results = dict(strategy=strategy, collapse=collapse, false_negatives=false_negatives,
                  t2a={m: r1 for m in evaluate.T2A}, a2t={m: r1 / 2 for m in evaluate.A2T})
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f)
@@ -31,6 +31,8 @@ def test_plan_goes_seed_by_seed_and_rejects_unknown_strategies(tmp_path):
   assert runs[1].command(["--config.num_epochs=2"])[2:] == [
       "ntxr.main", "--strategy=hard_cross", "--config.seed=0",
       f"--workdir={runs[1].workdir}", "--config.num_epochs=2"]
+  assert sweep.plan(str(tmp_path), ["infonce"], [3])[0].command()[3:5] == [
+      "--objective=infonce", "--config.seed=3"]
   with pytest.raises(ValueError, match="unknown strategies \\['semihard'\\]"):
     sweep.plan(str(tmp_path), ["random", "semihard"], [0])
 
@@ -62,21 +64,35 @@ def test_table_is_the_mean_and_sample_spread_over_seeds(tmp_path):
   assert markdown[2].startswith("| random | 0.500 | 0.500 |")
 
 
+def test_table_reports_false_negatives_where_every_seed_measured_them(tmp_path):
+  root = str(tmp_path)
+  for seed, share in [(0, 0.1), (1, 0.3)]:
+    fake_run(root, "infonce", seed, 0.5, false_negatives=dict(false_negative_share=share))
+  fake_run(root, "random", 0, 0.5)
+  rows = sweep.table(sweep.read_sweep(root))
+  assert [r["strategy"] for r in rows] == ["random", "infonce"]
+  assert rows[1][sweep.FALSE_NEGATIVES] == pytest.approx((0.2, np.std([0.1, 0.3], ddof=1)))
+  assert sweep.FALSE_NEGATIVES not in rows[0]
+  markdown = sweep.to_markdown(rows).splitlines()
+  assert markdown[0].endswith("| false negatives | collapse |")
+  assert markdown[2].endswith("| nan | 0/1 |") and "| 0.200 ± 0.141 |" in markdown[3]
+
+
 def test_run_all_skips_finished_runs_and_reports_failures(tmp_path, tiny_flags):
   root = str(tmp_path)
-  fake_run(root, "hard_cross", 0, 0.2)
+  fake_run(root, "semihard_cross", 0, 0.2)
   refused = os.path.join(root, "random", "seed_1")
   os.makedirs(refused)
   with open(os.path.join(refused, "config.json"), "w") as f:
     json.dump({"strategy": "something else"}, f)
   tiny = tiny_flags(num_epochs=1, max_steps_per_epoch=1)
-  runs = sweep.plan(root, ["random", "hard_cross"], [0, 1])
+  runs = sweep.plan(root, ["random", "semihard_cross"], [0, 1])
   reports = []
   failed = sweep.run_all(runs, tiny, processes=2, report=reports.append)
   assert reports[0] == "1 of 4 runs finished already; 3 to run, 2 at a time"
   assert failed == [runs[2]]  # random seed 1: its workdir holds other settings
   assert "other settings" in open(os.path.join(refused, "log.txt")).read()
-  assert not os.path.exists(os.path.join(root, "hard_cross", "seed_0", "log.txt"))
+  assert not os.path.exists(os.path.join(root, "semihard_cross", "seed_0", "log.txt"))
   for run in (runs[0], runs[3]):
     with open(os.path.join(run.workdir, "results.json")) as f:
       results = json.load(f)
@@ -90,7 +106,7 @@ def test_run_all_skips_finished_runs_and_reports_failures(tmp_path, tiny_flags):
 def test_table_of_a_trained_sweep(tiny_sweep):
   rows = sweep.write_report(tiny_sweep)
   assert [(r["strategy"], r["seeds"]) for r in rows] == [
-      ("random", 2), ("semihard_cross", 2), ("hard_cross", 2)]
+      ("random", 2), ("semihard_cross", 2)]
   for row in rows:
     values = []
     for seed in (0, 1):

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -68,23 +69,36 @@ def test_interrupted_run_resumes_to_the_same_parameters(tiny_config, tiny_run, t
   config, straight = tiny_config(), tiny_run  # trained without a stop
   resumed = tmp_path / "resumed"
   with monkeypatch.context() as m:
-    interrupt_after(m, 3)  # killed after 3 steps of epoch 1; a checkpoint was saved at 2
+    interrupt_after(m, 12)  # killed after 12 steps of epoch 1; a checkpoint was saved at 10
     with pytest.raises(KeyboardInterrupt):
       train.train_and_evaluate(config, str(resumed))
-  assert params_of(str(resumed))[0] == 2
+  assert params_of(str(resumed))[0] == 10
   train.train_and_evaluate(config, str(resumed))
   (step_a, a), (step_b, b) = params_of(str(straight)), params_of(str(resumed))
   assert step_a == step_b
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
 
 
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_the_run_goes_on(
+    tiny_config, tiny_run, tmp_path, caplog):
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_run, workdir)
+  metrics = workdir / "metrics.jsonl"
+  first, second = metrics.read_text().splitlines()
+  metrics.write_text(first + "\n" + second[:len(second) // 2])  # killed mid-append
+  results = train.train_and_evaluate(tiny_config(), str(workdir))
+  assert results["epochs"] == 2
+  assert "metrics.jsonl:2: dropped a torn or partial line" in caplog.text
+  assert [json.loads(l)["epoch"] for l in metrics.read_text().splitlines()] == [1]
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
   config = tiny_config()
-  interrupt_after(monkeypatch, 3, poison=True)
-  with pytest.raises(FloatingPointError, match=r"gradient norm nan\) at step 4 .*\(step 2\)"):
+  interrupt_after(monkeypatch, 12, poison=True)
+  with pytest.raises(FloatingPointError, match=r"gradient norm nan\) at step 13 .*\(step 10\)"):
     train.train_and_evaluate(config, str(tmp_path))
   step, params = params_of(str(tmp_path))
-  assert step == 2
+  assert step == 10
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
@@ -94,7 +108,7 @@ def test_frozen_word_vectors_stay_fixed(tiny_config, tmp_path):
   rng = np.random.default_rng(0)
   vectors.write_text(f"{len(words)} 16\n" + "".join(
       w + " " + " ".join(f"{v:.4f}" for v in rng.normal(size=16)) + "\n" for w in words))
-  config = tiny_config(word_vectors=str(vectors), num_epochs=1)
+  config = tiny_config(word_vectors=str(vectors), num_epochs=1, max_steps_per_epoch=3)
   experiment = experiment_lib.Experiment(config)
   table = np.asarray(experiment.initial_state.params["text"]["embed"]["embedding"])
   article = experiment.tokenizer.ids["a"]  # the first word of the file
@@ -133,13 +147,14 @@ def test_reduce_on_plateau_follows_pytorch_abs_threshold():
 
 def test_train_step_compiles_once_per_bucket(tiny_config):
   experiment_lib.compiled_steps.cache_clear()  # steps other tests compiled are shared
-  experiment = experiment_lib.Experiment(tiny_config())
+  # Pairs of 3-6 s clips: some batches fit 224 frames (4.48 s), the rest need 320.
+  experiment = experiment_lib.Experiment(tiny_config(frame_buckets=(224, 320), batch_size=2))
   batches = list(input_pipeline.as_numpy(experiment.train_batches("development", 0)))
   state = experiment.initial_state
   for batch in batches:
     state, _ = experiment.train_step(state, batch, jax.random.key(0))
   shapes = {b["audio"].shape for b in batches}
-  assert experiment._train_step._cache_size() == len(shapes)
+  assert len(shapes) == 2 and experiment._train_step._cache_size() == 2
 
 
 @pytest.mark.parametrize("strategy", ["full_batch", "semihard_cross", "hard_cross", "hard_text",
@@ -156,8 +171,8 @@ def test_batch_padding_reproduces_the_authors_training_score(strategy):
   def encoders(variables, inputs, train):  # zero where the encoder's mask is False
     return (audio * inputs["audio_mask"][..., None], text * inputs["token_mask"][..., None])
   loss = lambda padding: float(steps._loss_and_terms(
-      None, encoders, batch, jax.random.key(0), train=False, strategy=strategy, margin=0.5,
-      score="alignment", padding=padding)[0])
+      {}, None, encoders, batch, jax.random.key(0), train=False,
+      loss=steps.Loss(strategy=strategy, margin=0.5, padding=padding))[0])
   # Their batch is padded to its longest clip (17 frames) and caption (5 words), padded
   # words are zero vectors, and their criterion averages each score over all T x W.
   theirs, *_ = reference.per_anchor_loss(
@@ -172,5 +187,35 @@ def test_an_unknown_choice_is_refused_before_anything_is_written(field, tmp_path
   config = default.get_config()
   config[field] = "sideways"
   with pytest.raises(ValueError, match=rf"--config\.{field} must be one of .*'sideways'"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_an_objective_run_learns_siglip_scalars_and_logs_false_negatives(tiny_config, tmp_path):
+  config = tiny_config(objective="siglip", similarity="events", filter_similarity=0.99,
+                       num_epochs=1, max_steps_per_epoch=4)
+  results = train.train_and_evaluate(config, str(tmp_path))
+  assert (results["run"], results["objective"]) == ("siglip", "siglip")
+  assert set(results["false_negatives"]) == {"false_negative_share", "filtered_share",
+                                             "filtered_false_share"}
+  assert results["false_negatives"]["false_negative_share"] == 0  # the filter took them all
+  line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+  assert line["training"]["filtered_share"] == results["false_negatives"]["filtered_share"]
+  _, params = params_of(str(tmp_path))
+  learnt = params["objective"]
+  assert float(learnt["bias"]) != -10.0
+  assert float(learnt["log_inverse_temperature"]) != pytest.approx(np.log(10.0), abs=1e-7)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(objective="soft"), r"--config\.objective=soft compares captions: set "
+                             r"--config\.similarity"),
+    (dict(filter_similarity=0.9), r"--config\.filter_similarity compares captions"),
+    (dict(similarity="word_vectors"), r"needs --config\.word_vectors"),
+    (dict(objective="clip"), r"--config\.objective must be one of")])
+def test_false_negative_settings_that_cannot_run_are_refused(overrides, message, tmp_path):
+  config = default.get_config()
+  config.update(overrides)
+  with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")

@@ -14,7 +14,18 @@ import ml_collections
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.strategy = "semihard_cross"  # a name in ntxr.sampling.STRATEGIES
+  config.objective = "triplet"        # or a name in ntxr.objectives.OBJECTIVES
+  config.strategy = "semihard_cross"  # a name in ntxr.sampling.STRATEGIES (triplet)
+  config.temperature = 0.05           # infonce, hn_nce, soft (siglip learns its own)
+  config.beta = 0.0                   # hn_nce's hardness: 0 is infonce
+  # False negatives (ntxr.false_negatives): caption-caption similarity from "tfidf",
+  # "word_vectors" or "events" (the built-in corpus); soft's relevance of another clip's
+  # caption, sigmoid(slope * similarity - offset); the pool filter's bounds (0: off).
+  config.similarity = ""
+  config.relevance_slope = 10.0
+  config.relevance_offset = 5.0
+  config.filter_similarity = 0.0       # drop negatives whose caption is more similar
+  config.filter_share_of_positive = 0.0  # drop negatives above this share of the positive
   config.score = "alignment"          # or "pooled"
   config.margin = 0.5
   config.seed = 0

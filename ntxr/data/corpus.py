@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import os
 import time
+from typing import Optional
 
 from absl import logging
 
@@ -22,13 +23,15 @@ VOCABULARY_SPLITS = ("training", "all")  # which splits' captions a tokenizer le
 @dataclasses.dataclass(frozen=True)
 class Corpus:
   """A prepared corpus: its builder (splits in `splits`: training, validation, test),
-  caption tokenizer, what preparing left out, and how long generating and preparing took
-  in this call (0 when cached)."""
+  caption tokenizer, what preparing left out, how long generating and preparing took
+  in this call (0 when cached), and for the built-in corpus each clip's event kinds
+  ({split: {file name: [kinds]}}; None for recorded data)."""
   builder: builders.NtxrClotho
   tokenizer: object
   skipped: dict
   generate_s: float
   prepare_s: float
+  events: Optional[dict] = None
 
   @property
   def splits(self) -> tuple:
@@ -107,7 +110,7 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=features.LogMelConf
     if entries:
       logging.warning("%s: %d clips or rows were left out when the data was prepared "
                       "(skip_bad_files): %s", split, len(entries), "; ".join(entries))
-  return Corpus(builder, tok, skipped, generate_s, prepare_s)
+  return Corpus(builder, tok, skipped, generate_s, prepare_s, synthetic.read_events(data_dir))
 
 
 def from_config(config) -> Corpus:

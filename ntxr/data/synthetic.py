@@ -19,11 +19,12 @@ import json
 import os
 import shutil
 import wave
-from typing import Callable
+from typing import Callable, Optional
 
 import numpy as np
 import scipy.signal
 
+from ntxr import files
 from ntxr.data import workers
 
 SAMPLE_RATE = 16000
@@ -35,6 +36,7 @@ SIZES = {"tiny": (24, 8, 8), "default": (1000, 272, 272), "large": (3839, 1045, 
 CLIP_SECONDS = {"clotho": (15.0, 30.0)}
 SHORT_CLIP_SECONDS = (3.0, 6.0)
 MANIFEST = "ntxr_synthetic.json"
+EVENTS = "ntxr_events.json"  # each clip's event kinds: the ground truth of false negatives
 GENERATOR_VERSION = 2
 
 
@@ -283,12 +285,22 @@ def caption(rng: np.random.Generator, events, background) -> str:
   raise RuntimeError("caption grammar found no sentence of 8 to 20 words")
 
 
+def _draw(seed: int, split: int, index: int, seconds) -> tuple:
+  """(the clip's generator, its length in seconds, events, background), from its seed."""
+  rng = np.random.default_rng([seed, split, index])
+  seconds = float(rng.uniform(*seconds))
+  return (rng, seconds, *_scene(rng, seconds))
+
+
+def event_kinds(seed: int, split: int, index: int, seconds=SHORT_CLIP_SECONDS) -> list:
+  """The sorted names of a clip's event kinds, drawn as make_clip draws them."""
+  return sorted(event.kind.name for event in _draw(seed, split, index, seconds)[2])
+
+
 def make_clip(seed: int, split: int, index: int, seconds=SHORT_CLIP_SECONDS) -> tuple:
   """(16-bit PCM wav bytes, five captions) for one clip of `seconds` (a range), from its
   own seed."""
-  rng = np.random.default_rng([seed, split, index])
-  seconds = float(rng.uniform(*seconds))
-  events, background = _scene(rng, seconds)
+  rng, seconds, events, background = _draw(seed, split, index, seconds)
   audio = _render(rng, seconds, events, background)
   captions = [caption(rng, events, background) for _ in range(5)]
   buffer = io.BytesIO()
@@ -309,6 +321,26 @@ def _manifest(size: str, seed: int) -> dict:
               sample_rate=SAMPLE_RATE,
               clips=dict(zip(SPLITS, SIZES[size])),
               seconds=list(CLIP_SECONDS.get(size, SHORT_CLIP_SECONDS)))
+
+
+def _file_name(split: int, index: int) -> str:
+  return f"{SPLITS[split][:3]}_{index:05d}.wav"
+
+
+def _events(size: str, seed: int) -> dict:
+  """{split: {file name: sorted event kinds}} of a corpus, without rendering audio."""
+  seconds = CLIP_SECONDS.get(size, SHORT_CLIP_SECONDS)
+  return {split: {_file_name(s, i): event_kinds(seed, s, i, seconds) for i in range(count)}
+          for s, (split, count) in enumerate(zip(SPLITS, SIZES[size]))}
+
+
+def read_events(root: str) -> Optional[dict]:
+  """{split: {file name: event kinds}} of a built-in corpus folder; None for any other."""
+  try:
+    with open(os.path.join(root, EVENTS)) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
 
 
 def is_complete(root: str, size: str, seed: int) -> bool:
@@ -332,6 +364,8 @@ def generate(root: str, size: str = "default", seed: int = 0, processes: int = 0
   if size not in SIZES:
     raise ValueError(f"unknown corpus size {size!r}; choose from {sorted(SIZES)}")
   if is_complete(root, size, seed):
+    if not os.path.exists(os.path.join(root, EVENTS)):  # a corpus made before events.json
+      files.write_json(os.path.join(root, EVENTS), _events(size, seed))
     return root
   partial = f"{root}.partial-{os.getpid()}"
   shutil.rmtree(partial, ignore_errors=True)
@@ -344,7 +378,7 @@ def generate(root: str, size: str = "default", seed: int = 0, processes: int = 0
   with workers.pool(processes) as pool:  # each clip written as it arrives
     for (_, s, i, _), (wav_bytes, captions) in zip(
         jobs, pool.imap(_make_clip_args, jobs, chunksize=16)):
-      file_name = f"{SPLITS[s][:3]}_{i:05d}.wav"
+      file_name = _file_name(s, i)
       with open(os.path.join(partial, SPLITS[s], file_name), "wb") as f:
         f.write(wav_bytes)
       rows[SPLITS[s]].append([file_name] + captions)
@@ -354,6 +388,7 @@ def generate(root: str, size: str = "default", seed: int = 0, processes: int = 0
       writer = csv.writer(f)
       writer.writerow(["file_name"] + [f"caption_{k}" for k in range(1, 6)])
       writer.writerows(rows[split])
+  files.write_json(os.path.join(partial, EVENTS), _events(size, seed))
   with open(os.path.join(partial, MANIFEST), "w") as f:
     json.dump(_manifest(size, seed), f)
   shutil.rmtree(root, ignore_errors=True)
