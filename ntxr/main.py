@@ -21,6 +21,7 @@ from absl import flags
 from absl import logging
 
 from ntxr import cli, evaluate, objectives, parallel, sampling, train
+from ntxr import workdir as workdir_lib
 from ntxr.data import workers
 
 _STRATEGY = flags.DEFINE_enum(
@@ -58,7 +59,8 @@ def main(argv):
   run = train.evaluate_only if _EVAL_ONLY.value else train.train_and_evaluate
   try:
     results = run(config, workdir)
-  except (FloatingPointError, FileNotFoundError, ValueError) as error:
+  except (FloatingPointError, FileNotFoundError, ValueError,
+          workdir_lib.WorkdirInUse) as error:
     logging.error("%s", error)
     sys.exit(f"error: {error}")
   print(f"\n{train.run_name(config)} on {results['split']} (epochs {results['epochs']}, best "

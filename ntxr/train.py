@@ -198,26 +198,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   loss or a score becomes NaN; the last good checkpoints stay in workdir.
   """
   workdir_lib.write_config(workdir, config)
-  experiment = experiment_lib.Experiment(config)
-  checkpoints = workdir_lib.Checkpoints(workdir)
-  try:
-    restored = checkpoints.restore("latest", experiment.initial_state)
-    if restored is None:
-      state, progress = experiment.initial_state, Progress(learning_rate=config.learning_rate)
-    else:
-      state, progress = restored[0], Progress.from_json(restored[1])
-      logging.info("resuming at epoch %d, step %d", progress.epoch + 1, int(state.step))
-    log = workdir_lib.MetricsLog(workdir, progress.epoch)
-    train_epochs(experiment, state, progress, checkpoints, log)
-    return evaluate_best(experiment, checkpoints, workdir)
-  finally:
-    checkpoints.close()
+  with workdir_lib.held(workdir):
+    experiment = experiment_lib.Experiment(config)
+    checkpoints = workdir_lib.Checkpoints(workdir)
+    try:
+      restored = checkpoints.restore("latest", experiment.initial_state)
+      if restored is None:
+        state, progress = experiment.initial_state, Progress(learning_rate=config.learning_rate)
+      else:
+        state, progress = restored[0], Progress.from_json(restored[1])
+        logging.info("resuming at epoch %d, step %d", progress.epoch + 1, int(state.step))
+      log = workdir_lib.MetricsLog(workdir, progress.epoch)
+      train_epochs(experiment, state, progress, checkpoints, log)
+      return evaluate_best(experiment, checkpoints, workdir)
+    finally:
+      checkpoints.close()
 
 
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Tests the best checkpoint in workdir without training."""
-  checkpoints = workdir_lib.Checkpoints(workdir)
-  try:
-    return evaluate_best(experiment_lib.Experiment(config), checkpoints, workdir)
-  finally:
-    checkpoints.close()
+  with workdir_lib.held(workdir):
+    checkpoints = workdir_lib.Checkpoints(workdir)
+    try:
+      return evaluate_best(experiment_lib.Experiment(config), checkpoints, workdir)
+    finally:
+      checkpoints.close()

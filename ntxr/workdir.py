@@ -8,8 +8,11 @@
   dcase_{split}.csv        the DCASE submission (each caption's top 10 files)
 """
 
+import contextlib
+import fcntl
 import json
 import os
+import socket
 from typing import Optional
 
 from absl import logging
@@ -68,6 +71,38 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
                        f"use another --workdir")
   os.makedirs(workdir, exist_ok=True)
   files.write_json(path, current)
+
+
+class WorkdirInUse(RuntimeError):
+  """Another live process runs in this workdir."""
+
+
+@contextlib.contextmanager
+def held(workdir: str):
+  """Holds workdir/lock while a run uses the workdir (the first process of a run).
+
+  A second run on the workdir is refused at once, naming the holder's host and pid. The
+  lock is the kernel's (flock), so it ends with its process: one left by a killed run
+  blocks nothing.
+  """
+  if jax.process_index() != 0:
+    yield
+    return
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "lock"), "a+") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      lock.seek(0)
+      raise WorkdirInUse(f"{workdir} is in use by another run ({lock.read().strip()}); "
+                         "wait for it to end or use another --workdir") from None
+    lock.truncate(0)
+    lock.write(f"host {socket.gethostname()}, pid {os.getpid()}\n")
+    lock.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 class Checkpoints:

@@ -3,7 +3,11 @@
 import json
 import os
 import pathlib
+import re
 import shutil
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -90,6 +94,24 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_the_run_goes_on(
   assert results["epochs"] == 2
   assert "metrics.jsonl:2: dropped a torn or partial line" in caplog.text
   assert [json.loads(l)["epoch"] for l in metrics.read_text().splitlines()] == [1]
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_holder(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom ntxr import workdir\n"
+       "with workdir.held(sys.argv[1]):\n  print('held', flush=True)\n  time.sleep(600)",
+       workdir], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(workdir_lib.WorkdirInUse, match=re.escape(
+        f"in use by another run (host {socket.gethostname()}, pid {holder.pid})")):
+      train.train_and_evaluate(tiny_config(), workdir)
+  finally:
+    holder.kill()  # SIGKILL: the kernel releases its lock
+    holder.wait()
+  with workdir_lib.held(workdir):  # a lock left by a dead process blocks nothing
+    pass
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
