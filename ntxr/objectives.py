@@ -41,7 +41,7 @@ class Pools(NamedTuple):
 
 def default_pools(audio_ids: Array, valid: Optional[Array] = None) -> Pools:
   """Every candidate of another clip, padding rows (valid False) left out: [N] -> Pools."""
-  other = audio_ids[:, None] != audio_ids[None, :]
+  other = sampling.negative_pool(audio_ids)
   if valid is not None:
     other = other & valid[:, None] & valid[None, :]
   return Pools(other, other)
