@@ -60,7 +60,7 @@ def main(argv):
   try:
     results = run(config, workdir)
   except (FloatingPointError, FileNotFoundError, ValueError,
-          workdir_lib.WorkdirInUse) as error:
+          workdir_lib.WorkdirError) as error:
     logging.error("%s", error)
     sys.exit(f"error: {error}")
   print(f"\n{train.run_name(config)} on {results['split']} (epochs {results['epochs']}, best "

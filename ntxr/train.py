@@ -202,7 +202,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     experiment = experiment_lib.Experiment(config)
     checkpoints = workdir_lib.Checkpoints(workdir)
     try:
-      restored = checkpoints.restore("latest", experiment.initial_state)
+      restored = checkpoints.resume(experiment.initial_state)
       if restored is None:
         state, progress = experiment.initial_state, Progress(learning_rate=config.learning_rate)
       else:

@@ -2,6 +2,8 @@
 
   config.json              the run's config; a rerun with other settings is refused
   checkpoints/{latest,best} Orbax checkpoints: train state + the loop's progress
+  checkpoints/unreadable/  checkpoints a rerun could not read, set aside
+  lock                     held by the run using the workdir (host, pid)
   metrics.jsonl            one line per epoch: training, validation, collapse
   tensorboard/             the same as TensorBoard scalars
   results.json             the test metrics and how they were reached
@@ -10,9 +12,12 @@
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import socket
+import sys
+import time
 from typing import Optional
 
 from absl import logging
@@ -73,8 +78,16 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   files.write_json(path, current)
 
 
-class WorkdirInUse(RuntimeError):
+class WorkdirError(RuntimeError):
+  """A workdir a run cannot go on with; the message says why and what to do."""
+
+
+class WorkdirInUse(WorkdirError):
   """Another live process runs in this workdir."""
+
+
+class UnreadableCheckpoint(WorkdirError):
+  """A checkpoint the run needs cannot be read."""
 
 
 @contextlib.contextmanager
@@ -105,20 +118,52 @@ def held(workdir: str):
       fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _reason(error: BaseException) -> str:
+  """The first line of the innermost cause of `error`, as short as a log line allows."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+@functools.cache
+def _drop_failed_restore_reports() -> None:
+  """Silences what a failed restore leaves behind.
+
+  When one array of a checkpoint cannot be read, Orbax stops and closes its event loop
+  while tensorstore still reads the other arrays. As each read ends it reports to the
+  closed loop, and its coroutine is collected with the error inside: Python would print
+  an "Event loop is closed" or "Exception ignored in: <coroutine ...>" traceback for
+  each array. Only those reports are dropped.
+  """
+  report = sys.unraisablehook
+
+  def hook(unraisable):
+    closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
+                   and str(unraisable.exc_value) == "Event loop is closed")
+    code = getattr(unraisable.object, "cr_code", None)
+    orbax_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+    if not (closed_loop or orbax_read):
+      report(unraisable)
+  sys.unraisablehook = hook
+
+
 class Checkpoints:
   """Orbax checkpoints in workdir/checkpoints/{latest,best}: a train state and the JSON
-  of the loop's progress.
+  of the loop's progress. latest keeps the checkpoint before it too.
 
   Orbax writes to a temporary folder and renames it when complete, so a run killed
-  mid-save leaves the previous checkpoint as the one a rerun restores.
+  mid-save leaves the previous checkpoint as the one a rerun restores. A rerun resumes
+  from the newest checkpoint it can read (`resume`); the ones it cannot are moved to
+  checkpoints/unreadable/.
   """
 
   def __init__(self, workdir: str):
     root = os.path.join(os.path.abspath(workdir), "checkpoints")
-    options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
     self.root = root
-    self.managers = {which: ocp.CheckpointManager(os.path.join(root, which), options=options)
-                     for which in ("latest", "best")}
+    self.managers = {
+        which: ocp.CheckpointManager(os.path.join(root, which), options=ocp.CheckpointManagerOptions(
+            max_to_keep=kept, create=True, cleanup_tmp_directories=True))
+        for which, kept in (("latest", 2), ("best", 1))}
 
   def step(self, which: str) -> Optional[int]:
     """The step of the `which` ("latest" or "best") checkpoint, or None."""
@@ -131,22 +176,67 @@ class Checkpoints:
       manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                  progress=ocp.args.JsonSave(progress)))
 
+  def _read(self, which: str, step: int, state=None):
+    """(state, progress) of checkpoints/which/step, shaped like `state`; only the progress
+    (state None) when `state` is None. Raises UnreadableCheckpoint naming it."""
+    items = dict(progress=ocp.args.JsonRestore())
+    if state is not None:
+      items["state"] = ocp.args.StandardRestore(state)
+    try:
+      restored = self.managers[which].restore(step, args=ocp.args.Composite(**items))
+    except Exception as error:  # pylint: disable=broad-except  # tensorstore's, Orbax's, JSON's
+      _drop_failed_restore_reports()
+      raise UnreadableCheckpoint(f"{self.root}/{which}/{step} cannot be read "
+                                 f"({_reason(error)})") from error
+    return (restored.state if state is not None else None), restored.progress
+
   def progress(self, which: str) -> Optional[dict]:
     """The progress saved with the `which` checkpoint, without reading its arrays, or None."""
-    manager, step = self.managers[which], self.step(which)
-    if step is None:
-      return None
-    return manager.restore(step, args=ocp.args.Composite(
-        progress=ocp.args.JsonRestore())).progress
+    step = self.step(which)
+    return None if step is None else self._read(which, step)[1]
 
   def restore(self, which: str, state):
     """(state, progress) of the `which` checkpoint, shaped like `state`, or None."""
-    manager, step = self.managers[which], self.step(which)
-    if step is None:
-      return None
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(state), progress=ocp.args.JsonRestore()))
-    return restored.state, restored.progress
+    step = self.step(which)
+    return None if step is None else self._read(which, step, state)
+
+  def resume(self, state):
+    """(state, progress) of the newest checkpoint that can be read: latest, the one before
+    it, then best; None if there is none.
+
+    Each one that cannot be read is logged and, once an older one is read, moved to
+    checkpoints/unreadable/ (so that a new save of its step is not mistaken for it).
+    Raises UnreadableCheckpoint if there are checkpoints and none can be read.
+    """
+    unreadable = []
+    for which in ("latest", "best"):
+      for step in sorted(self.managers[which].all_steps(), reverse=True):
+        try:
+          restored = self._read(which, step, state)
+        except UnreadableCheckpoint as error:
+          logging.warning("%s", error)
+          unreadable.append((which, step, str(error)))
+          continue
+        if unreadable:
+          self._set_aside(unreadable)
+          logging.warning("resuming from %s/%s/%d, the newest checkpoint that can be read",
+                          self.root, which, step)
+        return restored
+    if unreadable:
+      raise UnreadableCheckpoint(
+          "no checkpoint of this run can be read: "
+          + "; ".join(reason for _, _, reason in unreadable)
+          + f". Remove {self.root} to train again from the start")
+    return None
+
+  def _set_aside(self, unreadable: list) -> None:
+    aside = os.path.join(self.root, "unreadable")
+    os.makedirs(aside, exist_ok=True)
+    for which, step, _ in unreadable:
+      os.replace(os.path.join(self.root, which, str(step)),
+                 os.path.join(aside, f"{which}_{step}_{time.strftime('%Y%m%d-%H%M%S')}"))
+    for manager in self.managers.values():
+      manager.reload()
 
   def wait(self) -> None:
     for manager in self.managers.values():

@@ -114,6 +114,46 @@ def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_holder(tiny_conf
     pass
 
 
+def corrupt(checkpoint: pathlib.Path):
+  """Truncates every array file of an Orbax checkpoint, as a bad disk or copy would."""
+  for data in (checkpoint / "state").rglob("d/*"):
+    data.write_bytes(data.read_bytes()[:10])
+
+
+def test_an_unreadable_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(
+    tiny_config, tiny_run, tmp_path, caplog):
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_run, workdir)
+  latest = workdir / "checkpoints" / "latest"
+  assert sorted(int(p.name) for p in latest.iterdir()) == [25, 30]  # the previous is kept
+  corrupt(latest / "30")
+  results = train.train_and_evaluate(tiny_config(), str(workdir))
+  assert f"{latest}/30 cannot be read (OUT_OF_RANGE" in caplog.text
+  assert f"resuming from {latest}/25" in caplog.text
+  assert [p.name[:9] for p in (workdir / "checkpoints" / "unreadable").iterdir()] == [
+      "latest_30"]
+  assert params_of(str(workdir))[0] == 30  # step 30 trained again and saved anew
+  straight = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
+  for direction in ("t2a", "a2t"):
+    assert results[direction] == pytest.approx(straight[direction], abs=1e-6)
+
+
+def test_no_readable_checkpoint_stops_with_one_clear_error(tiny_flags, tiny_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_run, workdir)
+  for checkpoint in (workdir / "checkpoints").glob("*/*"):
+    corrupt(checkpoint)
+  run = subprocess.run([sys.executable, "-m", "ntxr.main", f"--workdir={workdir}",
+                        *tiny_flags()], capture_output=True, text=True, check=False)
+  assert run.returncode == 1
+  error = run.stderr.splitlines()[-1]
+  assert error.startswith("error: no checkpoint of this run can be read: ")
+  for name in ("latest/25", "latest/30", "best/"):
+    assert f"{workdir}/checkpoints/{name}" in error
+  assert error.endswith(f"Remove {workdir}/checkpoints to train again from the start")
+  assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
   config = tiny_config()
   interrupt_after(monkeypatch, 12, poison=True)
