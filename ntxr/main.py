@@ -59,6 +59,8 @@ def main(argv):
   run = train.evaluate_only if _EVAL_ONLY.value else train.train_and_evaluate
   try:
     results = run(config, workdir)
+  except train.Stopped as stopped:
+    sys.exit(f"stopped: {stopped}")
   except (FloatingPointError, FileNotFoundError, ValueError,
           workdir_lib.WorkdirError) as error:
     logging.error("%s", error)

@@ -8,12 +8,16 @@ the test split and returns what it writes to workdir/results.json (ntxr.workdir 
 the files).
 """
 
+import contextlib
 import dataclasses
 import os
+import signal
+import threading
 import time
 
 from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 import tqdm
@@ -59,16 +63,27 @@ def reduce_on_plateau(plateau: Plateau, value: float, learning_rate: float,
 @dataclasses.dataclass(frozen=True)
 class Progress:
   """Where training stands, saved with every checkpoint: epochs completed, steps into
-  the next, the learning rate and its plateau, the best epoch and its selection value,
-  training seconds, and the epochs flagged as collapsed."""
+  the next and the sums of their statistics, the learning rate and its plateau, the best
+  epoch and its selection value, training seconds, and the epochs flagged as collapsed."""
   learning_rate: float
   epoch: int = 0
   step_in_epoch: int = 0
+  statistic_sums: dict = dataclasses.field(default_factory=dict)
   plateau: Plateau = Plateau()
   best_selection: float = -float("inf")
   best_epoch: int = 0
   seconds: float = 0.0
   collapse_epochs: tuple = ()
+
+  def after_step(self, statistics: dict) -> "Progress":
+    sums = {name: self.statistic_sums.get(name, 0.0) + value
+            for name, value in statistics.items()}
+    return dataclasses.replace(self, step_in_epoch=self.step_in_epoch + 1,
+                               statistic_sums=sums)
+
+  def statistic_means(self) -> dict:
+    """The epoch's mean training statistics so far, resumed steps included."""
+    return {name: total / self.step_in_epoch for name, total in self.statistic_sums.items()}
 
   def to_json(self) -> dict:
     return dict(dataclasses.asdict(self), collapse_epochs=list(self.collapse_epochs))
@@ -83,6 +98,32 @@ def _epoch_seed(seed: int, epoch: int) -> int:
   return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
 
 
+class Stopped(Exception):
+  """Training stopped when asked to (SIGTERM, a preemption notice), its step saved."""
+
+
+@contextlib.contextmanager
+def stop_requests():
+  """Yields `asked(step) -> bool`: whether training should stop after `step`.
+
+  One process: whether it has received SIGTERM, which preemptible VMs and TPUs send
+  before they stop (the handler only records it). Several processes: JAX's preemption
+  sync point, which tells every process to stop at the same step once any of them is
+  given notice. Outside the main thread (where no handler can be set) it never asks.
+  """
+  if jax.process_count() > 1:
+    yield multihost_utils.reached_preemption_sync_point
+  elif threading.current_thread() is not threading.main_thread():
+    yield lambda step: False
+  else:
+    received = []
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: received.append(number))
+    try:
+      yield lambda step: bool(received)
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+
+
 def train_epochs(experiment: experiment_lib.Experiment, state: steps.TrainState,
                  progress: Progress, checkpoints: workdir_lib.Checkpoints,
                  log: workdir_lib.MetricsLog) -> Progress:
@@ -92,68 +133,89 @@ def train_epochs(experiment: experiment_lib.Experiment, state: steps.TrainState,
   one step each, the latest checkpoint every checkpoint_every_steps; then validation,
   the plateau schedule, the best checkpoint if the selection improved, the latest, and
   one metrics line. A non-finite loss stops training with FloatingPointError, the last
-  good checkpoint kept.
+  good checkpoint kept. Asked to stop (`stop_requests`), it saves the latest checkpoint
+  after the step it is in and raises Stopped.
   """
   config = experiment.config
-  select = workdir_lib.SELECTIONS[config.select_by]
   steps_per_epoch = experiment.batches_per_epoch(experiment.training_split)
   if config.max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
   experiment.batches_per_epoch(experiment.validation_split)  # fails now, not in epoch 1
+  with stop_requests() as asked:
+    while progress.epoch < config.num_epochs:
+      start = time.perf_counter()
+      state, progress = _train_steps(experiment, state, progress, checkpoints,
+                                     steps_per_epoch, asked)
+      progress = _end_epoch(experiment, state, progress, checkpoints, log,
+                            time.perf_counter() - start)
+  return progress
+
+
+def _train_steps(experiment, state, progress, checkpoints, steps_per_epoch, asked) -> tuple:
+  """The epoch's steps from `progress` on; returns (state, progress) after them."""
+  config = experiment.config
+  epoch = progress.epoch + 1
+  batches = experiment.train_batches(experiment.training_split, _epoch_seed(config.seed, epoch))
+  batches = batches.take(steps_per_epoch).skip(progress.step_in_epoch)
   base_key = jax.random.key(config.seed + 1)
-  while progress.epoch < config.num_epochs:
-    start = time.perf_counter()
-    epoch = progress.epoch + 1
-    batches = experiment.train_batches(experiment.training_split,
-                                       _epoch_seed(config.seed, epoch))
-    batches = batches.take(steps_per_epoch).skip(progress.step_in_epoch)
-    statistics = []
-    bar = tqdm.tqdm(input_pipeline.as_numpy(batches), total=steps_per_epoch,
-                    initial=progress.step_in_epoch, desc=f"epoch {epoch}/{config.num_epochs}",
-                    unit="batch")
-    for batch in bar:
-      step = int(state.step)
-      state, step_statistics = experiment.train_step(state, batch,
-                                                     jax.random.fold_in(base_key, step))
-      step_statistics = jax.device_get(step_statistics)
-      if not (np.isfinite(step_statistics.loss) and np.isfinite(step_statistics.grad_norm)):
-        raise FloatingPointError(
-            f"training loss became {step_statistics.loss} (gradient norm "
-            f"{step_statistics.grad_norm}) at step {step + 1} (epoch {epoch}); stopped. The "
-            f"last good checkpoint (step {checkpoints.step('latest')}) is kept in "
-            f"{checkpoints.root}; try a lower --config.learning_rate")
-      statistics.append(step_statistics.to_dict())
-      bar.set_postfix(loss=f"{np.mean([s['loss'] for s in statistics]):.4f}")
-      progress = dataclasses.replace(progress, step_in_epoch=progress.step_in_epoch + 1)
-      if (progress.step_in_epoch % config.checkpoint_every_steps == 0
-          and progress.step_in_epoch < steps_per_epoch):  # the epoch's end saves below
-        checkpoints.save("latest", state, progress.to_json())
-    training = {name: float(np.mean([s[name] for s in statistics]))
-                for name in (statistics[0] if statistics else {})}
-    validation, collapse = experiment.validate(state, training)
-    plateau, learning_rate = reduce_on_plateau(progress.plateau, validation["loss"],
-                                               progress.learning_rate, config)
-    state = steps.set_learning_rate(state, learning_rate)
-    if collapse.collapsed:
-      logging.warning("feature collapse at epoch %d: %s", epoch, "; ".join(collapse.reasons))
-    progress = dataclasses.replace(
-        progress, epoch=epoch, step_in_epoch=0, learning_rate=learning_rate, plateau=plateau,
-        seconds=progress.seconds + time.perf_counter() - start,
-        collapse_epochs=progress.collapse_epochs + ((epoch,) if collapse.collapsed else ()))
-    if select(validation) > progress.best_selection:
-      progress = dataclasses.replace(progress, best_selection=select(validation),
-                                     best_epoch=epoch)
-      checkpoints.save("best", state, progress.to_json())
-    checkpoints.save("latest", state, progress.to_json())
-    checkpoints.wait()
-    log.write(int(state.step), dict(epoch=epoch, step=int(state.step), training=training,
-                                    validation=validation, collapse=collapse.to_dict(),
-                                    learning_rate=learning_rate, seconds=progress.seconds))
-    tqdm.tqdm.write(
-        f"epoch {epoch}: train loss {training.get('loss', float('nan')):.4f}, validation "
-        f"loss {validation['loss']:.4f}, t2a R@10 {validation['t2a']['R@10']:.3f} mAP@10 "
-        f"{validation['t2a']['mAP@10']:.3f}, a2t R@10 {validation['a2t']['R@10']:.3f}, "
-        f"lr {learning_rate:g}")
+  bar = tqdm.tqdm(input_pipeline.as_numpy(batches), total=steps_per_epoch,
+                  initial=progress.step_in_epoch, desc=f"epoch {epoch}/{config.num_epochs}",
+                  unit="batch")
+  for batch in bar:
+    step = int(state.step) + 1
+    state, statistics = experiment.train_step(state, batch,
+                                              jax.random.fold_in(base_key, step - 1))
+    statistics = jax.device_get(statistics)
+    if not (np.isfinite(statistics.loss) and np.isfinite(statistics.grad_norm)):
+      raise FloatingPointError(
+          f"training loss became {statistics.loss} (gradient norm {statistics.grad_norm}) "
+          f"at step {step} (epoch {epoch}); stopped. The last good checkpoint (step "
+          f"{checkpoints.step('latest')}) is kept in {checkpoints.root}; try a lower "
+          "--config.learning_rate")
+    progress = progress.after_step(statistics.to_dict())
+    bar.set_postfix(loss=f"{progress.statistic_means()['loss']:.4f}")
+    stop = asked(step)
+    if stop or (progress.step_in_epoch % config.checkpoint_every_steps == 0
+                and progress.step_in_epoch < steps_per_epoch):  # the epoch's end saves too
+      checkpoints.save("latest", state, progress.to_json())
+    if stop:
+      checkpoints.wait()
+      raise Stopped(f"as asked (SIGTERM or a preemption notice), training stopped after "
+                    f"step {step} (epoch {epoch}), saved in {checkpoints.root}/latest: rerun "
+                    "the same command to resume from there")
+  return state, progress
+
+
+def _end_epoch(experiment, state, progress, checkpoints, log, seconds) -> Progress:
+  """Validation, the plateau schedule, checkpoints and the metrics line of an epoch whose
+  steps are done; returns the Progress at the start of the next."""
+  config = experiment.config
+  select = workdir_lib.SELECTIONS[config.select_by]
+  epoch, training = progress.epoch + 1, progress.statistic_means()
+  validation, collapse = experiment.validate(state, training)
+  plateau, learning_rate = reduce_on_plateau(progress.plateau, validation["loss"],
+                                             progress.learning_rate, config)
+  state = steps.set_learning_rate(state, learning_rate)
+  if collapse.collapsed:
+    logging.warning("feature collapse at epoch %d: %s", epoch, "; ".join(collapse.reasons))
+  progress = dataclasses.replace(
+      progress, epoch=epoch, step_in_epoch=0, statistic_sums={}, learning_rate=learning_rate,
+      plateau=plateau, seconds=progress.seconds + seconds,
+      collapse_epochs=progress.collapse_epochs + ((epoch,) if collapse.collapsed else ()))
+  if select(validation) > progress.best_selection:
+    progress = dataclasses.replace(progress, best_selection=select(validation),
+                                   best_epoch=epoch)
+    checkpoints.save("best", state, progress.to_json())
+  checkpoints.save("latest", state, progress.to_json())
+  checkpoints.wait()
+  log.write(int(state.step), dict(epoch=epoch, step=int(state.step), training=training,
+                                  validation=validation, collapse=collapse.to_dict(),
+                                  learning_rate=learning_rate, seconds=progress.seconds))
+  tqdm.tqdm.write(
+      f"epoch {epoch}: train loss {training.get('loss', float('nan')):.4f}, validation "
+      f"loss {validation['loss']:.4f}, t2a R@10 {validation['t2a']['R@10']:.3f} mAP@10 "
+      f"{validation['t2a']['mAP@10']:.3f}, a2t R@10 {validation['a2t']['R@10']:.3f}, "
+      f"lr {learning_rate:g}")
   return progress
 
 
@@ -200,8 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir_lib.write_config(workdir, config)
   with workdir_lib.held(workdir):
     experiment = experiment_lib.Experiment(config)
-    checkpoints = workdir_lib.Checkpoints(workdir)
-    try:
+    with workdir_lib.Checkpoints(workdir) as checkpoints:
       restored = checkpoints.resume(experiment.initial_state)
       if restored is None:
         state, progress = experiment.initial_state, Progress(learning_rate=config.learning_rate)
@@ -211,15 +272,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       log = workdir_lib.MetricsLog(workdir, progress.epoch)
       train_epochs(experiment, state, progress, checkpoints, log)
       return evaluate_best(experiment, checkpoints, workdir)
-    finally:
-      checkpoints.close()
 
 
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Tests the best checkpoint in workdir without training."""
   with workdir_lib.held(workdir):
-    checkpoints = workdir_lib.Checkpoints(workdir)
-    try:
+    with workdir_lib.Checkpoints(workdir) as checkpoints:
       return evaluate_best(experiment_lib.Experiment(config), checkpoints, workdir)
-    finally:
-      checkpoints.close()

@@ -14,10 +14,12 @@ import contextlib
 import fcntl
 import functools
 import json
+import logging as std_logging
 import os
 import socket
 import sys
 import time
+import warnings
 from typing import Optional
 
 from absl import logging
@@ -90,6 +92,10 @@ class UnreadableCheckpoint(WorkdirError):
   """A checkpoint the run needs cannot be read."""
 
 
+class CheckpointNotWritten(WorkdirError):
+  """A checkpoint could not be written, most often because the disk is full."""
+
+
 @contextlib.contextmanager
 def held(workdir: str):
   """Holds workdir/lock while a run uses the workdir (the first process of a run).
@@ -119,21 +125,27 @@ def held(workdir: str):
 
 
 def _reason(error: BaseException) -> str:
-  """The first line of the innermost cause of `error`, as short as a log line allows."""
+  """The first line of the innermost cause of `error`."""
   while error.__cause__ is not None:
     error = error.__cause__
-  return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+  return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _from_orbax(path: str) -> bool:
+  return f"{os.sep}orbax{os.sep}" in path
 
 
 @functools.cache
-def _drop_failed_restore_reports() -> None:
-  """Silences what a failed restore leaves behind.
+def _quiet_failed_io() -> None:
+  """Keeps a failed read or write of a checkpoint to the one error Checkpoints raises.
 
-  When one array of a checkpoint cannot be read, Orbax stops and closes its event loop
-  while tensorstore still reads the other arrays. As each read ends it reports to the
-  closed loop, and its coroutine is collected with the error inside: Python would print
-  an "Event loop is closed" or "Exception ignored in: <coroutine ...>" traceback for
-  each array. Only those reports are dropped.
+  When one array of a checkpoint cannot be read or written, Orbax stops and closes its
+  event loop while tensorstore still reads or writes the other arrays. As each ends it
+  reports to the closed loop, and its coroutine is collected with the error inside:
+  Python would print an "Event loop is closed", "Exception ignored in: <coroutine ...>"
+  or "Task exception was never retrieved" traceback for each array, and "coroutine ...
+  was never awaited" at exit (ntxr has no coroutines of its own). Those reports are
+  dropped, and Orbax's own error lines keep their message but lose their tracebacks.
   """
   report = sys.unraisablehook
 
@@ -141,10 +153,20 @@ def _drop_failed_restore_reports() -> None:
     closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
                    and str(unraisable.exc_value) == "Event loop is closed")
     code = getattr(unraisable.object, "cr_code", None)
-    orbax_read = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
-    if not (closed_loop or orbax_read):
+    if not (closed_loop or (code is not None and _from_orbax(code.co_filename))):
       report(unraisable)
   sys.unraisablehook = hook
+
+  def without_traceback(record):
+    if _from_orbax(record.pathname):
+      record.exc_info = record.exc_text = None
+    return True
+  logging.get_absl_logger().addFilter(without_traceback)
+
+  def not_orbax_task(record):  # asyncio's "Task exception was never retrieved"
+    return not _from_orbax(record.getMessage())
+  std_logging.getLogger("asyncio").addFilter(not_orbax_task)
+  warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
 
 
 class Checkpoints:
@@ -158,6 +180,7 @@ class Checkpoints:
   """
 
   def __init__(self, workdir: str):
+    _quiet_failed_io()
     root = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.root = root
     self.managers = {
@@ -173,8 +196,24 @@ class Checkpoints:
     manager = self.managers[which]
     step = int(state.step)
     if manager.latest_step() != step:
-      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                 progress=ocp.args.JsonSave(progress)))
+      with self._writing():  # also reports the previous save, which Orbax waits for
+        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                   progress=ocp.args.JsonSave(progress)))
+
+  @contextlib.contextmanager
+  def _writing(self):
+    """Turns a failed write into CheckpointNotWritten, naming the file and the complete
+    checkpoints it leaves intact (Orbax removes an old one only once a new one is whole)."""
+    try:
+      yield
+    except Exception as error:  # pylint: disable=broad-except  # tensorstore's, Orbax's, OS's
+      intact = [f"{which}/{step}" for which in self.managers
+                for step in sorted(int(name) for name in os.listdir(os.path.join(self.root, which))
+                                   if name.isdigit())]
+      raise CheckpointNotWritten(
+          f"a checkpoint could not be written in {self.root} ({_reason(error)}); is the disk "
+          f"full? The checkpoints before it are intact ({', '.join(intact) or 'none yet'}): "
+          "free space and rerun the same command to resume") from error
 
   def _read(self, which: str, step: int, state=None):
     """(state, progress) of checkpoints/which/step, shaped like `state`; only the progress
@@ -185,7 +224,6 @@ class Checkpoints:
     try:
       restored = self.managers[which].restore(step, args=ocp.args.Composite(**items))
     except Exception as error:  # pylint: disable=broad-except  # tensorstore's, Orbax's, JSON's
-      _drop_failed_restore_reports()
       raise UnreadableCheckpoint(f"{self.root}/{which}/{step} cannot be read "
                                  f"({_reason(error)})") from error
     return (restored.state if state is not None else None), restored.progress
@@ -239,13 +277,28 @@ class Checkpoints:
       manager.reload()
 
   def wait(self) -> None:
-    for manager in self.managers.values():
-      manager.wait_until_finished()
+    with self._writing():
+      for manager in self.managers.values():
+        manager.wait_until_finished()
 
   def close(self) -> None:
-    for manager in self.managers.values():
-      manager.wait_until_finished()
-      manager.close()
+    """Waits for the saves in flight, then closes; a failed one raises CheckpointNotWritten."""
+    try:
+      self.wait()
+    finally:
+      for manager in self.managers.values():
+        manager.close()
+
+  def __enter__(self) -> "Checkpoints":
+    return self
+
+  def __exit__(self, kind, error, trace) -> None:
+    try:
+      self.close()
+    except CheckpointNotWritten as late:
+      if error is None:
+        raise
+      logging.info("%s", late)  # the error already on its way says what matters
 
 
 FALSE_NEGATIVE_SHARES = ("false_negative_share", "filtered_share", "filtered_false_share")

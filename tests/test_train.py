@@ -5,6 +5,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,15 +29,19 @@ def params_of(workdir, which="latest"):
   return step, restored["state"]["params"]
 
 
-def interrupt_after(monkeypatch, batches: int, poison: bool = False):
-  """Makes training batch iterators stop (KeyboardInterrupt) or turn NaN after `batches`."""
+def interrupt_after(monkeypatch, batches: int, how: str = "kill"):
+  """After `batches` training batches of the first epoch: "kill" stops the iterator
+  (KeyboardInterrupt), "nan" turns the batches NaN, "sigterm" sends this process SIGTERM."""
   real = input_pipeline.as_numpy
   def as_numpy(ds):
     for i, batch in enumerate(real(ds)):
-      if "tokens" in batch and "audio_mask" in batch and i >= batches and not poison:
-        raise KeyboardInterrupt("simulated kill")
-      if "tokens" in batch and "audio_mask" in batch and i >= batches and poison:
-        batch = dict(batch, audio=np.full_like(batch["audio"], np.nan))
+      if "tokens" in batch and "audio_mask" in batch and i >= batches:
+        if how == "kill":
+          raise KeyboardInterrupt("simulated kill")
+        if how == "nan":
+          batch = dict(batch, audio=np.full_like(batch["audio"], np.nan))
+        if how == "sigterm" and i == batches:
+          os.kill(os.getpid(), signal.SIGTERM)
       yield batch
   monkeypatch.setattr(input_pipeline, "as_numpy", as_numpy)
 
@@ -81,6 +86,27 @@ def test_interrupted_run_resumes_to_the_same_parameters(tiny_config, tiny_run, t
   (step_a, a), (step_b, b) = params_of(str(straight)), params_of(str(resumed))
   assert step_a == step_b
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+
+
+def test_sigterm_saves_the_step_in_flight_and_a_rerun_finishes_as_if_never_stopped(
+    tiny_config, tiny_run, tmp_path, monkeypatch):
+  config, workdir = tiny_config(), tmp_path / "run"
+  with monkeypatch.context() as m:
+    interrupt_after(m, 12, how="sigterm")  # SIGTERM while batch 13 is being fetched
+    with pytest.raises(train.Stopped, match=re.escape(
+        f"training stopped after step 13 (epoch 1), saved in {workdir}/checkpoints/latest: "
+        "rerun the same command to resume")):
+      train.train_and_evaluate(config, str(workdir))
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is only training's
+  assert params_of(str(workdir))[0] == 13
+  train.train_and_evaluate(config, str(workdir))
+  (step_a, a), (step_b, b) = params_of(str(tiny_run)), params_of(str(workdir))
+  assert step_a == step_b
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+  # The stopped epoch's training means count the steps before the stop too.
+  straight, resumed = ([json.loads(l)["training"] for l in (pathlib.Path(w) / "metrics.jsonl")
+                        .read_text().splitlines()] for w in (tiny_run, workdir))
+  assert resumed == [pytest.approx(epoch, rel=1e-4, abs=1e-6) for epoch in straight]
 
 
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_the_run_goes_on(
@@ -154,9 +180,33 @@ def test_no_readable_checkpoint_stops_with_one_clear_error(tiny_flags, tiny_run,
   assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr
 
 
+def test_a_full_disk_stops_with_one_clear_error_and_a_rerun_resumes(
+    tiny_config, tiny_flags, tiny_run, tmp_path):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(num_epochs=1), str(workdir))  # checkpoints 10, 15
+  disk_full = ("import resource, runpy\n"  # writes past 16 KiB fail, as with no space left
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.RLIM_INFINITY))\n"
+               "runpy.run_module('ntxr.main', run_name='__main__')")
+  run = subprocess.run([sys.executable, "-c", disk_full, f"--workdir={workdir}",
+                        *tiny_flags(num_epochs=2)], capture_output=True, text=True, check=False)
+  assert run.returncode == 1
+  error = run.stderr.splitlines()[-1]
+  assert error.startswith(f"error: a checkpoint could not be written in {workdir}/checkpoints "
+                          f"(OUT_OF_RANGE: Error writing ")
+  assert "File too large" in error and f"{workdir}/checkpoints/latest/25.orbax-checkpoint-tmp" in error
+  assert error.endswith("is the disk full? The checkpoints before it are intact (latest/10, "
+                        "latest/15, best/15): free space and rerun the same command to resume")
+  assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr
+  results = train.train_and_evaluate(tiny_config(), str(workdir))
+  assert not list(workdir.rglob("*.orbax-checkpoint-tmp"))  # the torn write is cleared
+  straight = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
+  for direction in ("t2a", "a2t"):
+    assert results[direction] == pytest.approx(straight[direction], abs=1e-6)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
   config = tiny_config()
-  interrupt_after(monkeypatch, 12, poison=True)
+  interrupt_after(monkeypatch, 12, how="nan")
   with pytest.raises(FloatingPointError, match=r"gradient norm nan\) at step 13 .*\(step 10\)"):
     train.train_and_evaluate(config, str(tmp_path))
   step, params = params_of(str(tmp_path))
