@@ -74,7 +74,7 @@ def tiny_flags(cache_dir):
   """tiny_flags(**overrides): the same shrunk config as `ntxr.main` flags."""
   def make(**overrides):
     return [f"--config.{field}={value}"
-            for field, value in dict(TINY, cache_dir=cache_dir, **overrides).items()]
+            for field, value in {**TINY, "cache_dir": cache_dir, **overrides}.items()]
   return make
 
 

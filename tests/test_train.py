@@ -1,49 +1,19 @@
-"""The training loop on a tiny synthetic corpus: end to end, resume, NaN, frozen vectors."""
+"""The training loop on a tiny synthetic corpus: end to end, NaN, frozen vectors, the
+authors' training score, objectives. What the workdir survives: test_workdir.py."""
 
 import json
 import os
 import pathlib
-import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from ntxr import experiment as experiment_lib, steps, train, workdir as workdir_lib
+from ntxr import experiment as experiment_lib, steps, train
 from ntxr.configs import default
 from ntxr.bench import reference
 from ntxr.data import input_pipeline
-
-
-def params_of(workdir, which="latest"):
-  checkpoints = workdir_lib.Checkpoints(workdir)
-  manager = checkpoints.managers[which]
-  step = manager.latest_step()
-  restored = manager.restore(step)  # raw arrays, no target structure needed
-  checkpoints.close()
-  return step, restored["state"]["params"]
-
-
-def interrupt_after(monkeypatch, batches: int, how: str = "kill"):
-  """After `batches` training batches of the first epoch: "kill" stops the iterator
-  (KeyboardInterrupt), "nan" turns the batches NaN, "sigterm" sends this process SIGTERM."""
-  real = input_pipeline.as_numpy
-  def as_numpy(ds):
-    for i, batch in enumerate(real(ds)):
-      if "tokens" in batch and "audio_mask" in batch and i >= batches:
-        if how == "kill":
-          raise KeyboardInterrupt("simulated kill")
-        if how == "nan":
-          batch = dict(batch, audio=np.full_like(batch["audio"], np.nan))
-        if how == "sigterm" and i == batches:
-          os.kill(os.getpid(), signal.SIGTERM)
-      yield batch
-  monkeypatch.setattr(input_pipeline, "as_numpy", as_numpy)
+from runs import interrupt_after, params_of
 
 
 def test_tiny_run_end_to_end(tiny_config, tiny_run):
@@ -71,137 +41,6 @@ def test_tiny_run_end_to_end(tiny_config, tiny_run):
   assert json.loads(json.dumps(again)) == results  # what it returns is what it wrote
   assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
   assert train.evaluate_only(config, str(tmp_path))["a2t"] == results["a2t"]
-
-
-def test_interrupted_run_resumes_to_the_same_parameters(tiny_config, tiny_run, tmp_path,
-                                                        monkeypatch):
-  config, straight = tiny_config(), tiny_run  # trained without a stop
-  resumed = tmp_path / "resumed"
-  with monkeypatch.context() as m:
-    interrupt_after(m, 12)  # killed after 12 steps of epoch 1; a checkpoint was saved at 10
-    with pytest.raises(KeyboardInterrupt):
-      train.train_and_evaluate(config, str(resumed))
-  assert params_of(str(resumed))[0] == 10
-  train.train_and_evaluate(config, str(resumed))
-  (step_a, a), (step_b, b) = params_of(str(straight)), params_of(str(resumed))
-  assert step_a == step_b
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
-
-
-def test_sigterm_saves_the_step_in_flight_and_a_rerun_finishes_as_if_never_stopped(
-    tiny_config, tiny_run, tmp_path, monkeypatch):
-  config, workdir = tiny_config(), tmp_path / "run"
-  with monkeypatch.context() as m:
-    interrupt_after(m, 12, how="sigterm")  # SIGTERM while batch 13 is being fetched
-    with pytest.raises(train.Stopped, match=re.escape(
-        f"training stopped after step 13 (epoch 1), saved in {workdir}/checkpoints/latest: "
-        "rerun the same command to resume")):
-      train.train_and_evaluate(config, str(workdir))
-  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is only training's
-  assert params_of(str(workdir))[0] == 13
-  train.train_and_evaluate(config, str(workdir))
-  (step_a, a), (step_b, b) = params_of(str(tiny_run)), params_of(str(workdir))
-  assert step_a == step_b
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
-  # The stopped epoch's training means count the steps before the stop too.
-  straight, resumed = ([json.loads(l)["training"] for l in (pathlib.Path(w) / "metrics.jsonl")
-                        .read_text().splitlines()] for w in (tiny_run, workdir))
-  assert resumed == [pytest.approx(epoch, rel=1e-4, abs=1e-6) for epoch in straight]
-
-
-def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_the_run_goes_on(
-    tiny_config, tiny_run, tmp_path, caplog):
-  workdir = tmp_path / "run"
-  shutil.copytree(tiny_run, workdir)
-  metrics = workdir / "metrics.jsonl"
-  first, second = metrics.read_text().splitlines()
-  metrics.write_text(first + "\n" + second[:len(second) // 2])  # killed mid-append
-  results = train.train_and_evaluate(tiny_config(), str(workdir))
-  assert results["epochs"] == 2
-  assert "metrics.jsonl:2: dropped a torn or partial line" in caplog.text
-  assert [json.loads(l)["epoch"] for l in metrics.read_text().splitlines()] == [1]
-
-
-def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_holder(tiny_config, tmp_path):
-  workdir = str(tmp_path / "run")
-  holder = subprocess.Popen(
-      [sys.executable, "-c", "import sys, time\nfrom ntxr import workdir\n"
-       "with workdir.held(sys.argv[1]):\n  print('held', flush=True)\n  time.sleep(600)",
-       workdir], stdout=subprocess.PIPE, text=True)
-  try:
-    assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(workdir_lib.WorkdirInUse, match=re.escape(
-        f"in use by another run (host {socket.gethostname()}, pid {holder.pid})")):
-      train.train_and_evaluate(tiny_config(), workdir)
-  finally:
-    holder.kill()  # SIGKILL: the kernel releases its lock
-    holder.wait()
-  with workdir_lib.held(workdir):  # a lock left by a dead process blocks nothing
-    pass
-
-
-def corrupt(checkpoint: pathlib.Path):
-  """Truncates every array file of an Orbax checkpoint, as a bad disk or copy would."""
-  for data in (checkpoint / "state").rglob("d/*"):
-    data.write_bytes(data.read_bytes()[:10])
-
-
-def test_an_unreadable_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(
-    tiny_config, tiny_run, tmp_path, caplog):
-  workdir = tmp_path / "run"
-  shutil.copytree(tiny_run, workdir)
-  latest = workdir / "checkpoints" / "latest"
-  assert sorted(int(p.name) for p in latest.iterdir()) == [25, 30]  # the previous is kept
-  corrupt(latest / "30")
-  results = train.train_and_evaluate(tiny_config(), str(workdir))
-  assert f"{latest}/30 cannot be read (OUT_OF_RANGE" in caplog.text
-  assert f"resuming from {latest}/25" in caplog.text
-  assert [p.name[:9] for p in (workdir / "checkpoints" / "unreadable").iterdir()] == [
-      "latest_30"]
-  assert params_of(str(workdir))[0] == 30  # step 30 trained again and saved anew
-  straight = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
-  for direction in ("t2a", "a2t"):
-    assert results[direction] == pytest.approx(straight[direction], abs=1e-6)
-
-
-def test_no_readable_checkpoint_stops_with_one_clear_error(tiny_flags, tiny_run, tmp_path):
-  workdir = tmp_path / "run"
-  shutil.copytree(tiny_run, workdir)
-  for checkpoint in (workdir / "checkpoints").glob("*/*"):
-    corrupt(checkpoint)
-  run = subprocess.run([sys.executable, "-m", "ntxr.main", f"--workdir={workdir}",
-                        *tiny_flags()], capture_output=True, text=True, check=False)
-  assert run.returncode == 1
-  error = run.stderr.splitlines()[-1]
-  assert error.startswith("error: no checkpoint of this run can be read: ")
-  for name in ("latest/25", "latest/30", "best/"):
-    assert f"{workdir}/checkpoints/{name}" in error
-  assert error.endswith(f"Remove {workdir}/checkpoints to train again from the start")
-  assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr
-
-
-def test_a_full_disk_stops_with_one_clear_error_and_a_rerun_resumes(
-    tiny_config, tiny_flags, tiny_run, tmp_path):
-  workdir = tmp_path / "run"
-  train.train_and_evaluate(tiny_config(num_epochs=1), str(workdir))  # checkpoints 10, 15
-  disk_full = ("import resource, runpy\n"  # writes past 16 KiB fail, as with no space left
-               "resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.RLIM_INFINITY))\n"
-               "runpy.run_module('ntxr.main', run_name='__main__')")
-  run = subprocess.run([sys.executable, "-c", disk_full, f"--workdir={workdir}",
-                        *tiny_flags(num_epochs=2)], capture_output=True, text=True, check=False)
-  assert run.returncode == 1
-  error = run.stderr.splitlines()[-1]
-  assert error.startswith(f"error: a checkpoint could not be written in {workdir}/checkpoints "
-                          f"(OUT_OF_RANGE: Error writing ")
-  assert "File too large" in error and f"{workdir}/checkpoints/latest/25.orbax-checkpoint-tmp" in error
-  assert error.endswith("is the disk full? The checkpoints before it are intact (latest/10, "
-                        "latest/15, best/15): free space and rerun the same command to resume")
-  assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr
-  results = train.train_and_evaluate(tiny_config(), str(workdir))
-  assert not list(workdir.rglob("*.orbax-checkpoint-tmp"))  # the torn write is cleared
-  straight = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
-  for direction in ("t2a", "a2t"):
-    assert results[direction] == pytest.approx(straight[direction], abs=1e-6)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):

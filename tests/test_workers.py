@@ -1,6 +1,6 @@
-"""Worker processes end with their run, however it ends, and load only what they need."""
+"""Worker processes end with their run, however it ends, and load only what they need.
+(A run killed while preparing: test_workdir.py.)"""
 
-import glob
 import os
 import signal
 import subprocess
@@ -9,57 +9,9 @@ import textwrap
 import time
 
 from ntxr.data import workers
+from processes import alive, descendants
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def descendants(pid: int) -> set:
-  """Every live process below pid (from /proc)."""
-  parents = {}
-  for entry in os.listdir("/proc"):
-    try:
-      with open(f"/proc/{entry}/stat") as f:
-        parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError):
-      continue
-  found, frontier = set(), {pid}
-  while frontier:
-    frontier = {child for child, parent in parents.items() if parent in frontier} - found
-    found |= frontier
-  return found
-
-
-def alive(pids) -> set:
-  def running(pid):
-    try:
-      with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-      return False
-  return {pid for pid in pids if running(pid)}
-
-
-def test_a_run_killed_while_preparing_leaves_no_worker_and_a_rerun_completes(tmp_path):
-  cache = tmp_path / "cache"
-  command = [sys.executable, "-m", "ntxr.data.prepare", f"--config.cache_dir={cache}",
-             "--config.size=tiny", "--config.vocab_size=60", "--config.batch_size=8"]
-  run = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-  deadline, started = time.monotonic() + 300, set()
-  while time.monotonic() < deadline and run.poll() is None:
-    started |= descendants(run.pid)
-    if len(started) >= 2 and glob.glob(str(cache / "tfds" / "*" / "*" / "*" / "incomplete*")):
-      break  # feature workers are up and TFDS is writing: the middle of preparation
-    time.sleep(0.02)
-  assert run.poll() is None, "preparation ended before it could be interrupted"
-  started |= descendants(run.pid)
-  run.send_signal(signal.SIGKILL)
-  run.wait()
-  time.sleep(3)
-  assert not alive(started), "worker processes outlived their run"
-  rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-  assert rerun.returncode == 0, rerun.stderr[-2000:]
-  assert "prepare:" in rerun.stdout and "skipped clips or rows: 0" in rerun.stdout
 
 
 def test_a_command_started_as_a_sweep_starts_its_runs_ends_with_its_launcher(tmp_path):

@@ -1,0 +1,34 @@
+"""Helpers for tests of training runs: a checkpoint's parameters, faults injected into
+the training batches."""
+
+import os
+import signal
+
+import numpy as np
+
+from ntxr import workdir as workdir_lib
+from ntxr.data import input_pipeline
+
+
+def params_of(workdir, which="latest"):
+  """(step, params) of the workdir's `which` checkpoint, read as raw arrays."""
+  with workdir_lib.Checkpoints(workdir) as checkpoints:
+    manager = checkpoints.managers[which]
+    step = manager.latest_step()
+    restored = manager.restore(step)  # raw arrays, no target structure needed
+  return step, restored["state"]["params"]
+
+
+def interrupt_after(monkeypatch, batches: int, how: str):
+  """After `batches` training batches of the first epoch: "nan" turns the batches NaN,
+  "sigterm" sends this process SIGTERM (while the next batch is fetched)."""
+  real = input_pipeline.as_numpy
+  def as_numpy(ds):
+    for i, batch in enumerate(real(ds)):
+      if "tokens" in batch and "audio_mask" in batch and i >= batches:
+        if how == "nan":
+          batch = dict(batch, audio=np.full_like(batch["audio"], np.nan))
+        if how == "sigterm" and i == batches:
+          os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+  monkeypatch.setattr(input_pipeline, "as_numpy", as_numpy)

@@ -1,0 +1,201 @@
+"""What a workdir survives: kills at any moment, SIGTERM, a second run, torn metrics,
+unreadable checkpoints, a full disk."""
+
+import glob
+import json
+import pathlib
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from ntxr import train, workdir as workdir_lib
+from processes import alive, descendants
+from runs import interrupt_after, params_of
+
+
+def flat(tree, path="") -> dict:
+  """{"a/b/0": leaf} of nested dicts and lists."""
+  if isinstance(tree, (dict, list)):
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    return {name: leaf for key, value in items for name, leaf in flat(value, f"{path}/{key}").items()}
+  return {path: tree}
+
+
+def files_in(pattern) -> bool:
+  return bool(glob.glob(str(pattern)))
+
+
+def metrics_lines(workdir) -> int:
+  path = pathlib.Path(workdir) / "metrics.jsonl"
+  return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+# Where the fault-injection test kills a run: each phase's sign in the files, and the
+# most seconds to wait after it (the moment is drawn from a seeded generator).
+KILL_POINTS = (
+    ("generating the corpus", lambda cache, work: files_in(cache / "synthetic_tiny.partial-*"),
+     1.0),
+    ("preparing features", lambda cache, work: files_in(cache / "tfds/*/*/*/*incomplete*"), 2.0),
+    ("training", lambda cache, work: (work / "tensorboard").exists(), 4.0),
+    ("writing a checkpoint",
+     lambda cache, work: files_in(work / "checkpoints/*/*.orbax-checkpoint-tmp"), 0.0),
+    ("evaluating", lambda cache, work: metrics_lines(work) == 2, 0.3),
+)
+
+
+def test_a_run_killed_at_random_moments_of_every_phase_ends_as_if_never_killed(
+    tiny_flags, tiny_run, tmp_path):
+  """SIGKILL in each phase in turn, a rerun after each: the same results.json, and no
+  worker process outlives its run."""
+  cache, work = tmp_path / "cache", tmp_path / "run"
+  command = [sys.executable, "-m", "ntxr.main", f"--workdir={work}",
+             *tiny_flags(cache_dir=cache)]
+  moments = random.Random(0)
+  for phase, reached, most in KILL_POINTS:
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    started = set()
+    while not reached(cache, work):
+      assert run.poll() is None, f"the run ended before {phase}"
+      started |= descendants(run.pid)
+      time.sleep(0.005)
+    time.sleep(moments.uniform(0, most))
+    started |= descendants(run.pid)
+    assert run.poll() is None, f"the run ended while {phase}"
+    run.kill()
+    run.wait()
+    deadline = time.monotonic() + 10
+    while alive(started) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert not alive(started), f"processes outlived a run killed while {phase}"
+  subprocess.run(command, check=True, capture_output=True, timeout=600)
+  straight = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
+  resumed = json.loads((work / "results.json").read_text())
+  del straight["seconds"], resumed["seconds"]  # the only field that may differ
+  assert flat(resumed) == flat(straight)
+
+
+def test_sigterm_saves_the_step_in_flight_and_a_rerun_finishes_as_if_never_stopped(
+    tiny_config, tiny_run, tmp_path, monkeypatch):
+  config, workdir = tiny_config(), tmp_path / "run"
+  with monkeypatch.context() as m:
+    interrupt_after(m, 12, how="sigterm")  # SIGTERM while batch 13 is being fetched
+    with pytest.raises(train.Stopped, match=re.escape(
+        f"training stopped after step 13 (epoch 1), saved in {workdir}/checkpoints/latest: "
+        "rerun the same command to resume")):
+      train.train_and_evaluate(config, str(workdir))
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is only training's
+  assert params_of(str(workdir))[0] == 13
+  train.train_and_evaluate(config, str(workdir))
+  (step_a, a), (step_b, b) = params_of(str(tiny_run)), params_of(str(workdir))
+  assert step_a == step_b
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+  # The stopped epoch's training means count the steps before the stop too.
+  straight, resumed = ([json.loads(l)["training"] for l in (pathlib.Path(w) / "metrics.jsonl")
+                        .read_text().splitlines()] for w in (tiny_run, workdir))
+  assert resumed == [pytest.approx(epoch, rel=1e-4, abs=1e-6) for epoch in straight]
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_the_run_goes_on(
+    tiny_config, tiny_run, tmp_path, caplog):
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_run, workdir)
+  metrics = workdir / "metrics.jsonl"
+  first, second = metrics.read_text().splitlines()
+  metrics.write_text(first + "\n" + second[:len(second) // 2])  # killed mid-append
+  results = train.train_and_evaluate(tiny_config(), str(workdir))
+  assert results["epochs"] == 2
+  assert "metrics.jsonl:2: dropped a torn or partial line" in caplog.text
+  assert [json.loads(l)["epoch"] for l in metrics.read_text().splitlines()] == [1]
+
+
+def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_holder(tiny_config, tmp_path):
+  workdir = str(tmp_path / "run")
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys, time\nfrom ntxr import workdir\n"
+       "with workdir.held(sys.argv[1]):\n  print('held', flush=True)\n  time.sleep(600)",
+       workdir], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(workdir_lib.WorkdirInUse, match=re.escape(
+        f"in use by another run (host {socket.gethostname()}, pid {holder.pid})")):
+      train.train_and_evaluate(tiny_config(), workdir)
+  finally:
+    holder.kill()  # SIGKILL: the kernel releases its lock
+    holder.wait()
+  with workdir_lib.held(workdir):  # a lock left by a dead process blocks nothing
+    pass
+
+
+def corrupt(checkpoint: pathlib.Path):
+  """Truncates every array file of an Orbax checkpoint, as a bad disk or copy would."""
+  for data in (checkpoint / "state").rglob("d/*"):
+    data.write_bytes(data.read_bytes()[:10])
+
+
+def test_an_unreadable_latest_checkpoint_is_set_aside_and_the_previous_one_resumed(
+    tiny_config, tiny_run, tmp_path, caplog):
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_run, workdir)
+  latest = workdir / "checkpoints" / "latest"
+  assert sorted(int(p.name) for p in latest.iterdir()) == [25, 30]  # the previous is kept
+  corrupt(latest / "30")
+  results = train.train_and_evaluate(tiny_config(), str(workdir))
+  assert f"{latest}/30 cannot be read (OUT_OF_RANGE" in caplog.text
+  assert f"resuming from {latest}/25" in caplog.text
+  assert [p.name[:9] for p in (workdir / "checkpoints" / "unreadable").iterdir()] == [
+      "latest_30"]
+  assert params_of(str(workdir))[0] == 30  # step 30 trained again and saved anew
+  straight = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
+  for direction in ("t2a", "a2t"):
+    assert results[direction] == pytest.approx(straight[direction], abs=1e-6)
+
+
+def test_no_readable_checkpoint_stops_with_one_clear_error(tiny_flags, tiny_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_run, workdir)
+  for checkpoint in (workdir / "checkpoints").glob("*/*"):
+    corrupt(checkpoint)
+  run = subprocess.run([sys.executable, "-m", "ntxr.main", f"--workdir={workdir}",
+                        *tiny_flags()], capture_output=True, text=True, check=False)
+  assert run.returncode == 1
+  error = run.stderr.splitlines()[-1]
+  assert error.startswith("error: no checkpoint of this run can be read: ")
+  for name in ("latest/25", "latest/30", "best/"):
+    assert f"{workdir}/checkpoints/{name}" in error
+  assert error.endswith(f"Remove {workdir}/checkpoints to train again from the start")
+  assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr
+
+
+def test_a_full_disk_stops_with_one_clear_error_and_a_rerun_resumes(
+    tiny_config, tiny_flags, tiny_run, tmp_path):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(num_epochs=1), str(workdir))  # checkpoints 10, 15
+  disk_full = ("import resource, runpy\n"  # writes past 16 KiB fail, as with no space left
+               "resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024, resource.RLIM_INFINITY))\n"
+               "runpy.run_module('ntxr.main', run_name='__main__')")
+  run = subprocess.run([sys.executable, "-c", disk_full, f"--workdir={workdir}",
+                        *tiny_flags(num_epochs=2)], capture_output=True, text=True, check=False)
+  assert run.returncode == 1
+  error = run.stderr.splitlines()[-1]
+  assert error.startswith(f"error: a checkpoint could not be written in {workdir}/checkpoints "
+                          f"(OUT_OF_RANGE: Error writing ")
+  assert "File too large" in error and f"{workdir}/checkpoints/latest/25.orbax-checkpoint-tmp" in error
+  assert error.endswith("is the disk full? The checkpoints before it are intact (latest/10, "
+                        "latest/15, best/15): free space and rerun the same command to resume")
+  assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr
+  results = train.train_and_evaluate(tiny_config(), str(workdir))
+  assert not list(workdir.rglob("*.orbax-checkpoint-tmp"))  # the torn write is cleared
+  straight = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
+  for direction in ("t2a", "a2t"):
+    assert results[direction] == pytest.approx(straight[direction], abs=1e-6)
+
+
