@@ -14,6 +14,7 @@ import sys
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import pytest
 
@@ -102,6 +103,16 @@ def test_sigterm_saves_the_step_in_flight_and_a_rerun_finishes_as_if_never_stopp
   straight, resumed = ([json.loads(l)["training"] for l in (pathlib.Path(w) / "metrics.jsonl")
                         .read_text().splitlines()] for w in (tiny_run, workdir))
   assert resumed == [pytest.approx(epoch, rel=1e-4, abs=1e-6) for epoch in straight]
+
+
+def test_several_processes_stop_at_jaxs_preemption_sync_point(monkeypatch):
+  """Under --distributed every process must stop at the same step: the one JAX's
+  preemption service agrees on (each process calls it every step), not its own SIGTERM."""
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: step == 7)
+  with train.stop_requests() as asked:
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # JAX's service handles it
+    assert [step for step in range(1, 10) if asked(step)] == [7]
 
 
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_the_run_goes_on(
