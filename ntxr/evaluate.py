@@ -7,7 +7,6 @@ lower index first.
 """
 
 import dataclasses
-import functools
 from typing import Callable, Iterable, Optional
 
 import jax
@@ -85,9 +84,7 @@ def score_histogram(s: np.ndarray, clip_ids: np.ndarray, caption_ids: np.ndarray
   return dict(edges=edges.tolist(), positive=count(s[relevant]), negative=count(s[~relevant]))
 
 
-@functools.partial(jax.jit, static_argnames=("score",))
-def _score_chunk(audio, audio_mask, text, text_mask, *, score):
-  return scores.get_scorer(score).matrix(audio, text, audio_mask, text_mask)
+_alignment_sums = jax.jit(scores.alignment_sums_over_words, static_argnames="captions")
 
 
 def _length_chunks(mask: np.ndarray, size: int, multiple: int):
@@ -104,32 +101,54 @@ def _length_chunks(mask: np.ndarray, size: int, multiple: int):
     yield rows, min(steps, mask.shape[1])
 
 
+def _word_blocks(text: np.ndarray, text_mask: np.ndarray, budget: int):
+  """Yields (caption indices, words [budget, E], owner [budget]): consecutive captions
+  whose valid words fit in `budget` rows, flattened, zero rows after them."""
+  counts = text_mask.sum(axis=1)
+  start = 0
+  while start < len(counts):
+    if counts[start] > budget:
+      raise ValueError(f"caption {start} has {counts[start]} words, more than a word "
+                       f"block's {budget}")
+    stop = start + int(np.searchsorted(np.cumsum(counts[start:]), budget, "right"))
+    owner = np.repeat(np.arange(stop - start), counts[start:stop])
+    words = text[start:stop][text_mask[start:stop]]
+    pad = budget - len(words)
+    yield (np.arange(start, stop), np.pad(words, [(0, pad), (0, 0)]),
+           np.pad(owner, (0, pad)).astype(np.int32))
+    start = stop
+
+
 def score_matrix(audio, audio_mask, text, text_mask, *, score: str = "alignment",
-                 chunk: int = 64, caption_chunk: int = 512, frame_multiple: int = 64,
-                 word_multiple: int = 8) -> np.ndarray:
-  """All-pairs scores [clips, captions], in blocks of `chunk` clips x `caption_chunk`
-  captions of similar lengths, each block cut to its longest clip and caption, so
-  padding costs little (a few block shapes compile).
+                 chunk: int = 64, frame_multiple: int = 64,
+                 word_block: int = 4096) -> np.ndarray:
+  """All-pairs scores [clips, captions].
+
+  The alignment score runs in blocks of `chunk` clips of similar lengths, each cut to
+  its longest clip (rounded up to `frame_multiple`, so a few shapes compile), against
+  blocks of `word_block` caption words with no word padding; its memory is one
+  [word_block, frames] product per clip at a time. The pooled score is one product of
+  pooled embeddings.
 
   Args:
     audio: [C, T, E] frame embeddings; audio_mask [C, T] bool.
     text: [Q, W, E] word embeddings; text_mask [Q, W] bool.
   """
   audio_mask, text_mask = np.asarray(audio_mask, bool), np.asarray(text_mask, bool)
-  caption_blocks = []
-  for rows, words in _length_chunks(text_mask, caption_chunk, word_multiple):
-    pad = [(0, caption_chunk - len(rows))]
-    caption_blocks.append((rows, jnp.asarray(np.pad(text[rows, :words], pad + [(0, 0)] * 2)),
-                           jnp.asarray(np.pad(text_mask[rows, :words], pad + [(0, 0)]))))
-  out = np.empty((audio.shape[0], text.shape[0]), np.float32)
+  if scores.get_scorer(score) is scores.SCORERS["pooled"]:
+    return (_pooled(audio, audio_mask) @ _pooled(text, text_mask).T).astype(np.float32)
+  blocks = [(captions, jnp.asarray(words, jnp.float32), jnp.asarray(owner))
+            for captions, words, owner in _word_blocks(np.asarray(text), text_mask, word_block)]
+  sums = np.empty((audio.shape[0], text.shape[0]), np.float64)
   for clips, frames in _length_chunks(audio_mask, chunk, frame_multiple):
-    pad = [(0, chunk - len(clips))]
-    a = jnp.asarray(np.pad(audio[clips, :frames], pad + [(0, 0), (0, 0)]))
+    pad = [(0, -len(clips) % 8)]  # the last chunk: rows to a multiple of 8, not of chunk
+    a = jnp.asarray(np.pad(audio[clips, :frames], pad + [(0, 0), (0, 0)]), jnp.float32)
     m = jnp.asarray(np.pad(audio_mask[clips, :frames], pad + [(0, 0)]))
-    for captions, t, t_mask in caption_blocks:
-      block = np.asarray(_score_chunk(a, m, t, t_mask, score=score))
-      out[np.ix_(clips, captions)] = block[:len(clips), :len(captions)]
-  return out
+    for captions, words, owner in blocks:
+      block = np.asarray(_alignment_sums(a, m, words, owner, captions=word_block))
+      sums[np.ix_(clips, captions)] = block[:len(clips), :len(captions)]
+  counts = audio_mask.sum(axis=1)[:, None] * text_mask.sum(axis=1)[None, :]
+  return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(np.float32)
 
 
 def _pooled(x: np.ndarray, mask: np.ndarray) -> np.ndarray:

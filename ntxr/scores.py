@@ -63,14 +63,25 @@ def _accumulator(*arrays: Array):
 
 
 def _relu_sums(x: Array, y: Array) -> Array:
-  """Sum of relu(<x[i, t], y[j, w]>) over (t, w): x [n, T, E], y [m, W, E] -> [n, m]."""
-  products = jnp.einsum("nte,mwe->ntmw", x, y,
-                        preferred_element_type=_accumulator(x, y))
-  return jax.nn.relu(products).sum(axis=(1, 3))
+  """Sum of relu(<x[i, t], y[j, w]>) over (t, w): x [n, T, E], y [m, W, E] -> [n, m].
+
+  The products are laid out [n, m, W, T], T minor, so the sum reads them in order."""
+  products = jnp.einsum("mwe,nte->nmwt", y, x, preferred_element_type=_accumulator(x, y))
+  return jax.nn.relu(products).sum(axis=(2, 3))
+
+
+def _row_relu_sums(x_row: Array, y_block: Array) -> Array:
+  """`_relu_sums` of one x row against a block: x_row [T, E], y_block [m, W, E] -> [m],
+  through one [m * W, T] product."""
+  m, w, e = y_block.shape
+  products = jnp.matmul(y_block.reshape(m * w, e), x_row.T,
+                        preferred_element_type=_accumulator(x_row, y_block))
+  return jax.nn.relu(products).sum(axis=1).reshape(m, w).sum(axis=1)
 
 
 # Recomputed in the backward pass, so gradients need no stored tile either.
 _tile_relu_sums = jax.checkpoint(_relu_sums)
+_tile_row_relu_sums = jax.checkpoint(_row_relu_sums)
 
 
 def _pad_rows(x: Array, rows: int) -> Array:
@@ -82,16 +93,6 @@ def _blocks(x: Array, block: int) -> Array:
   """[N, T, E] -> [ceil(N / block), block, T, E], zero-padded."""
   count = -(-x.shape[0] // block)
   return _pad_rows(x, count * block).reshape((count, block) + x.shape[1:])
-
-
-def tile_rows(n: int, t: int, m: int, w: int, tile_elements: int) -> tuple[int, int]:
-  """Rows of x and of y per tile so that rows_x * t * rows_y * w <= tile_elements.
-
-  Whole y first (one pass over x), then as many x rows as fit; at least one each.
-  """
-  rows_y = min(m, max(1, tile_elements // (t * w)))
-  rows_x = min(n, max(1, tile_elements // (t * w * rows_y)))
-  return rows_x, rows_y
 
 
 def alignment_scores(x: Array, y: Array, x_mask: Optional[Array] = None,
@@ -112,7 +113,8 @@ def alignment_scores(x: Array, y: Array, x_mask: Optional[Array] = None,
 
   Peak memory beyond inputs and output is one tile of `tile_elements` float32
   products (64 MiB in float32 by default; 2x that in the backward pass, which recomputes the
-  tile), so audio-audio scores at N=256, T=1500 never hold N*T x N*T products.
+  tile), so audio-audio scores at N=256, T=1500 never hold N*T x N*T products. Beyond one
+  tile, each x row meets blocks of y as one [rows * W, T] product, summed in order.
 
   Example:
     >>> s = alignment_scores(jnp.ones((2, 3, 4)) / 2, jnp.ones((5, 6, 4)) / 2)
@@ -127,17 +129,44 @@ def alignment_scores(x: Array, y: Array, x_mask: Optional[Array] = None,
   x, x_counts = _zero_padding(x, x_mask)
   y, y_counts = _zero_padding(y, y_mask)
   (n, t, _), (m, w, _) = x.shape, y.shape
-  rows_x, rows_y = tile_rows(n, t, m, w, tile_elements)
-  if rows_x == n and rows_y == m:
+  if n * t * m * w <= tile_elements:
     sums = _relu_sums(x, y)
-  else:
-    x_blocks, y_blocks = _blocks(x, rows_x), _blocks(y, rows_y)
+  else:  # one x row at a time, against blocks of as many y rows as fit
+    rows_y = min(m, max(1, tile_elements // (t * w)))
+    y_blocks = _blocks(y, rows_y)
     tiles = jax.lax.map(
-        lambda xb: jax.lax.map(lambda yb: _tile_relu_sums(xb, yb), y_blocks),
-        x_blocks)  # [blocks_x, blocks_y, rows_x, rows_y]
-    sums = tiles.transpose(0, 2, 1, 3).reshape(
-        x_blocks.shape[0] * rows_x, y_blocks.shape[0] * rows_y)[:n, :m]
+        lambda row: jax.lax.map(lambda yb: _tile_row_relu_sums(row, yb), y_blocks), x)
+    sums = tiles.reshape(n, y_blocks.shape[0] * rows_y)[:, :m]  # [n, blocks_y, rows_y]
   return _divide_counts(sums, x_counts[:, None] * y_counts[None, :], dtype)
+
+
+def alignment_sums_over_words(x: Array, x_mask: Optional[Array], words: Array,
+                              owner: Array, *, captions: int) -> Array:
+  """Alignment sums of sequences against captions given as a flat list of their words.
+
+  The evaluation's form: captions of any lengths, no word padding. Each x[i] costs one
+  [K, T] product, laid out so that the sum over T reads it in order.
+
+  Args:
+    x: [N, T, E] float; x_mask [N, T] bool or None.
+    words: [K, E] the captions' valid words one caption after another; rows of zeros
+      may pad it (they add nothing).
+    owner: [K] int, the caption (0 to captions - 1) of each word.
+    captions: how many captions (static).
+
+  Returns:
+    [N, captions]: the sum over x[i]'s valid steps and caption c's words of
+    relu(<x[i, t], word>); divided by the pair's valid (t, w) count it is
+    `alignment_scores`.
+  """
+  _check_sequences("x", x, x_mask)
+  x, _ = _zero_padding(x, x_mask)
+
+  def row(steps: Array) -> Array:  # [T, E] -> [captions]
+    products = jnp.matmul(words, steps.T, preferred_element_type=_accumulator(x, words))
+    return jax.ops.segment_sum(jax.nn.relu(products).sum(axis=1), owner,
+                               num_segments=captions)
+  return jax.lax.map(row, x)
 
 
 def symmetric_alignment_scores(x: Array, x_mask: Optional[Array] = None, *,

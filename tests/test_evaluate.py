@@ -74,21 +74,24 @@ def test_bad_inputs_are_reported():
     evaluate.retrieval_metrics(np.array([[np.nan, 1.0]]), np.array([[True, False]]))
 
 
-@pytest.mark.parametrize("frame_multiple", [2, 64])
-def test_score_matrix_in_chunks_equals_one_call(frame_multiple):
+@pytest.mark.parametrize("frame_multiple,word_block", [(2, 3), (64, 5), (64, 4096)])
+def test_score_matrix_in_blocks_equals_one_call(frame_multiple, word_block):
   rng = np.random.default_rng(1)
-  audio, text = rng.normal(size=(7, 9, 8)), rng.normal(size=(5, 4, 8))
-  audio_mask, text_mask = rng.random((7, 9)) < 0.8, rng.random((5, 4)) < 0.8
+  audio, text = rng.normal(size=(7, 9, 8)), rng.normal(size=(6, 4, 8))
+  audio_mask, text_mask = rng.random((7, 9)) < 0.8, rng.random((6, 4)) < 0.8
   audio_mask[:, 0] = text_mask[:, 0] = True
   audio_mask[2, 4:] = audio_mask[5, 2:] = False  # short clips: their chunk is cut
   text_mask[:, 3] = False  # no caption uses the last word slot
-  chunked = evaluate.score_matrix(audio.astype(np.float32), audio_mask,
-                                  text.astype(np.float32), text_mask, chunk=3,
-                                  caption_chunk=2, frame_multiple=frame_multiple,
-                                  word_multiple=frame_multiple)
+  text_mask[4] = False  # an empty caption scores 0
+  blocks = evaluate.score_matrix(audio.astype(np.float32), audio_mask,
+                                 text.astype(np.float32), text_mask, chunk=3,
+                                 frame_multiple=frame_multiple, word_block=word_block)
   whole = scores.alignment_scores(audio.astype(np.float32), text.astype(np.float32),
                                   audio_mask, text_mask)
-  np.testing.assert_allclose(chunked, whole, rtol=1e-5)
+  np.testing.assert_allclose(blocks, whole, rtol=1e-5, atol=1e-7)
+  assert not blocks[:, 4].any()
+  with pytest.raises(ValueError, match="caption 0 has 3 words, more than a word block's 2"):
+    evaluate.score_matrix(audio, audio_mask, text[:1], text_mask[:1] | [1, 1, 1, 0], word_block=2)
 
 
 def test_collapse_diagnostics():

@@ -24,12 +24,14 @@ GRIDS = {
     # kernels: (N, T, W, E); scores: (kind, N, T, W, E); steps: batch sizes.
     "cpu": dict(
         kernels=[(32, 250, 12, 300), (32, 500, 15, 300), (64, 250, 12, 300)],
-        scores=[("cross", 64, 250, 12, 300), ("audio-audio", 32, 500, 500, 300)],
+        scores=[("cross", 64, 250, 12, 300), ("cross", 256, 500, 20, 300),
+                ("audio-audio", 32, 500, 500, 300), ("evaluation", 96, 1500, 20, 300)],
         steps=[32]),
     "accelerator": dict(
         kernels=[(32, 250, 12, 300), (32, 500, 15, 300), (32, 1500, 20, 300),
                  (128, 500, 20, 300), (256, 500, 20, 300), (1024, 250, 12, 300)],
-        scores=[("cross", 256, 500, 20, 300), ("audio-audio", 256, 1500, 1500, 300)],
+        scores=[("cross", 256, 500, 20, 300), ("audio-audio", 256, 1500, 1500, 300),
+                ("evaluation", 1045, 1500, 20, 300)],
         steps=[32, 256]),
 }
 JOBS = ("kernels", "scores", "steps")
