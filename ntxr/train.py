@@ -192,7 +192,9 @@ def _end_epoch(experiment, state, progress, checkpoints, log, seconds) -> Progre
   config = experiment.config
   select = workdir_lib.SELECTIONS[config.select_by]
   epoch, training = progress.epoch + 1, progress.statistic_means()
+  start = time.perf_counter()
   validation, collapse = experiment.validate(state, training)
+  validation_seconds = time.perf_counter() - start
   plateau, learning_rate = reduce_on_plateau(progress.plateau, validation["loss"],
                                              progress.learning_rate, config)
   state = steps.set_learning_rate(state, learning_rate)
@@ -210,12 +212,13 @@ def _end_epoch(experiment, state, progress, checkpoints, log, seconds) -> Progre
   checkpoints.wait()
   log.write(int(state.step), dict(epoch=epoch, step=int(state.step), training=training,
                                   validation=validation, collapse=collapse.to_dict(),
-                                  learning_rate=learning_rate, seconds=progress.seconds))
+                                  learning_rate=learning_rate, seconds=progress.seconds,
+                                  validation_seconds=validation_seconds))
   tqdm.tqdm.write(
       f"epoch {epoch}: train loss {training.get('loss', float('nan')):.4f}, validation "
       f"loss {validation['loss']:.4f}, t2a R@10 {validation['t2a']['R@10']:.3f} mAP@10 "
       f"{validation['t2a']['mAP@10']:.3f}, a2t R@10 {validation['a2t']['R@10']:.3f}, "
-      f"lr {learning_rate:g}")
+      f"lr {learning_rate:g} (validation {validation_seconds:.0f} s)")
   return progress
 
 
