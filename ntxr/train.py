@@ -8,7 +8,6 @@ the test split and returns what it writes to workdir/results.json (ntxr.workdir 
 the files).
 """
 
-import contextlib
 import dataclasses
 import os
 import signal
@@ -99,29 +98,58 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 class Stopped(Exception):
-  """Training stopped when asked to (SIGTERM, a preemption notice), its step saved."""
+  """Training stopped when asked to (SIGTERM, a preemption notice), its state saved."""
 
 
-@contextlib.contextmanager
-def stop_requests():
-  """Yields `asked(step) -> bool`: whether training should stop after `step`.
+class _Interrupted(Exception):
+  """SIGTERM between an epoch's steps and its end: the loop saves what the steps reached."""
 
-  One process: whether it has received SIGTERM, which preemptible VMs and TPUs send
-  before they stop (the handler only records it). Several processes: JAX's preemption
-  sync point, which tells every process to stop at the same step once any of them is
-  given notice. Outside the main thread (where no handler can be set) it never asks.
+
+class StopRequests:
+  """Asks training to stop on SIGTERM, which preemptible VMs and TPUs send before they
+  stop; a context that sets the handler and puts the previous one back.
+
+  While steps run (`at_steps`) the handler only records the signal, and `asked(step)`
+  tells the loop to save after the step it is in. Elsewhere (validation, checkpoints,
+  metrics) it raises at once and the loop saves the state the epoch's steps reached.
+  Several processes: `asked` is JAX's preemption sync point, which stops every process
+  at the same step once any of them is given notice. Outside the main thread, where no
+  handler can be set, it never asks.
   """
-  if jax.process_count() > 1:
-    yield multihost_utils.reached_preemption_sync_point
-  elif threading.current_thread() is not threading.main_thread():
-    yield lambda step: False
-  else:
-    received = []
-    previous = signal.signal(signal.SIGTERM, lambda number, frame: received.append(number))
-    try:
-      yield lambda step: bool(received)
-    finally:
-      signal.signal(signal.SIGTERM, previous)
+
+  def __init__(self):
+    self.received = False
+    self.at_steps = False
+    self._previous = None
+
+  def __enter__(self) -> "StopRequests":
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def __exit__(self, *unused) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def _handle(self, number, frame) -> None:
+    del number, frame
+    self.received = True
+    if not self.at_steps:
+      raise _Interrupted()
+
+  def asked(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.received
+
+
+def _stop(state, progress: Progress, checkpoints: workdir_lib.Checkpoints) -> Stopped:
+  """Saves the latest checkpoint and says how to resume."""
+  checkpoints.save("latest", state, progress.to_json())
+  checkpoints.wait()
+  return Stopped(f"as asked (SIGTERM or a preemption notice), training stopped after step "
+                 f"{int(state.step)} (epoch {progress.epoch + 1}), saved in "
+                 f"{checkpoints.root}/latest: rerun the same command to resume from there")
 
 
 def train_epochs(experiment: experiment_lib.Experiment, state: steps.TrainState,
@@ -133,25 +161,32 @@ def train_epochs(experiment: experiment_lib.Experiment, state: steps.TrainState,
   one step each, the latest checkpoint every checkpoint_every_steps; then validation,
   the plateau schedule, the best checkpoint if the selection improved, the latest, and
   one metrics line. A non-finite loss stops training with FloatingPointError, the last
-  good checkpoint kept. Asked to stop (`stop_requests`), it saves the latest checkpoint
-  after the step it is in and raises Stopped.
+  good checkpoint kept. Asked to stop (StopRequests), it saves the latest checkpoint
+  (after the step in flight, or the epoch's steps if they are done) and raises Stopped.
   """
   config = experiment.config
   steps_per_epoch = experiment.batches_per_epoch(experiment.training_split)
   if config.max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
   experiment.batches_per_epoch(experiment.validation_split)  # fails now, not in epoch 1
-  with stop_requests() as asked:
-    while progress.epoch < config.num_epochs:
-      start = time.perf_counter()
-      state, progress = _train_steps(experiment, state, progress, checkpoints,
-                                     steps_per_epoch, asked)
-      progress = _end_epoch(experiment, state, progress, checkpoints, log,
-                            time.perf_counter() - start)
+  with StopRequests() as stop:
+    try:
+      while progress.epoch < config.num_epochs:
+        start = time.perf_counter()
+        stop.at_steps = True
+        state, progress = _train_steps(experiment, state, progress, checkpoints,
+                                       steps_per_epoch, stop)
+        stop.at_steps = False
+        state, progress = _end_epoch(experiment, state, progress, checkpoints, log,
+                                     time.perf_counter() - start)
+    except _Interrupted:
+      stop.at_steps = True  # record, not raise, a second signal while saving
+      raise _stop(state, progress, checkpoints) from None
   return progress
 
 
-def _train_steps(experiment, state, progress, checkpoints, steps_per_epoch, asked) -> tuple:
+def _train_steps(experiment, state, progress, checkpoints, steps_per_epoch,
+                 stop: StopRequests) -> tuple:
   """The epoch's steps from `progress` on; returns (state, progress) after them."""
   config = experiment.config
   epoch = progress.epoch + 1
@@ -174,21 +209,17 @@ def _train_steps(experiment, state, progress, checkpoints, steps_per_epoch, aske
           "--config.learning_rate")
     progress = progress.after_step(statistics.to_dict())
     bar.set_postfix(loss=f"{progress.statistic_means()['loss']:.4f}")
-    stop = asked(step)
-    if stop or (progress.step_in_epoch % config.checkpoint_every_steps == 0
-                and progress.step_in_epoch < steps_per_epoch):  # the epoch's end saves too
+    if stop.asked(step):
+      raise _stop(state, progress, checkpoints)
+    if (progress.step_in_epoch % config.checkpoint_every_steps == 0
+        and progress.step_in_epoch < steps_per_epoch):  # the epoch's end saves too
       checkpoints.save("latest", state, progress.to_json())
-    if stop:
-      checkpoints.wait()
-      raise Stopped(f"as asked (SIGTERM or a preemption notice), training stopped after "
-                    f"step {step} (epoch {epoch}), saved in {checkpoints.root}/latest: rerun "
-                    "the same command to resume from there")
   return state, progress
 
 
-def _end_epoch(experiment, state, progress, checkpoints, log, seconds) -> Progress:
+def _end_epoch(experiment, state, progress, checkpoints, log, seconds) -> tuple:
   """Validation, the plateau schedule, checkpoints and the metrics line of an epoch whose
-  steps are done; returns the Progress at the start of the next."""
+  steps are done; returns (state, progress) at the start of the next."""
   config = experiment.config
   select = workdir_lib.SELECTIONS[config.select_by]
   epoch, training = progress.epoch + 1, progress.statistic_means()
@@ -219,7 +250,7 @@ def _end_epoch(experiment, state, progress, checkpoints, log, seconds) -> Progre
       f"loss {validation['loss']:.4f}, t2a R@10 {validation['t2a']['R@10']:.3f} mAP@10 "
       f"{validation['t2a']['mAP@10']:.3f}, a2t R@10 {validation['a2t']['R@10']:.3f}, "
       f"lr {learning_rate:g} (validation {validation_seconds:.0f} s)")
-  return progress
+  return state, progress
 
 
 def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: workdir_lib.Checkpoints,

@@ -187,18 +187,26 @@ class Checkpoints:
         which: ocp.CheckpointManager(os.path.join(root, which), options=ocp.CheckpointManagerOptions(
             max_to_keep=kept, create=True, cleanup_tmp_directories=True))
         for which, kept in (("latest", 2), ("best", 1))}
+    self._saved = {}  # which -> (step, progress) this process saved last
 
   def step(self, which: str) -> Optional[int]:
     """The step of the `which` ("latest" or "best") checkpoint, or None."""
     return self.managers[which].latest_step()
 
   def save(self, which: str, state, progress: dict) -> None:
+    """Saves (state, progress) as `which`'s checkpoint of the state's step. A checkpoint
+    of that step with other progress (saved before validation, say) is replaced."""
     manager = self.managers[which]
     step = int(state.step)
-    if manager.latest_step() != step:
-      with self._writing():  # also reports the previous save, which Orbax waits for
-        manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                   progress=ocp.args.JsonSave(progress)))
+    if self._saved.get(which) == (step, progress):
+      return
+    with self._writing():  # also reports the previous save, which Orbax waits for
+      if step in manager.all_steps():
+        manager.wait_until_finished()
+        manager.delete(step)
+      manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                 progress=ocp.args.JsonSave(progress)))
+    self._saved[which] = (step, progress)
 
   @contextlib.contextmanager
   def _writing(self):

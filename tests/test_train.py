@@ -43,6 +43,18 @@ def test_tiny_run_end_to_end(tiny_config, tiny_run):
   assert train.evaluate_only(config, str(tmp_path))["a2t"] == results["a2t"]
 
 
+def test_a_plateau_cut_applies_to_the_next_epochs_steps(tiny_config, tmp_path, monkeypatch):
+  config = tiny_config()
+  config.plateau.patience = -1  # cut the rate after every epoch
+  rates, step = [], experiment_lib.Experiment.train_step
+  def spy(self, state, batch, key):
+    rates.append(float(state.opt_state.hyperparams["learning_rate"]))
+    return step(self, state, batch, key)
+  monkeypatch.setattr(experiment_lib.Experiment, "train_step", spy)
+  train.train_and_evaluate(config, str(tmp_path))
+  assert rates == pytest.approx([1e-3] * 15 + [1e-4] * 15)
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
   config = tiny_config()
   interrupt_after(monkeypatch, 12, how="nan")

@@ -3,6 +3,7 @@ unreadable checkpoints, a full disk."""
 
 import glob
 import json
+import os
 import pathlib
 import random
 import re
@@ -18,7 +19,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import pytest
 
-from ntxr import train, workdir as workdir_lib
+from ntxr import experiment as experiment_lib, train, workdir as workdir_lib
 from processes import alive, descendants
 from runs import interrupt_after, params_of
 
@@ -105,14 +106,34 @@ def test_sigterm_saves_the_step_in_flight_and_a_rerun_finishes_as_if_never_stopp
   assert resumed == [pytest.approx(epoch, rel=1e-4, abs=1e-6) for epoch in straight]
 
 
+def test_sigterm_during_validation_saves_the_epochs_steps_and_a_rerun_finishes_the_same(
+    tiny_config, tiny_run, tmp_path, monkeypatch):
+  config, workdir = tiny_config(), tmp_path / "run"
+  validate = experiment_lib.Experiment.validate
+  def terminated_validation(self, state, training):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return validate(self, state, training)
+  with monkeypatch.context() as m:
+    m.setattr(experiment_lib.Experiment, "validate", terminated_validation)
+    with pytest.raises(train.Stopped, match=re.escape("stopped after step 15 (epoch 1)")):
+      train.train_and_evaluate(config, str(workdir))
+  with workdir_lib.Checkpoints(str(workdir)) as checkpoints:  # the steps' end, epoch 1 to do
+    saved = checkpoints.progress("latest")
+  assert (checkpoints.step("latest"), saved["epoch"], saved["step_in_epoch"]) == (15, 0, 15)
+  results = train.train_and_evaluate(config, str(workdir))
+  straight = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
+  del straight["seconds"], results["seconds"]
+  assert flat(results) == flat(straight)  # validated, saved over step 15, tested as if whole
+
+
 def test_several_processes_stop_at_jaxs_preemption_sync_point(monkeypatch):
   """Under --distributed every process must stop at the same step: the one JAX's
   preemption service agrees on (each process calls it every step), not its own SIGTERM."""
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: step == 7)
-  with train.stop_requests() as asked:
+  with train.StopRequests() as stop:
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # JAX's service handles it
-    assert [step for step in range(1, 10) if asked(step)] == [7]
+    assert [step for step in range(1, 10) if stop.asked(step)] == [7]
 
 
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_the_run_goes_on(
