@@ -58,7 +58,8 @@ class Experiment:
     self.test_split = config.test_split or self.corpus.splits[2]
     model = shared_model(vocab_size=self.tokenizer.vocab_size, embed_dim=config.embed_dim,
                          channels=tuple(config.channels), dropout=config.dropout,
-                         initializer=config.initializer)
+                         initializer=config.initializer,
+                         dtype=models.compute_dtype(config.compute_dtype).name)
     self.word_table = self._word_table()
     self.initial_state = self.devices.replicate(steps.create_train_state(
         config, model, jax.random.key(config.seed),

@@ -1,13 +1,14 @@
 """The paper's encoders in Flax Linen: a CRNN over log-mel frames, word embeddings.
 
-Both return L2-normalised embeddings, one per frame / per token, zero where masked.
+Both return L2-normalised embeddings, one per frame / per token, zero where masked, in
+the compute dtype `dtype` (float32, or bfloat16 on accelerators); parameters are float32.
 A clip's embedding does not depend on how much padding its batch added: padded frames
 are zeroed after every layer, the GRU stops at each clip's length and upsampling
 clamps at it.
 """
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -22,7 +23,7 @@ PAPER_POOLS = ((2, 4), None, (2, 4), None, (1, 4))  # (time, frequency) after ea
 
 def l2_normalize(x: Array, mask: Array) -> Array:
   """x [..., E] / its norm, zero where mask [...] is False (and for zero vectors)."""
-  return jnp.where(mask[..., None], scores.unit_vectors(x), 0)
+  return jnp.where(mask[..., None], scores.unit_vectors(x), jnp.zeros((), x.dtype))
 
 
 def lp_pool(x: Array, window: Tuple[int, int], p: float = 4.0) -> Array:
@@ -56,6 +57,18 @@ def upsample_linear(x: Array, lengths: Array, factor: int) -> Array:
 
 
 INITIALIZERS = ("flax", "pytorch")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def compute_dtype(name) -> jnp.dtype:
+  """The encoders' compute dtype named `name` (one of COMPUTE_DTYPES)."""
+  try:
+    dtype = jnp.dtype(name)
+  except TypeError:
+    dtype = None
+  if dtype is None or dtype.name not in COMPUTE_DTYPES:
+    raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, not {name!r}")
+  return dtype
 
 
 def _pytorch_uniform(fan: int):
@@ -89,13 +102,14 @@ class CRNN(nn.Module):
   Per block BatchNorm, a 3x3 conv and LeakyReLU(0.1), then LP-pooling (p=4) over
   (time, frequency) where the block names a window, as in the authors' encoder;
   dropout; a bidirectional GRU (embed_dim // 2 per direction); linear upsampling
-  back to T frames. BatchNorm statistics skip padded frames.
+  back to T frames. BatchNorm statistics skip padded frames (and are reduced in float32).
   """
   channels: Sequence[int] = PAPER_CHANNELS
   pools: Sequence[Optional[Tuple[int, int]]] = PAPER_POOLS
   embed_dim: int = 300
   dropout: float = 0.3
   initializer: str = "flax"
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, audio: Array, mask: Array, *, train: bool) -> Array:
@@ -104,24 +118,25 @@ class CRNN(nn.Module):
       raise ValueError(f"{len(self.channels)} channel counts but {len(self.pools)} pools")
     stride = math.prod(window[0] for window in self.pools if window)
     pad = -frames % stride
-    x = jnp.pad(audio, ((0, 0), (0, pad), (0, 0)))[..., None]  # [B, T, F, 1]
+    x = jnp.pad(audio.astype(self.dtype), ((0, 0), (0, pad), (0, 0)))[..., None]  # [B,T,F,1]
     step_mask = jnp.pad(mask, ((0, 0), (0, pad)))
     conv_init, gru_init = _initializers(self.initializer, self.embed_dim // 2)
     for channels, window in zip(self.channels, self.pools):
       valid = jnp.broadcast_to(step_mask[:, :, None, None], x.shape)
-      x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x, mask=valid)
-      x = nn.Conv(channels, (3, 3), padding="SAME", use_bias=False,
-                  kernel_init=conv_init)(x * valid)
+      x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(
+          x, mask=valid)
+      x = nn.Conv(channels, (3, 3), padding="SAME", use_bias=False, kernel_init=conv_init,
+                  dtype=self.dtype)(x * valid.astype(self.dtype))
       x = nn.leaky_relu(x, 0.1)
       if window:
         x = lp_pool(x, window)
         step_mask = _downsampled_mask(step_mask, window[0])
-    x = x * step_mask[:, :, None, None]
+    x = x * step_mask[:, :, None, None].astype(x.dtype)
     x = nn.Dropout(self.dropout, deterministic=not train)(x.reshape(*x.shape[:2], -1))
     lengths = jnp.maximum(step_mask.sum(axis=1), 1)
-    gru = lambda: nn.RNN(nn.GRUCell(self.embed_dim // 2, **gru_init))
-    x = nn.Bidirectional(gru(), gru())(x, seq_lengths=lengths)
-    x = upsample_linear(x, lengths, stride)[:, :frames]
+    gru = lambda: nn.RNN(nn.GRUCell(self.embed_dim // 2, dtype=self.dtype, **gru_init))
+    x = nn.Bidirectional(gru(), gru())(x, seq_lengths=lengths)  # the carry stays float32
+    x = upsample_linear(x.astype(self.dtype), lengths, stride)[:, :frames]
     return l2_normalize(x, mask)
 
 
@@ -133,26 +148,30 @@ class TextEncoder(nn.Module):
   """
   vocab_size: int
   embed_dim: int = 300
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, tokens: Array, mask: Array) -> Array:
-    embed = nn.Embed(self.vocab_size, self.embed_dim, name="embed",
+    embed = nn.Embed(self.vocab_size, self.embed_dim, name="embed", dtype=self.dtype,
                      embedding_init=nn.initializers.normal(1.0))
     return l2_normalize(embed(tokens), mask)
 
 
 class DualEncoder(nn.Module):
-  """Both encoders; `__call__` embeds a batch, `embed_audio` / `embed_text` one side."""
+  """Both encoders; `__call__` embeds a batch, `embed_audio` / `embed_text` one side.
+  dtype: the compute dtype (a name or a NumPy dtype)."""
   vocab_size: int
   embed_dim: int = 300
   channels: Sequence[int] = PAPER_CHANNELS
   dropout: float = 0.3
   initializer: str = "flax"
+  dtype: Any = jnp.float32
 
   def setup(self):
+    dtype = compute_dtype(self.dtype)
     self.audio = CRNN(self.channels, embed_dim=self.embed_dim, dropout=self.dropout,
-                      initializer=self.initializer)
-    self.text = TextEncoder(self.vocab_size, self.embed_dim)
+                      initializer=self.initializer, dtype=dtype)
+    self.text = TextEncoder(self.vocab_size, self.embed_dim, dtype=dtype)
 
   def embed_audio(self, audio: Array, audio_mask: Array, *, train: bool = False) -> Array:
     return self.audio(audio, audio_mask, train=train)

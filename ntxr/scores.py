@@ -51,10 +51,10 @@ def _zero_padding(x: Array, mask: Optional[Array]) -> tuple[Array, Array]:
           mask.sum(axis=1).astype(_accumulator(x)))
 
 
-def _divide_counts(sums: Array, counts: Array, dtype) -> Array:
-  """sums / counts, 0 where counts is 0, cast to dtype."""
+def _divide_counts(sums: Array, counts: Array) -> Array:
+  """sums / counts, 0 where counts is 0."""
   safe = jnp.where(counts > 0, counts, 1.0)
-  return jnp.where(counts > 0, sums / safe, 0.0).astype(dtype)
+  return jnp.where(counts > 0, sums / safe, 0.0)
 
 
 def _accumulator(*arrays: Array):
@@ -108,8 +108,9 @@ def alignment_scores(x: Array, y: Array, x_mask: Optional[Array] = None,
     tile_elements: the most frame-pair products held at once.
 
   Returns:
-    S [N, M] in the inputs' dtype, S[i, j] = mean over valid (t, w) of
-    relu(<x[i, t], y[j, w]>), accumulated in at least float32.
+    S [N, M], S[i, j] = mean over valid (t, w) of relu(<x[i, t], y[j, w]>), in the
+    dtype it is accumulated in: the inputs', at least float32 (bfloat16 embeddings
+    give float32 scores, as selecting negatives and the losses need).
 
   Peak memory beyond inputs and output is one tile of `tile_elements` float32
   products (64 MiB in float32 by default; 2x that in the backward pass, which recomputes the
@@ -125,7 +126,6 @@ def alignment_scores(x: Array, y: Array, x_mask: Optional[Array] = None,
   _check_sequences("y", y, y_mask)
   if x.shape[2] != y.shape[2]:
     raise ValueError(f"embedding sizes differ: x {x.shape}, y {y.shape}")
-  dtype = jnp.result_type(x, y)
   x, x_counts = _zero_padding(x, x_mask)
   y, y_counts = _zero_padding(y, y_mask)
   (n, t, _), (m, w, _) = x.shape, y.shape
@@ -137,7 +137,7 @@ def alignment_scores(x: Array, y: Array, x_mask: Optional[Array] = None,
     tiles = jax.lax.map(
         lambda row: jax.lax.map(lambda yb: _tile_row_relu_sums(row, yb), y_blocks), x)
     sums = tiles.reshape(n, y_blocks.shape[0] * rows_y)[:, :m]  # [n, blocks_y, rows_y]
-  return _divide_counts(sums, x_counts[:, None] * y_counts[None, :], dtype)
+  return _divide_counts(sums, x_counts[:, None] * y_counts[None, :])
 
 
 def alignment_sums_over_words(x: Array, x_mask: Optional[Array], words: Array,
@@ -183,10 +183,9 @@ def symmetric_alignment_scores(x: Array, x_mask: Optional[Array] = None, *,
     tile_elements: the most frame-pair products held at once.
 
   Returns:
-    [N, N] symmetric matrix in x's dtype. Peak memory as `alignment_scores`.
+    [N, N] symmetric matrix, dtype and peak memory as `alignment_scores`.
   """
   _check_sequences("x", x, x_mask)
-  dtype = x.dtype
   x, counts = _zero_padding(x, x_mask)
   n, t, _ = x.shape
   block = min(n, max(1, math.isqrt(tile_elements) // t))
@@ -203,7 +202,7 @@ def symmetric_alignment_scores(x: Array, x_mask: Optional[Array] = None, *,
         upper.transpose(0, 2, 1))
     sums = tiles.transpose(0, 2, 1, 3).reshape(count * block, count * block)[:n, :n]
   sums = jnp.triu(sums) + jnp.triu(sums, 1).T  # exactly symmetric, diagonal tiles too
-  return _divide_counts(sums, counts[:, None] * counts[None, :], dtype)
+  return _divide_counts(sums, counts[:, None] * counts[None, :])
 
 
 def _candidates(y: Array, y_mask: Optional[Array]):
@@ -234,7 +233,6 @@ def paired_alignment_scores(x: Array, y: Array, x_mask: Optional[Array] = None,
   _check_sequences("y", y_flat, y_mask)
   if y.shape[0] != x.shape[0] or y.shape[-1] != x.shape[2]:
     raise ValueError(f"paired shapes differ: x {x.shape}, y {y.shape}")
-  dtype = jnp.result_type(x, y)
   x, x_counts = _zero_padding(x, x_mask)
   y_flat, y_counts = _zero_padding(y_flat, y_mask)
   n, w, e = x.shape[0], y_flat.shape[1], x.shape[2]
@@ -242,7 +240,7 @@ def paired_alignment_scores(x: Array, y: Array, x_mask: Optional[Array] = None,
   products = jnp.einsum("nte,nkwe->nktw", x, y_rows,
                         preferred_element_type=_accumulator(x, y_rows))
   sums = jax.nn.relu(products).sum(axis=(2, 3))
-  paired = _divide_counts(sums, x_counts[:, None] * y_counts.reshape(n, -1), dtype)
+  paired = _divide_counts(sums, x_counts[:, None] * y_counts.reshape(n, -1))
   return paired[:, 0] if k is None else paired
 
 
@@ -262,8 +260,10 @@ def pooled_embeddings(x: Array, x_mask: Optional[Array] = None) -> Array:
 
 def pooled_scores(x: Array, y: Array, x_mask: Optional[Array] = None,
                   y_mask: Optional[Array] = None) -> Array:
-  """All-pairs cosine of pooled embeddings: [N, T, E], [M, W, E] -> [N, M]."""
-  return pooled_embeddings(x, x_mask) @ pooled_embeddings(y, y_mask).T
+  """All-pairs cosine of pooled embeddings: [N, T, E], [M, W, E] -> [N, M], at least
+  float32."""
+  return jnp.matmul(pooled_embeddings(x, x_mask), pooled_embeddings(y, y_mask).T,
+                    preferred_element_type=_accumulator(x, y))
 
 
 def paired_pooled_scores(x: Array, y: Array, x_mask: Optional[Array] = None,
@@ -271,7 +271,8 @@ def paired_pooled_scores(x: Array, y: Array, x_mask: Optional[Array] = None,
   """Cosine of pooled x[i] and its pooled candidate(s): y [N, W, E] -> [N], [N, K, W, E] -> [N, K]."""
   y_flat, y_mask, k = _candidates(y, y_mask)
   pooled_y = pooled_embeddings(y_flat, y_mask).reshape(x.shape[0], -1, x.shape[2])
-  paired = jnp.einsum("ne,nke->nk", pooled_embeddings(x, x_mask), pooled_y)
+  paired = jnp.einsum("ne,nke->nk", pooled_embeddings(x, x_mask), pooled_y,
+                      preferred_element_type=_accumulator(x, y))
   return paired[:, 0] if k is None else paired
 
 

@@ -124,8 +124,14 @@ def test_bfloat16_is_close_to_float32(batch):
   s32 = scores.alignment_scores(audio, text, audio_mask, text_mask)
   s16 = scores.alignment_scores(audio.astype(jnp.bfloat16), text.astype(jnp.bfloat16),
                                 audio_mask, text_mask, tile_elements=30)
-  assert s16.dtype == jnp.bfloat16
-  np.testing.assert_allclose(s16.astype(jnp.float32), s32, rtol=0.05, atol=0.05)
+  assert s16.dtype == jnp.float32  # accumulated and returned in float32, for selection
+  np.testing.assert_allclose(s16, s32, rtol=0.05, atol=0.05)
+  audio16, text16 = audio.astype(jnp.bfloat16), text.astype(jnp.bfloat16)
+  for other in (scores.symmetric_alignment_scores(audio16, audio_mask),
+                scores.paired_alignment_scores(audio16, text16, audio_mask, text_mask),
+                scores.pooled_scores(audio16, text16, audio_mask, text_mask),
+                scores.paired_pooled_scores(audio16, text16, audio_mask, text_mask)):
+    assert other.dtype == jnp.float32
 
 
 @pytest.mark.parametrize("call, message", [

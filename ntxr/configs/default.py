@@ -58,6 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.embed_dim = 300
   config.dropout = 0.3
   config.initializer = "flax"         # or "pytorch": kaiming-normal convs, PyTorch's GRU
+  config.compute_dtype = "float32"    # or "bfloat16": encoders and scores (GPU/TPU); the
+                                      # parameters, optimizer, selection and loss stay float32
 
   # Optimisation: Adam, ReduceLROnPlateau on the validation loss as the paper.
   config.batch_size = 32
