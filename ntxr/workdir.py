@@ -19,6 +19,7 @@ import os
 import socket
 import sys
 import time
+import traceback
 import warnings
 from typing import Optional
 
@@ -29,6 +30,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from ntxr import dcase, false_negatives, files, objectives, steps
+from ntxr.configs import default
 
 # Config fields a resumed run may change (they leave training as it was); any other
 # change needs a new workdir.
@@ -66,18 +68,26 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
                        f"{list(false_negatives.SIMILARITIES)}")
   if config.similarity == "word_vectors" and not config.word_vectors:
     raise ValueError("--config.similarity=word_vectors needs --config.word_vectors")
-  path = os.path.join(workdir, "config.json")
   current = json.loads(config.to_json())
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
+  previous = saved_config(workdir)
+  if previous is not None:
     changed = sorted(k for k in set(current) | set(previous)
                      if k not in RESUMABLE_CHANGES and current.get(k) != previous.get(k))
     if changed:
       raise ValueError(f"{workdir} holds a run with other settings ({', '.join(changed)}); "
                        f"use another --workdir")
   os.makedirs(workdir, exist_ok=True)
-  files.write_json(path, current)
+  files.write_json(os.path.join(workdir, "config.json"), current)
+
+
+def saved_config(workdir: str) -> Optional[dict]:
+  """The config of workdir's run (None if it holds none), with the fields ntxr gained
+  since config.json was written at their defaults, so an older run still resumes."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    return {**json.loads(default.get_config().to_json()), **json.load(f)}
 
 
 class WorkdirError(RuntimeError):
@@ -131,6 +141,9 @@ def _reason(error: BaseException) -> str:
   return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
+_CHECKPOINT_ROOTS = set()  # every Checkpoints' root in this process
+
+
 def _from_orbax(path: str) -> bool:
   return f"{os.sep}orbax{os.sep}" in path
 
@@ -143,9 +156,10 @@ def _quiet_failed_io() -> None:
   event loop while tensorstore still reads or writes the other arrays. As each ends it
   reports to the closed loop, and its coroutine is collected with the error inside:
   Python would print an "Event loop is closed", "Exception ignored in: <coroutine ...>"
-  or "Task exception was never retrieved" traceback for each array, and "coroutine ...
-  was never awaited" at exit (ntxr has no coroutines of its own). Those reports are
-  dropped, and Orbax's own error lines keep their message but lose their tracebacks.
+  or "Task (Future, _GatheringFuture) exception was never retrieved" report for each
+  array, and "coroutine ... was never awaited" at exit (ntxr has no coroutines of its
+  own). Those reports (of Orbax's code, or naming a file under checkpoints) are dropped,
+  and Orbax's own error lines keep their message but lose their tracebacks.
   """
   report = sys.unraisablehook
 
@@ -163,9 +177,12 @@ def _quiet_failed_io() -> None:
     return True
   logging.get_absl_logger().addFilter(without_traceback)
 
-  def not_orbax_task(record):  # asyncio's "Task exception was never retrieved"
-    return not _from_orbax(record.getMessage())
-  std_logging.getLogger("asyncio").addFilter(not_orbax_task)
+  def not_about_checkpoints(record):  # asyncio's "... exception was never retrieved"
+    error, message = record.exc_info[1] if record.exc_info else None, record.getMessage()
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    return not (_from_orbax(message) or any(_from_orbax(frame.filename) for frame in frames)
+                or any(root in message for root in _CHECKPOINT_ROOTS))
+  std_logging.getLogger("asyncio").addFilter(not_about_checkpoints)
   warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
 
 
@@ -183,6 +200,7 @@ class Checkpoints:
     _quiet_failed_io()
     root = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.root = root
+    _CHECKPOINT_ROOTS.add(root)
     self.managers = {
         which: ocp.CheckpointManager(os.path.join(root, which), options=ocp.CheckpointManagerOptions(
             max_to_keep=kept, create=True, cleanup_tmp_directories=True))

@@ -4,6 +4,7 @@ authors' training score, objectives. What the workdir survives: test_workdir.py.
 import json
 import os
 import pathlib
+import shutil
 
 import jax
 import numpy as np
@@ -92,6 +93,19 @@ def test_changed_settings_need_a_new_workdir(tiny_config, tiny_run, tmp_path):
     train.train_and_evaluate(tiny_config(batch_size=48), str(tmp_path / "big_batch"))
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     train.evaluate_only(tiny_config(), str(tmp_path / "empty"))
+
+
+def test_a_run_from_before_a_config_field_existed_still_resumes(tiny_config, tiny_run, tmp_path):
+  workdir = tmp_path / "older"
+  shutil.copytree(tiny_run, workdir)
+  saved = json.loads((workdir / "config.json").read_text())
+  del saved["compute_dtype"]  # as a run written before the field was added
+  (workdir / "config.json").write_text(json.dumps(saved))
+  results = train.train_and_evaluate(tiny_config(), str(workdir))
+  assert results["t2a"] == json.loads((pathlib.Path(tiny_run) / "results.json").read_text())["t2a"]
+  assert json.loads((workdir / "config.json").read_text())["compute_dtype"] == "float32"
+  with pytest.raises(ValueError, match=r"other settings \(compute_dtype\)"):
+    train.train_and_evaluate(tiny_config(compute_dtype="bfloat16"), str(workdir))
 
 
 def test_reduce_on_plateau_follows_pytorch_abs_threshold():
