@@ -1,6 +1,6 @@
 """The flags several commands share, defined once (absl, as in the Flax examples):
-`--config` (a config file whose fields `--config.FIELD=VALUE` overrides), `--workdir`
-and `--strategies`. Each command defines its own few flags beside its `main`."""
+`--config` (a config file whose fields `--config.FIELD=VALUE` overrides), `--workdir`,
+`--strategies` and `--json`. Each command defines its own few flags beside its `main`."""
 
 import os
 
@@ -14,7 +14,9 @@ CONFIG = config_flags.DEFINE_config_file(
     "training configuration file; any field can be set with --config.FIELD=VALUE "
     "(ntxr/configs/default.py lists them)")
 WORKDIR = flags.DEFINE_string(
-    "workdir", None, "where checkpoints, metrics and results go (default: workdir/STRATEGY)")
+    "workdir", None, "a run's folder: where checkpoints, metrics and results go (ntxr.main's "
+    "default: workdir/STRATEGY); the trained run that ntxr.search searches with")
+JSON = flags.DEFINE_string("json", None, "also write the command's results to this JSON file")
 STRATEGIES = flags.DEFINE_list(
     "strategies", [], "negative-sampling strategies, or objectives (ntxr.objectives), to "
     f"run (default: every strategy: {','.join(sampling.STRATEGIES)})")

@@ -50,11 +50,12 @@ def test_jobs_give_one_row_each():
   assert all(r["ms"] > 0 and r["matmul_fraction"] > 0 for r in rows)
   assert "| evaluation | 4 | 6 | 5 | 8 |" in score_matrices.format_table(rows)
   rows = training_steps.run({"narrow": (2, 4, 4, 4, 4)}, [4], repeats=1, torch_too=False,
-                            shape=dict(frames=8, words=3, mel_bands=64, vocab=10))
-  assert [(r["width"], r["channels"], r["n"], r["frames"]) for r in rows] == [
-      ("narrow", [2, 4, 4, 4, 4], 4, 8)]
+                            shape=dict(frames=8, words=3, mel_bands=64, vocab=10),
+                            dtype="bfloat16")
+  assert [(r["width"], r["channels"], r["n"], r["frames"], r["dtype"]) for r in rows] == [
+      ("narrow", [2, 4, 4, 4, 4], 4, 8, "bfloat16")]
   assert rows[0]["jax_ms"] > 0 and rows[0]["torch_ms"] is None
-  assert "| narrow | (2, 4, 4, 4, 4) | 4 | 8 |" in training_steps.format_table(rows)
+  assert "| narrow | (2, 4, 4, 4, 4) | 4 | 8 | bfloat16 |" in training_steps.format_table(rows)
 
 
 def test_command_writes_json_and_imports_no_tensorflow(tmp_path):

@@ -10,6 +10,7 @@ writes every row with the device and the command line.
 """
 
 import json
+import os
 import sys
 
 from absl import app
@@ -41,27 +42,40 @@ _GRID = flags.DEFINE_enum("grid", "cpu", sorted(GRIDS),
                           "shape grid: 'cpu' fits 2 cores; 'accelerator' is paper scale")
 _SHAPES = flags.DEFINE_string("shapes", None, "kernel shapes N:T:W:E,... instead of the grid's")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                           "embedding dtype of the kernels and score matrices")
+                           "embedding dtype of the kernels and score matrices; the "
+                           "encoders' compute dtype of the training steps")
 _REPEATS = flags.DEFINE_integer("repeats", 10, "timed calls per measurement", lower_bound=1)
 _LOOP_MAX_N = flags.DEFINE_integer("loop_max_n", 64,
                                    "largest N at which the per-anchor loop is timed")
 _TORCH_LOOP = flags.DEFINE_bool("torch_loop", False,
-                                "also time the authors' structure in PyTorch (CPU)")
+                                "also time the authors' structure in PyTorch (on its GPU "
+                                "where it sees one, else the CPU)")
+_WIDTHS = flags.DEFINE_list("widths", list(training_steps.WIDTHS),
+                            "CRNN widths of the training-step job, of "
+                            f"{list(training_steps.WIDTHS)}")
+_STEP_FRAMES = flags.DEFINE_integer("step_frames", training_steps.SHAPE["frames"],
+                                    "frames per clip in the training-step job", lower_bound=4)
 _DEVICE_KIND = flags.DEFINE_string("device_kind", None,
                                    "device name for the output (default: JAX's)")
-_JSON = flags.DEFINE_string("json", None, "write every row to this JSON file")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  unknown = sorted(set(_JOBS.value) - set(JOBS))
-  if unknown:
-    raise app.UsageError(f"unknown jobs {unknown}; choose from {JOBS}")
+  for name, given, known in (("jobs", _JOBS.value, JOBS),
+                             ("widths", _WIDTHS.value, training_steps.WIDTHS)):
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+      raise app.UsageError(f"unknown {name} {unknown}; choose from {list(known)}")
+  if _TORCH_LOOP.value:  # PyTorch shares the GPU: JAX allocates as it goes, not 75% at once
+    os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   grid, dtype = GRIDS[_GRID.value], jnp.dtype(_DTYPE.value)
   device = _DEVICE_KIND.value or timing.device_name()
   report = dict(device=device, jax=jax.__version__, argv=sys.argv[1:])
-  print(f"device: {device}\n")
+  if _TORCH_LOOP.value:
+    report["torch_device"] = str(timing.torch_device())
+  print(f"device: {device}" + (f", PyTorch on {report['torch_device']}" if _TORCH_LOOP.value
+                                else "") + "\n")
   if "kernels" in _JOBS.value:
     shapes = ([tuple(int(v) for v in s.split(":")) for s in _SHAPES.value.split(",")]
               if _SHAPES.value else grid["kernels"])
@@ -72,11 +86,13 @@ def main(argv):
     report["scores"] = score_matrices.run(grid["scores"], dtype, _REPEATS.value)
     print(score_matrices.format_table(report["scores"]) + "\n")
   if "steps" in _JOBS.value:
-    report["steps"] = training_steps.run(training_steps.WIDTHS, grid["steps"],
-                                         _REPEATS.value, _TORCH_LOOP.value)
+    widths = {name: training_steps.WIDTHS[name] for name in _WIDTHS.value}
+    report["steps"] = training_steps.run(
+        widths, grid["steps"], _REPEATS.value, _TORCH_LOOP.value,
+        shape=dict(training_steps.SHAPE, frames=_STEP_FRAMES.value), dtype=_DTYPE.value)
     print(training_steps.format_table(report["steps"]))
-  if _JSON.value:
-    files.write_json(_JSON.value, report)
+  if cli.JSON.value:
+    files.write_json(cli.JSON.value, report)
 
 
 if __name__ == "__main__":

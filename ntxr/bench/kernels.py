@@ -38,15 +38,15 @@ def kernel_flops(strategy: str, n: int, t: int, w: int, e: int) -> float:
 
 
 def torch_loop_seconds(audio, text, audio_ids, strategy: str, repeats: int) -> float:
-  """Median seconds of the loop's forward+backward in PyTorch on the CPU."""
+  """Median seconds of the loop's forward+backward in PyTorch (`timing.torch_device`)."""
   import torch  # pylint: disable=import-outside-toplevel
-  ops, rng = reference.torch_ops(), np.random.default_rng(0)
-  leaves = [torch.tensor(np.asarray(x, np.float32), requires_grad=True)
+  ops, rng, device = reference.torch_ops(), np.random.default_rng(0), timing.torch_device()
+  leaves = [torch.tensor(np.asarray(x, np.float32), device=device, requires_grad=True)
             for x in (audio, text)]
   def step():
     loss = reference.per_anchor_loss(ops, *leaves, audio_ids, strategy, 0.5, rng)[0]
     loss.backward()
-    return float(loss)
+    timing.torch_synchronize(device)
   return timing.time_call(step, repeats=repeats)
 
 

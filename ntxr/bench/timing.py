@@ -51,3 +51,16 @@ def cell(value, spec: str) -> str:
 def device_name() -> str:
   device = jax.devices()[0]
   return f"{device.platform}: {device.device_kind}"
+
+
+def torch_device():
+  """Where the PyTorch references run: PyTorch's GPU if it sees one, else the CPU."""
+  import torch  # pylint: disable=import-outside-toplevel
+  return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_synchronize(device) -> None:
+  """Waits for PyTorch's queued work on `device` (a GPU runs it asynchronously)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  if device.type == "cuda":
+    torch.cuda.synchronize(device)

@@ -4,8 +4,6 @@ the semihard_cross loss, an Adam update) per CRNN width and batch size, through
 PyTorch structured as the authors' code (their CRNN, their per-anchor loss loop)."""
 
 import functools
-import statistics
-import time
 
 import jax
 import ml_collections
@@ -29,12 +27,13 @@ def _batch(n, frames, words, mel_bands, vocab) -> dict:
               audio_id=(np.arange(n) // 2).astype(np.int32))
 
 
-def jax_seconds(channels: tuple, n: int, shape: dict, repeats: int) -> float:
-  """Median seconds of one jitted `steps.train_step`."""
+def jax_seconds(channels: tuple, n: int, shape: dict, repeats: int,
+                dtype: str = "float32") -> float:
+  """Median seconds of one jitted `steps.train_step`, encoders computing in `dtype`."""
   config = ml_collections.ConfigDict(dict(frame_buckets=[shape["frames"]],
                                           max_tokens=shape["words"], learning_rate=1e-3,
                                           objective="triplet"))
-  model = models.DualEncoder(vocab_size=shape["vocab"], channels=channels)
+  model = models.DualEncoder(vocab_size=shape["vocab"], channels=channels, dtype=dtype)
   state = steps.create_train_state(config, model, jax.random.PRNGKey(0),
                                    mel_bands=shape["mel_bands"])
   step = jax.jit(functools.partial(steps.train_step, loss=steps.Loss()))  # semihard_cross
@@ -43,7 +42,8 @@ def jax_seconds(channels: tuple, n: int, shape: dict, repeats: int) -> float:
 
 
 def torch_seconds(channels: tuple, n: int, shape: dict, repeats: int) -> float:
-  """Median seconds of the same step in PyTorch on the CPU, as the authors' code runs it."""
+  """Median seconds of the same step in PyTorch (`timing.torch_device`), as the authors'
+  code runs it."""
   import torch  # pylint: disable=import-outside-toplevel
   from torch import nn  # pylint: disable=import-outside-toplevel
   functional = torch.nn.functional
@@ -56,10 +56,14 @@ def torch_seconds(channels: tuple, n: int, shape: dict, repeats: int) -> float:
   cnn = nn.Sequential(*layers, nn.Dropout(0.3))
   gru = nn.GRU(previous, 150, batch_first=True, bidirectional=True)
   embed = nn.Embedding(shape["vocab"], 300)
+  device = timing.torch_device()
+  for module in (cnn, gru, embed):
+    module.to(device)
   optimizer = torch.optim.Adam([*cnn.parameters(), *gru.parameters(), *embed.parameters()],
                                lr=1e-3)
   batch = _batch(n, **shape)
-  audio, tokens = torch.from_numpy(batch["audio"]), torch.from_numpy(batch["tokens"]).long()
+  audio = torch.from_numpy(batch["audio"]).to(device)
+  tokens = torch.from_numpy(batch["tokens"]).long().to(device)
   ops, rng = reference.torch_ops(), np.random.default_rng(0)
 
   def step():
@@ -73,21 +77,18 @@ def torch_seconds(channels: tuple, n: int, shape: dict, repeats: int) -> float:
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
+    timing.torch_synchronize(device)
 
-  step()
-  seconds = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    step()
-    seconds.append(time.perf_counter() - start)
-  return statistics.median(seconds)
+  return timing.time_call(step, repeats=repeats)
 
 
-def run(widths: dict, batch_sizes, repeats: int, torch_too: bool, shape: dict = None) -> list:
-  """One row per CRNN width and batch size: step seconds in JAX (and PyTorch)."""
+def run(widths: dict, batch_sizes, repeats: int, torch_too: bool, shape: dict = None,
+        dtype: str = "float32") -> list:
+  """One row per CRNN width and batch size: step seconds in JAX computing in `dtype`
+  (and in PyTorch, float32)."""
   shape = shape or SHAPE
-  return [dict(width=name, channels=list(channels), n=n, **shape,
-               jax_ms=1e3 * jax_seconds(channels, n, shape, repeats),
+  return [dict(width=name, channels=list(channels), n=n, dtype=dtype, **shape,
+               jax_ms=1e3 * jax_seconds(channels, n, shape, repeats, dtype),
                torch_ms=1e3 * torch_seconds(channels, n, shape, repeats) if torch_too
                else None)
           for name, channels in widths.items() for n in batch_sizes]
@@ -95,10 +96,11 @@ def run(widths: dict, batch_sizes, repeats: int, torch_too: bool, shape: dict = 
 
 def format_table(rows: list) -> str:
   """The rows as a Markdown table."""
-  lines = ["| CRNN width | channels | N | frames | JAX step ms | PyTorch step ms | "
-           "JAX steps/s |", "|---|---|---|---|---|---|---|"]
+  lines = ["| CRNN width | channels | N | frames | JAX dtype | JAX step ms | "
+           "PyTorch step ms | JAX steps/s |", "|---|---|---|---|---|---|---|---|"]
   for r in rows:
     lines.append(f"| {r['width']} | {tuple(r['channels'])} | {r['n']} | {r['frames']} | "
+                 f"{r['dtype']} | "
                  f"{r['jax_ms']:.0f} | {timing.cell(r['torch_ms'], '.0f')} | "
                  f"{1e3 / r['jax_ms']:.2f} |")
   return "\n".join(lines)
