@@ -165,6 +165,39 @@ class Experiment:
         ("tokens", "token_mask"), size, self.devices)
     return evaluate.Split(*audio, *text)
 
+  def embed_features(self, state: steps.TrainState, clips: list) -> list:
+    """Frame embeddings [T_i, E] float32 of log-mel clips [T_i, F], each cut to the longest
+    frame bucket as training cuts it; embedded in batches of clips of similar length."""
+    config, size = self.config, self.config.eval_batch_size
+    clips = [clip[:config.frame_buckets[-1]] for clip in clips]
+    order = np.argsort([len(clip) for clip in clips], kind="stable")
+    embedded = [None] * len(clips)
+    for start in range(0, len(order), size):
+      rows = order[start:start + size]
+      frames = min(bucket for bucket in config.frame_buckets
+                   if bucket >= max(len(clips[i]) for i in rows))
+      batch = dict(audio=np.stack([np.pad(clips[i], [(0, frames - len(clips[i])), (0, 0)])
+                                   for i in rows]),
+                   audio_mask=np.arange(frames) < np.array([[len(clips[i])] for i in rows]),
+                   audio_id=np.asarray(rows))
+      audio, _, _ = evaluate.embed_rows(lambda arrays: _embed(state, arrays, "embed_audio"),
+                                        [batch], ("audio", "audio_mask"), size, self.devices)
+      for row, i in enumerate(rows):
+        embedded[i] = audio[row, :len(clips[i])]
+    return embedded
+
+  def embed_captions(self, state: steps.TrainState, captions: list) -> tuple:
+    """(word embeddings [Q, max_tokens, E], mask [Q, max_tokens]) of captions, tokenized
+    as training tokenizes them."""
+    size, length = self.config.eval_batch_size, self.config.max_tokens
+    tokens = np.stack([tokenizer_lib.padded_ids(self.tokenizer, c, length) for c in captions])
+    batches = [dict(tokens=rows, token_mask=rows != tokenizer_lib.PAD_ID,
+                    audio_id=np.arange(i, i + len(rows)))
+               for i, rows in ((i, tokens[i:i + size]) for i in range(0, len(tokens), size))]
+    text, mask, _ = evaluate.embed_rows(lambda arrays: _embed(state, arrays, "embed_text"),
+                                        batches, ("tokens", "token_mask"), size, self.devices)
+    return text, mask
+
   def validate(self, state: steps.TrainState, training: dict) -> tuple:
     """(validation {"loss", "t2a", "a2t"}, Collapse) on the validation split; the loss
     under a fixed seed. training: the epoch's mean TrainingStatistics, for Collapse."""

@@ -9,7 +9,6 @@ once per bucket, not per batch.
 
 from typing import Iterator, Sequence
 
-import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
@@ -19,8 +18,7 @@ from ntxr.data import tokenizer as tokenizer_lib
 def _tokenize(tokenizer: tokenizer_lib.Tokenizer, max_tokens: int):
   """tf string -> tokens [max_tokens] int32 padded with PAD_ID (truncated if longer)."""
   def encode(text):
-    ids = tokenizer.encode(text.decode("utf-8"))[:max_tokens]
-    return np.pad(ids, (0, max_tokens - len(ids)), constant_values=tokenizer_lib.PAD_ID)
+    return tokenizer_lib.padded_ids(tokenizer, text.decode("utf-8"), max_tokens)
   def op(text):
     tokens = tf.numpy_function(encode, [text], tf.int32, stateful=False)
     return tf.ensure_shape(tokens, [max_tokens])

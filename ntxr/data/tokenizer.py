@@ -21,6 +21,19 @@ _RESERVED = ("<pad>", "<unk>")
 _HEADER = "# cleaning: "
 
 
+def padded_ids(tokenizer, caption: str, length: int) -> np.ndarray:
+  """A caption's token ids [length] int32: truncated, or padded with PAD_ID.
+
+  Example:
+    >>> import tempfile
+    >>> words = WordTokenizer(train_words(["a dog barks"], tempfile.mkdtemp() + "/w.txt"))
+    >>> padded_ids(words, "A dog", 4).tolist(), padded_ids(words, "a dog barks a", 2).tolist()
+    ([2, 4, 0, 0], [2, 4])
+  """
+  ids = tokenizer.encode(caption)[:length]
+  return np.pad(ids, (0, length - len(ids)), constant_values=PAD_ID).astype(np.int32)
+
+
 def train(captions: list, model_path: str, vocab_size: int, cleaning: str = "ntxr") -> str:
   """Trains sentencepiece on cleaned captions unless `model_path` exists; returns it."""
   clean = clotho.TEXT_CLEANING[cleaning]

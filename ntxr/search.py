@@ -1,0 +1,285 @@
+"""Search a folder of recordings with a trained model, by text or by a recording.
+
+  python -m ntxr.search --workdir=W --audio_dir=DIR --query="a dog barks" [--query=...]
+      [--queries=FILE] [--audio_query=FILE] [--top_k=10] [--json=PATH]
+
+The first call indexes every wav, flac, mp3 and ogg file under DIR, recursively, with W's
+best checkpoint, W's config and its tokenizer: log-mel features exactly as training had
+them, frame embeddings kept as float16 in W/search/<folder key>/index.npz. Later calls
+embed only new or changed files (by size and modification time), drop removed ones, and
+rebuild an index made with another checkpoint. DIR is only read. A file that cannot be
+decoded is skipped, counted and listed, and tried again once it changes.
+
+The score is the model's own (config.score: alignment or pooled): ranking a folder gives
+the order of `evaluate.score_matrix`, the evaluation's all-pairs scores.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+import zipfile
+from typing import Optional
+
+from absl import app
+from absl import flags
+from absl import logging
+import ml_collections
+import numpy as np
+import tqdm
+
+from ntxr import cli, evaluate, experiment as experiment_lib, files, workdir as workdir_lib
+from ntxr.data import features
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
+
+
+def audio_files(audio_dir: str) -> dict:
+  """{path relative to audio_dir: (size, mtime_ns)} of its audio files, recursively."""
+  if not os.path.isdir(audio_dir):
+    raise FileNotFoundError(f"{audio_dir}: no such folder")
+  found = {}
+  for folder, subfolders, names in os.walk(audio_dir):
+    subfolders.sort()
+    for name in sorted(names):
+      if name.lower().endswith(AUDIO_EXTENSIONS) and not name.startswith("."):
+        stat = os.stat(os.path.join(folder, name))
+        found[os.path.relpath(os.path.join(folder, name), audio_dir)] = (
+            stat.st_size, stat.st_mtime_ns)
+  return found
+
+
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir's run trained with; FileNotFoundError if it holds no run."""
+  config = workdir_lib.saved_config(workdir)
+  if config is None:
+    raise FileNotFoundError(f"{workdir}: not a run's workdir (no config.json)")
+  return ml_collections.ConfigDict(config)
+
+
+class Model:
+  """A workdir's best checkpoint with the config, tokenizer and features it trained with."""
+
+  def __init__(self, workdir: str):
+    self.config = read_config(workdir)
+    self.experiment = experiment_lib.Experiment(self.config)
+    with workdir_lib.Checkpoints(workdir) as checkpoints:
+      restored = checkpoints.restore("best", self.experiment.initial_state)
+    if restored is None:
+      raise FileNotFoundError(f"{workdir}: no checkpoint to search with; train first")
+    self.state, progress = restored
+    self.checkpoint = f"best/{int(self.state.step)}/" + hashlib.sha1(
+        json.dumps(progress, sort_keys=True).encode()).hexdigest()[:12]
+    self.logmel = self.experiment.builder.builder_config.logmel
+
+  def embed_files(self, paths: list) -> tuple:
+    """(frame embeddings [T_i, E] of the files that decode, {index: reason} of the rest)."""
+    clips, failed = {}, {}
+    for i, path in enumerate(tqdm.tqdm(paths, desc="indexing", unit="file", file=sys.stderr,
+                                       disable=not paths)):
+      try:
+        clips[i] = features.clip_features(path, self.logmel)
+      except ValueError as error:
+        failed[i] = str(error)
+    embedded = self.experiment.embed_features(self.state, list(clips.values()))
+    return dict(zip(clips, embedded)), failed
+
+  def embed_queries(self, queries: list) -> tuple:
+    """(word embeddings [Q, W, E], mask [Q, W]); ValueError for an empty query."""
+    for query in queries:
+      if not query.strip():
+        raise ValueError("a query is empty: give words to search for")
+    return self.experiment.embed_captions(self.state, queries)
+
+
+@dataclasses.dataclass
+class Index:
+  """Frame embeddings of a folder's recordings, made with one checkpoint.
+
+  files: paths relative to the folder [C]; signatures: their (size, mtime_ns) [C];
+  frames: [T_i, E] per file (float16 by default); skipped: {path: ((size, mtime_ns),
+  reason)} of files that did not decode; embedded: how many files the call that made it
+  embedded (not saved).
+  """
+  folder: str
+  checkpoint: str
+  files: list = dataclasses.field(default_factory=list)
+  signatures: list = dataclasses.field(default_factory=list)
+  frames: list = dataclasses.field(default_factory=list)
+  skipped: dict = dataclasses.field(default_factory=dict)
+  embedded: int = dataclasses.field(default=0, compare=False)
+
+  @classmethod
+  def build(cls, model: Model, folder: str, previous: Optional["Index"] = None,
+            dtype=np.float16) -> "Index":
+    """The index of `folder`, reusing `previous` for files unchanged since it was made
+    with the same checkpoint; raises FileNotFoundError when the folder has no audio."""
+    found = audio_files(folder)
+    if not found:
+      raise FileNotFoundError(f"{folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)})")
+    kept, tried = {}, {}
+    if previous is not None and previous.checkpoint == model.checkpoint:
+      kept = {name: frames for name, signature, frames in zip(
+          previous.files, previous.signatures, previous.frames) if found.get(name) == signature}
+      tried = {name: entry for name, entry in previous.skipped.items()
+               if found.get(name) == tuple(entry[0])}
+    new = [name for name in found if name not in kept and name not in tried]
+    embedded, failed = model.embed_files([os.path.join(folder, name) for name in new])
+    kept.update((new[i], frames.astype(dtype)) for i, frames in embedded.items())
+    tried.update((new[i], (found[new[i]], reason)) for i, reason in failed.items())
+    names = [name for name in found if name in kept]
+    if not names:
+      raise ValueError(f"{folder}: none of its {len(found)} audio files can be decoded: "
+                       + "; ".join(reason for _, reason in tried.values()))
+    return cls(os.path.abspath(folder), model.checkpoint, names, [found[n] for n in names],
+               [kept[n] for n in names], tried, embedded=len(embedded))
+
+  def save(self, path: str) -> None:
+    """Writes the index to `path` (.npz) atomically."""
+    lengths = np.array([len(f) for f in self.frames], np.int64)
+    meta = dict(folder=self.folder, checkpoint=self.checkpoint, files=self.files,
+                signatures=self.signatures, skipped=self.skipped)
+    def write(partial):
+      with open(partial, "wb") as f:
+        np.savez(f, meta=np.array(json.dumps(meta)), lengths=lengths,
+                 frames=np.concatenate(self.frames) if self.frames else np.zeros((0, 0)))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    files.write_atomically(path, write)
+
+  @classmethod
+  def load(cls, path: str) -> "Index":
+    with np.load(path) as stored:
+      meta, lengths, frames = json.loads(str(stored["meta"])), stored["lengths"], stored["frames"]
+    meta["signatures"] = [tuple(s) for s in meta["signatures"]]
+    meta["skipped"] = {name: (tuple(signature), reason)
+                       for name, (signature, reason) in meta["skipped"].items()}
+    return cls(**meta, frames=np.split(frames, np.cumsum(lengths)[:-1]) if len(lengths) else [])
+
+  def scores(self, queries: np.ndarray, query_mask: np.ndarray, score: str,
+             chunk: int = 256) -> np.ndarray:
+    """[C, Q] float32 scores of every file against queries [Q, W, E] (word or frame
+    embeddings), `chunk` files of similar length at a time so memory stays bounded."""
+    out = np.empty((len(self.frames), len(queries)), np.float32)
+    order = np.argsort([len(f) for f in self.frames], kind="stable")
+    for start in range(0, len(order), chunk):
+      rows = order[start:start + chunk]
+      steps = max(len(self.frames[i]) for i in rows)
+      audio = np.zeros((len(rows), steps, queries.shape[-1]), np.float32)
+      for row, i in enumerate(rows):
+        audio[row, :len(self.frames[i])] = self.frames[i]
+      mask = np.arange(steps) < np.array([[len(self.frames[i])] for i in rows])
+      out[rows] = evaluate.score_matrix(audio, mask, queries, query_mask, score=score)
+    return out
+
+  def top(self, scores: np.ndarray, top_k: int) -> list:
+    """Per column of scores [C, Q]: [(file, score)] best first (ties in file order)."""
+    ranked = np.argsort(-scores, axis=0, kind="stable")[:top_k]
+    return [[(self.files[i], float(scores[i, q])) for i in ranked[:, q]]
+            for q in range(scores.shape[1])]
+
+
+def index_path(workdir: str, folder: str) -> str:
+  """Where workdir keeps the index of folder: search/<key of its absolute path>/."""
+  key = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:16]
+  return os.path.join(workdir, "search", key, "index.npz")
+
+
+def open_index(model: Model, workdir: str, folder: str) -> Index:
+  """The folder's index in workdir, brought up to date (and saved) if it is not."""
+  path = index_path(workdir, folder)
+  previous = None
+  if os.path.exists(path):
+    try:
+      previous = Index.load(path)
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # torn
+      logging.warning("%s cannot be read (%s): indexing again", path, error)
+  index = Index.build(model, folder, previous)
+  if previous is None or (index.files, index.signatures, index.skipped) != (
+      previous.files, previous.signatures, previous.skipped) or index.checkpoint != (
+          previous.checkpoint):
+    index.save(path)
+  return index
+
+
+def search(model: Model, index: Index, queries: list, top_k: int = 10) -> list:
+  """Text-to-audio: per query, [(file, score)] best first."""
+  text, mask = model.embed_queries(queries)
+  return index.top(index.scores(text, mask, model.config.score), top_k)
+
+
+def similar(model: Model, index: Index, recording: str, top_k: int = 10) -> list:
+  """Audio-to-audio: [(file, score)] best first, by audio-audio score against a recording."""
+  embedded, failed = model.embed_files([recording])
+  if failed:
+    raise ValueError(failed[0])
+  frames = embedded[0][None]
+  return index.top(index.scores(frames, np.ones(frames.shape[:2], bool), model.config.score),
+                   top_k)[0]
+
+
+def format_results(query: str, results: list) -> str:
+  lines = [f"query: {query}", " rank   score  file"]
+  lines += [f"{rank:5d}  {score:6.4f}  {name}" for rank, (name, score) in enumerate(results, 1)]
+  return "\n".join(lines)
+
+
+_AUDIO_DIR = flags.DEFINE_string("audio_dir", None, "the folder of recordings to search",
+                                 required=True)
+_QUERY = flags.DEFINE_multi_string("query", [], "a text query (repeatable)")
+_QUERIES = flags.DEFINE_string("queries", None, "a file of text queries, one per line")
+_AUDIO_QUERY = flags.DEFINE_string("audio_query", None, "rank by similarity to this recording")
+_TOP_K = flags.DEFINE_integer("top_k", 10, "results per query", lower_bound=1)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  workdir = cli.WORKDIR.value
+  try:
+    if not workdir:
+      raise ValueError("--workdir: give the trained run's workdir to search with")
+    queries = list(_QUERY.value)
+    if _QUERIES.value:
+      with open(_QUERIES.value, encoding="utf-8") as f:
+        queries += [line.rstrip("\n") for line in f if line.strip()]
+    if not queries and not _AUDIO_QUERY.value:
+      raise ValueError("nothing to search for: give --query, --queries or --audio_query")
+    read_config(workdir)  # first: taking the lock would create a mistyped workdir
+    with workdir_lib.held(workdir):
+      model = Model(workdir)
+      start = time.perf_counter()
+      index = open_index(model, workdir, _AUDIO_DIR.value)
+      index_s, start = time.perf_counter() - start, time.perf_counter()
+      report = [(query, found) for query, found in zip(
+          queries, search(model, index, queries, _TOP_K.value) if queries else [])]
+      search_s = time.perf_counter() - start
+      if _AUDIO_QUERY.value:
+        report.append((_AUDIO_QUERY.value, similar(model, index, _AUDIO_QUERY.value,
+                                                   _TOP_K.value)))
+  except (FileNotFoundError, ValueError, workdir_lib.WorkdirError) as error:
+    sys.exit(f"error: {error}")
+  frames = sum(len(f) for f in index.frames)
+  hours = frames * model.logmel.hop_ms / 3.6e6
+  size = os.path.getsize(index_path(workdir, _AUDIO_DIR.value)) / 2**20
+  print(f"{len(index.files)} files indexed in {_AUDIO_DIR.value} ({index.embedded} embedded "
+        f"now in {index_s:.1f} s, {index.embedded / max(index_s, 1e-9):.1f} files/s); index "
+        f"{size:.1f} MiB for {hours:.2f} h of audio ({size / max(hours, 1e-9):.0f} MiB/h)")
+  if queries:
+    print(f"{len(queries)} queries scored and ranked in {search_s:.2f} s")
+  if index.skipped:
+    print(f"{len(index.skipped)} files skipped: " + "; ".join(
+        reason for _, reason in index.skipped.values()))
+  for query, found in report:
+    print("\n" + format_results(query, found))
+  if cli.JSON.value:
+    files.write_json(cli.JSON.value, [dict(query=query, results=[dict(file=name, score=score)
+                                                              for name, score in found])
+                                   for query, found in report])
+
+
+if __name__ == "__main__":
+  app.run(main)

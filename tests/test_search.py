@@ -1,0 +1,161 @@
+"""Search over a folder of recordings: the evaluation's order, an index that follows the
+folder (real recordings: added, removed, corrupted files), the command and its errors."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ntxr import evaluate, scores, search
+from recordings import RECORDINGS
+
+
+@pytest.fixture(scope="module")
+def workdir(tiny_run, tmp_path_factory):
+  """A copy of the tiny run's workdir, which the indexes below write into."""
+  path = tmp_path_factory.mktemp("search") / "run"
+  shutil.copytree(tiny_run, path)
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def model(workdir):
+  return search.Model(workdir)
+
+
+@pytest.fixture()
+def recordings(tmp_path):
+  """The real recordings in a folder with a subfolder, as a user's collection."""
+  folder = tmp_path / "collection"
+  shutil.copytree(RECORDINGS, folder / "sounds")
+  shutil.move(str(folder / "sounds" / "piano.wav"), folder / "piano.wav")
+  return str(folder)
+
+
+def test_search_ranks_a_split_as_its_evaluation_does(model, cache_dir):
+  experiment, state = model.experiment, model.state
+  split = experiment.embed_split(state, experiment.test_split)
+  expected = evaluate.split_scores(split, model.config.score)  # [clips, captions]
+  named = experiment.captions(experiment.test_split)
+  folder = os.path.join(cache_dir, "synthetic_tiny", "evaluation")
+  index = search.Index.build(model, folder, dtype=np.float32)
+  assert sorted(index.files) == sorted(name for name, _ in named)
+  captions = [caption for _, captions in named for caption in captions]
+  text, mask = model.embed_queries(captions)
+  found = index.scores(text, mask, model.config.score)
+  rows = [index.files.index(name) for name, _ in named]
+  np.testing.assert_allclose(found[rows], expected, rtol=1e-5, atol=1e-7)
+  ranked = search.search(model, index, captions, top_k=len(rows))
+  for q, results in enumerate(ranked):
+    assert [name for name, _ in results] == [named[i][0] for i in np.argsort(-expected[:, q],
+                                                                              kind="stable")]
+  compact = search.Index.build(model, folder)  # float16 frames, as the command keeps them
+  assert compact.frames[0].dtype == np.float16
+  np.testing.assert_allclose(compact.scores(text, mask, model.config.score), found, atol=2e-3)
+
+
+def test_audio_query_ranks_by_the_audio_audio_score(model, recordings):
+  index = search.Index.build(model, recordings, dtype=np.float32)
+  query = os.path.join(recordings, "sounds", "guitar.flac")
+  results = search.similar(model, index, query, top_k=len(index.files))
+  lengths = [len(f) for f in index.frames]
+  audio = np.zeros((len(lengths), max(lengths), index.frames[0].shape[1]), np.float32)
+  for i, frames in enumerate(index.frames):
+    audio[i, :len(frames)] = frames
+  mask = np.arange(max(lengths)) < np.array(lengths)[:, None]
+  within = np.asarray(scores.symmetric_alignment_scores(audio, mask))
+  guitar = index.files.index(os.path.join("sounds", "guitar.flac"))
+  expected = np.argsort(-within[guitar], kind="stable")
+  assert [name for name, _ in results] == [index.files[i] for i in expected]
+  np.testing.assert_allclose([s for _, s in results], within[guitar][expected], rtol=1e-4)
+
+
+def test_the_index_follows_the_folder(model, workdir, recordings, monkeypatch):
+  before = search.audio_files(recordings)
+  embedded = []
+  embed = model.embed_files
+  monkeypatch.setattr(model, "embed_files",
+                      lambda paths: embedded.append(paths) or embed(paths))
+  first = search.open_index(model, workdir, recordings)
+  assert sorted(first.files) == sorted(before) and len(first.files) == 12  # every format
+  assert os.path.join("sounds", "canário.mp3") in first.files and not first.skipped
+  assert search.audio_files(recordings) == before  # the folder is only read
+  path = search.index_path(workdir, recordings)
+  assert os.path.dirname(os.path.dirname(path)) == os.path.join(workdir, "search")
+
+  again = search.open_index(model, workdir, recordings)  # nothing new: nothing embedded
+  assert embedded[-1] == [] and again.files == first.files
+  for a, b in zip(again.frames, first.frames):
+    np.testing.assert_array_equal(a, b)
+
+  added = os.path.join(recordings, "more", "second guitar.flac")
+  os.makedirs(os.path.dirname(added))
+  shutil.copy(os.path.join(recordings, "sounds", "guitar.flac"), added)
+  os.remove(os.path.join(recordings, "piano.wav"))
+  broken = os.path.join(recordings, "sounds", "trumpet.mp3")
+  with open(broken, "wb") as f:
+    f.write(b"\x00not audio" * 50)
+  updated = search.open_index(model, workdir, recordings)
+  assert sorted(embedded[-1]) == sorted([added, broken])  # only the new and changed files
+  assert os.path.join("more", "second guitar.flac") in updated.files
+  assert "piano.wav" not in updated.files
+  assert list(updated.skipped) == [os.path.join("sounds", "trumpet.mp3")]
+  assert "trumpet.mp3: cannot decode audio" in updated.skipped[os.path.join("sounds",
+                                                                              "trumpet.mp3")][1]
+  copy = updated.files.index(os.path.join("more", "second guitar.flac"))
+  original = updated.files.index(os.path.join("sounds", "guitar.flac"))
+  np.testing.assert_array_equal(updated.frames[copy], updated.frames[original])
+  search.open_index(model, workdir, recordings)
+  assert embedded[-1] == []  # the broken file is not tried again until it changes
+
+  monkeypatch.setattr(model, "checkpoint", "another checkpoint")
+  rebuilt = search.open_index(model, workdir, recordings)
+  assert len(embedded[-1]) == len(updated.files) + 1 and rebuilt.checkpoint == "another checkpoint"
+  with open(path, "wb") as f:  # a torn index is made again
+    f.write(b"PK\x03\x04 torn")
+  assert search.open_index(model, workdir, recordings).files == rebuilt.files
+
+
+def test_bad_searches_get_clear_errors(model, workdir, tmp_path):
+  with pytest.raises(FileNotFoundError, match="no audio files"):
+    search.Index.build(model, str(tmp_path))
+  (tmp_path / "notes.wav").write_bytes(b"not audio")
+  with pytest.raises(ValueError, match="none of its 1 audio files can be decoded: .*notes.wav"):
+    search.Index.build(model, str(tmp_path))
+  with pytest.raises(ValueError, match="a query is empty"):
+    model.embed_queries(["a dog", "  "])
+  untrained = tmp_path / "untrained"
+  untrained.mkdir()
+  shutil.copy(os.path.join(workdir, "config.json"), untrained)
+  with pytest.raises(FileNotFoundError, match="no checkpoint to search with; train first"):
+    search.Model(str(untrained))
+
+
+def test_the_command_prints_and_writes_the_results(workdir, recordings, tmp_path):
+  queries = tmp_path / "queries.txt"
+  queries.write_text("a bird sings\n\na bell rings\n", encoding="utf-8")
+  out = tmp_path / "results.json"
+  run = subprocess.run(
+      [sys.executable, "-m", "ntxr.search", f"--workdir={workdir}", f"--audio_dir={recordings}",
+       "--query=a piano note", f"--queries={queries}", "--top_k=3", f"--json={out}"],
+      capture_output=True, text=True, check=True)
+  results = json.loads(out.read_text())
+  assert [r["query"] for r in results] == ["a piano note", "a bird sings", "a bell rings"]
+  for entry in results:
+    assert len(entry["results"]) == 3
+    assert all(os.path.isfile(os.path.join(recordings, r["file"])) for r in entry["results"])
+    found = [r["score"] for r in entry["results"]]
+    assert found == sorted(found, reverse=True)
+  assert "12 files indexed" in run.stdout and "query: a bell rings" in run.stdout
+  first = results[0]["results"][0]
+  assert f"    1  {first['score']:6.4f}  {first['file']}" in run.stdout
+  missing = subprocess.run([sys.executable, "-m", "ntxr.search", f"--workdir={tmp_path}/none",
+                            f"--audio_dir={recordings}", "--query=x"],
+                           capture_output=True, text=True, check=False)
+  assert missing.returncode == 1 and missing.stderr.strip().endswith(
+      "none: not a run's workdir (no config.json)")
+  assert not os.path.exists(tmp_path / "none")
