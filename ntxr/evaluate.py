@@ -87,18 +87,14 @@ def score_histogram(s: np.ndarray, clip_ids: np.ndarray, caption_ids: np.ndarray
 _alignment_sums = jax.jit(scores.alignment_sums_over_words, static_argnames="captions")
 
 
-def _length_chunks(mask: np.ndarray, size: int, multiple: int):
-  """Yields (row indices, steps) for chunks of `size` rows of similar length.
-
-  Rows are sorted by extent (last valid step + 1); each chunk is cut to its longest
-  row, rounded up to `multiple` so that a split compiles only a few shapes.
-  """
-  extent = (mask * np.arange(1, mask.shape[1] + 1)).max(axis=1)
+def _length_chunks(extent: np.ndarray, size: int, multiple: int):
+  """Yields (row indices, steps) for chunks of `size` rows of similar extent (last valid
+  step + 1): each chunk is cut to its longest row, rounded up to `multiple` so that a
+  split compiles only a few shapes."""
   order = np.argsort(extent, kind="stable")
   for start in range(0, len(order), size):
     rows = order[start:start + size]
-    steps = -(-max(int(extent[rows].max()), 1) // multiple) * multiple
-    yield rows, min(steps, mask.shape[1])
+    yield rows, -(-max(int(extent[rows].max()), 1) // multiple) * multiple
 
 
 def _word_blocks(text: np.ndarray, text_mask: np.ndarray, budget: int):
@@ -119,36 +115,83 @@ def _word_blocks(text: np.ndarray, text_mask: np.ndarray, budget: int):
     start = stop
 
 
+@dataclasses.dataclass
+class Clips:
+  """Clips made ready, once, to be scored against any captions (`Clips.scores`).
+
+  For the alignment score: chunks of clips of similar length on the device, each cut to
+  its longest clip; for the pooled score: the clips' pooled embeddings. counts: the
+  valid frames of each clip [C].
+  """
+  score: str
+  counts: np.ndarray
+  chunks: list  # [(clip indices, frames [n, steps, E] float32, mask [n, steps])]
+  pooled: Optional[np.ndarray] = None
+
+  @classmethod
+  def of(cls, frames: list, masks: list, *, score: str = "alignment", chunk: int = 64,
+         frame_multiple: int = 64) -> "Clips":
+    """frames: per clip [T_i, E] (any float dtype); masks: per clip [T_i] bool. The
+    alignment chunks hold `chunk` clips, cut to the longest rounded up to `frame_multiple`
+    (so a few shapes compile); the last one's rows to a multiple of 8."""
+    counts = np.array([m.sum() for m in masks])
+    if scores.get_scorer(score) is scores.SCORERS["pooled"]:
+      return cls(score, counts, [], _pooled_rows(frames, masks))
+    extent = np.array([np.flatnonzero(m)[-1] + 1 if m.any() else 0 for m in masks])
+    chunks = []
+    for rows, steps in _length_chunks(extent, chunk, frame_multiple):
+      rows_8 = len(rows) + (-len(rows) % 8)
+      audio = np.zeros((rows_8, steps, frames[0].shape[-1]), np.float32)
+      mask = np.zeros((rows_8, steps), bool)
+      for row, i in enumerate(rows):
+        length = min(steps, len(frames[i]))
+        audio[row, :length], mask[row, :length] = frames[i][:length], masks[i][:length]
+      chunks.append((rows, jnp.asarray(audio), jnp.asarray(mask)))
+    return cls(score, counts, chunks)
+
+  def scores(self, text, text_mask, *, word_block: int = 4096) -> np.ndarray:
+    """[C, Q] float32 scores against captions text [Q, W, E], text_mask [Q, W].
+
+    The alignment score meets blocks of `word_block` caption words (fewer when all the
+    captions' words fit in fewer, rounded up to 16) with no word padding; its memory is
+    one [word_block, frames] product per clip at a time."""
+    text_mask = np.asarray(text_mask, bool)
+    if self.pooled is not None:
+      return (self.pooled @ _pooled_rows(list(text), list(text_mask)).T).astype(np.float32)
+    word_block = min(word_block, -(-max(int(text_mask.sum()), 1) // 16) * 16)
+    blocks = [(captions, jnp.asarray(words, jnp.float32), jnp.asarray(owner)) for
+              captions, words, owner in _word_blocks(np.asarray(text), text_mask, word_block)]
+    sums = np.empty((len(self.counts), len(text_mask)), np.float64)
+    for clips, audio, mask in self.chunks:
+      for captions, words, owner in blocks:
+        block = np.asarray(_alignment_sums(audio, mask, words, owner, captions=word_block))
+        sums[np.ix_(clips, captions)] = block[:len(clips), :len(captions)]
+    counts = self.counts[:, None] * text_mask.sum(axis=1)[None, :]
+    return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(np.float32)
+
+
 def score_matrix(audio, audio_mask, text, text_mask, *, score: str = "alignment",
                  chunk: int = 64, frame_multiple: int = 64,
                  word_block: int = 4096) -> np.ndarray:
-  """All-pairs scores [clips, captions].
-
-  The alignment score runs in blocks of `chunk` clips of similar lengths, each cut to
-  its longest clip (rounded up to `frame_multiple`, so a few shapes compile), against
-  blocks of `word_block` caption words with no word padding; its memory is one
-  [word_block, frames] product per clip at a time. The pooled score is one product of
-  pooled embeddings.
+  """All-pairs scores [clips, captions]: see `Clips` for how they run.
 
   Args:
     audio: [C, T, E] frame embeddings; audio_mask [C, T] bool.
     text: [Q, W, E] word embeddings; text_mask [Q, W] bool.
   """
-  audio_mask, text_mask = np.asarray(audio_mask, bool), np.asarray(text_mask, bool)
-  if scores.get_scorer(score) is scores.SCORERS["pooled"]:
-    return (_pooled(audio, audio_mask) @ _pooled(text, text_mask).T).astype(np.float32)
-  blocks = [(captions, jnp.asarray(words, jnp.float32), jnp.asarray(owner))
-            for captions, words, owner in _word_blocks(np.asarray(text), text_mask, word_block)]
-  sums = np.empty((audio.shape[0], text.shape[0]), np.float64)
-  for clips, frames in _length_chunks(audio_mask, chunk, frame_multiple):
-    pad = [(0, -len(clips) % 8)]  # the last chunk: rows to a multiple of 8, not of chunk
-    a = jnp.asarray(np.pad(audio[clips, :frames], pad + [(0, 0), (0, 0)]), jnp.float32)
-    m = jnp.asarray(np.pad(audio_mask[clips, :frames], pad + [(0, 0)]))
-    for captions, words, owner in blocks:
-      block = np.asarray(_alignment_sums(a, m, words, owner, captions=word_block))
-      sums[np.ix_(clips, captions)] = block[:len(clips), :len(captions)]
-  counts = audio_mask.sum(axis=1)[:, None] * text_mask.sum(axis=1)[None, :]
-  return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(np.float32)
+  audio, audio_mask = np.asarray(audio), np.asarray(audio_mask, bool)
+  clips = Clips.of(list(audio), list(audio_mask), score=score, chunk=chunk,
+                   frame_multiple=frame_multiple)
+  return clips.scores(text, text_mask, word_block=word_block)
+
+
+def _pooled_rows(rows: list, masks: list) -> np.ndarray:
+  """Each row's masked mean, L2-normalised: [L_i, E] per row -> [N, E] float64 (zero for
+  a row with no valid step)."""
+  means = np.stack([x[m].astype(np.float64).sum(axis=0) / max(int(m.sum()), 1)
+                    for x, m in zip(rows, masks)])
+  norms = np.linalg.norm(means, axis=1, keepdims=True)
+  return means / np.where(norms > 0, norms, 1.0)
 
 
 def _pooled(x: np.ndarray, mask: np.ndarray) -> np.ndarray:

@@ -26,6 +26,7 @@ from typing import Optional
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import ml_collections
 import numpy as np
 import tqdm
@@ -110,6 +111,8 @@ class Index:
   frames: list = dataclasses.field(default_factory=list)
   skipped: dict = dataclasses.field(default_factory=dict)
   embedded: int = dataclasses.field(default=0, compare=False)
+  _clips: Optional[evaluate.Clips] = dataclasses.field(default=None, init=False, repr=False,
+                                                      compare=False)
 
   @classmethod
   def build(cls, model: Model, folder: str, previous: Optional["Index"] = None,
@@ -157,21 +160,13 @@ class Index:
                        for name, (signature, reason) in meta["skipped"].items()}
     return cls(**meta, frames=np.split(frames, np.cumsum(lengths)[:-1]) if len(lengths) else [])
 
-  def scores(self, queries: np.ndarray, query_mask: np.ndarray, score: str,
-             chunk: int = 256) -> np.ndarray:
+  def scores(self, queries: np.ndarray, query_mask: np.ndarray, score: str) -> np.ndarray:
     """[C, Q] float32 scores of every file against queries [Q, W, E] (word or frame
-    embeddings), `chunk` files of similar length at a time so memory stays bounded."""
-    out = np.empty((len(self.frames), len(queries)), np.float32)
-    order = np.argsort([len(f) for f in self.frames], kind="stable")
-    for start in range(0, len(order), chunk):
-      rows = order[start:start + chunk]
-      steps = max(len(self.frames[i]) for i in rows)
-      audio = np.zeros((len(rows), steps, queries.shape[-1]), np.float32)
-      for row, i in enumerate(rows):
-        audio[row, :len(self.frames[i])] = self.frames[i]
-      mask = np.arange(steps) < np.array([[len(self.frames[i])] for i in rows])
-      out[rows] = evaluate.score_matrix(audio, mask, queries, query_mask, score=score)
-    return out
+    embeddings), by `evaluate.Clips` (made once per index and score, then reused)."""
+    if self._clips is None or self._clips.score != score:
+      self._clips = evaluate.Clips.of(self.frames, [np.ones(len(f), bool) for f in self.frames],
+                                      score=score)
+    return self._clips.scores(queries, query_mask)
 
   def top(self, scores: np.ndarray, top_k: int) -> list:
     """Per column of scores [C, Q]: [(file, score)] best first (ties in file order)."""
@@ -238,10 +233,13 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  workdir = cli.WORKDIR.value
+  workdir, audio_dir = (os.path.expanduser(path or "")
+                        for path in (cli.WORKDIR.value, _AUDIO_DIR.value))
   try:
     if not workdir:
       raise ValueError("--workdir: give the trained run's workdir to search with")
+    if not os.path.isdir(audio_dir):
+      raise FileNotFoundError(f"{audio_dir}: no such folder")
     queries = list(_QUERY.value)
     if _QUERIES.value:
       with open(_QUERIES.value, encoding="utf-8") as f:
@@ -249,10 +247,13 @@ def main(argv):
     if not queries and not _AUDIO_QUERY.value:
       raise ValueError("nothing to search for: give --query, --queries or --audio_query")
     read_config(workdir)  # first: taking the lock would create a mistyped workdir
+    # A later call reuses this call's compiled scoring blocks.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "search", "compiled"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
     with workdir_lib.held(workdir):
       model = Model(workdir)
       start = time.perf_counter()
-      index = open_index(model, workdir, _AUDIO_DIR.value)
+      index = open_index(model, workdir, audio_dir)
       index_s, start = time.perf_counter() - start, time.perf_counter()
       report = [(query, found) for query, found in zip(
           queries, search(model, index, queries, _TOP_K.value) if queries else [])]
@@ -264,8 +265,8 @@ def main(argv):
     sys.exit(f"error: {error}")
   frames = sum(len(f) for f in index.frames)
   hours = frames * model.logmel.hop_ms / 3.6e6
-  size = os.path.getsize(index_path(workdir, _AUDIO_DIR.value)) / 2**20
-  print(f"{len(index.files)} files indexed in {_AUDIO_DIR.value} ({index.embedded} embedded "
+  size = os.path.getsize(index_path(workdir, audio_dir)) / 2**20
+  print(f"{len(index.files)} files indexed in {audio_dir} ({index.embedded} embedded "
         f"now in {index_s:.1f} s, {index.embedded / max(index_s, 1e-9):.1f} files/s); index "
         f"{size:.1f} MiB for {hours:.2f} h of audio ({size / max(hours, 1e-9):.0f} MiB/h)")
   if queries:

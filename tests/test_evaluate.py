@@ -94,6 +94,26 @@ def test_score_matrix_in_blocks_equals_one_call(frame_multiple, word_block):
     evaluate.score_matrix(audio, audio_mask, text[:1], text_mask[:1] | [1, 1, 1, 0], word_block=2)
 
 
+@pytest.mark.parametrize("score", ["alignment", "pooled"])
+def test_clips_made_once_score_any_captions_as_the_whole_matrix(score):
+  rng = np.random.default_rng(2)
+  lengths = [9, 3, 7, 1, 6]  # ragged clips, as a search index keeps them
+  frames = [rng.normal(size=(n, 8)).astype(np.float32) for n in lengths]
+  audio = np.zeros((5, 9, 8), np.float32)
+  for i, f in enumerate(frames):
+    audio[i, :len(f)] = f
+  audio_mask = np.arange(9) < np.array(lengths)[:, None]
+  clips = evaluate.Clips.of(frames, [np.ones(n, bool) for n in lengths], score=score, chunk=2)
+  scorer = scores.get_scorer(score).matrix
+  for captions in (1, 6):
+    text = rng.normal(size=(captions, 4, 8)).astype(np.float32)
+    text_mask = np.arange(4) < rng.integers(1, 5, (captions, 1))
+    expected = scorer(audio, text, audio_mask, text_mask)
+    np.testing.assert_allclose(clips.scores(text, text_mask), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(evaluate.score_matrix(audio, audio_mask, text, text_mask,
+                                                     score=score), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_collapse_diagnostics():
   thresholds = dict(cosine=0.9, effective_rank=2.0, share_at_margin=0.5, score_std=1e-3)
   mask = np.ones((6, 3), bool)

@@ -1,6 +1,7 @@
 """The notebooks run from top to bottom on a tiny sweep and a tiny benchmark."""
 
 import os
+import shutil
 
 import nbclient
 import nbformat
@@ -30,6 +31,10 @@ def text(outputs: list) -> str:
                  for o in outputs)
 
 
+def stdout(outputs: list) -> str:
+  return "".join(o["text"] for o in outputs if o.get("name") == "stdout")
+
+
 def test_ablation_notebook(tiny_sweep, monkeypatch):
   monkeypatch.setenv("NTXR_SWEEP", tiny_sweep)
   setup, table, *figures = execute("ablation.ipynb")
@@ -49,3 +54,22 @@ def test_kernel_notebook(tmp_path, monkeypatch):
   assert text(setup).splitlines() == [f"{tmp_path}/bench_a.json: cpu a, 4 rows",
                                       f"{tmp_path}/bench_b.json: cpu b, 4 rows"]
   assert images(figure) == 1
+
+
+def test_search_notebook(tiny_run, cache_dir, tmp_path, monkeypatch):
+  workdir = tmp_path / "run"
+  shutil.copytree(tiny_run, workdir)
+  folder = os.path.join(cache_dir, "synthetic_tiny", "evaluation")
+  monkeypatch.setenv("NTXR_WORKDIR", str(workdir))
+  monkeypatch.setenv("NTXR_AUDIO", folder)
+  setup, queries, best = execute("search.ipynb")
+  assert stdout(setup).strip() == "8 files indexed, 0 skipped"
+  tables = [o["data"]["text/markdown"] for o in queries]
+  assert [t.split("\n")[0] for t in tables] == ["**a bell is ringing**", "**water is dripping**"]
+  for table in tables:
+    names = [row.strip("| ").split(" | ")[2] for row in table.splitlines()[4:]]
+    assert len(names) == 5 and all(os.path.isfile(os.path.join(folder, n)) for n in names)
+  assert best[0]["data"]["text/html"].lstrip().startswith("<audio")  # a player of the clip
+  similar = stdout(best).strip().splitlines()
+  assert len(similar) == 3 and all(os.path.isfile(os.path.join(folder, line.split()[1]))
+                                   for line in similar)
