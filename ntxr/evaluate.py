@@ -120,12 +120,13 @@ class Clips:
   """Clips made ready, once, to be scored against any captions (`Clips.scores`).
 
   For the alignment score: chunks of clips of similar length on the device, each cut to
-  its longest clip; for the pooled score: the clips' pooled embeddings. counts: the
-  valid frames of each clip [C].
+  its longest clip, with zeros at masked frames (so scoring needs no mask and copies
+  nothing); for the pooled score: the clips' pooled embeddings. counts: the valid frames
+  of each clip [C].
   """
   score: str
   counts: np.ndarray
-  chunks: list  # [(clip indices, frames [n, steps, E] float32, mask [n, steps])]
+  chunks: list  # [(clip indices, frames [n, steps, E] float32, zero where masked)]
   pooled: Optional[np.ndarray] = None
 
   @classmethod
@@ -142,11 +143,10 @@ class Clips:
     for rows, steps in _length_chunks(extent, chunk, frame_multiple):
       rows_8 = len(rows) + (-len(rows) % 8)
       audio = np.zeros((rows_8, steps, frames[0].shape[-1]), np.float32)
-      mask = np.zeros((rows_8, steps), bool)
       for row, i in enumerate(rows):
         length = min(steps, len(frames[i]))
-        audio[row, :length], mask[row, :length] = frames[i][:length], masks[i][:length]
-      chunks.append((rows, jnp.asarray(audio), jnp.asarray(mask)))
+        audio[row, :length] = np.where(masks[i][:length, None], frames[i][:length], 0)
+      chunks.append((rows, jnp.asarray(audio)))
     return cls(score, counts, chunks)
 
   def scores(self, text, text_mask, *, word_block: int = 4096) -> np.ndarray:
@@ -162,9 +162,9 @@ class Clips:
     blocks = [(captions, jnp.asarray(words, jnp.float32), jnp.asarray(owner)) for
               captions, words, owner in _word_blocks(np.asarray(text), text_mask, word_block)]
     sums = np.empty((len(self.counts), len(text_mask)), np.float64)
-    for clips, audio, mask in self.chunks:
+    for clips, audio in self.chunks:
       for captions, words, owner in blocks:
-        block = np.asarray(_alignment_sums(audio, mask, words, owner, captions=word_block))
+        block = np.asarray(_alignment_sums(audio, None, words, owner, captions=word_block))
         sums[np.ix_(clips, captions)] = block[:len(clips), :len(captions)]
     counts = self.counts[:, None] * text_mask.sum(axis=1)[None, :]
     return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(np.float32)

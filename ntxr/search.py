@@ -75,17 +75,24 @@ class Model:
         json.dumps(progress, sort_keys=True).encode()).hexdigest()[:12]
     self.logmel = self.experiment.builder.builder_config.logmel
 
-  def embed_files(self, paths: list) -> tuple:
-    """(frame embeddings [T_i, E] of the files that decode, {index: reason} of the rest)."""
-    clips, failed = {}, {}
-    for i, path in enumerate(tqdm.tqdm(paths, desc="indexing", unit="file", file=sys.stderr,
-                                       disable=not paths)):
-      try:
-        clips[i] = features.clip_features(path, self.logmel)
-      except ValueError as error:
-        failed[i] = str(error)
-    embedded = self.experiment.embed_features(self.state, list(clips.values()))
-    return dict(zip(clips, embedded)), failed
+  def embed_files(self, paths: list, dtype=np.float32, group: int = 256) -> tuple:
+    """({index: frame embeddings [T_i, E] in dtype} of the files that decode, {index:
+    reason} of the rest); `group` files' features at a time, so memory stays bounded."""
+    embedded, failed = {}, {}
+    bar = tqdm.tqdm(total=len(paths), desc="indexing", unit="file", file=sys.stderr,
+                    disable=not paths)
+    for start in range(0, len(paths), group):
+      clips = {}
+      for i in range(start, min(start + group, len(paths))):
+        try:
+          clips[i] = features.clip_features(paths[i], self.logmel)
+        except ValueError as error:
+          failed[i] = str(error)
+        bar.update()
+      frames = self.experiment.embed_features(self.state, list(clips.values()))
+      embedded.update((i, f.astype(dtype)) for i, f in zip(clips, frames))
+    bar.close()
+    return embedded, failed
 
   def embed_queries(self, queries: list) -> tuple:
     """(word embeddings [Q, W, E], mask [Q, W]); ValueError for an empty query."""
@@ -101,8 +108,11 @@ class Index:
 
   files: paths relative to the folder [C]; signatures: their (size, mtime_ns) [C];
   frames: [T_i, E] per file (float16 by default); skipped: {path: ((size, mtime_ns),
-  reason)} of files that did not decode; embedded: how many files the call that made it
-  embedded (not saved).
+  reason)} of files that did not decode. Not saved: embedded, how many files the call
+  that made it embedded; model, the Model that `search` and `similar` query with.
+
+    index = Index.open(Model(workdir), workdir, folder)   # made, or brought up to date
+    index.search(["a dog barks"], top_k=10)               # [[(file, score), ...]]
   """
   folder: str
   checkpoint: str
@@ -111,6 +121,7 @@ class Index:
   frames: list = dataclasses.field(default_factory=list)
   skipped: dict = dataclasses.field(default_factory=dict)
   embedded: int = dataclasses.field(default=0, compare=False)
+  model: Optional[Model] = dataclasses.field(default=None, compare=False, repr=False)
   _clips: Optional[evaluate.Clips] = dataclasses.field(default=None, init=False, repr=False,
                                                       compare=False)
 
@@ -129,15 +140,32 @@ class Index:
       tried = {name: entry for name, entry in previous.skipped.items()
                if found.get(name) == tuple(entry[0])}
     new = [name for name in found if name not in kept and name not in tried]
-    embedded, failed = model.embed_files([os.path.join(folder, name) for name in new])
-    kept.update((new[i], frames.astype(dtype)) for i, frames in embedded.items())
+    embedded, failed = model.embed_files([os.path.join(folder, name) for name in new], dtype)
+    kept.update((new[i], frames) for i, frames in embedded.items())
     tried.update((new[i], (found[new[i]], reason)) for i, reason in failed.items())
     names = [name for name in found if name in kept]
     if not names:
       raise ValueError(f"{folder}: none of its {len(found)} audio files can be decoded: "
                        + "; ".join(reason for _, reason in tried.values()))
     return cls(os.path.abspath(folder), model.checkpoint, names, [found[n] for n in names],
-               [kept[n] for n in names], tried, embedded=len(embedded))
+               [kept[n] for n in names], tried, embedded=len(embedded), model=model)
+
+  @classmethod
+  def open(cls, model: Model, workdir: str, folder: str) -> "Index":
+    """The folder's index kept in workdir (`index_path`), brought up to date and saved if
+    it was not; a torn or unreadable one is made again."""
+    path = index_path(workdir, folder)
+    previous = None
+    if os.path.exists(path):
+      try:
+        previous = cls.load(path)
+      except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+        logging.warning("%s cannot be read (%s): indexing again", path, error)
+    index = cls.build(model, folder, previous)
+    if previous is None or (index.checkpoint, index.files, index.signatures, index.skipped) != (
+        previous.checkpoint, previous.files, previous.signatures, previous.skipped):
+      index.save(path)
+    return index
 
   def save(self, path: str) -> None:
     """Writes the index to `path` (.npz) atomically."""
@@ -152,13 +180,15 @@ class Index:
     files.write_atomically(path, write)
 
   @classmethod
-  def load(cls, path: str) -> "Index":
+  def load(cls, path: str, model: Optional[Model] = None) -> "Index":
+    """The index saved at `path`, searching with `model` if given."""
     with np.load(path) as stored:
       meta, lengths, frames = json.loads(str(stored["meta"])), stored["lengths"], stored["frames"]
     meta["signatures"] = [tuple(s) for s in meta["signatures"]]
     meta["skipped"] = {name: (tuple(signature), reason)
                        for name, (signature, reason) in meta["skipped"].items()}
-    return cls(**meta, frames=np.split(frames, np.cumsum(lengths)[:-1]) if len(lengths) else [])
+    return cls(**meta, frames=np.split(frames, np.cumsum(lengths)[:-1]) if len(lengths) else [],
+               model=model)
 
   def scores(self, queries: np.ndarray, query_mask: np.ndarray, score: str) -> np.ndarray:
     """[C, Q] float32 scores of every file against queries [Q, W, E] (word or frame
@@ -167,6 +197,27 @@ class Index:
       self._clips = evaluate.Clips.of(self.frames, [np.ones(len(f), bool) for f in self.frames],
                                       score=score)
     return self._clips.scores(queries, query_mask)
+
+  def search(self, queries: list, top_k: int = 10) -> list:
+    """Text-to-audio: per query, [(file, score)] best first."""
+    text, mask = self._model().embed_queries(queries)
+    return self.top(self.scores(text, mask, self.model.config.score), top_k)
+
+  def similar(self, recording: str, top_k: int = 10) -> list:
+    """Audio-to-audio: [(file, score)] best first, by the audio-audio score against a
+    recording (a path)."""
+    embedded, failed = self._model().embed_files([recording])
+    if failed:
+      raise ValueError(failed[0])
+    frames = embedded[0][None]
+    return self.top(self.scores(frames, np.ones(frames.shape[:2], bool),
+                                self.model.config.score), top_k)[0]
+
+  def _model(self) -> Model:
+    if self.model is None or self.model.checkpoint != self.checkpoint:
+      raise ValueError("this index was not made with the model at hand: open it with "
+                       "Index.open(model, workdir, folder)")
+    return self.model
 
   def top(self, scores: np.ndarray, top_k: int) -> list:
     """Per column of scores [C, Q]: [(file, score)] best first (ties in file order)."""
@@ -179,39 +230,6 @@ def index_path(workdir: str, folder: str) -> str:
   """Where workdir keeps the index of folder: search/<key of its absolute path>/."""
   key = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:16]
   return os.path.join(workdir, "search", key, "index.npz")
-
-
-def open_index(model: Model, workdir: str, folder: str) -> Index:
-  """The folder's index in workdir, brought up to date (and saved) if it is not."""
-  path = index_path(workdir, folder)
-  previous = None
-  if os.path.exists(path):
-    try:
-      previous = Index.load(path)
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:  # torn
-      logging.warning("%s cannot be read (%s): indexing again", path, error)
-  index = Index.build(model, folder, previous)
-  if previous is None or (index.files, index.signatures, index.skipped) != (
-      previous.files, previous.signatures, previous.skipped) or index.checkpoint != (
-          previous.checkpoint):
-    index.save(path)
-  return index
-
-
-def search(model: Model, index: Index, queries: list, top_k: int = 10) -> list:
-  """Text-to-audio: per query, [(file, score)] best first."""
-  text, mask = model.embed_queries(queries)
-  return index.top(index.scores(text, mask, model.config.score), top_k)
-
-
-def similar(model: Model, index: Index, recording: str, top_k: int = 10) -> list:
-  """Audio-to-audio: [(file, score)] best first, by audio-audio score against a recording."""
-  embedded, failed = model.embed_files([recording])
-  if failed:
-    raise ValueError(failed[0])
-  frames = embedded[0][None]
-  return index.top(index.scores(frames, np.ones(frames.shape[:2], bool), model.config.score),
-                   top_k)[0]
 
 
 def format_results(query: str, results: list) -> str:
@@ -253,14 +271,12 @@ def main(argv):
     with workdir_lib.held(workdir):
       model = Model(workdir)
       start = time.perf_counter()
-      index = open_index(model, workdir, audio_dir)
+      index = Index.open(model, workdir, audio_dir)
       index_s, start = time.perf_counter() - start, time.perf_counter()
-      report = [(query, found) for query, found in zip(
-          queries, search(model, index, queries, _TOP_K.value) if queries else [])]
+      report = list(zip(queries, index.search(queries, _TOP_K.value) if queries else []))
       search_s = time.perf_counter() - start
       if _AUDIO_QUERY.value:
-        report.append((_AUDIO_QUERY.value, similar(model, index, _AUDIO_QUERY.value,
-                                                   _TOP_K.value)))
+        report.append((_AUDIO_QUERY.value, index.similar(_AUDIO_QUERY.value, _TOP_K.value)))
   except (FileNotFoundError, ValueError, workdir_lib.WorkdirError) as error:
     sys.exit(f"error: {error}")
   frames = sum(len(f) for f in index.frames)

@@ -1,6 +1,7 @@
 """Search over a folder of recordings: the evaluation's order, an index that follows the
 folder (real recordings: added, removed, corrupted files), the command and its errors."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -49,7 +50,7 @@ def test_search_ranks_a_split_as_its_evaluation_does(model, cache_dir):
   found = index.scores(text, mask, model.config.score)
   rows = [index.files.index(name) for name, _ in named]
   np.testing.assert_allclose(found[rows], expected, rtol=1e-5, atol=1e-7)
-  ranked = search.search(model, index, captions, top_k=len(rows))
+  ranked = index.search(captions, top_k=len(rows))
   for q, results in enumerate(ranked):
     assert [name for name, _ in results] == [named[i][0] for i in np.argsort(-expected[:, q],
                                                                               kind="stable")]
@@ -61,7 +62,7 @@ def test_search_ranks_a_split_as_its_evaluation_does(model, cache_dir):
 def test_audio_query_ranks_by_the_audio_audio_score(model, recordings):
   index = search.Index.build(model, recordings, dtype=np.float32)
   query = os.path.join(recordings, "sounds", "guitar.flac")
-  results = search.similar(model, index, query, top_k=len(index.files))
+  results = index.similar(query, top_k=len(index.files))
   lengths = [len(f) for f in index.frames]
   audio = np.zeros((len(lengths), max(lengths), index.frames[0].shape[1]), np.float32)
   for i, frames in enumerate(index.frames):
@@ -72,6 +73,10 @@ def test_audio_query_ranks_by_the_audio_audio_score(model, recordings):
   expected = np.argsort(-within[guitar], kind="stable")
   assert [name for name, _ in results] == [index.files[i] for i in expected]
   np.testing.assert_allclose([s for _, s in results], within[guitar][expected], rtol=1e-4)
+  paths = [os.path.join(recordings, name) for name in index.files[:3]]
+  in_twos, _ = model.embed_files(paths, group=2)  # features two files at a time: the same
+  for i in range(3):
+    np.testing.assert_allclose(in_twos[i], index.frames[i], rtol=1e-5, atol=1e-6)
 
 
 def test_the_index_follows_the_folder(model, workdir, recordings, monkeypatch):
@@ -79,15 +84,15 @@ def test_the_index_follows_the_folder(model, workdir, recordings, monkeypatch):
   embedded = []
   embed = model.embed_files
   monkeypatch.setattr(model, "embed_files",
-                      lambda paths: embedded.append(paths) or embed(paths))
-  first = search.open_index(model, workdir, recordings)
+                      lambda paths, *args: embedded.append(paths) or embed(paths, *args))
+  first = search.Index.open(model, workdir, recordings)
   assert sorted(first.files) == sorted(before) and len(first.files) == 12  # every format
   assert os.path.join("sounds", "canário.mp3") in first.files and not first.skipped
   assert search.audio_files(recordings) == before  # the folder is only read
   path = search.index_path(workdir, recordings)
   assert os.path.dirname(os.path.dirname(path)) == os.path.join(workdir, "search")
 
-  again = search.open_index(model, workdir, recordings)  # nothing new: nothing embedded
+  again = search.Index.open(model, workdir, recordings)  # nothing new: nothing embedded
   assert embedded[-1] == [] and again.files == first.files
   for a, b in zip(again.frames, first.frames):
     np.testing.assert_array_equal(a, b)
@@ -99,25 +104,27 @@ def test_the_index_follows_the_folder(model, workdir, recordings, monkeypatch):
   broken = os.path.join(recordings, "sounds", "trumpet.mp3")
   with open(broken, "wb") as f:
     f.write(b"\x00not audio" * 50)
-  updated = search.open_index(model, workdir, recordings)
+  updated = search.Index.open(model, workdir, recordings)
   assert sorted(embedded[-1]) == sorted([added, broken])  # only the new and changed files
   assert os.path.join("more", "second guitar.flac") in updated.files
   assert "piano.wav" not in updated.files
   assert list(updated.skipped) == [os.path.join("sounds", "trumpet.mp3")]
   assert "trumpet.mp3: cannot decode audio" in updated.skipped[os.path.join("sounds",
                                                                               "trumpet.mp3")][1]
+  found = updated.search(["a guitar string is plucked"], top_k=20)[0]
+  assert sorted(name for name, _ in found) == sorted(updated.files)  # the new file too
   copy = updated.files.index(os.path.join("more", "second guitar.flac"))
   original = updated.files.index(os.path.join("sounds", "guitar.flac"))
   np.testing.assert_array_equal(updated.frames[copy], updated.frames[original])
-  search.open_index(model, workdir, recordings)
+  search.Index.open(model, workdir, recordings)
   assert embedded[-1] == []  # the broken file is not tried again until it changes
 
   monkeypatch.setattr(model, "checkpoint", "another checkpoint")
-  rebuilt = search.open_index(model, workdir, recordings)
+  rebuilt = search.Index.open(model, workdir, recordings)
   assert len(embedded[-1]) == len(updated.files) + 1 and rebuilt.checkpoint == "another checkpoint"
   with open(path, "wb") as f:  # a torn index is made again
     f.write(b"PK\x03\x04 torn")
-  assert search.open_index(model, workdir, recordings).files == rebuilt.files
+  assert search.Index.open(model, workdir, recordings).files == rebuilt.files
 
 
 def test_bad_searches_get_clear_errors(model, workdir, tmp_path):
@@ -128,6 +135,11 @@ def test_bad_searches_get_clear_errors(model, workdir, tmp_path):
     search.Index.build(model, str(tmp_path))
   with pytest.raises(ValueError, match="a query is empty"):
     model.embed_queries(["a dog", "  "])
+  shutil.copy(os.path.join(RECORDINGS, "guitar.flac"), tmp_path / "song.flac")
+  index = search.Index.build(model, str(tmp_path))
+  assert list(index.skipped) == ["notes.wav"] and index.files == ["song.flac"]
+  with pytest.raises(ValueError, match="not made with the model at hand"):
+    dataclasses.replace(index, model=None).search(["a song"])
   untrained = tmp_path / "untrained"
   untrained.mkdir()
   shutil.copy(os.path.join(workdir, "config.json"), untrained)
