@@ -194,11 +194,6 @@ def _pooled_rows(rows: list, masks: list) -> np.ndarray:
   return means / np.where(norms > 0, norms, 1.0)
 
 
-def _pooled(x: np.ndarray, mask: np.ndarray) -> np.ndarray:
-  """Masked mean over steps, L2-normalised: [N, T, E] -> [N, E] float64."""
-  return np.asarray(scores.pooled_embeddings(jnp.asarray(x), jnp.asarray(mask)), np.float64)
-
-
 def mean_pairwise_cosine(x: np.ndarray) -> float:
   """Mean cosine over distinct pairs of the unit rows of x [N, E]."""
   n = x.shape[0]
@@ -248,7 +243,8 @@ def collapse_diagnostics(audio, audio_mask, text, text_mask, training: Optional[
       spread of both positive and negative training scores falls below `score_std`
       (the scores no longer tell pairs apart).
   """
-  clips, captions = _pooled(audio, audio_mask), _pooled(text, text_mask)
+  clips = _pooled_rows(list(audio), list(np.asarray(audio_mask, bool)))
+  captions = _pooled_rows(list(text), list(np.asarray(text_mask, bool)))
   found = dict(audio_cosine=mean_pairwise_cosine(clips),
                text_cosine=mean_pairwise_cosine(captions),
                audio_effective_rank=effective_rank(clips),

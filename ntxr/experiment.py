@@ -59,7 +59,7 @@ class Experiment:
     model = shared_model(vocab_size=self.tokenizer.vocab_size, embed_dim=config.embed_dim,
                          channels=tuple(config.channels), dropout=config.dropout,
                          initializer=config.initializer,
-                         dtype=models.compute_dtype(config.compute_dtype).name)
+                         dtype=config.compute_dtype)
     self.word_table = self._word_table()
     self.initial_state = self.devices.replicate(steps.create_train_state(
         config, model, jax.random.key(config.seed),

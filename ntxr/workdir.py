@@ -29,7 +29,7 @@ import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
-from ntxr import dcase, false_negatives, files, objectives, steps
+from ntxr import dcase, false_negatives, files, models, objectives, steps
 from ntxr.configs import default
 
 # Config fields a resumed run may change (they leave training as it was); any other
@@ -56,6 +56,7 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
         "word2vec-format file), or --config.require_word_vectors=false to learn a "
         "random word table instead")
   for field, choices in [("select_by", SELECTIONS), ("train_padding", steps.PADDINGS),
+                         ("compute_dtype", models.COMPUTE_DTYPES),
                          ("objective", ("triplet", *objectives.OBJECTIVES)),
                          ("similarity", ("", *false_negatives.SIMILARITIES))]:
     if config[field] not in choices:

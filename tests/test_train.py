@@ -159,7 +159,7 @@ def test_batch_padding_reproduces_the_authors_training_score(strategy):
   assert abs(loss("masked") - theirs) > 1e-3  # the default differs: it masks padding
 
 
-@pytest.mark.parametrize("field", ["select_by", "train_padding"])
+@pytest.mark.parametrize("field", ["select_by", "train_padding", "compute_dtype"])
 def test_an_unknown_choice_is_refused_before_anything_is_written(field, tmp_path):
   config = default.get_config()
   config[field] = "sideways"
