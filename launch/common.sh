@@ -17,3 +17,14 @@ quote_all() {  # the arguments as one command line
 run() {  # runs the command, or with DRY_RUN set prints it
   if [ -n "${DRY_RUN:-}" ]; then quote_all "$@"; echo; else "$@"; fi
 }
+
+require_workdir() {  # the flags must name the run's folder: relaunching resumes it
+  local arg
+  for arg in "$@"; do
+    case $arg in --workdir=?*) return 0 ;; esac
+  done
+  echo "error: pass --workdir=PATH, the run's checkpoints and results, outside the code" \
+       "folder and seen by every process (one host: any folder; several: a shared file" \
+       "system such as NFS or Filestore); relaunching with it resumes the run" >&2
+  exit 2
+}

@@ -4,8 +4,13 @@
 # job's processes from SLURM's variables. Needs a venv with ntxr and JAX for CUDA
 # (pip install -e . 'jax[cuda12]>=0.10,<0.11') on a shared file system.
 #
+# --workdir is required (on the shared file system, outside the code): resubmitting the
+# same command resumes the run. Every node reads --config.data_dir and prepares into
+# --config.cache_dir; put both on the shared file system to prepare once.
+#
 #   NODES=2 GPUS_PER_NODE=8 launch/run_slurm.sh --strategy=hard_cross \
-#       --config.data_dir=/shared/clotho --config=ntxr/configs/paper.py
+#       --config.data_dir=/shared/clotho --config=ntxr/configs/paper.py \
+#       --config.cache_dir=/shared/ntxr-cache --workdir=/shared/runs/hard_cross
 #   DRY_RUN=1 launch/run_slurm.sh ...   # print the batch script instead of submitting it
 #
 # Settings (environment): NODES (1), GPUS_PER_NODE (8), CPUS_PER_NODE (16),
@@ -13,6 +18,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/launch/common.sh"
+require_workdir "$@"
 venv=${VENV:-$root/.venv}
 
 script="#!/bin/bash

@@ -3,11 +3,16 @@
 # big_vision's run_tpu.sh: ships this checkout's committed HEAD to each worker, installs
 # it there in a venv with JAX for TPU, and starts `python -m ntxr.main --distributed`
 # with your flags on all workers at once. JAX finds the slice's processes by itself;
-# each process feeds its own rows of every global batch. --config.data_dir must exist on every
-# worker (a persistent disk or a bucket mount).
+# each process feeds its own rows of every global batch.
+#
+# Each worker needs --config.data_dir (a persistent disk or a bucket mount) and prepares
+# its own --config.cache_dir (default ~/.cache/ntxr on its disk, kept between launches).
+# --workdir is required: a folder every worker sees (a shared file system), outside the
+# code. The code goes to ~/ntxr-COMMIT, a folder per commit; nothing is deleted, so a
+# relaunch (after a preemption, say) resumes the run.
 #
 #   launch/run_tpu.sh TPU_NAME ZONE --strategy=hard_cross --config.data_dir=/mnt/clotho \
-#       --config=ntxr/configs/paper.py
+#       --config=ntxr/configs/paper.py --workdir=/mnt/shared/runs/hard_cross
 #   DRY_RUN=1 launch/run_tpu.sh ...   # print the commands instead of running them
 set -euo pipefail
 if [ "$#" -lt 2 ]; then
@@ -18,9 +23,11 @@ name=$1 zone=$2
 shift 2
 root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/launch/common.sh"
+require_workdir "$@"
 archive=${TMPDIR:-/tmp}/ntxr-$name.tar.gz
+code=ntxr-$(git -C "$root" rev-parse --short=12 HEAD)
 
-remote="rm -rf ntxr && mkdir ntxr && tar -xzf ntxr.tar.gz -C ntxr && cd ntxr"
+remote="mkdir -p $code && tar -xzf ntxr.tar.gz -C $code && cd $code"
 remote+=" && python3 -m venv .venv && . .venv/bin/activate"
 remote+=" && pip install -q -e . 'jax[tpu]>=0.10,<0.11'"
 remote+=" && python -m ntxr.main --distributed${1:+ $(quote_all "$@")}"

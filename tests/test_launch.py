@@ -1,4 +1,5 @@
-"""The launch scripts' dry runs print exactly the commands they would run."""
+"""The launch scripts' dry runs print exactly the commands they would run; they never
+delete a run, and they need its workdir."""
 
 import os
 import shlex
@@ -7,7 +8,8 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = ["--strategy=hard_cross", "--config.data_dir=/mnt/Clotho v2's copy", "--config.num_epochs=3"]
+FLAGS = ["--strategy=hard_cross", "--config.data_dir=/mnt/Clotho v2's copy", "--config.num_epochs=3",
+         "--workdir=/mnt/shared/runs/hard_cross"]
 
 
 def dry_run(script, *args, **env):
@@ -30,6 +32,12 @@ def test_tpu_dry_run_ships_head_and_starts_every_worker(tmp_path):
                      "--zone=us-central2-b", "--worker=all"]
   assert len(lines) == 3 and len(ssh) == 9 and ssh[8].startswith("--command=")
   steps = [shlex.split(step) for step in ssh[8][len("--command="):].split(" && ")]
+  commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short=12", "HEAD"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+  assert steps[:3] == [["mkdir", "-p", f"ntxr-{commit}"],  # a folder per commit, kept
+                       ["tar", "-xzf", "ntxr.tar.gz", "-C", f"ntxr-{commit}"],
+                       ["cd", f"ntxr-{commit}"]]
+  assert not any(step[0] == "rm" for step in steps)
   assert steps[-1] == ["python", "-m", "ntxr.main", "--distributed", *FLAGS]
   assert ["pip", "install", "-q", "-e", ".", "jax[tpu]>=0.10,<0.11"] in steps
   assert not os.path.exists(archive)  # a dry run makes nothing
@@ -58,7 +66,17 @@ def test_slurm_dry_run_prints_the_batch_script(tmp_path, partition):
 
 
 def test_slurm_without_a_venv_says_how_to_make_one(tmp_path):
-  result = subprocess.run(["bash", os.path.join(ROOT, "launch", "run_slurm.sh")],
+  result = subprocess.run(["bash", os.path.join(ROOT, "launch", "run_slurm.sh"), *FLAGS],
                           env=dict(os.environ, VENV=str(tmp_path / "none")),
                           capture_output=True, text=True, check=False)
   assert result.returncode == 1 and f"no venv at {tmp_path}/none" in result.stderr
+
+
+@pytest.mark.parametrize("script, args", [("run_tpu.sh", ["my-tpu", "us-central2-b"]),
+                                          ("run_slurm.sh", [])])
+def test_a_launch_without_a_workdir_is_refused(script, args):
+  result = subprocess.run(["bash", os.path.join(ROOT, "launch", script), *args, *FLAGS[:3]],
+                          env=dict(os.environ, DRY_RUN="1"), capture_output=True, text=True,
+                          check=False)
+  assert result.returncode == 2 and result.stdout == ""
+  assert "error: pass --workdir=PATH" in result.stderr and "resumes the run" in result.stderr
