@@ -88,10 +88,14 @@ class Experiment:
                  self.config.missing_word_vectors)
     return table
 
+  def device_batch(self, batch: dict, split: str) -> dict:
+    """A global batch of numpy arrays of `split`, with its relations, on the devices."""
+    return self.devices.shard(self.with_relations(batch, split))
+
   def train_step(self, state: steps.TrainState, batch: dict, key: jax.Array):
-    """(state, TrainingStatistics) after one step on a global batch of numpy arrays."""
-    return self._train_step(
-        state, self.devices.shard(self.with_relations(batch, self.training_split)), key)
+    """(state, TrainingStatistics) after one step on a `device_batch`; both stay on the
+    devices (the step is dispatched, not waited for)."""
+    return self._train_step(state, batch, key)
 
   def clip_events(self, split: str) -> Optional[np.ndarray]:
     """[clips, len(synthetic.EVENT_KINDS)] bool each clip's event kinds by audio_id, or
@@ -202,10 +206,10 @@ class Experiment:
     """(validation {"loss", "t2a", "a2t"}, Collapse) on the validation split; the loss
     under a fixed seed. training: the epoch's mean TrainingStatistics, for Collapse."""
     key = jax.random.key(self.config.seed)
-    losses = [float(self._eval_loss(state, self.devices.shard(self.with_relations(
-                  batch, self.validation_split)), key))
-              for batch in input_pipeline.as_numpy(self.train_batches(self.validation_split, 0))]
-    loss = float(np.mean(losses))
+    batches = parallel.prefetch(input_pipeline.as_numpy(self.train_batches(
+        self.validation_split, 0)), lambda batch: self.device_batch(batch, self.validation_split))
+    losses = jax.device_get([self._eval_loss(state, batch, key) for batch in batches])
+    loss = float(np.mean(np.asarray(losses, np.float64)))
     if not np.isfinite(loss):
       raise FloatingPointError(f"validation loss is {loss}")
     split = self.embed_split(state, self.validation_split)

@@ -11,7 +11,8 @@ reads the same global batches (same seed, same length buckets, hence the same pa
 shapes) and hands over only its own rows.
 """
 
-from typing import Optional, Sequence
+import collections
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
@@ -19,11 +20,13 @@ import numpy as np
 
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
-               process_id: Optional[int] = None) -> None:
+               process_id: Optional[int] = None, heartbeat_timeout_seconds: int = 100) -> None:
   """jax.distributed.initialize; with no arguments it finds a Cloud TPU slice's or a
-  SLURM job's processes by itself."""
+  SLURM job's processes by itself. A process silent for heartbeat_timeout_seconds
+  (killed, say) ends the others with an error rather than leaving them waiting."""
   jax.distributed.initialize(coordinator_address=coordinator_address,
-                             num_processes=num_processes, process_id=process_id)
+                             num_processes=num_processes, process_id=process_id,
+                             heartbeat_timeout_seconds=heartbeat_timeout_seconds)
 
 
 class Devices:
@@ -65,3 +68,18 @@ class Devices:
     outputs replicated."""
     return jax.jit(fn, in_shardings=(self.replicated, self.rows, self.replicated),
                    out_shardings=self.replicated, donate_argnums=donate_argnums)
+
+
+def prefetch(batches: Iterable, put: Callable, size: int = 2) -> Iterator:
+  """Yields put(batch) for each batch, `size - 1` batches ahead: the next batch is read
+  and sent to the devices while the step on the current one runs (jit dispatches
+  asynchronously). size 1 puts each batch only when it is needed."""
+  if size < 1:
+    raise ValueError(f"prefetch size must be at least 1, not {size}")
+  ahead = collections.deque()
+  for batch in batches:
+    ahead.append(put(batch))
+    if len(ahead) == size:
+      yield ahead.popleft()
+  while ahead:
+    yield ahead.popleft()

@@ -127,6 +127,28 @@ class TrainingStatistics:
             if getattr(self, field.name) is not None}
 
 
+class UnreadStatistics:
+  """The TrainingStatistics of the steps run since the last read, left on the devices:
+  reading a step's statistics waits for the step, so reading every k steps, in one
+  transfer, lets the host queue the next steps meanwhile."""
+
+  def __init__(self):
+    self._steps, self._statistics = [], []
+
+  def __len__(self) -> int:
+    return len(self._steps)
+
+  def add(self, step: int, statistics: TrainingStatistics) -> None:
+    self._steps.append(step)
+    self._statistics.append(statistics)
+
+  def read(self) -> list:
+    """[(step, {field: float})] of the unread steps in order, fetched at once; then empty."""
+    read = list(zip(self._steps, (s.to_dict() for s in jax.device_get(self._statistics))))
+    self._steps, self._statistics = [], []
+    return read
+
+
 PADDINGS = ("masked", "batch")
 
 

@@ -21,7 +21,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from ntxr import experiment as experiment_lib, files, steps, workdir as workdir_lib
+from ntxr import experiment as experiment_lib, files, parallel, steps
+from ntxr import workdir as workdir_lib
 from ntxr.data import input_pipeline
 
 
@@ -187,34 +188,55 @@ def train_epochs(experiment: experiment_lib.Experiment, state: steps.TrainState,
 
 def _train_steps(experiment, state, progress, checkpoints, steps_per_epoch,
                  stop: StopRequests) -> tuple:
-  """The epoch's steps from `progress` on; returns (state, progress) after them."""
+  """The epoch's steps from `progress` on; returns (state, progress) after them.
+
+  Steps are dispatched without waiting for them: the next batch goes to the devices
+  while a step runs, and the statistics are read every config.metrics_every_steps steps
+  (and before a checkpoint or a stop), where the NaN check runs.
+  """
   config = experiment.config
-  epoch = progress.epoch + 1
-  batches = experiment.train_batches(experiment.training_split, _epoch_seed(config.seed, epoch))
+  epoch, split = progress.epoch + 1, experiment.training_split
+  batches = experiment.train_batches(split, _epoch_seed(config.seed, epoch))
   batches = batches.take(steps_per_epoch).skip(progress.step_in_epoch)
   base_key = jax.random.key(config.seed + 1)
-  bar = tqdm.tqdm(input_pipeline.as_numpy(batches), total=steps_per_epoch,
-                  initial=progress.step_in_epoch, desc=f"epoch {epoch}/{config.num_epochs}",
-                  unit="batch")
-  for batch in bar:
-    step = int(state.step) + 1
+  device_batches = parallel.prefetch(input_pipeline.as_numpy(batches),
+                                     lambda batch: experiment.device_batch(batch, split))
+  bar = tqdm.tqdm(device_batches, total=steps_per_epoch, initial=progress.step_in_epoch,
+                  desc=f"epoch {epoch}/{config.num_epochs}", unit="batch")
+  unread = steps.UnreadStatistics()
+  for step, batch in enumerate(bar, int(state.step) + 1):
     state, statistics = experiment.train_step(state, batch,
                                               jax.random.fold_in(base_key, step - 1))
-    statistics = jax.device_get(statistics)
-    if not (np.isfinite(statistics.loss) and np.isfinite(statistics.grad_norm)):
-      raise FloatingPointError(
-          f"training loss became {statistics.loss} (gradient norm {statistics.grad_norm}) "
-          f"at step {step} (epoch {epoch}); stopped. The last good checkpoint (step "
-          f"{checkpoints.step('latest')}) is kept in {checkpoints.root}; try a lower "
-          "--config.learning_rate")
-    progress = progress.after_step(statistics.to_dict())
-    bar.set_postfix(loss=f"{progress.statistic_means()['loss']:.4f}")
-    if stop.asked(step):
+    unread.add(step, statistics)
+    in_epoch = progress.step_in_epoch + len(unread)
+    asked = stop.asked(step)
+    save = (in_epoch % config.checkpoint_every_steps == 0
+            and in_epoch < steps_per_epoch)  # the epoch's end saves too
+    if asked or save or len(unread) == config.metrics_every_steps:
+      progress = _checked(progress, unread, epoch, checkpoints)
+      bar.set_postfix(loss=f"{progress.statistic_means()['loss']:.4f}")
+    if asked:
       raise _stop(state, progress, checkpoints)
-    if (progress.step_in_epoch % config.checkpoint_every_steps == 0
-        and progress.step_in_epoch < steps_per_epoch):  # the epoch's end saves too
+    if save:
       checkpoints.save("latest", state, progress.to_json())
-  return state, progress
+  return state, _checked(progress, unread, epoch, checkpoints)
+
+
+def _checked(progress: Progress, unread: steps.UnreadStatistics, epoch: int,
+             checkpoints: workdir_lib.Checkpoints) -> Progress:
+  """`progress` after the unread steps, read from the devices at once; raises
+  FloatingPointError at the first step whose loss or gradient norm is not finite."""
+  read = unread.read()
+  for step, statistics in read:
+    if not (np.isfinite(statistics["loss"]) and np.isfinite(statistics["grad_norm"])):
+      raise FloatingPointError(
+          f"training loss became {statistics['loss']} (gradient norm "
+          f"{statistics['grad_norm']}) at step {step} (epoch {epoch}; steps "
+          f"{read[0][0]}-{read[-1][0]} were checked together); stopped. The last good "
+          f"checkpoint (step {checkpoints.step('latest')}) is kept in {checkpoints.root}; "
+          "try a lower --config.learning_rate")
+    progress = progress.after_step(statistics)
+  return progress
 
 
 def _end_epoch(experiment, state, progress, checkpoints, log, seconds) -> tuple:

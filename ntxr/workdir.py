@@ -34,8 +34,8 @@ from ntxr.configs import default
 
 # Config fields a resumed run may change (they leave training as it was); any other
 # change needs a new workdir.
-RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every_steps", "cache_dir", "eval_batch_size",
-                     "collapse")
+RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every_steps", "metrics_every_steps",
+                     "cache_dir", "eval_batch_size", "collapse")
 
 
 # How the reported ("best") checkpoint is chosen from each epoch's validation: the
@@ -47,8 +47,8 @@ SELECTIONS = {
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json, or checks that a resumed run has the same one; raises
-  ValueError first, writing nothing, for a config that cannot run."""
+  """Writes config.json (the first process), or checks that a resumed run has the same
+  one; raises ValueError first, writing nothing, for a config that cannot run."""
   if config.require_word_vectors and not config.word_vectors:
     raise ValueError(
         "this config trains on frozen word2vec vectors, as the paper: pass "
@@ -62,6 +62,9 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     if config[field] not in choices:
       raise ValueError(f"--config.{field} must be one of {sorted(choices)}, not "
                        f"{config[field]!r}")
+  for field in ("checkpoint_every_steps", "metrics_every_steps"):
+    if config[field] < 1:
+      raise ValueError(f"--config.{field} must be at least 1, not {config[field]}")
   for needs, what in [(config.objective == "soft", "--config.objective=soft"),
                       (config.filter_similarity > 0, "--config.filter_similarity")]:
     if needs and not config.similarity:
@@ -78,7 +81,8 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"{workdir} holds a run with other settings ({', '.join(changed)}); "
                        f"use another --workdir")
   os.makedirs(workdir, exist_ok=True)
-  files.write_json(os.path.join(workdir, "config.json"), current)
+  if jax.process_index() == 0:
+    files.write_json(os.path.join(workdir, "config.json"), current)
 
 
 def saved_config(workdir: str) -> Optional[dict]:
@@ -366,7 +370,10 @@ class MetricsLog:
 
 
 def write_results(workdir: str, results: dict, submission: Optional[dcase.Submission]) -> None:
-  """results.json, and the split's DCASE submission if it has enough clips for one."""
+  """results.json, and the split's DCASE submission if it has enough clips for one;
+  written by the first process only."""
+  if jax.process_index() != 0:
+    return
   split = results["split"]
   if submission is None:
     logging.warning("%s has fewer clips than a DCASE submission's %d: none written",

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from ntxr import sampling
-from ntxr.bench import kernels, reference, score_matrices, timing, training_steps
+from ntxr.bench import kernels, reference, score_matrices, timing, training_loop
+from ntxr.bench import training_steps
 
 
 @pytest.mark.parametrize("strategy", [s for s in sampling.STRATEGIES if s != "random"])
@@ -56,6 +57,12 @@ def test_jobs_give_one_row_each():
       ("narrow", [2, 4, 4, 4, 4], 4, 8, "bfloat16")]
   assert rows[0]["jax_ms"] > 0 and rows[0]["torch_ms"] is None
   assert "| narrow | (2, 4, 4, 4, 4) | 4 | 8 | bfloat16 |" in training_steps.format_table(rows)
+  rows = training_loop.run({"narrow": (2, 4, 4, 4, 4)}, [4], 3,
+                           shape=dict(frames=8, words=3, mel_bands=64, vocab=10), repeats=1)
+  assert [(r["loop"], r["read_every"], r["prefetch"], r["steps"]) for r in rows] == [
+      ("every step", 1, 1, 3), ("every 10, prefetched", 10, 2, 3)]
+  assert all(r["loop_ms"] > 0 and r["alone_ms"] > 0 and r["outside_share"] < 1 for r in rows)
+  assert "| narrow | 4 | 8 | every step |" in training_loop.format_table(rows)
 
 
 def test_command_writes_json_and_imports_no_tensorflow(tmp_path):

@@ -1,4 +1,5 @@
-"""One global batch on 1 and on 8 (CPU) devices: the same loss, negatives and parameters.
+"""One global batch on 1 and on 8 (CPU) devices: the same loss, negatives and parameters;
+batches put on the devices ahead of their steps.
 
 The comparison runs in a child process started with 8 host devices (XLA reads the
 device count once, at start-up); run as a script, this file is that child.
@@ -20,6 +21,23 @@ OBJECTIVE_SETTINGS = {"siglip": dict(objective="siglip"),
                       "soft": dict(objective="soft", similarity="tfidf",
                                    filter_share_of_positive=0.95)}
 STEPS = 3
+
+
+@pytest.mark.parametrize("size, expected", [
+    (1, ["put 0", "use 0", "put 1", "use 1", "put 2", "use 2"]),
+    (2, ["put 0", "put 1", "use 0", "put 2", "use 1", "use 2"]),
+    (4, ["put 0", "put 1", "put 2", "use 0", "use 1", "use 2"])])
+def test_prefetch_puts_batches_ahead_of_their_use(size, expected):
+  from ntxr import parallel  # pylint: disable=import-outside-toplevel
+  events = []
+  def put(batch):
+    events.append(f"put {batch}")
+    return batch
+  for batch in parallel.prefetch(range(3), put, size):
+    events.append(f"use {batch}")
+  assert events == expected
+  with pytest.raises(ValueError, match="at least 1, not 0"):
+    next(parallel.prefetch(range(3), put, 0))
 
 
 @pytest.mark.parametrize("strategies", HALVES)
@@ -111,7 +129,8 @@ def _steps(cache_dir: str, strategies) -> dict:
         found.update({f"{prefix}/{name}": np.asarray(v) for name, v in selected.items()})
       losses = []
       for i, batch in enumerate(batches[:STEPS]):
-        state, metrics = experiment.train_step(state, batch, jax.random.fold_in(key, i))
+        state, metrics = experiment.train_step(
+            state, experiment.device_batch(batch, "development"), jax.random.fold_in(key, i))
         losses.append(float(metrics.loss))
       found[f"{prefix}/loss"] = np.array(losses)
       for name, value in flat(state.params).items():

@@ -56,10 +56,41 @@ def test_a_plateau_cut_applies_to_the_next_epochs_steps(tiny_config, tmp_path, m
   assert rates == pytest.approx([1e-3] * 15 + [1e-4] * 15)
 
 
+def test_the_loop_puts_the_next_batch_ahead_and_reads_statistics_every_k_steps(
+    tiny_config, tiny_run, tmp_path, monkeypatch):
+  """metrics_every_steps=4 (the tiny run reads every 10): the same results, read 4 at a
+  time and before the step-10 checkpoint; batch i+1 on the devices before step i runs."""
+  events, reads = [], []
+  device_batch, train_step = (experiment_lib.Experiment.device_batch,
+                              experiment_lib.Experiment.train_step)
+  def put(self, batch, split):
+    events.append("put")
+    return device_batch(self, batch, split)
+  def step(self, state, batch, key):
+    events.append("step")
+    return train_step(self, state, batch, key)
+  read = steps.UnreadStatistics.read
+  monkeypatch.setattr(experiment_lib.Experiment, "device_batch", put)
+  monkeypatch.setattr(experiment_lib.Experiment, "train_step", step)
+  monkeypatch.setattr(steps.UnreadStatistics, "read",
+                      lambda self: reads.append(len(self)) or read(self))
+  results = train.train_and_evaluate(tiny_config(metrics_every_steps=4), str(tmp_path))
+  assert events[:30] == ["put", "put"] + ["step", "put"] * 13 + ["step", "step"]  # epoch 1
+  assert reads == [4, 4, 2, 4, 1] * 2  # 15 steps an epoch, the checkpoint at 10
+  straight = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
+  del straight["seconds"], results["seconds"]
+  assert results == straight
+  assert ([json.loads(l)["training"] for l in (tmp_path / "metrics.jsonl").open()] ==
+          [json.loads(l)["training"] for l in (pathlib.Path(tiny_run) / "metrics.jsonl").open()])
+
+
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, monkeypatch):
   config = tiny_config()
   interrupt_after(monkeypatch, 12, how="nan")
-  with pytest.raises(FloatingPointError, match=r"gradient norm nan\) at step 13 .*\(step 10\)"):
+  # Statistics are read at the checkpoint (step 10) and at the epoch's end (15): the
+  # check finds the first bad step among those read together.
+  with pytest.raises(FloatingPointError, match=r"gradient norm nan\) at step 13 \(epoch 1; "
+                     r"steps 11-15 were checked together\); .*\(step 10\)"):
     train.train_and_evaluate(config, str(tmp_path))
   step, params = params_of(str(tmp_path))
   assert step == 10
@@ -129,7 +160,8 @@ def test_train_step_compiles_once_per_bucket(tiny_config):
   batches = list(input_pipeline.as_numpy(experiment.train_batches("development", 0)))
   state = experiment.initial_state
   for batch in batches:
-    state, _ = experiment.train_step(state, batch, jax.random.key(0))
+    state, _ = experiment.train_step(state, experiment.device_batch(batch, "development"),
+                                     jax.random.key(0))
   shapes = {b["audio"].shape for b in batches}
   assert len(shapes) == 2 and experiment._train_step._cache_size() == 2
 
@@ -164,6 +196,15 @@ def test_an_unknown_choice_is_refused_before_anything_is_written(field, tmp_path
   config = default.get_config()
   config[field] = "sideways"
   with pytest.raises(ValueError, match=rf"--config\.{field} must be one of .*'sideways'"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("field", ["checkpoint_every_steps", "metrics_every_steps"])
+def test_a_cadence_below_one_step_is_refused_before_anything_is_written(field, tmp_path):
+  config = default.get_config()
+  config[field] = 0
+  with pytest.raises(ValueError, match=rf"--config\.{field} must be at least 1, not 0"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
 

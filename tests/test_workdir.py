@@ -89,13 +89,15 @@ def test_sigterm_saves_the_step_in_flight_and_a_rerun_finishes_as_if_never_stopp
     tiny_config, tiny_run, tmp_path, monkeypatch):
   config, workdir = tiny_config(), tmp_path / "run"
   with monkeypatch.context() as m:
-    interrupt_after(m, 12, how="sigterm")  # SIGTERM while batch 13 is being fetched
+    # SIGTERM while batch 13 is fetched: prefetched, so while step 11 runs, before step 12
+    # is dispatched; training stops after step 12, the step in flight when it next asks.
+    interrupt_after(m, 12, how="sigterm")
     with pytest.raises(train.Stopped, match=re.escape(
-        f"training stopped after step 13 (epoch 1), saved in {workdir}/checkpoints/latest: "
+        f"training stopped after step 12 (epoch 1), saved in {workdir}/checkpoints/latest: "
         "rerun the same command to resume")):
       train.train_and_evaluate(config, str(workdir))
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is only training's
-  assert params_of(str(workdir))[0] == 13
+  assert params_of(str(workdir))[0] == 12
   train.train_and_evaluate(config, str(workdir))
   (step_a, a), (step_b, b) = params_of(str(tiny_run)), params_of(str(workdir))
   assert step_a == step_b

@@ -3,10 +3,12 @@
   python -m ntxr.bench                                   # loss kernels and score matrices
   python -m ntxr.bench --grid=accelerator --json=bench.json
   python -m ntxr.bench --jobs=steps --torch_loop --repeats=3
+  python -m ntxr.bench --jobs=loop --widths=default --repeats=5
 
 Jobs (--jobs, comma-separated): kernels (ntxr/bench/kernels.py), scores
-(score_matrices.py), steps (training_steps.py). Each prints a Markdown table; --json
-writes every row with the device and the command line.
+(score_matrices.py), steps (training_steps.py), loop (training_loop.py: the training
+loop's time outside the step). Each prints a Markdown table; --json writes every row
+with the device and the command line.
 """
 
 import json
@@ -19,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from ntxr import cli, files
-from ntxr.bench import kernels, score_matrices, timing, training_steps
+from ntxr.bench import kernels, score_matrices, timing, training_loop, training_steps
 
 GRIDS = {
     # kernels: (N, T, W, E); scores: (kind, N, T, W, E); steps: batch sizes.
@@ -35,7 +37,7 @@ GRIDS = {
                 ("evaluation", 1045, 1500, 20, 300)],
         steps=[32, 256]),
 }
-JOBS = ("kernels", "scores", "steps")
+JOBS = ("kernels", "scores", "steps", "loop")
 
 _JOBS = flags.DEFINE_list("jobs", ["kernels", "scores"], f"which of {JOBS} to run")
 _GRID = flags.DEFINE_enum("grid", "cpu", sorted(GRIDS),
@@ -55,6 +57,8 @@ _WIDTHS = flags.DEFINE_list("widths", list(training_steps.WIDTHS),
                             f"{list(training_steps.WIDTHS)}")
 _STEP_FRAMES = flags.DEFINE_integer("step_frames", training_steps.SHAPE["frames"],
                                     "frames per clip in the training-step job", lower_bound=4)
+_LOOP_STEPS = flags.DEFINE_integer("loop_steps", 30, "steps per loop in the loop job",
+                                   lower_bound=2)
 _DEVICE_KIND = flags.DEFINE_string("device_kind", None,
                                    "device name for the output (default: JAX's)")
 
@@ -85,12 +89,17 @@ def main(argv):
   if "scores" in _JOBS.value:
     report["scores"] = score_matrices.run(grid["scores"], dtype, _REPEATS.value)
     print(score_matrices.format_table(report["scores"]) + "\n")
+  widths = {name: training_steps.WIDTHS[name] for name in _WIDTHS.value}
+  step_shape = dict(training_steps.SHAPE, frames=_STEP_FRAMES.value)
   if "steps" in _JOBS.value:
-    widths = {name: training_steps.WIDTHS[name] for name in _WIDTHS.value}
-    report["steps"] = training_steps.run(
-        widths, grid["steps"], _REPEATS.value, _TORCH_LOOP.value,
-        shape=dict(training_steps.SHAPE, frames=_STEP_FRAMES.value), dtype=_DTYPE.value)
-    print(training_steps.format_table(report["steps"]))
+    report["steps"] = training_steps.run(widths, grid["steps"], _REPEATS.value,
+                                         _TORCH_LOOP.value, shape=step_shape, dtype=_DTYPE.value)
+    print(training_steps.format_table(report["steps"]) + "\n")
+  if "loop" in _JOBS.value:
+    report["loop"] = training_loop.run(widths, grid["steps"], _LOOP_STEPS.value,
+                                       shape=step_shape, repeats=_REPEATS.value,
+                                       dtype=_DTYPE.value)
+    print(training_loop.format_table(report["loop"]))
   if cli.JSON.value:
     files.write_json(cli.JSON.value, report)
 

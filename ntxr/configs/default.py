@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
       dict(factor=0.1, patience=5, threshold=0.005, min_lr=1e-6))
   config.eval_batch_size = 64
   config.checkpoint_every_steps = 50
+  config.metrics_every_steps = 10     # the steps' statistics (and NaN check) read this often
   config.select_by = "t2a_mAP@10"     # the reported checkpoint; or "validation_loss"
   config.train_padding = "masked"     # or "batch": the authors' padded training score
 
