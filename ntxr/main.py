@@ -19,6 +19,7 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 
 from ntxr import cli, evaluate, objectives, parallel, sampling, train
 from ntxr import workdir as workdir_lib
@@ -40,6 +41,9 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
                                       "how many processes, with --distributed")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process, with --distributed")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    "heartbeat_timeout_seconds", 100, "with --distributed: after this long without word "
+    "from a process (killed, say) the others stop with an error instead of waiting")
 
 
 def main(argv):
@@ -49,7 +53,8 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # libraries log every checkpoint at INFO
   if _DISTRIBUTED.value:
-    parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                        _HEARTBEAT_TIMEOUT.value)
   config = cli.CONFIG.value
   if _STRATEGY.value:  # the fields the command names, as the paper's table does
     config.strategy = _STRATEGY.value
@@ -65,6 +70,8 @@ def main(argv):
           workdir_lib.WorkdirError) as error:
     logging.error("%s", error)
     sys.exit(f"error: {error}")
+  if jax.process_index() != 0:  # the first process reports for all
+    return
   print(f"\n{train.run_name(config)} on {results['split']} (epochs {results['epochs']}, best "
         f"{results['best_epoch']} by {results['selected_by']}, {results['seconds']:.0f} s "
         f"training; reported checkpoint collapsed: {results['collapse']}, epochs flagged: "

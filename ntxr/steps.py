@@ -83,8 +83,11 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.DualEnco
 
 
 def set_learning_rate(state: TrainState, learning_rate: float) -> TrainState:
+  """The state with its optimizer's learning rate set, placed as the old one was
+  (replicated over every process's devices in training)."""
+  old = state.opt_state.hyperparams["learning_rate"]
   hyperparams = dict(state.opt_state.hyperparams,
-                     learning_rate=jnp.asarray(learning_rate, jnp.float32))
+                     learning_rate=jax.device_put(np.float32(learning_rate), old.sharding))
   return state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
 
 

@@ -1,0 +1,91 @@
+"""Two processes on this machine run `ntxr.main --distributed` as two hosts would: a
+coordinator on 127.0.0.1, one CPU device each, CPU collectives over gloo."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from test_workdir import flat
+
+HEARTBEAT_SECONDS = 10
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def start_run(workdir: pathlib.Path, flags: list) -> list:
+  """The run's two processes (process 0 first), each logging to workdir/../process_I.log."""
+  port, processes = free_port(), []
+  for index in range(2):
+    log = open(workdir.parent / f"process_{index}.log", "a")  # pylint: disable=consider-using-with
+    processes.append(subprocess.Popen(
+        [sys.executable, "-m", "ntxr.main", "--distributed",
+         f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+         f"--process_id={index}", f"--heartbeat_timeout_seconds={HEARTBEAT_SECONDS}",
+         f"--workdir={workdir}", *flags],
+        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, JAX_PLATFORMS="cpu")))
+    log.close()
+  return processes
+
+
+def wait_for(condition, processes, timeout: float) -> None:
+  deadline = time.monotonic() + timeout
+  while not condition():
+    if any(p.poll() is not None for p in processes) or time.monotonic() > deadline:
+      raise AssertionError(f"gave up waiting; exit codes {[p.poll() for p in processes]}")
+    time.sleep(0.2)
+
+
+def log_of(workdir: pathlib.Path, index: int) -> str:
+  return (workdir.parent / f"process_{index}.log").read_text()
+
+
+def test_two_processes_train_resume_after_a_kill_and_match_one(tiny_flags, tiny_run, tmp_path):
+  """Killed together mid-epoch and rerun, the two processes finish with one process's
+  results (same global batch of 8); only process 0 writes metrics and results."""
+  workdir = tmp_path / "run"
+  processes = start_run(workdir, tiny_flags())
+  try:
+    wait_for(lambda: (workdir / "checkpoints" / "latest" / "10").exists(), processes, 300)
+  finally:
+    for process in processes:
+      process.kill()
+      process.wait()
+  processes = start_run(workdir, tiny_flags())
+  codes = [process.wait(timeout=300) for process in processes]
+  assert codes == [0, 0], log_of(workdir, 0)[-3000:] + log_of(workdir, 1)[-3000:]
+  results = json.loads((workdir / "results.json").read_text())
+  straight = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
+  del straight["seconds"], results["seconds"]
+  assert flat(results) == pytest.approx(flat(straight), abs=1e-5)
+  assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
+  assert "results:" in log_of(workdir, 0) and "results:" not in log_of(workdir, 1)
+  assert not list(workdir.glob("*.partial-*"))
+
+
+def test_when_one_process_dies_the_other_stops_with_an_error(tiny_flags, tmp_path):
+  """Process 1 killed mid-epoch: process 0 does not wait for it forever. Within the
+  heartbeat timeout JAX's coordination service ends it, saying why."""
+  workdir = tmp_path / "run"
+  processes = start_run(workdir, tiny_flags())
+  try:
+    wait_for(lambda: (workdir / "checkpoints" / "latest" / "10").exists(), processes, 300)
+    processes[1].kill()
+    code = processes[0].wait(timeout=HEARTBEAT_SECONDS + 60)
+  finally:
+    for process in processes:
+      process.kill()
+      process.wait()
+  log = log_of(workdir, 0)
+  assert code != 0
+  assert "The following tasks are unhealthy (stopped sending heartbeats)" in log
+  assert "This most likely indicates that another task died" in log
