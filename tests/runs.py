@@ -1,5 +1,5 @@
 """Helpers for tests of training runs: a checkpoint's parameters, faults injected into
-the training batches."""
+the training batches, results flattened for comparison."""
 
 import os
 import signal
@@ -8,6 +8,14 @@ import numpy as np
 
 from ntxr import workdir as workdir_lib
 from ntxr.data import input_pipeline
+
+
+def flat(tree, path="") -> dict:
+  """{"a/b/0": leaf} of nested dicts and lists."""
+  if isinstance(tree, (dict, list)):
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+    return {name: leaf for key, value in items for name, leaf in flat(value, f"{path}/{key}").items()}
+  return {path: tree}
 
 
 def params_of(workdir, which="latest"):

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from test_workdir import flat
+from runs import flat
 
 HEARTBEAT_SECONDS = 10
 

@@ -21,15 +21,7 @@ import pytest
 
 from ntxr import experiment as experiment_lib, train, workdir as workdir_lib
 from processes import alive, descendants
-from runs import interrupt_after, params_of
-
-
-def flat(tree, path="") -> dict:
-  """{"a/b/0": leaf} of nested dicts and lists."""
-  if isinstance(tree, (dict, list)):
-    items = tree.items() if isinstance(tree, dict) else enumerate(tree)
-    return {name: leaf for key, value in items for name, leaf in flat(value, f"{path}/{key}").items()}
-  return {path: tree}
+from runs import flat, interrupt_after, params_of
 
 
 def files_in(pattern) -> bool:

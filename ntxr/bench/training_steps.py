@@ -44,9 +44,9 @@ def jax_seconds(channels: tuple, n: int, shape: dict, repeats: int,
                 dtype: str = "float32") -> float:
   """Median seconds of one jitted `steps.train_step`, encoders computing in `dtype`."""
   step, state, batch = jax_step(channels, n, shape, dtype)
-  holder = [state]
-  def one_step():
-    holder[0], statistics = step(holder[0], batch, jax.random.PRNGKey(1))
+  def one_step():  # the state is donated: each call steps from the last one's
+    nonlocal state
+    state, statistics = step(state, batch, jax.random.PRNGKey(1))
     return statistics
   return timing.time_call(one_step, repeats=repeats)
 
