@@ -206,9 +206,13 @@ class Checkpoints:
     root = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.root = root
     _CHECKPOINT_ROOTS.add(root)
+    # Both save the same step at an epoch's end: under several processes each needs its
+    # own names for Orbax's barriers ("latest/15" and "best/15", not "15" twice).
     self.managers = {
         which: ocp.CheckpointManager(os.path.join(root, which), options=ocp.CheckpointManagerOptions(
-            max_to_keep=kept, create=True, cleanup_tmp_directories=True))
+            max_to_keep=kept, create=True, cleanup_tmp_directories=True,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                barrier_sync_key_prefix=which)))
         for which, kept in (("latest", 2), ("best", 1))}
     self._saved = {}  # which -> (step, progress) this process saved last
 

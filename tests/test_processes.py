@@ -4,6 +4,7 @@ coordinator on 127.0.0.1, one CPU device each, CPU collectives over gloo."""
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -49,32 +50,12 @@ def log_of(workdir: pathlib.Path, index: int) -> str:
   return (workdir.parent / f"process_{index}.log").read_text()
 
 
-def test_two_processes_train_resume_after_a_kill_and_match_one(tiny_flags, tiny_run, tmp_path):
-  """Killed together mid-epoch and rerun, the two processes finish with one process's
-  results (same global batch of 8); only process 0 writes metrics and results."""
-  workdir = tmp_path / "run"
-  processes = start_run(workdir, tiny_flags())
-  try:
-    wait_for(lambda: (workdir / "checkpoints" / "latest" / "10").exists(), processes, 300)
-  finally:
-    for process in processes:
-      process.kill()
-      process.wait()
-  processes = start_run(workdir, tiny_flags())
-  codes = [process.wait(timeout=300) for process in processes]
-  assert codes == [0, 0], log_of(workdir, 0)[-3000:] + log_of(workdir, 1)[-3000:]
-  results = json.loads((workdir / "results.json").read_text())
-  straight = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
-  del straight["seconds"], results["seconds"]
-  assert flat(results) == pytest.approx(flat(straight), abs=1e-5)
-  assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
-  assert "results:" in log_of(workdir, 0) and "results:" not in log_of(workdir, 1)
-  assert not list(workdir.glob("*.partial-*"))
-
-
-def test_when_one_process_dies_the_other_stops_with_an_error(tiny_flags, tmp_path):
+def test_a_dead_process_ends_the_other_and_a_rerun_resumes_to_match_one(
+    tiny_flags, tiny_run, tmp_path):
   """Process 1 killed mid-epoch: process 0 does not wait for it forever. Within the
-  heartbeat timeout JAX's coordination service ends it, saying why."""
+  heartbeat timeout JAX's coordination service ends it, saying why. Rerun, the two
+  processes resume from their last checkpoint and finish with one process's results
+  (same global batch of 8); only process 0 writes metrics and results."""
   workdir = tmp_path / "run"
   processes = start_run(workdir, tiny_flags())
   try:
@@ -89,3 +70,17 @@ def test_when_one_process_dies_the_other_stops_with_an_error(tiny_flags, tmp_pat
   assert code != 0
   assert "The following tasks are unhealthy (stopped sending heartbeats)" in log
   assert "This most likely indicates that another task died" in log
+  assert not (workdir / "results.json").exists()
+
+  before = len(log_of(workdir, 0))
+  processes = start_run(workdir, tiny_flags())
+  codes = [process.wait(timeout=300) for process in processes]
+  assert codes == [0, 0], log_of(workdir, 0)[-3000:] + log_of(workdir, 1)[-3000:]
+  assert re.search(r" 10/15 \[00:00<\?", log_of(workdir, 0)[before:])  # resumed at step 10
+  results = json.loads((workdir / "results.json").read_text())
+  straight = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
+  del straight["seconds"], results["seconds"]
+  assert flat(results) == pytest.approx(flat(straight), abs=1e-5)
+  assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
+  assert log_of(workdir, 0).count("results:") == 1 and "results:" not in log_of(workdir, 1)
+  assert not list(workdir.glob("*.partial-*"))
