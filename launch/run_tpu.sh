@@ -7,9 +7,9 @@
 #
 # Each worker needs --config.data_dir (a persistent disk or a bucket mount) and prepares
 # its own --config.cache_dir (default ~/.cache/ntxr on its disk, kept between launches).
-# --workdir is required: a folder every worker sees (a shared file system), outside the
-# code. The code goes to ~/ntxr-COMMIT, a folder per commit; nothing is deleted, so a
-# relaunch (after a preemption, say) resumes the run.
+# --workdir is required: a folder every worker sees (a shared file system, or a bucket:
+# gs://...), outside the code. The code goes to ~/ntxr-COMMIT, a folder per commit;
+# nothing is deleted, so a relaunch (after a preemption, say) resumes the run.
 #
 #   launch/run_tpu.sh TPU_NAME ZONE --strategy=hard_cross --config.data_dir=/mnt/clotho \
 #       --config=ntxr/configs/paper.py --workdir=/mnt/shared/runs/hard_cross

@@ -11,6 +11,7 @@ dictionary keeps it); R@k says whether that file is in the top k and mAP@10 is
 """
 
 import csv
+import io
 import os
 from typing import NamedTuple
 
@@ -108,13 +109,12 @@ def score_files(ground_truth: str, predictions: str) -> dict:
 def write_submission(path: str, captions: list, file_names: list, s: np.ndarray) -> None:
   """Writes each caption's top 10 files by s [captions, files], best first (atomic)."""
   order = np.argsort(-np.asarray(s), axis=1, kind="stable")[:, :TOP]
-  def write(partial):
-    with open(partial, "w", newline="", encoding="utf-8") as f:
-      writer = csv.writer(f)
-      writer.writerow(COLUMNS)
-      writer.writerows([caption, *(file_names[j] for j in row)]
-                       for caption, row in zip(captions, order))
-  files.write_atomically(path, write)
+  text = io.StringIO(newline="")
+  writer = csv.writer(text)
+  writer.writerow(COLUMNS)
+  writer.writerows([caption, *(file_names[j] for j in row)]
+                   for caption, row in zip(captions, order))
+  files.write_text(path, text.getvalue())
 
 
 def main(argv):

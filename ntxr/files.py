@@ -1,43 +1,83 @@
-"""Writing files so that an interrupted run never leaves a half-written one."""
+"""The files a run writes, in a local folder or a bucket (gs://...), written so that an
+interrupted run never leaves a half-written one.
+
+Bucket paths go through etils.epath, which reaches them with tf.io.gfile where TensorFlow
+is installed, or fsspec's gcsfs with EPATH_USE_TF=false. A local file is written next to
+its place and renamed into it; an object in a bucket appears whole when its upload ends,
+so it is uploaded in one piece. Buckets have no appends: `append_line` rewrites the object.
+"""
 
 import json
 import os
-from typing import Callable
 
 from absl import logging
+from etils import epath
 
 
-def write_atomically(path: str, write: Callable[[str], None]) -> None:
-  """write(temporary path) next to `path`, then rename it into place."""
+def is_bucket(path) -> bool:
+  """Whether `path` names an object store (gs://, s3://) rather than a local path."""
+  return "://" in os.fspath(path)
+
+
+def exists(path) -> bool:
+  return epath.Path(path).exists()
+
+
+def makedirs(path) -> None:
+  """Makes a local folder and its parents (a bucket has no folders to make)."""
+  if not is_bucket(path):
+    os.makedirs(path, exist_ok=True)
+
+
+def read_bytes(path) -> bytes:
+  return epath.Path(path).read_bytes()
+
+
+def read_text(path) -> str:
+  return epath.Path(path).read_text(encoding="utf-8")
+
+
+def write_bytes(path, data: bytes) -> None:
+  """Writes `data` at `path` whole or not at all."""
+  if is_bucket(path):
+    epath.Path(path).write_bytes(data)
+    return
   partial = f"{path}.partial-{os.getpid()}"
-  write(partial)
+  with open(partial, "wb") as f:
+    f.write(data)
   os.replace(partial, path)
 
 
-def write_text(path: str, text: str) -> None:
-  def write(partial):
-    with open(partial, "w", newline="", encoding="utf-8") as f:
-      f.write(text)
-  write_atomically(path, write)
+def write_text(path, text: str) -> None:
+  write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: str, value) -> None:
+def write_json(path, value) -> None:
   write_text(path, json.dumps(value, indent=2))
 
 
-def read_jsonl(path: str) -> list:
+def append_line(path, line: str) -> None:
+  """Adds `line` and a newline at the end of the text file `path` (made if missing)."""
+  if is_bucket(path):
+    write_text(path, (read_text(path) if exists(path) else "") + line + "\n")
+    return
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(line + "\n")
+
+
+def read_jsonl(path) -> list:
   """A JSON-lines file's records ([] if there is no file). A line that does not parse, as
   a kill or a full disk during an append leaves, is dropped with a warning naming it."""
-  if not os.path.exists(path):
+  if not exists(path):
     return []
   records = []
-  with open(path, encoding="utf-8", errors="replace") as f:
-    for number, line in enumerate(f, 1):
-      if not line.strip():
-        continue
-      try:
-        records.append(json.loads(line))
-      except json.JSONDecodeError as error:
-        logging.warning("%s:%d: dropped a torn or partial line (%s): %.80s", path, number,
-                        error, line.rstrip())
+  text = read_bytes(path).decode("utf-8", errors="replace")
+  for number, line in enumerate(text.splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      records.append(json.loads(line))
+    except json.JSONDecodeError as error:
+      logging.warning("%s:%d: dropped a torn or partial line (%s): %.80s", path, number,
+                      error, line.rstrip())
   return records

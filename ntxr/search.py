@@ -16,6 +16,7 @@ the order of `evaluate.score_matrix`, the evaluation's all-pairs scores.
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import sys
@@ -156,7 +157,7 @@ class Index:
     it was not; a torn or unreadable one is made again."""
     path = index_path(workdir, folder)
     previous = None
-    if os.path.exists(path):
+    if files.exists(path):
       try:
         previous = cls.load(path)
       except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
@@ -172,17 +173,16 @@ class Index:
     lengths = np.array([len(f) for f in self.frames], np.int64)
     meta = dict(folder=self.folder, checkpoint=self.checkpoint, files=self.files,
                 signatures=self.signatures, skipped=self.skipped)
-    def write(partial):
-      with open(partial, "wb") as f:
-        np.savez(f, meta=np.array(json.dumps(meta)), lengths=lengths,
-                 frames=np.concatenate(self.frames) if self.frames else np.zeros((0, 0)))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    files.write_atomically(path, write)
+    stored = io.BytesIO()
+    np.savez(stored, meta=np.array(json.dumps(meta)), lengths=lengths,
+             frames=np.concatenate(self.frames) if self.frames else np.zeros((0, 0)))
+    files.makedirs(os.path.dirname(path))
+    files.write_bytes(path, stored.getvalue())
 
   @classmethod
   def load(cls, path: str, model: Optional[Model] = None) -> "Index":
     """The index saved at `path`, searching with `model` if given."""
-    with np.load(path) as stored:
+    with np.load(io.BytesIO(files.read_bytes(path))) as stored:
       meta, lengths, frames = json.loads(str(stored["meta"])), stored["lengths"], stored["frames"]
     meta["signatures"] = [tuple(s) for s in meta["signatures"]]
     meta["skipped"] = {name: (tuple(signature), reason)

@@ -211,8 +211,9 @@ def write_report(root: str) -> list:
   files.write_text(os.path.join(root, "results.md"), to_markdown(rows))
   for name, fig in [("metrics_by_strategy", plots.metrics_by_strategy(rows)),
                     ("collapse_over_epochs", plots.collapse_over_epochs(runs))]:
-    files.write_atomically(os.path.join(root, f"{name}.png"),
-                           lambda path, fig=fig: fig.savefig(path, format="png", dpi=110))
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    files.write_bytes(os.path.join(root, f"{name}.png"), png.getvalue())
   return rows
 
 

@@ -325,8 +325,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       else:
         state, progress = restored[0], Progress.from_json(restored[1])
         logging.info("resuming at epoch %d, step %d", progress.epoch + 1, int(state.step))
-      log = workdir_lib.MetricsLog(workdir, progress.epoch)
-      train_epochs(experiment, state, progress, checkpoints, log)
+      with workdir_lib.MetricsLog(workdir, progress.epoch) as log:
+        train_epochs(experiment, state, progress, checkpoints, log)
       return evaluate_best(experiment, checkpoints, workdir)
 
 

@@ -8,6 +8,10 @@
   tensorboard/             the same as TensorBoard scalars
   results.json             the test metrics and how they were reached
   dcase_{split}.csv        the DCASE submission (each caption's top 10 files)
+
+A workdir is a local folder or a bucket path (gs://...): Orbax and `ntxr.files` write
+either. In a bucket there is no lock (buckets have no kernel locks), and TensorBoard's
+event files are written locally and uploaded at each flush.
 """
 
 import contextlib
@@ -16,14 +20,17 @@ import functools
 import json
 import logging as std_logging
 import os
+import shutil
 import socket
 import sys
+import tempfile
 import time
 import traceback
 import warnings
 from typing import Optional
 
 from absl import logging
+from etils import epath
 from flax import traverse_util
 import jax
 import ml_collections
@@ -80,7 +87,7 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     if changed:
       raise ValueError(f"{workdir} holds a run with other settings ({', '.join(changed)}); "
                        f"use another --workdir")
-  os.makedirs(workdir, exist_ok=True)
+  files.makedirs(workdir)
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, "config.json"), current)
 
@@ -89,10 +96,9 @@ def saved_config(workdir: str) -> Optional[dict]:
   """The config of workdir's run (None if it holds none), with the fields ntxr gained
   since config.json was written at their defaults, so an older run still resumes."""
   path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
+  if not files.exists(path):
     return None
-  with open(path, encoding="utf-8") as f:
-    return {**json.loads(default.get_config().to_json()), **json.load(f)}
+  return {**json.loads(default.get_config().to_json()), **json.loads(files.read_text(path))}
 
 
 class WorkdirError(RuntimeError):
@@ -117,9 +123,14 @@ def held(workdir: str):
 
   A second run on the workdir is refused at once, naming the holder's host and pid. The
   lock is the kernel's (flock), so it ends with its process: one left by a killed run
-  blocks nothing.
+  blocks nothing. A bucket has no such lock: there a second run is not detected.
   """
   if jax.process_index() != 0:
+    yield
+    return
+  if files.is_bucket(workdir):
+    logging.warning("%s is in a bucket, where a run cannot lock its workdir: start one run "
+                    "on it at a time", workdir)
     yield
     return
   os.makedirs(workdir, exist_ok=True)
@@ -203,7 +214,8 @@ class Checkpoints:
 
   def __init__(self, workdir: str):
     _quiet_failed_io()
-    root = os.path.join(os.path.abspath(workdir), "checkpoints")
+    root = os.path.join(workdir if files.is_bucket(workdir) else os.path.abspath(workdir),
+                        "checkpoints")
     self.root = root
     _CHECKPOINT_ROOTS.add(root)
     # Both save the same step at an epoch's end: under several processes each needs its
@@ -243,8 +255,8 @@ class Checkpoints:
       yield
     except Exception as error:  # pylint: disable=broad-except  # tensorstore's, Orbax's, OS's
       intact = [f"{which}/{step}" for which in self.managers
-                for step in sorted(int(name) for name in os.listdir(os.path.join(self.root, which))
-                                   if name.isdigit())]
+                for step in sorted(int(path.name) for path in epath.Path(self.root, which).iterdir()
+                                   if path.name.isdigit())]
       raise CheckpointNotWritten(
           f"a checkpoint could not be written in {self.root} ({_reason(error)}); is the disk "
           f"full? The checkpoints before it are intact ({', '.join(intact) or 'none yet'}): "
@@ -303,11 +315,11 @@ class Checkpoints:
     return None
 
   def _set_aside(self, unreadable: list) -> None:
-    aside = os.path.join(self.root, "unreadable")
-    os.makedirs(aside, exist_ok=True)
+    aside = epath.Path(self.root, "unreadable")
+    aside.mkdir(parents=True, exist_ok=True)
     for which, step, _ in unreadable:
-      os.replace(os.path.join(self.root, which, str(step)),
-                 os.path.join(aside, f"{which}_{step}_{time.strftime('%Y%m%d-%H%M%S')}"))
+      epath.Path(self.root, which, str(step)).rename(
+          aside / f"{which}_{step}_{time.strftime('%Y%m%d-%H%M%S')}")
     for manager in self.managers.values():
       manager.reload()
 
@@ -349,7 +361,8 @@ def false_negatives_of(records: list, epoch: int) -> Optional[dict]:
 
 class MetricsLog:
   """metrics.jsonl (one line per epoch) and TensorBoard scalars in workdir, written by
-  the first process only."""
+  the first process only. For a bucket workdir the event files are written in a local
+  folder and uploaded to workdir/tensorboard at each flush (closing removes the folder)."""
 
   def __init__(self, workdir: str, completed_epochs: int):
     from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
@@ -357,20 +370,35 @@ class MetricsLog:
     if not self.chief:
       return
     self.path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(self.path):  # drop epochs a resumed run will redo
+    if files.exists(self.path):  # drop epochs a resumed run will redo
       kept = [r for r in files.read_jsonl(self.path) if r["epoch"] <= completed_epochs]
       files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
-    self.tensorboard = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.tensorboard_dir = os.path.join(workdir, "tensorboard")
+    self.staged = (tempfile.mkdtemp(prefix="ntxr-tensorboard-") if files.is_bucket(workdir)
+                   else None)
+    self.tensorboard = tensorboard.SummaryWriter(self.staged or self.tensorboard_dir)
 
   def write(self, step: int, record: dict) -> None:
     if not self.chief:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps(record) + "\n")
+    files.append_line(self.path, json.dumps(record))
     for name, value in traverse_util.flatten_dict(record, sep="/").items():
       if isinstance(value, (int, float)) and not isinstance(value, bool):
         self.tensorboard.scalar(name, value, step)
     self.tensorboard.flush()
+    if self.staged:
+      for name in os.listdir(self.staged):
+        with open(os.path.join(self.staged, name), "rb") as f:
+          files.write_bytes(os.path.join(self.tensorboard_dir, name), f.read())
+
+  def __enter__(self) -> "MetricsLog":
+    return self
+
+  def __exit__(self, *error) -> None:
+    if self.chief:
+      self.tensorboard.close()
+      if self.staged:
+        shutil.rmtree(self.staged, ignore_errors=True)
 
 
 def write_results(workdir: str, results: dict, submission: Optional[dcase.Submission]) -> None:

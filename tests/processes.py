@@ -1,7 +1,10 @@
-"""The processes a run started, read from /proc (no heavy imports: pool workers load
-the test modules that use this)."""
+"""Processes in tests: the ones a run started, read from /proc; a free port; waiting on
+a condition while processes live (no heavy imports: pool workers load the test modules
+that use this)."""
 
 import os
+import socket
+import time
 
 
 def descendants(pid: int) -> set:
@@ -28,3 +31,17 @@ def alive(pids) -> set:
     except OSError:
       return False
   return {pid for pid in pids if running(pid)}
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def wait_for(condition, processes, timeout: float) -> None:
+  deadline = time.monotonic() + timeout
+  while not condition():
+    if any(p.poll() is not None for p in processes) or time.monotonic() > deadline:
+      raise AssertionError(f"gave up waiting; exit codes {[p.poll() for p in processes]}")
+    time.sleep(0.2)

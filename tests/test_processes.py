@@ -5,22 +5,15 @@ import json
 import os
 import pathlib
 import re
-import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
+from processes import free_port, wait_for
 from runs import flat
 
 HEARTBEAT_SECONDS = 10
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def start_run(workdir: pathlib.Path, flags: list) -> list:
@@ -36,14 +29,6 @@ def start_run(workdir: pathlib.Path, flags: list) -> list:
         stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, JAX_PLATFORMS="cpu")))
     log.close()
   return processes
-
-
-def wait_for(condition, processes, timeout: float) -> None:
-  deadline = time.monotonic() + timeout
-  while not condition():
-    if any(p.poll() is not None for p in processes) or time.monotonic() > deadline:
-      raise AssertionError(f"gave up waiting; exit codes {[p.poll() for p in processes]}")
-    time.sleep(0.2)
 
 
 def log_of(workdir: pathlib.Path, index: int) -> str:

@@ -14,6 +14,7 @@ from typing import Optional
 
 from absl import logging
 
+from ntxr import files
 from ntxr.data import builders, features, synthetic, tokenizer
 
 TOKENS = ("sentencepiece", "words")
@@ -86,6 +87,9 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=features.LogMelConf
   """
   if vocabulary not in VOCABULARY_SPLITS:
     raise ValueError(f"vocabulary must be one of {VOCABULARY_SPLITS}, not {vocabulary!r}")
+  if files.is_bucket(cache_dir):
+    raise ValueError(f"--config.cache_dir must be a local folder, not {cache_dir}: each "
+                     "worker prepares the data into its own cache (a bucket workdir is fine)")
   with _exclusive(os.path.join(cache_dir, "lock")):
     generate_s = 0.0
     if data_dir is None:

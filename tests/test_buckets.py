@@ -1,0 +1,127 @@
+"""A workdir in a bucket: the files ntxr writes there itself (config, metrics, TensorBoard
+events, results, the DCASE file, a search index), against a local Cloud Storage emulator
+(gcp-storage-emulator) reached as a bucket is, through etils.epath's gcsfs client
+(EPATH_USE_TF=false: TensorFlow's own client has no emulator endpoint). The test reads the
+bucket through the emulator's JSON API, not through ntxr.
+
+Orbax's checkpoints in a bucket are not run here: tensorstore writes them with generation
+preconditions, which the emulator does not keep."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+from etils.epath import gpath
+import numpy as np
+import pytest
+
+from ntxr import dcase, files, workdir as workdir_lib
+from ntxr.data import corpus
+from processes import free_port
+
+BUCKET = "ntxr-runs"
+
+
+class Emulator:
+  """The bucket's objects, read over the emulator's JSON API."""
+
+  def __init__(self, url: str):
+    self.url = url
+
+  def names(self, prefix: str) -> list:
+    query = urllib.parse.urlencode(dict(prefix=prefix))
+    with urllib.request.urlopen(f"{self.url}/storage/v1/b/{BUCKET}/o?{query}") as response:
+      return sorted(item["name"] for item in json.load(response).get("items", []))
+
+  def read(self, name: str) -> bytes:
+    quoted = urllib.parse.quote(name, safe="")
+    with urllib.request.urlopen(
+        f"{self.url}/download/storage/v1/b/{BUCKET}/o/{quoted}?alt=media") as response:
+      return response.read()
+
+
+@pytest.fixture(scope="module")
+def emulator():
+  port = free_port()
+  server = subprocess.Popen(
+      [os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator"), "start",
+       "--host=127.0.0.1", f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}"],
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  found = Emulator(f"http://127.0.0.1:{port}")
+  deadline = time.monotonic() + 30
+  while True:
+    try:
+      found.names("")
+      break
+    except OSError:
+      assert time.monotonic() < deadline and server.poll() is None, "the emulator did not start"
+      time.sleep(0.2)
+  yield found
+  server.kill()
+  server.wait()
+
+
+@pytest.fixture
+def bucket(emulator, monkeypatch, tmp_path, request):
+  """A fresh gs:// workdir on the emulator (the test runs in an empty local folder).
+  epath decides once per process whether TensorFlow reaches buckets: that decision is
+  cleared here and after the test."""
+  monkeypatch.setenv("EPATH_USE_TF", "false")
+  monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator.url)
+  monkeypatch.chdir(tmp_path)
+  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+  yield f"gs://{BUCKET}/{request.node.name}", request.node.name
+  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
+
+
+def test_config_metrics_results_and_the_dcase_file_are_written_to_the_bucket(
+    emulator, bucket, tiny_config, tmp_path):
+  workdir, prefix = bucket
+  config = tiny_config()
+  workdir_lib.write_config(workdir, config)
+  assert json.loads(emulator.read(f"{prefix}/config.json")) == json.loads(config.to_json())
+  assert workdir_lib.saved_config(workdir)["strategy"] == config.strategy
+  with pytest.raises(ValueError, match="holds a run with other settings \\(strategy\\)"):
+    workdir_lib.write_config(workdir, tiny_config(strategy="hard_cross"))
+
+  with workdir_lib.MetricsLog(workdir, completed_epochs=0) as log:
+    for epoch in (1, 2):
+      log.write(epoch * 15, dict(epoch=epoch, training=dict(loss=1.0 / epoch)))
+    events = emulator.names(f"{prefix}/tensorboard/")
+    assert len(events) == 1 and "tfevents" in events[0] and emulator.read(events[0])
+  lines = emulator.read(f"{prefix}/metrics.jsonl").decode().splitlines()
+  assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+  with workdir_lib.MetricsLog(workdir, completed_epochs=1):  # a rerun redoes epoch 2
+    assert files.read_jsonl(f"{workdir}/metrics.jsonl") == [json.loads(lines[0])]
+
+  s = np.random.default_rng(0).normal(size=(3, 12))
+  submission = dcase.Submission(["a dog", "rain", "a car"], [f"{i}.wav" for i in range(12)], s)
+  results = dict(split="test", t2a={"R@1": 0.5})
+  workdir_lib.write_results(workdir, results, submission)
+  (tmp_path / "local").mkdir()
+  workdir_lib.write_results(str(tmp_path / "local"), results, submission)
+  assert json.loads(emulator.read(f"{prefix}/results.json")) == results
+  assert emulator.read(f"{prefix}/dcase_test.csv") == (tmp_path / "local" / "dcase_test.csv").read_bytes()
+  assert not [name for name in emulator.names(prefix) if ".partial-" in name]
+  assert sorted(os.listdir(tmp_path)) == ["local"]  # nothing local in the bucket's name
+
+
+def test_a_torn_metrics_line_in_the_bucket_is_dropped_with_a_warning(emulator, bucket, caplog):
+  workdir, prefix = bucket
+  files.write_text(f"{workdir}/metrics.jsonl", '{"epoch": 1}\n{"epoch": 2, "trai')
+  assert files.read_jsonl(f"{workdir}/metrics.jsonl") == [{"epoch": 1}]
+  assert f"{workdir}/metrics.jsonl:2: dropped a torn or partial line" in caplog.text
+  with workdir_lib.MetricsLog(workdir, completed_epochs=1) as log:
+    log.write(30, dict(epoch=2, training=dict(loss=0.5)))
+  assert emulator.read(f"{prefix}/metrics.jsonl") == b'{"epoch": 1}\n' + json.dumps(
+      dict(epoch=2, training=dict(loss=0.5))).encode() + b"\n"
+
+
+def test_a_bucket_cache_is_refused_naming_the_flag(tmp_path):
+  with pytest.raises(ValueError, match="--config.cache_dir must be a local folder"):
+    corpus.load(cache_dir="gs://some-bucket/cache", size="tiny")
+  assert not os.path.exists("gs:")
