@@ -254,8 +254,9 @@ class Checkpoints:
     try:
       yield
     except Exception as error:  # pylint: disable=broad-except  # tensorstore's, Orbax's, OS's
-      intact = [f"{which}/{step}" for which in self.managers
-                for step in sorted(int(path.name) for path in epath.Path(self.root, which).iterdir()
+      folders = [epath.Path(self.root, which) for which in self.managers]
+      intact = [f"{folder.name}/{step}" for folder in folders if folder.exists()
+                for step in sorted(int(path.name) for path in folder.iterdir()
                                    if path.name.isdigit())]
       raise CheckpointNotWritten(
           f"a checkpoint could not be written in {self.root} ({_reason(error)}); is the disk "
