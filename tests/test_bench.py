@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from ntxr import sampling
-from ntxr.bench import kernels, reference, score_matrices, timing, training_loop
-from ntxr.bench import training_steps
+from ntxr.bench import kernel_parts, kernels, reference, score_matrices, timing
+from ntxr.bench import training_loop, training_steps
 
 
 @pytest.mark.parametrize("strategy", [s for s in sampling.STRATEGIES if s != "random"])
@@ -45,6 +45,11 @@ def test_jobs_give_one_row_each():
   assert [r["strategy"] for r in rows] == ["random", "hard_text"]
   assert all(r["kernel_ms"] > 0 and r["speedup"] > 0 for r in rows)
   assert "| hard_text | 4 | 6 | 3 | 8 |" in kernels.format_table(rows)
+  rows = kernel_parts.run([(4, 6, 3, 8)], ["random"], np.float32, repeats=1)
+  assert [(r["strategy"], r["N"]) for r in rows] == [("random", 4)]
+  assert all(rows[0][f"{part}_ms"] > 0 for part in ("kernel", "forward", "products", "gemm",
+                                                      "matmul"))
+  assert "| random | 4 | 6 | 3 | 8 |" in kernel_parts.format_table(rows)
   rows = score_matrices.run([("cross", 4, 6, 3, 8), ("audio-audio", 4, 6, 6, 8),
                              ("evaluation", 4, 6, 5, 8)], np.float32, 1)
   assert [r["kind"] for r in rows] == ["cross", "audio-audio", "evaluation"]

@@ -4,10 +4,11 @@
   python -m ntxr.bench --grid=accelerator --json=bench.json
   python -m ntxr.bench --jobs=steps --torch_loop --repeats=3
   python -m ntxr.bench --jobs=loop --widths=default --repeats=5
+  python -m ntxr.bench --jobs=parts --strategies=random,hard_text,semihard_cross
 
-Jobs (--jobs, comma-separated): kernels (ntxr/bench/kernels.py), scores
-(score_matrices.py), steps (training_steps.py), loop (training_loop.py: the training
-loop's time outside the step). Each prints a Markdown table; --json writes every row
+Jobs (--jobs, comma-separated): kernels (ntxr/bench/kernels.py), parts (kernel_parts.py:
+where a kernel's time goes), scores (score_matrices.py), steps (training_steps.py), loop
+(training_loop.py: the training loop's time outside the step). Each prints a Markdown table; --json writes every row
 with the device and the command line.
 """
 
@@ -21,7 +22,8 @@ import jax
 import jax.numpy as jnp
 
 from ntxr import cli, files
-from ntxr.bench import kernels, score_matrices, timing, training_loop, training_steps
+from ntxr.bench import (kernel_parts, kernels, score_matrices, timing, training_loop,
+                        training_steps)
 
 GRIDS = {
     # kernels: (N, T, W, E); scores: (kind, N, T, W, E); steps: batch sizes.
@@ -37,7 +39,7 @@ GRIDS = {
                 ("evaluation", 1045, 1500, 20, 300)],
         steps=[32, 256]),
 }
-JOBS = ("kernels", "scores", "steps", "loop")
+JOBS = ("kernels", "parts", "scores", "steps", "loop")
 
 _JOBS = flags.DEFINE_list("jobs", ["kernels", "scores"], f"which of {JOBS} to run")
 _GRID = flags.DEFINE_enum("grid", "cpu", sorted(GRIDS),
@@ -80,12 +82,15 @@ def main(argv):
     report["torch_device"] = str(timing.torch_device())
   print(f"device: {device}" + (f", PyTorch on {report['torch_device']}" if _TORCH_LOOP.value
                                 else "") + "\n")
+  shapes = ([tuple(int(v) for v in s.split(":")) for s in _SHAPES.value.split(",")]
+            if _SHAPES.value else grid["kernels"])
   if "kernels" in _JOBS.value:
-    shapes = ([tuple(int(v) for v in s.split(":")) for s in _SHAPES.value.split(",")]
-              if _SHAPES.value else grid["kernels"])
     report["loss"] = kernels.run(shapes, cli.strategies(), dtype, _REPEATS.value,
                                  _LOOP_MAX_N.value, _TORCH_LOOP.value)
     print(kernels.format_table(report["loss"]) + "\n")
+  if "parts" in _JOBS.value:
+    report["parts"] = kernel_parts.run(shapes, cli.strategies(), dtype, _REPEATS.value)
+    print(kernel_parts.format_table(report["parts"]) + "\n")
   if "scores" in _JOBS.value:
     report["scores"] = score_matrices.run(grid["scores"], dtype, _REPEATS.value)
     print(score_matrices.format_table(report["scores"]) + "\n")
