@@ -46,11 +46,8 @@ def run(shapes, strategies, dtype, repeats: int) -> list:
 
 def format_table(rows: list) -> str:
   """The rows as a Markdown table."""
-  lines = ["| strategy | N | T | W | E | kernel ms | forward ms | products ms | one GEMM ms |"
-           " matmul ms | products GFLOP/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(
-        f"| {r['strategy']} | {r['N']} | {r['T']} | {r['W']} | {r['E']} | "
-        f"{r['kernel_ms']:.2f} | {r['forward_ms']:.2f} | {r['products_ms']:.2f} | "
-        f"{r['gemm_ms']:.2f} | {r['matmul_ms']:.2f} | {r['products_gflops']:.1f} |")
-  return "\n".join(lines)
+  return timing.markdown_table(
+      [("strategy", "strategy", ""), *timing.SHAPE_COLUMNS, ("kernel ms", "kernel_ms", ".2f"),
+       ("forward ms", "forward_ms", ".2f"), ("products ms", "products_ms", ".2f"),
+       ("one GEMM ms", "gemm_ms", ".2f"), ("matmul ms", "matmul_ms", ".2f"),
+       ("products GFLOP/s", "products_gflops", ".1f")], rows)

@@ -91,14 +91,8 @@ def run(shapes, strategies, dtype, repeats: int, loop_max_n: int, torch_loop: bo
 
 def format_table(rows: list) -> str:
   """The rows as a Markdown table."""
-  lines = ["| strategy | N | T | W | E | kernel ms | JAX loop ms | speedup | torch loop ms |"
-           " speedup | GFLOP/s | matmul frac |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  cell = timing.cell
-  for r in rows:
-    lines.append(
-        f"| {r['strategy']} | {r['N']} | {r['T']} | {r['W']} | {r['E']} | "
-        f"{r['kernel_ms']:.2f} | {cell(r['loop_ms'], '.1f')} | {cell(r['speedup'], '.1f')} | "
-        f"{cell(r['torch_loop_ms'], '.1f')} | {cell(r['torch_speedup'], '.1f')} | "
-        f"{r['gflops']:.1f} | {r['matmul_fraction']:.2f} |")
-  return "\n".join(lines)
+  return timing.markdown_table(
+      [("strategy", "strategy", ""), *timing.SHAPE_COLUMNS, ("kernel ms", "kernel_ms", ".2f"),
+       ("JAX loop ms", "loop_ms", ".1f"), ("speedup", "speedup", ".1f"),
+       ("torch loop ms", "torch_loop_ms", ".1f"), ("speedup", "torch_speedup", ".1f"),
+       ("GFLOP/s", "gflops", ".1f"), ("matmul frac", "matmul_fraction", ".2f")], rows)

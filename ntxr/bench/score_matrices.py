@@ -55,11 +55,8 @@ def run(grid: list, dtype, repeats: int) -> list:
 
 def format_table(rows: list) -> str:
   """The rows as a Markdown table."""
-  lines = ["| scores | N | T | W | E | ms | GFLOP/s | matmul frac | XLA scratch MiB |"
-           " device peak MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(
-        f"| {r['kind']} | {r['N']} | {r['T']} | {r['W']} | {r['E']} | {r['ms']:.1f} | "
-        f"{r['gflops']:.1f} | {r['matmul_fraction']:.2f} | {timing.cell(r['scratch_mib'], '.0f')} | "
-        f"{timing.cell(r['device_peak_mib'], '.0f')} |")
-  return "\n".join(lines)
+  return timing.markdown_table(
+      [("scores", "kind", ""), *timing.SHAPE_COLUMNS, ("ms", "ms", ".1f"),
+       ("GFLOP/s", "gflops", ".1f"), ("matmul frac", "matmul_fraction", ".2f"),
+       ("XLA scratch MiB", "scratch_mib", ".0f"), ("device peak MiB", "device_peak_mib", ".0f")],
+      rows)

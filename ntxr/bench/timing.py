@@ -43,9 +43,19 @@ def embeddings(n: int, t: int, w: int, e: int, dtype):
   return audio, text, audio_ids
 
 
-def cell(value, spec: str) -> str:
-  """A table cell: "-" for None."""
-  return "-" if value is None else format(value, spec)
+SHAPE_COLUMNS = [(name, name, "") for name in ("N", "T", "W", "E")]  # of markdown_table
+
+
+def markdown_table(columns: list, rows: list) -> str:
+  """`rows` as a Markdown table. columns: (header, the row's key or a function of the
+  row, format spec) each; a None value shows as "-"."""
+  value = lambda row, key: key(row) if callable(key) else row[key]
+  cell = lambda x, spec: "-" if x is None else format(x, spec)
+  lines = ["| " + " | ".join(header for header, _, _ in columns) + " |",
+           "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(cell(value(row, key), spec) for _, key, spec in columns) + " |"
+            for row in rows]
+  return "\n".join(lines)
 
 
 def device_name() -> str:

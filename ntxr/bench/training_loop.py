@@ -18,7 +18,7 @@ import time
 import jax
 
 from ntxr import parallel, steps
-from ntxr.bench import training_steps
+from ntxr.bench import timing, training_steps
 
 LOOPS = {"every step": dict(read_every=1, prefetch=1),
          "every 10, prefetched": dict(read_every=10, prefetch=2)}
@@ -71,9 +71,8 @@ def run(widths: dict, batch_sizes, count: int, shape: dict, repeats: int = 3,
 
 def format_table(rows: list) -> str:
   """The rows as a Markdown table."""
-  lines = ["| CRNN width | N | frames | statistics read | ms per step in the loop | "
-           "ms per step alone | share outside the step |", "|---|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(f"| {r['width']} | {r['n']} | {r['frames']} | {r['loop']} | "
-                 f"{r['loop_ms']:.1f} | {r['alone_ms']:.1f} | {r['outside_share']:.2f} |")
-  return "\n".join(lines)
+  return timing.markdown_table(
+      [("CRNN width", "width", ""), ("N", "n", ""), ("frames", "frames", ""),
+       ("statistics read", "loop", ""), ("ms per step in the loop", "loop_ms", ".1f"),
+       ("ms per step alone", "alone_ms", ".1f"),
+       ("share outside the step", "outside_share", ".2f")], rows)

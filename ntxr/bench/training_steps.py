@@ -106,11 +106,8 @@ def run(widths: dict, batch_sizes, repeats: int, torch_too: bool, shape: dict = 
 
 def format_table(rows: list) -> str:
   """The rows as a Markdown table."""
-  lines = ["| CRNN width | channels | N | frames | JAX dtype | JAX step ms | "
-           "PyTorch step ms | JAX steps/s |", "|---|---|---|---|---|---|---|---|"]
-  for r in rows:
-    lines.append(f"| {r['width']} | {tuple(r['channels'])} | {r['n']} | {r['frames']} | "
-                 f"{r['dtype']} | "
-                 f"{r['jax_ms']:.0f} | {timing.cell(r['torch_ms'], '.0f')} | "
-                 f"{1e3 / r['jax_ms']:.2f} |")
-  return "\n".join(lines)
+  return timing.markdown_table(
+      [("CRNN width", "width", ""), ("channels", lambda r: tuple(r["channels"]), ""),
+       ("N", "n", ""), ("frames", "frames", ""), ("JAX dtype", "dtype", ""),
+       ("JAX step ms", "jax_ms", ".0f"), ("PyTorch step ms", "torch_ms", ".0f"),
+       ("JAX steps/s", lambda r: 1e3 / r["jax_ms"], ".2f")], rows)
