@@ -1,14 +1,15 @@
-"""A workdir in a bucket: the files ntxr writes there itself (config, metrics, TensorBoard
-events, results, the DCASE file, a search index), against a local Cloud Storage emulator
-(gcp-storage-emulator) reached as a bucket is, through etils.epath's gcsfs client
-(EPATH_USE_TF=false: TensorFlow's own client has no emulator endpoint). The test reads the
-bucket through the emulator's JSON API, not through ntxr.
+"""A workdir in a bucket, against a local Cloud Storage emulator (gcp-storage-emulator)
+reached as a bucket is: etils.epath through its gcsfs client (EPATH_USE_TF=false:
+TensorFlow's own client has no emulator endpoint) for ntxr's files, tensorstore for
+Orbax's arrays. The tests read the bucket through the emulator's JSON API, not through ntxr.
 
-Orbax's checkpoints in a bucket are not run here: tensorstore writes them with generation
-preconditions, which the emulator does not keep."""
+Orbax's default array format (OCDBT) writes with generation preconditions, which the
+emulator does not keep: the whole run here uses Orbax's per-array format instead."""
 
 import json
 import os
+import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -21,9 +22,17 @@ import pytest
 
 from ntxr import dcase, files, workdir as workdir_lib
 from ntxr.data import corpus
-from processes import free_port
+from processes import free_port, wait_for
+from runs import flat
 
 BUCKET = "ntxr-runs"
+# ntxr.main with Orbax's per-array format (see above).
+MAIN_PER_ARRAY = (
+    "import functools, runpy\n"
+    "from orbax.checkpoint._src.handlers import standard_checkpoint_handler as handler\n"
+    "handler.StandardCheckpointHandler.__init__ = functools.partialmethod(\n"
+    "    handler.StandardCheckpointHandler.__init__, use_ocdbt=False)\n"
+    "runpy.run_module('ntxr.main', run_name='__main__')")
 
 
 class Emulator:
@@ -125,3 +134,37 @@ def test_a_bucket_cache_is_refused_naming_the_flag(tmp_path):
   with pytest.raises(ValueError, match="--config.cache_dir must be a local folder"):
     corpus.load(cache_dir="gs://some-bucket/cache", size="tiny")
   assert not os.path.exists("gs:")
+
+
+def test_a_run_in_a_bucket_is_killed_resumes_and_matches_a_local_run(
+    emulator, tiny_flags, tiny_run, tmp_path):
+  env = dict(os.environ, EPATH_USE_TF="false", STORAGE_EMULATOR_HOST=emulator.url,
+             TENSORSTORE_GCS_HTTP_URL=emulator.url, GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator",
+             GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")  # no zonal-bucket probe per call
+  command = [sys.executable, "-c", MAIN_PER_ARRAY, f"--workdir=gs://{BUCKET}/run", *tiny_flags()]
+  run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+  try:  # a complete checkpoint 10 (Orbax marks one in a bucket with commit_success.txt)
+    wait_for(lambda: emulator.names("run/checkpoints/latest/10/commit_success.txt"), [run], 300)
+    time.sleep(0.5)
+  finally:
+    run.kill()
+    run.wait()
+  assert not emulator.names("run/results.json")
+
+  rerun = subprocess.run(command + ["--config.checkpoint_every_steps=1000"],  # epochs' ends
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                         check=False)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert re.search(r" 10/15 \[00:00<\?", rerun.stderr)  # resumed at step 10
+  assert "is in a bucket, where a run cannot lock its workdir" in rerun.stderr
+  straight = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
+  resumed = json.loads(emulator.read("run/results.json"))
+  del straight["seconds"], resumed["seconds"]
+  assert flat(resumed) == flat(straight)
+  metrics = emulator.read("run/metrics.jsonl").decode().splitlines()
+  assert [json.loads(line)["epoch"] for line in metrics] == [1, 2]
+  events = emulator.names("run/tensorboard/")
+  assert events and all(emulator.read(name) for name in events)
+  assert not [name for name in emulator.names("run/") if ".partial-" in name]
+  assert os.listdir(tmp_path) == []
