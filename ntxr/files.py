@@ -37,15 +37,19 @@ def read_text(path) -> str:
   return epath.Path(path).read_text(encoding="utf-8")
 
 
+def partial(path: str) -> str:
+  """Where this process writes a local file before renaming it to `path`."""
+  return f"{path}.partial-{os.getpid()}"
+
+
 def write_bytes(path, data: bytes) -> None:
   """Writes `data` at `path` whole or not at all."""
   if is_bucket(path):
     epath.Path(path).write_bytes(data)
     return
-  partial = f"{path}.partial-{os.getpid()}"
-  with open(partial, "wb") as f:
+  with open(partial(path), "wb") as f:
     f.write(data)
-  os.replace(partial, path)
+  os.replace(partial(path), path)
 
 
 def write_text(path, text: str) -> None:

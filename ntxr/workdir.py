@@ -389,8 +389,8 @@ class MetricsLog:
     self.tensorboard.flush()
     if self.staged:
       for name in os.listdir(self.staged):
-        with open(os.path.join(self.staged, name), "rb") as f:
-          files.write_bytes(os.path.join(self.tensorboard_dir, name), f.read())
+        files.write_bytes(os.path.join(self.tensorboard_dir, name),
+                          files.read_bytes(os.path.join(self.staged, name)))
 
   def __enter__(self) -> "MetricsLog":
     return self

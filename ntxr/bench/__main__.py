@@ -8,8 +8,8 @@
 
 Jobs (--jobs, comma-separated): kernels (ntxr/bench/kernels.py), parts (kernel_parts.py:
 where a kernel's time goes), scores (score_matrices.py), steps (training_steps.py), loop
-(training_loop.py: the training loop's time outside the step). Each prints a Markdown table; --json writes every row
-with the device and the command line.
+(training_loop.py: the training loop's time outside the step). Each prints a Markdown
+table; --json writes every row with the device and the command line.
 """
 
 import json

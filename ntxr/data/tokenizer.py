@@ -39,14 +39,14 @@ def train(captions: list, model_path: str, vocab_size: int, cleaning: str = "ntx
   clean = clotho.TEXT_CLEANING[cleaning]
   if os.path.exists(model_path):
     return model_path
-  partial = f"{model_path}.partial-{os.getpid()}"  # renamed into place when complete
+  prefix = files.partial(model_path)  # renamed into place when complete
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter([clean(c) for c in captions]),
-      model_prefix=partial, vocab_size=vocab_size, pad_id=PAD_ID, unk_id=UNK_ID,
+      model_prefix=prefix, vocab_size=vocab_size, pad_id=PAD_ID, unk_id=UNK_ID,
       bos_id=-1, eos_id=-1, hard_vocab_limit=False, model_type="unigram",
       minloglevel=2)
-  os.replace(partial + ".model", model_path)
-  os.remove(partial + ".vocab")
+  os.replace(prefix + ".model", model_path)
+  os.remove(prefix + ".vocab")
   return model_path
 
 
