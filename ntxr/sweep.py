@@ -44,7 +44,11 @@ _GPUS = flags.DEFINE_list("gpus", [], "GPU ids to split evenly among the process
 _TABLE_ONLY = flags.DEFINE_bool("table_only", False, "only write the table of finished runs")
 
 COLUMNS = (tuple(f"t2a {m}" for m in evaluate.T2A) + tuple(f"a2t {m}" for m in evaluate.A2T))
-FALSE_NEGATIVES = "false negatives"  # the column, where a run measured them
+# Columns where the runs measured false negatives (results.json "false_negatives"): the
+# share of the negatives' weight on them, and with the pool filter on, the share of the
+# pool it removed and the share of those removed that were false negatives.
+FALSE_NEGATIVES = {"false negatives": "false_negative_share", "filtered": "filtered_share",
+                   "filtered false": "filtered_false_share"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +154,8 @@ def read_sweep(root: str) -> list:
 
 def table(runs) -> list:
   """Per strategy (or objective): {"strategy", "seeds", "collapsed", COLUMN: (mean,
-  spread)}, and FALSE_NEGATIVES (the false-negative share) where every seed measured it.
+  spread)}, and the FALSE_NEGATIVES columns where every seed measured them (the filter's
+  two where every seed's filter removed something).
 
   The spread is the sample standard deviation over seeds (nan for one seed)."""
   def mean_and_spread(values):
@@ -165,16 +170,18 @@ def table(runs) -> list:
     for column in COLUMNS:
       direction, metric = column.split()
       row[column] = mean_and_spread([r[direction][metric] for r in mine])
-    if all(r.get("false_negatives") for r in mine):
-      row[FALSE_NEGATIVES] = mean_and_spread(
-          [r["false_negatives"]["false_negative_share"] for r in mine])
+    measured = [r["false_negatives"] for r in mine if r.get("false_negatives")]
+    filtered = all(m.get("filtered_share") for m in measured)
+    for column, key in FALSE_NEGATIVES.items():
+      if len(measured) == len(mine) and (filtered or key == "false_negative_share"):
+        row[column] = mean_and_spread([m[key] for m in measured])
     rows.append(row)
   return rows
 
 
 def _columns(rows) -> tuple:
-  """COLUMNS, and FALSE_NEGATIVES if some row has it."""
-  return COLUMNS + ((FALSE_NEGATIVES,) if any(FALSE_NEGATIVES in r for r in rows) else ())
+  """COLUMNS, and those of FALSE_NEGATIVES that some row has."""
+  return COLUMNS + tuple(c for c in FALSE_NEGATIVES if any(c in r for r in rows))
 
 
 def to_csv(rows) -> str:

@@ -66,16 +66,32 @@ def test_table_is_the_mean_and_sample_spread_over_seeds(tmp_path):
 
 def test_table_reports_false_negatives_where_every_seed_measured_them(tmp_path):
   root = str(tmp_path)
+  unfiltered = dict(filtered_share=0.0, filtered_false_share=0.0)
   for seed, share in [(0, 0.1), (1, 0.3)]:
-    fake_run(root, "infonce", seed, 0.5, false_negatives=dict(false_negative_share=share))
+    fake_run(root, "infonce", seed, 0.5,
+             false_negatives=dict(unfiltered, false_negative_share=share))
   fake_run(root, "random", 0, 0.5)
   rows = sweep.table(sweep.read_sweep(root))
   assert [r["strategy"] for r in rows] == ["random", "infonce"]
-  assert rows[1][sweep.FALSE_NEGATIVES] == pytest.approx((0.2, np.std([0.1, 0.3], ddof=1)))
-  assert sweep.FALSE_NEGATIVES not in rows[0]
+  assert rows[1]["false negatives"] == pytest.approx((0.2, np.std([0.1, 0.3], ddof=1)))
+  assert "false negatives" not in rows[0]
+  assert "filtered" not in rows[1]  # no filter: nothing removed, no share of it
   markdown = sweep.to_markdown(rows).splitlines()
-  assert markdown[0].endswith("| false negatives | collapse |")
+  assert markdown[0].endswith("| a2t mAP | false negatives | collapse |")
   assert markdown[2].endswith("| nan | 0/1 |") and "| 0.200 ± 0.141 |" in markdown[3]
+
+
+def test_table_reports_what_the_filter_removed(tmp_path):
+  root = str(tmp_path)
+  for seed, (removed, false) in enumerate([(0.02, 0.5), (0.04, 0.7)]):
+    fake_run(root, "siglip", seed, 0.5, false_negatives=dict(
+        false_negative_share=0.1, filtered_share=removed, filtered_false_share=false))
+  row, = sweep.table(sweep.read_sweep(root))
+  assert row["filtered"] == pytest.approx((0.03, np.std([0.02, 0.04], ddof=1)))
+  assert row["filtered false"] == pytest.approx((0.6, np.std([0.5, 0.7], ddof=1)))
+  markdown = sweep.to_markdown([row]).splitlines()
+  assert markdown[0].endswith("| false negatives | filtered | filtered false | collapse |")
+  assert markdown[2].endswith("| 0.100 ± 0.000 | 0.030 ± 0.014 | 0.600 ± 0.141 | 0/2 |")
 
 
 def test_run_all_skips_finished_runs_and_reports_failures(tmp_path, tiny_flags):
