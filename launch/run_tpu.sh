@@ -6,7 +6,8 @@
 # each process feeds its own rows of every global batch.
 #
 # Each worker needs --config.data_dir (a persistent disk or a bucket mount) and prepares
-# its own --config.cache_dir (default ~/.cache/ntxr on its disk, kept between launches).
+# its own --config.cache_dir (default ~/.cache/ntxr on its disk, kept between launches),
+# or shares one in a bucket (--config.cache_dir=gs://...: prepared once, then downloaded).
 # --workdir is required: a folder every worker sees (a shared file system, or a bucket:
 # gs://...), outside the code. The code goes to ~/ntxr-COMMIT, a folder per commit;
 # nothing is deleted, so a relaunch (after a preemption, say) resumes the run.

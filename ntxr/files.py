@@ -69,6 +69,23 @@ def append_line(path, line: str) -> None:
     f.write(line + "\n")
 
 
+def file_tree(root) -> list:
+  """Every file under the folder `root` (local or in a bucket), as sorted paths relative
+  to it; [] where there is none."""
+  bare = lambda path: os.fspath(path).split("://", 1)[-1].rstrip("/")  # walk drops gs://
+  found = []
+  for folder, _, names in epath.Path(root).walk():
+    relative = os.path.relpath(bare(folder), bare(root))
+    found += [os.path.normpath(os.path.join(relative, name)) for name in names]
+  return sorted(found)
+
+
+def copy_file(source, destination) -> None:
+  """Copies one file, between local folders and buckets either way, written whole."""
+  makedirs(os.path.dirname(os.fspath(destination)))
+  write_bytes(destination, read_bytes(source))
+
+
 def read_jsonl(path) -> list:
   """A JSON-lines file's records ([] if there is no file). A line that does not parse, as
   a kill or a full disk during an append leaves, is dropped with a warning naming it."""

@@ -42,7 +42,7 @@ from ntxr.configs import default
 # Config fields a resumed run may change (they leave training as it was); any other
 # change needs a new workdir.
 RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every_steps", "metrics_every_steps",
-                     "cache_dir", "eval_batch_size", "collapse")
+                     "cache_dir", "stage_dir", "eval_batch_size", "collapse")
 
 
 # How the reported ("best") checkpoint is chosen from each epoch's validation: the

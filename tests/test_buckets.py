@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from ntxr import dcase, files, workdir as workdir_lib
-from ntxr.data import corpus
+from ntxr.data import builders, corpus
 from processes import free_port, wait_for
 from runs import flat
 
@@ -45,6 +45,12 @@ class Emulator:
     query = urllib.parse.urlencode(dict(prefix=prefix))
     with urllib.request.urlopen(f"{self.url}/storage/v1/b/{BUCKET}/o?{query}") as response:
       return sorted(item["name"] for item in json.load(response).get("items", []))
+
+  def write(self, name: str, data: bytes) -> None:
+    query = urllib.parse.urlencode(dict(uploadType="media", name=name))
+    request = urllib.request.Request(f"{self.url}/upload/storage/v1/b/{BUCKET}/o?{query}",
+                                     data=data, method="POST")
+    urllib.request.urlopen(request).close()
 
   def read(self, name: str) -> bytes:
     quoted = urllib.parse.quote(name, safe="")
@@ -130,19 +136,59 @@ def test_a_torn_metrics_line_in_the_bucket_is_dropped_with_a_warning(emulator, b
       dict(epoch=2, training=dict(loss=0.5))).encode() + b"\n"
 
 
-def test_a_bucket_cache_is_refused_naming_the_flag(tmp_path):
-  with pytest.raises(ValueError, match="--config.cache_dir must be a local folder"):
-    corpus.load(cache_dir="gs://some-bucket/cache", size="tiny")
-  assert not os.path.exists("gs:")
+def test_a_bucket_cache_is_prepared_once_and_other_machines_download_it(
+    emulator, bucket, tmp_path, monkeypatch):
+  workdir, prefix = bucket
+  cache = f"{workdir}/cache"
+  first = corpus.load(cache_dir=cache, size="tiny", stage_dir=str(tmp_path / "machine_a"))
+  uploaded = [name[len(f"{prefix}/cache/tfds/synthetic_tiny/"):]
+              for name in emulator.names(f"{prefix}/cache/")]
+  prepared_a = first.builder.data_dir.split("/ntxr_clotho/")[0]
+  assert sorted(uploaded) == sorted(files.file_tree(prepared_a) + [corpus.UPLOADED])
+  assert any(name.startswith("tokenizers/spm_") for name in uploaded)
+
+  def prepare_again(*args, **kwargs):
+    raise AssertionError("a machine prepared the data again")
+  monkeypatch.setattr(builders.NtxrClotho, "_generate_examples", prepare_again)
+  copy_file, copied = files.copy_file, []
+  def killed_after_two(source, destination):
+    if len(copied) == 2:
+      raise OSError("killed")
+    copied.append(source)
+    copy_file(source, destination)
+  monkeypatch.setattr(files, "copy_file", killed_after_two)
+  with pytest.raises(OSError, match="killed"):
+    corpus.load(cache_dir=cache, size="tiny", stage_dir=str(tmp_path / "machine_b"))
+  monkeypatch.setattr(files, "copy_file", copy_file)
+  tfds_b = next((tmp_path / "machine_b").glob("cache-*")) / "tfds"
+  assert [p.name for p in tfds_b.iterdir()] == [f"synthetic_tiny.partial-{os.getpid()}"]
+
+  second = corpus.load(cache_dir=cache, size="tiny", stage_dir=str(tmp_path / "machine_b"))
+  assert [p.name for p in tfds_b.iterdir()] == ["synthetic_tiny"]  # the partial removed
+  prepared_b = second.builder.data_dir.split("/ntxr_clotho/")[0]
+  assert files.file_tree(prepared_b) == files.file_tree(prepared_a)
+  for split in first.splits:
+    a = list(first.builder.as_dataset(split=split).as_numpy_iterator())
+    b = list(second.builder.as_dataset(split=split).as_numpy_iterator())
+    assert len(a) == len(b) > 0
+    for x, y in zip(a, b):
+      assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+  caption = "a dog barks while rain falls"
+  assert np.array_equal(second.tokenizer.encode(caption), first.tokenizer.encode(caption))
+  assert second.events == first.events
 
 
 def test_a_run_in_a_bucket_is_killed_resumes_and_matches_a_local_run(
-    emulator, tiny_flags, tiny_run, tmp_path):
+    emulator, tiny_flags, tiny_run, tmp_path, tmp_path_factory):
+  """The cache is in the bucket too: the first run prepares and uploads it, the rerun
+  stands for another machine, which downloads it."""
   env = dict(os.environ, EPATH_USE_TF="false", STORAGE_EMULATOR_HOST=emulator.url,
              TENSORSTORE_GCS_HTTP_URL=emulator.url, GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator",
              GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")  # no zonal-bucket probe per call
-  command = [sys.executable, "-c", MAIN_PER_ARRAY, f"--workdir=gs://{BUCKET}/run", *tiny_flags()]
-  run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+  command = [sys.executable, "-c", MAIN_PER_ARRAY, f"--workdir=gs://{BUCKET}/run", *tiny_flags(),
+             f"--config.cache_dir=gs://{BUCKET}/cache"]
+  run = subprocess.Popen(command + [f"--config.stage_dir={tmp_path_factory.mktemp('machine_a')}"],
+                         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
   try:  # a complete checkpoint 10 (Orbax marks one in a bucket with commit_success.txt)
     wait_for(lambda: emulator.names("run/checkpoints/latest/10/commit_success.txt"), [run], 300)
@@ -151,13 +197,20 @@ def test_a_run_in_a_bucket_is_killed_resumes_and_matches_a_local_run(
     run.kill()
     run.wait()
   assert not emulator.names("run/results.json")
+  prepared = "cache/tfds/synthetic_tiny"
+  assert emulator.names(f"{prepared}/{corpus.UPLOADED}")
+  emulator.write(f"{prepared}/tokenizers/only_in_the_bucket.txt", b"a file to trace")
 
-  rerun = subprocess.run(command + ["--config.checkpoint_every_steps=1000"],  # epochs' ends
+  stage_b = tmp_path_factory.mktemp("machine_b")
+  rerun = subprocess.run(command + [f"--config.stage_dir={stage_b}",
+                                    "--config.checkpoint_every_steps=1000"],  # epochs' ends
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
                          check=False)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert re.search(r" 10/15 \[00:00<\?", rerun.stderr)  # resumed at step 10
   assert "is in a bucket, where a run cannot lock its workdir" in rerun.stderr
+  downloaded, = stage_b.glob("cache-*/tfds/synthetic_tiny/tokenizers/only_in_the_bucket.txt")
+  assert downloaded.read_bytes() == b"a file to trace"
   straight = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
   resumed = json.loads(emulator.read("run/results.json"))
   del straight["seconds"], resumed["seconds"]

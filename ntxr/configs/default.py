@@ -33,7 +33,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Data: an empty data_dir means the built-in synthetic corpus of `size`.
   config.data_dir = ""
   config.size = "default"
-  config.cache_dir = "~/.cache/ntxr"
+  config.cache_dir = "~/.cache/ntxr"  # or a bucket, gs://...: prepared once for all workers
+  config.stage_dir = ""               # a bucket cache's local copy ("": ~/.cache/ntxr/staged)
   # Log-mel, 40 ms windows, 20 ms hop, 64 bands (ntxr.data.features.LogMelConfig).
   config.sample_rate = 0              # 0: 16000 for the synthetic corpus, 44100 otherwise
   config.n_fft = 0                    # 0: the window length

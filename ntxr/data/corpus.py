@@ -1,14 +1,19 @@
 """One call from a data folder (or none: the built-in corpus) to prepared clips and a tokenizer.
 
 A user's data folder is only read: the prepared TFRecords and the tokenizer live in the
-cache, in one folder per source folder.
+cache, in one folder per source folder. A cache in a bucket (gs://...) is kept in a local
+folder on each machine that uses it: a machine downloads a prepared folder the bucket
+holds, or prepares it and uploads it, so that it is prepared once for every worker and
+every relaunch.
 """
 
 import contextlib
 import dataclasses
 import fcntl
+import glob
 import hashlib
 import os
+import shutil
 import time
 from typing import Optional
 
@@ -19,6 +24,8 @@ from ntxr.data import builders, features, synthetic, tokenizer
 
 TOKENS = ("sentencepiece", "words")
 VOCABULARY_SPLITS = ("training", "all")  # which splits' captions a tokenizer learns from
+STAGE_DIR = "~/.cache/ntxr/staged"  # where a bucket cache's local copies live
+UPLOADED = "ntxr_uploaded.json"  # in a bucket's prepared folder, written after its files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,11 +57,56 @@ def _tokenizer(kind: str, captions: list, folder: str, vocab_size: int, cleaning
   return tokenizer.Tokenizer(tokenizer.train(captions, path, vocab_size, cleaning), cleaning)
 
 
+def _digest(text: str) -> str:
+  return hashlib.sha1(text.encode()).hexdigest()[:8]
+
+
 def _prepared_dir(cache_dir: str, data_dir: str) -> str:
-  """Where data_dir's prepared TFRecords live: one folder per source folder."""
+  """Where data_dir's prepared TFRecords live: one folder per source folder (the built-in
+  corpus, generated inside the cache, by its name alone)."""
   source = os.path.abspath(data_dir)
-  digest = hashlib.sha1(source.encode()).hexdigest()[:8]
-  return os.path.join(cache_dir, "tfds", f"{os.path.basename(source)}-{digest}")
+  if os.path.dirname(source) == os.path.abspath(cache_dir):
+    return os.path.join(cache_dir, "tfds", os.path.basename(source))
+  return os.path.join(cache_dir, "tfds", f"{os.path.basename(source)}-{_digest(source)}")
+
+
+def _local_copy(cache_dir: str, stage_dir: str) -> str:
+  """The local folder that stands for the bucket cache_dir on this machine."""
+  name = os.path.basename(cache_dir.rstrip("/"))
+  return os.path.join(os.path.expanduser(stage_dir), f"{name}-{_digest(cache_dir)}")
+
+
+def _is_leftover(name: str) -> bool:
+  """Whether a prepared folder's file is what an interrupted write left behind."""
+  return "incomplete" in name or ".partial-" in name
+
+
+def _download(bucket_copy: str, prepared: str) -> None:
+  """Copies a prepared folder the bucket holds whole into `prepared`, if that is missing:
+  into a partial folder first, renamed into place once every file is there."""
+  if os.path.isdir(prepared) or not files.exists(f"{bucket_copy}/{UPLOADED}"):
+    return
+  for stale in glob.glob(glob.escape(prepared) + ".partial-*"):  # killed downloads' folders
+    shutil.rmtree(stale)
+  partial = files.partial(prepared)
+  names = [name for name in files.file_tree(bucket_copy) if name != UPLOADED]
+  for name in names:
+    files.copy_file(f"{bucket_copy}/{name}", os.path.join(partial, name))
+  os.replace(partial, prepared)
+  logging.info("downloaded the prepared data (%d files) from %s", len(names), bucket_copy)
+
+
+def _upload(prepared: str, bucket_copy: str) -> None:
+  """Uploads the files of `prepared` the bucket lacks, then marks the bucket's copy whole."""
+  present = set(files.file_tree(bucket_copy))
+  names = [name for name in files.file_tree(prepared)
+           if name not in present and not _is_leftover(name)]
+  for name in names:
+    files.copy_file(os.path.join(prepared, name), f"{bucket_copy}/{name}")
+  if UPLOADED not in present:
+    files.write_json(f"{bucket_copy}/{UPLOADED}", dict(files=len(names)))
+  if names:
+    logging.info("uploaded %d prepared files to %s", len(names), bucket_copy)
 
 
 @contextlib.contextmanager
@@ -72,12 +124,13 @@ def _exclusive(path: str):
 
 def load(data_dir=None, *, cache_dir, size="default", logmel=features.LogMelConfig(),
          tokens="sentencepiece", vocab_size=1000, cleaning="ntxr", vocabulary="training",
-         skip_bad_files=False) -> Corpus:
+         skip_bad_files=False, stage_dir=STAGE_DIR) -> Corpus:
   """Prepares (once) and opens a Clotho v2 or AudioCaps folder, or the synthetic corpus.
 
   Args:
     data_dir: a Clotho v2 or AudioCaps folder (told apart by their caption files), or
       None for the built-in synthetic corpus of `size`.
+    cache_dir: a local folder, or a bucket folder kept in a local copy under stage_dir.
     logmel: feature parameters; sample_rate 0 takes the corpus's own (16 kHz synthetic,
       44.1 kHz otherwise).
     tokens: "sentencepiece" (vocab_size pieces) or "words" (every word seen).
@@ -87,19 +140,21 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=features.LogMelConf
   """
   if vocabulary not in VOCABULARY_SPLITS:
     raise ValueError(f"vocabulary must be one of {VOCABULARY_SPLITS}, not {vocabulary!r}")
-  if files.is_bucket(cache_dir):
-    raise ValueError(f"--config.cache_dir must be a local folder, not {cache_dir}: each "
-                     "worker prepares the data into its own cache (a bucket workdir is fine)")
-  with _exclusive(os.path.join(cache_dir, "lock")):
+  bucket = files.is_bucket(cache_dir)
+  local = _local_copy(cache_dir, stage_dir) if bucket else cache_dir
+  with _exclusive(os.path.join(local, "lock")):
     generate_s = 0.0
     if data_dir is None:
       start = time.perf_counter()
-      data_dir = synthetic.generate(os.path.join(cache_dir, f"synthetic_{size}"), size)
+      data_dir = synthetic.generate(os.path.join(local, f"synthetic_{size}"), size)
       generate_s = time.perf_counter() - start
       logmel = dataclasses.replace(logmel, sample_rate=logmel.sample_rate or synthetic.SAMPLE_RATE)
     logmel = dataclasses.replace(logmel, sample_rate=logmel.sample_rate or 44100)
     builder_class = builders.builder_for(data_dir)
-    prepared = _prepared_dir(cache_dir, data_dir)
+    prepared = _prepared_dir(local, data_dir)
+    bucket_copy = f"{cache_dir.rstrip('/')}/{os.path.relpath(prepared, local)}"
+    if bucket:
+      _download(bucket_copy, prepared)
     builder = builder_class(data_dir=prepared, config=builders.clotho_config(logmel),
                             skip_bad_files=skip_bad_files)
     start = time.perf_counter()
@@ -109,6 +164,8 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=features.LogMelConf
     captions = [c for split in splits for c in builder.captions(data_dir, split)]
     tok = _tokenizer(tokens, captions, os.path.join(prepared, "tokenizers"), vocab_size,
                      cleaning, vocabulary)
+    if bucket:
+      _upload(prepared, bucket_copy)
   skipped = builders.skipped(builder)
   for split, entries in skipped.items():
     if entries:
@@ -120,6 +177,7 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=features.LogMelConf
 def from_config(config) -> Corpus:
   """`load` with a training config's data fields (ntxr/configs/default.py)."""
   return load(config.data_dir or None, cache_dir=os.path.expanduser(config.cache_dir),
+              stage_dir=config.stage_dir or STAGE_DIR,
               size=config.size, logmel=features.LogMelConfig(
                   sample_rate=config.sample_rate, n_fft=config.n_fft, f_min=config.f_min,
                   f_max=config.f_max, log_offset=config.log_offset),
