@@ -8,6 +8,7 @@ corpus knows each clip's events, the step measures how much of the negatives' we
 lands on clips with exactly the anchor clip's set of event kinds (false negatives).
 """
 
+import collections
 from typing import Optional
 
 import jax
@@ -82,6 +83,14 @@ def relevance(similarity: Array, positives: Array, slope: float, offset: float) 
 def same_events(events: Array) -> Array:
   """[N, K] bool event kinds -> [N, N] bool: the two clips have exactly the same kinds."""
   return jnp.all(events[:, None, :] == events[None, :, :], axis=-1)
+
+
+def chance_share(kinds) -> float:
+  """The false-negative share of a uniformly random negative: over a split's clips (each
+  given as its event kinds), the share of (clip, other clip) pairs with the same kinds."""
+  counts = collections.Counter(frozenset(k) for k in kinds)
+  n = sum(counts.values())
+  return sum(c * (c - 1) for c in counts.values()) / max(n * (n - 1), 1)
 
 
 def shares(weights: Array, pool: Array, kept: Array, false: Array) -> dict:

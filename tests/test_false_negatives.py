@@ -68,6 +68,13 @@ def test_relevance_is_one_on_positives_and_the_logistic_elsewhere():
   assert float(found[0, 1]) == pytest.approx(1 / (1 + np.exp(1.0))) and float(found[0, 0]) == 1
 
 
+def test_chance_share_counts_ordered_pairs_with_the_same_kinds():
+  # {dog}, {dog}, {dog, rain}, {rain, dog}, {car}: pairs (0,1), (1,0), (2,3), (3,2) of 20.
+  kinds = [["dog"], ["dog"], ["dog", "rain"], ["rain", "dog"], ["car"]]
+  assert false_negatives.chance_share(kinds) == pytest.approx(4 / 20)
+  assert false_negatives.chance_share([["dog"]]) == 0
+
+
 def test_shares_by_hand():
   weights = jnp.zeros((2, 3, 3)).at[0, 0, 1].set(1).at[0, 1, 0].set(.5).at[0, 1, 2].set(.5)
   pool = ~jnp.eye(3, dtype=bool)
