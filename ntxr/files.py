@@ -37,9 +37,12 @@ def read_text(path) -> str:
   return epath.Path(path).read_text(encoding="utf-8")
 
 
+PARTIAL = ".partial-"  # in the name of what a process writes before renaming it
+
+
 def partial(path: str) -> str:
   """Where this process writes a local file before renaming it to `path`."""
-  return f"{path}.partial-{os.getpid()}"
+  return f"{path}{PARTIAL}{os.getpid()}"
 
 
 def write_bytes(path, data: bytes) -> None:

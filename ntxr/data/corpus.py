@@ -78,7 +78,7 @@ def _local_copy(cache_dir: str, stage_dir: str) -> str:
 
 def _is_leftover(name: str) -> bool:
   """Whether a prepared folder's file is what an interrupted write left behind."""
-  return "incomplete" in name or ".partial-" in name
+  return "incomplete" in name or files.PARTIAL in name
 
 
 def _download(bucket_copy: str, prepared: str) -> None:
@@ -86,7 +86,7 @@ def _download(bucket_copy: str, prepared: str) -> None:
   into a partial folder first, renamed into place once every file is there."""
   if os.path.isdir(prepared) or not files.exists(f"{bucket_copy}/{UPLOADED}"):
     return
-  for stale in glob.glob(glob.escape(prepared) + ".partial-*"):  # killed downloads' folders
+  for stale in glob.glob(f"{glob.escape(prepared)}{files.PARTIAL}*"):  # killed downloads
     shutil.rmtree(stale)
   partial = files.partial(prepared)
   names = [name for name in files.file_tree(bucket_copy) if name != UPLOADED]
