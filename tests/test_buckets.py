@@ -4,7 +4,12 @@ TensorFlow's own client has no emulator endpoint) for ntxr's files, tensorstore 
 Orbax's arrays. The tests read the bucket through the emulator's JSON API, not through ntxr.
 
 Orbax's default array format (OCDBT) writes with generation preconditions, which the
-emulator does not keep: the whole run here uses Orbax's per-array format instead."""
+emulator does not keep: the whole run here uses Orbax's per-array format instead.
+
+The emulator runs in memory, where it still serialises its whole object table after
+every write and delete (kept only to reload it at a restart, which an in-memory
+emulator never does): that is switched off, or an Orbax save of a few hundred objects
+costs it quadratic time."""
 
 import json
 import os
@@ -33,6 +38,12 @@ MAIN_PER_ARRAY = (
     "handler.StandardCheckpointHandler.__init__ = functools.partialmethod(\n"
     "    handler.StandardCheckpointHandler.__init__, use_ocdbt=False)\n"
     "runpy.run_module('ntxr.main', run_name='__main__')")
+# gcp-storage-emulator, in memory, without rewriting its object table per request.
+EMULATOR_IN_MEMORY = (
+    "import sys\n"
+    "from gcp_storage_emulator import __main__ as emulator, storage\n"
+    "storage.Storage._write_config_to_file = lambda self: None\n"
+    "emulator.main(sys.argv[1:])")
 
 
 class Emulator:
@@ -63,8 +74,8 @@ class Emulator:
 def emulator():
   port = free_port()
   server = subprocess.Popen(
-      [os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator"), "start",
-       "--host=127.0.0.1", f"--port={port}", "--in-memory", f"--default-bucket={BUCKET}"],
+      [sys.executable, "-c", EMULATOR_IN_MEMORY, "start", "--host=127.0.0.1", f"--port={port}",
+       "--in-memory", "--quiet", f"--default-bucket={BUCKET}"],
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   found = Emulator(f"http://127.0.0.1:{port}")
   deadline = time.monotonic() + 30
