@@ -96,6 +96,7 @@ def test_table_reports_what_the_filter_removed(tmp_path):
 
 def test_run_all_skips_finished_runs_and_reports_failures(tmp_path, tiny_flags):
   root = str(tmp_path)
+  fake_run(root, "random", 0, 0.1)
   fake_run(root, "semihard_cross", 0, 0.2)
   refused = os.path.join(root, "random", "seed_1")
   os.makedirs(refused)
@@ -105,16 +106,16 @@ def test_run_all_skips_finished_runs_and_reports_failures(tmp_path, tiny_flags):
   runs = sweep.plan(root, ["random", "semihard_cross"], [0, 1])
   reports = []
   failed = sweep.run_all(runs, tiny, processes=2, report=reports.append)
-  assert reports[0] == "1 of 4 runs finished already; 3 to run, 2 at a time"
+  assert reports[0] == "2 of 4 runs finished already; 2 to run, 2 at a time"
   assert failed == [runs[2]]  # random seed 1: its workdir holds other settings
   assert "other settings" in open(os.path.join(refused, "log.txt")).read()
-  assert not os.path.exists(os.path.join(root, "semihard_cross", "seed_0", "log.txt"))
-  for run in (runs[0], runs[3]):
-    with open(os.path.join(run.workdir, "results.json")) as f:
-      results = json.load(f)
-    assert (results["strategy"], results["epochs"]) == (run.strategy, 1)
-    with open(os.path.join(run.workdir, "config.json")) as f:
-      assert json.load(f)["seed"] == run.seed
+  for finished in (runs[0], runs[1]):
+    assert not os.path.exists(os.path.join(finished.workdir, "log.txt"))
+  with open(os.path.join(runs[3].workdir, "results.json")) as f:
+    results = json.load(f)
+  assert (results["strategy"], results["epochs"]) == ("semihard_cross", 1)
+  with open(os.path.join(runs[3].workdir, "config.json")) as f:
+    assert json.load(f)["seed"] == 1
   assert sweep.run_all(runs, tiny, report=reports.append) == [runs[2]]
   assert reports[-2] == "3 of 4 runs finished already; 1 to run, 1 at a time"
 
