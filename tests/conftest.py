@@ -80,20 +80,33 @@ def tiny_flags(cache_dir):
   return make
 
 
-@pytest.fixture(scope="session")
-def tiny_sweep(tmp_path_factory, tiny_config):
-  """A sweep root with SWEEP_STRATEGIES x seeds 0 and 1, trained once for the session:
-  the first worker to ask trains it while holding a lock, the others wait and reuse it."""
-  root = shared_path(tmp_path_factory, "sweep")
-  with corpus._exclusive(root + ".lock"):  # pylint: disable=protected-access
-    for run in sweep.plan(root, SWEEP_STRATEGIES, [0, 1]):
-      if not run.finished:
-        train.train_and_evaluate(tiny_config(strategy=run.strategy, seed=run.seed), run.workdir)
-  return root
+def _train_once(root: str, run: sweep.Run, tiny_config) -> None:
+  """Trains one of the tiny sweep's runs unless a worker has: each run has its own lock
+  (beside the sweep), so that two workers asking for the sweep at once train different
+  runs."""
+  lock = os.path.join(f"{root}-locks", f"{run.strategy}_seed_{run.seed}")
+  with corpus._exclusive(lock):  # pylint: disable=protected-access
+    if not run.finished:
+      train.train_and_evaluate(tiny_config(strategy=run.strategy, seed=run.seed), run.workdir)
 
 
 @pytest.fixture(scope="session")
-def tiny_run(tiny_sweep):
+def tiny_run(tmp_path_factory, tiny_config):
   """The workdir of a finished run of tiny_config() (semihard_cross, seed 0), trained
   once for the whole session: the tiny sweep's."""
-  return os.path.join(tiny_sweep, "semihard_cross", "seed_0")
+  root = shared_path(tmp_path_factory, "sweep")
+  run, = [r for r in sweep.plan(root, SWEEP_STRATEGIES, [0, 1])
+          if (r.strategy, r.seed) == ("semihard_cross", 0)]
+  _train_once(root, run, tiny_config)
+  return run.workdir
+
+
+@pytest.fixture(scope="session")
+def tiny_sweep(tiny_run, tiny_config):
+  """A sweep root with SWEEP_STRATEGIES x seeds 0 and 1, trained once for the session;
+  the second worker goes through the runs in the other order."""
+  root = os.path.dirname(os.path.dirname(tiny_run))
+  runs = sweep.plan(root, SWEEP_STRATEGIES, [0, 1])
+  for run in runs[::-1] if os.environ.get("PYTEST_XDIST_WORKER") == "gw1" else runs:
+    _train_once(root, run, tiny_config)
+  return root
