@@ -19,7 +19,7 @@ from processes import free_port, wait_for
 from runs import flat
 
 HEARTBEAT_SECONDS = 10
-SHORT = dict(frame_buckets=(128,), max_steps_per_epoch=8, checkpoint_every_steps=4)
+SHORT = dict(frame_buckets=(64,), max_steps_per_epoch=6, checkpoint_every_steps=3)
 
 
 def start_run(workdir: pathlib.Path, flags: list) -> list:
@@ -41,6 +41,7 @@ def log_of(workdir: pathlib.Path, index: int) -> str:
   return (workdir.parent / f"process_{index}.log").read_text()
 
 
+@pytest.mark.long
 def test_a_dead_process_ends_the_other_and_a_rerun_resumes_to_match_one(
     tiny_config, tiny_flags, tmp_path):
   """Process 1 killed mid-epoch: process 0 does not wait for it forever. Within the
@@ -52,7 +53,7 @@ def test_a_dead_process_ends_the_other_and_a_rerun_resumes_to_match_one(
   workdir = tmp_path / "run"
   processes = start_run(workdir, tiny_flags(**SHORT))
   try:
-    wait_for(lambda: (workdir / "checkpoints" / "latest" / "4").exists(), processes, 300)
+    wait_for(lambda: (workdir / "checkpoints" / "latest" / "3").exists(), processes, 300)
     processes[1].kill()
     code = processes[0].wait(timeout=HEARTBEAT_SECONDS + 60)
   finally:
@@ -69,7 +70,7 @@ def test_a_dead_process_ends_the_other_and_a_rerun_resumes_to_match_one(
   processes = start_run(workdir, tiny_flags(**SHORT))
   codes = [process.wait(timeout=300) for process in processes]
   assert codes == [0, 0], log_of(workdir, 0)[-3000:] + log_of(workdir, 1)[-3000:]
-  assert re.search(r" 4/8 \[00:00<\?", log_of(workdir, 0)[before:])  # resumed at step 4
+  assert re.search(r" 3/6 \[00:00<\?", log_of(workdir, 0)[before:])  # resumed at step 3
   results = json.loads((workdir / "results.json").read_text())
   del straight["seconds"], results["seconds"]
   assert flat(results) == pytest.approx(flat(straight), abs=1e-5)
