@@ -127,10 +127,10 @@ def test_random_covers_the_pool_uniformly_and_never_a_positive(batch):
 def test_one_clip_batch_and_empty_pools_contribute_zero(batch):
   ids = jnp.zeros(8, jnp.int32)
   for strategy in sampling.STRATEGIES:
-    loss, grad = jax.value_and_grad(
+    loss, grad = jax.jit(jax.value_and_grad(
         lambda a: sampling.triplet_loss(
             a, batch["text"], ids, strategy=strategy, key=jax.random.PRNGKey(0),
-            audio_mask=batch["audio_mask"], text_mask=batch["text_mask"]))(batch["audio"])
+            audio_mask=batch["audio_mask"], text_mask=batch["text_mask"])))(batch["audio"])
     assert float(loss) == 0.0, strategy
     assert np.all(np.asarray(grad) == 0.0), strategy
   chosen = sampling.select_negatives(batch["s_cross"], ids, strategy="hard_cross")
@@ -163,10 +163,10 @@ def test_gradient_matches_finite_differences(batch, strategy):
   with jax.enable_x64(True):
     audio = jnp.asarray(batch["audio"], jnp.float64)
     text = jnp.asarray(batch["text"], jnp.float64)
-    loss = lambda a, t: sampling.triplet_loss(
+    loss = jax.jit(lambda a, t: sampling.triplet_loss(
         a, t, batch["audio_ids"], strategy=strategy, key=jax.random.PRNGKey(1),
-        audio_mask=batch["audio_mask"], text_mask=batch["text_mask"])
-    grad_a, grad_t = jax.grad(loss, argnums=(0, 1))(audio, text)
+        audio_mask=batch["audio_mask"], text_mask=batch["text_mask"]))
+    grad_a, grad_t = jax.jit(jax.grad(loss, argnums=(0, 1)))(audio, text)
     for seed in range(3):
       ka, kt = jax.random.split(jax.random.PRNGKey(seed))
       # The rows of one clip hold the same audio, so they move together: an
@@ -187,7 +187,8 @@ def test_vmap_over_batches_equals_one_at_a_time(batch):
       a, batch["text"], batch["audio_ids"], strategy="random", key=k,
       audio_mask=batch["audio_mask"], text_mask=batch["text_mask"])
   batched = jax.jit(jax.vmap(loss))(audio, keys)
-  np.testing.assert_allclose(batched, [loss(a, k) for a, k in zip(audio, keys)], rtol=1e-6)
+  one = jax.jit(loss)
+  np.testing.assert_allclose(batched, [one(a, k) for a, k in zip(audio, keys)], rtol=1e-6)
 
 
 @pytest.mark.parametrize("strategy", sorted(sampling.STRATEGIES))
