@@ -22,13 +22,14 @@ def crnn_inputs(lengths, frames, seed=0):
 def crnn():
   model = models.CRNN(SMALL["channels"], embed_dim=SMALL["embed_dim"])
   audio, mask = crnn_inputs([37, 80], 80)
-  return model, model.init(jax.random.key(0), audio, mask, train=False)
+  return model, jax.jit(model.init, static_argnames="train")(jax.random.key(0), audio, mask,
+                                                              train=False)
 
 
 def test_frames_are_unit_vectors_and_padding_is_zero(crnn):
   model, variables = crnn
   audio, mask = crnn_inputs([37, 80], 80)
-  out = model.apply(variables, audio, mask, train=False)
+  out = jax.jit(lambda a, m: model.apply(variables, a, m, train=False))(audio, mask)
   assert out.shape == (2, 80, 12)
   norms = np.linalg.norm(np.asarray(out), axis=-1)
   np.testing.assert_allclose(norms[np.asarray(mask)], 1.0, rtol=1e-5)
@@ -40,13 +41,14 @@ def test_embedding_does_not_depend_on_padding(crnn):
   audio, mask = crnn_inputs([37, 53], 56)
   padded, padded_mask = (jnp.pad(audio, ((0, 0), (0, 104), (0, 0))),
                          jnp.pad(mask, ((0, 0), (0, 104))))
-  short = model.apply(variables, audio, mask, train=False)
-  long = model.apply(variables, padded, padded_mask, train=False)
+  embed = jax.jit(lambda a, m: model.apply(variables, a, m, train=False))
+  short, long = embed(audio, mask), embed(padded, padded_mask)
   np.testing.assert_allclose(long[:, :56], short, atol=1e-5)
   # Training-mode BatchNorm statistics skip padded frames too, whatever they hold.
   garbage = padded + 100.0 * (~padded_mask)[..., None]
-  train_out = lambda a: model.apply(variables, a, padded_mask, train=True,
-                                    mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})
+  train_out = jax.jit(lambda a: model.apply(variables, a, padded_mask, train=True,
+                                            mutable=["batch_stats"],
+                                            rngs={"dropout": jax.random.key(1)}))
   (clean, clean_stats), (dirty, dirty_stats) = train_out(padded), train_out(garbage)
   np.testing.assert_allclose(dirty, clean, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
@@ -105,7 +107,8 @@ def test_zero_vectors_normalise_to_zero_with_finite_gradient():
 def test_pytorch_initializer_draws_kaiming_normal_convs_and_uniform_gru():
   model = models.CRNN((32, 128, 128, 128, 128), embed_dim=300, initializer="pytorch")
   audio, mask = crnn_inputs([16], 16)
-  params = model.init(jax.random.key(0), audio, mask, train=False)["params"]
+  params = jax.jit(model.init, static_argnames="train")(jax.random.key(0), audio, mask,
+                                                        train=False)["params"]
   kernel = np.asarray(params["Conv_2"]["kernel"])  # 3 x 3 x 128 in -> 128 out
   np.testing.assert_allclose(kernel.std(), np.sqrt(2 / (3 * 3 * 128)), rtol=0.02)
   assert np.abs(kernel).max() > 3.5 * np.sqrt(2 / (3 * 3 * 128))  # normal, not truncated at 2 std
@@ -131,7 +134,7 @@ def test_bfloat16_compute_trains_like_float32_with_float32_state():
   for dtype in ("float32", "bfloat16"):
     model = models.DualEncoder(vocab_size=30, dtype=dtype, dropout=0.0, **SMALL)
     state = steps.create_train_state(config, model, jax.random.key(0), mel_bands=64)
-    audio, text = model.apply(state.variables(), batch)
+    audio, text = jax.jit(model.apply)(state.variables(), batch)
     assert audio.dtype == text.dtype == jnp.dtype(dtype)
     step = jax.jit(steps.train_step)
     losses[dtype] = []
