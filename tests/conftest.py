@@ -3,7 +3,7 @@
 The suite runs in two worker processes (pytest-xdist). Compiling, not running, is
 most of its time, so XLA's CPU backend compiles without its LLVM optimisations and
 with its older elemental emitters in place of its fusion emitters (the tiny train step
-compiles in 1.1-1.5 s, not 3.2 s, and runs as fast), and the workers and every process
+compiles in 1.1-1.5 s, not 3.2 s, and runs about as fast), and the workers and every process
 a test starts share one JAX compilation cache, made for the session and removed after
 it: a step compiled once is not compiled again in another process.
 """
