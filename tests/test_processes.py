@@ -41,7 +41,6 @@ def log_of(workdir: pathlib.Path, index: int) -> str:
   return (workdir.parent / f"process_{index}.log").read_text()
 
 
-@pytest.mark.long
 def test_a_dead_process_ends_the_other_and_a_rerun_resumes_to_match_one(
     tiny_config, tiny_flags, tmp_path):
   """Process 1 killed mid-epoch: process 0 does not wait for it forever. Within the
