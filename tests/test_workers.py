@@ -35,22 +35,60 @@ def test_a_command_started_as_a_sweep_starts_its_runs_ends_with_its_launcher(tmp
 
 
 def probe(_) -> tuple:
-  return tuple(sorted(m for m in ("tensorflow", "jax") if m in sys.modules))
+  """(the process that ran the job, which heavy modules it has loaded)."""
+  return os.getpid(), tuple(sorted(m for m in ("tensorflow", "jax") if m in sys.modules))
 
 
-def test_pool_workers_do_not_import_the_parents_main_module(tmp_path):
-  script = tmp_path / "heavy_main.py"
-  script.write_text(textwrap.dedent(f"""
-      import sys
-      sys.path.insert(0, {os.path.dirname(__file__)!r})
+def sleep_then_pid(seconds: float) -> int:
+  time.sleep(seconds)
+  return os.getpid()
+
+
+def run_script(tmp_path, body: str) -> subprocess.Popen:
+  """A Python script, with this folder importable, started from the repository."""
+  script = tmp_path / "script.py"
+  script.write_text(f"import sys\nsys.path.insert(0, {os.path.dirname(__file__)!r})\n"
+                    + textwrap.dedent(body))
+  return subprocess.Popen([sys.executable, str(script)], cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def test_pool_workers_do_not_import_the_parents_main_module_and_few_jobs_run_here(tmp_path):
+  script = run_script(tmp_path, """
+      import os
       import jax  # a heavy __main__, as ntxr.main is
       import test_workers
       from ntxr.data import workers
       if __name__ == "__main__":
-        with workers.pool(2) as pool:
-          print(pool.map(test_workers.probe, range(2)))
-  """))
-  out = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True,
-                       timeout=300)
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.strip() == "[(), ()]"
+        print(os.getpid())
+        print(list(workers.imap(test_workers.probe, range(4), processes=2)))
+        print(list(workers.imap(test_workers.probe, range(3))))  # fewer than a worker's worth
+  """)
+  out, err = script.communicate(timeout=300)
+  assert script.returncode == 0, err[-2000:]
+  parent, pooled, here = out.splitlines()
+  pooled, here = eval(pooled), eval(here)  # pylint: disable=eval-used
+  assert all(modules == () for _, modules in pooled)  # workers: no TensorFlow, no JAX
+  assert int(parent) not in {pid for pid, _ in pooled}
+  assert here == [(int(parent), ("jax",))] * 3
+
+
+def test_pool_workers_end_when_their_parent_is_killed_mid_job(tmp_path):
+  script = run_script(tmp_path, """
+      import test_workers
+      from ntxr.data import workers
+      if __name__ == "__main__":
+        for pid in workers.imap(test_workers.sleep_then_pid, [0, 0, 120, 120], processes=2):
+          print(pid, flush=True)
+  """)
+  try:
+    first = int(script.stdout.readline())  # the pool is up and two jobs are done
+    pool = descendants(script.pid)  # the two workers and multiprocessing's resource tracker
+  finally:
+    script.kill()
+    script.wait()
+  assert first in pool and len(pool) == 3
+  deadline = time.monotonic() + 10
+  while alive(pool) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not alive(pool)

@@ -1,10 +1,10 @@
 """TFDS builders for Clotho v2 and AudioCaps, from folders users download by hand.
 
-Features are computed once at prepare time, in parallel worker processes, and stored
-as TFRecords; each builder config's name records every feature parameter, so a change
-of parameters prepares a new dataset instead of mixing. TFDS writes into a temporary
-folder and renames it when complete, so an interrupted prepare leaves nothing a later
-run would trust.
+Features are computed once at prepare time (in parallel worker processes when a split
+has enough clips, see `workers.imap`) and stored as TFRecords; each builder config's
+name records every feature parameter, so a change of parameters prepares a new dataset
+instead of mixing. TFDS writes into a temporary folder and renames it when complete, so
+an interrupted prepare leaves nothing a later run would trust.
 
   builder = NtxrClotho(data_dir=..., config=clotho_config(LogMelConfig(sample_rate=44100)))
   prepare(builder, manual_dir="/path/to/Clotho")
@@ -47,7 +47,7 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, skip_bad_files: bool = False, processes: int = 0, **kwargs):
     self.skip_bad_files = skip_bad_files
-    self.processes = processes or os.cpu_count()
+    self.processes = processes
     super().__init__(**kwargs)
 
   def _info(self):
@@ -87,17 +87,16 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
     skipped = [(f"{csv_path}:{line}", reason) for line, reason in skipped]
     paths = [self._audio_path(root, split, clip) for clip in clips]
     jobs = [(path, self.builder_config.logmel) for path in paths]
-    with workers.pool(self.processes) as pool:
-      results = pool.imap(features.features_or_error, jobs, chunksize=8)
-      for audio_id, (clip, path, logmel) in enumerate(zip(clips, paths, results)):
-        if isinstance(logmel, str):
-          if not self.skip_bad_files:
-            raise ValueError(f"{logmel} (named at {csv_path}:{clip.line}); "
-                             "pass --config.skip_bad_files=true to leave such clips out")
-          skipped.append((f"{csv_path}:{clip.line}", logmel))
-          continue
-        yield clip.file_name, dict(audio_id=audio_id, file_name=clip.file_name,
-                                   logmel=logmel, captions=list(clip.captions))
+    results = workers.imap(features.features_or_error, jobs, self.processes, chunksize=8)
+    for audio_id, (clip, path, logmel) in enumerate(zip(clips, paths, results)):
+      if isinstance(logmel, str):
+        if not self.skip_bad_files:
+          raise ValueError(f"{logmel} (named at {csv_path}:{clip.line}); "
+                           "pass --config.skip_bad_files=true to leave such clips out")
+        skipped.append((f"{csv_path}:{clip.line}", logmel))
+        continue
+      yield clip.file_name, dict(audio_id=audio_id, file_name=clip.file_name,
+                                 logmel=logmel, captions=list(clip.captions))
     self.info.metadata["skipped"][split] = [f"{where}: {reason}" for where, reason in skipped]
 
 

@@ -359,7 +359,7 @@ def generate(root: str, size: str = "default", seed: int = 0, processes: int = 0
     root: the corpus folder (Clotho layout: split folders and caption CSVs).
     size: a key of SIZES.
     seed: corpus seed.
-    processes: worker processes (0: one per CPU core).
+    processes: worker processes (0: as many as the work warrants, see `workers.imap`).
   """
   if size not in SIZES:
     raise ValueError(f"unknown corpus size {size!r}; choose from {sorted(SIZES)}")
@@ -375,13 +375,12 @@ def generate(root: str, size: str = "default", seed: int = 0, processes: int = 0
   rows = {split: [] for split in SPLITS}
   for split in SPLITS:
     os.makedirs(os.path.join(partial, split))
-  with workers.pool(processes) as pool:  # each clip written as it arrives
-    for (_, s, i, _), (wav_bytes, captions) in zip(
-        jobs, pool.imap(_make_clip_args, jobs, chunksize=16)):
-      file_name = _file_name(s, i)
-      with open(os.path.join(partial, SPLITS[s], file_name), "wb") as f:
-        f.write(wav_bytes)
-      rows[SPLITS[s]].append([file_name] + captions)
+  clips = workers.imap(_make_clip_args, jobs, processes, chunksize=16)
+  for (_, s, i, _), (wav_bytes, captions) in zip(jobs, clips):  # each written as it arrives
+    file_name = _file_name(s, i)
+    with open(os.path.join(partial, SPLITS[s], file_name), "wb") as f:
+      f.write(wav_bytes)
+    rows[SPLITS[s]].append([file_name] + captions)
   for split in SPLITS:
     with open(os.path.join(partial, f"clotho_captions_{split}.csv"), "w", newline="",
               encoding="utf-8") as f:

@@ -16,6 +16,11 @@ import os
 import signal
 import sys
 import types
+from typing import Callable, Iterator
+
+# A worker's start costs about a second of imports (librosa, SciPy); one clip's features
+# take milliseconds. A pool is worth it only with this many jobs per worker.
+JOBS_PER_WORKER = 128
 
 _PR_SET_PDEATHSIG = 1
 _LAUNCHER = "NTXR_DIE_WITH"  # the environment variable naming a launching process
@@ -53,12 +58,26 @@ def _hidden_main():
 
 
 @contextlib.contextmanager
-def pool(processes: int = 0):
-  """A spawned `multiprocessing` pool of light workers (0: one per CPU core), terminated
-  on exit. Tasks must be module-level functions of modules that stay light to import."""
+def _pool(processes: int):
+  """A spawned `multiprocessing` pool of `processes` light workers, terminated on exit."""
   context = multiprocessing.get_context("spawn")
   with _hidden_main():
-    workers = context.Pool(processes or os.cpu_count(), initializer=die_with,
-                           initargs=(os.getpid(),))
+    workers = context.Pool(processes, initializer=die_with, initargs=(os.getpid(),))
   with workers:
     yield workers
+
+
+def imap(function: Callable, jobs: list, processes: int = 0, chunksize: int = 1) -> Iterator:
+  """function(job) for each job, in order, each as soon as it is done: in a pool of light
+  worker processes, or in this process when a pool would cost more than it saves.
+
+  `function` must be a module-level function of a module that stays light to import.
+  processes: 0 sizes the pool to the work (one worker per CPU core, at most one per
+  JOBS_PER_WORKER jobs); fewer than 2 runs the jobs here.
+  """
+  processes = processes or min(os.cpu_count(), len(jobs) // JOBS_PER_WORKER)
+  if processes < 2:
+    yield from map(function, jobs)
+    return
+  with _pool(processes) as workers:
+    yield from workers.imap(function, jobs, chunksize)
