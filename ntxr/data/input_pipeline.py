@@ -14,6 +14,11 @@ import tensorflow_datasets as tfds
 
 from ntxr.data import tokenizer as tokenizer_lib
 
+# The functions tf.data traces here have no Python control flow on tensors: they run as
+# written, without AutoGraph's conversion (which took about a second of each process's
+# first pipelines and wrote a file to the temporary folder for each function).
+_as_written = tf.autograph.experimental.do_not_convert
+
 
 def _tokenize(tokenizer: tokenizer_lib.Tokenizer, max_tokens: int):
   """tf string -> tokens [max_tokens] int32 padded with PAD_ID (truncated if longer)."""
@@ -44,11 +49,17 @@ def _pad_to_bucket(batch: dict, buckets: Sequence[int]) -> dict:
   return batch
 
 
-def _pairs(clip: dict, tokenize, max_frames: int) -> tf.data.Dataset:
-  """One clip -> one example per caption."""
-  audio = _cropped_audio(clip["logmel"], max_frames)
+def _captions(clip: dict, tokenize) -> tf.data.Dataset:
+  """One clip -> its captions' tokens, each with the clip's audio_id."""
   captions = tf.data.Dataset.from_tensor_slices(clip["captions"])
-  return captions.map(lambda c: dict(audio, tokens=tokenize(c), audio_id=clip["audio_id"]))
+  return captions.map(_as_written(
+      lambda text: dict(tokens=tokenize(text), audio_id=clip["audio_id"])))
+
+
+def _pairs(clip: dict, tokenize, max_frames: int) -> tf.data.Dataset:
+  """One clip -> one example per caption: the caption's tokens with the clip's audio."""
+  audio = _cropped_audio(clip["logmel"], max_frames)
+  return _captions(clip, tokenize).map(_as_written(lambda caption: dict(audio, **caption)))
 
 
 def train_batches(clips: tf.data.Dataset, tokenizer: tokenizer_lib.Tokenizer, *,
@@ -65,29 +76,30 @@ def train_batches(clips: tf.data.Dataset, tokenizer: tokenizer_lib.Tokenizer, *,
   """
   tokenize = _tokenize(tokenizer, max_tokens)
   max_frames = frame_buckets[-1]
-  ds = clips.flat_map(lambda clip: _pairs(clip, tokenize, max_frames))
+  ds = clips.flat_map(_as_written(lambda clip: _pairs(clip, tokenize, max_frames)))
   ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
   ds = ds.padded_batch(batch_size, drop_remainder=True)
-  return ds.map(lambda b: _pad_to_bucket(b, frame_buckets)).prefetch(tf.data.AUTOTUNE)
+  return ds.map(_as_written(lambda b: _pad_to_bucket(b, frame_buckets))).prefetch(
+      tf.data.AUTOTUNE)
 
 
 def clip_batches(clips: tf.data.Dataset, *, batch_size: int,
                  frame_buckets: Sequence[int]) -> tf.data.Dataset:
   """Every clip once, in order: audio, audio_mask, audio_id (last batch may be short)."""
-  ds = clips.map(lambda c: dict(_cropped_audio(c["logmel"], frame_buckets[-1]),
-                                audio_id=c["audio_id"]))
+  ds = clips.map(_as_written(lambda c: dict(_cropped_audio(c["logmel"], frame_buckets[-1]),
+                                            audio_id=c["audio_id"])))
   ds = ds.padded_batch(batch_size)
-  return ds.map(lambda b: _pad_to_bucket(b, frame_buckets)).prefetch(tf.data.AUTOTUNE)
+  return ds.map(_as_written(lambda b: _pad_to_bucket(b, frame_buckets))).prefetch(
+      tf.data.AUTOTUNE)
 
 
 def caption_batches(clips: tf.data.Dataset, tokenizer: tokenizer_lib.Tokenizer, *,
                     batch_size: int, max_tokens: int) -> tf.data.Dataset:
   """Every caption once, in clip order: tokens, token_mask, audio_id."""
   tokenize = _tokenize(tokenizer, max_tokens)
-  ds = clips.flat_map(lambda c: tf.data.Dataset.from_tensor_slices(c["captions"]).map(
-      lambda text: dict(tokens=tokenize(text), audio_id=c["audio_id"])))
-  ds = ds.batch(batch_size).map(
-      lambda b: dict(b, token_mask=b["tokens"] != tokenizer_lib.PAD_ID))
+  ds = clips.flat_map(_as_written(lambda clip: _captions(clip, tokenize)))
+  ds = ds.batch(batch_size).map(_as_written(
+      lambda b: dict(b, token_mask=b["tokens"] != tokenizer_lib.PAD_ID)))
   return ds.prefetch(tf.data.AUTOTUNE)
 
 
