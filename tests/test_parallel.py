@@ -5,6 +5,7 @@ The comparison runs in a child process started with 8 host devices (XLA reads th
 device count once, at start-up); run as a script, this file is that child.
 """
 
+import itertools
 import os
 import subprocess
 import sys
@@ -119,7 +120,8 @@ def _steps(cache_dir: str, strategies) -> dict:
     for devices in (jax.devices()[:1], jax.devices()):
       experiment = experiment_lib.Experiment(config, devices)
       prefix = f"{strategy}/{len(devices)}"
-      batches = list(input_pipeline.as_numpy(experiment.train_batches("development", 0)))
+      batches = list(itertools.islice(
+          input_pipeline.as_numpy(experiment.train_batches("development", 0)), STEPS))
       state = experiment.initial_state
       for name, value in flat(state.params).items():
         found[f"{prefix}/initial/{name}"] = value
@@ -128,7 +130,7 @@ def _steps(cache_dir: str, strategies) -> dict:
             state, experiment.devices.shard(batches[0]), key)
         found.update({f"{prefix}/{name}": np.asarray(v) for name, v in selected.items()})
       losses = []
-      for i, batch in enumerate(batches[:STEPS]):
+      for i, batch in enumerate(batches):
         state, metrics = experiment.train_step(
             state, experiment.device_batch(batch, "development"), jax.random.fold_in(key, i))
         losses.append(float(metrics.loss))
