@@ -66,7 +66,7 @@ def tiny_config(cache_dir):
   """tiny_config(**overrides): the default config shrunk to seconds of training."""
   def make(**overrides):
     config = default.get_config()
-    config.update(dict(TINY, cache_dir=cache_dir, **overrides))
+    config.update({**TINY, "cache_dir": cache_dir, **overrides})
     return config
   return make
 
