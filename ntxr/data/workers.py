@@ -5,6 +5,7 @@
 needs NumPy and librosa). The pool here starts its workers with `__main__` hidden, so
 they import only what their task's module imports, and on Linux each worker asks the
 kernel to kill it when its parent dies, however the parent ends (SIGKILL included).
+`imap` keeps jobs too few to repay the workers' start in the calling process.
 A command started with `launcher_environment()` (the sweep's runs) does the same once it
 calls `die_with_launcher()`.
 """
