@@ -45,3 +45,11 @@ def wait_for(condition, processes, timeout: float) -> None:
     if any(p.poll() is not None for p in processes) or time.monotonic() > deadline:
       raise AssertionError(f"gave up waiting; exit codes {[p.poll() for p in processes]}")
     time.sleep(0.2)
+
+
+def outliving(pids, timeout: float = 10.0) -> set:
+  """The processes of pids still alive after waiting up to timeout for them to end."""
+  deadline = time.monotonic() + timeout
+  while alive(pids) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  return alive(pids)

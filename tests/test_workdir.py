@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from ntxr import experiment as experiment_lib, train, workdir as workdir_lib
-from processes import alive, descendants
+from processes import descendants, outliving
 from runs import flat, interrupt_after, params_of
 
 
@@ -64,10 +64,7 @@ def test_a_run_killed_at_random_moments_of_every_phase_ends_as_if_never_killed(
     assert run.poll() is None and reached(cache, work), f"the run left {phase} before the kill"
     run.kill()
     run.wait()
-    deadline = time.monotonic() + 10
-    while alive(started) and time.monotonic() < deadline:
-      time.sleep(0.1)
-    assert not alive(started), f"processes outlived a run killed while {phase}"
+    assert not outliving(started), f"processes outlived a run killed while {phase}"
   train.train_and_evaluate(tiny_config(cache_dir=str(cache)), str(work))
   straight = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
   resumed = json.loads((work / "results.json").read_text())

@@ -1,6 +1,7 @@
 """Worker processes end with their run, however it ends, and load only what they need.
 (A run killed while preparing: test_workdir.py.)"""
 
+import ast
 import os
 import signal
 import subprocess
@@ -9,7 +10,7 @@ import textwrap
 import time
 
 from ntxr.data import workers
-from processes import alive, descendants
+from processes import alive, descendants, outliving
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,13 +62,15 @@ def test_pool_workers_do_not_import_the_parents_main_module_and_few_jobs_run_her
       from ntxr.data import workers
       if __name__ == "__main__":
         print(os.getpid())
-        print(list(workers.imap(test_workers.probe, range(4), processes=2)))
-        print(list(workers.imap(test_workers.probe, range(3))))  # fewer than a worker's worth
+        with workers.imap(test_workers.probe, range(4), processes=2) as results:
+          print(list(results))
+        with workers.imap(test_workers.probe, range(3)) as results:  # too few for a worker
+          print(list(results))
   """)
   out, err = script.communicate(timeout=300)
   assert script.returncode == 0, err[-2000:]
   parent, pooled, here = out.splitlines()
-  pooled, here = eval(pooled), eval(here)  # pylint: disable=eval-used
+  pooled, here = ast.literal_eval(pooled), ast.literal_eval(here)
   assert all(modules == () for _, modules in pooled)  # workers: no TensorFlow, no JAX
   assert int(parent) not in {pid for pid, _ in pooled}
   assert here == [(int(parent), ("jax",))] * 3
@@ -78,8 +81,9 @@ def test_pool_workers_end_when_their_parent_is_killed_mid_job(tmp_path):
       import test_workers
       from ntxr.data import workers
       if __name__ == "__main__":
-        for pid in workers.imap(test_workers.sleep_then_pid, [0, 0, 120, 120], processes=2):
-          print(pid, flush=True)
+        with workers.imap(test_workers.sleep_then_pid, [0, 0, 120, 120], processes=2) as pids:
+          for pid in pids:
+            print(pid, flush=True)
   """)
   try:
     first = int(script.stdout.readline())  # the pool is up and two jobs are done
@@ -88,7 +92,4 @@ def test_pool_workers_end_when_their_parent_is_killed_mid_job(tmp_path):
     script.kill()
     script.wait()
   assert first in pool and len(pool) == 3
-  deadline = time.monotonic() + 10
-  while alive(pool) and time.monotonic() < deadline:
-    time.sleep(0.1)
-  assert not alive(pool)
+  assert not outliving(pool)

@@ -85,18 +85,17 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, root, split):
     clips, skipped, csv_path = self._read(root, split)
     skipped = [(f"{csv_path}:{line}", reason) for line, reason in skipped]
-    paths = [self._audio_path(root, split, clip) for clip in clips]
-    jobs = [(path, self.builder_config.logmel) for path in paths]
-    results = workers.imap(features.features_or_error, jobs, self.processes, chunksize=8)
-    for audio_id, (clip, path, logmel) in enumerate(zip(clips, paths, results)):
-      if isinstance(logmel, str):
-        if not self.skip_bad_files:
-          raise ValueError(f"{logmel} (named at {csv_path}:{clip.line}); "
-                           "pass --config.skip_bad_files=true to leave such clips out")
-        skipped.append((f"{csv_path}:{clip.line}", logmel))
-        continue
-      yield clip.file_name, dict(audio_id=audio_id, file_name=clip.file_name,
-                                 logmel=logmel, captions=list(clip.captions))
+    jobs = [(self._audio_path(root, split, clip), self.builder_config.logmel) for clip in clips]
+    with workers.imap(features.features_or_error, jobs, self.processes, chunksize=8) as results:
+      for audio_id, (clip, logmel) in enumerate(zip(clips, results)):
+        if isinstance(logmel, str):
+          if not self.skip_bad_files:
+            raise ValueError(f"{logmel} (named at {csv_path}:{clip.line}); "
+                             "pass --config.skip_bad_files=true to leave such clips out")
+          skipped.append((f"{csv_path}:{clip.line}", logmel))
+          continue
+        yield clip.file_name, dict(audio_id=audio_id, file_name=clip.file_name,
+                                   logmel=logmel, captions=list(clip.captions))
     self.info.metadata["skipped"][split] = [f"{where}: {reason}" for where, reason in skipped]
 
 

@@ -376,12 +376,12 @@ def generate(root: str, size: str = "default", seed: int = 0, processes: int = 0
   rows = {split: [] for split in SPLITS}
   for split in SPLITS:
     os.makedirs(os.path.join(partial, split))
-  clips = workers.imap(_make_clip_args, jobs, processes, chunksize=16)
-  for (_, s, i, _), (wav_bytes, captions) in zip(jobs, clips):  # each written as it arrives
-    file_name = _file_name(s, i)
-    with open(os.path.join(partial, SPLITS[s], file_name), "wb") as f:
-      f.write(wav_bytes)
-    rows[SPLITS[s]].append([file_name] + captions)
+  with workers.imap(_make_clip_args, jobs, processes, chunksize=16) as clips:
+    for (_, s, i, _), (wav_bytes, captions) in zip(jobs, clips):  # each written as it arrives
+      file_name = _file_name(s, i)
+      with open(os.path.join(partial, SPLITS[s], file_name), "wb") as f:
+        f.write(wav_bytes)
+      rows[SPLITS[s]].append([file_name] + captions)
   for split in SPLITS:
     with open(os.path.join(partial, f"clotho_captions_{split}.csv"), "w", newline="",
               encoding="utf-8") as f:

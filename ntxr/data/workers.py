@@ -68,9 +68,14 @@ def _pool(processes: int):
     yield workers
 
 
+@contextlib.contextmanager
 def imap(function: Callable, jobs: list, processes: int = 0, chunksize: int = 1) -> Iterator:
-  """function(job) for each job, in order, each as soon as it is done: in a pool of light
-  worker processes, or in this process when a pool would cost more than it saves.
+  """A context manager: inside it, function(job) for each job, in order, each as soon as
+  it is done, from a pool of light worker processes (terminated when the block ends,
+  however it ends), or from this process when a pool would cost more than it saves.
+
+    with workers.imap(features.features_or_error, jobs, chunksize=8) as results:
+      for result in results: ...
 
   `function` must be a module-level function of a module that stays light to import.
   processes: 0 sizes the pool to the work (one worker per CPU core, at most one per
@@ -78,7 +83,7 @@ def imap(function: Callable, jobs: list, processes: int = 0, chunksize: int = 1)
   """
   processes = processes or min(os.cpu_count(), len(jobs) // JOBS_PER_WORKER)
   if processes < 2:
-    yield from map(function, jobs)
+    yield map(function, jobs)
     return
   with _pool(processes) as workers:
-    yield from workers.imap(function, jobs, chunksize)
+    yield workers.imap(function, jobs, chunksize)
