@@ -366,7 +366,7 @@ class MetricsLog:
   folder and uploaded to workdir/tensorboard at each flush (closing removes the folder)."""
 
   def __init__(self, workdir: str, completed_epochs: int):
-    from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     self.chief = jax.process_index() == 0
     if not self.chief:
       return
@@ -377,15 +377,17 @@ class MetricsLog:
     self.tensorboard_dir = os.path.join(workdir, "tensorboard")
     self.staged = (tempfile.mkdtemp(prefix="ntxr-tensorboard-") if files.is_bucket(workdir)
                    else None)
-    self.tensorboard = tensorboard.SummaryWriter(self.staged or self.tensorboard_dir)
+    self.summary = tf.summary  # TensorFlow is imported only where a run logs
+    self.tensorboard = self.summary.create_file_writer(self.staged or self.tensorboard_dir)
 
   def write(self, step: int, record: dict) -> None:
     if not self.chief:
       return
     files.append_line(self.path, json.dumps(record))
-    for name, value in traverse_util.flatten_dict(record, sep="/").items():
-      if isinstance(value, (int, float)) and not isinstance(value, bool):
-        self.tensorboard.scalar(name, value, step)
+    with self.tensorboard.as_default(step=step):
+      for name, value in traverse_util.flatten_dict(record, sep="/").items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+          self.summary.scalar(name, value)
     self.tensorboard.flush()
     if self.staged:
       for name in os.listdir(self.staged):

@@ -16,6 +16,9 @@ FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emit
 for flag in FAST_COMPILE:  # before XLA starts; inherited by the processes tests start
   if flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
+# ntxr never uses Keras, which `import tensorflow` loads (scikit-learn with it) unless
+# tf.keras is pointed at tf_keras, not installed: 2-2.5 s of every process's start-up.
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
 import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -17,6 +17,18 @@ from ntxr.data import input_pipeline
 from runs import interrupt_after, params_of
 
 
+def tensorboard_scalars(folder: pathlib.Path) -> dict:
+  """{tag: {step: value}} from the event files in folder."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  found = {}
+  for path in sorted(folder.iterdir()):
+    for record in tf.data.TFRecordDataset(str(path)).as_numpy_iterator():
+      event = tf.compat.v1.Event.FromString(record)
+      for value in event.summary.value:
+        found.setdefault(value.tag, {})[event.step] = float(tf.make_ndarray(value.tensor))
+  return found
+
+
 def test_tiny_run_end_to_end(tiny_config, tiny_run):
   config, tmp_path = tiny_config(), pathlib.Path(tiny_run)
   results = json.loads((tmp_path / "results.json").read_text())
@@ -35,7 +47,11 @@ def test_tiny_run_end_to_end(tiny_config, tiny_run):
   assert {"audio_cosine", "text_effective_rank", "collapsed", "reasons"} <= set(
       lines[0]["collapse"])
   assert set(lines[0]["validation"]) == {"loss", "t2a", "a2t"}
-  assert os.listdir(tmp_path / "tensorboard")
+  scalars = tensorboard_scalars(tmp_path / "tensorboard")
+  for tag, value in (("training/loss", lambda line: line["training"]["loss"]),
+                     ("validation/t2a/mAP@10", lambda line: line["validation"]["t2a"]["mAP@10"])):
+    assert scalars[tag] == pytest.approx({15: value(lines[0]), 30: value(lines[1])})
+  assert "collapse/reasons" not in scalars and "collapse/collapsed" not in scalars
   # Rerunning a finished run trains nothing more and tests the same best checkpoint.
   again = train.train_and_evaluate(config, str(tmp_path))
   assert again["steps"] == results["steps"] and again["t2a"] == results["t2a"]
