@@ -10,6 +10,7 @@ it: a step compiled once is not compiled again in another process.
 
 import os
 import shutil
+import sys
 import tempfile
 
 FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
@@ -20,11 +21,8 @@ for flag in FAST_COMPILE:  # before XLA starts; inherited by the processes tests
 # tf.keras is pointed at tf_keras, not installed: 2-2.5 s of every process's start-up.
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from ntxr import sweep, train  # pylint: disable=wrong-import-position
-from ntxr.data import corpus  # pylint: disable=wrong-import-position
 from ntxr.configs import default  # pylint: disable=wrong-import-position
 
 # One frame bucket (the tiny clips are 3-6 s): each step compiles once per setting.
@@ -36,13 +34,15 @@ CACHE_OWNER = pytest.StashKey[str]()  # the cache this process made and removes
 
 
 def pytest_configure(config):
-  """The session's compilation cache: made by the first process, inherited by the rest."""
+  """The session's compilation cache: made by the first process, inherited by the rest.
+  JAX reads it from the environment when first imported, after this: this module leaves
+  JAX, TensorFlow and ntxr's training to the fixtures, so that the pytest-xdist
+  controller, which runs no test, starts the workers without importing them (4 s)."""
+  assert "jax" not in sys.modules, "JAX was imported before the compilation cache was set"
   if COMPILATION_CACHE not in os.environ:
     os.environ[COMPILATION_CACHE] = tempfile.mkdtemp(prefix="ntxr-tests-jax-cache-")
     config.stash[CACHE_OWNER] = os.environ[COMPILATION_CACHE]
   os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-  jax.config.update("jax_compilation_cache_dir", os.environ[COMPILATION_CACHE])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def pytest_unconfigure(config):
@@ -83,10 +83,12 @@ def tiny_flags(cache_dir):
   return make
 
 
-def _train_once(root: str, run: sweep.Run, tiny_config) -> None:
-  """Trains one of the tiny sweep's runs unless a worker has: each run has its own lock
-  (beside the sweep), so that two workers asking for the sweep at once train different
-  runs."""
+def _train_once(root: str, run, tiny_config) -> None:
+  """Trains one of the tiny sweep's runs (a sweep.Run) unless a worker has: each run has
+  its own lock (beside the sweep), so that two workers asking for the sweep at once train
+  different runs."""
+  from ntxr import train  # pylint: disable=import-outside-toplevel
+  from ntxr.data import corpus  # pylint: disable=import-outside-toplevel
   lock = os.path.join(f"{root}-locks", f"{run.strategy}_seed_{run.seed}")
   with corpus._exclusive(lock):  # pylint: disable=protected-access
     if not run.finished:
@@ -97,6 +99,7 @@ def _train_once(root: str, run: sweep.Run, tiny_config) -> None:
 def tiny_run(tmp_path_factory, tiny_config):
   """The workdir of a finished run of tiny_config() (semihard_cross, seed 0), trained
   once for the whole session: the tiny sweep's."""
+  from ntxr import sweep  # pylint: disable=import-outside-toplevel
   root = shared_path(tmp_path_factory, "sweep")
   run, = [r for r in sweep.plan(root, SWEEP_STRATEGIES, [0, 1])
           if (r.strategy, r.seed) == ("semihard_cross", 0)]
@@ -108,6 +111,7 @@ def tiny_run(tmp_path_factory, tiny_config):
 def tiny_sweep(tiny_run, tiny_config):
   """A sweep root with SWEEP_STRATEGIES x seeds 0 and 1, trained once for the session;
   the second worker goes through the runs in the other order."""
+  from ntxr import sweep  # pylint: disable=import-outside-toplevel
   root = os.path.dirname(os.path.dirname(tiny_run))
   runs = sweep.plan(root, SWEEP_STRATEGIES, [0, 1])
   for run in runs[::-1] if os.environ.get("PYTEST_XDIST_WORKER") == "gw1" else runs:

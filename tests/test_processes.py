@@ -47,13 +47,13 @@ def test_a_dead_process_ends_the_other_and_a_rerun_resumes_to_match_one(
   heartbeat timeout JAX's coordination service ends it, saying why. Rerun, the two
   processes resume from their last checkpoint and finish with one process's results
   (same global batch of 8); only process 0 writes metrics and results."""
-  train.train_and_evaluate(tiny_config(**SHORT), str(tmp_path / "one_process"))
-  straight = json.loads((tmp_path / "one_process" / "results.json").read_text())
   workdir = tmp_path / "run"
   processes = start_run(workdir, tiny_flags(**SHORT))
   try:
     wait_for(lambda: (workdir / "checkpoints" / "latest" / "3").exists(), processes, 300)
     processes[1].kill()
+    # One process's run, to compare with, while process 0 waits out the heartbeat timeout.
+    train.train_and_evaluate(tiny_config(**SHORT), str(tmp_path / "one_process"))
     code = processes[0].wait(timeout=HEARTBEAT_SECONDS + 60)
   finally:
     for process in processes:
@@ -71,6 +71,7 @@ def test_a_dead_process_ends_the_other_and_a_rerun_resumes_to_match_one(
   assert codes == [0, 0], log_of(workdir, 0)[-3000:] + log_of(workdir, 1)[-3000:]
   assert re.search(r" 3/6 \[00:00<\?", log_of(workdir, 0)[before:])  # resumed at step 3
   results = json.loads((workdir / "results.json").read_text())
+  straight = json.loads((tmp_path / "one_process" / "results.json").read_text())
   del straight["seconds"], results["seconds"]
   assert flat(results) == pytest.approx(flat(straight), abs=1e-5)
   assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
