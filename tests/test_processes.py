@@ -19,7 +19,7 @@ from processes import free_port, wait_for
 from runs import flat
 
 HEARTBEAT_SECONDS = 10
-SHORT = dict(frame_buckets=(64,), max_steps_per_epoch=6, checkpoint_every_steps=3)
+SHORT = dict(frame_buckets=(32,), max_steps_per_epoch=6, checkpoint_every_steps=3)
 
 
 def start_run(workdir: pathlib.Path, flags: list) -> list:
