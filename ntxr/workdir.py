@@ -366,10 +366,10 @@ class MetricsLog:
   folder and uploaded to workdir/tensorboard at each flush (closing removes the folder)."""
 
   def __init__(self, workdir: str, completed_epochs: int):
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     self.chief = jax.process_index() == 0
     if not self.chief:
       return
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     self.path = os.path.join(workdir, "metrics.jsonl")
     if files.exists(self.path):  # drop epochs a resumed run will redo
       kept = [r for r in files.read_jsonl(self.path) if r["epoch"] <= completed_epochs]

@@ -31,8 +31,7 @@ def test_a_command_started_as_a_sweep_starts_its_runs_ends_with_its_launcher(tmp
   assert alive([child])
   parent.send_signal(signal.SIGKILL)
   parent.wait()
-  time.sleep(1)
-  assert not alive([child])
+  assert not outliving([child], timeout=1)
 
 
 def probe(_) -> tuple:
