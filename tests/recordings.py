@@ -1,4 +1,4 @@
-"""Clotho- and AudioCaps-layout folders built from the real recordings in data/recordings.
+"""Clotho, AudioCaps and pairs folders built from the real recordings in data/recordings.
 
 Every split gets real recorded sound in the formats users bring (wav, flac, mp3, ogg; 16,
 44.1 and 48 kHz; mono and stereo; names with spaces and non-ASCII letters). The evaluation
@@ -127,6 +127,28 @@ def audiocaps_folder(root: str) -> str:
         rows.append([audiocap_id, youtube_id, 30, caption])
     write_csv(os.path.join(root, f"{split}.csv"), ["audiocap_id", "youtube_id", "start_time",
                                                    "caption"], rows)
+  return root
+
+
+def pairs_folder(root: str, split_column: bool = True) -> str:
+  """Writes a folder of your own pairs: the recordings in nested folders and captions.csv
+  (saved with a byte-order mark, as spreadsheets save "CSV UTF-8") holding one to five
+  captions per file, a file's captions on separate, interleaved rows. With split_column,
+  SPLITS under the names train, val and test."""
+  alias = {"development": "train", "validation": "val", "evaluation": "test"}
+  rows, kept = [], []
+  for split, names in SPLITS.items():
+    for index, name in enumerate(n for n in names if n not in (LONG, SHORT)):
+      relative = os.path.join(split[:3], "nested" if index % 2 else "", name)
+      os.makedirs(os.path.dirname(os.path.join(root, relative)), exist_ok=True)
+      shutil.copy(os.path.join(RECORDINGS, name), os.path.join(root, relative))
+      kept.append((relative, CAPTIONS[name][:1 + index % 5], alias[split]))
+  for k in range(5):  # first captions first, then second captions, ...
+    rows += [[relative, texts[k]] + ([split] if split_column else [])
+             for relative, texts, split in kept if k < len(texts)]
+  with open(os.path.join(root, "captions.csv"), "w", newline="", encoding="utf-8-sig") as f:
+    csv.writer(f).writerows([["file_name", "caption"] + (["split"] if split_column else []),
+                             *rows])
   return root
 
 

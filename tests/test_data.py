@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ntxr.configs import default
-from ntxr.data import builders, clotho, features, input_pipeline, synthetic, tokenizer
+from ntxr.data import builders, captions, features, input_pipeline, synthetic, tokenizer
 
 DCASE2022 = os.path.join(os.path.dirname(__file__), "data", "dcase2022")
 LOGMEL = features.LogMelConfig(sample_rate=synthetic.SAMPLE_RATE)
@@ -18,7 +18,7 @@ BUCKETS = default.get_config().frame_buckets
 
 
 def test_real_clotho_evaluation_captions_parse():
-  clips, skipped = clotho.read_clotho_captions(
+  clips, skipped = captions.read_clotho_captions(
       os.path.join(DCASE2022, "clotho_evaluation_captions.csv"))
   assert not skipped
   assert len(clips) == 1045
@@ -31,10 +31,10 @@ def test_real_clotho_evaluation_captions_parse():
 
 
 def test_clean_text():
-  assert clotho.clean_text("A dog's bark, then... SILENCE!") == "a dog s bark then silence"
+  assert captions.clean_text("A dog's bark, then... SILENCE!") == "a dog s bark then silence"
 
 
-def write_csv(path, rows, header=clotho.CLOTHO_COLUMNS):
+def write_csv(path, rows, header=captions.CLOTHO_COLUMNS):
   with open(path, "w", newline="", encoding="utf-8") as f:
     csv.writer(f).writerows([header] + rows)
 
@@ -43,28 +43,76 @@ def test_malformed_captions_name_file_and_line(tmp_path):
   path = str(tmp_path / "caps.csv")
   write_csv(path, [["a.wav"] + ["a caption"] * 5, ["b.wav", "x", "", "y", "z", "w"]])
   with pytest.raises(ValueError, match=r"caps\.csv:3: empty caption for 'b\.wav'"):
-    clotho.read_clotho_captions(path)
-  clips, skipped = clotho.read_clotho_captions(path, skip=True)
+    captions.read_clotho_captions(path)
+  clips, skipped = captions.read_clotho_captions(path, skip=True)
   assert [c.file_name for c in clips] == ["a.wav"] and skipped == [(3, "empty caption for 'b.wav'")]
   write_csv(path, [["a.wav", "x"]], header=["file_name", "caption_1"])
   with pytest.raises(ValueError, match=r"caps\.csv:1: missing columns \['caption_2'"):
-    clotho.read_clotho_captions(path)
+    captions.read_clotho_captions(path)
   with open(path, "wb") as f:
     f.write(b"file_name,caption_1\n\xff\xfe bad bytes\n")
   with pytest.raises(ValueError, match=r"caps\.csv: not UTF-8"):
-    clotho.read_clotho_captions(path)
+    captions.read_clotho_captions(path)
   with pytest.raises(ValueError, match="caption file not found"):
-    clotho.read_clotho_captions(str(tmp_path / "missing.csv"))
+    captions.read_clotho_captions(str(tmp_path / "missing.csv"))
+
+
+GOOD_PAIRS = [["a.wav", "A dog barks.", "train"], ["b.wav", "Rain falls.", "val"],
+              ["a.wav", "Barking.", "train"], ["c/d.wav", "A car.", "test"]]
+
+
+@pytest.mark.parametrize("row, reason", [
+    (["b.wav", " ", "val"], "empty caption for 'b.wav'"),
+    (["", "A caption.", "val"], "empty file_name"),
+    (["/abs/e.wav", "A caption.", "val"], "file_name '/abs/e.wav' must be relative"),
+    (["../e.wav", "A caption.", "val"], "file_name '../e.wav' must be relative"),
+    (["e.wav", "A caption.", "holdout"], "unknown split 'holdout' for 'e.wav'"),
+    (["a.wav", "Rain.", "test"], "'a.wav' is in split 'development' at line 2 and in "
+     "'evaluation' here"),
+    (["a.wav", "A dog barks.", "train"], "duplicate row: 'a.wav' with the same caption"),
+])
+def test_a_bad_pairs_row_is_named_by_line_or_skipped(tmp_path, row, reason):
+  path = str(tmp_path / "captions.csv")
+  write_csv(path, GOOD_PAIRS[:2] + [row] + GOOD_PAIRS[2:], header=["file_name", "caption", "split"])
+  with pytest.raises(ValueError, match=re.escape(f"captions.csv:4: {reason}")):
+    captions.read_pairs(path)
+  pairs = captions.read_pairs(path, skip=True)
+  [(line, said)] = pairs.skipped
+  assert line == 4 and said.startswith(reason)
+  assert {split: [(c.file_name, c.captions, c.line) for c in clips]
+          for split, clips in pairs.clips.items()} == {
+      "development": [("a.wav", ("A dog barks.", "Barking."), 2)],
+      "validation": [("b.wav", ("Rain falls.",), 3)], "evaluation": [("c/d.wav", ("A car.",), 6)]}
+  assert not pairs.assigned
+
+
+def test_pairs_read_with_a_byte_order_mark_and_windows_line_endings(tmp_path):
+  path = tmp_path / "captions.csv"
+  path.write_bytes("\ufefffile_name,caption\r\nx.wav,A bell rings.\r\n".encode())
+  with pytest.raises(ValueError, match=r"no clips in the validation, evaluation split"):
+    captions.read_pairs(str(path))  # one file cannot fill three splits
+  names = [f"clip {k}.wav" for k in range(20)]
+  write_csv(str(path), [[n, f"Caption {k}."] for k, n in enumerate(names)],
+            header=["file_name", "caption"])
+  text = path.read_text(encoding="utf-8")
+  path.write_bytes(("\ufeff" + text.replace("\n", "\r\n")).encode())
+  pairs = captions.read_pairs(str(path))
+  assert pairs.assigned and not pairs.skipped
+  assigned = {c.file_name: split for split, clips in pairs.clips.items() for c in clips}
+  assert sorted(assigned) == sorted(names)
+  assert [list(assigned.values()).count(s) for s in captions.SPLITS] == [14, 3, 3]
+  assert captions.assign_splits(reversed(names)) == assigned  # order of rows does not matter
+  assert captions.assign_splits(names, seed=1) != assigned
 
 
 def test_audiocaps_captions_group_by_clip(tmp_path):
   path = str(tmp_path / "train.csv")
   write_csv(path, [["1", "abc", "30", "A dog barks."], ["2", "abc", "30", "Barking."],
                    ["3", "xyz", "0", "Rain falls."], ["4", "bad", "x", "Oops."]],
-            header=clotho.AUDIOCAPS_COLUMNS)
+            header=captions.AUDIOCAPS_COLUMNS)
   with pytest.raises(ValueError, match=r"train\.csv:5: bad youtube_id or start_time"):
-    clotho.read_audiocaps_captions(path)
-  clips, skipped = clotho.read_audiocaps_captions(path, skip=True)
+    captions.read_audiocaps_captions(path)
+  clips, skipped = captions.read_audiocaps_captions(path, skip=True)
   assert [(c.file_name, c.captions) for c in clips] == [
       ("abc_30", ("A dog barks.", "Barking.")), ("xyz_0", ("Rain falls.",))]
   assert skipped == [(5, "bad youtube_id or start_time")]
@@ -96,14 +144,14 @@ def test_log_mel_frames_follow_the_hop(tmp_path):
 
 
 def test_synthetic_clips_are_deterministic_and_captioned():
-  first, captions = synthetic.make_clip(0, 0, 3)
-  assert synthetic.make_clip(0, 0, 3) == (first, captions)
+  first, texts = synthetic.make_clip(0, 0, 3)
+  assert synthetic.make_clip(0, 0, 3) == (first, texts)
   assert synthetic.make_clip(1, 0, 3)[0] != first
   assert len(synthetic.EVENT_KINDS) >= 12
   for index in range(40):
-    _, captions = synthetic.make_clip(0, 1, index)
-    assert len(captions) == 5
-    assert all(8 <= len(c.split()) <= 20 for c in captions), captions
+    _, texts = synthetic.make_clip(0, 1, index)
+    assert len(texts) == 5
+    assert all(8 <= len(c.split()) <= 20 for c in texts), texts
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +162,7 @@ def corpus(tmp_path_factory):
 
 def test_synthetic_corpus_layout_and_cache(corpus, tmp_path):
   for split, count in zip(synthetic.SPLITS, synthetic.SIZES["tiny"]):
-    clips, _ = clotho.read_clotho_captions(os.path.join(corpus, f"clotho_captions_{split}.csv"))
+    clips, _ = captions.read_clotho_captions(os.path.join(corpus, f"clotho_captions_{split}.csv"))
     assert len(clips) == count
     assert all(os.path.exists(os.path.join(corpus, split, c.file_name)) for c in clips)
   assert synthetic.is_complete(corpus, "tiny", 0)
@@ -137,7 +185,7 @@ def prepared(corpus, tmp_path_factory):
                                 config=builders.clotho_config(LOGMEL), processes=2)
   builders.prepare(builder, corpus)
   assert builders.skipped(builder) == {split: [] for split in synthetic.SPLITS}
-  development, _ = clotho.read_clotho_captions(
+  development, _ = captions.read_clotho_captions(
       os.path.join(corpus, "clotho_captions_development.csv"))
   model = tokenizer.train([c for clip in development for c in clip.captions],
                           str(tmp_path_factory.mktemp("spm") / "spm.model"), vocab_size=100)

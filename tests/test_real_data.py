@@ -3,12 +3,14 @@
 Clotho layout at the default 44.1 kHz: wav, flac, mp3 and ogg; 16, 44.1, 48 and 96 kHz
 sources; stereo down-mixed; a 50 ms clip and a 30 s one; names with spaces, commas and
 non-ASCII letters. The data folder is never written to. The paper's config runs on it
-with a word2vec file, and refuses to run without one. An AudioCaps folder is reached
-from the same entry point.
+with a word2vec file, and refuses to run without one. An AudioCaps folder and a folder of
+your own pairs (captions.csv) are reached from the same entry point.
 """
 
+import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +23,7 @@ import soundfile
 import recordings
 from ntxr import experiment as experiment_lib, train
 from ntxr.configs import paper
-from ntxr.data import builders, clotho, corpus, features, tokenizer
+from ntxr.data import builders, captions, corpus, features, tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL_MODEL = dict(channels=(4, 8, 8, 8, 8), embed_dim=16, batch_size=8, eval_batch_size=8,
@@ -147,7 +149,7 @@ def test_paper_config_needs_word_vectors_or_an_explicit_opt_out(real_clotho, tmp
 
 def test_paper_config_trains_on_real_recordings_with_word2vec(real_clotho, cache_dir, tmp_path):
   words = sorted({w for split in recordings.SPLITS.values() for name in split
-                  for c in recordings.CAPTIONS[name] for w in clotho.clean_text_paper(c).split()})
+                  for c in recordings.CAPTIONS[name] for w in captions.clean_text_paper(c).split()})
   vectors = str(tmp_path / "vectors.txt")
   write_word2vec(vectors, [w for w in words if w not in ("xylophone", "clavichord")], 16)
   config = paper.get_config()
@@ -175,10 +177,81 @@ def test_audiocaps_folder_is_reached_from_the_same_entry_point(tmp_path, cache_d
                                                             "ytval02_30"]
   assert all(len(c["captions"]) == 5 and c["logmel"].shape[1] == 64 for c in clips)
   assert recordings.snapshot(folder) == before
-  with pytest.raises(ValueError, match="neither a Clotho v2 nor an AudioCaps folder"):
+  with pytest.raises(ValueError, match="not a Clotho v2, AudioCaps or pairs folder"):
     corpus.load(str(tmp_path), cache_dir=cache_dir)
   tok = loaded.tokenizer
   assert isinstance(tok, tokenizer.Tokenizer) and len(tok.encode("A canary sings.")) > 0
   results = train.train_and_evaluate(  # 35 caption pairs: 4 batches, cut to 3
       tiny_config(data_dir=folder, num_epochs=1, max_steps_per_epoch=3), str(tmp_path / "run"))
   assert results["split"] == "test" and results["steps"] == 3 and results["epochs"] == 1
+
+
+def prepared_names(loaded, split):
+  return sorted(c["file_name"].decode() for c in loaded.builder.as_dataset(split=split)
+                .as_numpy_iterator())
+
+
+def test_your_own_pairs_keep_their_splits_and_every_caption(tmp_path, cache_dir):
+  folder = recordings.pairs_folder(str(tmp_path / "my sounds"))
+  before = recordings.snapshot(folder)
+  loaded = corpus.load(folder, cache_dir=cache_dir, vocab_size=60)
+  assert isinstance(loaded.builder, builders.NtxrPairs)
+  assert loaded.splits == ("development", "validation", "evaluation")
+  with open(os.path.join(folder, "captions.csv"), encoding="utf-8-sig") as f:
+    rows = list(csv.DictReader(f))
+  counts = set()
+  for split, alias in (("development", "train"), ("validation", "val"), ("evaluation", "test")):
+    expected = {}
+    for row in rows:
+      if row["split"] == alias:
+        expected.setdefault(row["file_name"], []).append(row["caption"])
+    clips = {c["file_name"].decode(): [t.decode() for t in c["captions"]]
+             for c in loaded.builder.as_dataset(split=split).as_numpy_iterator()}
+    assert clips == expected  # every caption, in the file's order, nested paths kept
+    counts.update(len(texts) for texts in expected.values())
+  assert counts == {1, 2, 3, 4, 5}  # one to five captions a file
+  assert recordings.snapshot(folder) == before
+  assert not os.path.exists(os.path.join(corpus._prepared_dir(cache_dir, folder),
+                                         corpus.SPLITS_FILE))  # nothing assigned
+
+
+def test_your_own_pairs_without_a_split_column_train_through_the_command(tmp_path, cache_dir):
+  folder = recordings.pairs_folder(str(tmp_path / "my sounds"), split_column=False)
+  before = recordings.snapshot(folder)
+  workdir = str(tmp_path / "run")
+  done = run_main(f"--config.data_dir={folder}", f"--workdir={workdir}",
+                  f"--config.cache_dir={cache_dir}", "--config.vocab_size=60",
+                  *[f"--config.{k}={v}" for k, v in {**SMALL_MODEL, "batch_size": 2}.items()])
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert recordings.snapshot(folder) == before
+  recorded = os.path.join(corpus._prepared_dir(cache_dir, folder), corpus.SPLITS_FILE)
+  assert "its files were split 8 development, 2 validation, 2 evaluation (seed 0)" in done.stderr
+  assert recorded in done.stderr
+  with open(recorded) as f:
+    splits = {row["file_name"]: row["split"] for row in csv.DictReader(f)}
+  assert len(splits) == 12 and list(splits.values()).count("development") == 8
+  loaded = corpus.load(folder, cache_dir=cache_dir, vocab_size=60)
+  for split in loaded.splits:
+    assert prepared_names(loaded, split) == sorted(n for n, s in splits.items() if s == split)
+  results = json.loads(open(os.path.join(workdir, "results.json")).read())
+  assert results["split"] == "evaluation" and np.isfinite(results["t2a"]["mAP"])
+
+
+def test_a_bad_pairs_row_names_its_line_or_is_a_counted_skip(tmp_path, cache_dir):
+  folder = recordings.pairs_folder(str(tmp_path / "pairs"))
+  with open(os.path.join(folder, "captions.csv"), "a", newline="", encoding="utf-8") as f:
+    csv.writer(f).writerow(["piano.wav", "  ", "train"])
+  with open(os.path.join(folder, "captions.csv"), encoding="utf-8-sig") as f:
+    line = len(f.read().splitlines())
+  with pytest.raises(ValueError, match=f"captions.csv:{line}: empty caption for 'piano.wav'"):
+    corpus.load(folder, cache_dir=cache_dir, vocab_size=60)
+  loaded = corpus.load(folder, cache_dir=cache_dir, vocab_size=60, skip_bad_files=True)
+  assert [entry.split("captions.csv:")[1] for entry in loaded.skipped["development"]] == [
+      f"{line}: empty caption for 'piano.wav'"]
+
+
+def test_a_missing_pairs_file_names_its_csv_line(tmp_path, cache_dir):
+  folder = recordings.pairs_folder(str(tmp_path / "pairs"))
+  os.remove(os.path.join(folder, "val", "nested", "violoncello.flac"))
+  with pytest.raises(ValueError, match=r"violoncello\.flac.*\(named at .*captions\.csv:\d+\)"):
+    corpus.load(folder, cache_dir=cache_dir, vocab_size=60)

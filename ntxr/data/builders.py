@@ -1,4 +1,4 @@
-"""TFDS builders for Clotho v2 and AudioCaps, from folders users download by hand.
+"""TFDS builders for Clotho v2, AudioCaps and a folder of your own pairs (captions.csv).
 
 Features are computed once at prepare time (in parallel worker processes when a split
 has enough clips, see `workers.imap`) and stored as TFRecords; each builder config's
@@ -14,12 +14,14 @@ Clips or rows left out with skip_bad_files are recorded in the prepared data's m
 (`skipped(builder)`), so every later run that uses it can report them.
 """
 
+import csv
+import io
 import os
 
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ntxr.data import clotho, features, workers
+from ntxr.data import captions, features, workers
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 
@@ -43,7 +45,7 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
   BUILDER_CONFIGS = []  # every feature config is built on demand (FeatureConfig)
   SPLITS = ()  # training, validation, test
   CAPTION_FILE = ""  # a split's caption file under the data folder, {split} filled in
-  read_captions = None  # (csv path, skip) -> (clips, skipped rows), see ntxr.data.clotho
+  read_captions = None  # (csv path, skip) -> (clips, skipped rows), see ntxr.data.captions
 
   def __init__(self, *, skip_bad_files: bool = False, processes: int = 0, **kwargs):
     self.skip_bad_files = skip_bad_files
@@ -64,7 +66,7 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
     """Whether the folder `root` is laid out for this builder."""
     return os.path.isfile(os.path.join(root, cls.CAPTION_FILE.format(split=cls.SPLITS[0])))
 
-  def captions(self, root: str, split: str) -> list:
+  def caption_texts(self, root: str, split: str) -> list:
     """Every caption of a split's caption file, in order."""
     return [c for clip in self._read(root, split)[0] for c in clip.captions]
 
@@ -73,7 +75,7 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
     csv_path = os.path.join(root, self.CAPTION_FILE.format(split=split))
     return (*self.read_captions(csv_path, skip=self.skip_bad_files), csv_path)
 
-  def _audio_path(self, root: str, split: str, clip: clotho.Clip) -> str:
+  def _audio_path(self, root: str, split: str, clip: captions.Clip) -> str:
     raise NotImplementedError
 
   def _split_generators(self, dl_manager):
@@ -104,7 +106,7 @@ class NtxrClotho(_CaptionedAudio):
 
   SPLITS = ("development", "validation", "evaluation")
   CAPTION_FILE = "clotho_captions_{split}.csv"
-  read_captions = staticmethod(clotho.read_clotho_captions)
+  read_captions = staticmethod(captions.read_clotho_captions)
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download Clotho v2 from Zenodo (record 4783391) and unpack it into one folder holding
   clotho_captions_{development,validation,evaluation}.csv and the audio folders
@@ -120,7 +122,7 @@ class NtxrAudiocaps(_CaptionedAudio):
 
   SPLITS = ("train", "val", "test")
   CAPTION_FILE = "{split}.csv"
-  read_captions = staticmethod(clotho.read_audiocaps_captions)
+  read_captions = staticmethod(captions.read_audiocaps_captions)
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Place AudioCaps' train.csv, val.csv and test.csv (audiocap_id,youtube_id,start_time,
   caption) in one folder, with each clip's audio fetched by you as
@@ -133,18 +135,54 @@ class NtxrAudiocaps(_CaptionedAudio):
     return found[0] if found else stem + AUDIO_EXTENSIONS[0]
 
 
-BUILDERS = (NtxrClotho, NtxrAudiocaps)
+class NtxrPairs(_CaptionedAudio):
+  """Your own pairs: captions.csv (`file_name,caption[,split]`, a row per caption) and the
+  audio under the same folder. Without a split column the files are split by
+  `captions.assign_splits`, and `split_file` says which went where."""
+
+  SPLITS = captions.SPLITS
+  CAPTION_FILE = "captions.csv"
+  MANUAL_DOWNLOAD_INSTRUCTIONS = """
+  Put captions.csv (file_name,caption and optionally split; file_name relative to the
+  folder; a row per caption) and the audio it names in one folder. Pass that folder as
+  --config.data_dir.
+  """
+
+  def pairs(self, root: str) -> captions.Pairs:
+    return captions.read_pairs(os.path.join(root, self.CAPTION_FILE), skip=self.skip_bad_files)
+
+  def _read(self, root, split):
+    pairs = self.pairs(root)  # rows left out are reported once, with the first split
+    return (pairs.clips[split], pairs.skipped if split == self.SPLITS[0] else [],
+            os.path.join(root, self.CAPTION_FILE))
+
+  def _audio_path(self, root, split, clip):
+    return os.path.join(root, clip.file_name)
+
+
+BUILDERS = (NtxrClotho, NtxrAudiocaps, NtxrPairs)
 
 
 def builder_for(root: str) -> type:
-  """The builder class whose layout the folder `root` has (Clotho v2 or AudioCaps)."""
+  """The builder class whose layout the folder `root` has (Clotho v2, AudioCaps or pairs)."""
   if not os.path.isdir(root):
-    raise ValueError(f"{root}: no such folder; pass a Clotho v2 or AudioCaps folder")
+    raise ValueError(f"{root}: no such folder; pass a Clotho v2 or AudioCaps folder, or one "
+                     "holding captions.csv")
   for builder in BUILDERS:
     if builder.holds(root):
       return builder
-  expected = " or ".join(b.CAPTION_FILE.format(split=b.SPLITS[0]) for b in BUILDERS)
-  raise ValueError(f"{root}: neither a Clotho v2 nor an AudioCaps folder (no {expected})")
+  expected = ", ".join(b.CAPTION_FILE.format(split=b.SPLITS[0]) for b in BUILDERS)
+  raise ValueError(f"{root}: not a Clotho v2, AudioCaps or pairs folder (none of {expected})")
+
+
+def split_file(pairs: captions.Pairs) -> str:
+  """The CSV `file_name,split` of every file kept, in file-name order."""
+  out = io.StringIO()
+  writer = csv.writer(out, lineterminator="\n")
+  writer.writerow(["file_name", "split"])
+  writer.writerows(sorted((clip.file_name, split) for split, clips in pairs.clips.items()
+                          for clip in clips))
+  return out.getvalue()
 
 
 def prepare(builder: _CaptionedAudio, manual_dir: str) -> None:

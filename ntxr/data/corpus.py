@@ -20,12 +20,13 @@ from typing import Optional
 from absl import logging
 
 from ntxr import files
-from ntxr.data import builders, features, synthetic, tokenizer
+from ntxr.data import builders, captions, features, synthetic, tokenizer
 
 TOKENS = ("sentencepiece", "words")
 VOCABULARY_SPLITS = ("training", "all")  # which splits' captions a tokenizer learns from
 STAGE_DIR = "~/.cache/ntxr/staged"  # where a bucket cache's local copies live
 UPLOADED = "ntxr_uploaded.json"  # in a bucket's prepared folder, written after its files
+SPLITS_FILE = "splits.csv"  # in a pairs folder's prepared folder: the assigned splits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +110,17 @@ def _upload(prepared: str, bucket_copy: str) -> None:
     logging.info("uploaded %d prepared files to %s", len(names), bucket_copy)
 
 
+def _record_splits(pairs, path: str) -> None:
+  """Writes which split each file of a captions.csv went to, and says so once when the
+  splits were assigned (no split column)."""
+  if not pairs.assigned or files.exists(path):
+    return
+  files.write_text(path, builders.split_file(pairs))
+  counts = ", ".join(f"{len(clips)} {split}" for split, clips in pairs.clips.items())
+  logging.warning("captions.csv has no split column: its files were split %s (seed %d); "
+                  "the split is recorded in %s", counts, captions.SPLIT_SEED, path)
+
+
 @contextlib.contextmanager
 def _exclusive(path: str):
   """Holds an exclusive lock on the file `path`: processes sharing a cache (a sweep's
@@ -125,16 +137,16 @@ def _exclusive(path: str):
 def load(data_dir=None, *, cache_dir, size="default", logmel=features.LogMelConfig(),
          tokens="sentencepiece", vocab_size=1000, cleaning="ntxr", vocabulary="training",
          skip_bad_files=False, stage_dir=STAGE_DIR) -> Corpus:
-  """Prepares (once) and opens a Clotho v2 or AudioCaps folder, or the synthetic corpus.
+  """Prepares (once) and opens a Clotho v2, AudioCaps or pairs folder, or the built-in corpus.
 
   Args:
-    data_dir: a Clotho v2 or AudioCaps folder (told apart by their caption files), or
-      None for the built-in synthetic corpus of `size`.
+    data_dir: a Clotho v2 or AudioCaps folder, or one holding captions.csv (told apart by
+      their caption files), or None for the built-in synthetic corpus of `size`.
     cache_dir: a local folder, or a bucket folder kept in a local copy under stage_dir.
     logmel: feature parameters; sample_rate 0 takes the corpus's own (16 kHz synthetic,
       44.1 kHz otherwise).
     tokens: "sentencepiece" (vocab_size pieces) or "words" (every word seen).
-    cleaning: caption cleaning, a name in `clotho.TEXT_CLEANING`.
+    cleaning: caption cleaning, a name in `captions.TEXT_CLEANING`.
     vocabulary: "training" (the training split's captions) or "all" (every split's, as
       the authors' frozen word2vec vocabulary).
   """
@@ -160,8 +172,10 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=features.LogMelConf
     start = time.perf_counter()
     builders.prepare(builder, data_dir)
     prepare_s = time.perf_counter() - start
+    if builder_class is builders.NtxrPairs:
+      _record_splits(builder.pairs(data_dir), os.path.join(prepared, SPLITS_FILE))
     splits = builder.SPLITS if vocabulary == "all" else builder.SPLITS[:1]
-    captions = [c for split in splits for c in builder.captions(data_dir, split)]
+    captions = [c for split in splits for c in builder.caption_texts(data_dir, split)]
     tok = _tokenizer(tokens, captions, os.path.join(prepared, "tokenizers"), vocab_size,
                      cleaning, vocabulary)
     if bucket:

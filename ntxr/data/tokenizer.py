@@ -14,7 +14,7 @@ import numpy as np
 import sentencepiece as spm
 
 from ntxr import files
-from ntxr.data import clotho
+from ntxr.data import captions
 
 PAD_ID, UNK_ID = 0, 1
 _RESERVED = ("<pad>", "<unk>")
@@ -34,14 +34,14 @@ def padded_ids(tokenizer, caption: str, length: int) -> np.ndarray:
   return np.pad(ids, (0, length - len(ids)), constant_values=PAD_ID).astype(np.int32)
 
 
-def train(captions: list, model_path: str, vocab_size: int, cleaning: str = "ntxr") -> str:
+def train(texts: list, model_path: str, vocab_size: int, cleaning: str = "ntxr") -> str:
   """Trains sentencepiece on cleaned captions unless `model_path` exists; returns it."""
-  clean = clotho.TEXT_CLEANING[cleaning]
+  clean = captions.TEXT_CLEANING[cleaning]
   if os.path.exists(model_path):
     return model_path
   prefix = files.partial(model_path)  # renamed into place when complete
   spm.SentencePieceTrainer.train(
-      sentence_iterator=iter([clean(c) for c in captions]),
+      sentence_iterator=iter([clean(c) for c in texts]),
       model_prefix=prefix, vocab_size=vocab_size, pad_id=PAD_ID, unk_id=UNK_ID,
       bos_id=-1, eos_id=-1, hard_vocab_limit=False, model_type="unigram",
       minloglevel=2)
@@ -50,7 +50,7 @@ def train(captions: list, model_path: str, vocab_size: int, cleaning: str = "ntx
   return model_path
 
 
-def train_words(captions: list, vocab_path: str, cleaning: str = "ntxr") -> str:
+def train_words(texts: list, vocab_path: str, cleaning: str = "ntxr") -> str:
   """Writes every word of the cleaned captions, most frequent first, unless it exists.
 
   Ties are ordered alphabetically, so the file is the same on every run. The first line
@@ -58,8 +58,8 @@ def train_words(captions: list, vocab_path: str, cleaning: str = "ntxr") -> str:
   """
   if os.path.exists(vocab_path):
     return vocab_path
-  clean = clotho.TEXT_CLEANING[cleaning]
-  counts = collections.Counter(word for caption in captions for word in clean(caption).split())
+  clean = captions.TEXT_CLEANING[cleaning]
+  counts = collections.Counter(word for caption in texts for word in clean(caption).split())
   words = sorted(counts, key=lambda w: (-counts[w], w))
   files.write_text(vocab_path, "\n".join([f"{_HEADER}{cleaning}", *_RESERVED, *words]) + "\n")
   return vocab_path
@@ -70,7 +70,7 @@ class Tokenizer:
 
   def __init__(self, model_path: str, cleaning: str = "ntxr"):
     self.processor = spm.SentencePieceProcessor(model_file=model_path)
-    self.clean = clotho.TEXT_CLEANING[cleaning]
+    self.clean = captions.TEXT_CLEANING[cleaning]
 
   @property
   def vocab_size(self) -> int:
@@ -94,11 +94,11 @@ class WordTokenizer:
     with open(vocab_path, encoding="utf-8") as f:
       header, *self.words = f.read().split("\n")[:-1]
     cleaning = header[len(_HEADER):]
-    if not header.startswith(_HEADER) or cleaning not in clotho.TEXT_CLEANING or tuple(
+    if not header.startswith(_HEADER) or cleaning not in captions.TEXT_CLEANING or tuple(
         self.words[:2]) != _RESERVED:
       raise ValueError(f"{vocab_path}: not a word vocabulary (a '{_HEADER}NAME' line, then "
                        f"{_RESERVED})")
-    self.clean = clotho.TEXT_CLEANING[cleaning]
+    self.clean = captions.TEXT_CLEANING[cleaning]
     self.ids = {word: i for i, word in enumerate(self.words)}
 
   @property
