@@ -19,17 +19,14 @@ import sys
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 
-from ntxr import cli, evaluate, objectives, parallel, sampling, train
-from ntxr import workdir as workdir_lib
-from ntxr.data import workers
+from ntxr import cli
 
 _STRATEGY = flags.DEFINE_enum(
-    "strategy", None, sorted(sampling.STRATEGIES),
+    "strategy", None, sorted(cli.STRATEGY_NAMES),
     "negative-sampling strategy (default: the config's, semihard_cross)")
 _OBJECTIVE = flags.DEFINE_enum(
-    "objective", None, ["triplet", *sorted(objectives.OBJECTIVES)],
+    "objective", None, ["triplet", *sorted(cli.OBJECTIVE_NAMES)],
     "training objective (default: the config's, the paper's triplet loss with --strategy)")
 _EVAL_ONLY = flags.DEFINE_bool("eval_only", False,
                                "evaluate the workdir's best checkpoint without training")
@@ -47,11 +44,13 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.start(argv)
+  cli.import_tensorflow()
+  # pylint: disable=import-outside-toplevel  (JAX and TensorFlow load after --help)
+  import jax
+  from ntxr import evaluate, parallel, train, workdir as workdir_lib
+  from ntxr.data import workers
   workers.die_with_launcher()  # a sweep's run ends with its sweep
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # libraries log every checkpoint at INFO
   if _DISTRIBUTED.value:
     parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                         _HEARTBEAT_TIMEOUT.value)

@@ -130,21 +130,21 @@ def score_histograms(runs, strategies=("random", "semihard_cross", "hard_cross")
   return fig
 
 
-def kernel_times(reports) -> figure.Figure:
+def kernel_times(results) -> figure.Figure:
   """Kernel time and matmul fraction against N per strategy, one line style per device.
 
-  reports: the JSON objects `python -m ntxr.bench --json=...` writes."""
+  results: the kernels result files (`ntxr.bench.results`), one per device."""
   fig = figure.Figure(figsize=(10, 4), layout="constrained")
   time_ax, fraction_ax = fig.subplots(1, 2)
   styles = ["o-", "s--", "^:", "d-."]
-  for report, style in zip(reports, styles):
+  for result, style in zip(results, styles):
     for strategy in objectives.SETTINGS:
-      rows = sorted((r for r in report["loss"] if r["strategy"] == strategy),
+      rows = sorted((r for r in result["rows"] if r["strategy"] == strategy),
                     key=lambda r: r["N"])
       if not rows:
         continue
       n = [r["N"] for r in rows]
-      label = f"{strategy} ({report['device']})"
+      label = f"{strategy} ({result['device']})"
       time_ax.plot(n, [r["kernel_ms"] for r in rows], style, label=label,
                    color=strategy_color(strategy))
       fraction_ax.plot(n, [r["matmul_fraction"] for r in rows], style,
@@ -152,4 +152,34 @@ def kernel_times(reports) -> figure.Figure:
   time_ax.set(xscale="log", yscale="log", xlabel="batch size N", ylabel="forward+backward ms")
   fraction_ax.set(xscale="log", xlabel="batch size N", ylabel="share of matmul throughput")
   time_ax.legend(fontsize=6, ncols=2)
+  return fig
+
+
+def speedup_by_strategy(results, shape=None) -> figure.Figure:
+  """Each strategy's speedup over the authors' per-anchor loop (left: in JAX, right: in
+  PyTorch) at one shape (N, T, W, E; default: the first result's first, the paper's in
+  both grids), a bar per device; a loop not timed has no bar.
+
+  results: the kernels result files (`ntxr.bench.results`), one per device."""
+  first = results[0]["rows"][0]
+  shape = tuple(shape or (first["N"], first["T"], first["W"], first["E"]))
+  fig = figure.Figure(figsize=(10, 3.6), layout="constrained")
+  axes = fig.subplots(1, 2, sharey=True)
+  strategies = [s for s in objectives.SETTINGS
+                if any(r["strategy"] == s for result in results for r in result["rows"])]
+  width = 0.8 / max(1, len(results))
+  for ax, key, title in zip(axes, ("speedup", "torch_speedup"),
+                            ("against the loop in JAX", "against the loop in PyTorch")):
+    for k, result in enumerate(results):
+      at_shape = {r["strategy"]: r.get(key) for r in result["rows"]
+                  if (r["N"], r["T"], r["W"], r["E"]) == tuple(shape)}
+      x = [i + k * width for i, s in enumerate(strategies) if at_shape.get(s)]
+      y = [at_shape[s] for s in strategies if at_shape.get(s)]
+      ax.bar(x, y, width, label=result["device"])
+    ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(strategies))],
+                  strategies, rotation=45, ha="right", fontsize=7)
+    ax.set(yscale="log", title=f"{title}, N={shape[0]} T={shape[1]} W={shape[2]}")
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+  axes[0].set_ylabel("speedup of the jitted kernel")
+  axes[0].legend(fontsize=7)
   return fig

@@ -180,8 +180,8 @@ def table(runs) -> list:
 
 
 def _columns(rows) -> tuple:
-  """COLUMNS, and those of FALSE_NEGATIVES that some row has."""
-  return COLUMNS + tuple(c for c in FALSE_NEGATIVES if any(c in r for r in rows))
+  """Those of COLUMNS and FALSE_NEGATIVES that some row has, in that order."""
+  return tuple(c for c in (*COLUMNS, *FALSE_NEGATIVES) if any(c in r for r in rows))
 
 
 def to_csv(rows) -> str:
@@ -196,9 +196,28 @@ def to_csv(rows) -> str:
   return out.getvalue()
 
 
+def read_csv(path: str) -> list:
+  """The rows of a results.csv `to_csv` wrote, as `table` gives them (values as written,
+  4 decimals; a column the file leaves nan is left out of its row)."""
+  rows = []
+  with open(path, newline="", encoding="utf-8-sig") as f:
+    for line, record in enumerate(csv.DictReader(f), start=2):
+      try:
+        row = dict(strategy=record["strategy"], seeds=int(record["seeds"]),
+                   collapsed=int(record["collapsed"]))
+        for column in [k[:-len(" mean")] for k in record if k.endswith(" mean")]:
+          mean, spread = float(record[f"{column} mean"]), float(record[f"{column} std"])
+          if not np.isnan(mean):
+            row[column] = (mean, spread)
+      except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}:{line}: not a results.csv row ({error})") from error
+      rows.append(row)
+  return rows
+
+
 def to_markdown(rows) -> str:
   """Mean ± spread per cell, the collapse column as collapsed seeds / seeds."""
-  cell = lambda m, s: f"{m:.3f}" if np.isnan(s) else f"{m:.3f} ± {s:.3f}"
+  cell = lambda m, s: "-" if np.isnan(m) else f"{m:.3f}" if np.isnan(s) else f"{m:.3f} ± {s:.3f}"
   columns, missing = _columns(rows), (float("nan"), float("nan"))
   lines = ["| strategy | " + " | ".join(columns) + " | collapse |",
            "|---" * (len(columns) + 2) + "|"]
@@ -209,15 +228,20 @@ def to_markdown(rows) -> str:
   return "\n".join(lines) + "\n"
 
 
+FIGURES = ("metrics_by_strategy", "training_curves", "collapse_over_epochs", "score_histograms")
+
+
 def write_report(root: str) -> list:
-  """From the finished runs: ROOT/results.csv, ROOT/results.md and the figures
-  ROOT/metrics_by_strategy.png and ROOT/collapse_over_epochs.png. Returns the rows."""
+  """From the finished runs: ROOT/results.csv, ROOT/results.md and the FIGURES as
+  ROOT/NAME.png. Returns the rows."""
   runs = read_sweep(root)
   rows = table(runs)
   files.write_text(os.path.join(root, "results.csv"), to_csv(rows))
   files.write_text(os.path.join(root, "results.md"), to_markdown(rows))
   for name, fig in [("metrics_by_strategy", plots.metrics_by_strategy(rows)),
-                    ("collapse_over_epochs", plots.collapse_over_epochs(runs))]:
+                    ("training_curves", plots.training_curves(runs)),
+                    ("collapse_over_epochs", plots.collapse_over_epochs(runs)),
+                    ("score_histograms", plots.score_histograms(runs))]:
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
     files.write_bytes(os.path.join(root, f"{name}.png"), png.getvalue())

@@ -130,9 +130,26 @@ def test_table_of_a_trained_sweep(tiny_sweep):
         values.append(json.load(f)["a2t"]["mAP"])
     assert row["a2t mAP"] == pytest.approx((np.mean(values), np.std(values, ddof=1)))
   assert len(sweep.read_sweep(tiny_sweep)[0]["epochs_log"]) == 2
-  for name in ("metrics_by_strategy", "collapse_over_epochs"):
+  for name in sweep.FIGURES:
     with open(os.path.join(tiny_sweep, f"{name}.png"), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  read_back = sweep.read_csv(os.path.join(tiny_sweep, "results.csv"))
+  assert [r["strategy"] for r in read_back] == ["random", "semihard_cross"]
+  for row, back in zip(rows, read_back):
+    assert back["seeds"] == row["seeds"] and back["collapsed"] == row["collapsed"]
+    assert back["a2t mAP"] == pytest.approx(row["a2t mAP"], abs=5e-5)  # 4 decimals
+
+
+def test_a_results_csv_row_that_does_not_parse_names_its_line(tmp_path):
+  path = tmp_path / "results.csv"
+  path.write_text("strategy,seeds,collapsed,t2a R@1 mean,t2a R@1 std\n"
+                  "random,2,0,0.0340,0.0140\nhard_cross,two,2,0.0340,0.0340\n")
+  with pytest.raises(ValueError, match=r"results\.csv:3: not a results\.csv row"):
+    sweep.read_csv(str(path))
+  path.write_text("strategy,seeds,collapsed,t2a R@1 mean,t2a R@1 std,a2t R@1 mean,a2t R@1 std\n"
+                  "random,2,0,0.0340,0.0140,nan,nan\n")
+  assert sweep.read_csv(str(path)) == [dict(strategy="random", seeds=2, collapsed=0,
+                                            **{"t2a R@1": (0.034, 0.014)})]
 
 
 def test_each_parallel_process_gets_its_own_gpus(tmp_path, monkeypatch):

@@ -9,7 +9,9 @@
 Jobs (--jobs, comma-separated): kernels (ntxr/bench/kernels.py), parts (kernel_parts.py:
 where a kernel's time goes), scores (score_matrices.py), steps (training_steps.py), loop
 (training_loop.py: the training loop's time outside the step). Each prints a Markdown
-table; --json writes every row with the device and the command line.
+table; --json writes every row with the device and the command line, and --results_dir
+one file per job, named by device kind and job, as docs/benchmarks/ keeps them
+(`ntxr.bench.results`; `python -m ntxr.bench.page` makes docs/benchmarks.md from them).
 """
 
 import json
@@ -22,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from ntxr import cli, files
-from ntxr.bench import (kernel_parts, kernels, score_matrices, timing, training_loop,
-                        training_steps)
+from ntxr.bench import (kernel_parts, kernels, results, score_matrices, timing,
+                        training_loop, training_steps)
 
 GRIDS = {
     # kernels: (N, T, W, E); scores: (kind, N, T, W, E); steps: batch sizes.
@@ -63,6 +65,9 @@ _LOOP_STEPS = flags.DEFINE_integer("loop_steps", 30, "steps per loop in the loop
                                    lower_bound=2)
 _DEVICE_KIND = flags.DEFINE_string("device_kind", None,
                                    "device name for the output (default: JAX's)")
+_RESULTS_DIR = flags.DEFINE_string("results_dir", None,
+                                   "write each job's rows to DIR/<device>_<job>.json, "
+                                   "replacing that file (docs/benchmarks keeps them)")
 
 
 def main(argv):
@@ -77,10 +82,11 @@ def main(argv):
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   grid, dtype = GRIDS[_GRID.value], jnp.dtype(_DTYPE.value)
   device = _DEVICE_KIND.value or timing.device_name()
-  report = dict(device=device, jax=jax.__version__, argv=sys.argv[1:])
+  about = results.provenance(device, sys.argv[1:])
   if _TORCH_LOOP.value:
-    report["torch_device"] = str(timing.torch_device())
-  print(f"device: {device}" + (f", PyTorch on {report['torch_device']}" if _TORCH_LOOP.value
+    about["torch_device"] = str(timing.torch_device())
+  report = dict(about, jax=jax.__version__, argv=sys.argv[1:])
+  print(f"device: {device}" + (f", PyTorch on {about['torch_device']}" if _TORCH_LOOP.value
                                 else "") + "\n")
   shapes = ([tuple(int(v) for v in s.split(":")) for s in _SHAPES.value.split(",")]
             if _SHAPES.value else grid["kernels"])
@@ -107,6 +113,11 @@ def main(argv):
     print(training_loop.format_table(report["loop"]))
   if cli.JSON.value:
     files.write_json(cli.JSON.value, report)
+  if _RESULTS_DIR.value:
+    for job, key in (("kernels", "loss"), ("parts", "parts"), ("scores", "scores"),
+                     ("steps", "steps"), ("loop", "loop")):
+      if key in report:
+        print(results.write(_RESULTS_DIR.value, job, report[key], about))
 
 
 if __name__ == "__main__":

@@ -17,9 +17,11 @@ Clips or rows left out with skip_bad_files are recorded in the prepared data's m
 import csv
 import io
 import os
+import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
+import tqdm
 
 from ntxr.data import captions, features, workers
 
@@ -61,6 +63,20 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
         "captions": tfds.features.Sequence(tfds.features.Text()),
     }), metadata=tfds.core.MetadataDict(skipped={}))
 
+  def _create_builder_config(self, builder_config, version):
+    # Every FeatureConfig is made on demand, none registered: TFDS would warn that each is
+    # a "custom data configuration".
+    if isinstance(builder_config, FeatureConfig):
+      return builder_config
+    return super()._create_builder_config(builder_config, version)
+
+  def _log_download_bytes(self):  # TFDS's "Downloading and preparing dataset ..." line
+    print(f"Preparing log-mel features ({self.builder_config.name}) once, into {self.data_dir}",
+          flush=True)
+
+  def _log_download_done(self):
+    pass
+
   @classmethod
   def holds(cls, root: str) -> bool:
     """Whether the folder `root` is laid out for this builder."""
@@ -89,7 +105,9 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
     skipped = [(f"{csv_path}:{line}", reason) for line, reason in skipped]
     jobs = [(self._audio_path(root, split, clip), self.builder_config.logmel) for clip in clips]
     with workers.imap(features.features_or_error, jobs, self.processes, chunksize=8) as results:
-      for audio_id, (clip, logmel) in enumerate(zip(clips, results)):
+      bar = tqdm.tqdm(zip(clips, results), total=len(clips), desc=f"features of {split}",
+                      unit="clip", file=sys.stderr, leave=False)
+      for audio_id, (clip, logmel) in enumerate(bar):
         if isinstance(logmel, str):
           if not self.skip_bad_files:
             raise ValueError(f"{logmel} (named at {csv_path}:{clip.line}); "
@@ -186,10 +204,11 @@ def split_file(pairs: captions.Pairs) -> str:
 
 
 def prepare(builder: _CaptionedAudio, manual_dir: str) -> None:
-  """Prepares the builder's dataset from `manual_dir` unless done. Nothing is written
-  into `manual_dir`."""
+  """Prepares the builder's dataset from `manual_dir` unless done, with a progress bar per
+  split (TFDS's own, per shard, are off). Nothing is written into `manual_dir`."""
   if not os.path.isdir(manual_dir):
     raise ValueError(f"{manual_dir}: no such folder.{builder.MANUAL_DOWNLOAD_INSTRUCTIONS}")
+  tfds.disable_progress_bar()
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
 
