@@ -19,7 +19,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from ntxr import files
+from ntxr import command, files
 
 TOP = 10
 
@@ -118,8 +118,7 @@ def write_submission(path: str, captions: list, file_names: list, s: np.ndarray)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  command.start(argv)
   if not (_GROUND_TRUTH.value and _PREDICTIONS.value):
     raise app.UsageError("--ground_truth and --predictions are required")
   result = score_files(_GROUND_TRUTH.value, _PREDICTIONS.value)

@@ -1,7 +1,7 @@
 """Retrieval metrics, all-pairs scoring in jitted chunks, feature-collapse diagnostics.
 
-Conventions (the README's evaluation section): per query, R@k is the share of its relevant items in the top
-k, HR@k whether any is, mAP the mean of full average precision and mAP@10 the DCASE
+Conventions (docs/design.md, evaluation): per query, R@k is the share of its relevant
+items in the top k, HR@k whether any is, mAP the mean of full average precision and mAP@10 the DCASE
 truncated one, AP@10 = sum_{i<=10} P@i rel_i / min(#relevant, 10). Ties rank the
 lower index first.
 """

@@ -20,7 +20,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from ntxr import cli
+from ntxr import cli, command
 
 _STRATEGY = flags.DEFINE_enum(
     "strategy", None, sorted(cli.STRATEGY_NAMES),
@@ -44,8 +44,8 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
 
 
 def main(argv):
-  cli.start(argv)
-  cli.import_tensorflow()
+  command.start(argv)
+  command.import_tensorflow()
   # pylint: disable=import-outside-toplevel  (JAX and TensorFlow load after --help)
   import jax
   from ntxr import evaluate, parallel, train, workdir as workdir_lib

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from ntxr import cli, evaluate, files, workdir as workdir_lib
+from ntxr import cli, command, evaluate, files, workdir as workdir_lib
 from ntxr.data import features
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
@@ -250,10 +250,7 @@ _TOP_K = flags.DEFINE_integer("top_k", 10, "results per query", lower_bound=1)
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  command.start(argv)
   workdir, audio_dir = (os.path.expanduser(path or "")
                         for path in (cli.WORKDIR.value, _AUDIO_DIR.value))
   try:
@@ -271,6 +268,7 @@ def main(argv):
     # A later call reuses this call's compiled scoring blocks.
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "search", "compiled"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+    command.import_tensorflow()
     with workdir_lib.held(workdir):
       model = Model(workdir)
       start = time.perf_counter()

@@ -3,7 +3,7 @@
 The suite runs in two worker processes (pytest-xdist). Compiling, not running, is
 most of its time, so XLA's CPU backend compiles without its LLVM optimisations and
 with its older elemental emitters in place of its fusion emitters (the tiny train step
-compiles in 1.1-1.5 s, not 3.2 s, and runs about as fast), and the workers and every process
+compiles in about half the time and runs about as fast), and the workers and every process
 a test starts share one JAX compilation cache, made for the session and removed after
 it: a step compiled once is not compiled again in another process.
 """
@@ -18,7 +18,7 @@ for flag in FAST_COMPILE:  # before XLA starts; inherited by the processes tests
   if flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 # ntxr never uses Keras, which `import tensorflow` loads (scikit-learn with it) unless
-# tf.keras is pointed at tf_keras, not installed: 2-2.5 s of every process's start-up.
+# tf.keras is pointed at tf_keras, not installed: seconds of every process's start-up.
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position

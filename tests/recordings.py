@@ -147,8 +147,8 @@ def pairs_folder(root: str, split_column: bool = True) -> str:
     rows += [[relative, texts[k]] + ([split] if split_column else [])
              for relative, texts, split in kept if k < len(texts)]
   with open(os.path.join(root, "captions.csv"), "w", newline="", encoding="utf-8-sig") as f:
-    csv.writer(f).writerows([["file_name", "caption"] + (["split"] if split_column else []),
-                             *rows])
+    header = ["file_name", "caption"] + (["split"] if split_column else [])
+    csv.writer(f).writerows([header, *rows])
   return root
 
 

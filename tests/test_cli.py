@@ -1,4 +1,4 @@
-"""The commands' shared start: names without JAX, a quiet and light --help."""
+"""The commands' shared flags and start: names without JAX, a quiet and light --help."""
 
 import subprocess
 import sys

@@ -73,7 +73,8 @@ GOOD_PAIRS = [["a.wav", "A dog barks.", "train"], ["b.wav", "Rain falls.", "val"
 ])
 def test_a_bad_pairs_row_is_named_by_line_or_skipped(tmp_path, row, reason):
   path = str(tmp_path / "captions.csv")
-  write_csv(path, GOOD_PAIRS[:2] + [row] + GOOD_PAIRS[2:], header=["file_name", "caption", "split"])
+  write_csv(path, GOOD_PAIRS[:2] + [row] + GOOD_PAIRS[2:],
+            header=["file_name", "caption", "split"])
   with pytest.raises(ValueError, match=re.escape(f"captions.csv:4: {reason}")):
     captions.read_pairs(path)
   pairs = captions.read_pairs(path, skip=True)

@@ -1,4 +1,5 @@
-"""The notebooks run from top to bottom on a tiny sweep and a tiny benchmark."""
+"""The notebooks run from top to bottom on a tiny sweep, a tiny benchmark and a tiny run,
+and are committed with their outputs."""
 
 import os
 import shutil
@@ -7,8 +8,8 @@ import nbclient
 import nbformat
 import pytest
 
-from ntxr import files
-from ntxr.bench import kernels
+from ntxr import sweep
+from ntxr.bench import kernels, results
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                          "notebooks")
@@ -36,24 +37,35 @@ def stdout(outputs: list) -> str:
 
 
 def test_ablation_notebook(tiny_sweep, monkeypatch):
+  sweep.write_report(tiny_sweep)
   monkeypatch.setenv("NTXR_SWEEP", tiny_sweep)
-  setup, table, *figures = execute("ablation.ipynb")
-  assert text(setup).strip() == f"4 finished runs in {tiny_sweep}"
+  setup, table, figure, sweep_figures = execute("ablation.ipynb")
+  assert text(setup).strip() == f"4 runs of 2 strategies in {tiny_sweep}"
   assert [line.split(" |")[0] for line in text(table).splitlines()[2:]] == [
       "| random", "| semihard_cross"]
-  assert [images(f) for f in figures] == [1, 1, 1, 1]
+  assert images(figure) == 1 and images(sweep_figures) == len(sweep.FIGURES) - 1
 
 
 def test_kernel_notebook(tmp_path, monkeypatch):
   rows = kernels.run([(8, 5, 3, 4), (16, 5, 3, 4)], ["random", "hard_cross"], "float32",
-                     repeats=1, loop_max_n=0, torch_loop=False)
-  for device in ("a", "b"):  # what `python -m ntxr.bench --json=...` writes on two devices
-    files.write_json(f"{tmp_path}/bench_{device}.json", dict(device=f"cpu {device}", loss=rows))
-  monkeypatch.setenv("NTXR_BENCH", str(tmp_path / "bench_*.json"))
-  setup, figure = execute("kernels.ipynb")
-  assert text(setup).splitlines() == [f"{tmp_path}/bench_a.json: cpu a, 4 rows",
-                                      f"{tmp_path}/bench_b.json: cpu b, 4 rows"]
-  assert images(figure) == 1
+                     repeats=1, loop_max_n=8, torch_loop=False)
+  for device in ("cpu: a", "gpu: b"):  # what `--results_dir` holds after runs on two devices
+    results.write(str(tmp_path), "kernels", rows, results.provenance(device, ["--jobs=kernels"]))
+  monkeypatch.setenv("NTXR_BENCH", str(tmp_path))
+  setup, speedups, times, tables = execute("kernels.ipynb")
+  assert [line.split(",")[0] for line in text(setup).splitlines()] == [
+      "cpu: a: 4 rows", "gpu: b: 4 rows"]
+  assert images(speedups) == 1 and images(times) == 1
+  assert text(tables).count("| hard_cross | 16 | 5 | 3 | 4 |") == 2
+
+
+def test_committed_notebooks_show_their_outputs():
+  for name in sorted(os.listdir(NOTEBOOKS)):
+    if name.endswith(".ipynb"):
+      notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
+      for cell in notebook.cells:
+        if cell.cell_type == "code":
+          assert cell.execution_count and cell.outputs, f"{name}: a cell without its outputs"
 
 
 def test_search_notebook(tiny_run, cache_dir, tmp_path, monkeypatch):

@@ -78,7 +78,7 @@ def test_table_reports_false_negatives_where_every_seed_measured_them(tmp_path):
   assert "filtered" not in rows[1]  # no filter: nothing removed, no share of it
   markdown = sweep.to_markdown(rows).splitlines()
   assert markdown[0].endswith("| a2t mAP | false negatives | collapse |")
-  assert markdown[2].endswith("| nan | 0/1 |") and "| 0.200 ± 0.141 |" in markdown[3]
+  assert markdown[2].endswith("| - | 0/1 |") and "| 0.200 ± 0.141 |" in markdown[3]
 
 
 def test_table_reports_what_the_filter_removed(tmp_path):

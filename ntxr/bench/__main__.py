@@ -23,7 +23,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-from ntxr import cli, files
+from ntxr import cli, command, files
 from ntxr.bench import (kernel_parts, kernels, results, score_matrices, timing,
                         training_loop, training_steps)
 
@@ -71,8 +71,7 @@ _RESULTS_DIR = flags.DEFINE_string("results_dir", None,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  command.start(argv)
   for name, given, known in (("jobs", _JOBS.value, JOBS),
                              ("widths", _WIDTHS.value, training_steps.WIDTHS)):
     unknown = sorted(set(given) - set(known))
@@ -90,35 +89,33 @@ def main(argv):
                                 else "") + "\n")
   shapes = ([tuple(int(v) for v in s.split(":")) for s in _SHAPES.value.split(",")]
             if _SHAPES.value else grid["kernels"])
-  if "kernels" in _JOBS.value:
-    report["loss"] = kernels.run(shapes, cli.strategies(), dtype, _REPEATS.value,
-                                 _LOOP_MAX_N.value, _TORCH_LOOP.value)
-    print(kernels.format_table(report["loss"]) + "\n")
-  if "parts" in _JOBS.value:
-    report["parts"] = kernel_parts.run(shapes, cli.strategies(), dtype, _REPEATS.value)
-    print(kernel_parts.format_table(report["parts"]) + "\n")
-  if "scores" in _JOBS.value:
-    report["scores"] = score_matrices.run(grid["scores"], dtype, _REPEATS.value)
-    print(score_matrices.format_table(report["scores"]) + "\n")
   widths = {name: training_steps.WIDTHS[name] for name in _WIDTHS.value}
   step_shape = dict(training_steps.SHAPE, frames=_STEP_FRAMES.value)
-  if "steps" in _JOBS.value:
-    report["steps"] = training_steps.run(widths, grid["steps"], _REPEATS.value,
-                                         _TORCH_LOOP.value, shape=step_shape, dtype=_DTYPE.value)
-    print(training_steps.format_table(report["steps"]) + "\n")
-  if "loop" in _JOBS.value:
-    report["loop"] = training_loop.run(widths, grid["steps"], _LOOP_STEPS.value,
-                                       shape=step_shape, repeats=_REPEATS.value,
-                                       dtype=_DTYPE.value)
-    print(training_loop.format_table(report["loop"]))
+  jobs = {  # job: (its key in --json, its rows, its table)
+      "kernels": ("loss", lambda: kernels.run(shapes, cli.strategies(), dtype, _REPEATS.value,
+                                              _LOOP_MAX_N.value, _TORCH_LOOP.value),
+                  kernels.format_table),
+      "parts": ("parts", lambda: kernel_parts.run(shapes, cli.strategies(), dtype,
+                                                  _REPEATS.value), kernel_parts.format_table),
+      "scores": ("scores", lambda: score_matrices.run(grid["scores"], dtype, _REPEATS.value),
+                 score_matrices.format_table),
+      "steps": ("steps", lambda: training_steps.run(
+          widths, grid["steps"], _REPEATS.value, _TORCH_LOOP.value, shape=step_shape,
+          dtype=_DTYPE.value), training_steps.format_table),
+      "loop": ("loop", lambda: training_loop.run(
+          widths, grid["steps"], _LOOP_STEPS.value, shape=step_shape, repeats=_REPEATS.value,
+          dtype=_DTYPE.value), training_loop.format_table),
+  }
+  for job in JOBS:
+    if job not in _JOBS.value:
+      continue
+    key, run, table = jobs[job]
+    report[key] = run()
+    print(table(report[key]) + "\n")
+    if _RESULTS_DIR.value:  # each job's file as soon as it is measured
+      print(results.write(_RESULTS_DIR.value, job, report[key], about) + "\n")
   if cli.JSON.value:
     files.write_json(cli.JSON.value, report)
-  if _RESULTS_DIR.value:
-    for job, key in (("kernels", "loss"), ("parts", "parts"), ("scores", "scores"),
-                     ("steps", "steps"), ("loop", "loop")):
-      if key in report:
-        print(results.write(_RESULTS_DIR.value, job, report[key], about))
-
 
 if __name__ == "__main__":
   app.run(main)

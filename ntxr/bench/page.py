@@ -8,7 +8,7 @@ import os
 from absl import app
 from absl import flags
 
-from ntxr import cli, files, plots
+from ntxr import command, files, plots
 from ntxr.bench import results as results_lib
 
 _RESULTS_DIR = flags.DEFINE_string("results_dir", "docs/benchmarks", "the result files")
@@ -16,7 +16,7 @@ _PAGE = flags.DEFINE_string("page", "docs/benchmarks.md", "the page to write")
 
 
 def main(argv):
-  cli.start(argv)
+  command.start(argv)
   results = results_lib.read(_RESULTS_DIR.value)
   if not results:
     raise app.UsageError(f"no result files in {_RESULTS_DIR.value}")

@@ -1,12 +1,12 @@
-"""The default run: the built-in synthetic corpus on a 2-core CPU in about 10 minutes.
+"""The default run: the built-in synthetic corpus, sized for a 2-core CPU.
 
   python -m ntxr.main --strategy=semihard_cross
   python -m ntxr.main --config=ntxr/configs/default.py --config.num_epochs=8
 
 The model is the paper's CRNN at a quarter of its width (8, 32, 32, 32, 32
-channels): on that CPU a full-width training step takes about 2.2 s with XLA's
-convolutions (`python -m ntxr.bench --encoder`). `paper.py` holds the paper's full
-setting for Clotho on an accelerator.
+channels), which a CPU steps through several times faster than the full width
+(`python -m ntxr.bench --jobs=steps`). `paper.py` holds the paper's full setting for
+Clotho on an accelerator.
 """
 
 import ml_collections
@@ -75,10 +75,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.select_by = "t2a_mAP@10"     # the reported checkpoint; or "validation_loss"
   config.train_padding = "masked"     # or "batch": the authors' padded training score
 
-  # Feature-collapse thresholds (see ntxr.evaluate.collapse_diagnostics). In the README's
-  # ablation, collapsed hard_cross runs reach a clip-embedding mean cosine of 0.91 to 0.99
-  # and a training-score spread of 9e-4 to 8e-6; every other run stays at or under 0.81
-  # and at or over 0.0058.
+  # Feature-collapse thresholds (see ntxr.evaluate.collapse_diagnostics); docs/results.md
+  # shows where collapsed and healthy runs sit against them.
   config.collapse = ml_collections.ConfigDict(
       dict(cosine=0.9, effective_rank=2.0, share_at_margin=0.5, score_std=1e-3))
   return config

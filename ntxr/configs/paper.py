@@ -4,7 +4,7 @@
       --config.word_vectors=/path/to/GoogleNews-vectors-negative300.bin --strategy=semihard_cross
 
 Every field follows xieh97/contrastive-negative-sampling (`conf.yaml`, `preprocessing/`,
-`models/`, `utils/criterion_utils.py`); the README's table lists each against the
+`models/`, `utils/criterion_utils.py`); docs/paper_setting.md lists each against the
 default. Meant for an accelerator: on a 2-core CPU one epoch of Clotho takes hours.
 """
 

@@ -15,8 +15,8 @@ import tensorflow_datasets as tfds
 from ntxr.data import tokenizer as tokenizer_lib
 
 # The functions tf.data traces here have no Python control flow on tensors: they run as
-# written, without AutoGraph's conversion (which took about a second of each process's
-# first pipelines and wrote a file to the temporary folder for each function).
+# written, without AutoGraph's conversion (which costs time at each process's first
+# pipelines and writes a file to the temporary folder for each function).
 _as_written = tf.autograph.experimental.do_not_convert
 
 

@@ -11,13 +11,13 @@ import time
 
 from absl import app
 
-from ntxr import cli
-from ntxr.data import corpus, input_pipeline
+from ntxr import cli, command
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  command.start(argv)
+  command.import_tensorflow()
+  from ntxr.data import corpus, input_pipeline  # pylint: disable=import-outside-toplevel
   config = cli.CONFIG.value
   prepared = corpus.from_config(config)
   batches = input_pipeline.train_batches(

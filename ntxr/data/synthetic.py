@@ -61,7 +61,7 @@ def _sweep(f0: float, f1: float, n: int) -> np.ndarray:
 
 def _filtered_noise(rng, n: int, cutoff: float, high: bool) -> np.ndarray:
   """White noise low- or high-passed by a one-pole filter at `cutoff` Hz."""
-  # Imported here: 0.8 s that every process would pay at start, and only generation needs.
+  # Imported here: only generation needs SciPy's signal module, slow to import.
   import scipy.signal  # pylint: disable=g-import-not-at-top
   noise = rng.standard_normal(n)
   alpha = np.exp(-2 * np.pi * cutoff / SAMPLE_RATE)

@@ -19,8 +19,8 @@ import sys
 import types
 from typing import Callable, Iterator
 
-# A worker's start costs about a second of imports (librosa, SciPy); one clip's features
-# take milliseconds. A pool is worth it only with this many jobs per worker.
+# A worker's start imports librosa and SciPy, which costs as much as many clips' features:
+# a pool is worth it only with this many jobs per worker.
 JOBS_PER_WORKER = 128
 
 _PR_SET_PDEATHSIG = 1
