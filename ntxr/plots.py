@@ -87,7 +87,8 @@ def _lines_per_run(runs, panels: dict, strategies, columns: int) -> figure.Figur
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
   for ax in axes[len(panels):]:
     ax.set_axis_off()
-  axes[0].legend(fontsize=7)
+  if axes[0].get_legend_handles_labels()[0]:  # some run of the strategies drawn
+    axes[0].legend(fontsize=7)
   return fig
 
 
@@ -131,7 +132,8 @@ def score_histograms(runs, strategies=("random", "semihard_cross", "hard_cross")
 
 
 def kernel_times(results) -> figure.Figure:
-  """Kernel time and matmul fraction against N per strategy, one line style per device.
+  """Kernel time and matmul fraction against N per strategy and shape (T, W, E), one
+  line style per device.
 
   results: the kernels result files (`ntxr.bench.results`), one per device."""
   fig = figure.Figure(figsize=(10, 4), layout="constrained")
@@ -139,16 +141,16 @@ def kernel_times(results) -> figure.Figure:
   styles = ["o-", "s--", "^:", "d-."]
   for result, style in zip(results, styles):
     for strategy in objectives.SETTINGS:
-      rows = sorted((r for r in result["rows"] if r["strategy"] == strategy),
-                    key=lambda r: r["N"])
-      if not rows:
-        continue
-      n = [r["N"] for r in rows]
-      label = f"{strategy} ({result['device']})"
-      time_ax.plot(n, [r["kernel_ms"] for r in rows], style, label=label,
-                   color=strategy_color(strategy))
-      fraction_ax.plot(n, [r["matmul_fraction"] for r in rows], style,
-                       color=strategy_color(strategy))
+      mine = [r for r in result["rows"] if r["strategy"] == strategy]
+      for k, shape in enumerate(sorted({(r["T"], r["W"], r["E"]) for r in mine})):
+        rows = sorted((r for r in mine if (r["T"], r["W"], r["E"]) == shape),
+                      key=lambda r: r["N"])  # one line per clip and caption length
+        n = [r["N"] for r in rows]
+        label = f"{strategy} ({result['device']})" if k == 0 else None
+        time_ax.plot(n, [r["kernel_ms"] for r in rows], style, label=label,
+                     color=strategy_color(strategy))
+        fraction_ax.plot(n, [r["matmul_fraction"] for r in rows], style,
+                         color=strategy_color(strategy))
   time_ax.set(xscale="log", yscale="log", xlabel="batch size N", ylabel="forward+backward ms")
   fraction_ax.set(xscale="log", xlabel="batch size N", ylabel="share of matmul throughput")
   time_ax.legend(fontsize=6, ncols=2)
@@ -183,5 +185,7 @@ def speedup_by_strategy(results, shape=None) -> figure.Figure:
       ax.set_yscale("log")
       ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}x"))
   axes[0].set_ylabel("speedup of the jitted kernel")
-  axes[0].legend(fontsize=7)
+  handles, labels = axes[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="outside lower center", ncols=max(1, len(results)),
+             fontsize=8)
   return fig
