@@ -5,11 +5,35 @@ Imports neither JAX nor TensorFlow, and defines no flag.
 
 import logging as std_logging
 import os
+import re
 import sys
+from typing import NoReturn
 
 from absl import app
 from absl import flags
 from absl import logging
+
+
+def parse_flags(argv) -> list:
+  """absl's flag parsing (`app.run(main, flags_parser=command.parse_flags)`), with a
+  --config.FIELD that names no field said in one line (`unknown_field`)."""
+  try:
+    return app.parse_flags_with_usage(argv)
+  except (AttributeError, KeyError) as error:  # ml_collections: no such field
+    unknown_field(error, argv)
+
+
+def unknown_field(error: Exception, argv) -> NoReturn:
+  """Says which --config.FIELD of argv names no field, and the closest that does, in one
+  line instead of ml_collections' chained tracebacks; exits with status 2 (usage)."""
+  named = re.findall(r"'([^'\\]+)", str(error))
+  field = named[0] if named else str(error)
+  given = next((arg.split("=")[0] for arg in argv[1:] if arg.startswith("--config.")
+                and arg.split("=")[0].endswith(f".{field}")), f"--config.{field}")
+  closest = re.search(r'Did you mean "([^"]+)"', str(error))
+  hint = f"; did you mean {given[:-len(field)]}{closest.group(1)}?" if closest else ""
+  print(f"error: {given}: no such config field{hint}", file=sys.stderr)
+  sys.exit(2)
 
 
 def start(argv) -> None:

@@ -13,6 +13,7 @@ dictionary keeps it); R@k says whether that file is in the top k and mAP@10 is
 import csv
 import io
 import os
+import sys
 from typing import NamedTuple
 
 from absl import app
@@ -36,25 +37,15 @@ class Submission(NamedTuple):
 COLUMNS = ["caption"] + [f"file_name_{k}" for k in range(1, TOP + 1)]
 
 
-def _rows(path: str):
-  """(line, row) of a UTF-8 CSV after its header; errors name the file."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: file not found")
-  try:
-    with open(path, newline="", encoding="utf-8") as f:
-      reader = csv.reader(f)
-      header = next(reader, None)
-      yield reader.line_num, header
-      for row in reader:
-        yield reader.line_num, row
-  except UnicodeDecodeError as error:
-    raise ValueError(f"{path}: not UTF-8 text ({error})") from None
+def _header_and_rows(path: str) -> tuple:
+  """(header or None, [(line, fields)] after it) of a UTF-8 CSV; errors name the file."""
+  records = files.read_csv(path)
+  return (records[0][1], records[1:]) if records else (None, [])
 
 
 def read_ground_truth(path: str) -> tuple:
   """Clotho `file_name,caption_1..caption_5` -> ({caption: file_name}, file names)."""
-  rows = _rows(path)
-  _, header = next(rows)
+  header, rows = _header_and_rows(path)
   if not header or header[0] != "file_name" or len(header) < 2:
     raise ValueError(f"{path}:1: expected a header file_name,caption_1,..., got {header}")
   relevant, names = {}, set()
@@ -68,12 +59,12 @@ def read_ground_truth(path: str) -> tuple:
 
 
 def read_predictions(path: str, relevant: dict, known_files: set) -> dict:
-  """A submission -> {caption: ten file names}, checked against the ground truth."""
-  rows = _rows(path)
-  _, header = next(rows)
+  """A submission -> {caption: ten file names}, checked against the ground truth: a
+  caption given twice is refused, never resolved by row order."""
+  header, rows = _header_and_rows(path)
   if header != COLUMNS:
     raise ValueError(f"{path}:1: expected the header {','.join(COLUMNS)}")
-  ranked = {}
+  ranked, first_line = {}, {}
   for line, row in rows:
     if len(row) != TOP + 1 or not all(row):
       raise ValueError(f"{path}:{line}: expected a caption and {TOP} file names, "
@@ -81,10 +72,13 @@ def read_predictions(path: str, relevant: dict, known_files: set) -> dict:
     caption, names = row[0], row[1:]
     if caption not in relevant:
       raise ValueError(f"{path}:{line}: caption {caption[:60]!r} is not in the ground truth")
+    if caption in ranked:
+      raise ValueError(f"{path}:{line}: caption {caption[:60]!r} is given twice (first at "
+                       f"line {first_line[caption]}); give each caption one row")
     unknown = [n for n in names if n not in known_files]
     if unknown:
       raise ValueError(f"{path}:{line}: unknown file {unknown[0]!r}")
-    ranked[caption] = names
+    ranked[caption], first_line[caption] = names, line
   missing = [c for c in relevant if c not in ranked]
   if missing:
     raise ValueError(f"{path}: {len(missing)} ground-truth captions have no row, "
@@ -121,10 +115,17 @@ def main(argv):
   command.start(argv)
   if not (_GROUND_TRUTH.value and _PREDICTIONS.value):
     raise app.UsageError("--ground_truth and --predictions are required")
-  result = score_files(_GROUND_TRUTH.value, _PREDICTIONS.value)
+  output = _OUTPUT_JSON.value
+  folder = os.path.dirname(os.path.abspath(output or "."))
+  if output and not files.is_bucket(output) and not os.path.isdir(folder):
+    sys.exit(f"error: --output_json: no folder {folder}")
+  try:
+    result = score_files(_GROUND_TRUTH.value, _PREDICTIONS.value)
+  except (FileNotFoundError, ValueError) as error:
+    sys.exit(f"error: {error}")
   print("  ".join(f"{k} {v:.4f}" for k, v in result.items()))
-  if _OUTPUT_JSON.value:
-    files.write_json(_OUTPUT_JSON.value, result)
+  if output:
+    files.write_json(output, result)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ its place and renamed into it; an object in a bucket appears whole when its uplo
 so it is uploaded in one piece. Buckets have no appends: `append_line` rewrites the object.
 """
 
+import csv
+import io
 import json
 import os
 
@@ -104,4 +106,30 @@ def read_jsonl(path) -> list:
     except json.JSONDecodeError as error:
       logging.warning("%s:%d: dropped a torn or partial line (%s): %.80s", path, number,
                       error, line.rstrip())
+  return records
+
+
+def read_csv(path) -> list:
+  """[(line, fields)] of every record of a UTF-8 CSV file, its header first; line is the
+  record's first line. A byte-order mark (spreadsheets' "CSV UTF-8") is dropped and
+  Windows line endings are read as any other.
+
+  Raises FileNotFoundError naming the file, or ValueError naming the line of the first
+  byte that is not UTF-8.
+  """
+  if not exists(path):
+    raise FileNotFoundError(f"{path}: file not found")
+  data = read_bytes(path)
+  try:
+    text = data.decode("utf-8-sig")
+  except UnicodeDecodeError as error:
+    line = data[:error.start].count(b"\n") + 1
+    raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[error.start]:#04x}); save "
+                     "the file as UTF-8") from None
+  reader = csv.reader(io.StringIO(text, newline=""))
+  records, start = [], 1
+  for fields in reader:
+    if fields:  # a blank line holds no record
+      records.append((start, fields))
+    start = reader.line_num + 1
   return records

@@ -18,7 +18,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from ntxr import cli, command
 
@@ -45,33 +44,45 @@ _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
 
 def main(argv):
   command.start(argv)
-  command.import_tensorflow()
-  # pylint: disable=import-outside-toplevel  (JAX and TensorFlow load after --help)
+  # pylint: disable=import-outside-toplevel  (JAX, then TensorFlow, load after --help)
   import jax
-  from ntxr import evaluate, parallel, train, workdir as workdir_lib
-  from ntxr.data import workers
-  workers.die_with_launcher()  # a sweep's run ends with its sweep
-  if _DISTRIBUTED.value:
-    parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                        _HEARTBEAT_TIMEOUT.value)
+  from ntxr import workdir as workdir_lib
   config = cli.CONFIG.value
   if _STRATEGY.value:  # the fields the command names, as the paper's table does
     config.strategy = _STRATEGY.value
   if _OBJECTIVE.value:
     config.objective = _OBJECTIVE.value
-  workdir = cli.WORKDIR.value or os.path.join("workdir", train.run_name(config))
+  workdir = cli.WORKDIR.value or os.path.join("workdir", workdir_lib.run_name(config))
+  try:  # the settings, before TensorFlow loads and anything is written
+    workdir_lib.check_config(workdir, config)
+  except workdir_lib.SettingError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+  command.import_tensorflow()
+  from ntxr import evaluate, parallel, train
+  from ntxr.data import workers
+  workers.die_with_launcher()  # a sweep's run ends with its sweep
+  if _DISTRIBUTED.value:
+    parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                        _HEARTBEAT_TIMEOUT.value)
   run = train.evaluate_only if _EVAL_ONLY.value else train.train_and_evaluate
   try:
     results = run(config, workdir)
   except train.Stopped as stopped:
-    sys.exit(f"stopped: {stopped}")
+    print(f"stopped: {stopped}", file=sys.stderr)
+    sys.exit(130 if stopped.interrupted else 1)
+  except KeyboardInterrupt:  # Ctrl-C outside the training steps' handler
+    print("interrupted: rerun the same command to resume", file=sys.stderr)
+    sys.exit(130)
+  except workdir_lib.SettingError as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
   except (FloatingPointError, FileNotFoundError, ValueError,
           workdir_lib.WorkdirError) as error:
-    logging.error("%s", error)
     sys.exit(f"error: {error}")
   if jax.process_index() != 0:  # the first process reports for all
     return
-  print(f"\n{train.run_name(config)} on {results['split']} (epochs {results['epochs']}, best "
+  print(f"\n{workdir_lib.run_name(config)} on {results['split']} (epochs {results['epochs']}, best "
         f"{results['best_epoch']} by {results['selected_by']}, {results['seconds']:.0f} s "
         f"training; reported checkpoint collapsed: {results['collapse']}, epochs flagged: "
         f"{results['collapse_epochs'] or 'none'})")
@@ -83,4 +94,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=command.parse_flags)

@@ -99,10 +99,16 @@ class Model:
     return embedded, failed
 
   def embed_queries(self, queries: list) -> tuple:
-    """(word embeddings [Q, W, E], mask [Q, W]); ValueError for an empty query."""
+    """(word embeddings [Q, W, E], mask [Q, W]); ValueError for an empty query, and a
+    warning for one longer than the text encoder reads (the run's max_tokens)."""
     for query in queries:
       if not query.strip():
         raise ValueError("a query is empty: give words to search for")
+      tokens = len(self.experiment.tokenizer.encode(query))
+      if tokens > self.config.max_tokens:
+        logging.warning("the query %r is %d tokens long: the text encoder reads its first "
+                        "%d (the run's max_tokens)", query[:60], tokens,
+                        self.config.max_tokens)
     return self.experiment.embed_captions(self.state, queries)
 
 
@@ -300,4 +306,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=command.parse_flags)

@@ -32,7 +32,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from ntxr import cli, evaluate, files, objectives, plots
+from ntxr import cli, command, evaluate, files, objectives, plots
 from ntxr.data import workers
 
 _ROOT = flags.DEFINE_string("root", "sweeps/default", "folder holding one workdir per run")
@@ -265,4 +265,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=command.parse_flags)

@@ -99,7 +99,12 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 class Stopped(Exception):
-  """Training stopped when asked to (SIGTERM, a preemption notice), its state saved."""
+  """Training stopped when asked to (SIGTERM, a preemption notice, Ctrl-C), its state
+  saved; `interrupted` is whether Ctrl-C (SIGINT) asked."""
+
+  def __init__(self, message: str, interrupted: bool = False):
+    super().__init__(message)
+    self.interrupted = interrupted
 
 
 class _Interrupted(Exception):
@@ -108,7 +113,8 @@ class _Interrupted(Exception):
 
 class StopRequests:
   """Asks training to stop on SIGTERM, which preemptible VMs and TPUs send before they
-  stop; a context that sets the handler and puts the previous one back.
+  stop, and on Ctrl-C (SIGINT); a context that sets the handlers and puts the previous
+  ones back.
 
   While steps run (`at_steps`) the handler only records the signal, and `asked(step)`
   tells the loop to save after the step it is in. Elsewhere (validation, checkpoints,
@@ -118,39 +124,44 @@ class StopRequests:
   handler can be set, it never asks.
   """
 
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
   def __init__(self):
-    self.received = False
+    self.received = None  # the signal that asked
     self.at_steps = False
-    self._previous = None
+    self._previous = {}
 
   def __enter__(self) -> "StopRequests":
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
+      self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
     return self
 
   def __exit__(self, *unused) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for number, previous in self._previous.items():
+      signal.signal(number, previous)
 
   def _handle(self, number, frame) -> None:
-    del number, frame
-    self.received = True
+    del frame
+    self.received = self.received or number
     if not self.at_steps:
       raise _Interrupted()
 
   def asked(self, step: int) -> bool:
     if jax.process_count() > 1:
       return multihost_utils.reached_preemption_sync_point(step)
-    return self.received
+    return self.received is not None
 
 
-def _stop(state, progress: Progress, checkpoints: workdir_lib.Checkpoints) -> Stopped:
+def _stop(state, progress: Progress, checkpoints: workdir_lib.Checkpoints,
+          stop: StopRequests) -> Stopped:
   """Saves the latest checkpoint and says how to resume."""
   checkpoints.save("latest", state, progress.to_json())
   checkpoints.wait()
-  return Stopped(f"as asked (SIGTERM or a preemption notice), training stopped after step "
-                 f"{int(state.step)} (epoch {progress.epoch + 1}), saved in "
-                 f"{checkpoints.root}/latest: rerun the same command to resume from there")
+  interrupted = stop.received == signal.SIGINT
+  return Stopped(f"as asked ({'Ctrl-C' if interrupted else 'SIGTERM or a preemption notice'}), "
+                 f"training stopped after step {int(state.step)} (epoch {progress.epoch + 1}), "
+                 f"saved in {checkpoints.root}/latest: rerun the same command to resume from "
+                 "there", interrupted)
 
 
 def train_epochs(experiment: experiment_lib.Experiment, state: steps.TrainState,
@@ -169,7 +180,6 @@ def train_epochs(experiment: experiment_lib.Experiment, state: steps.TrainState,
   steps_per_epoch = experiment.batches_per_epoch(experiment.training_split)
   if config.max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-  experiment.batches_per_epoch(experiment.validation_split)  # fails now, not in epoch 1
   with StopRequests() as stop:
     try:
       while progress.epoch < config.num_epochs:
@@ -182,7 +192,7 @@ def train_epochs(experiment: experiment_lib.Experiment, state: steps.TrainState,
                                      time.perf_counter() - start)
     except _Interrupted:
       stop.at_steps = True  # record, not raise, a second signal while saving
-      raise _stop(state, progress, checkpoints) from None
+      raise _stop(state, progress, checkpoints, stop) from None
   return progress
 
 
@@ -216,7 +226,7 @@ def _train_steps(experiment, state, progress, checkpoints, steps_per_epoch,
       progress = _checked(progress, unread, epoch, checkpoints)
       bar.set_postfix(loss=f"{progress.statistic_means()['loss']:.4f}")
     if asked:
-      raise _stop(state, progress, checkpoints)
+      raise _stop(state, progress, checkpoints, stop)
     if save:
       checkpoints.save("latest", state, progress.to_json())
   return state, _checked(progress, unread, epoch, checkpoints)
@@ -288,7 +298,7 @@ def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: workdir_li
   metrics, submission = experiment.test(state)
   skipped = [entry for entries in experiment.corpus.skipped.values() for entry in entries]
   results = dict(metrics, objective=config.objective, strategy=config.strategy,
-                 run=run_name(config), score=config.score,
+                 run=workdir_lib.run_name(config), score=config.score,
                  split=experiment.test_split,
                  collapse=best.best_epoch in trained.collapse_epochs,
                  collapse_epochs=list(trained.collapse_epochs), epochs=trained.epoch,
@@ -304,20 +314,18 @@ def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: workdir_li
   return results
 
 
-def run_name(config: ml_collections.ConfigDict) -> str:
-  """The run's setting in a word: the strategy for the triplet loss, else the objective."""
-  return config.strategy if config.objective == "triplet" else config.objective
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming if workdir holds a run), then tests the best checkpoint.
 
   Returns the dict written to workdir/results.json. Raises FloatingPointError if the
   loss or a score becomes NaN; the last good checkpoints stay in workdir.
   """
-  workdir_lib.write_config(workdir, config)
+  workdir_lib.check_config(workdir, config)
   with workdir_lib.held(workdir):
-    experiment = experiment_lib.Experiment(config)
+    experiment = experiment_lib.Experiment(config)  # reads the data
+    for split in (experiment.training_split, experiment.validation_split):
+      experiment.batches_per_epoch(split)  # fails now, not in epoch 1
+    workdir_lib.write_config(workdir, config)
     with workdir_lib.Checkpoints(workdir) as checkpoints:
       restored = checkpoints.resume(experiment.initial_state)
       if restored is None:

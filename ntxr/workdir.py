@@ -45,6 +45,13 @@ RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every_steps", "metrics_every_step
                      "cache_dir", "stage_dir", "eval_batch_size", "collapse")
 
 
+# The least value of the numeric fields that have one.
+AT_LEAST = dict(batch_size=1, eval_batch_size=1, num_epochs=1, max_steps_per_epoch=0,
+                checkpoint_every_steps=1, metrics_every_steps=1, max_tokens=1, embed_dim=1,
+                vocab_size=2, margin=0, temperature=1e-6, beta=0, learning_rate=1e-12,
+                filter_similarity=0, filter_share_of_positive=0)
+MIN_SAMPLE_RATE = 8000  # a 40 ms window of 64 mel bands needs at least this
+
 # How the reported ("best") checkpoint is chosen from each epoch's validation: the
 # higher the better.
 SELECTIONS = {
@@ -53,11 +60,29 @@ SELECTIONS = {
 }
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes config.json (the first process), or checks that a resumed run has the same
-  one; raises ValueError first, writing nothing, for a config that cannot run."""
+def run_name(config: ml_collections.ConfigDict) -> str:
+  """The run's setting in a word: the strategy for the triplet loss, else the objective."""
+  return config.strategy if config.objective == "triplet" else config.objective
+
+
+class SettingError(ValueError):
+  """A setting the user must change before anything runs (usage: exit status 2)."""
+
+
+def check_config(workdir: str, config: ml_collections.ConfigDict) -> dict:
+  """Raises SettingError, writing nothing, for a config that cannot run, a workdir that
+  cannot be one, or a config that differs from the run workdir holds; returns the
+  config as config.json holds it."""
+  if not files.is_bucket(workdir):
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise SettingError(f"--workdir={workdir} is a file, not a folder: give a folder")
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):
+      existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+      raise SettingError(f"--workdir={workdir}: cannot write in {existing}")
   if config.require_word_vectors and not config.word_vectors:
-    raise ValueError(
+    raise SettingError(
         "this config trains on frozen word2vec vectors, as the paper: pass "
         "--config.word_vectors=/path/to/GoogleNews-vectors-negative300.bin (or any "
         "word2vec-format file), or --config.require_word_vectors=false to learn a "
@@ -67,26 +92,36 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
                          ("objective", ("triplet", *objectives.OBJECTIVES)),
                          ("similarity", ("", *false_negatives.SIMILARITIES))]:
     if config[field] not in choices:
-      raise ValueError(f"--config.{field} must be one of {sorted(choices)}, not "
+      raise SettingError(f"--config.{field} must be one of {sorted(choices)}, not "
                        f"{config[field]!r}")
-  for field in ("checkpoint_every_steps", "metrics_every_steps"):
-    if config[field] < 1:
-      raise ValueError(f"--config.{field} must be at least 1, not {config[field]}")
+  for field, least in AT_LEAST.items():
+    if config[field] < least:
+      raise SettingError(f"--config.{field} must be at least {least}, not {config[field]}")
+  if 0 < config.sample_rate < MIN_SAMPLE_RATE:
+    raise SettingError(f"--config.sample_rate must be 0 (the corpus's own) or at least "
+                     f"{MIN_SAMPLE_RATE} Hz, not {config.sample_rate}")
   for needs, what in [(config.objective == "soft", "--config.objective=soft"),
                       (config.filter_similarity > 0, "--config.filter_similarity")]:
     if needs and not config.similarity:
-      raise ValueError(f"{what} compares captions: set --config.similarity to one of "
+      raise SettingError(f"{what} compares captions: set --config.similarity to one of "
                        f"{list(false_negatives.SIMILARITIES)}")
   if config.similarity == "word_vectors" and not config.word_vectors:
-    raise ValueError("--config.similarity=word_vectors needs --config.word_vectors")
+    raise SettingError("--config.similarity=word_vectors needs --config.word_vectors")
   current = json.loads(config.to_json())
   previous = saved_config(workdir)
   if previous is not None:
     changed = sorted(k for k in set(current) | set(previous)
                      if k not in RESUMABLE_CHANGES and current.get(k) != previous.get(k))
     if changed:
-      raise ValueError(f"{workdir} holds a run with other settings ({', '.join(changed)}); "
+      raise SettingError(f"{workdir} holds a run with other settings ({', '.join(changed)}); "
                        f"use another --workdir")
+  return current
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes config.json (the first process) once `check_config` passes. Training calls
+  it once its data is read, so a run that fails before leaves no settings behind."""
+  current = check_config(workdir, config)
   files.makedirs(workdir)
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, "config.json"), current)

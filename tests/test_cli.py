@@ -1,9 +1,14 @@
 """The commands' shared flags and start: names without JAX, a quiet and light --help."""
 
+import os
+import re
 import subprocess
 import sys
 
+import pytest
+
 from ntxr import cli, objectives, sampling
+from ntxr.configs import default
 
 
 def test_flag_names_are_the_registries_names():
@@ -23,3 +28,53 @@ def test_main_help_prints_only_the_help_and_imports_neither_jax_nor_tensorflow()
   assert done.stdout.startswith("Trains and evaluates a dual encoder")
   assert "--strategy:<easy_audio|easy_text|full_batch|hard_audio|hard_cross|hard_text|" \
       "random|semihard_cross>" in "".join(done.stdout.split())
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("batch_size", -3, "--config.batch_size must be at least 1, not -3"),
+    ("eval_batch_size", 0, "--config.eval_batch_size must be at least 1, not 0"),
+    ("sample_rate", 7, "--config.sample_rate must be 0 (the corpus's own) or at least "
+     "8000 Hz, not 7"),
+    ("num_epochs", 0, "--config.num_epochs must be at least 1, not 0"),
+    ("select_by", "loss", "--config.select_by must be one of ['t2a_mAP@10', "
+     "'validation_loss'], not 'loss'"),
+])
+def test_a_bad_setting_is_named_before_anything_is_written(tmp_path, field, value, message):
+  from ntxr import workdir  # pylint: disable=import-outside-toplevel
+  config = default.get_config()
+  config[field] = value
+  with pytest.raises(workdir.SettingError, match=re.escape(message)):
+    workdir.check_config(str(tmp_path / "run"), config)
+  assert not os.listdir(tmp_path)
+
+
+def test_a_bad_setting_costs_the_command_one_line(tmp_path):
+  """Through the command, before TensorFlow loads: the workdir and cache stay unmade; a
+  file given as --workdir is refused as such."""
+  def main(*flags):
+    return subprocess.run([sys.executable, "-m", "ntxr.main", *flags,
+                           f"--config.cache_dir={tmp_path / 'cache'}"],
+                          capture_output=True, text=True, check=False)
+  done = main(f"--workdir={tmp_path}/run", "--config.batch_size=0")
+  assert (done.returncode, done.stderr) == (
+      2, "error: --config.batch_size must be at least 1, not 0\n")
+  assert sorted(os.listdir(tmp_path)) == []
+  (tmp_path / "notes.txt").write_text("my notes")
+  done = main(f"--workdir={tmp_path}/notes.txt")
+  assert (done.returncode, done.stderr) == (
+      2, f"error: --workdir={tmp_path}/notes.txt is a file, not a folder: give a folder\n")
+  assert (tmp_path / "notes.txt").read_text() == "my notes"
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.batchsize=4", "--config.batchsize: no such config field; did you mean "
+     "--config.batch_size?"),
+    ("--config.plateau.factr=0.5", "--config.plateau.factr: no such config field; did you "
+     "mean --config.plateau.factor?"),
+])
+def test_a_mistyped_config_field_names_the_closest_in_one_line(tmp_path, flag, message):
+  done = subprocess.run([sys.executable, "-m", "ntxr.main", flag, f"--workdir={tmp_path}/run"],
+                        capture_output=True, text=True, check=False)
+  assert (done.returncode, done.stderr) == (2, f"error: {message}\n")
+  assert not (tmp_path / "run").exists()
+

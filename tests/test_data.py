@@ -51,7 +51,7 @@ def test_malformed_captions_name_file_and_line(tmp_path):
     captions.read_clotho_captions(path)
   with open(path, "wb") as f:
     f.write(b"file_name,caption_1\n\xff\xfe bad bytes\n")
-  with pytest.raises(ValueError, match=r"caps\.csv: not UTF-8"):
+  with pytest.raises(ValueError, match=r"caps\.csv:2: not UTF-8 text \(byte 0xff\)"):
     captions.read_clotho_captions(path)
   with pytest.raises(ValueError, match="caption file not found"):
     captions.read_clotho_captions(str(tmp_path / "missing.csv"))

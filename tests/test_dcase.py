@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -57,6 +58,10 @@ def test_written_submission_scores_as_planted(tmp_path):
     (lambda rows: rows[3].__setitem__(10, ""), ":4: expected a caption and 10 file names"),
     (lambda rows: rows.pop(), "1 ground-truth captions have no row"),
     (lambda rows: rows[0].__setitem__(0, "text"), ":1: expected the header"),
+    (lambda rows: rows.insert(6, list(rows[2])), ":7: caption 'cap 0 b' is given twice "
+     "(first at line 3)"),
+    (lambda rows: rows[4].pop(), ":5: expected a caption and 10 file names"),
+    (lambda rows: rows.clear(), ":1: expected the header"),
 ])
 def test_bad_submissions_name_file_and_line(tmp_path, edit, message):
   write_ground_truth(tmp_path / "gt.csv")
@@ -68,8 +73,41 @@ def test_bad_submissions_name_file_and_line(tmp_path, edit, message):
   edit(rows)
   with open(tmp_path / "sub.csv", "w", newline="") as f:
     csv.writer(f).writerows(rows)
-  with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+  with pytest.raises(ValueError, match=re.escape(message)):
     dcase.score_files(str(tmp_path / "gt.csv"), str(tmp_path / "sub.csv"))
+
+
+def test_a_spreadsheet_saved_submission_scores_as_written(tmp_path):
+  """With a byte-order mark and Windows line endings, as spreadsheets save "CSV UTF-8"."""
+  saved = tmp_path / "saved.csv"
+  with open(BASELINE, encoding="utf-8") as f:
+    saved.write_bytes(("\ufeff" + f.read()).replace("\n", "\r\n").encode("utf-8"))
+  assert dcase.score_files(GROUND_TRUTH, str(saved)) == dcase.score_files(GROUND_TRUTH, BASELINE)
+
+
+def test_a_file_not_in_utf8_names_the_line_of_its_first_bad_byte(tmp_path):
+  write_ground_truth(tmp_path / "gt.csv")
+  text = (tmp_path / "gt.csv").read_bytes().split(b"\n")
+  text[3] = text[3].replace(b"cap", "cäp".encode("latin-1"), 1)
+  (tmp_path / "gt.csv").write_bytes(b"\n".join(text))
+  with pytest.raises(ValueError, match=r"gt\.csv:4: not UTF-8 text \(byte 0xe4\)"):
+    dcase.score_files(str(tmp_path / "gt.csv"), BASELINE)
+
+
+def test_the_command_says_what_is_wrong_in_one_line(tmp_path):
+  for flags, message in [
+      ([f"--predictions={BASELINE}", f"--ground_truth={tmp_path}/none.csv"],
+       f"error: {tmp_path}/none.csv: file not found"),
+      ([f"--predictions={BASELINE}", f"--ground_truth={GROUND_TRUTH}",
+        f"--output_json={tmp_path}/no/such/folder/scores.json"],
+       f"error: --output_json: no folder {tmp_path}/no/such/folder"),
+      ([f"--predictions={GROUND_TRUTH}", f"--ground_truth={GROUND_TRUTH}"],
+       f"error: {GROUND_TRUTH}:1: expected the header caption,file_name_1"),
+  ]:
+    done = subprocess.run([sys.executable, "-m", "ntxr.dcase", *flags], capture_output=True,
+                          text=True, check=False)
+    assert done.returncode == 1 and done.stderr.startswith(message), done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
 
 
 def test_missing_file_is_named(tmp_path):

@@ -4,6 +4,7 @@ folder (real recordings: added, removed, corrupted files), the command and its e
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -147,16 +148,22 @@ def test_bad_searches_get_clear_errors(model, workdir, tmp_path):
     search.Model(str(untrained))
 
 
+LONG_QUERY = " ".join(["a bird sings"] * 12)  # 36 words
+
+
 def test_the_command_prints_and_writes_the_results(workdir, recordings, tmp_path):
   queries = tmp_path / "queries.txt"
   queries.write_text("a bird sings\n\na bell rings\n", encoding="utf-8")
   out = tmp_path / "results.json"
   run = subprocess.run(
       [sys.executable, "-m", "ntxr.search", f"--workdir={workdir}", f"--audio_dir={recordings}",
-       "--query=a piano note", f"--queries={queries}", "--top_k=3", f"--json={out}"],
-      capture_output=True, text=True, check=True)
+       "--query=a piano note", f"--queries={queries}", f"--query={LONG_QUERY}", "--top_k=3",
+       f"--json={out}"], capture_output=True, text=True, check=True)
   results = json.loads(out.read_text())
-  assert [r["query"] for r in results] == ["a piano note", "a bird sings", "a bell rings"]
+  assert [r["query"] for r in results] == ["a piano note", LONG_QUERY, "a bird sings",
+                                           "a bell rings"]
+  assert re.search(r"WARNING: the query 'a bird sings a bird .*' is \d+ tokens long: the text "
+                   r"encoder reads its first 32 \(the run's max_tokens\)", run.stderr)
   for entry in results:
     assert len(entry["results"]) == 3
     assert all(os.path.isfile(os.path.join(recordings, r["file"])) for r in entry["results"])

@@ -138,6 +138,10 @@ def test_changed_settings_need_a_new_workdir(tiny_config, tiny_run, tmp_path):
   with pytest.raises(ValueError, match="the validation split has 40 caption pairs, fewer "
                      "than one batch of 48: lower --config.batch_size"):
     train.train_and_evaluate(tiny_config(batch_size=48), str(tmp_path / "big_batch"))
+  assert not (tmp_path / "big_batch" / "config.json").exists()  # the fixed command may run
+  fixed = train.train_and_evaluate(tiny_config(num_epochs=1, max_steps_per_epoch=2),
+                                   str(tmp_path / "big_batch"))
+  assert (fixed["epochs"], fixed["steps"]) == (1, 2)
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     train.evaluate_only(tiny_config(), str(tmp_path / "empty"))
 

@@ -72,18 +72,22 @@ def test_a_run_killed_at_random_moments_of_every_phase_ends_as_if_never_killed(
   assert flat(resumed) == flat(straight)
 
 
-def test_sigterm_saves_the_step_in_flight_and_a_rerun_finishes_as_if_never_stopped(
-    tiny_config, tiny_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("how, asked", [("sigterm", "SIGTERM or a preemption notice"),
+                                        ("sigint", "Ctrl-C")])
+def test_a_stop_saves_the_step_in_flight_and_a_rerun_finishes_as_if_never_stopped(
+    tiny_config, tiny_run, tmp_path, monkeypatch, how, asked):
   config, workdir = tiny_config(), tmp_path / "run"
+  handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
   with monkeypatch.context() as m:
-    # SIGTERM while batch 13 is fetched: prefetched, so while step 11 runs, before step 12
-    # is dispatched; training stops after step 12, the step in flight when it next asks.
-    interrupt_after(m, 12, how="sigterm")
+    # The signal while batch 13 is fetched: prefetched, so while step 11 runs, before step
+    # 12 is dispatched; training stops after step 12, the step in flight when it next asks.
+    interrupt_after(m, 12, how=how)
     with pytest.raises(train.Stopped, match=re.escape(
-        f"training stopped after step 12 (epoch 1), saved in {workdir}/checkpoints/latest: "
-        "rerun the same command to resume")):
+        f"as asked ({asked}), training stopped after step 12 (epoch 1), saved in "
+        f"{workdir}/checkpoints/latest: rerun the same command to resume")) as stopped:
       train.train_and_evaluate(config, str(workdir))
-  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is only training's
+  assert stopped.value.interrupted == (how == "sigint")
+  assert {n: signal.getsignal(n) for n in handlers} == handlers  # the handlers are training's only
   assert params_of(str(workdir))[0] == 12
   train.train_and_evaluate(config, str(workdir))
   (step_a, a), (step_b, b) = params_of(str(tiny_run)), params_of(str(workdir))

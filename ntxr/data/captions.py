@@ -5,12 +5,13 @@ and reported in the returned `skipped` list as (line, reason). Files may start w
 UTF-8 byte-order mark, as spreadsheet programs save "CSV UTF-8".
 """
 
-import csv
 import dataclasses
 import os
 import re
 
 import numpy as np
+
+from ntxr import files
 
 CAPTIONS_PER_CLIP = 5
 CLOTHO_COLUMNS = ["file_name"] + [f"caption_{k}" for k in range(1, CAPTIONS_PER_CLIP + 1)]
@@ -55,20 +56,18 @@ def clean_text_paper(text: str) -> str:
 TEXT_CLEANING = {"ntxr": clean_text, "paper": clean_text_paper}
 
 
-def _rows(path: str, columns: list):
-  """Yields (line number, row dict) of a UTF-8 CSV whose header holds `columns`."""
+def _rows(path: str, columns: list) -> list:
+  """[(line number, {column: value or None})] of a UTF-8 CSV whose header holds `columns`."""
   try:
-    with open(path, newline="", encoding="utf-8-sig") as f:
-      reader = csv.DictReader(f)
-      missing = [c for c in columns if c not in (reader.fieldnames or [])]
-      if missing:
-        raise ValueError(f"{path}:1: missing columns {missing}; expected {columns}")
-      for row in reader:
-        yield reader.line_num, row
-  except UnicodeDecodeError as e:
-    raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+    records = files.read_csv(path)
   except FileNotFoundError as e:
     raise ValueError(f"{path}: caption file not found") from e
+  header = records[0][1] if records else []
+  missing = [c for c in columns if c not in header]
+  if missing:
+    raise ValueError(f"{path}:1: missing columns {missing}; expected {columns}")
+  return [(line, {name: fields[i] if i < len(fields) else None
+                  for i, name in enumerate(header)}) for line, fields in records[1:]]
 
 
 def _keep_or_raise(path, line, reason, skip, skipped):
