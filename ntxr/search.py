@@ -66,7 +66,8 @@ class Model:
 
   def __init__(self, workdir: str):
     # Imported here, with TensorFlow: a command that stops at a bad flag or workdir does
-    # so in about a second rather than after seconds of imports.
+    # so before seconds of imports. A notebook gets TensorFlow without its C++ lines.
+    command.import_tensorflow()
     from ntxr import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
     self.config = read_config(workdir)
     self.experiment = experiment_lib.Experiment(self.config)
@@ -84,7 +85,7 @@ class Model:
     reason} of the rest); `group` files' features at a time, so memory stays bounded."""
     embedded, failed = {}, {}
     bar = tqdm.tqdm(total=len(paths), desc="indexing", unit="file", file=sys.stderr,
-                    disable=not paths)
+                    disable=None if paths else True)  # None: no bar off a terminal
     for start in range(0, len(paths), group):
       clips = {}
       for i in range(start, min(start + group, len(paths))):
@@ -274,7 +275,6 @@ def main(argv):
     # A later call reuses this call's compiled scoring blocks.
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "search", "compiled"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
-    command.import_tensorflow()
     with workdir_lib.held(workdir):
       model = Model(workdir)
       start = time.perf_counter()

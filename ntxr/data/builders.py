@@ -106,7 +106,8 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
     jobs = [(self._audio_path(root, split, clip), self.builder_config.logmel) for clip in clips]
     with workers.imap(features.features_or_error, jobs, self.processes, chunksize=8) as results:
       bar = tqdm.tqdm(zip(clips, results), total=len(clips), desc=f"features of {split}",
-                      unit="clip", file=sys.stderr, leave=False)
+                      unit="clip", file=sys.stderr, leave=False,
+                      disable=None)  # no bar off a terminal (logs, notebooks)
       for audio_id, (clip, logmel) in enumerate(bar):
         if isinstance(logmel, str):
           if not self.skip_bad_files:
