@@ -127,7 +127,8 @@ def score_histograms(runs, strategies=("random", "semihard_cross", "hard_cross")
       ax.stairs(density, edges, color=color, label=kind)
     ax.set_title(f"{strategy} (seed {run['seed']})", fontsize=9)
     ax.set_xlabel("score")
-  axes[0].legend(fontsize=7)
+  if chosen:
+    axes[0].legend(fontsize=7)
   return fig
 
 
