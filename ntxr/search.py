@@ -267,7 +267,7 @@ def main(argv):
       raise FileNotFoundError(f"{audio_dir}: no such folder")
     queries = list(_QUERY.value)
     if _QUERIES.value:
-      with open(_QUERIES.value, encoding="utf-8") as f:
+      with open(_QUERIES.value, encoding="utf-8-sig") as f:  # a byte-order mark or not
         queries += [line.rstrip("\n") for line in f if line.strip()]
     if not queries and not _AUDIO_QUERY.value:
       raise ValueError("nothing to search for: give --query, --queries or --audio_query")

@@ -78,3 +78,12 @@ def test_a_mistyped_config_field_names_the_closest_in_one_line(tmp_path, flag, m
   assert (done.returncode, done.stderr) == (2, f"error: {message}\n")
   assert not (tmp_path / "run").exists()
 
+
+
+def test_preparing_a_missing_folder_says_so_in_one_line(tmp_path):
+  done = subprocess.run([sys.executable, "-m", "ntxr.data.prepare",
+                         f"--config.data_dir={tmp_path}/Clotho", f"--config.cache_dir={tmp_path}"],
+                        capture_output=True, text=True, check=False)
+  assert (done.returncode, done.stderr) == (1, f"error: {tmp_path}/Clotho: no such folder; pass "
+                                               "a Clotho v2 or AudioCaps folder, or one holding "
+                                               "captions.csv\n")

@@ -153,7 +153,7 @@ LONG_QUERY = " ".join(["a bird sings"] * 12)  # 36 words
 
 def test_the_command_prints_and_writes_the_results(workdir, recordings, tmp_path):
   queries = tmp_path / "queries.txt"
-  queries.write_text("a bird sings\n\na bell rings\n", encoding="utf-8")
+  queries.write_text("a bird sings\n\na bell rings\n", encoding="utf-8-sig")  # as Notepad saves
   out = tmp_path / "results.json"
   run = subprocess.run(
       [sys.executable, "-m", "ntxr.search", f"--workdir={workdir}", f"--audio_dir={recordings}",

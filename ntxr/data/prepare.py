@@ -7,6 +7,7 @@ It reads the same `--config` as `ntxr.main`, so it prepares exactly what trainin
 read. Prints the time to generate and to prepare, clips skipped, and training batches/s.
 """
 
+import sys
 import time
 
 from absl import app
@@ -19,7 +20,10 @@ def main(argv):
   command.import_tensorflow()
   from ntxr.data import corpus, input_pipeline  # pylint: disable=import-outside-toplevel
   config = cli.CONFIG.value
-  prepared = corpus.from_config(config)
+  try:
+    prepared = corpus.from_config(config)
+  except (FileNotFoundError, ValueError) as error:  # a bad folder, file or row, named
+    sys.exit(f"error: {error}")
   batches = input_pipeline.train_batches(
       prepared.builder.as_dataset(split=prepared.splits[0]), prepared.tokenizer,
       batch_size=config.batch_size, seed=0, frame_buckets=config.frame_buckets,
