@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ntxr import evaluate, scores, search
-from recordings import RECORDINGS
+from recordings import RECORDINGS, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,7 @@ def test_audio_query_ranks_by_the_audio_audio_score(model, recordings):
 
 
 def test_the_index_follows_the_folder(model, workdir, recordings, monkeypatch):
-  before = search.audio_files(recordings)
+  before, tree = search.audio_files(recordings), snapshot(recordings)
   embedded = []
   embed = model.embed_files
   monkeypatch.setattr(model, "embed_files",
@@ -89,7 +89,7 @@ def test_the_index_follows_the_folder(model, workdir, recordings, monkeypatch):
   first = search.Index.open(model, workdir, recordings)
   assert sorted(first.files) == sorted(before) and len(first.files) == 12  # every format
   assert os.path.join("sounds", "canário.mp3") in first.files and not first.skipped
-  assert search.audio_files(recordings) == before  # the folder is only read
+  assert snapshot(recordings) == tree  # the folder is only read: no file or folder added
   path = search.index_path(workdir, recordings)
   assert os.path.dirname(os.path.dirname(path)) == os.path.join(workdir, "search")
 
