@@ -60,6 +60,30 @@ def test_tiny_run_end_to_end(tiny_config, tiny_run):
   assert train.evaluate_only(config, str(tmp_path))["a2t"] == results["a2t"]
 
 
+def test_the_reported_epoch_and_the_collapse_flags_follow_the_metrics_log(tiny_config, tiny_run):
+  """results.json against metrics.jsonl: the best epoch is the first with the highest
+  validation t2a mAP@10, and the flagged epochs are those whose signals cross the
+  config's thresholds (the validation side recomputed here)."""
+  config, tmp_path = tiny_config(), pathlib.Path(tiny_run)
+  results = json.loads((tmp_path / "results.json").read_text())
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  selection = [line["validation"]["t2a"]["mAP@10"] for line in lines]
+  assert results["selected_by"] == "t2a_mAP@10"
+  assert results["best_epoch"] == 1 + int(np.argmax(selection))
+  thresholds = config.collapse
+  for line in lines:
+    signals = line["collapse"]
+    crossed = [name for name in ("audio_cosine", "text_cosine")
+               if signals[name] > thresholds.cosine]
+    crossed += [name for name in ("audio_effective_rank", "text_effective_rank")
+                if signals[name] < thresholds.effective_rank]
+    assert all(any(r.startswith(name) for r in signals["reasons"]) for name in crossed)
+    assert signals["collapsed"] == bool(signals["reasons"])
+  flagged = [line["epoch"] for line in lines if line["collapse"]["collapsed"]]
+  assert results["collapse_epochs"] == flagged
+  assert results["collapse"] == (results["best_epoch"] in flagged)
+
+
 def test_a_plateau_cut_applies_to_the_next_epochs_steps(tiny_config, tmp_path, monkeypatch):
   config = tiny_config()
   config.plateau.patience = -1  # cut the rate after every epoch
