@@ -9,6 +9,7 @@ your own pairs (captions.csv) are reached from the same entry point.
 
 import csv
 import json
+import logging
 import os
 import re
 import shutil
@@ -215,26 +216,24 @@ def test_your_own_pairs_keep_their_splits_and_every_caption(tmp_path, cache_dir)
                                          corpus.SPLITS_FILE))  # nothing assigned
 
 
-def test_your_own_pairs_without_a_split_column_train_through_the_command(tmp_path, cache_dir):
+def test_your_own_pairs_without_a_split_column_are_split_recorded_and_trained(
+    tmp_path, cache_dir, tiny_config, caplog):
   folder = recordings.pairs_folder(str(tmp_path / "my sounds"), split_column=False)
   before = recordings.snapshot(folder)
-  workdir = str(tmp_path / "run")
-  done = run_main(f"--config.data_dir={folder}", f"--workdir={workdir}",
-                  f"--config.cache_dir={cache_dir}", "--config.vocab_size=60",
-                  *[f"--config.{k}={v}" for k, v in {**SMALL_MODEL, "batch_size": 2}.items()])
-  assert done.returncode == 0, done.stderr[-3000:]
+  config = tiny_config(**{**SMALL_MODEL, "batch_size": 2}, data_dir=folder)
+  with caplog.at_level(logging.WARNING):
+    results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["split"] == "evaluation" and np.isfinite(results["t2a"]["mAP"])
   assert recordings.snapshot(folder) == before
   recorded = os.path.join(corpus._prepared_dir(cache_dir, folder), corpus.SPLITS_FILE)
-  assert "its files were split 8 development, 2 validation, 2 evaluation (seed 0)" in done.stderr
-  assert recorded in done.stderr
+  assert ("its files were split 8 development, 2 validation, 2 evaluation (seed 0); the "
+          f"split is recorded in {recorded}") in caplog.text
   with open(recorded) as f:
     splits = {row["file_name"]: row["split"] for row in csv.DictReader(f)}
   assert len(splits) == 12 and list(splits.values()).count("development") == 8
-  loaded = corpus.load(folder, cache_dir=cache_dir, vocab_size=60)
+  loaded = corpus.load(folder, cache_dir=cache_dir, vocab_size=config.vocab_size)
   for split in loaded.splits:
     assert prepared_names(loaded, split) == sorted(n for n, s in splits.items() if s == split)
-  results = json.loads(open(os.path.join(workdir, "results.json")).read())
-  assert results["split"] == "evaluation" and np.isfinite(results["t2a"]["mAP"])
 
 
 def test_a_bad_pairs_row_names_its_line_or_is_a_counted_skip(tmp_path, cache_dir):
