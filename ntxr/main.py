@@ -74,9 +74,6 @@ def main(argv):
   except KeyboardInterrupt:  # Ctrl-C outside the training steps' handler
     print("interrupted: rerun the same command to resume", file=sys.stderr)
     sys.exit(130)
-  except workdir_lib.SettingError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
   except (FloatingPointError, FileNotFoundError, ValueError,
           workdir_lib.WorkdirError) as error:
     sys.exit(f"error: {error}")

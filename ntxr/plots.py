@@ -1,17 +1,19 @@
 """Figures of a sweep (ntxr.sweep) and of kernel benchmarks (ntxr.bench); each returns a
-matplotlib Figure.
+matplotlib Figure, which `write_png` saves.
 
   runs = sweep.read_sweep("sweeps/default")
   plots.metrics_by_strategy(sweep.table(runs))
   plots.collapse_over_epochs(runs)
 """
 
+import io
+
 import matplotlib
 from matplotlib import figure
 from matplotlib import ticker
 import numpy as np
 
-from ntxr import objectives
+from ntxr import files, objectives
 
 METRICS = ("t2a R@10", "t2a mAP@10", "a2t R@10", "a2t mAP@10")
 # Collapse signals: metrics.jsonl path -> title. "collapse" holds the validation
@@ -23,6 +25,13 @@ SIGNALS = {("collapse", "audio_cosine"): "clip embeddings: mean pairwise cosine"
            ("collapse", "text_effective_rank"): "caption embeddings: effective rank",
            ("training", "positive_std"): "training: spread of positive scores",
            ("training", "grad_norm"): "training: gradient norm"}
+
+
+def write_png(fig: figure.Figure, path: str, dpi: int = 110) -> None:
+  """Writes the figure as a PNG at `path` (local or gs://), whole or not at all."""
+  png = io.BytesIO()
+  fig.savefig(png, format="png", dpi=dpi)
+  files.write_bytes(path, png.getvalue())
 
 
 def strategy_color(strategy: str):

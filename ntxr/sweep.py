@@ -242,9 +242,7 @@ def write_report(root: str) -> list:
                     ("training_curves", plots.training_curves(runs)),
                     ("collapse_over_epochs", plots.collapse_over_epochs(runs)),
                     ("score_histograms", plots.score_histograms(runs))]:
-    png = io.BytesIO()
-    fig.savefig(png, format="png", dpi=110)
-    files.write_bytes(os.path.join(root, f"{name}.png"), png.getvalue())
+    plots.write_png(fig, os.path.join(root, f"{name}.png"))
   return rows
 
 

@@ -187,11 +187,6 @@ def test_audiocaps_folder_is_reached_from_the_same_entry_point(tmp_path, cache_d
   assert results["split"] == "test" and results["steps"] == 3 and results["epochs"] == 1
 
 
-def prepared_names(loaded, split):
-  return sorted(c["file_name"].decode() for c in loaded.builder.as_dataset(split=split)
-                .as_numpy_iterator())
-
-
 def test_your_own_pairs_keep_their_splits_and_every_caption(tmp_path, cache_dir):
   folder = recordings.pairs_folder(str(tmp_path / "my sounds"))
   before = recordings.snapshot(folder)
@@ -233,7 +228,7 @@ def test_your_own_pairs_without_a_split_column_are_split_recorded_and_trained(
   assert len(splits) == 12 and list(splits.values()).count("development") == 8
   loaded = corpus.load(folder, cache_dir=cache_dir, vocab_size=config.vocab_size)
   for split in loaded.splits:
-    assert prepared_names(loaded, split) == sorted(n for n, s in splits.items() if s == split)
+    assert sorted(examples(loaded, split)) == sorted(n for n, s in splits.items() if s == split)
 
 
 def test_a_bad_pairs_row_names_its_line_or_is_a_counted_skip(tmp_path, cache_dir):

@@ -23,12 +23,12 @@ def main(argv):
   docs = os.path.dirname(os.path.abspath(_PAGE.value))
   figures = {}
   kernels = [r for r in results if r["job"] == "kernels"]
-  for name, draw in (("speedup by strategy", plots.speedup_by_strategy),
-                     ("kernel time by device", plots.kernel_times)):
-    if kernels:
+  if kernels:
+    files.makedirs(os.path.join(docs, "figures"))
+    for name, draw in (("speedup by strategy", plots.speedup_by_strategy),
+                       ("kernel time by device", plots.kernel_times)):
       path = os.path.join(docs, "figures", results_lib.slug(name) + ".png")
-      os.makedirs(os.path.dirname(path), exist_ok=True)
-      draw(kernels).savefig(path, dpi=120)
+      plots.write_png(draw(kernels), path, dpi=120)
       figures[name] = os.path.relpath(path, docs)
   files.write_text(_PAGE.value, results_lib.page(results, figures))
   print(f"{_PAGE.value}: {len(results)} result files")

@@ -73,7 +73,7 @@ def provenance(device: str, argv) -> dict:
 def write(results_dir: str, job: str, rows: list, about: dict) -> str:
   """Writes (replacing) RESULTS_DIR/<device slug>_<job>.json; returns its path."""
   path = os.path.join(results_dir, f"{slug(about['device'])}_{job}.json")
-  os.makedirs(results_dir, exist_ok=True)
+  files.makedirs(results_dir)
   files.write_json(path, dict(about, job=job, rows=rows))
   return path
 
