@@ -1,8 +1,10 @@
-"""The flags several commands share, defined once (absl, as in the Flax examples):
-`--config` (a config file whose fields `--config.FIELD=VALUE` overrides), `--workdir`,
-`--strategies` and `--json`.
+"""The flags several commands share, each defined by the command that reads it (absl, as
+in the Flax examples), and the names of strategies and objectives, which flags list
+without loading JAX.
 
-This module imports neither JAX nor TensorFlow, so a command's `--help` answers at once.
+Importing this module defines no flag: a command calls `define_config()` and the like
+where it starts, so its `--helpfull` lists only what it reads. Imports neither JAX nor
+TensorFlow, so a command's `--help` answers at once.
 """
 
 import os
@@ -13,32 +15,58 @@ from ml_collections import config_flags
 
 from ntxr import command
 
-# The built-in names of ntxr.sampling.STRATEGIES and ntxr.objectives.OBJECTIVES, in their
-# registries' order, so that flags need no JAX; a test keeps them equal to the registries.
+# The names in ntxr.sampling.STRATEGIES and ntxr.objectives.OBJECTIVES, in their
+# registries' order, and the objectives whose negatives a strategy chooses; a test keeps
+# them equal to the registries.
 STRATEGY_NAMES = ("full_batch", "random", "semihard_cross", "hard_cross", "easy_text",
                   "hard_text", "easy_audio", "hard_audio")
-OBJECTIVE_NAMES = ("infonce", "hn_nce", "soft", "siglip")
+OBJECTIVE_NAMES = ("triplet", "infonce", "hn_nce", "soft", "siglip")
+TAKES_STRATEGY = ("triplet",)
+# What a run is named by (`settings.run_name`): a strategy of an objective that takes
+# one, or another objective.
+OBJECTIVE_RUN_NAMES = tuple(o for o in OBJECTIVE_NAMES if o not in TAKES_STRATEGY)
+RUN_NAMES = (*STRATEGY_NAMES, *OBJECTIVE_RUN_NAMES)
 
-try:  # the default file's fields are overridden from the command line here, at import
-  CONFIG = config_flags.DEFINE_config_file(
-      "config", os.path.join(os.path.dirname(__file__), "configs", "default.py"),
-      "training configuration file; any field can be set with --config.FIELD=VALUE "
-      "(ntxr/configs/default.py lists them)")
-except (AttributeError, KeyError) as error:  # a --config.FIELD that names no field
-  command.unknown_field(error, sys.argv)
-WORKDIR = flags.DEFINE_string(
-    "workdir", None, "a run's folder: where checkpoints, metrics and results go (ntxr.main's "
-    "default: workdir/STRATEGY); the trained run that ntxr.search searches with")
-JSON = flags.DEFINE_string("json", None, "also write the command's results to this JSON file")
-STRATEGIES = flags.DEFINE_list(
-    "strategies", [], "negative-sampling strategies, or objectives, to run (default: every "
-    f"strategy: {','.join(STRATEGY_NAMES)}; objectives: {','.join(OBJECTIVE_NAMES)})")
+FLAGS = flags.FLAGS
 
 
-def strategies() -> list:
-  """The --strategies chosen, checked against the names (default: every strategy)."""
-  known = STRATEGY_NAMES + OBJECTIVE_NAMES
-  unknown = sorted(set(STRATEGIES.value) - set(known))
+def define_config() -> None:
+  """--config: a config file whose fields --config.FIELD=VALUE overrides (FLAGS.config)."""
+  try:  # ml_collections reads the overrides of the command line as the flag is defined
+    config_flags.DEFINE_config_file(
+        "config", os.path.join(os.path.dirname(__file__), "configs", "default.py"),
+        "training configuration file; any field can be set with --config.FIELD=VALUE "
+        "(ntxr/configs/default.py lists them)")
+  except (AttributeError, KeyError) as error:  # a --config.FIELD that names no field
+    command.unknown_field(error, sys.argv)
+
+
+def define_workdir(help_text: str) -> None:
+  flags.DEFINE_string("workdir", None, help_text)
+
+
+def define_json() -> None:
+  flags.DEFINE_string("json", None, "also write the command's results to this JSON file")
+
+
+def define_strategies(default_all: bool) -> None:
+  """--strategies (FLAGS.strategies; read with `chosen`)."""
+  flags.DEFINE_list("strategies", [], "negative-sampling strategies of the triplet loss, "
+                    f"from {','.join(STRATEGY_NAMES)}"
+                    + (" (default: every one)" if default_all else ""))
+
+
+def define_objectives() -> None:
+  """--objectives (FLAGS.objectives; read with `chosen`)."""
+  flags.DEFINE_list("objectives", [], "objectives other than the triplet loss, from "
+                    + ",".join(OBJECTIVE_RUN_NAMES))
+
+
+def chosen(flag: str, names, default=()) -> list:
+  """The names given to list flag `flag`, each checked against `names`; `default` if none.
+  Raises ValueError naming the unknown ones."""
+  given = FLAGS[flag].value
+  unknown = sorted(set(given) - set(names))
   if unknown:
-    raise ValueError(f"unknown strategies {unknown}; choose from {list(known)}")
-  return list(STRATEGIES.value or STRATEGY_NAMES)
+    raise ValueError(f"--{flag}: unknown {unknown}; choose from {list(names)}")
+  return list(given or default)

@@ -3,15 +3,25 @@
 Imports neither JAX nor TensorFlow, and defines no flag.
 """
 
+import functools
 import logging as std_logging
 import os
 import re
 import sys
+import traceback
+import warnings
 from typing import NoReturn
 
 from absl import app
 from absl import flags
 from absl import logging
+
+
+def _from_orbax(path: str) -> bool:
+  return f"{os.sep}orbax{os.sep}" in path
+
+
+_CHECKPOINTS = f"{os.sep}checkpoints{os.sep}"  # in the path of every file of a checkpoint
 
 
 def parse_flags(argv) -> list:
@@ -36,12 +46,59 @@ def unknown_field(error: Exception, argv) -> NoReturn:
   sys.exit(2)
 
 
+def exit_with(error, status: int) -> NoReturn:
+  """Ends the command with "error: ..." in one line on stderr and exit `status` (2: usage,
+  the user must change the command; 1: a failure)."""
+  print(f"error: {error}", file=sys.stderr)
+  sys.exit(status)
+
+
+@functools.cache
+def quiet_failed_checkpoint_io() -> None:
+  """Keeps a failed read or write of a checkpoint to the one error `checkpoints.Checkpoints`
+  raises (`start` calls it).
+
+  When one array of a checkpoint cannot be read or written, Orbax stops and closes its
+  event loop while tensorstore still reads or writes the other arrays. As each ends it
+  reports to the closed loop, and its coroutine is collected with the error inside:
+  Python would print an "Event loop is closed", "Exception ignored in: <coroutine ...>"
+  or "Task (Future, _GatheringFuture) exception was never retrieved" report for each
+  array, and "coroutine ... was never awaited" at exit (ntxr has no coroutines of its
+  own). Those reports (of Orbax's code, or naming a file in a checkpoints folder) are dropped,
+  and Orbax's own error lines keep their message but lose their tracebacks.
+  """
+  report = sys.unraisablehook
+
+  def hook(unraisable):
+    closed_loop = (isinstance(unraisable.exc_value, RuntimeError)
+                   and str(unraisable.exc_value) == "Event loop is closed")
+    code = getattr(unraisable.object, "cr_code", None)
+    if not (closed_loop or (code is not None and _from_orbax(code.co_filename))):
+      report(unraisable)
+  sys.unraisablehook = hook
+
+  def without_traceback(record):
+    if _from_orbax(record.pathname):
+      record.exc_info = record.exc_text = None
+    return True
+  logging.get_absl_logger().addFilter(without_traceback)
+
+  def not_about_checkpoints(record):  # asyncio's "... exception was never retrieved"
+    error, message = record.exc_info[1] if record.exc_info else None, record.getMessage()
+    frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+    return not (_from_orbax(message) or any(_from_orbax(frame.filename) for frame in frames)
+                or _CHECKPOINTS in message)
+  std_logging.getLogger("asyncio").addFilter(not_about_checkpoints)
+  warnings.filterwarnings("ignore", r"coroutine '.*' was never awaited", RuntimeWarning)
+
+
 def start(argv) -> None:
   """What every command does first: refuses stray arguments, and unless --verbosity is
   given keeps the libraries' INFO logs (checkpoints, TensorFlow's C++ lines) quiet and
   prints warnings as "WARNING: message", without absl's time, thread and source line."""
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  quiet_failed_checkpoint_io()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_handler().setFormatter(

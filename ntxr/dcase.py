@@ -13,7 +13,6 @@ dictionary keeps it); R@k says whether that file is in the top k and mAP@10 is
 import csv
 import io
 import os
-import sys
 from typing import NamedTuple
 
 from absl import app
@@ -24,9 +23,7 @@ from ntxr import command, files
 
 TOP = 10
 
-_GROUND_TRUTH = flags.DEFINE_string("ground_truth", None, "Clotho captions CSV")
-_PREDICTIONS = flags.DEFINE_string("predictions", None, "submission CSV to score")
-_OUTPUT_JSON = flags.DEFINE_string("output_json", None, "also write the four scores here as JSON")
+FLAGS = flags.FLAGS
 
 
 class Submission(NamedTuple):
@@ -111,22 +108,30 @@ def write_submission(path: str, captions: list, file_names: list, s: np.ndarray)
   files.write_text(path, text.getvalue())
 
 
+def define_flags() -> None:
+  """This command's flags (defined where it starts, not when ntxr.dcase is imported)."""
+  flags.DEFINE_string("ground_truth", None, "Clotho captions CSV")
+  flags.DEFINE_string("predictions", None, "submission CSV to score")
+  flags.DEFINE_string("output_json", None, "also write the four scores here as JSON")
+
+
 def main(argv):
   command.start(argv)
-  if not (_GROUND_TRUTH.value and _PREDICTIONS.value):
+  if not (FLAGS.ground_truth and FLAGS.predictions):
     raise app.UsageError("--ground_truth and --predictions are required")
-  output = _OUTPUT_JSON.value
+  output = FLAGS.output_json
   folder = os.path.dirname(os.path.abspath(output or "."))
   if output and not files.is_bucket(output) and not os.path.isdir(folder):
-    sys.exit(f"error: --output_json: no folder {folder}")
+    command.exit_with(f"--output_json: no folder {folder}", 2)
   try:
-    result = score_files(_GROUND_TRUTH.value, _PREDICTIONS.value)
+    result = score_files(FLAGS.ground_truth, FLAGS.predictions)
   except (FileNotFoundError, ValueError) as error:
-    sys.exit(f"error: {error}")
+    command.exit_with(error, 1)
   print("  ".join(f"{k} {v:.4f}" for k, v in result.items()))
   if output:
     files.write_json(output, result)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ntxr import dcase, evaluate, false_negatives, models, parallel, steps
+from ntxr import dcase, evaluate, false_negatives, models, parallel, settings, steps
 from ntxr.data import corpus as corpus_lib, input_pipeline, synthetic
 from ntxr.data import tokenizer as tokenizer_lib
 
@@ -33,7 +33,7 @@ def shared_model(**fields) -> models.DualEncoder:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_steps(devices: tuple, loss: steps.Loss) -> tuple:
+def compiled_steps(devices: tuple, loss: settings.Loss) -> tuple:
   """(train_step, eval_loss) jitted over `devices` for one loss setting, shared by every
   Experiment in the process: a second run with the same settings (a sweep's next seed,
   a test) compiles nothing again."""
@@ -48,22 +48,27 @@ class Experiment:
 
   def __init__(self, config: ml_collections.ConfigDict, devices=None):
     self.config = config
+    self.settings = settings.Settings.of(config)
     self.devices = parallel.Devices(devices)
     self.devices.check_divides("--config.batch_size", config.batch_size)
     self.devices.check_divides("--config.eval_batch_size", config.eval_batch_size)
-    self.corpus = corpus_lib.from_config(config)
+    self.corpus = corpus_lib.load_data(self.settings.data)
     self.builder, self.tokenizer = self.corpus.builder, self.corpus.tokenizer
     self.training_split = self.corpus.splits[0]
     self.validation_split = config.validation_split or self.corpus.splits[1]
     self.test_split = config.test_split or self.corpus.splits[2]
-    model = shared_model(vocab_size=self.tokenizer.vocab_size, embed_dim=config.embed_dim,
-                         channels=tuple(config.channels), dropout=config.dropout,
-                         initializer=config.initializer,
-                         dtype=config.compute_dtype)
+    model_settings = self.settings.model
+    model = shared_model(vocab_size=self.tokenizer.vocab_size,
+                         embed_dim=model_settings.embed_dim, channels=model_settings.channels,
+                         dropout=model_settings.dropout,
+                         initializer=model_settings.initializer,
+                         dtype=model_settings.compute_dtype)
     self.word_table = self._word_table()
     self.initial_state = self.devices.replicate(steps.create_train_state(
-        config, model, jax.random.key(config.seed),
-        mel_bands=self.builder.builder_config.logmel.mel_bands, word_table=self.word_table))
+        model, jax.random.key(config.seed), frames=config.frame_buckets[0],
+        words=config.max_tokens, mel_bands=self.builder.builder_config.logmel.mel_bands,
+        objective=config.objective, learning_rate=config.learning_rate,
+        word_table=self.word_table))
     if config.similarity == "events" and self.corpus.events is None:
       raise ValueError("--config.similarity=events needs the built-in corpus, whose clips' "
                        "events are known: use tfidf or word_vectors on recorded data")
@@ -74,7 +79,7 @@ class Experiment:
           [self.tokenizer.encode(c) for _, captions in self.captions(self.training_split)
            for c in captions], self.tokenizer.vocab_size)
     self._train_step, self._eval_loss = compiled_steps(
-        tuple(self.devices.mesh.devices.flat), steps.Loss.from_config(config))
+        tuple(self.devices.mesh.devices.flat), self.settings.loss)
 
   def _word_table(self) -> Optional[np.ndarray]:
     """The frozen word2vec table of config.word_vectors, or None to learn one."""

@@ -1,7 +1,7 @@
 """False negatives: captions of other clips that describe the same sounds.
 
 A batch's captions are compared on the host (NumPy), from a source the user names
-(`SIMILARITIES`): TF-IDF over the training captions' tokens, the mean of the frozen
+(`settings.SIMILARITIES`): TF-IDF over the training captions' tokens, the mean of the frozen
 word vectors, or the built-in corpus's events. In the step (JAX) that similarity
 filters each anchor's pool and gives the "soft" objective its relevance; and where the
 corpus knows each clip's events, the step measures how much of the negatives' weight
@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntxr import sampling
+
 Array = jax.Array
-SIMILARITIES = ("tfidf", "word_vectors", "events")
 
 
 def inverse_document_frequency(token_lists, vocab_size: int) -> np.ndarray:
@@ -93,7 +94,7 @@ def chance_share(kinds) -> float:
   return sum(c * (c - 1) for c in counts.values()) / max(n * (n - 1), 1)
 
 
-def shares(weights: Array, pool: Array, kept: Array, false: Array) -> dict:
+def measured_shares(weights: Array, pool: Array, kept: Array, false: Array) -> dict:
   """Scalars measured against ground truth.
 
   Args:
@@ -110,8 +111,6 @@ def shares(weights: Array, pool: Array, kept: Array, false: Array) -> dict:
   has = weights.sum(axis=-1) > 0
   per_anchor = jnp.sum(weights * false[None], axis=-1)
   removed = pool & ~kept
-  count = lambda x: jnp.sum(x).astype(jnp.float32)
-  return dict(false_negative_share=jnp.sum(jnp.where(has, per_anchor, 0))
-              / jnp.maximum(count(has), 1),
-              filtered_share=count(removed) / jnp.maximum(count(pool), 1),
-              filtered_false_share=count(removed & false) / jnp.maximum(count(removed), 1))
+  return dict(false_negative_share=sampling.masked_mean(per_anchor, has),
+              filtered_share=sampling.masked_mean(removed.astype(jnp.float32), pool),
+              filtered_false_share=sampling.masked_mean(false.astype(jnp.float32), removed))

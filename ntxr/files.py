@@ -7,13 +7,46 @@ its place and renamed into it; an object in a bucket appears whole when its uplo
 so it is uploaded in one piece. Buckets have no appends: `append_line` rewrites the object.
 """
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
+from typing import Optional
 
 from absl import logging
 from etils import epath
+
+
+class Locked(RuntimeError):
+  """Another live process holds the lock (`locked(..., wait=False)`); the message is the
+  holder's line."""
+
+
+@contextlib.contextmanager
+def locked(path: str, *, wait: bool, holder: Optional[str] = None):
+  """Holds an exclusive lock on the local file `path` (made with its folder if needed).
+
+  The lock is the kernel's (flock), so it ends with its process: one left by a killed
+  process blocks nothing. wait: wait for another holder to let go, else raise Locked
+  with what that holder wrote; holder: a line written into the file while it is held.
+  """
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "a+") as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+      lock.seek(0)
+      raise Locked(lock.read().strip()) from None
+    if holder is not None:
+      lock.truncate(0)
+      lock.write(holder + "\n")
+      lock.flush()
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def is_bucket(path) -> bool:
@@ -42,7 +75,7 @@ def read_text(path) -> str:
 PARTIAL = ".partial-"  # in the name of what a process writes before renaming it
 
 
-def partial(path: str) -> str:
+def partial_path(path: str) -> str:
   """Where this process writes a local file before renaming it to `path`."""
   return f"{path}{PARTIAL}{os.getpid()}"
 
@@ -52,9 +85,9 @@ def write_bytes(path, data: bytes) -> None:
   if is_bucket(path):
     epath.Path(path).write_bytes(data)
     return
-  with open(partial(path), "wb") as f:
+  with open(partial_path(path), "wb") as f:
     f.write(data)
-  os.replace(partial(path), path)
+  os.replace(partial_path(path), path)
 
 
 def write_text(path, text: str) -> None:

@@ -21,51 +21,55 @@ from absl import flags
 
 from ntxr import cli, command
 
-_STRATEGY = flags.DEFINE_enum(
-    "strategy", None, sorted(cli.STRATEGY_NAMES),
-    "negative-sampling strategy (default: the config's, semihard_cross)")
-_OBJECTIVE = flags.DEFINE_enum(
-    "objective", None, ["triplet", *sorted(cli.OBJECTIVE_NAMES)],
-    "training objective (default: the config's, the paper's triplet loss with --strategy)")
-_EVAL_ONLY = flags.DEFINE_bool("eval_only", False,
-                               "evaluate the workdir's best checkpoint without training")
-_DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "one of several processes (hosts): jax.distributed.initialize "
-    "with the three flags below, which a Cloud TPU slice or SLURM job fills in if unset")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
-                                   "host:port of process 0, with --distributed")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None,
-                                      "how many processes, with --distributed")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process, with --distributed")
-_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    "heartbeat_timeout_seconds", 100, "with --distributed: after this long without word "
-    "from a process (killed, say) the others stop with an error instead of waiting")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """This command's flags (defined where it starts, not when ntxr.main is imported)."""
+  cli.define_config()
+  cli.define_workdir("the run's folder: checkpoints, metrics and results (default: "
+                     "workdir/RUN, RUN the strategy or objective)")
+  flags.DEFINE_enum("strategy", None, sorted(cli.STRATEGY_NAMES),
+                    "negative-sampling strategy (default: the config's, semihard_cross)")
+  flags.DEFINE_enum("objective", None, sorted(cli.OBJECTIVE_NAMES),
+                    "training objective (default: the config's, the paper's triplet loss "
+                    "with --strategy)")
+  flags.DEFINE_bool("eval_only", False, "evaluate the workdir's best checkpoint without "
+                    "training")
+  flags.DEFINE_bool("distributed", False, "one of several processes (hosts): "
+                    "jax.distributed.initialize with the three flags below, which a Cloud "
+                    "TPU slice or SLURM job fills in if unset")
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0, with --distributed")
+  flags.DEFINE_integer("num_processes", None, "how many processes, with --distributed")
+  flags.DEFINE_integer("process_id", None, "this process, with --distributed")
+  flags.DEFINE_integer("heartbeat_timeout_seconds", 100, "with --distributed: after this "
+                       "long without word from a process (killed, say) the others stop with "
+                       "an error instead of waiting")
 
 
 def main(argv):
   command.start(argv)
   # pylint: disable=import-outside-toplevel  (JAX, then TensorFlow, load after --help)
   import jax
-  from ntxr import workdir as workdir_lib
-  config = cli.CONFIG.value
-  if _STRATEGY.value:  # the fields the command names, as the paper's table does
-    config.strategy = _STRATEGY.value
-  if _OBJECTIVE.value:
-    config.objective = _OBJECTIVE.value
-  workdir = cli.WORKDIR.value or os.path.join("workdir", workdir_lib.run_name(config))
+  from ntxr import settings, workdir as workdir_lib
+  config = FLAGS.config
+  if FLAGS.strategy:  # the fields the command names, as the paper's table does
+    config.strategy = FLAGS.strategy
+  if FLAGS.objective:
+    config.objective = FLAGS.objective
   try:  # the settings, before TensorFlow loads and anything is written
-    workdir_lib.check_config(workdir, config)
-  except workdir_lib.SettingError as error:
-    print(f"error: {error}", file=sys.stderr)
-    sys.exit(2)
+    workdir = FLAGS.workdir or os.path.join("workdir", settings.run_name(config))
+    settings.check(workdir, config)
+  except settings.SettingError as error:
+    command.exit_with(error, 2)
   command.import_tensorflow()
   from ntxr import evaluate, parallel, train
   from ntxr.data import workers
   workers.die_with_launcher()  # a sweep's run ends with its sweep
-  if _DISTRIBUTED.value:
-    parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
-                        _HEARTBEAT_TIMEOUT.value)
-  run = train.evaluate_only if _EVAL_ONLY.value else train.train_and_evaluate
+  if FLAGS.distributed:
+    parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                        FLAGS.heartbeat_timeout_seconds)
+  run = train.evaluate_only if FLAGS.eval_only else train.train_and_evaluate
   try:
     results = run(config, workdir)
   except train.Stopped as stopped:
@@ -76,10 +80,10 @@ def main(argv):
     sys.exit(130)
   except (FloatingPointError, FileNotFoundError, ValueError,
           workdir_lib.WorkdirError) as error:
-    sys.exit(f"error: {error}")
+    command.exit_with(error, 1)
   if jax.process_index() != 0:  # the first process reports for all
     return
-  print(f"\n{workdir_lib.run_name(config)} on {results['split']} (epochs {results['epochs']}, best "
+  print(f"\n{settings.run_name(config)} on {results['split']} (epochs {results['epochs']}, best "
         f"{results['best_epoch']} by {results['selected_by']}, {results['seconds']:.0f} s "
         f"training; reported checkpoint collapsed: {results['collapse']}, epochs flagged: "
         f"{results['collapse_epochs'] or 'none'})")
@@ -91,4 +95,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=command.parse_flags)

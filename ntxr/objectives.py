@@ -1,4 +1,9 @@
-"""Contrastive objectives over the in-batch cross score matrix (JAX only).
+"""Training objectives, one registry: the triplet loss and the whole-pool objectives (JAX only).
+
+`OBJECTIVES` maps a name to an `Objective`, which turns a batch's embeddings into a loss
+and its `LossTerms`. "triplet" is the paper's: one negative per anchor, chosen by a
+negative-sampling strategy (`ntxr.sampling`); the others score every negative in the
+pool, each a public function in optax's style (`infonce`, `hn_nce`, `soft`, `siglip`).
 
 Notation: s[a, t] = score(audio a, text t) [N, N]; P[a, t] = audio_ids[a] ==
 audio_ids[t], the diagonal included; z = s / temperature. Audio anchor a is scored
@@ -6,28 +11,17 @@ over its row, caption anchor t over its column; an anchor's candidates are its
 positives (P) and the negatives in its pool (by default every caption or clip of
 another clip; the false-negative filter may remove some). Padding rows (valid False)
 are neither anchors nor candidates, and an anchor whose pool is empty adds 0. Each
-loss averages over the valid anchors:
-
-- "infonce": l(t) = -(1/|P_t|) sum_{a in P_t} log softmax(z[:, t])[a], the same over
-  rows for audio anchors; loss = (mean_t l_t2a + mean_a l_a2t) / 2.
-- "siglip": -(1/N) sum_{a,t} log sigmoid(y[a, t] (z[a, t] + bias)), y = +1 on P and -1
-  on the other candidates.
-- "hn_nce": infonce with each negative j weighted inside the softmax by
-  w_j = |neg| exp(beta z_j) / sum_k exp(beta z_k) (no gradient); beta = 0 is infonce.
-- "soft": cross-entropy of the softmaxes with targets from `relevance` [N, N] >= P,
-  normalised over each anchor's candidates; relevance = P is infonce.
-
-The triplet objective with a negative-sampling strategy lives in ntxr.sampling.
+loss averages over the valid anchors.
 """
 
 import dataclasses
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntxr import sampling
+from ntxr import sampling, scores
 
 Array = jax.Array
 
@@ -47,45 +41,69 @@ def default_pools(audio_ids: Array, valid: Optional[Array] = None) -> Pools:
   return Pools(other, other)
 
 
+class Embedded(NamedTuple):
+  """A batch as the encoders give it: audio [N, T, E] and text [N, W, E] embeddings,
+  their masks [N, T] and [N, W] bool, and audio_ids [N] int."""
+  audio: Array
+  text: Array
+  audio_mask: Array
+  text_mask: Array
+  audio_ids: Array
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
-  """A way of scoring the whole pool.
+  """A training objective.
 
   Attributes:
     name: registry name.
-    loss: (z, positives, pools, valid, *, bias, beta, relevance) -> scalar.
-    negative_logits: (z, pool, *, bias, beta) -> [N, N], rows anchors: the log of each
-      negative's share of the gradient up to a row constant (softmax weight, or siglip's
-      sigmoid), for measuring where the loss puts its weight.
+    loss_and_terms: (embedded: Embedded, setting: settings.Loss, *, pool [N, N] bool,
+      relevance [N, N] or None, learnt: dict, key) -> (scalar loss, sampling.LossTerms).
+    takes_strategy: negatives are chosen by `setting.strategy` (the triplet loss).
+    needs_relevance: reads `relevance`, built from caption similarity.
+    learnt: the objective's learnt scalars and their initial values.
   """
   name: str
-  loss: Callable[..., Array]
-  negative_logits: Callable[..., Array]
+  loss_and_terms: Callable[..., tuple]
+  takes_strategy: bool = False
+  needs_relevance: bool = False
+  learnt: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
 
 OBJECTIVES: dict[str, Objective] = {}
 
 
-def register(name: str, negative_logits: Callable[..., Array] = lambda z, pool, **_: z):
-  """Decorator adding an objective to OBJECTIVES under `name`; a taken name is refused."""
-  def decorate(loss):
-    if name in OBJECTIVES:
-      raise ValueError(f"an objective named {name!r} is registered already")
-    OBJECTIVES[name] = Objective(name, loss, negative_logits)
-    return loss
-  return decorate
+def register(name: str, loss_and_terms: Callable[..., tuple], **attributes) -> None:
+  """Adds an objective to OBJECTIVES under `name`; a taken name is refused."""
+  if name in OBJECTIVES:
+    raise ValueError(f"an objective named {name!r} is registered already")
+  OBJECTIVES[name] = Objective(name, loss_and_terms, **attributes)
 
 
 def get_objective(name: str) -> Objective:
+  """The registered objective called `name`; ValueError listing the names otherwise."""
   if name not in OBJECTIVES:
-    raise ValueError(f"unknown objective {name!r}; choose from {sorted(OBJECTIVES)} or "
-                     "'triplet' (with a --strategy)")
+    raise ValueError(f"unknown objective {name!r}; choose from {list(OBJECTIVES)}")
   return OBJECTIVES[name]
 
 
-def _anchor_mean(per_anchor: Array, anchors: Array) -> Array:
-  """Mean of per_anchor [N] over anchors [N] bool (0 if there are none)."""
-  return jnp.sum(jnp.where(anchors, per_anchor, 0)) / jnp.maximum(anchors.sum(), 1)
+def initial_parameters(objective: str) -> dict:
+  """The objective's learnt scalars for a train state's params ({"objective": {...}}),
+  or {} for an objective that learns none."""
+  learnt = get_objective(objective).learnt
+  if not learnt:
+    return {}
+  return {"objective": {k: jnp.asarray(v, jnp.float32) for k, v in learnt.items()}}
+
+
+def _triplet(embedded: Embedded, setting, *, pool, key, **_) -> tuple:
+  return sampling.triplet_loss_and_terms(
+      embedded.audio, embedded.text, embedded.audio_ids, strategy=setting.strategy,
+      margin=setting.margin, key=key, audio_mask=embedded.audio_mask,
+      text_mask=embedded.text_mask, score=setting.score, pool=pool)
+
+
+register("triplet", _triplet, takes_strategy=True)
 
 
 def _cross_entropy(z: Array, targets: Array, log_weights: Array, candidates: Array,
@@ -96,7 +114,7 @@ def _cross_entropy(z: Array, targets: Array, log_weights: Array, candidates: Arr
   logits = jnp.where(candidates, z + log_weights, jnp.where(some, -jnp.inf, 0.0))
   log_softmax = z - jax.nn.logsumexp(logits, axis=1, keepdims=True)
   per_anchor = -jnp.sum(jnp.where(targets > 0, targets * log_softmax, 0), axis=1)
-  return _anchor_mean(per_anchor, anchors)
+  return sampling.masked_mean(per_anchor, anchors)
 
 
 def _normalised(relevance: Array, candidates: Array) -> Array:
@@ -128,57 +146,9 @@ def _softmax_objective(z: Array, targets: Array, positives: Array, pools: Pools,
           + direction(z.T, targets.T, positives.T, pools.text)) / 2
 
 
-@register("infonce")
-def _infonce(z, positives, pools, valid, **_):
-  return _softmax_objective(z, positives.astype(z.dtype), positives, pools, valid)
-
-
-@register("hn_nce", negative_logits=lambda z, pool, *, beta, **_: (
-    z + hard_negative_log_weights(z, pool, beta)))
-def _hn_nce(z, positives, pools, valid, *, beta, **_):
-  return _softmax_objective(z, positives.astype(z.dtype), positives, pools, valid,
-                            lambda z, pool: hard_negative_log_weights(z, pool, beta))
-
-
-@register("soft")
-def _soft(z, positives, pools, valid, *, relevance, **_):
-  if relevance is None:
-    raise ValueError("objective 'soft' needs relevance= [N, N]")
-  return _softmax_objective(z, relevance, positives, pools, valid)
-
-
-@register("siglip", negative_logits=lambda z, pool, *, bias, **_: jax.nn.log_sigmoid(z + bias))
-def _siglip(z, positives, pools, valid, *, bias, **_):
-  pairs = positives | (pools.audio & pools.text.T)
-  pairs = pairs & valid[:, None] & valid[None, :]
-  signs = jnp.where(positives, 1.0, -1.0)
-  log_likelihood = jnp.where(pairs, jax.nn.log_sigmoid(signs * (z + bias)), 0)
-  return -jnp.sum(log_likelihood) / jnp.maximum(valid.sum(), 1)
-
-
-def contrastive_loss(s_cross: Array, audio_ids: Array, *, objective: str,
-                     temperature: float = 0.05, bias: float = 0.0, beta: float = 0.0,
-                     relevance: Optional[Array] = None, pools: Optional[Pools] = None,
-                     valid: Optional[Array] = None) -> Array:
-  """The scalar loss of `objective` on one batch.
-
-  Args:
-    s_cross: [N, N] float, s_cross[a, t] = score(audio a, text t).
-    audio_ids: [N] int, equal exactly when two captions belong to the same clip.
-    objective: a name in OBJECTIVES.
-    temperature: z = s_cross / temperature (a traced value is fine: it may be learnt).
-    bias: siglip's logit bias; beta: hn_nce's hardness (0: infonce).
-    relevance: [N, N] float >= 0, soft's targets (at least 1 where P).
-    pools: the anchors' negatives (default: default_pools(audio_ids, valid)).
-    valid: [N] bool, False for padding rows (default: all valid).
-
-  Example:
-    >>> s = jnp.array([[1., 0.], [0., 1.]])
-    >>> round(float(contrastive_loss(s, jnp.array([0, 1]), objective="infonce",
-    ...                              temperature=1.0)), 4)  # -log(e / (e + 1))
-    0.3133
-  """
-  spec = get_objective(objective)
+def _prepared(s_cross: Array, audio_ids: Array, temperature, pools: Optional[Pools],
+              valid: Optional[Array], relevance: Optional[Array] = None) -> tuple:
+  """Checks the arguments of a whole-pool objective; (z, positives, pools, valid)."""
   if s_cross.ndim != 2 or s_cross.shape[0] != s_cross.shape[1]:
     raise ValueError(f"s_cross must be [N, N], got {s_cross.shape}")
   n = s_cross.shape[0]
@@ -190,22 +160,165 @@ def contrastive_loss(s_cross: Array, audio_ids: Array, *, objective: str,
   valid = jnp.ones(n, bool) if valid is None else valid
   pools = default_pools(audio_ids, valid) if pools is None else pools
   positives = (audio_ids[:, None] == audio_ids[None, :]) & valid[:, None] & valid[None, :]
-  z = s_cross.astype(jnp.float32) / temperature
-  return spec.loss(z, positives, pools, valid, bias=bias, beta=beta, relevance=relevance)
+  return s_cross.astype(jnp.float32) / temperature, positives, pools, valid
 
 
-# What a run is named by: a strategy (of the triplet objective) or another objective.
-SETTINGS = (*sampling.STRATEGIES, *OBJECTIVES)
+def infonce(s_cross: Array, audio_ids: Array, *, temperature=0.05,
+            pools: Optional[Pools] = None, valid: Optional[Array] = None) -> Array:
+  """InfoNCE with several positives per anchor, both directions.
 
-SIGLIP_INITIAL = {"log_inverse_temperature": float(np.log(10.0)), "bias": -10.0}
+  l(t) = -(1/|P_t|) sum_{a in P_t} log softmax(z[:, t])[a] over caption anchor t's
+  candidates, the same over rows for audio anchors; the loss is (mean_t l_t2a +
+  mean_a l_a2t) / 2.
+
+  Args:
+    s_cross: [N, N] float, s_cross[a, t] = score(audio a, text t).
+    audio_ids: [N] int, equal exactly when two captions belong to the same clip.
+    temperature: z = s_cross / temperature (a traced value is fine: it may be learnt).
+    pools: the anchors' negatives (default: `default_pools(audio_ids, valid)`).
+    valid: [N] bool, False for padding rows (default: all valid).
+
+  Returns:
+    The scalar loss.
+
+  References:
+    Oord, Li, Vinyals, "Representation Learning with Contrastive Predictive Coding",
+    2018; Khosla et al., "Supervised Contrastive Learning", NeurIPS 2020 (several positives).
+
+  Example:
+    >>> s = jnp.array([[1., 0.], [0., 1.]])
+    >>> round(float(infonce(s, jnp.array([0, 1]), temperature=1.0)), 4)  # -log(e/(e+1))
+    0.3133
+  """
+  z, positives, pools, valid = _prepared(s_cross, audio_ids, temperature, pools, valid)
+  return _softmax_objective(z, positives.astype(z.dtype), positives, pools, valid)
 
 
-def initial_parameters(objective: str) -> dict:
-  """The objective's learnt scalars for a train state's params: siglip learns its
-  inverse temperature (from 10) and bias (from -10); the others learn nothing."""
-  if objective == "siglip":
-    return {"objective": {k: jnp.asarray(v, jnp.float32) for k, v in SIGLIP_INITIAL.items()}}
-  return {}
+def hn_nce(s_cross: Array, audio_ids: Array, *, temperature=0.05, beta: float = 0.0,
+           pools: Optional[Pools] = None, valid: Optional[Array] = None) -> Array:
+  """InfoNCE with each negative j weighted inside the softmax by its hardness,
+  w_j = |pool| exp(beta z_j) / sum_k exp(beta z_k) (no gradient through w).
+
+  Args:
+    s_cross, audio_ids, temperature, pools, valid: as `infonce`.
+    beta: hardness; 0 is `infonce`, above 0 weights the higher-scored negatives more.
+
+  Returns:
+    The scalar loss.
+
+  References:
+    Robinson et al., "Contrastive Learning with Hard Negative Samples", ICLR 2021;
+    Radenovic et al., "Filtering, Distillation, and Hard Negatives for Vision-Language
+    Pre-Training", CVPR 2023 (HN-NCE).
+
+  Example:
+    >>> s = jnp.array([[1., 0.], [0., 1.]])
+    >>> round(float(hn_nce(s, jnp.array([0, 1]), temperature=1.0, beta=2.0)), 4)
+    0.3133
+  """
+  z, positives, pools, valid = _prepared(s_cross, audio_ids, temperature, pools, valid)
+  return _softmax_objective(z, positives.astype(z.dtype), positives, pools, valid,
+                            lambda z, pool: hard_negative_log_weights(z, pool, beta))
+
+
+def soft(s_cross: Array, audio_ids: Array, relevance: Array, *, temperature=0.05,
+         pools: Optional[Pools] = None, valid: Optional[Array] = None) -> Array:
+  """Cross-entropy of the softmaxes against soft targets: each anchor's relevance over
+  its candidates, normalised to sum to 1; relevance = P is `infonce`.
+
+  Args:
+    s_cross, audio_ids, temperature, pools, valid: as `infonce`.
+    relevance: [N, N] float >= 0, relevance[a, t] of caption t to clip a (1 on P).
+
+  Returns:
+    The scalar loss.
+
+  References:
+    Xie, Khorrami, Rasanen, Virtanen, "Crowdsourcing and Evaluating Text-Based Audio
+    Retrieval Relevances", DCASE 2023 (graded relevance of other clips' captions).
+
+  Example:
+    >>> s, ids = jnp.array([[1., 0.], [0., 1.]]), jnp.array([0, 1])
+    >>> round(float(soft(s, ids, jnp.eye(2), temperature=1.0)), 4)  # infonce
+    0.3133
+    >>> round(float(soft(s, ids, jnp.ones((2, 2)), temperature=1.0)), 4)  # both equal
+    0.8133
+  """
+  z, positives, pools, valid = _prepared(s_cross, audio_ids, temperature, pools, valid,
+                                         relevance)
+  return _softmax_objective(z, relevance, positives, pools, valid)
+
+
+def siglip(s_cross: Array, audio_ids: Array, *, temperature=0.1, bias=-10.0,
+           pools: Optional[Pools] = None, valid: Optional[Array] = None) -> Array:
+  """The sigmoid loss: every (clip, caption) pair is a binary decision,
+  -(1/N) sum_{a,t} log sigmoid(y[a, t] (z[a, t] + bias)), y = +1 on P and -1 on the
+  other candidates (pairs in both anchors' pools).
+
+  Args:
+    s_cross, audio_ids, pools, valid: as `infonce`.
+    temperature: z = s_cross / temperature; SigLIP learns 1 / temperature from 10.
+    bias: the logit bias, learnt from -10.
+
+  Returns:
+    The scalar loss.
+
+  References:
+    Zhai, Mustafa, Kolesnikov, Beyer, "Sigmoid Loss for Language Image Pre-Training",
+    ICCV 2023.
+
+  Example:
+    >>> s = jnp.array([[1., 0.], [0., 1.]])  # -(2 log sig(1) + 2 log sig(0)) / 2
+    >>> round(float(siglip(s, jnp.array([0, 1]), temperature=1.0, bias=0.0)), 4)
+    1.0064
+  """
+  z, positives, pools, valid = _prepared(s_cross, audio_ids, temperature, pools, valid)
+  pairs = positives | (pools.audio & pools.text.T)
+  pairs = pairs & valid[:, None] & valid[None, :]
+  signs = jnp.where(positives, 1.0, -1.0)
+  log_likelihood = jnp.where(pairs, jax.nn.log_sigmoid(signs * (z + bias)), 0)
+  return -jnp.sum(log_likelihood) / jnp.maximum(valid.sum(), 1)
+
+
+# Each whole-pool objective by name: (loss from s_cross and the common keywords, the log
+# of each negative's share of the gradient up to a row constant, from z [N, N] rows
+# anchors; for measuring where the loss puts its weight).
+_WHOLE_POOL = {
+    "infonce": (lambda s, ids, *, temperature, pools, valid, **_: infonce(
+        s, ids, temperature=temperature, pools=pools, valid=valid),
+                lambda z, pool, **_: z),
+    "hn_nce": (lambda s, ids, *, temperature, beta, pools, valid, **_: hn_nce(
+        s, ids, temperature=temperature, beta=beta, pools=pools, valid=valid),
+               lambda z, pool, *, beta, **_: z + hard_negative_log_weights(z, pool, beta)),
+    "soft": (lambda s, ids, *, temperature, relevance, pools, valid, **_: soft(
+        s, ids, relevance, temperature=temperature, pools=pools, valid=valid),
+             lambda z, pool, **_: z),
+    "siglip": (lambda s, ids, *, temperature, bias, pools, valid, **_: siglip(
+        s, ids, temperature=temperature, bias=bias, pools=pools, valid=valid),
+               lambda z, pool, *, bias, **_: jax.nn.log_sigmoid(z + bias)),
+}
+
+
+def contrastive_loss(s_cross: Array, audio_ids: Array, *, objective: str,
+                     temperature: float = 0.05, bias: float = 0.0, beta: float = 0.0,
+                     relevance: Optional[Array] = None, pools: Optional[Pools] = None,
+                     valid: Optional[Array] = None) -> Array:
+  """The whole-pool `objective` by name ("infonce", "hn_nce", "soft" or "siglip") with
+  the keywords it reads (bias: siglip's; beta: hn_nce's; relevance: soft's).
+
+  Example:
+    >>> s = jnp.array([[1., 0.], [0., 1.]])
+    >>> round(float(contrastive_loss(s, jnp.array([0, 1]), objective="infonce",
+    ...                              temperature=1.0)), 4)
+    0.3133
+  """
+  if objective not in _WHOLE_POOL:
+    raise ValueError(f"unknown objective {objective!r}; the whole-pool ones are "
+                     f"{list(_WHOLE_POOL)}")
+  if objective == "soft" and relevance is None:
+    raise ValueError("objective 'soft' needs relevance= [N, N]")
+  return _WHOLE_POOL[objective][0](s_cross, audio_ids, temperature=temperature, bias=bias,
+                                   beta=beta, relevance=relevance, pools=pools, valid=valid)
 
 
 def _weights(logits: Array, pool: Array) -> Array:
@@ -216,28 +329,46 @@ def _weights(logits: Array, pool: Array) -> Array:
   return exp / jnp.maximum(exp.sum(axis=1, keepdims=True), 1e-30)
 
 
-def objective_loss_and_terms(s_cross: Array, audio_ids: Array, learnt: dict, *,
-                             objective: str, temperature: float, beta: float,
-                             relevance: Optional[Array] = None,
-                             pools: Optional[Pools] = None) -> tuple:
-  """(loss, sampling.TripletTerms) of a training batch. learnt: the objective's
+def whole_pool_loss_and_terms(s_cross: Array, audio_ids: Array, learnt: dict, *,
+                              objective: str, temperature: float, beta: float,
+                              relevance: Optional[Array] = None,
+                              pools: Optional[Pools] = None) -> tuple:
+  """(loss, sampling.LossTerms) of a training batch. learnt: the objective's
   parameters (initial_parameters), which replace temperature and bias where present.
   The terms hold the positives, each anchor's mean pool score, and the weights each
-  anchor's negatives carry (Objective.negative_logits)."""
+  anchor's negatives carry."""
   if "log_inverse_temperature" in learnt:
     temperature = jnp.exp(-learnt["log_inverse_temperature"])
   bias = learnt.get("bias", 0.0)
   pools = default_pools(audio_ids) if pools is None else pools
   loss = contrastive_loss(s_cross, audio_ids, objective=objective, temperature=temperature,
                           bias=bias, beta=beta, relevance=relevance, pools=pools)
-  logits = get_objective(objective).negative_logits
+  logits = _WHOLE_POOL[objective][1]
   s = jax.lax.stop_gradient(s_cross)
   z = s / jax.lax.stop_gradient(temperature)
   hyper = dict(beta=beta, bias=jax.lax.stop_gradient(bias))
   weights = jnp.stack([_weights(logits(z.T, pools.text, **hyper), pools.text),
                        _weights(logits(z, pools.audio, **hyper), pools.audio)])
-  mean = lambda scores, pool: (jnp.sum(jnp.where(pool, scores, 0), axis=1)
-                               / jnp.maximum(pool.sum(axis=1), 1))
-  negative = jnp.stack([mean(s.T, pools.text), mean(s, pools.audio)], axis=1)
+  negative = jnp.stack([sampling.masked_mean(s.T, pools.text, axis=1),
+                        sampling.masked_mean(s, pools.audio, axis=1)], axis=1)
   valid = pools.text.any(axis=1) | pools.audio.any(axis=1)
-  return loss, sampling.TripletTerms(jnp.diagonal(s), negative, valid, weights)
+  return loss, sampling.LossTerms(jnp.diagonal(s), negative, valid, weights)
+
+
+def _whole_pool(name: str) -> Callable[..., tuple]:
+  """The Objective.loss_and_terms of a whole-pool objective: the cross score matrix of the
+  embeddings, with gradient, then `whole_pool_loss_and_terms`."""
+  def loss_and_terms(embedded: Embedded, setting, *, pool, relevance, learnt, **_):
+    s_cross = scores.get_scorer(setting.score).matrix(
+        embedded.audio, embedded.text, embedded.audio_mask, embedded.text_mask)
+    return whole_pool_loss_and_terms(
+        s_cross, embedded.audio_ids, learnt, objective=name, temperature=setting.temperature,
+        beta=setting.beta, relevance=relevance, pools=Pools(pool, pool))
+  return loss_and_terms
+
+
+register("infonce", _whole_pool("infonce"))
+register("hn_nce", _whole_pool("hn_nce"))
+register("soft", _whole_pool("soft"), needs_relevance=True)
+register("siglip", _whole_pool("siglip"),
+         learnt={"log_inverse_temperature": float(np.log(10.0)), "bias": -10.0})

@@ -203,8 +203,20 @@ def select_negatives(s_cross: Optional[Array], audio_ids: Array, *, strategy: st
   return spec.select(None if within is None else jax.lax.stop_gradient(within), pool, key)
 
 
-class TripletTerms(NamedTuple):
-  """What the loss saw, for diagnostics: positive [N]; negative [N, 2] (the audio
+def masked_mean(x: Array, mask: Array, axis=None) -> Array:
+  """The mean of x over the entries where mask [broadcastable to x] is True, along axis
+  (None: all); 0 where there are none.
+
+  Example:
+    >>> float(masked_mean(jnp.array([1., 2., 9.]), jnp.array([True, True, False])))
+    1.5
+  """
+  mask = jnp.broadcast_to(mask, x.shape)
+  return jnp.sum(jnp.where(mask, x, 0), axis=axis) / jnp.maximum(mask.sum(axis=axis), 1)
+
+
+class LossTerms(NamedTuple):
+  """What an objective's loss saw, for diagnostics: positive [N]; negative [N, 2] (the audio
   negatives' and the text negatives' mean score); valid [N] (non-empty pool); weights
   [2, N, N] (each caption anchor's weight on clips, each audio anchor's on captions:
   how much each negative counts, rows summing to 1 over the negatives, 0 without any)."""
@@ -254,7 +266,7 @@ def triplet_loss_and_terms(audio: Array, text: Array, audio_ids: Array, *,
                            audio_mask: Optional[Array] = None,
                            text_mask: Optional[Array] = None,
                            score: str = "alignment",
-                           pool: Optional[Array] = None) -> Tuple[Array, TripletTerms]:
+                           pool: Optional[Array] = None) -> Tuple[Array, LossTerms]:
   """The bidirectional triplet loss from embeddings, computing only what the strategy needs.
 
   Negatives are chosen by `select_negatives` from the one matrix the strategy reads
@@ -272,7 +284,7 @@ def triplet_loss_and_terms(audio: Array, text: Array, audio_ids: Array, *,
     pool: [N, N] bool each anchor's candidates (default: every other clip).
 
   Returns:
-    (scalar loss, TripletTerms); anchors with an empty pool add 0.
+    (scalar loss, LossTerms); anchors with an empty pool add 0.
 
   Example:
     >>> clips = jnp.eye(2)[:, None, :]  # two one-frame clips, two one-word captions
@@ -297,11 +309,10 @@ def triplet_loss_and_terms(audio: Array, text: Array, audio_ids: Array, *,
                             key=key, pool=pool, **matrices)
   positive, audio_negative, text_negative = _selected_scores(
       scorer, audio, text, audio_mask, text_mask, chosen)
-  count = jnp.maximum(chosen.valid.sum(axis=1), 1)
-  mean = lambda x: jnp.where(chosen.valid, x, 0).sum(axis=1) / count
+  mean = lambda x: masked_mean(x, chosen.valid, axis=1)
   hinge = lambda negative: mean(jax.nn.relu(negative - positive[:, None] + margin))
   loss = jnp.mean(hinge(audio_negative) + hinge(text_negative))
-  terms = TripletTerms(positive, jnp.stack([mean(audio_negative), mean(text_negative)], axis=1),
+  terms = LossTerms(positive, jnp.stack([mean(audio_negative), mean(text_negative)], axis=1),
                        chosen.valid.any(axis=1), negative_weights(chosen))
   return loss, terms
 

@@ -32,7 +32,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from ntxr import cli, command, evaluate, files, workdir as workdir_lib
+from ntxr import checkpoints as checkpoints_lib, cli, command, evaluate, files, settings
+from ntxr import workdir as workdir_lib
 from ntxr.data import features
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
@@ -55,7 +56,7 @@ def audio_files(audio_dir: str) -> dict:
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir's run trained with; FileNotFoundError if it holds no run."""
-  config = workdir_lib.saved_config(workdir)
+  config = settings.saved(workdir)
   if config is None:
     raise FileNotFoundError(f"{workdir}: not a run's workdir (no config.json)")
   return ml_collections.ConfigDict(config)
@@ -71,7 +72,7 @@ class Model:
     from ntxr import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
     self.config = read_config(workdir)
     self.experiment = experiment_lib.Experiment(self.config)
-    with workdir_lib.Checkpoints(workdir) as checkpoints:
+    with checkpoints_lib.Checkpoints(workdir) as checkpoints:
       restored = checkpoints.restore("best", self.experiment.initial_state)
     if restored is None:
       raise FileNotFoundError(f"{workdir}: no checkpoint to search with; train first")
@@ -248,44 +249,50 @@ def format_results(query: str, results: list) -> str:
   return "\n".join(lines)
 
 
-_AUDIO_DIR = flags.DEFINE_string("audio_dir", None, "the folder of recordings to search",
-                                 required=True)
-_QUERY = flags.DEFINE_multi_string("query", [], "a text query (repeatable)")
-_QUERIES = flags.DEFINE_string("queries", None, "a file of text queries, one per line")
-_AUDIO_QUERY = flags.DEFINE_string("audio_query", None, "rank by similarity to this recording")
-_TOP_K = flags.DEFINE_integer("top_k", 10, "results per query", lower_bound=1)
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """This command's flags (defined where it starts, not when ntxr.search is imported)."""
+  cli.define_workdir("the trained run's workdir, whose best checkpoint searches")
+  cli.define_json()
+  flags.DEFINE_string("audio_dir", None, "the folder of recordings to search", required=True)
+  flags.DEFINE_multi_string("query", [], "a text query (repeatable)")
+  flags.DEFINE_string("queries", None, "a file of text queries, one per line")
+  flags.DEFINE_string("audio_query", None, "rank by similarity to this recording")
+  flags.DEFINE_integer("top_k", 10, "results per query", lower_bound=1)
 
 
 def main(argv):
   command.start(argv)
   workdir, audio_dir = (os.path.expanduser(path or "")
-                        for path in (cli.WORKDIR.value, _AUDIO_DIR.value))
+                        for path in (FLAGS.workdir, FLAGS.audio_dir))
   try:
     if not workdir:
       raise ValueError("--workdir: give the trained run's workdir to search with")
     if not os.path.isdir(audio_dir):
       raise FileNotFoundError(f"{audio_dir}: no such folder")
-    queries = list(_QUERY.value)
-    if _QUERIES.value:
-      with open(_QUERIES.value, encoding="utf-8-sig") as f:  # a byte-order mark or not
+    queries = list(FLAGS.query)
+    if FLAGS.queries:
+      with open(FLAGS.queries, encoding="utf-8-sig") as f:  # a byte-order mark or not
         queries += [line.rstrip("\n") for line in f if line.strip()]
-    if not queries and not _AUDIO_QUERY.value:
+    if not queries and not FLAGS.audio_query:
       raise ValueError("nothing to search for: give --query, --queries or --audio_query")
     read_config(workdir)  # first: taking the lock would create a mistyped workdir
     # A later call reuses this call's compiled scoring blocks.
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "search", "compiled"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
-    with workdir_lib.held(workdir):
+    with workdir_lib.in_use(workdir):
       model = Model(workdir)
       start = time.perf_counter()
       index = Index.open(model, workdir, audio_dir)
       index_s, start = time.perf_counter() - start, time.perf_counter()
-      report = list(zip(queries, index.search(queries, _TOP_K.value) if queries else []))
+      report = list(zip(queries, index.search(queries, FLAGS.top_k) if queries else []))
       search_s = time.perf_counter() - start
-      if _AUDIO_QUERY.value:
-        report.append((_AUDIO_QUERY.value, index.similar(_AUDIO_QUERY.value, _TOP_K.value)))
+      if FLAGS.audio_query:
+        report.append((FLAGS.audio_query, index.similar(FLAGS.audio_query, FLAGS.top_k)))
   except (FileNotFoundError, ValueError, workdir_lib.WorkdirError) as error:
-    sys.exit(f"error: {error}")
+    command.exit_with(error, 1)
   frames = sum(len(f) for f in index.frames)
   hours = frames * model.logmel.hop_ms / 3.6e6
   size = os.path.getsize(index_path(workdir, audio_dir)) / 2**20
@@ -299,11 +306,12 @@ def main(argv):
         reason for _, reason in index.skipped.values()))
   for query, found in report:
     print("\n" + format_results(query, found))
-  if cli.JSON.value:
-    files.write_json(cli.JSON.value, [dict(query=query, results=[dict(file=name, score=score)
+  if FLAGS.json:
+    files.write_json(FLAGS.json, [dict(query=query, results=[dict(file=name, score=score)
                                                               for name, score in found])
                                    for query, found in report])
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=command.parse_flags)

@@ -14,11 +14,10 @@ from flax import traverse_util
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from ntxr import false_negatives, models, objectives, sampling, scores
+from ntxr import false_negatives, models, objectives, sampling, scores, settings
 
 
 class TrainState(train_state.TrainState):
@@ -58,12 +57,12 @@ def _init_variables(model: models.DualEncoder, key: jax.Array, example: dict) ->
   return model.init(key, example, train=False)
 
 
-def create_train_state(config: ml_collections.ConfigDict, model: models.DualEncoder,
-                       key: jax.Array, *, mel_bands: int,
+def create_train_state(model: models.DualEncoder, key: jax.Array, *, frames: int, words: int,
+                       mel_bands: int, objective: str = "triplet", learning_rate: float = 1e-3,
                        word_table: Optional[np.ndarray] = None) -> TrainState:
-  """Initialised parameters and optimizer for log-mel input of `mel_bands` bands;
+  """Initialised parameters (from an example of `frames` log-mel frames of `mel_bands`
+  bands and `words` tokens) and Adam; the objective's learnt scalars join the params;
   word_table [V, E] replaces (and freezes) the text encoder's table."""
-  frames, words = config.frame_buckets[0], config.max_tokens
   example = dict(audio=jnp.zeros((2, frames, mel_bands)), audio_mask=jnp.ones((2, frames), bool),
                  tokens=jnp.ones((2, words), jnp.int32), token_mask=jnp.ones((2, words), bool))
   variables = _init_variables(model, key, example)
@@ -74,9 +73,9 @@ def create_train_state(config: ml_collections.ConfigDict, model: models.DualEnco
       raise ValueError(f"word vectors are {word_table.shape}, the text encoder needs "
                        f"{expected}: set --config.embed_dim={word_table.shape[1]}")
     params = {**params, "text": {"embed": {"embedding": jnp.asarray(word_table)}}}
-  params = {**params, **objectives.initial_parameters(config.objective)}
+  params = {**params, **objectives.initial_parameters(objective)}
   state = TrainState.create(apply_fn=model.apply, params=params,
-                            tx=optimizer(config.learning_rate, word_table is not None),
+                            tx=optimizer(learning_rate, word_table is not None),
                             batch_stats=variables["batch_stats"])
   # Strongly typed leaves, as train_step returns them: the step compiles once, not twice.
   return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), state)
@@ -105,17 +104,17 @@ class TrainingStatistics:
   positive_std: jax.Array
   negative_mean: jax.Array
   negative_std: jax.Array
-  # Measured where the batch knows its clips' events (false_negatives.shares).
+  # Measured where the batch knows its clips' events (false_negatives.measured_shares).
   false_negative_share: Optional[jax.Array] = None
   filtered_share: Optional[jax.Array] = None
   filtered_false_share: Optional[jax.Array] = None
 
   @classmethod
-  def of(cls, loss: jax.Array, grad_norm: jax.Array, terms: sampling.TripletTerms,
+  def of(cls, loss: jax.Array, grad_norm: jax.Array, terms: sampling.LossTerms,
          margin: float, shares: Optional[dict] = None) -> "TrainingStatistics":
-    valid = terms.valid[:, None] & jnp.ones_like(terms.negative, bool)
+    valid = terms.valid[:, None]
     gap = terms.negative - terms.positive[:, None]
-    mean = lambda x: jnp.sum(jnp.where(valid, x, 0)) / jnp.maximum(valid.sum(), 1)
+    mean = lambda x: sampling.masked_mean(x, valid)
     negative_mean = mean(terms.negative)
     return cls(loss=loss, grad_norm=grad_norm, share_zero_loss=mean(gap + margin <= 0),
                share_at_margin=mean(jnp.abs(gap) <= 1e-6),
@@ -152,9 +151,6 @@ class UnreadStatistics:
     return read
 
 
-PADDINGS = ("masked", "batch")
-
-
 def _to_longest(mask: jax.Array) -> jax.Array:
   """[B, L] -> [B, L]: every row valid up to the batch's longest row."""
   longest = mask.sum(axis=1).max()
@@ -172,43 +168,15 @@ def training_masks(batch: dict, padding: str) -> tuple:
   if padding == "masked":
     return batch["audio_mask"], batch["audio_mask"], batch["token_mask"]
   if padding != "batch":
-    raise ValueError(f"padding must be one of {PADDINGS}, not {padding!r}")
+    raise ValueError(f"padding must be one of {settings.PADDINGS}, not {padding!r}")
   audio_mask = _to_longest(batch["audio_mask"])
   return audio_mask, audio_mask, _to_longest(batch["token_mask"])
 
 
-@dataclasses.dataclass(frozen=True)
-class Loss:
-  """What a batch's loss is; hashable, so jit compiles one step per setting.
-
-  objective: "triplet" (negatives chosen by `strategy`, hinge `margin`) or a name in
-  objectives.OBJECTIVES (the whole pool: `temperature`, hn_nce's `beta`, soft's
-  relevance sigmoid(relevance_slope * similarity - relevance_offset)). score and
-  padding: see scores and training_masks. filter_similarity, filter_share_of_positive:
-  the false-negative filter's bounds (false_negatives.filter_pool; 0 is off).
-  """
-  objective: str = "triplet"
-  strategy: str = "semihard_cross"
-  margin: float = 0.5
-  score: str = "alignment"
-  padding: str = "masked"
-  temperature: float = 0.05
-  beta: float = 0.0
-  relevance_slope: float = 10.0
-  relevance_offset: float = 5.0
-  filter_similarity: float = 0.0
-  filter_share_of_positive: float = 0.0
-
-  @classmethod
-  def from_config(cls, config: ml_collections.ConfigDict) -> "Loss":
-    fields = {f.name for f in dataclasses.fields(cls)} - {"padding"}
-    return cls(padding=config.train_padding, **{name: config[name] for name in fields})
-
-
 def _loss_and_terms(params: dict, variables: dict, apply_fn, batch: dict, key: jax.Array, *,
-                    train: bool, loss: Loss):
-  """(loss, (new batch_stats or None, TripletTerms, false-negative shares or None)) of
-  one batch; params: the state's (for the objective's learnt scalars), variables: the
+                    train: bool, loss: settings.Loss):
+  """(loss, (new batch_stats or None, LossTerms, false-negative shares or None)) of one
+  batch; params: the state's (for the objective's learnt scalars), variables: the
   model's. Optional batch entries: caption_similarity [B, B] (the filter's and soft's),
   events [B, K] bool (to measure false negatives)."""
   dropout_key, sample_key = jax.random.split(key)
@@ -219,41 +187,34 @@ def _loss_and_terms(params: dict, variables: dict, apply_fn, batch: dict, key: j
                                       rngs={"dropout": dropout_key})
   else:
     (audio, text), updates = apply_fn(variables, inputs, train=False), {}
-  audio_ids, similarity = batch["audio_id"], batch.get("caption_similarity")
-  scorer = scores.get_scorer(loss.score)
-  whole_pool = loss.objective != "triplet"
-  s_cross = None  # with gradient for the whole-pool objectives; the filter needs none
-  if whole_pool:
-    s_cross = scorer.matrix(audio, text, audio_mask, text_mask)
-  elif loss.filter_share_of_positive:
-    s_cross = scorer.matrix(*jax.lax.stop_gradient((audio, text)), audio_mask, text_mask)
-  pool = sampling.negative_pool(audio_ids)
+  embedded = objectives.Embedded(audio, text, audio_mask, text_mask, batch["audio_id"])
+  similarity = batch.get("caption_similarity")
+  pool = sampling.negative_pool(embedded.audio_ids)
   kept = pool
-  if loss.filter_similarity or loss.filter_share_of_positive:
+  if loss.filters:
+    s_cross = None
+    if loss.filter_share_of_positive:
+      s_cross = scores.get_scorer(loss.score).matrix(
+          *jax.lax.stop_gradient((audio, text)), audio_mask, text_mask)
     kept = false_negatives.filter_pool(
         pool, s_cross, similarity, max_similarity=loss.filter_similarity,
         max_share_of_positive=loss.filter_share_of_positive)
-  if whole_pool:
-    relevance = None
-    if loss.objective == "soft":
-      relevance = false_negatives.relevance(similarity, ~pool, loss.relevance_slope,
-                                            loss.relevance_offset)
-    value, terms = objectives.objective_loss_and_terms(
-        s_cross, audio_ids, params.get("objective", {}), objective=loss.objective,
-        temperature=loss.temperature, beta=loss.beta, relevance=relevance,
-        pools=objectives.Pools(kept, kept))
-  else:
-    value, terms = sampling.triplet_loss_and_terms(
-        audio, text, audio_ids, strategy=loss.strategy, margin=loss.margin, key=sample_key,
-        audio_mask=audio_mask, text_mask=text_mask, score=loss.score, pool=kept)
+  objective = objectives.get_objective(loss.objective)
+  relevance = None
+  if objective.needs_relevance:
+    relevance = false_negatives.relevance(similarity, ~pool, loss.relevance_slope,
+                                          loss.relevance_offset)
+  value, terms = objective.loss_and_terms(embedded, loss, pool=kept, relevance=relevance,
+                                          learnt=params.get("objective", {}), key=sample_key)
   shares = None
   if "events" in batch:
-    shares = false_negatives.shares(terms.weights, pool, kept,
-                                    false_negatives.same_events(batch["events"]) & pool)
+    shares = false_negatives.measured_shares(
+        terms.weights, pool, kept, false_negatives.same_events(batch["events"]) & pool)
   return value, (updates.get("batch_stats"), terms, shares)
 
 
-def train_step(state: TrainState, batch: dict, key: jax.Array, *, loss: Loss = Loss()):
+def train_step(state: TrainState, batch: dict, key: jax.Array, *,
+               loss: settings.Loss = settings.Loss()):
   """One optimizer step: (state, batch, key) -> (state, TrainingStatistics). Jit it with
   donate_argnums=0.
 
@@ -271,7 +232,7 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *, loss: Loss = L
 
 
 def eval_loss(state: TrainState, batch: dict, key: jax.Array, *,
-              loss: Loss = Loss()) -> jax.Array:
+              loss: settings.Loss = settings.Loss()) -> jax.Array:
   """The loss of one batch in inference mode (no dropout, running BatchNorm)."""
   return _loss_and_terms(state.params, state.variables(), state.apply_fn, batch, key,
                          train=False, loss=loss)[0]

@@ -1,15 +1,18 @@
-"""The paper's ablation in one command: strategies (or objectives) x seeds, one workdir
+"""The paper's ablation in one command: strategies and objectives x seeds, one workdir
 each, one table.
 
   python -m ntxr.sweep --root=sweeps/default --seeds=0,1
   python -m ntxr.sweep --root=sweeps/short --strategies=random,semihard_cross \\
       --processes=2 -- --config.num_epochs=2
+  python -m ntxr.sweep --root=sweeps/objectives --strategies=semihard_cross \\
+      --objectives=infonce,siglip
   python -m ntxr.sweep --root=sweeps/gpu --processes=4 --gpus=0,1,2,3,4,5,6,7
   python -m ntxr.sweep --root=sweeps/default --table_only
 
 Each run is `python -m ntxr.main --strategy=S --config.seed=N --workdir=ROOT/S/seed_N ARGS`
-(ARGS: whatever follows `--`; an objective's name runs `--objective=S`), its output in
-ROOT/S/seed_N/log.txt. A run whose
+for a strategy S of the triplet loss, and `--objective=O ... --workdir=ROOT/O/seed_N` for
+an objective O (ARGS: whatever follows `--`), its output in the workdir's log.txt. With
+neither --strategies nor --objectives, every strategy runs. A run whose
 results.json exists is skipped, an unfinished one resumes, a failed one is reported
 and the others go on. The table of every finished run goes to ROOT/results.csv and
 ROOT/results.md: per strategy, the mean and sample standard deviation over seeds of
@@ -32,16 +35,22 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from ntxr import cli, command, evaluate, files, objectives, plots
+from ntxr import cli, command, evaluate, files, plots
 from ntxr.data import workers
 
-_ROOT = flags.DEFINE_string("root", "sweeps/default", "folder holding one workdir per run")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "seeds to run for each strategy")
-_PROCESSES = flags.DEFINE_integer("processes", 1, "training processes at a time",
-                                  lower_bound=1)
-_GPUS = flags.DEFINE_list("gpus", [], "GPU ids to split evenly among the processes, e.g. "
-                          "0,1,2,3 with --processes=4: one GPU per run (default: all shared)")
-_TABLE_ONLY = flags.DEFINE_bool("table_only", False, "only write the table of finished runs")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """This command's flags (defined where it starts, not when ntxr.sweep is imported)."""
+  cli.define_strategies(default_all=False)
+  cli.define_objectives()
+  flags.DEFINE_string("root", "sweeps/default", "folder holding one workdir per run")
+  flags.DEFINE_list("seeds", ["0", "1"], "seeds to run for each strategy and objective")
+  flags.DEFINE_integer("processes", 1, "training processes at a time", lower_bound=1)
+  flags.DEFINE_list("gpus", [], "GPU ids to split evenly among the processes, e.g. 0,1,2,3 "
+                    "with --processes=4: one GPU per run (default: all shared)")
+  flags.DEFINE_bool("table_only", False, "only write the table of finished runs")
 
 COLUMNS = (tuple(f"t2a {m}" for m in evaluate.T2A) + tuple(f"a2t {m}" for m in evaluate.A2T))
 # Columns where the runs measured false negatives (results.json "false_negatives"): the
@@ -53,6 +62,8 @@ FALSE_NEGATIVES = {"false negatives": "false_negative_share", "filtered": "filte
 
 @dataclasses.dataclass(frozen=True)
 class Run:
+  """One run of a sweep: `strategy` is its name (a strategy of the triplet loss, or an
+  objective: `cli.RUN_NAMES`), as the sweep's table names its row."""
   strategy: str
   seed: int
   workdir: str
@@ -62,19 +73,16 @@ class Run:
     return os.path.exists(os.path.join(self.workdir, "results.json"))
 
   def command(self, main_args=()) -> list:
-    flag = "objective" if self.strategy in objectives.OBJECTIVES else "strategy"
+    flag = "strategy" if self.strategy in cli.STRATEGY_NAMES else "objective"
     return [sys.executable, "-m", "ntxr.main", f"--{flag}={self.strategy}",
             f"--config.seed={self.seed}", f"--workdir={self.workdir}", *main_args]
 
 
-def plan(root: str, strategies, seeds) -> list:
+def plan(root: str, names, seeds) -> list:
   """Every (strategy or objective, seed) run under root, seed by seed so a stopped sweep
-  has whole seeds."""
-  unknown = sorted(set(strategies) - set(objectives.SETTINGS))
-  if unknown:
-    raise ValueError(f"unknown strategies {unknown}; choose from {list(objectives.SETTINGS)}")
+  has whole seeds; names from `cli.RUN_NAMES`."""
   return [Run(s, seed, os.path.join(root, s, f"seed_{seed}")) for seed in seeds
-          for s in strategies]
+          for s in names]
 
 
 def execute(run: Run, main_args=(), env=None) -> int:
@@ -141,7 +149,7 @@ def read_run(workdir: str) -> dict:
 def read_sweep(root: str) -> list:
   """Every finished run under root (ROOT/STRATEGY/seed_N), in strategy then seed order."""
   runs = []
-  for strategy in objectives.SETTINGS:
+  for strategy in cli.RUN_NAMES:
     folder = os.path.join(root, strategy)
     seeds = sorted((int(d[5:]), d) for d in os.listdir(folder) if d.startswith("seed_")
                    and d[5:].isdigit()) if os.path.isdir(folder) else []
@@ -162,7 +170,7 @@ def table(runs) -> list:
     values = np.array(values)
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan")
   rows = []
-  for strategy in objectives.SETTINGS:
+  for strategy in cli.RUN_NAMES:
     mine = [r for r in runs if r["strategy"] == strategy]
     if not mine:
       continue
@@ -248,19 +256,27 @@ def write_report(root: str) -> list:
 
 def main(argv):
   try:
-    runs = plan(_ROOT.value, cli.strategies(), [int(s) for s in _SEEDS.value])
-    if _GPUS.value:
-      gpu_groups(_GPUS.value, _PROCESSES.value)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
-  failed = [] if _TABLE_ONLY.value else run_all(runs, argv[1:], _PROCESSES.value, _GPUS.value)
-  rows = write_report(_ROOT.value)
+    names = (cli.chosen("strategies", cli.STRATEGY_NAMES)
+             + cli.chosen("objectives", cli.OBJECTIVE_RUN_NAMES))
+    seeds = []
+    for seed in FLAGS.seeds:
+      if not seed.isdigit():
+        raise ValueError(f"--seeds: {seed!r} is not a whole number")
+      seeds.append(int(seed))
+    runs = plan(FLAGS.root, names or cli.STRATEGY_NAMES, seeds)
+    if FLAGS.gpus:
+      gpu_groups(FLAGS.gpus, FLAGS.processes)
+  except ValueError as error:
+    command.exit_with(error, 2)
+  failed = [] if FLAGS.table_only else run_all(runs, argv[1:], FLAGS.processes, FLAGS.gpus)
+  rows = write_report(FLAGS.root)
   print(to_markdown(rows))
-  print(f"{sum(r['seeds'] for r in rows)} runs: table and figures in {_ROOT.value}")
+  print(f"{sum(r['seeds'] for r in rows)} runs: table and figures in {FLAGS.root}")
   if failed:
-    sys.exit(f"error: {len(failed)} runs failed; see " +
-             ", ".join(f"{r.workdir}/log.txt" for r in failed))
+    command.exit_with(f"{len(failed)} runs failed; see " +
+                      ", ".join(f"{r.workdir}/log.txt" for r in failed), 1)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main, flags_parser=command.parse_flags)

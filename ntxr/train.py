@@ -21,7 +21,8 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from ntxr import experiment as experiment_lib, files, parallel, steps
+from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib, files
+from ntxr import metrics_log, parallel, settings, steps
 from ntxr import workdir as workdir_lib
 from ntxr.data import input_pipeline
 
@@ -34,7 +35,7 @@ class Plateau:
 
 
 def reduce_on_plateau(plateau: Plateau, value: float, learning_rate: float,
-                      config: ml_collections.ConfigDict) -> tuple:
+                      options: settings.Schedule) -> tuple:
   """PyTorch's ReduceLROnPlateau(mode="min", threshold_mode="abs") for one epoch.
 
   Returns (plateau, learning_rate): the rate is multiplied by factor (not below
@@ -42,14 +43,12 @@ def reduce_on_plateau(plateau: Plateau, value: float, learning_rate: float,
   `threshold`.
 
   Example:
-    >>> from ntxr.configs import default
-    >>> c, plateau, lr = default.get_config(), Plateau(), 1e-3
+    >>> plateau, lr = Plateau(), 1e-3
     >>> for loss in [1.0, 0.999, 0.998, 0.997, 0.996, 0.996, 0.996]:
-    ...   plateau, lr = reduce_on_plateau(plateau, loss, lr, c)
+    ...   plateau, lr = reduce_on_plateau(plateau, loss, lr, settings.Schedule())
     >>> plateau, round(lr, 6)
     (Plateau(best=1.0, bad_epochs=0), 0.0001)
   """
-  options = config.plateau
   if value < plateau.best - options.threshold:
     plateau = Plateau(best=float(value))
   else:
@@ -152,7 +151,7 @@ class StopRequests:
     return self.received is not None
 
 
-def _stop(state, progress: Progress, checkpoints: workdir_lib.Checkpoints,
+def _stop(state, progress: Progress, checkpoints: checkpoints_lib.Checkpoints,
           stop: StopRequests) -> Stopped:
   """Saves the latest checkpoint and says how to resume."""
   checkpoints.save("latest", state, progress.to_json())
@@ -165,8 +164,8 @@ def _stop(state, progress: Progress, checkpoints: workdir_lib.Checkpoints,
 
 
 def train_epochs(experiment: experiment_lib.Experiment, state: steps.TrainState,
-                 progress: Progress, checkpoints: workdir_lib.Checkpoints,
-                 log: workdir_lib.MetricsLog) -> Progress:
+                 progress: Progress, checkpoints: checkpoints_lib.Checkpoints,
+                 log: metrics_log.MetricsLog) -> Progress:
   """Trains from `progress` to config.num_epochs; returns the final Progress.
 
   Each epoch: the training split's shuffled batches (at most max_steps_per_epoch),
@@ -233,7 +232,7 @@ def _train_steps(experiment, state, progress, checkpoints, steps_per_epoch,
 
 
 def _checked(progress: Progress, unread: steps.UnreadStatistics, epoch: int,
-             checkpoints: workdir_lib.Checkpoints) -> Progress:
+             checkpoints: checkpoints_lib.Checkpoints) -> Progress:
   """`progress` after the unread steps, read from the devices at once; raises
   FloatingPointError at the first step whose loss or gradient norm is not finite."""
   read = unread.read()
@@ -253,13 +252,14 @@ def _end_epoch(experiment, state, progress, checkpoints, log, seconds) -> tuple:
   """Validation, the plateau schedule, checkpoints and the metrics line of an epoch whose
   steps are done; returns (state, progress) at the start of the next."""
   config = experiment.config
-  select = workdir_lib.SELECTIONS[config.select_by]
+  select = settings.SELECTIONS[config.select_by]
   epoch, training = progress.epoch + 1, progress.statistic_means()
   start = time.perf_counter()
   validation, collapse = experiment.validate(state, training)
   validation_seconds = time.perf_counter() - start
   plateau, learning_rate = reduce_on_plateau(progress.plateau, validation["loss"],
-                                             progress.learning_rate, config)
+                                             progress.learning_rate,
+                                             experiment.settings.optimiser.schedule)
   state = steps.set_learning_rate(state, learning_rate)
   if collapse.collapsed:
     logging.warning("feature collapse at epoch %d: %s", epoch, "; ".join(collapse.reasons))
@@ -285,7 +285,7 @@ def _end_epoch(experiment, state, progress, checkpoints, log, seconds) -> tuple:
   return state, progress
 
 
-def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: workdir_lib.Checkpoints,
+def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: checkpoints_lib.Checkpoints,
               workdir: str) -> dict:
   """Evaluates the best checkpoint on the test split; writes and returns its results."""
   checkpoints.wait()
@@ -298,7 +298,7 @@ def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: workdir_li
   metrics, submission = experiment.test(state)
   skipped = [entry for entries in experiment.corpus.skipped.values() for entry in entries]
   results = dict(metrics, objective=config.objective, strategy=config.strategy,
-                 run=workdir_lib.run_name(config), score=config.score,
+                 run=settings.run_name(config), score=config.score,
                  split=experiment.test_split,
                  collapse=best.best_epoch in trained.collapse_epochs,
                  collapse_epochs=list(trained.collapse_epochs), epochs=trained.epoch,
@@ -307,7 +307,7 @@ def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: workdir_li
                  steps=checkpoints.step("latest") or int(state.step),
                  best_epoch=best.best_epoch, best_step=int(state.step),
                  seconds=trained.seconds,
-                 false_negatives=workdir_lib.false_negatives_of(
+                 false_negatives=metrics_log.false_negatives_of(
                      files.read_jsonl(os.path.join(workdir, "metrics.jsonl")),
                      best.best_epoch))
   workdir_lib.write_results(workdir, results, submission)
@@ -320,26 +320,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the dict written to workdir/results.json. Raises FloatingPointError if the
   loss or a score becomes NaN; the last good checkpoints stay in workdir.
   """
-  workdir_lib.check_config(workdir, config)
-  with workdir_lib.held(workdir):
+  settings.check(workdir, config)
+  with workdir_lib.in_use(workdir):
     experiment = experiment_lib.Experiment(config)  # reads the data
     for split in (experiment.training_split, experiment.validation_split):
       experiment.batches_per_epoch(split)  # fails now, not in epoch 1
-    workdir_lib.write_config(workdir, config)
-    with workdir_lib.Checkpoints(workdir) as checkpoints:
+    settings.write(workdir, config)
+    with checkpoints_lib.Checkpoints(workdir) as checkpoints:
       restored = checkpoints.resume(experiment.initial_state)
       if restored is None:
         state, progress = experiment.initial_state, Progress(learning_rate=config.learning_rate)
       else:
         state, progress = restored[0], Progress.from_json(restored[1])
         logging.info("resuming at epoch %d, step %d", progress.epoch + 1, int(state.step))
-      with workdir_lib.MetricsLog(workdir, progress.epoch) as log:
+      with metrics_log.MetricsLog(workdir, progress.epoch) as log:
         train_epochs(experiment, state, progress, checkpoints, log)
       return evaluate_best(experiment, checkpoints, workdir)
 
 
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Tests the best checkpoint in workdir without training."""
-  with workdir_lib.held(workdir):
-    with workdir_lib.Checkpoints(workdir) as checkpoints:
+  with workdir_lib.in_use(workdir):
+    with checkpoints_lib.Checkpoints(workdir) as checkpoints:
       return evaluate_best(experiment_lib.Experiment(config), checkpoints, workdir)

@@ -87,10 +87,9 @@ def _train_once(root: str, run, tiny_config) -> None:
   """Trains one of the tiny sweep's runs (a sweep.Run) unless a worker has: each run has
   its own lock (beside the sweep), so that two workers asking for the sweep at once train
   different runs."""
-  from ntxr import train  # pylint: disable=import-outside-toplevel
-  from ntxr.data import corpus  # pylint: disable=import-outside-toplevel
+  from ntxr import files, train  # pylint: disable=import-outside-toplevel
   lock = os.path.join(f"{root}-locks", f"{run.strategy}_seed_{run.seed}")
-  with corpus._exclusive(lock):  # pylint: disable=protected-access
+  with files.locked(lock, wait=True):
     if not run.finished:
       train.train_and_evaluate(tiny_config(strategy=run.strategy, seed=run.seed), run.workdir)
 

@@ -6,7 +6,7 @@ import signal
 
 import numpy as np
 
-from ntxr import workdir as workdir_lib
+from ntxr import checkpoints as checkpoints_lib
 from ntxr.data import input_pipeline
 
 
@@ -20,7 +20,7 @@ def flat(tree, path="") -> dict:
 
 def params_of(workdir, which="latest"):
   """(step, params) of the workdir's `which` checkpoint, read as raw arrays."""
-  with workdir_lib.Checkpoints(workdir) as checkpoints:
+  with checkpoints_lib.Checkpoints(workdir) as checkpoints:
     manager = checkpoints.managers[which]
     step = manager.latest_step()
     restored = manager.restore(step)  # raw arrays, no target structure needed

@@ -27,7 +27,7 @@ from etils.epath import gpath
 import numpy as np
 import pytest
 
-from ntxr import dcase, files, workdir as workdir_lib
+from ntxr import dcase, files, metrics_log, settings, workdir as workdir_lib
 from ntxr.data import builders, corpus
 from processes import free_port, wait_for
 from runs import flat
@@ -112,20 +112,20 @@ def test_config_metrics_results_and_the_dcase_file_are_written_to_the_bucket(
     emulator, bucket, tiny_config, tmp_path):
   workdir, prefix = bucket
   config = tiny_config()
-  workdir_lib.write_config(workdir, config)
+  settings.write(workdir, config)
   assert json.loads(emulator.read(f"{prefix}/config.json")) == json.loads(config.to_json())
-  assert workdir_lib.saved_config(workdir)["strategy"] == config.strategy
+  assert settings.saved(workdir)["strategy"] == config.strategy
   with pytest.raises(ValueError, match="holds a run with other settings \\(strategy\\)"):
-    workdir_lib.write_config(workdir, tiny_config(strategy="hard_cross"))
+    settings.write(workdir, tiny_config(strategy="hard_cross"))
 
-  with workdir_lib.MetricsLog(workdir, completed_epochs=0) as log:
+  with metrics_log.MetricsLog(workdir, completed_epochs=0) as log:
     for epoch in (1, 2):
       log.write(epoch * 15, dict(epoch=epoch, training=dict(loss=1.0 / epoch)))
     events = emulator.names(f"{prefix}/tensorboard/")
     assert len(events) == 1 and "tfevents" in events[0] and emulator.read(events[0])
   lines = emulator.read(f"{prefix}/metrics.jsonl").decode().splitlines()
   assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
-  with workdir_lib.MetricsLog(workdir, completed_epochs=1):  # a rerun redoes epoch 2
+  with metrics_log.MetricsLog(workdir, completed_epochs=1):  # a rerun redoes epoch 2
     assert files.read_jsonl(f"{workdir}/metrics.jsonl") == [json.loads(lines[0])]
 
   s = np.random.default_rng(0).normal(size=(3, 12))
@@ -145,7 +145,7 @@ def test_a_torn_metrics_line_in_the_bucket_is_dropped_with_a_warning(emulator, b
   files.write_text(f"{workdir}/metrics.jsonl", '{"epoch": 1}\n{"epoch": 2, "trai')
   assert files.read_jsonl(f"{workdir}/metrics.jsonl") == [{"epoch": 1}]
   assert f"{workdir}/metrics.jsonl:2: dropped a torn or partial line" in caplog.text
-  with workdir_lib.MetricsLog(workdir, completed_epochs=1) as log:
+  with metrics_log.MetricsLog(workdir, completed_epochs=1) as log:
     log.write(30, dict(epoch=2, training=dict(loss=0.5)))
   assert emulator.read(f"{prefix}/metrics.jsonl") == b'{"epoch": 1}\n' + json.dumps(
       dict(epoch=2, training=dict(loss=0.5))).encode() + b"\n"

@@ -7,13 +7,15 @@ import sys
 
 import pytest
 
-from ntxr import cli, objectives, sampling
+from ntxr import cli, objectives, sampling, settings
 from ntxr.configs import default
 
 
 def test_flag_names_are_the_registries_names():
   assert cli.STRATEGY_NAMES == tuple(sampling.STRATEGIES)
   assert cli.OBJECTIVE_NAMES == tuple(objectives.OBJECTIVES)
+  assert cli.TAKES_STRATEGY == tuple(
+      name for name, objective in objectives.OBJECTIVES.items() if objective.takes_strategy)
 
 
 def test_main_help_prints_only_the_help_and_imports_neither_jax_nor_tensorflow():
@@ -31,7 +33,23 @@ def test_main_help_prints_only_the_help_and_imports_neither_jax_nor_tensorflow()
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("batch_size", -3, "--config.batch_size must be at least 1, not -3"),
+    ("batch_size", -3, "--config.batch_size must be at least 2, not -3"),
+    ("batch_size", 1, "--config.batch_size must be at least 2, not 1"),
+    ("objective", "clip", "--config.objective must be one of ['triplet', 'infonce', "
+     "'hn_nce', 'soft', 'siglip'], not 'clip'"),
+    ("strategy", "semihard", "--config.strategy must be one of ['full_batch', 'random', "
+     "'semihard_cross', 'hard_cross', 'easy_text', 'hard_text', 'easy_audio', "
+     "'hard_audio'], not 'semihard'"),
+    ("dropout", 1.0, "--config.dropout must be at least 0 and below 1, not 1.0"),
+    ("frame_buckets", (160, 162), "--config.frame_buckets must rise, each a multiple of "
+     "the CRNN's time stride 4, not (160, 162)"),
+    ("channels", (8, 32), "--config.channels must be 5 positive counts, one per CRNN "
+     "block, not (8, 32)"),
+    ("f_min", 9000.0, "--config.f_max (8000.0) must be above --config.f_min (9000.0)"),
+    ("data_dir", "/no/such/folder", "--config.data_dir=/no/such/folder: no such folder; "
+     "pass a Clotho v2 or AudioCaps folder, or one holding captions.csv"),
+    ("word_vectors", "/no/vectors.bin", "--config.word_vectors=/no/vectors.bin: no such file"),
+    ("temperature", float("nan"), "--config.temperature must be at least 1e-06, not nan"),
     ("eval_batch_size", 0, "--config.eval_batch_size must be at least 1, not 0"),
     ("sample_rate", 7, "--config.sample_rate must be 0 (the corpus's own) or at least "
      "8000 Hz, not 7"),
@@ -40,11 +58,11 @@ def test_main_help_prints_only_the_help_and_imports_neither_jax_nor_tensorflow()
      "'validation_loss'], not 'loss'"),
 ])
 def test_a_bad_setting_is_named_before_anything_is_written(tmp_path, field, value, message):
-  from ntxr import workdir  # pylint: disable=import-outside-toplevel
   config = default.get_config()
+  config.f_max = 8000.0  # for the f_min case
   config[field] = value
-  with pytest.raises(workdir.SettingError, match=re.escape(message)):
-    workdir.check_config(str(tmp_path / "run"), config)
+  with pytest.raises(settings.SettingError, match=re.escape(message)):
+    settings.check(str(tmp_path / "run"), config)
   assert not os.listdir(tmp_path)
 
 
@@ -57,7 +75,7 @@ def test_a_bad_setting_costs_the_command_one_line(tmp_path):
                           capture_output=True, text=True, check=False)
   done = main(f"--workdir={tmp_path}/run", "--config.batch_size=0")
   assert (done.returncode, done.stderr) == (
-      2, "error: --config.batch_size must be at least 1, not 0\n")
+      2, "error: --config.batch_size must be at least 2, not 0\n")
   assert sorted(os.listdir(tmp_path)) == []
   (tmp_path / "notes.txt").write_text("my notes")
   done = main(f"--workdir={tmp_path}/notes.txt")
@@ -84,6 +102,6 @@ def test_preparing_a_missing_folder_says_so_in_one_line(tmp_path):
   done = subprocess.run([sys.executable, "-m", "ntxr.data.prepare",
                          f"--config.data_dir={tmp_path}/Clotho", f"--config.cache_dir={tmp_path}"],
                         capture_output=True, text=True, check=False)
-  assert (done.returncode, done.stderr) == (1, f"error: {tmp_path}/Clotho: no such folder; pass "
-                                               "a Clotho v2 or AudioCaps folder, or one holding "
-                                               "captions.csv\n")
+  assert (done.returncode, done.stderr) == (
+      2, f"error: --config.data_dir={tmp_path}/Clotho: no such folder; pass a Clotho v2 or "
+      "AudioCaps folder, or one holding captions.csv\n")

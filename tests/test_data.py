@@ -9,11 +9,12 @@ import wave
 import numpy as np
 import pytest
 
+from ntxr import settings
 from ntxr.configs import default
 from ntxr.data import builders, captions, features, input_pipeline, synthetic, tokenizer
 
 DCASE2022 = os.path.join(os.path.dirname(__file__), "data", "dcase2022")
-LOGMEL = features.LogMelConfig(sample_rate=synthetic.SAMPLE_RATE)
+LOGMEL = settings.Features(sample_rate=synthetic.SAMPLE_RATE)
 BUCKETS = default.get_config().frame_buckets
 
 

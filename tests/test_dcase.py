@@ -95,18 +95,18 @@ def test_a_file_not_in_utf8_names_the_line_of_its_first_bad_byte(tmp_path):
 
 
 def test_the_command_says_what_is_wrong_in_one_line(tmp_path):
-  for flags, message in [
-      ([f"--predictions={BASELINE}", f"--ground_truth={tmp_path}/none.csv"],
+  for flags, status, message in [
+      ([f"--predictions={BASELINE}", f"--ground_truth={tmp_path}/none.csv"], 1,
        f"error: {tmp_path}/none.csv: file not found"),
       ([f"--predictions={BASELINE}", f"--ground_truth={GROUND_TRUTH}",
-        f"--output_json={tmp_path}/no/such/folder/scores.json"],
+        f"--output_json={tmp_path}/no/such/folder/scores.json"], 2,
        f"error: --output_json: no folder {tmp_path}/no/such/folder"),
-      ([f"--predictions={GROUND_TRUTH}", f"--ground_truth={GROUND_TRUTH}"],
+      ([f"--predictions={GROUND_TRUTH}", f"--ground_truth={GROUND_TRUTH}"], 1,
        f"error: {GROUND_TRUTH}:1: expected the header caption,file_name_1"),
   ]:
     done = subprocess.run([sys.executable, "-m", "ntxr.dcase", *flags], capture_output=True,
                           text=True, check=False)
-    assert done.returncode == 1 and done.stderr.startswith(message), done.stderr
+    assert done.returncode == status and done.stderr.startswith(message), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
 
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntxr import false_negatives, sampling, steps
+from ntxr import false_negatives, sampling, settings, steps
 from ntxr.data import synthetic
 
 
@@ -80,7 +80,7 @@ def test_shares_by_hand():
   pool = ~jnp.eye(3, dtype=bool)
   kept = pool.at[2, 0].set(False).at[2, 1].set(False)
   false = jnp.zeros((3, 3), bool).at[0, 1].set(True).at[1, 0].set(True).at[2, 0].set(True)
-  found = {k: float(v) for k, v in false_negatives.shares(weights, pool, kept, false).items()}
+  found = {k: float(v) for k, v in false_negatives.measured_shares(weights, pool, kept, false).items()}
   # Anchors with negatives: caption anchors 0 (weight 1 on a false one) and 1 (0.5).
   assert found == pytest.approx(dict(false_negative_share=0.75, filtered_share=2 / 6,
                                      filtered_false_share=0.5))
@@ -109,7 +109,7 @@ def test_the_step_measures_false_negatives_and_the_events_filter_removes_exactly
     objective, strategy):
   batch, encoders = fake_batch()
   def shares(**filter_bounds):
-    loss = steps.Loss(objective=objective, strategy=strategy or "semihard_cross",
+    loss = settings.Loss(objective=objective, strategy=strategy or "semihard_cross",
                       **filter_bounds)
     _, (_, terms, found) = steps._loss_and_terms({}, None, encoders, batch,
                                                  jax.random.key(0), train=False, loss=loss)

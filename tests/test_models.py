@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from ntxr import models, steps
-from ntxr.configs import default
 
 SMALL = dict(channels=(4, 8, 8, 8, 8), embed_dim=12)
 
@@ -122,8 +121,6 @@ def test_pytorch_initializer_draws_kaiming_normal_convs_and_uniform_gru():
 
 
 def test_bfloat16_compute_trains_like_float32_with_float32_state():
-  config = default.get_config()
-  config.update(frame_buckets=(64,), max_tokens=6, learning_rate=1e-2)
   rng = np.random.default_rng(0)
   lengths, words = rng.integers(20, 65, 8), rng.integers(2, 7, 8)
   frame_mask, word_mask = np.arange(64) < lengths[:, None], np.arange(6) < words[:, None]
@@ -133,7 +130,8 @@ def test_bfloat16_compute_trains_like_float32_with_float32_state():
   losses = {}
   for dtype in ("float32", "bfloat16"):
     model = models.DualEncoder(vocab_size=30, dtype=dtype, dropout=0.0, **SMALL)
-    state = steps.create_train_state(config, model, jax.random.key(0), mel_bands=64)
+    state = steps.create_train_state(model, jax.random.key(0), frames=64, words=6,
+                                     mel_bands=64, learning_rate=1e-2)
     audio, text = jax.jit(model.apply)(state.variables(), batch)
     assert audio.dtype == text.dtype == jnp.dtype(dtype)
     step = jax.jit(steps.train_step)

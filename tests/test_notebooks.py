@@ -6,7 +6,6 @@ import shutil
 
 import nbclient
 import nbformat
-import pytest
 
 from ntxr import sweep
 from ntxr.bench import kernels, results

@@ -11,7 +11,6 @@ import csv
 import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import pytest
 import soundfile
 
 import recordings
-from ntxr import experiment as experiment_lib, train
+from ntxr import experiment as experiment_lib, settings, train
 from ntxr.configs import paper
 from ntxr.data import builders, captions, corpus, features, tokenizer
 
@@ -78,7 +77,7 @@ def test_features_downmix_and_resample_like_an_independent_librosa_path(prepared
 
 def test_paper_features_are_the_authors_log_mel(tmp_path):
   config = paper.get_config()
-  logmel = features.LogMelConfig(sample_rate=config.sample_rate, n_fft=config.n_fft,
+  logmel = settings.Features(sample_rate=config.sample_rate, n_fft=config.n_fft,
                                  f_min=config.f_min, f_max=config.f_max,
                                  log_offset=config.log_offset)
   path = os.path.join(recordings.RECORDINGS, "electric piano.flac")  # 44.1 kHz, as Clotho
@@ -95,7 +94,7 @@ def test_a_bad_real_file_names_its_file_line_and_the_flag(real_clotho, tmp_path)
   shutil.copytree(real_clotho, broken)
   with open(os.path.join(broken, "validation", "violoncello.flac"), "r+b") as f:
     f.truncate(200)  # a download cut short
-  config = builders.clotho_config(features.LogMelConfig(sample_rate=44100))
+  config = builders.clotho_config(settings.Features(sample_rate=44100))
   builder = builders.NtxrClotho(data_dir=str(tmp_path / "tfds"), config=config, processes=1)
   with pytest.raises(ValueError, match=r"violoncello\.flac: cannot decode audio .*\(named at "
                      r".*clotho_captions_validation\.csv:3\); pass "

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from ntxr import experiment as experiment_lib, steps, train
+from ntxr import experiment as experiment_lib, settings, steps, train
 from ntxr.configs import default
 from ntxr.bench import reference
 from ntxr.data import input_pipeline
@@ -86,7 +86,9 @@ def test_the_reported_epoch_and_the_collapse_flags_follow_the_metrics_log(tiny_c
 
 def test_a_plateau_cut_applies_to_the_next_epochs_steps(tiny_config, tmp_path, monkeypatch):
   config = tiny_config()
-  config.plateau.patience = -1  # cut the rate after every epoch
+  monkeypatch.setattr(train, "reduce_on_plateau",  # a cut after every epoch
+                      lambda plateau, value, learning_rate, schedule: (plateau,
+                                                                        learning_rate / 10))
   rates, step = [], experiment_lib.Experiment.train_step
   def spy(self, state, batch, key):
     rates.append(float(state.opt_state.hyperparams["learning_rate"]))
@@ -184,16 +186,16 @@ def test_a_run_from_before_a_config_field_existed_still_resumes(tiny_config, tin
 
 
 def test_reduce_on_plateau_follows_pytorch_abs_threshold():
-  config = default.get_config()
+  schedule = settings.Settings.of(default.get_config()).optimiser.schedule
   plateau, lr = train.Plateau(), 1e-3
   rates = []
   # 0.996 is not 0.005 below 1.0, so it is a bad epoch; 0.99 improves on 1.0.
   for value in [1.0, 0.996, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99]:
-    plateau, lr = train.reduce_on_plateau(plateau, value, lr, config)
+    plateau, lr = train.reduce_on_plateau(plateau, value, lr, schedule)
     rates.append(lr)
   assert rates == [1e-3] * 8 + [pytest.approx(1e-4)]  # the 6th bad epoch in a row cuts
   for _ in range(40):
-    plateau, lr = train.reduce_on_plateau(plateau, 2.0, lr, config)
+    plateau, lr = train.reduce_on_plateau(plateau, 2.0, lr, schedule)
   assert lr == 1e-6
 
 
@@ -225,7 +227,7 @@ def test_batch_padding_reproduces_the_authors_training_score(strategy):
     return (audio * inputs["audio_mask"][..., None], text * inputs["token_mask"][..., None])
   loss = lambda padding: float(steps._loss_and_terms(
       {}, None, encoders, batch, jax.random.key(0), train=False,
-      loss=steps.Loss(strategy=strategy, margin=0.5, padding=padding))[0])
+      loss=settings.Loss(strategy=strategy, margin=0.5, padding=padding))[0])
   # Their batch is padded to its longest clip (17 frames) and caption (5 words), padded
   # words are zero vectors, and their criterion averages each score over all T x W.
   theirs, *_ = reference.per_anchor_loss(

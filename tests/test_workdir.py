@@ -19,7 +19,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 import pytest
 
-from ntxr import experiment as experiment_lib, train, workdir as workdir_lib
+from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib, train
+from ntxr import workdir as workdir_lib
 from processes import descendants, outliving
 from runs import flat, interrupt_after, params_of
 
@@ -119,7 +120,7 @@ def test_sigterm_during_validation_saves_the_epochs_steps_and_a_rerun_finishes_t
     m.setattr(experiment_lib.Experiment, "validate", terminated_validation)
     with pytest.raises(train.Stopped, match=re.escape("stopped after step 15 (epoch 1)")):
       train.train_and_evaluate(config, str(workdir))
-  with workdir_lib.Checkpoints(str(workdir)) as checkpoints:  # the steps' end, epoch 1 to do
+  with checkpoints_lib.Checkpoints(str(workdir)) as checkpoints:  # the steps' end, epoch 1 to do
     saved = checkpoints.progress("latest")
   assert (checkpoints.step("latest"), saved["epoch"], saved["step_in_epoch"]) == (15, 0, 15)
   results = train.train_and_evaluate(config, str(workdir))
@@ -155,7 +156,7 @@ def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_holder(tiny_conf
   workdir = str(tmp_path / "run")
   holder = subprocess.Popen(
       [sys.executable, "-c", "import sys, time\nfrom ntxr import workdir\n"
-       "with workdir.held(sys.argv[1]):\n  print('held', flush=True)\n  time.sleep(600)",
+       "with workdir.in_use(sys.argv[1]):\n  print('held', flush=True)\n  time.sleep(600)",
        workdir], stdout=subprocess.PIPE, text=True)
   try:
     assert holder.stdout.readline().strip() == "held"
@@ -165,7 +166,7 @@ def test_a_second_run_on_a_workdir_in_use_is_refused_naming_the_holder(tiny_conf
   finally:
     holder.kill()  # SIGKILL: the kernel releases its lock
     holder.wait()
-  with workdir_lib.held(workdir):  # a lock left by a dead process blocks nothing
+  with workdir_lib.in_use(workdir):  # a lock left by a dead process blocks nothing
     pass
 
 

@@ -14,7 +14,6 @@ one file per job, named by device kind and job, as docs/benchmarks/ keeps them
 (`ntxr.bench.results`; `python -m ntxr.bench.page` makes docs/benchmarks.md from them).
 """
 
-import json
 import os
 import sys
 
@@ -43,79 +42,91 @@ GRIDS = {
 }
 JOBS = ("kernels", "parts", "scores", "steps", "loop")
 
-_JOBS = flags.DEFINE_list("jobs", ["kernels", "scores"], f"which of {JOBS} to run")
-_GRID = flags.DEFINE_enum("grid", "cpu", sorted(GRIDS),
-                          "shape grid: 'cpu' fits 2 cores; 'accelerator' is paper scale")
-_SHAPES = flags.DEFINE_string("shapes", None, "kernel shapes N:T:W:E,... instead of the grid's")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
-                           "embedding dtype of the kernels and score matrices; the "
-                           "encoders' compute dtype of the training steps")
-_REPEATS = flags.DEFINE_integer("repeats", 10, "timed calls per measurement", lower_bound=1)
-_LOOP_MAX_N = flags.DEFINE_integer("loop_max_n", 64,
-                                   "largest N at which the per-anchor loop is timed")
-_TORCH_LOOP = flags.DEFINE_bool("torch_loop", False,
-                                "also time the authors' structure in PyTorch (on its GPU "
-                                "where it sees one, else the CPU)")
-_WIDTHS = flags.DEFINE_list("widths", list(training_steps.WIDTHS),
-                            "CRNN widths of the training-step job, of "
-                            f"{list(training_steps.WIDTHS)}")
-_STEP_FRAMES = flags.DEFINE_integer("step_frames", training_steps.SHAPE["frames"],
-                                    "frames per clip in the training-step job", lower_bound=4)
-_LOOP_STEPS = flags.DEFINE_integer("loop_steps", 30, "steps per loop in the loop job",
-                                   lower_bound=2)
-_DEVICE_KIND = flags.DEFINE_string("device_kind", None,
-                                   "device name for the output (default: JAX's)")
-_RESULTS_DIR = flags.DEFINE_string("results_dir", None,
-                                   "write each job's rows to DIR/<device>_<job>.json, "
-                                   "replacing that file (docs/benchmarks keeps them)")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """This command's flags (defined where it starts, not on import)."""
+  cli.define_strategies(default_all=True)
+  cli.define_json()
+  flags.DEFINE_list("jobs", ["kernels", "scores"], f"which of {JOBS} to run")
+  flags.DEFINE_enum("grid", "cpu", sorted(GRIDS),
+                    "shape grid: 'cpu' fits 2 cores; 'accelerator' is paper scale")
+  flags.DEFINE_string("shapes", None, "kernel shapes N:T:W:E,... instead of the grid's")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                    "embedding dtype of the kernels and score matrices; the "
+                    "encoders' compute dtype of the training steps")
+  flags.DEFINE_integer("repeats", 10, "timed calls per measurement", lower_bound=1)
+  flags.DEFINE_integer("loop_max_n", 64,
+                    "largest N at which the per-anchor loop is timed")
+  flags.DEFINE_bool("torch_loop", False,
+                    "also time the authors' structure in PyTorch (on its GPU "
+                    "where it sees one, else the CPU)")
+  flags.DEFINE_list("widths", list(training_steps.WIDTHS),
+                    "CRNN widths of the training-step job, of "
+                    f"{list(training_steps.WIDTHS)}")
+  flags.DEFINE_integer("step_frames", training_steps.SHAPE["frames"],
+                    "frames per clip in the training-step job", lower_bound=4)
+  flags.DEFINE_integer("loop_steps", 30, "steps per loop in the loop job",
+                    lower_bound=2)
+  flags.DEFINE_string("device_kind", None,
+                    "device name for the output (default: JAX's)")
+  flags.DEFINE_string("results_dir", None,
+                    "write each job's rows to DIR/<device>_<job>.json, "
+                    "replacing that file (docs/benchmarks keeps them)")
 
 
 def main(argv):
   command.start(argv)
-  for name, given, known in (("jobs", _JOBS.value, JOBS),
-                             ("widths", _WIDTHS.value, training_steps.WIDTHS)):
+  for name, given, known in (("jobs", FLAGS.jobs, JOBS),
+                             ("widths", FLAGS.widths, training_steps.WIDTHS)):
     unknown = sorted(set(given) - set(known))
     if unknown:
       raise app.UsageError(f"unknown {name} {unknown}; choose from {list(known)}")
-  if _TORCH_LOOP.value:  # PyTorch shares the GPU: JAX allocates as it goes, not 75% at once
+  try:
+    strategies = cli.chosen("strategies", cli.STRATEGY_NAMES, cli.STRATEGY_NAMES)
+  except ValueError as error:
+    raise app.UsageError(str(error)) from None
+  if FLAGS.torch_loop:  # PyTorch shares the GPU: JAX allocates as it goes, not 75% at once
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-  grid, dtype = GRIDS[_GRID.value], jnp.dtype(_DTYPE.value)
-  device = _DEVICE_KIND.value or timing.device_name()
+  grid, dtype = GRIDS[FLAGS.grid], jnp.dtype(FLAGS.dtype)
+  device = FLAGS.device_kind or timing.device_name()
   about = results.provenance(device, sys.argv[1:])
-  if _TORCH_LOOP.value:
+  if FLAGS.torch_loop:
     about["torch_device"] = str(timing.torch_device())
   report = dict(about, jax=jax.__version__, argv=sys.argv[1:])
-  print(f"device: {device}" + (f", PyTorch on {about['torch_device']}" if _TORCH_LOOP.value
+  print(f"device: {device}" + (f", PyTorch on {about['torch_device']}" if FLAGS.torch_loop
                                 else "") + "\n")
-  shapes = ([tuple(int(v) for v in s.split(":")) for s in _SHAPES.value.split(",")]
-            if _SHAPES.value else grid["kernels"])
-  widths = {name: training_steps.WIDTHS[name] for name in _WIDTHS.value}
-  step_shape = dict(training_steps.SHAPE, frames=_STEP_FRAMES.value)
+  shapes = ([tuple(int(v) for v in s.split(":")) for s in FLAGS.shapes.split(",")]
+            if FLAGS.shapes else grid["kernels"])
+  widths = {name: training_steps.WIDTHS[name] for name in FLAGS.widths}
+  step_shape = dict(training_steps.SHAPE, frames=FLAGS.step_frames)
   jobs = {  # job: (its key in --json, its rows, its table)
-      "kernels": ("loss", lambda: kernels.run(shapes, cli.strategies(), dtype, _REPEATS.value,
-                                              _LOOP_MAX_N.value, _TORCH_LOOP.value),
+      "kernels": ("loss", lambda: kernels.run(shapes, strategies, dtype, FLAGS.repeats,
+                                              FLAGS.loop_max_n, FLAGS.torch_loop),
                   kernels.format_table),
-      "parts": ("parts", lambda: kernel_parts.run(shapes, cli.strategies(), dtype,
-                                                  _REPEATS.value), kernel_parts.format_table),
-      "scores": ("scores", lambda: score_matrices.run(grid["scores"], dtype, _REPEATS.value),
+      "parts": ("parts", lambda: kernel_parts.run(shapes, strategies, dtype,
+                                                  FLAGS.repeats), kernel_parts.format_table),
+      "scores": ("scores", lambda: score_matrices.run(grid["scores"], dtype, FLAGS.repeats),
                  score_matrices.format_table),
       "steps": ("steps", lambda: training_steps.run(
-          widths, grid["steps"], _REPEATS.value, _TORCH_LOOP.value, shape=step_shape,
-          dtype=_DTYPE.value), training_steps.format_table),
+          widths, grid["steps"], FLAGS.repeats, FLAGS.torch_loop, shape=step_shape,
+          dtype=FLAGS.dtype), training_steps.format_table),
       "loop": ("loop", lambda: training_loop.run(
-          widths, grid["steps"], _LOOP_STEPS.value, shape=step_shape, repeats=_REPEATS.value,
-          dtype=_DTYPE.value), training_loop.format_table),
+          widths, grid["steps"], FLAGS.loop_steps, shape=step_shape, repeats=FLAGS.repeats,
+          dtype=FLAGS.dtype), training_loop.format_table),
   }
   for job in JOBS:
-    if job not in _JOBS.value:
+    if job not in FLAGS.jobs:
       continue
     key, run, table = jobs[job]
     report[key] = run()
     print(table(report[key]) + "\n")
-    if _RESULTS_DIR.value:  # each job's file as soon as it is measured
-      print(results.write(_RESULTS_DIR.value, job, report[key], about) + "\n")
-  if cli.JSON.value:
-    files.write_json(cli.JSON.value, report)
+    if FLAGS.results_dir:  # each job's file as soon as it is measured
+      print(results.write(FLAGS.results_dir, job, report[key], about) + "\n")
+  if FLAGS.json:
+    files.write_json(FLAGS.json, report)
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -11,16 +11,20 @@ from absl import flags
 from ntxr import command, files, plots
 from ntxr.bench import results as results_lib
 
-_RESULTS_DIR = flags.DEFINE_string("results_dir", "docs/benchmarks", "the result files")
-_PAGE = flags.DEFINE_string("page", "docs/benchmarks.md", "the page to write")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  flags.DEFINE_string("results_dir", "docs/benchmarks", "the result files")
+  flags.DEFINE_string("page", "docs/benchmarks.md", "the page to write")
 
 
 def main(argv):
   command.start(argv)
-  results = results_lib.read(_RESULTS_DIR.value)
+  results = results_lib.read(FLAGS.results_dir)
   if not results:
-    raise app.UsageError(f"no result files in {_RESULTS_DIR.value}")
-  docs = os.path.dirname(os.path.abspath(_PAGE.value))
+    raise app.UsageError(f"no result files in {FLAGS.results_dir}")
+  docs = os.path.dirname(os.path.abspath(FLAGS.page))
   figures = {}
   kernels = [r for r in results if r["job"] == "kernels"]
   if kernels:
@@ -30,9 +34,10 @@ def main(argv):
       path = os.path.join(docs, "figures", results_lib.slug(name) + ".png")
       plots.write_png(draw(kernels), path, dpi=120)
       figures[name] = os.path.relpath(path, docs)
-  files.write_text(_PAGE.value, results_lib.page(results, figures))
-  print(f"{_PAGE.value}: {len(results)} result files")
+  files.write_text(FLAGS.page, results_lib.page(results, figures))
+  print(f"{FLAGS.page}: {len(results)} result files")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -6,10 +6,9 @@ PyTorch structured as the authors' code (their CRNN, their per-anchor loss loop)
 import functools
 
 import jax
-import ml_collections
 import numpy as np
 
-from ntxr import models, steps
+from ntxr import models, settings, steps
 from ntxr.bench import reference, timing
 
 WIDTHS = {"paper": models.PAPER_CHANNELS, "half": (16, 64, 64, 64, 64),
@@ -30,13 +29,10 @@ def random_batch(n, frames, words, mel_bands, vocab) -> dict:
 def jax_step(channels: tuple, n: int, shape: dict, dtype: str = "float32") -> tuple:
   """(step, state, batch): `steps.train_step` (semihard_cross) jitted with the state
   donated, as training runs it, its first state and a random batch of n on the device."""
-  config = ml_collections.ConfigDict(dict(frame_buckets=[shape["frames"]],
-                                          max_tokens=shape["words"], learning_rate=1e-3,
-                                          objective="triplet"))
   model = models.DualEncoder(vocab_size=shape["vocab"], channels=channels, dtype=dtype)
-  state = steps.create_train_state(config, model, jax.random.PRNGKey(0),
-                                   mel_bands=shape["mel_bands"])
-  step = jax.jit(functools.partial(steps.train_step, loss=steps.Loss()), donate_argnums=0)
+  state = steps.create_train_state(model, jax.random.PRNGKey(0), frames=shape["frames"],
+                                   words=shape["words"], mel_bands=shape["mel_bands"])
+  step = jax.jit(functools.partial(steps.train_step, loss=settings.Loss()), donate_argnums=0)
   return step, state, jax.device_put(random_batch(n, **shape))
 
 

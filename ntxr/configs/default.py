@@ -35,7 +35,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.size = "default"
   config.cache_dir = "~/.cache/ntxr"  # or a bucket, gs://...: prepared once for all workers
   config.stage_dir = ""               # a bucket cache's local copy ("": ~/.cache/ntxr/staged)
-  # Log-mel, 40 ms windows, 20 ms hop, 64 bands (ntxr.data.features.LogMelConfig).
+  # Log-mel, 40 ms windows, 20 ms hop, 64 bands (ntxr.settings.Features).
   config.sample_rate = 0              # 0: 16000 for the synthetic corpus, 44100 otherwise
   config.n_fft = 0                    # 0: the window length
   config.f_min = 0.0

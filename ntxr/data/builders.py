@@ -6,7 +6,7 @@ name records every feature parameter, so a change of parameters prepares a new d
 instead of mixing. TFDS writes into a temporary folder and renames it when complete, so
 an interrupted prepare leaves nothing a later run would trust.
 
-  builder = NtxrClotho(data_dir=..., config=clotho_config(LogMelConfig(sample_rate=44100)))
+  builder = NtxrClotho(data_dir=..., config=clotho_config(settings.Features(sample_rate=44100)))
   prepare(builder, manual_dir="/path/to/Clotho")
   builder.as_dataset(split="development")
 
@@ -23,6 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from ntxr import settings
 from ntxr.data import captions, features, workers
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
@@ -31,12 +32,12 @@ AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 class FeatureConfig(tfds.core.BuilderConfig):
   """A builder config carrying the log-mel parameters."""
 
-  def __init__(self, *, logmel: features.LogMelConfig, **kwargs):
+  def __init__(self, *, logmel: settings.Features, **kwargs):
     super().__init__(name=logmel.name, **kwargs)
     self.logmel = logmel
 
 
-def clotho_config(logmel: features.LogMelConfig) -> FeatureConfig:
+def clotho_config(logmel: settings.Features) -> FeatureConfig:
   return FeatureConfig(logmel=logmel, description=f"log-mel features: {logmel}")
 
 

@@ -7,9 +7,7 @@ holds, or prepares it and uploads it, so that it is prepared once for every work
 every relaunch.
 """
 
-import contextlib
 import dataclasses
-import fcntl
 import glob
 import hashlib
 import os
@@ -19,11 +17,9 @@ from typing import Optional
 
 from absl import logging
 
-from ntxr import files
-from ntxr.data import builders, captions, features, synthetic, tokenizer
+from ntxr import files, settings
+from ntxr.data import builders, captions, synthetic, tokenizer
 
-TOKENS = ("sentencepiece", "words")
-VOCABULARY_SPLITS = ("training", "all")  # which splits' captions a tokenizer learns from
 STAGE_DIR = "~/.cache/ntxr/staged"  # where a bucket cache's local copies live
 UPLOADED = "ntxr_uploaded.json"  # in a bucket's prepared folder, written after its files
 SPLITS_FILE = "splits.csv"  # in a pairs folder's prepared folder: the assigned splits
@@ -89,7 +85,7 @@ def _download(bucket_copy: str, prepared: str) -> None:
     return
   for stale in glob.glob(f"{glob.escape(prepared)}{files.PARTIAL}*"):  # killed downloads
     shutil.rmtree(stale)
-  partial = files.partial(prepared)
+  partial = files.partial_path(prepared)
   names = [name for name in files.file_tree(bucket_copy) if name != UPLOADED]
   for name in names:
     files.copy_file(f"{bucket_copy}/{name}", os.path.join(partial, name))
@@ -121,20 +117,7 @@ def _record_splits(pairs, path: str) -> None:
                   "the split is recorded in %s", counts, captions.SPLIT_SEED, path)
 
 
-@contextlib.contextmanager
-def _exclusive(path: str):
-  """Holds an exclusive lock on the file `path`: processes sharing a cache (a sweep's
-  parallel runs) generate and prepare it one at a time, the others then reuse it."""
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "a") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(lock, fcntl.LOCK_UN)
-
-
-def load(data_dir=None, *, cache_dir, size="default", logmel=features.LogMelConfig(),
+def load(data_dir=None, *, cache_dir, size="default", logmel=settings.Features(),
          tokens="sentencepiece", vocab_size=1000, cleaning="ntxr", vocabulary="training",
          skip_bad_files=False, stage_dir=STAGE_DIR) -> Corpus:
   """Prepares (once) and opens a Clotho v2, AudioCaps or pairs folder, or the built-in corpus.
@@ -150,11 +133,13 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=features.LogMelConf
     vocabulary: "training" (the training split's captions) or "all" (every split's, as
       the authors' frozen word2vec vocabulary).
   """
-  if vocabulary not in VOCABULARY_SPLITS:
-    raise ValueError(f"vocabulary must be one of {VOCABULARY_SPLITS}, not {vocabulary!r}")
+  if vocabulary not in settings.VOCABULARIES:
+    raise ValueError(f"vocabulary must be one of {settings.VOCABULARIES}, not {vocabulary!r}")
   bucket = files.is_bucket(cache_dir)
   local = _local_copy(cache_dir, stage_dir) if bucket else cache_dir
-  with _exclusive(os.path.join(local, "lock")):
+  # Processes sharing a cache (a sweep's parallel runs) generate and prepare it one at a
+  # time; the others then reuse it.
+  with files.locked(os.path.join(local, "lock"), wait=True):
     generate_s = 0.0
     if data_dir is None:
       start = time.perf_counter()
@@ -188,13 +173,9 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=features.LogMelConf
   return Corpus(builder, tok, skipped, generate_s, prepare_s, synthetic.read_events(data_dir))
 
 
-def from_config(config) -> Corpus:
-  """`load` with a training config's data fields (ntxr/configs/default.py)."""
-  return load(config.data_dir or None, cache_dir=os.path.expanduser(config.cache_dir),
-              stage_dir=config.stage_dir or STAGE_DIR,
-              size=config.size, logmel=features.LogMelConfig(
-                  sample_rate=config.sample_rate, n_fft=config.n_fft, f_min=config.f_min,
-                  f_max=config.f_max, log_offset=config.log_offset),
-              tokens="words" if config.word_vectors else config.tokens,
-              vocab_size=config.vocab_size, cleaning=config.text_cleaning,
-              vocabulary=config.vocabulary, skip_bad_files=config.skip_bad_files)
+def load_data(data: settings.Data) -> Corpus:
+  """`load` with a run's data settings."""
+  return load(data.data_dir, cache_dir=data.cache_dir, stage_dir=data.stage_dir or STAGE_DIR,
+              size=data.size, logmel=data.features, tokens=data.tokens,
+              vocab_size=data.vocab_size, cleaning=data.text_cleaning,
+              vocabulary=data.vocabulary, skip_bad_files=data.skip_bad_files)

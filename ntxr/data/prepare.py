@@ -7,23 +7,29 @@ It reads the same `--config` as `ntxr.main`, so it prepares exactly what trainin
 read. Prints the time to generate and to prepare, clips skipped, and training batches/s.
 """
 
-import sys
 import time
 
 from absl import app
+from absl import flags
 
-from ntxr import cli, command
+from ntxr import cli, command, settings
+
+FLAGS = flags.FLAGS
 
 
 def main(argv):
   command.start(argv)
   command.import_tensorflow()
   from ntxr.data import corpus, input_pipeline  # pylint: disable=import-outside-toplevel
-  config = cli.CONFIG.value
+  config = FLAGS.config
   try:
-    prepared = corpus.from_config(config)
+    data = settings.Settings.of(config).data
+  except settings.SettingError as error:
+    command.exit_with(error, 2)
+  try:
+    prepared = corpus.load_data(data)
   except (FileNotFoundError, ValueError) as error:  # a bad folder, file or row, named
-    sys.exit(f"error: {error}")
+    command.exit_with(error, 1)
   batches = input_pipeline.train_batches(
       prepared.builder.as_dataset(split=prepared.splits[0]), prepared.tokenizer,
       batch_size=config.batch_size, seed=0, frame_buckets=config.frame_buckets,
@@ -40,4 +46,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  cli.define_config()
   app.run(main, flags_parser=command.parse_flags)

@@ -39,7 +39,7 @@ def train(texts: list, model_path: str, vocab_size: int, cleaning: str = "ntxr")
   clean = captions.TEXT_CLEANING[cleaning]
   if os.path.exists(model_path):
     return model_path
-  prefix = files.partial(model_path)  # renamed into place when complete
+  prefix = files.partial_path(model_path)  # renamed into place when complete
   spm.SentencePieceTrainer.train(
       sentence_iterator=iter([clean(c) for c in texts]),
       model_prefix=prefix, vocab_size=vocab_size, pad_id=PAD_ID, unk_id=UNK_ID,

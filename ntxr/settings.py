@@ -1,0 +1,351 @@
+"""The config as typed settings, every field checked here before anything is written.
+
+  settings = Settings.of(config)   # SettingError (a ValueError) naming the field
+  settings.data.features, settings.model, settings.loss, settings.optimiser,
+  settings.checkpoints, settings.collapse
+
+`check(workdir, config)` also checks the workdir and the run it may hold; `write(workdir,
+config)` then writes config.json. The allowed values of every field are defined here; the
+names of strategies, objectives and scores are their registries' (imported only when a
+config is checked, so the data modules that read `Features` load no JAX).
+
+The config stays flat, as the Flax examples keep theirs: every `--config.FIELD=VALUE`
+reads as it always has, and a workdir's config.json stays one flat dict.
+"""
+
+import dataclasses
+import json
+import math
+import os
+from typing import Optional
+
+import ml_collections
+
+from ntxr import files
+
+# Config fields a resumed run may change (they leave training as it was); any other
+# change needs a new workdir.
+RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every_steps", "metrics_every_steps",
+                     "cache_dir", "stage_dir", "eval_batch_size", "collapse")
+
+# The least value of the numeric fields that have one.
+AT_LEAST = dict(batch_size=2, eval_batch_size=1, num_epochs=1, max_steps_per_epoch=0,
+                checkpoint_every_steps=1, metrics_every_steps=1, max_tokens=1, embed_dim=1,
+                vocab_size=2, margin=0, temperature=1e-6, beta=0, learning_rate=1e-12,
+                filter_similarity=0, filter_share_of_positive=0, n_fft=0, f_min=0, f_max=0,
+                log_offset=1e-30)
+MIN_SAMPLE_RATE = 8000  # a 40 ms window of 64 mel bands needs at least this
+
+TOKENS = ("sentencepiece", "words")
+VOCABULARIES = ("training", "all")  # which splits' captions a tokenizer learns from
+MISSING_WORD_VECTORS = ("random", "one_unk")
+INITIALIZERS = ("flax", "pytorch")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+PADDINGS = ("masked", "batch")  # see steps.training_masks
+SIMILARITIES = ("tfidf", "word_vectors", "events")  # see ntxr.false_negatives
+
+# How the reported ("best") checkpoint is chosen from each epoch's validation: the
+# higher the better.
+SELECTIONS = {
+    "t2a_mAP@10": lambda validation: validation["t2a"]["mAP@10"],
+    "validation_loss": lambda validation: -validation["loss"],  # the authors' choice
+}
+
+
+class SettingError(ValueError):
+  """A setting the user must change before anything runs (usage: exit status 2)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Features:
+  """Log-mel parameters; `name` encodes all of them, so a change re-prepares.
+
+  sample_rate 0 means the corpus's own default (16 kHz synthetic, 44.1 kHz Clotho);
+  n_fft 0 means the window length; f_max 0 means the Nyquist frequency. The paper's
+  (their `audio_logmel.py`): n_fft 2048, f_min 12, f_max 8000, log_offset 2.2e-16.
+  """
+  sample_rate: int = 0
+  window_ms: float = 40.0
+  hop_ms: float = 20.0
+  mel_bands: int = 64
+  n_fft: int = 0
+  f_min: float = 0.0
+  f_max: float = 0.0
+  log_offset: float = 1e-8
+
+  @property
+  def name(self) -> str:
+    return (f"sr{self.sample_rate}_win{self.window_ms:g}_hop{self.hop_ms:g}_fft{self.n_fft}"
+            f"_mel{self.mel_bands}_f{self.f_min:g}-{self.f_max:g}_off{self.log_offset:g}"
+            ).replace(".", "p")
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """What a run trains and is tested on (`ntxr.data.corpus.load` takes these).
+
+  data_dir: a Clotho, AudioCaps or pairs folder, or None for the built-in corpus of
+  `size`. tokens: "words" whenever word vectors are given. validation_split and
+  test_split: "" for the data set's own.
+  """
+  data_dir: Optional[str]
+  size: str
+  cache_dir: str
+  stage_dir: str
+  features: Features
+  tokens: str
+  vocab_size: int
+  text_cleaning: str
+  vocabulary: str
+  word_vectors: str
+  missing_word_vectors: str
+  frame_buckets: tuple
+  max_tokens: int
+  skip_bad_files: bool
+  validation_split: str
+  test_split: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+  """The dual encoder's fields other than its vocabulary (`models.DualEncoder`)."""
+  embed_dim: int
+  channels: tuple
+  dropout: float
+  initializer: str
+  compute_dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Loss:
+  """What a batch's loss is; hashable, so jit compiles one step per setting.
+
+  objective: a name in `objectives.OBJECTIVES`; "triplet" takes one negative per anchor,
+  chosen by `strategy` (a name in `sampling.STRATEGIES`), with hinge `margin`; the others
+  score the whole pool (`temperature`, hn_nce's `beta`, soft's relevance
+  sigmoid(relevance_slope * similarity - relevance_offset)). score and padding: see
+  `scores` and `steps.training_masks`. similarity: how captions are compared (see
+  `false_negatives`, "" for not at all). filter_similarity, filter_share_of_positive: the
+  false-negative filter's bounds (`false_negatives.filter_pool`; 0 is off).
+  """
+  objective: str = "triplet"
+  strategy: str = "semihard_cross"
+  margin: float = 0.5
+  score: str = "alignment"
+  padding: str = "masked"
+  temperature: float = 0.05
+  beta: float = 0.0
+  similarity: str = ""
+  relevance_slope: float = 10.0
+  relevance_offset: float = 5.0
+  filter_similarity: float = 0.0
+  filter_share_of_positive: float = 0.0
+
+  @property
+  def filters(self) -> bool:
+    return bool(self.filter_similarity or self.filter_share_of_positive)
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """ReduceLROnPlateau's options (mode min, absolute threshold), on the validation loss."""
+  factor: float = 0.1
+  patience: int = 5
+  threshold: float = 0.005
+  min_lr: float = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimiser:
+  """Adam's batches, epochs and learning rate with its plateau `schedule`."""
+  learning_rate: float
+  schedule: Schedule
+  batch_size: int
+  eval_batch_size: int
+  num_epochs: int
+  max_steps_per_epoch: int  # 0: the whole training split
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoints:
+  """How often a run saves and reads its steps, and which epoch it reports (`SELECTIONS`)."""
+  every_steps: int
+  metrics_every_steps: int
+  select_by: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Collapse:
+  """The feature-collapse thresholds (`evaluate.collapse_diagnostics`)."""
+  cosine: float
+  effective_rank: float
+  share_at_margin: float
+  score_std: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """A config's settings by group, checked (`Settings.of`)."""
+  seed: int
+  data: Data
+  model: Model
+  loss: Loss
+  optimiser: Optimiser
+  checkpoints: Checkpoints
+  collapse: Collapse
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict) -> "Settings":
+    """The checked settings of a config; SettingError naming the first bad field."""
+    _check_fields(config)
+    c = config
+    return cls(
+        seed=c.seed,
+        data=Data(
+            data_dir=c.data_dir or None, size=c.size, cache_dir=os.path.expanduser(c.cache_dir),
+            stage_dir=c.stage_dir, features=Features(
+                sample_rate=c.sample_rate, n_fft=c.n_fft, f_min=c.f_min, f_max=c.f_max,
+                log_offset=c.log_offset),
+            tokens="words" if c.word_vectors else c.tokens, vocab_size=c.vocab_size,
+            text_cleaning=c.text_cleaning, vocabulary=c.vocabulary, word_vectors=c.word_vectors,
+            missing_word_vectors=c.missing_word_vectors, frame_buckets=tuple(c.frame_buckets),
+            max_tokens=c.max_tokens, skip_bad_files=c.skip_bad_files,
+            validation_split=c.validation_split, test_split=c.test_split),
+        model=Model(embed_dim=c.embed_dim, channels=tuple(c.channels), dropout=c.dropout,
+                    initializer=c.initializer, compute_dtype=c.compute_dtype),
+        loss=Loss(objective=c.objective, strategy=c.strategy, margin=c.margin, score=c.score,
+                  padding=c.train_padding, temperature=c.temperature, beta=c.beta,
+                  similarity=c.similarity, relevance_slope=c.relevance_slope,
+                  relevance_offset=c.relevance_offset, filter_similarity=c.filter_similarity,
+                  filter_share_of_positive=c.filter_share_of_positive),
+        optimiser=Optimiser(learning_rate=c.learning_rate, schedule=Schedule(**c.plateau.to_dict()),
+                            batch_size=c.batch_size, eval_batch_size=c.eval_batch_size,
+                            num_epochs=c.num_epochs, max_steps_per_epoch=c.max_steps_per_epoch),
+        checkpoints=Checkpoints(every_steps=c.checkpoint_every_steps,
+                                metrics_every_steps=c.metrics_every_steps,
+                                select_by=c.select_by),
+        collapse=Collapse(**c.collapse.to_dict()))
+
+
+def _choose(field: str, value, choices) -> None:
+  if value not in choices:
+    raise SettingError(f"--config.{field} must be one of {list(choices)}, not {value!r}")
+
+
+def _check_fields(config: ml_collections.ConfigDict) -> None:
+  """Raises SettingError naming the first field of config that cannot run."""
+  # pylint: disable=import-outside-toplevel  (the registries load JAX)
+  from ntxr import models, objectives, sampling, scores
+  from ntxr.data import captions, synthetic
+  for field, choices in [
+      ("objective", objectives.OBJECTIVES), ("strategy", sampling.STRATEGIES),
+      ("score", scores.SCORERS), ("size", synthetic.SIZES), ("tokens", TOKENS),
+      ("text_cleaning", captions.TEXT_CLEANING), ("vocabulary", VOCABULARIES),
+      ("missing_word_vectors", MISSING_WORD_VECTORS), ("initializer", INITIALIZERS),
+      ("compute_dtype", COMPUTE_DTYPES), ("train_padding", PADDINGS),
+      ("select_by", SELECTIONS), ("similarity", ("", *SIMILARITIES))]:
+    _choose(field, config[field], choices)
+  for field, least in AT_LEAST.items():
+    if not config[field] >= least:  # also refuses NaN
+      raise SettingError(f"--config.{field} must be at least {least}, not {config[field]}")
+  for field in ("dropout", "plateau.factor"):
+    value = config.dropout if field == "dropout" else config.plateau.factor
+    if not 0 <= value < 1:
+      raise SettingError(f"--config.{field} must be at least 0 and below 1, not {value}")
+  for field in ("patience", "threshold", "min_lr"):
+    if not config.plateau[field] >= 0:
+      raise SettingError(f"--config.plateau.{field} must be at least 0, not "
+                         f"{config.plateau[field]}")
+  for field, value in config.collapse.items():
+    if not value >= 0:
+      raise SettingError(f"--config.collapse.{field} must be at least 0, not {value}")
+  if 0 < config.sample_rate < MIN_SAMPLE_RATE or config.sample_rate < 0:
+    raise SettingError(f"--config.sample_rate must be 0 (the corpus's own) or at least "
+                       f"{MIN_SAMPLE_RATE} Hz, not {config.sample_rate}")
+  if config.f_max and config.f_max <= config.f_min:
+    raise SettingError(f"--config.f_max ({config.f_max}) must be above --config.f_min "
+                       f"({config.f_min}), or 0 for the Nyquist frequency")
+  if len(config.channels) != len(models.PAPER_POOLS) or min(config.channels) < 1:
+    raise SettingError(f"--config.channels must be {len(models.PAPER_POOLS)} positive "
+                       f"counts, one per CRNN block, not {tuple(config.channels)}")
+  stride = math.prod(pool[0] for pool in models.PAPER_POOLS if pool)
+  buckets = tuple(config.frame_buckets)
+  if (not buckets or list(buckets) != sorted(set(buckets))
+      or any(b < stride or b % stride for b in buckets)):
+    raise SettingError(f"--config.frame_buckets must rise, each a multiple of the CRNN's "
+                       f"time stride {stride}, not {buckets}")
+  if config.require_word_vectors and not config.word_vectors:
+    raise SettingError(
+        "this config trains on frozen word2vec vectors, as the paper: pass "
+        "--config.word_vectors=/path/to/GoogleNews-vectors-negative300.bin (or any "
+        "word2vec-format file), or --config.require_word_vectors=false to learn a "
+        "random word table instead")
+  for field, what in (("data_dir", "no such folder; pass a Clotho v2 or AudioCaps folder, "
+                                  "or one holding captions.csv"),
+                     ("word_vectors", "no such file")):
+    path = config[field]
+    if path and not files.is_bucket(path) and not os.path.exists(os.path.expanduser(path)):
+      raise SettingError(f"--config.{field}={path}: {what}")
+  objective = objectives.get_objective(config.objective)
+  for needs, what in [(objective.needs_relevance, f"--config.objective={config.objective}"),
+                      (config.filter_similarity > 0, "--config.filter_similarity")]:
+    if needs and not config.similarity:
+      raise SettingError(f"{what} compares captions: set --config.similarity to one of "
+                         f"{list(SIMILARITIES)}")
+  if config.similarity == "word_vectors" and not config.word_vectors:
+    raise SettingError("--config.similarity=word_vectors needs --config.word_vectors")
+
+
+def run_name(config: ml_collections.ConfigDict) -> str:
+  """The run's setting in a word: the strategy of an objective that takes one (the
+  triplet loss), else the objective."""
+  from ntxr import objectives  # pylint: disable=import-outside-toplevel
+  _choose("objective", config.objective, objectives.OBJECTIVES)
+  objective = objectives.get_objective(config.objective)
+  return config.strategy if objective.takes_strategy else config.objective
+
+
+def check(workdir: str, config: ml_collections.ConfigDict) -> dict:
+  """Raises SettingError, writing nothing, for a config that cannot run, a workdir that
+  cannot be one, or a config that differs from the run workdir holds; returns the
+  config as config.json holds it."""
+  if not files.is_bucket(workdir):
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+      raise SettingError(f"--workdir={workdir} is a file, not a folder: give a folder")
+    existing = os.path.abspath(workdir)
+    while not os.path.exists(existing):
+      existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+      raise SettingError(f"--workdir={workdir}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+      raise SettingError(f"--workdir={workdir}: cannot write in {existing}")
+  Settings.of(config)
+  current = json.loads(config.to_json())
+  previous = saved(workdir)
+  if previous is not None:
+    changed = sorted(k for k in set(current) | set(previous)
+                     if k not in RESUMABLE_CHANGES and current.get(k) != previous.get(k))
+    if changed:
+      raise SettingError(f"{workdir} holds a run with other settings ({', '.join(changed)}); "
+                         f"use another --workdir")
+  return current
+
+
+def write(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes config.json (the first process) once `check` passes. Training calls it once
+  its data is read, so a run that fails before leaves no settings behind."""
+  import jax  # pylint: disable=import-outside-toplevel
+  current = check(workdir, config)
+  files.makedirs(workdir)
+  if jax.process_index() == 0:
+    files.write_json(os.path.join(workdir, "config.json"), current)
+
+
+def saved(workdir: str) -> Optional[dict]:
+  """The config of workdir's run (None if it holds none), with the fields ntxr gained
+  since config.json was written at their defaults, so an older run still resumes."""
+  from ntxr.configs import default  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, "config.json")
+  if not files.exists(path):
+    return None
+  return {**json.loads(default.get_config().to_json()), **json.loads(files.read_text(path))}
