@@ -265,7 +265,7 @@ def collapse_diagnostics(audio, audio_mask, text, text_mask, training: Optional[
 
 
 @dataclasses.dataclass
-class Split:
+class SplitEmbeddings:
   """A split's embeddings: clips [C, T, E] + mask, captions [Q, W, E] + mask, and the
   clip id of each clip and each caption."""
   audio: np.ndarray
@@ -299,7 +299,7 @@ def embed_rows(embed: Callable, batches: Iterable[dict], inputs: tuple, size: in
           np.concatenate(ids))
 
 
-def split_scores(split: Split, score: str) -> np.ndarray:
+def split_scores(split: SplitEmbeddings, score: str) -> np.ndarray:
   """All-pairs scores [clips, captions] of a split; FloatingPointError if any is not finite."""
   s = score_matrix(split.audio, split.audio_mask, split.text, split.text_mask, score=score)
   if not np.isfinite(s).all():

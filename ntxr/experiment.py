@@ -14,14 +14,10 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ntxr import dcase, evaluate, false_negatives, models, parallel, settings, steps
+from ntxr import dcase, embedder as embedder_lib, evaluate, false_negatives, models
+from ntxr import parallel, settings, steps
 from ntxr.data import corpus as corpus_lib, input_pipeline, synthetic
-from ntxr.data import tokenizer as tokenizer_lib
-
-
-@functools.partial(jax.jit, static_argnames="method")
-def _embed(state: steps.TrainState, arrays: tuple, method: str) -> jax.Array:
-  return state.apply_fn(state.variables(), *arrays, method=method)
+from ntxr.data import word_vectors
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,12 +81,15 @@ class Experiment:
     """The frozen word2vec table of config.word_vectors, or None to learn one."""
     if not self.config.word_vectors:
       return None
-    table, missing = tokenizer_lib.read_word2vec(
+    table, missing = word_vectors.read_word2vec(
         self.config.word_vectors, self.tokenizer.words,
         missing=self.config.missing_word_vectors)
-    logging.info("word vectors: %d of %d words missing from %s (%s, frozen)", len(missing),
-                 len(self.tokenizer.words), self.config.word_vectors,
-                 self.config.missing_word_vectors)
+    if missing:
+      logging.warning("word vectors: %d of %d words are not in %s and get %s vectors "
+                      "(frozen), the first: %s", len(missing), len(self.tokenizer.words),
+                      self.config.word_vectors,
+                      "one shared UNK" if self.config.missing_word_vectors == "one_unk"
+                      else "random", ", ".join(missing[:10]))
     return table
 
   def device_batch(self, batch: dict, split: str) -> dict:
@@ -159,53 +158,16 @@ class Experiment:
                        f"of {self.config.batch_size}: lower --config.batch_size")
     return pairs // self.config.batch_size
 
-  def embed_split(self, state: steps.TrainState, split: str) -> evaluate.Split:
+  def embedder(self, state: steps.TrainState) -> embedder_lib.Embedder:
+    """Embeds clips and captions with `state`, as this experiment's data is shaped."""
+    config = self.config
+    return embedder_lib.Embedder(state, self.devices, tokenizer=self.tokenizer,
+                                 frame_buckets=tuple(config.frame_buckets),
+                                 max_tokens=config.max_tokens, batch_size=config.eval_batch_size)
+
+  def embed_split(self, state: steps.TrainState, split: str) -> evaluate.SplitEmbeddings:
     """Every clip and caption of a split embedded, in order."""
-    config, clips = self.config, self.clips(split)
-    size = config.eval_batch_size
-    embed = lambda method: lambda arrays: _embed(state, arrays, method)
-    audio = evaluate.embed_rows(
-        embed("embed_audio"), input_pipeline.as_numpy(input_pipeline.clip_batches(
-            clips, batch_size=size, frame_buckets=config.frame_buckets)),
-        ("audio", "audio_mask"), size, self.devices)
-    text = evaluate.embed_rows(
-        embed("embed_text"), input_pipeline.as_numpy(input_pipeline.caption_batches(
-            clips, self.tokenizer, batch_size=size, max_tokens=config.max_tokens)),
-        ("tokens", "token_mask"), size, self.devices)
-    return evaluate.Split(*audio, *text)
-
-  def embed_features(self, state: steps.TrainState, clips: list) -> list:
-    """Frame embeddings [T_i, E] float32 of log-mel clips [T_i, F], each cut to the longest
-    frame bucket as training cuts it; embedded in batches of clips of similar length."""
-    config, size = self.config, self.config.eval_batch_size
-    clips = [clip[:config.frame_buckets[-1]] for clip in clips]
-    order = np.argsort([len(clip) for clip in clips], kind="stable")
-    embedded = [None] * len(clips)
-    for start in range(0, len(order), size):
-      rows = order[start:start + size]
-      frames = min(bucket for bucket in config.frame_buckets
-                   if bucket >= max(len(clips[i]) for i in rows))
-      batch = dict(audio=np.stack([np.pad(clips[i], [(0, frames - len(clips[i])), (0, 0)])
-                                   for i in rows]),
-                   audio_mask=np.arange(frames) < np.array([[len(clips[i])] for i in rows]),
-                   audio_id=np.asarray(rows))
-      audio, _, _ = evaluate.embed_rows(lambda arrays: _embed(state, arrays, "embed_audio"),
-                                        [batch], ("audio", "audio_mask"), size, self.devices)
-      for row, i in enumerate(rows):
-        embedded[i] = audio[row, :len(clips[i])]
-    return embedded
-
-  def embed_captions(self, state: steps.TrainState, captions: list) -> tuple:
-    """(word embeddings [Q, max_tokens, E], mask [Q, max_tokens]) of captions, tokenized
-    as training tokenizes them."""
-    size, length = self.config.eval_batch_size, self.config.max_tokens
-    tokens = np.stack([tokenizer_lib.padded_ids(self.tokenizer, c, length) for c in captions])
-    batches = [dict(tokens=rows, token_mask=rows != tokenizer_lib.PAD_ID,
-                    audio_id=np.arange(i, i + len(rows)))
-               for i, rows in ((i, tokens[i:i + size]) for i in range(0, len(tokens), size))]
-    text, mask, _ = evaluate.embed_rows(lambda arrays: _embed(state, arrays, "embed_text"),
-                                        batches, ("tokens", "token_mask"), size, self.devices)
-    return text, mask
+    return self.embedder(state).split(self.clips(split))
 
   def validate(self, state: steps.TrainState, training: dict) -> tuple:
     """(validation {"loss", "t2a", "a2t"}, Collapse) on the validation split; the loss

@@ -63,9 +63,8 @@ def main(argv):
   except settings.SettingError as error:
     command.exit_with(error, 2)
   command.import_tensorflow()
-  from ntxr import evaluate, parallel, train
-  from ntxr.data import workers
-  workers.die_with_launcher()  # a sweep's run ends with its sweep
+  from ntxr import evaluate, lifetime, parallel, train
+  lifetime.die_with_launcher()  # a sweep's run ends with its sweep
   if FLAGS.distributed:
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                         FLAGS.heartbeat_timeout_seconds)

@@ -80,6 +80,7 @@ class Model:
     self.checkpoint = f"best/{int(self.state.step)}/" + hashlib.sha1(
         json.dumps(progress, sort_keys=True).encode()).hexdigest()[:12]
     self.logmel = self.experiment.builder.builder_config.logmel
+    self.embedder = self.experiment.embedder(self.state)
 
   def embed_files(self, paths: list, dtype=np.float32, group: int = 256) -> tuple:
     """({index: frame embeddings [T_i, E] in dtype} of the files that decode, {index:
@@ -95,7 +96,7 @@ class Model:
         except ValueError as error:
           failed[i] = str(error)
         bar.update()
-      frames = self.experiment.embed_features(self.state, list(clips.values()))
+      frames = self.embedder.features(list(clips.values()))
       embedded.update((i, f.astype(dtype)) for i, f in zip(clips, frames))
     bar.close()
     return embedded, failed
@@ -111,7 +112,7 @@ class Model:
         logging.warning("the query %r is %d tokens long: the text encoder reads its first "
                         "%d (the run's max_tokens)", query[:60], tokens,
                         self.config.max_tokens)
-    return self.experiment.embed_captions(self.state, queries)
+    return self.embedder.captions(queries)
 
 
 @dataclasses.dataclass

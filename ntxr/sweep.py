@@ -35,8 +35,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from ntxr import cli, command, evaluate, files, plots
-from ntxr.data import workers
+from ntxr import cli, command, evaluate, files, lifetime, plots
 
 FLAGS = flags.FLAGS
 
@@ -90,7 +89,7 @@ def execute(run: Run, main_args=(), env=None) -> int:
   os.makedirs(run.workdir, exist_ok=True)
   with open(os.path.join(run.workdir, "log.txt"), "a") as log:
     return subprocess.run(run.command(main_args), stdout=log, stderr=subprocess.STDOUT,
-                          env=workers.launcher_environment(env), check=False).returncode
+                          env=lifetime.launcher_environment(env), check=False).returncode
 
 
 def gpu_groups(gpus, processes: int) -> list:

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from ntxr import dcase, files, metrics_log, settings, workdir as workdir_lib
-from ntxr.data import builders, corpus
+from ntxr.data import builders, corpus, staging
 from processes import free_port, wait_for
 from runs import flat
 
@@ -159,7 +159,7 @@ def test_a_bucket_cache_is_prepared_once_and_other_machines_download_it(
   uploaded = [name[len(f"{prefix}/cache/tfds/synthetic_tiny/"):]
               for name in emulator.names(f"{prefix}/cache/")]
   prepared_a = first.builder.data_dir.split("/ntxr_clotho/")[0]
-  assert sorted(uploaded) == sorted(files.file_tree(prepared_a) + [corpus.UPLOADED])
+  assert sorted(uploaded) == sorted(files.file_tree(prepared_a) + [staging.UPLOADED])
   assert any(name.startswith("tokenizers/spm_") for name in uploaded)
 
   def prepare_again(*args, **kwargs):
@@ -213,7 +213,7 @@ def test_a_run_in_a_bucket_is_killed_resumes_and_matches_a_local_run(
     run.wait()
   assert not emulator.names("run/results.json")
   prepared = "cache/tfds/synthetic_tiny"
-  assert emulator.names(f"{prepared}/{corpus.UPLOADED}")
+  assert emulator.names(f"{prepared}/{staging.UPLOADED}")
   emulator.write(f"{prepared}/tokenizers/only_in_the_bucket.txt", b"a file to trace")
 
   stage_b = tmp_path_factory.mktemp("machine_b")

@@ -5,7 +5,7 @@ import struct
 import numpy as np
 import pytest
 
-from ntxr.data import input_pipeline, tokenizer
+from ntxr.data import input_pipeline, tokenizer, word_vectors
 
 VECTORS = {"dog": [1.0, 2.0, 3.0], "Rain": [-1.5, 0.25, 4.0], "rain": [0.5, 0.5, 0.5],
            "Bird": [7.0, 8.0, 9.0], "zzz": [0.0, 0.0, 1.0]}
@@ -44,7 +44,7 @@ def test_read_word2vec_aligns_rows_to_the_vocabulary(tmp_path, form):
     write_text(path, VECTORS)
   else:
     write_binary(path, VECTORS, newline=form == "binary_newline")
-  table, missing = tokenizer.read_word2vec(str(path), tok.words)
+  table, missing = word_vectors.read_word2vec(str(path), tok.words)
   assert table.shape == (9, 3) and table.dtype == np.float32
   np.testing.assert_array_equal(table[tok.ids["dog"]], VECTORS["dog"])
   np.testing.assert_array_equal(table[tok.ids["rain"]], VECTORS["rain"])  # exact beats "Rain"
@@ -57,8 +57,8 @@ def test_read_word2vec_aligns_rows_to_the_vocabulary(tmp_path, form):
 def test_word2vec_format_is_detected(tmp_path):
   write_text(tmp_path / "t", VECTORS)
   write_binary(tmp_path / "b", VECTORS, newline=True)
-  assert not tokenizer._is_binary(str(tmp_path / "t"))
-  assert tokenizer._is_binary(str(tmp_path / "b"))
+  assert not word_vectors._is_binary(str(tmp_path / "t"))
+  assert word_vectors._is_binary(str(tmp_path / "b"))
 
 
 @pytest.mark.parametrize("content, message", [
@@ -72,7 +72,7 @@ def test_bad_text_vectors_name_file_and_line(tmp_path, content, message):
   path = tmp_path / "bad.txt"
   path.write_text(content)
   with pytest.raises(ValueError, match=f"bad.txt{message}"):
-    tokenizer.read_word2vec(str(path), ["<pad>", "<unk>", "dog"], binary=False)
+    word_vectors.read_word2vec(str(path), ["<pad>", "<unk>", "dog"], binary=False)
 
 
 def test_truncated_binary_vectors_are_reported(tmp_path):
@@ -80,9 +80,9 @@ def test_truncated_binary_vectors_are_reported(tmp_path):
   write_binary(path, VECTORS, newline=True)
   path.write_bytes(path.read_bytes()[:-7])
   with pytest.raises(ValueError, match="cut.bin: record 5 .*'zzz'.* inside its vector"):
-    tokenizer.read_word2vec(str(path), ["<pad>", "<unk>", "dog"], binary=True)
+    word_vectors.read_word2vec(str(path), ["<pad>", "<unk>", "dog"], binary=True)
   with pytest.raises(FileNotFoundError, match="nowhere.bin"):
-    tokenizer.read_word2vec(str(tmp_path / "nowhere.bin"), ["dog"])
+    word_vectors.read_word2vec(str(tmp_path / "nowhere.bin"), ["dog"])
 
 
 def test_word_tokens_flow_through_the_input_pipeline(tmp_path):
@@ -112,11 +112,11 @@ def test_hyphenated_word_gets_its_parts_mean_and_missing_words_share_one_unit_ve
   vocabulary = ["<pad>", "<unk>", "walkie-talkie", "dog", "zorp", "blip"]
   write_text(tmp_path / "v", {"walkie": [1.0, 0.0, 2.0], "talkie": [3.0, 2.0, 0.0],
                               "dog": [0.0, 5.0, 1.0]})
-  table, missing = tokenizer.read_word2vec(str(tmp_path / "v"), vocabulary, missing="one_unk")
+  table, missing = word_vectors.read_word2vec(str(tmp_path / "v"), vocabulary, missing="one_unk")
   np.testing.assert_allclose(table[2], [2.0, 1.0, 1.0])
   assert missing == ["<unk>", "zorp", "blip"]
   np.testing.assert_array_equal(table[1], table[4])
   np.testing.assert_array_equal(table[4], table[5])
   np.testing.assert_allclose(np.linalg.norm(table[4]), 1.0, rtol=1e-6)
-  random_table, _ = tokenizer.read_word2vec(str(tmp_path / "v"), vocabulary)
+  random_table, _ = word_vectors.read_word2vec(str(tmp_path / "v"), vocabulary)
   assert not np.array_equal(random_table[4], random_table[5])

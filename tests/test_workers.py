@@ -9,7 +9,6 @@ import sys
 import textwrap
 import time
 
-from ntxr.data import workers
 from processes import alive, descendants, outliving
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,11 +17,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_a_command_started_as_a_sweep_starts_its_runs_ends_with_its_launcher(tmp_path):
   parent = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
       import subprocess, sys, time
-      from ntxr.data import workers
+      from ntxr import lifetime
       child = subprocess.Popen(
-          [sys.executable, "-c", "from ntxr.data import workers; import time; "
-           "workers.die_with_launcher(); time.sleep(120)"],
-          env=workers.launcher_environment())
+          [sys.executable, "-c", "from ntxr import lifetime; import time; "
+           "lifetime.die_with_launcher(); time.sleep(120)"],
+          env=lifetime.launcher_environment())
       print(child.pid, flush=True)
       time.sleep(120)
   """)], cwd=ROOT, stdout=subprocess.PIPE, text=True)

@@ -2,26 +2,19 @@
 
 A user's data folder is only read: the prepared TFRecords and the tokenizer live in the
 cache, in one folder per source folder. A cache in a bucket (gs://...) is kept in a local
-folder on each machine that uses it: a machine downloads a prepared folder the bucket
-holds, or prepares it and uploads it, so that it is prepared once for every worker and
-every relaunch.
+folder on each machine that uses it (ntxr.data.staging).
 """
 
 import dataclasses
-import glob
-import hashlib
 import os
-import shutil
 import time
 from typing import Optional
 
 from absl import logging
 
 from ntxr import files, settings
-from ntxr.data import builders, captions, synthetic, tokenizer
+from ntxr.data import builders, captions, staging, synthetic, tokenizer
 
-STAGE_DIR = "~/.cache/ntxr/staged"  # where a bucket cache's local copies live
-UPLOADED = "ntxr_uploaded.json"  # in a bucket's prepared folder, written after its files
 SPLITS_FILE = "splits.csv"  # in a pairs folder's prepared folder: the assigned splits
 
 
@@ -54,56 +47,13 @@ def _tokenizer(kind: str, captions: list, folder: str, vocab_size: int, cleaning
   return tokenizer.Tokenizer(tokenizer.train(captions, path, vocab_size, cleaning), cleaning)
 
 
-def _digest(text: str) -> str:
-  return hashlib.sha1(text.encode()).hexdigest()[:8]
-
-
 def _prepared_dir(cache_dir: str, data_dir: str) -> str:
   """Where data_dir's prepared TFRecords live: one folder per source folder (the built-in
   corpus, generated inside the cache, by its name alone)."""
   source = os.path.abspath(data_dir)
   if os.path.dirname(source) == os.path.abspath(cache_dir):
     return os.path.join(cache_dir, "tfds", os.path.basename(source))
-  return os.path.join(cache_dir, "tfds", f"{os.path.basename(source)}-{_digest(source)}")
-
-
-def _local_copy(cache_dir: str, stage_dir: str) -> str:
-  """The local folder that stands for the bucket cache_dir on this machine."""
-  name = os.path.basename(cache_dir.rstrip("/"))
-  return os.path.join(os.path.expanduser(stage_dir), f"{name}-{_digest(cache_dir)}")
-
-
-def _is_leftover(name: str) -> bool:
-  """Whether a prepared folder's file is what an interrupted write left behind."""
-  return "incomplete" in name or files.PARTIAL in name
-
-
-def _download(bucket_copy: str, prepared: str) -> None:
-  """Copies a prepared folder the bucket holds whole into `prepared`, if that is missing:
-  into a partial folder first, renamed into place once every file is there."""
-  if os.path.isdir(prepared) or not files.exists(f"{bucket_copy}/{UPLOADED}"):
-    return
-  for stale in glob.glob(f"{glob.escape(prepared)}{files.PARTIAL}*"):  # killed downloads
-    shutil.rmtree(stale)
-  partial = files.partial_path(prepared)
-  names = [name for name in files.file_tree(bucket_copy) if name != UPLOADED]
-  for name in names:
-    files.copy_file(f"{bucket_copy}/{name}", os.path.join(partial, name))
-  os.replace(partial, prepared)
-  logging.info("downloaded the prepared data (%d files) from %s", len(names), bucket_copy)
-
-
-def _upload(prepared: str, bucket_copy: str) -> None:
-  """Uploads the files of `prepared` the bucket lacks, then marks the bucket's copy whole."""
-  present = set(files.file_tree(bucket_copy))
-  names = [name for name in files.file_tree(prepared)
-           if name not in present and not _is_leftover(name)]
-  for name in names:
-    files.copy_file(os.path.join(prepared, name), f"{bucket_copy}/{name}")
-  if UPLOADED not in present:
-    files.write_json(f"{bucket_copy}/{UPLOADED}", dict(files=len(names)))
-  if names:
-    logging.info("uploaded %d prepared files to %s", len(names), bucket_copy)
+  return os.path.join(cache_dir, "tfds", f"{os.path.basename(source)}-{staging.digest(source)}")
 
 
 def _record_splits(pairs, path: str) -> None:
@@ -119,7 +69,7 @@ def _record_splits(pairs, path: str) -> None:
 
 def load(data_dir=None, *, cache_dir, size="default", logmel=settings.Features(),
          tokens="sentencepiece", vocab_size=1000, cleaning="ntxr", vocabulary="training",
-         skip_bad_files=False, stage_dir=STAGE_DIR) -> Corpus:
+         skip_bad_files=False, stage_dir=staging.STAGE_DIR) -> Corpus:
   """Prepares (once) and opens a Clotho v2, AudioCaps or pairs folder, or the built-in corpus.
 
   Args:
@@ -136,7 +86,7 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=settings.Features()
   if vocabulary not in settings.VOCABULARIES:
     raise ValueError(f"vocabulary must be one of {settings.VOCABULARIES}, not {vocabulary!r}")
   bucket = files.is_bucket(cache_dir)
-  local = _local_copy(cache_dir, stage_dir) if bucket else cache_dir
+  local = staging.local_copy(cache_dir, stage_dir) if bucket else cache_dir
   # Processes sharing a cache (a sweep's parallel runs) generate and prepare it one at a
   # time; the others then reuse it.
   with files.locked(os.path.join(local, "lock"), wait=True):
@@ -151,7 +101,7 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=settings.Features()
     prepared = _prepared_dir(local, data_dir)
     bucket_copy = f"{cache_dir.rstrip('/')}/{os.path.relpath(prepared, local)}"
     if bucket:
-      _download(bucket_copy, prepared)
+      staging.download(bucket_copy, prepared)
     builder = builder_class(data_dir=prepared, config=builders.clotho_config(logmel),
                             skip_bad_files=skip_bad_files)
     start = time.perf_counter()
@@ -164,7 +114,7 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=settings.Features()
     tok = _tokenizer(tokens, captions, os.path.join(prepared, "tokenizers"), vocab_size,
                      cleaning, vocabulary)
     if bucket:
-      _upload(prepared, bucket_copy)
+      staging.upload(prepared, bucket_copy)
   skipped = builders.skipped(builder)
   for split, entries in skipped.items():
     if entries:
@@ -175,7 +125,8 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=settings.Features()
 
 def load_data(data: settings.Data) -> Corpus:
   """`load` with a run's data settings."""
-  return load(data.data_dir, cache_dir=data.cache_dir, stage_dir=data.stage_dir or STAGE_DIR,
-              size=data.size, logmel=data.features, tokens=data.tokens,
-              vocab_size=data.vocab_size, cleaning=data.text_cleaning,
-              vocabulary=data.vocabulary, skip_bad_files=data.skip_bad_files)
+  return load(data.data_dir, cache_dir=data.cache_dir,
+              stage_dir=data.stage_dir or staging.STAGE_DIR, size=data.size,
+              logmel=data.features, tokens=data.tokens, vocab_size=data.vocab_size,
+              cleaning=data.text_cleaning, vocabulary=data.vocabulary,
+              skip_bad_files=data.skip_bad_files)

@@ -6,46 +6,20 @@ needs NumPy and librosa). The pool here starts its workers with `__main__` hidde
 they import only what their task's module imports, and on Linux each worker asks the
 kernel to kill it when its parent dies, however the parent ends (SIGKILL included).
 `imap` keeps jobs too few to repay the workers' start in the calling process.
-A command started with `launcher_environment()` (the sweep's runs) does the same once it
-calls `die_with_launcher()`.
 """
 
 import contextlib
-import ctypes
 import multiprocessing
 import os
-import signal
 import sys
 import types
 from typing import Callable, Iterator
 
+from ntxr import lifetime
+
 # A worker's start imports librosa and SciPy, which costs as much as many clips' features:
 # a pool is worth it only with this many jobs per worker.
 JOBS_PER_WORKER = 128
-
-_PR_SET_PDEATHSIG = 1
-_LAUNCHER = "NTXR_DIE_WITH"  # the environment variable naming a launching process
-
-
-def die_with(parent: int) -> None:
-  """Run in a new process: SIGKILL it when `parent`, the process that started it, ends."""
-  if sys.platform.startswith("linux"):
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-  if os.getppid() != parent:  # the parent ended before the request took effect
-    os._exit(1)
-
-
-def launcher_environment(env=None) -> dict:
-  """`env` (default: this process's) for a child command that should die with this
-  process: the child calls `die_with_launcher()` first thing."""
-  return dict(os.environ if env is None else env, **{_LAUNCHER: str(os.getpid())})
-
-
-def die_with_launcher() -> None:
-  """`die_with` the process that launched this one with `launcher_environment`, if any."""
-  if _LAUNCHER in os.environ:
-    die_with(int(os.environ[_LAUNCHER]))
-
 
 @contextlib.contextmanager
 def _hidden_main():
@@ -63,7 +37,7 @@ def _pool(processes: int):
   """A spawned `multiprocessing` pool of `processes` light workers, terminated on exit."""
   context = multiprocessing.get_context("spawn")
   with _hidden_main():
-    workers = context.Pool(processes, initializer=die_with, initargs=(os.getpid(),))
+    workers = context.Pool(processes, initializer=lifetime.die_with, initargs=(os.getpid(),))
   with workers:
     yield workers
 
