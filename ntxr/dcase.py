@@ -21,7 +21,7 @@ import numpy as np
 
 from ntxr import command, files
 
-TOP = 10
+RANKED = 10  # files a submission lists per caption, best first
 
 FLAGS = flags.FLAGS
 
@@ -31,7 +31,7 @@ class Submission(NamedTuple):
   captions: list
   file_names: list
   scores: np.ndarray
-COLUMNS = ["caption"] + [f"file_name_{k}" for k in range(1, TOP + 1)]
+COLUMNS = ["caption"] + [f"file_name_{k}" for k in range(1, RANKED + 1)]
 
 
 def _header_and_rows(path: str) -> tuple:
@@ -63,8 +63,8 @@ def read_predictions(path: str, relevant: dict, known_files: set) -> dict:
     raise ValueError(f"{path}:1: expected the header {','.join(COLUMNS)}")
   ranked, first_line = {}, {}
   for line, row in rows:
-    if len(row) != TOP + 1 or not all(row):
-      raise ValueError(f"{path}:{line}: expected a caption and {TOP} file names, "
+    if len(row) != RANKED + 1 or not all(row):
+      raise ValueError(f"{path}:{line}: expected a caption and {RANKED} file names, "
                        f"got {len([r for r in row[1:] if r])} names")
     caption, names = row[0], row[1:]
     if caption not in relevant:
@@ -85,10 +85,10 @@ def read_predictions(path: str, relevant: dict, known_files: set) -> dict:
 
 def score(relevant: dict, ranked: dict) -> dict:
   """{"R@1", "R@5", "R@10", "mAP@10"} averaged over the ground truth's captions."""
-  ranks = np.array([ranked[c].index(f) + 1 if f in ranked[c] else TOP + 1
+  ranks = np.array([ranked[c].index(f) + 1 if f in ranked[c] else RANKED + 1
                     for c, f in relevant.items()])
-  result = {f"R@{k}": float(np.mean(ranks <= k)) for k in (1, 5, TOP)}
-  result["mAP@10"] = float(np.mean(np.where(ranks <= TOP, 1.0 / ranks, 0.0)))
+  result = {f"R@{k}": float(np.mean(ranks <= k)) for k in (1, 5, RANKED)}
+  result["mAP@10"] = float(np.mean(np.where(ranks <= RANKED, 1.0 / ranks, 0.0)))
   return result
 
 
@@ -99,7 +99,7 @@ def score_files(ground_truth: str, predictions: str) -> dict:
 
 def write_submission(path: str, captions: list, file_names: list, s: np.ndarray) -> None:
   """Writes each caption's top 10 files by s [captions, files], best first (atomic)."""
-  order = np.argsort(-np.asarray(s), axis=1, kind="stable")[:, :TOP]
+  order = np.argsort(-np.asarray(s), axis=1, kind="stable")[:, :RANKED]
   text = io.StringIO(newline="")
   writer = csv.writer(text)
   writer.writerow(COLUMNS)

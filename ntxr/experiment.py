@@ -194,7 +194,7 @@ class Experiment:
     s = evaluate.split_scores(split, self.config.score)
     names = self.captions(self.test_split)
     submission = None
-    if len(names) >= dcase.TOP:
+    if len(names) >= dcase.RANKED:
       submission = dcase.Submission([c for _, captions in names for c in captions],
                                     [f for f, _ in names], s.T)
     metrics = dict(evaluate.both_directions(s, split.clip_ids, split.caption_ids),

@@ -151,9 +151,9 @@ class StopRequests:
     return self.received is not None
 
 
-def _stop(state, progress: Progress, checkpoints: checkpoints_lib.Checkpoints,
+def _save_and_stop(state, progress: Progress, checkpoints: checkpoints_lib.Checkpoints,
           stop: StopRequests) -> Stopped:
-  """Saves the latest checkpoint and says how to resume."""
+  """Saves the latest checkpoint; returns the Stopped error that says how to resume."""
   checkpoints.save("latest", state, progress.to_json())
   checkpoints.wait()
   interrupted = stop.received == signal.SIGINT
@@ -191,7 +191,7 @@ def train_epochs(experiment: experiment_lib.Experiment, state: steps.TrainState,
                                      time.perf_counter() - start)
     except _Interrupted:
       stop.at_steps = True  # record, not raise, a second signal while saving
-      raise _stop(state, progress, checkpoints, stop) from None
+      raise _save_and_stop(state, progress, checkpoints, stop) from None
   return progress
 
 
@@ -222,19 +222,20 @@ def _train_steps(experiment, state, progress, checkpoints, steps_per_epoch,
     save = (in_epoch % config.checkpoint_every_steps == 0
             and in_epoch < steps_per_epoch)  # the epoch's end saves too
     if asked or save or len(unread) == config.metrics_every_steps:
-      progress = _checked(progress, unread, epoch, checkpoints)
+      progress = _read_and_check_statistics(progress, unread, epoch, checkpoints)
       bar.set_postfix(loss=f"{progress.statistic_means()['loss']:.4f}")
     if asked:
-      raise _stop(state, progress, checkpoints, stop)
+      raise _save_and_stop(state, progress, checkpoints, stop)
     if save:
       checkpoints.save("latest", state, progress.to_json())
-  return state, _checked(progress, unread, epoch, checkpoints)
+  return state, _read_and_check_statistics(progress, unread, epoch, checkpoints)
 
 
-def _checked(progress: Progress, unread: steps.UnreadStatistics, epoch: int,
+def _read_and_check_statistics(progress: Progress, unread: steps.UnreadStatistics, epoch: int,
              checkpoints: checkpoints_lib.Checkpoints) -> Progress:
-  """`progress` after the unread steps, read from the devices at once; raises
-  FloatingPointError at the first step whose loss or gradient norm is not finite."""
+  """Reads the unread steps' statistics from the devices at once and returns `progress`
+  with their sums; raises FloatingPointError at the first step whose loss or gradient
+  norm is not finite."""
   read = unread.read()
   for step, statistics in read:
     if not (np.isfinite(statistics["loss"]) and np.isfinite(statistics["grad_norm"])):

@@ -67,7 +67,7 @@ def write_results(workdir: str, results: dict, submission: Optional[dcase.Submis
   split = results["split"]
   if submission is None:
     logging.warning("%s has fewer clips than a DCASE submission's %d: none written",
-                    split, dcase.TOP)
+                    split, dcase.RANKED)
   else:
     dcase.write_submission(os.path.join(workdir, f"dcase_{split}.csv"), *submission)
   files.write_json(os.path.join(workdir, "results.json"), results)

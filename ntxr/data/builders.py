@@ -124,8 +124,8 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
 class NtxrClotho(_CaptionedAudio):
   """Clotho v2 (or the built-in synthetic corpus, written in its layout)."""
 
-  SPLITS = ("development", "validation", "evaluation")
-  CAPTION_FILE = "clotho_captions_{split}.csv"
+  SPLITS = captions.SPLITS
+  CAPTION_FILE = captions.CLOTHO_CAPTION_FILE
   read_captions = staticmethod(captions.read_clotho_captions)
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download Clotho v2 from Zenodo (record 4783391) and unpack it into one folder holding

@@ -5,7 +5,9 @@ and reported in the returned `skipped` list as (line, reason). Files may start w
 UTF-8 byte-order mark, as spreadsheet programs save "CSV UTF-8".
 """
 
+import csv
 import dataclasses
+import io
 import os
 import re
 
@@ -13,11 +15,14 @@ import numpy as np
 
 from ntxr import files
 
+# Clotho v2's layout: one folder holding clotho_captions_{split}.csv (CLOTHO_COLUMNS) and
+# a folder of audio per split. The built-in corpus is written in it (`write_clotho_captions`).
 CAPTIONS_PER_CLIP = 5
 CLOTHO_COLUMNS = ["file_name"] + [f"caption_{k}" for k in range(1, CAPTIONS_PER_CLIP + 1)]
+CLOTHO_CAPTION_FILE = "clotho_captions_{split}.csv"
 AUDIOCAPS_COLUMNS = ["audiocap_id", "youtube_id", "start_time", "caption"]
 PAIRS_COLUMNS = ["file_name", "caption"]  # and optionally "split"
-SPLITS = ("development", "validation", "evaluation")
+SPLITS = ("development", "validation", "evaluation")  # Clotho's, and ntxr's own pairs'
 SPLIT_NAMES = {"development": "development", "train": "development",
                "training": "development", "validation": "validation", "val": "validation",
                "valid": "validation", "evaluation": "evaluation", "test": "evaluation"}
@@ -74,6 +79,16 @@ def _keep_or_raise(path, line, reason, skip, skipped):
   if not skip:
     raise ValueError(f"{path}:{line}: {reason}")
   skipped.append((line, reason))
+
+
+def write_clotho_captions(folder: str, split: str, rows: list) -> None:
+  """Writes folder/clotho_captions_{split}.csv: the header, then [file_name, caption_1,
+  .., caption_5] per clip (whole or not at all)."""
+  text = io.StringIO(newline="")
+  writer = csv.writer(text)
+  writer.writerow(CLOTHO_COLUMNS)
+  writer.writerows(rows)
+  files.write_text(os.path.join(folder, CLOTHO_CAPTION_FILE.format(split=split)), text.getvalue())
 
 
 def read_clotho_captions(path: str, skip: bool = False) -> tuple[list, list]:

@@ -12,7 +12,6 @@ written to a temporary folder and renamed into place once complete, with a manif
 A folder whose manifest is missing or differs is regenerated.
 """
 
-import csv
 import dataclasses
 import io
 import json
@@ -24,10 +23,10 @@ from typing import Callable, Optional
 import numpy as np
 
 from ntxr import files
-from ntxr.data import workers
+from ntxr.data import captions, workers
 
 SAMPLE_RATE = 16000
-SPLITS = ("development", "validation", "evaluation")
+SPLITS = captions.SPLITS
 # Clips per split, in Clotho's 3839 : 1045 : 1045 proportions, and their length range in
 # seconds: "clotho" has Clotho's shape (15 to 30 s clips), the others 3 to 6 s.
 SIZES = {"tiny": (24, 8, 8), "default": (1000, 272, 272), "large": (3839, 1045, 1045),
@@ -377,17 +376,13 @@ def generate(root: str, size: str = "default", seed: int = 0, processes: int = 0
   for split in SPLITS:
     os.makedirs(os.path.join(partial, split))
   with workers.imap(_make_clip_args, jobs, processes, chunksize=16) as clips:
-    for (_, s, i, _), (wav_bytes, captions) in zip(jobs, clips):  # each written as it arrives
+    for (_, s, i, _), (wav_bytes, texts) in zip(jobs, clips):  # each written as it arrives
       file_name = _file_name(s, i)
       with open(os.path.join(partial, SPLITS[s], file_name), "wb") as f:
         f.write(wav_bytes)
-      rows[SPLITS[s]].append([file_name] + captions)
+      rows[SPLITS[s]].append([file_name] + texts)
   for split in SPLITS:
-    with open(os.path.join(partial, f"clotho_captions_{split}.csv"), "w", newline="",
-              encoding="utf-8") as f:
-      writer = csv.writer(f)
-      writer.writerow(["file_name"] + [f"caption_{k}" for k in range(1, 6)])
-      writer.writerows(rows[split])
+    captions.write_clotho_captions(partial, split, rows[split])
   files.write_json(os.path.join(partial, EVENTS), _events(size, seed))
   with open(os.path.join(partial, MANIFEST), "w") as f:
     json.dump(_manifest(size, seed), f)
