@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ntxr import scores
+from ntxr import scores, settings
 
 Array = jax.Array
 PAPER_CHANNELS = (32, 128, 128, 128, 128)
@@ -56,18 +56,14 @@ def upsample_linear(x: Array, lengths: Array, factor: int) -> Array:
   return (1 - weight) * take(low) + weight * take(high)
 
 
-INITIALIZERS = ("flax", "pytorch")
-COMPUTE_DTYPES = ("float32", "bfloat16")
-
-
 def compute_dtype(name) -> jnp.dtype:
-  """The encoders' compute dtype named `name` (one of COMPUTE_DTYPES)."""
+  """The encoders' compute dtype named `name` (one of settings.COMPUTE_DTYPES)."""
   try:
     dtype = jnp.dtype(name)
   except TypeError:
     dtype = None
-  if dtype is None or dtype.name not in COMPUTE_DTYPES:
-    raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, not {name!r}")
+  if dtype is None or dtype.name not in settings.COMPUTE_DTYPES:
+    raise ValueError(f"compute dtype must be one of {settings.COMPUTE_DTYPES}, not {name!r}")
   return dtype
 
 
@@ -85,7 +81,7 @@ def _initializers(name: str, hidden: int) -> tuple:
   if name == "flax":
     return nn.linear.default_kernel_init, {}
   if name != "pytorch":
-    raise ValueError(f"initializer must be one of {INITIALIZERS}, not {name!r}")
+    raise ValueError(f"initializer must be one of {settings.INITIALIZERS}, not {name!r}")
   uniform = _pytorch_uniform(hidden)
   return (nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
           dict(kernel_init=uniform, recurrent_kernel_init=uniform, bias_init=uniform))

@@ -268,11 +268,15 @@ def main(argv):
   command.start(argv)
   workdir, audio_dir = (os.path.expanduser(path or "")
                         for path in (FLAGS.workdir, FLAGS.audio_dir))
-  try:
+  try:  # the command's own mistakes (usage: exit status 2), before anything is read
     if not workdir:
       raise ValueError("--workdir: give the trained run's workdir to search with")
     if not os.path.isdir(audio_dir):
-      raise FileNotFoundError(f"{audio_dir}: no such folder")
+      raise FileNotFoundError(f"--audio_dir={audio_dir}: no such folder")
+    if FLAGS.queries and not os.path.isfile(FLAGS.queries):
+      raise FileNotFoundError(f"--queries={FLAGS.queries}: no such file")
+    if FLAGS.audio_query and not os.path.isfile(FLAGS.audio_query):
+      raise FileNotFoundError(f"--audio_query={FLAGS.audio_query}: no such file")
     queries = list(FLAGS.query)
     if FLAGS.queries:
       with open(FLAGS.queries, encoding="utf-8-sig") as f:  # a byte-order mark or not
@@ -280,6 +284,9 @@ def main(argv):
     if not queries and not FLAGS.audio_query:
       raise ValueError("nothing to search for: give --query, --queries or --audio_query")
     read_config(workdir)  # first: taking the lock would create a mistyped workdir
+  except (FileNotFoundError, ValueError) as error:
+    command.exit_with(error, 2)
+  try:
     # A later call reuses this call's compiled scoring blocks.
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "search", "compiled"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)

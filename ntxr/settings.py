@@ -280,12 +280,13 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
         "--config.word_vectors=/path/to/GoogleNews-vectors-negative300.bin (or any "
         "word2vec-format file), or --config.require_word_vectors=false to learn a "
         "random word table instead")
-  for field, what in (("data_dir", "no such folder; pass a Clotho v2 or AudioCaps folder, "
-                                  "or one holding captions.csv"),
-                     ("word_vectors", "no such file")):
-    path = config[field]
-    if path and not files.is_bucket(path) and not os.path.exists(os.path.expanduser(path)):
-      raise SettingError(f"--config.{field}={path}: {what}")
+  if config.word_vectors and not os.path.isfile(os.path.expanduser(config.word_vectors)):
+    raise SettingError(f"--config.word_vectors={config.word_vectors}: no such file")
+  if config.data_dir:
+    try:
+      captions.layout_of(os.path.expanduser(config.data_dir))
+    except ValueError as error:
+      raise SettingError(f"--config.data_dir={error}") from None
   objective = objectives.get_objective(config.objective)
   for needs, what in [(objective.needs_relevance, f"--config.objective={config.objective}"),
                       (config.filter_similarity > 0, "--config.filter_similarity")]:

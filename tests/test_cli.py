@@ -1,9 +1,12 @@
 """The commands' shared flags and start: names without JAX, a quiet and light --help."""
 
+import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -48,6 +51,8 @@ def test_main_help_prints_only_the_help_and_imports_neither_jax_nor_tensorflow()
     ("f_min", 9000.0, "--config.f_max (8000.0) must be above --config.f_min (9000.0)"),
     ("data_dir", "/no/such/folder", "--config.data_dir=/no/such/folder: no such folder; "
      "pass a Clotho v2 or AudioCaps folder, or one holding captions.csv"),
+    ("data_dir", "/", "--config.data_dir=/: not a Clotho v2, AudioCaps or pairs "
+     "folder (none of clotho_captions_development.csv, train.csv, captions.csv)"),
     ("word_vectors", "/no/vectors.bin", "--config.word_vectors=/no/vectors.bin: no such file"),
     ("temperature", float("nan"), "--config.temperature must be at least 1e-06, not nan"),
     ("eval_batch_size", 0, "--config.eval_batch_size must be at least 1, not 0"),
@@ -82,6 +87,56 @@ def test_a_bad_setting_costs_the_command_one_line(tmp_path):
   assert (done.returncode, done.stderr) == (
       2, f"error: --workdir={tmp_path}/notes.txt is a file, not a folder: give a folder\n")
   assert (tmp_path / "notes.txt").read_text() == "my notes"
+
+
+def test_each_mistake_costs_one_line_and_the_corrected_command_trains_in_that_workdir(
+    tiny_flags, tmp_path):
+  """As a user types them, one after another on one workdir: each mistake exits 2 with
+  one line naming the culprit, before TensorFlow loads and before anything is written;
+  then the corrected command trains there (and resumes after a Ctrl-C)."""
+  workdir = tmp_path / "run"
+  def main(*flags):
+    return subprocess.run([sys.executable, "-m", "ntxr.main", f"--workdir={workdir}",
+                           *tiny_flags(num_epochs=1), *flags],
+                          capture_output=True, text=True, check=False)
+  for flags, culprit in [
+      ([f"--config.data_dir={tmp_path}/Clotho"], f"--config.data_dir={tmp_path}/Clotho"),
+      (["--config.batch_size=0"], "--config.batch_size must be at least 2, not 0"),
+      (["--config.batch_size=-3"], "--config.batch_size must be at least 2, not -3"),
+      (["--config.sample_rate=7"], "--config.sample_rate must be 0"),
+      (["--config.eval_batch_size=0"], "--config.eval_batch_size must be at least 1"),
+      (["--config.num_epochs=0"], "--config.num_epochs must be at least 1, not 0"),
+      (["--config.batchsize=4"], "--config.batchsize: no such config field; did you mean "
+                                 "--config.batch_size?"),
+      (["--objective=soft"], "--config.objective=soft compares captions: set "
+                             "--config.similarity"),
+      ([f"--config.word_vectors={tmp_path}/vectors.bin"],
+       f"--config.word_vectors={tmp_path}/vectors.bin: no such file"),
+  ]:
+    done = main(*flags)
+    assert done.returncode == 2, (flags, done.stderr[-2000:])
+    assert done.stderr.startswith(f"error: {culprit}") and done.stderr.count("\n") == 1, (
+        flags, done.stderr)
+    assert not workdir.exists()
+  # The corrected command, stopped by Ctrl-C once its step-10 checkpoint is written:
+  # status 130 and one line saying how to resume; the same command then finishes.
+  corrected = [sys.executable, "-m", "ntxr.main", f"--workdir={workdir}",
+               *tiny_flags(num_epochs=2)]
+  run = subprocess.Popen(corrected, stderr=subprocess.PIPE, text=True)
+  while not (workdir / "checkpoints" / "latest" / "10").exists():
+    assert run.poll() is None, run.stderr.read()[-3000:]
+    time.sleep(0.05)
+  run.send_signal(signal.SIGINT)
+  stderr = run.communicate(timeout=300)[1]
+  assert run.returncode == 130, stderr[-3000:]
+  assert "Traceback" not in stderr
+  assert re.fullmatch(r"stopped: as asked \(Ctrl-C\), training stopped after step \d+ "
+                      r"\(epoch \d\), saved in .*/checkpoints/latest: rerun the same command "
+                      r"to resume from there", stderr.strip().splitlines()[-1])
+  done = subprocess.run(corrected, capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "Traceback" not in done.stderr
+  assert json.loads((workdir / "results.json").read_text())["epochs"] == 2
 
 
 @pytest.mark.parametrize("flag, message", [

@@ -182,3 +182,41 @@ def test_siglip_learns_its_temperature_and_bias_from_10_and_minus_10():
   assert float(jnp.exp(learnt["log_inverse_temperature"])) == pytest.approx(10.0)
   assert float(learnt["bias"]) == -10.0
   assert objectives.initial_parameters("infonce") == {}
+
+
+def naive_negative_weights(s, ids, objective, temperature, beta, bias, pool):
+  """[2, N, N]: each caption anchor's weight on clips, then each audio anchor's on
+  captions, from the formulas: a softmax over the anchor's pool of z (infonce, soft), of
+  z plus hn_nce's log(|pool| softmax(beta z)), or siglip's sigmoid(z + bias) normalised."""
+  z = s / temperature
+  weights = np.zeros((2, len(ids), len(ids)))
+  for d, rows in enumerate((z.T, z)):
+    for i, row in enumerate(rows):
+      members = [j for j in range(len(ids)) if pool[i, j]]
+      if not members:
+        continue
+      x = np.array([row[j] for j in members], np.float64)
+      if objective == "hn_nce":
+        hard = np.exp(beta * x) / np.exp(beta * x).sum()
+        x = x + np.log(len(members) * hard)
+      if objective == "siglip":
+        share = 1 / (1 + np.exp(-(x + bias)))
+      else:
+        share = np.exp(x - x.max())
+      weights[d, i, members] = share / share.sum()
+  return weights
+
+
+@pytest.mark.parametrize("objective", [*SOFTMAX_OBJECTIVES, "siglip"])
+def test_the_weights_each_negative_carries_match_the_formulas(batch, objective):
+  s, ids, relevance = batch
+  pool = (ids[:, None] != ids[None, :]) & (np.random.default_rng(3).uniform(size=(9, 9)) > 0.2)
+  pool[5] = False  # an anchor whose pool is filtered away: no weight at all
+  learnt = {"bias": jnp.float32(-0.7)} if objective == "siglip" else {}
+  _, terms = objectives.whole_pool_loss_and_terms(
+      jnp.asarray(s), jnp.asarray(ids), learnt, objective=objective, temperature=0.2,
+      beta=1.5, relevance=jnp.asarray(relevance),
+      pools=objectives.Pools(jnp.asarray(pool), jnp.asarray(pool)))
+  expected = naive_negative_weights(s.astype(np.float64), ids, objective, 0.2, 1.5, -0.7, pool)
+  np.testing.assert_allclose(terms.weights, expected, rtol=1e-5, atol=1e-7)
+  assert not np.asarray(terms.valid)[5]

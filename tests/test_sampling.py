@@ -30,12 +30,13 @@ def zeroed(b):
           np.where(np.asarray(b["text_mask"])[..., None], np.asarray(b["text"], np.float64), 0))
 
 
-def reference_loss(b, strategy, audio_ids=None):
+def reference_loss(b, strategy, audio_ids=None, kept=None):
   """(loss, audio negatives, text negatives) of the per-anchor reference loop."""
   ids = list(np.asarray(b["audio_ids"] if audio_ids is None else audio_ids))
   return reference.per_anchor_loss(reference.NUMPY_OPS, *zeroed(b), ids, strategy, MARGIN,
                                    np.random.default_rng(0),
-                                   score=masked_score(reference.NUMPY_OPS))
+                                   score=masked_score(reference.NUMPY_OPS),
+                                   kept=None if kept is None else kept.tolist())
 
 
 @pytest.fixture
@@ -78,6 +79,27 @@ def test_selection_and_loss_match_the_reference_loop(batch, strategy):
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
 
 
+@pytest.mark.parametrize("strategy", [*SINGLE, "full_batch"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_filtered_pool_matches_the_reference_loop_given_that_pool(batch, strategy, seed):
+  """A random share of each pool filtered away, anchor 3's whole pool among it."""
+  kept = np.random.default_rng(seed).uniform(size=(8, 8)) > 0.4
+  kept[3] = False
+  expected_loss, audio_negs, text_negs = reference_loss(batch, strategy, kept=kept)
+  assert audio_negs[3] is None and text_negs[3] is None
+  pool = sampling.negative_pool(batch["audio_ids"]) & jnp.asarray(kept)
+  loss, terms = jax.jit(functools.partial(sampling.triplet_loss_and_terms, strategy=strategy))(
+      batch["audio"], batch["text"], batch["audio_ids"], audio_mask=batch["audio_mask"],
+      text_mask=batch["text_mask"], pool=pool)
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+  assert not terms.valid[3] and not np.asarray(terms.weights[:, 3]).any()
+  if strategy != "full_batch":
+    chosen = np.asarray(terms.weights).argmax(axis=-1)  # one negative each: weight 1
+    valid = [i for i in range(8) if audio_negs[i] is not None]
+    np.testing.assert_array_equal(chosen[0, valid], [audio_negs[i] for i in valid])
+    np.testing.assert_array_equal(chosen[1, valid], [text_negs[i] for i in valid])
+
+
 def test_full_batch_matches_the_reference_loop(batch):
   expected, *_ = reference_loss(batch, "full_batch")
   loss = sampling.triplet_loss(batch["audio"], batch["text"], batch["audio_ids"],
@@ -85,7 +107,8 @@ def test_full_batch_matches_the_reference_loop(batch):
                                text_mask=batch["text_mask"])
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   chosen = sampling.select_negatives(None, batch["audio_ids"], strategy="full_batch")
-  np.testing.assert_array_equal(chosen.valid, sampling.negative_pool(batch["audio_ids"]))
+  ids = [0, 0, 1, 2, 2, 2, 3, 4]  # the batch's clips: every caption of another is a negative
+  np.testing.assert_array_equal(chosen.valid, [[a != b for b in ids] for a in ids])
 
 
 def test_hand_computed_semihard_may_pick_above_the_positive():

@@ -172,9 +172,16 @@ def test_the_command_prints_and_writes_the_results(workdir, recordings, tmp_path
   assert "12 files indexed" in run.stdout and "query: a bell rings" in run.stdout
   first = results[0]["results"][0]
   assert f"    1  {first['score']:6.4f}  {first['file']}" in run.stdout
-  missing = subprocess.run([sys.executable, "-m", "ntxr.search", f"--workdir={tmp_path}/none",
-                            f"--audio_dir={recordings}", "--query=x"],
-                           capture_output=True, text=True, check=False)
-  assert missing.returncode == 1 and missing.stderr.strip().endswith(
-      "none: not a run's workdir (no config.json)")
+  for flags, culprit in [
+      ([f"--workdir={tmp_path}/none", f"--audio_dir={recordings}", "--query=x"],
+       f"{tmp_path}/none: not a run's workdir (no config.json)"),
+      ([f"--workdir={workdir}", f"--audio_dir={tmp_path}/nowhere", "--query=x"],
+       f"--audio_dir={tmp_path}/nowhere: no such folder"),
+      ([f"--workdir={workdir}", f"--audio_dir={recordings}"],
+       "nothing to search for: give --query, --queries or --audio_query"),
+      ([f"--workdir={workdir}", f"--audio_dir={recordings}", f"--queries={tmp_path}/q.txt"],
+       f"--queries={tmp_path}/q.txt: no such file")]:
+    mistaken = subprocess.run([sys.executable, "-m", "ntxr.search", *flags],
+                              capture_output=True, text=True, check=False)
+    assert (mistaken.returncode, mistaken.stderr) == (2, f"error: {culprit}\n")
   assert not os.path.exists(tmp_path / "none")

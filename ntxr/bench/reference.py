@@ -47,12 +47,14 @@ def padded_score(ops: ArrayOps) -> Callable:
 
 
 def per_anchor_loss(ops: ArrayOps, audio, text, audio_ids, strategy: str, margin: float,
-                    rng: np.random.Generator, score: Callable = None):
+                    rng: np.random.Generator, score: Callable = None, kept=None):
   """The loss of `ntxr.sampling.triplet_loss` on audio [N, T, E] and text [N, W, E].
 
   score(x, y): x [..., T, E] against y [..., W, E] -> [...]; default `padded_score`.
-  "random" draws with `rng`. Returns (loss, audio negatives, text negatives): the
-  chosen index per anchor (None for full_batch and for an anchor with an empty pool).
+  "random" draws with `rng`. kept: [N][N] bools, the candidates a filter left anchor i
+  (default: all); the pool is those of another clip. Returns (loss, audio negatives, text
+  negatives): the chosen index per anchor (None for full_batch and for an anchor with an
+  empty pool).
   """
   score = score or padded_score(ops)
   n = audio.shape[0]
@@ -60,7 +62,8 @@ def per_anchor_loss(ops: ArrayOps, audio, text, audio_ids, strategy: str, margin
   for i in range(n):
     audio_i, text_i = audio[i], text[i]
     positive = score(audio_i, text_i)
-    pool = [j for j in range(n) if audio_ids[j] != audio_ids[i]]
+    pool = [j for j in range(n) if audio_ids[j] != audio_ids[i]
+            and (kept is None or kept[i][j])]
     a = t = None
     if not pool:
       audio_negs.append(a)

@@ -46,6 +46,7 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = []  # every feature config is built on demand (FeatureConfig)
+  LAYOUT = ""  # its name in captions.LAYOUT_FILES
   SPLITS = ()  # training, validation, test
   CAPTION_FILE = ""  # a split's caption file under the data folder, {split} filled in
   read_captions = None  # (csv path, skip) -> (clips, skipped rows), see ntxr.data.captions
@@ -77,11 +78,6 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
 
   def _log_download_done(self):
     pass
-
-  @classmethod
-  def holds(cls, root: str) -> bool:
-    """Whether the folder `root` is laid out for this builder."""
-    return os.path.isfile(os.path.join(root, cls.CAPTION_FILE.format(split=cls.SPLITS[0])))
 
   def caption_texts(self, root: str, split: str) -> list:
     """Every caption of a split's caption file, in order."""
@@ -124,6 +120,7 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
 class NtxrClotho(_CaptionedAudio):
   """Clotho v2 (or the built-in synthetic corpus, written in its layout)."""
 
+  LAYOUT = "clotho"
   SPLITS = captions.SPLITS
   CAPTION_FILE = captions.CLOTHO_CAPTION_FILE
   read_captions = staticmethod(captions.read_clotho_captions)
@@ -140,6 +137,7 @@ class NtxrClotho(_CaptionedAudio):
 class NtxrAudiocaps(_CaptionedAudio):
   """AudioCaps: {train,val,test}.csv and audio/{split}/{youtube_id}_{start}.{wav,flac,mp3,ogg}."""
 
+  LAYOUT = "audiocaps"
   SPLITS = ("train", "val", "test")
   CAPTION_FILE = "{split}.csv"
   read_captions = staticmethod(captions.read_audiocaps_captions)
@@ -160,8 +158,9 @@ class NtxrPairs(_CaptionedAudio):
   audio under the same folder. Without a split column the files are split by
   `captions.assign_splits`, and `split_file` says which went where."""
 
+  LAYOUT = "pairs"
   SPLITS = captions.SPLITS
-  CAPTION_FILE = "captions.csv"
+  CAPTION_FILE = captions.LAYOUT_FILES["pairs"]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Put captions.csv (file_name,caption and optionally split; file_name relative to the
   folder; a row per caption) and the audio it names in one folder. Pass that folder as
@@ -185,14 +184,7 @@ BUILDERS = (NtxrClotho, NtxrAudiocaps, NtxrPairs)
 
 def builder_for(root: str) -> type:
   """The builder class whose layout the folder `root` has (Clotho v2, AudioCaps or pairs)."""
-  if not os.path.isdir(root):
-    raise ValueError(f"{root}: no such folder; pass a Clotho v2 or AudioCaps folder, or one "
-                     "holding captions.csv")
-  for builder in BUILDERS:
-    if builder.holds(root):
-      return builder
-  expected = ", ".join(b.CAPTION_FILE.format(split=b.SPLITS[0]) for b in BUILDERS)
-  raise ValueError(f"{root}: not a Clotho v2, AudioCaps or pairs folder (none of {expected})")
+  return {builder.LAYOUT: builder for builder in BUILDERS}[captions.layout_of(root)]
 
 
 def split_file(pairs: captions.Pairs) -> str:

@@ -26,6 +26,9 @@ SPLITS = ("development", "validation", "evaluation")  # Clotho's, and ntxr's own
 SPLIT_NAMES = {"development": "development", "train": "development",
                "training": "development", "validation": "validation", "val": "validation",
                "valid": "validation", "evaluation": "evaluation", "test": "evaluation"}
+# The caption file that marks each layout a data folder may have, in the order tried.
+LAYOUT_FILES = {"clotho": CLOTHO_CAPTION_FILE.format(split=SPLITS[0]),
+                "audiocaps": "train.csv", "pairs": "captions.csv"}
 SPLIT_SEED = 0  # the seeded split of a captions.csv without a split column
 SPLIT_SHARES = {"validation": 0.15, "evaluation": 0.15}  # the rest is development
 
@@ -79,6 +82,18 @@ def _keep_or_raise(path, line, reason, skip, skipped):
   if not skip:
     raise ValueError(f"{path}:{line}: {reason}")
   skipped.append((line, reason))
+
+
+def layout_of(root: str) -> str:
+  """The layout of the data folder `root`: a name in LAYOUT_FILES; ValueError if none."""
+  if not os.path.isdir(root):
+    raise ValueError(f"{root}: no such folder; pass a Clotho v2 or AudioCaps folder, or one "
+                     "holding captions.csv")
+  for layout, name in LAYOUT_FILES.items():
+    if os.path.isfile(os.path.join(root, name)):
+      return layout
+  raise ValueError(f"{root}: not a Clotho v2, AudioCaps or pairs folder (none of "
+                   f"{', '.join(LAYOUT_FILES.values())})")
 
 
 def write_clotho_captions(folder: str, split: str, rows: list) -> None:
