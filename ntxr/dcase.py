@@ -98,13 +98,19 @@ def score_files(ground_truth: str, predictions: str) -> dict:
 
 
 def write_submission(path: str, captions: list, file_names: list, s: np.ndarray) -> None:
-  """Writes each caption's top 10 files by s [captions, files], best first (atomic)."""
+  """Writes each caption's top 10 files by s [captions, files], best first (atomic). A
+  caption text given more than once (two clips, or one clip twice, may share a caption)
+  gets one row, its first's: a submission ranks each text once, and a text's ranking does
+  not depend on which clip it came with."""
   order = np.argsort(-np.asarray(s), axis=1, kind="stable")[:, :RANKED]
+  first = {}
+  for row, caption in enumerate(captions):
+    first.setdefault(caption, row)
   text = io.StringIO(newline="")
   writer = csv.writer(text)
   writer.writerow(COLUMNS)
-  writer.writerows([caption, *(file_names[j] for j in row)]
-                   for caption, row in zip(captions, order))
+  writer.writerows([caption, *(file_names[j] for j in order[row])]
+                   for caption, row in first.items())
   files.write_text(path, text.getvalue())
 
 
