@@ -251,11 +251,13 @@ def unit_vectors(x: Array) -> Array:
 
 
 def pooled_embeddings(x: Array, x_mask: Optional[Array] = None) -> Array:
-  """Masked mean over steps, L2-normalised: [N, T, E] -> [N, E] (zeros stay zero)."""
+  """Masked mean over steps, L2-normalised: [N, T, E] -> [N, E] (zeros stay zero), at
+  least float32: N vectors cost little to keep exact, and a bfloat16 cosine would round
+  away the small differences that selection reads."""
   _check_sequences("x", x, x_mask)
   x, counts = _zero_padding(x, x_mask)
   mean = x.astype(_accumulator(x)).sum(axis=1) / jnp.maximum(counts, 1.0)[:, None]
-  return unit_vectors(mean).astype(x.dtype)
+  return unit_vectors(mean)
 
 
 def pooled_scores(x: Array, y: Array, x_mask: Optional[Array] = None,

@@ -119,19 +119,30 @@ def test_fully_masked_sequence_scores_zero_without_nan(batch):
   np.testing.assert_array_equal(scores.pooled_scores(audio, text, audio_mask)[2], 0.0)
 
 
-def test_bfloat16_is_close_to_float32(batch):
+@pytest.mark.parametrize("tile_elements", [30, scores.DEFAULT_TILE_ELEMENTS])
+def test_bfloat16_scores_are_float32_scores_of_the_rounded_inputs(batch, tile_elements):
+  """bfloat16 embeddings are multiplied exactly and accumulated in float32: every scorer
+  gives, in float32, what float32 gives on the same values (the inputs rounded to
+  bfloat16 first)."""
   audio, audio_mask, _, text, text_mask, _ = batch
-  s32 = scores.alignment_scores(audio, text, audio_mask, text_mask)
-  s16 = scores.alignment_scores(audio.astype(jnp.bfloat16), text.astype(jnp.bfloat16),
-                                audio_mask, text_mask, tile_elements=30)
-  assert s16.dtype == jnp.float32  # accumulated and returned in float32, for selection
-  np.testing.assert_allclose(s16, s32, rtol=0.05, atol=0.05)
   audio16, text16 = audio.astype(jnp.bfloat16), text.astype(jnp.bfloat16)
-  for other in (scores.symmetric_alignment_scores(audio16, audio_mask),
-                scores.paired_alignment_scores(audio16, text16, audio_mask, text_mask),
-                scores.pooled_scores(audio16, text16, audio_mask, text_mask),
-                scores.paired_pooled_scores(audio16, text16, audio_mask, text_mask)):
-    assert other.dtype == jnp.float32
+  rounded = lambda x: x.astype(jnp.bfloat16).astype(jnp.float32)
+  for scorer, arguments in [
+      (scores.alignment_scores, (audio_mask, text_mask)),
+      (scores.paired_alignment_scores, (audio_mask, text_mask)),
+      (scores.pooled_scores, (audio_mask, text_mask)),
+      (scores.paired_pooled_scores, (audio_mask, text_mask))]:
+    kwargs = dict(tile_elements=tile_elements) if scorer is scores.alignment_scores else {}
+    found = scorer(audio16, text16, *arguments, **kwargs)
+    assert found.dtype == jnp.float32
+    np.testing.assert_allclose(found, scorer(rounded(audio), rounded(text), *arguments, **kwargs),
+                               rtol=1e-5, atol=1e-6)
+  found = scores.symmetric_alignment_scores(audio16, audio_mask, tile_elements=tile_elements)
+  assert found.dtype == jnp.float32
+  np.testing.assert_allclose(
+      found, scores.symmetric_alignment_scores(rounded(audio), audio_mask,
+                                               tile_elements=tile_elements),
+      rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("call, message", [

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from ntxr import evaluate, scores, search
+from ntxr import evaluate, scores, search, train
 from recordings import RECORDINGS, snapshot
 
 
@@ -185,3 +185,27 @@ def test_the_command_prints_and_writes_the_results(workdir, recordings, tmp_path
                               capture_output=True, text=True, check=False)
     assert (mistaken.returncode, mistaken.stderr) == (2, f"error: {culprit}\n")
   assert not os.path.exists(tmp_path / "none")
+
+
+def test_a_pooled_run_trains_and_searches_by_the_cosine_of_mean_embeddings(
+    tiny_config, cache_dir, tmp_path):
+  """--config.score=pooled through training and search: the index scores every clip of
+  the test split against every caption as the cosine of their mean embeddings, computed
+  here in NumPy from the split's embeddings."""
+  workdir = str(tmp_path / "pooled")
+  results = train.train_and_evaluate(tiny_config(score="pooled", num_epochs=1), workdir)
+  assert results["score"] == "pooled" and 0 < results["t2a"]["mAP@10"] <= 1
+  model = search.Model(workdir)
+  split = model.experiment.embed_split(model.state, model.experiment.test_split)
+  def unit_means(x, mask):
+    means = (x * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    return means / np.linalg.norm(means, axis=1, keepdims=True)
+  expected = (unit_means(split.audio.astype(np.float64), split.audio_mask)
+              @ unit_means(split.text.astype(np.float64), split.text_mask).T)
+  named = model.experiment.captions(model.experiment.test_split)
+  index = search.Index.build(model, os.path.join(cache_dir, "synthetic_tiny", "evaluation"),
+                             dtype=np.float32)
+  captions = [caption for _, captions in named for caption in captions]
+  found = index.scores(*model.embed_queries(captions), model.config.score)
+  rows = [index.files.index(name) for name, _ in named]
+  np.testing.assert_allclose(found[rows], expected, rtol=1e-5, atol=1e-6)
