@@ -14,7 +14,8 @@ import sys
 import tempfile
 
 FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false")
-for flag in FAST_COMPILE:  # before XLA starts; inherited by the processes tests start
+XLA_DEFAULTS = "NTXR_TEST_XLA_DEFAULTS"  # set: compile as users do (test_xla_defaults.py)
+for flag in () if os.environ.get(XLA_DEFAULTS) else FAST_COMPILE:  # inherited by subprocesses
   if flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
 # ntxr never uses Keras, which `import tensorflow` loads (scikit-learn with it) unless

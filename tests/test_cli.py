@@ -118,12 +118,12 @@ def test_each_mistake_costs_one_line_and_the_corrected_command_trains_in_that_wo
     assert done.stderr.startswith(f"error: {culprit}") and done.stderr.count("\n") == 1, (
         flags, done.stderr)
     assert not workdir.exists()
-  # The corrected command, stopped by Ctrl-C once its step-10 checkpoint is written:
+  # The corrected command, stopped by Ctrl-C once its step-5 checkpoint is written:
   # status 130 and one line saying how to resume; the same command then finishes.
   corrected = [sys.executable, "-m", "ntxr.main", f"--workdir={workdir}",
-               *tiny_flags(num_epochs=2)]
+               *tiny_flags(num_epochs=1, checkpoint_every_steps=5)]
   run = subprocess.Popen(corrected, stderr=subprocess.PIPE, text=True)
-  while not (workdir / "checkpoints" / "latest" / "10").exists():
+  while not (workdir / "checkpoints" / "latest" / "5").exists():
     assert run.poll() is None, run.stderr.read()[-3000:]
     time.sleep(0.05)
   run.send_signal(signal.SIGINT)
@@ -136,7 +136,7 @@ def test_each_mistake_costs_one_line_and_the_corrected_command_trains_in_that_wo
   done = subprocess.run(corrected, capture_output=True, text=True, check=False)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "Traceback" not in done.stderr
-  assert json.loads((workdir / "results.json").read_text())["epochs"] == 2
+  assert json.loads((workdir / "results.json").read_text())["epochs"] == 1
 
 
 @pytest.mark.parametrize("flag, message", [

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntxr import models, steps
+from ntxr import models, sampling, steps
 
 SMALL = dict(channels=(4, 8, 8, 8, 8), embed_dim=12)
 
@@ -147,3 +147,38 @@ def test_bfloat16_compute_trains_like_float32_with_float32_state():
   with pytest.raises(ValueError, match=r"compute dtype must be one of .*'float16'"):
     models.DualEncoder(vocab_size=30, dtype="float16", **SMALL).init(
         jax.random.key(0), batch)
+
+
+def test_one_train_step_is_adams_first_step_on_the_losss_gradient():
+  """Adam's first step moves each parameter by -lr * g / (|g| + eps) (its moments are g
+  and g^2, bias-corrected); the batch statistics move too. The gradient here is taken
+  apart from the step, of the same loss, and the loss is the triplet loss's own."""
+  rng = np.random.default_rng(0)
+  batch = dict(audio=rng.normal(size=(4, 32, 64)).astype(np.float32),
+               audio_mask=np.ones((4, 32), bool),
+               tokens=rng.integers(2, 30, (4, 5)).astype(np.int32),
+               token_mask=np.ones((4, 5), bool), audio_id=np.array([0, 0, 1, 2], np.int32))
+  model = models.DualEncoder(vocab_size=30, dropout=0.0, **SMALL)
+  state = steps.create_train_state(model, jax.random.key(0), frames=32, words=5, mel_bands=64,
+                                   learning_rate=1e-2)
+  key = jax.random.key(3)
+  def loss(params):
+    (audio, text), _ = model.apply(state.variables(params), batch, train=True,
+                                   mutable=["batch_stats"],
+                                   rngs={"dropout": jax.random.split(key)[0]})
+    return sampling.triplet_loss(audio, text, batch["audio_id"], strategy="semihard_cross",
+                                 audio_mask=batch["audio_mask"], text_mask=batch["token_mask"])
+  value, grads = jax.value_and_grad(loss)(state.params)
+  new, statistics = jax.jit(steps.train_step)(state, batch, key)
+  assert float(statistics.loss) == pytest.approx(float(value), rel=1e-5)
+  # Where |g| nears eps the step's size hangs on g's last digits, which two compiled
+  # programs round apart: there only its bound, lr, is checked.
+  def check(old, moved, g):
+    old, moved, g = (np.asarray(x, np.float64) for x in (old, moved, g))
+    clear = np.abs(g) > 1e-5
+    np.testing.assert_allclose(moved[clear], (old - 1e-2 * g / (np.abs(g) + 1e-8))[clear],
+                               atol=1e-6)
+    assert np.all(np.abs(moved - old) <= 1e-2 * (1 + 1e-5))
+  jax.tree.map(check, state.params, new.params, grads)
+  assert int(new.step) == 1 and not jax.tree.all(jax.tree.map(
+      lambda a, b: bool(jnp.all(a == b)), new.batch_stats, state.batch_stats))

@@ -73,32 +73,28 @@ def test_a_run_killed_at_random_moments_of_every_phase_ends_as_if_never_killed(
   assert flat(resumed) == flat(straight)
 
 
-def stop_at_step_12(config, workdir, monkeypatch, how: str):
-  """Trains until `how` ("sigterm" or "sigint") asks it to stop; returns the Stopped."""
+def stop_at_step_12(config, workdir, monkeypatch):
+  """Trains until SIGTERM asks it to stop; returns the Stopped. (Ctrl-C through the
+  command: test_cli.py.)"""
   handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
-  asked = {"sigterm": "SIGTERM or a preemption notice", "sigint": "Ctrl-C"}[how]
   with monkeypatch.context() as m:
     # The signal while batch 13 is fetched: prefetched, so while step 11 runs, before step
     # 12 is dispatched; training stops after step 12, the step in flight when it next asks.
-    interrupt_after(m, 12, how=how)
+    interrupt_after(m, 12, how="sigterm")
     with pytest.raises(train.Stopped, match=re.escape(
-        f"as asked ({asked}), training stopped after step 12 (epoch 1), saved in "
-        f"{workdir}/checkpoints/latest: rerun the same command to resume")) as stopped:
+        f"as asked (SIGTERM or a preemption notice), training stopped after step 12 "
+        f"(epoch 1), saved in {workdir}/checkpoints/latest: rerun the same command to "
+        "resume")) as stopped:
       train.train_and_evaluate(config, str(workdir))
   assert {n: signal.getsignal(n) for n in handlers} == handlers  # the handlers are training's only
   assert params_of(str(workdir))[0] == 12
   return stopped.value
 
 
-def test_ctrl_c_stops_training_as_sigterm_does(tiny_config, tmp_path, monkeypatch):
-  stopped = stop_at_step_12(tiny_config(), tmp_path / "run", monkeypatch, "sigint")
-  assert stopped.interrupted  # ntxr.main exits with status 130
-
-
 def test_sigterm_saves_the_step_in_flight_and_a_rerun_finishes_as_if_never_stopped(
     tiny_config, tiny_run, tmp_path, monkeypatch):
   config, workdir = tiny_config(), tmp_path / "run"
-  assert not stop_at_step_12(config, workdir, monkeypatch, "sigterm").interrupted
+  assert not stop_at_step_12(config, workdir, monkeypatch).interrupted
   train.train_and_evaluate(config, str(workdir))
   (step_a, a), (step_b, b) = params_of(str(tiny_run)), params_of(str(workdir))
   assert step_a == step_b
