@@ -10,9 +10,11 @@ so it is uploaded in one piece. Buckets have no appends: `append_line` rewrites 
 import contextlib
 import csv
 import fcntl
+import glob
 import io
 import json
 import os
+import shutil
 from typing import Optional
 
 from absl import logging
@@ -78,6 +80,32 @@ PARTIAL = ".partial-"  # in the name of what a process writes before renaming it
 def partial_path(path: str) -> str:
   """Where this process writes a local file before renaming it to `path`."""
   return f"{path}{PARTIAL}{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's
+    return True
+  return True
+
+
+def remove_left_by_dead(path: str) -> list:
+  """Removes the partial files and folders of `path` (`partial_path`, or that name with
+  "-" and more after the pid) whose process is gone: what killed processes left. Returns
+  what it removed."""
+  removed = []
+  for leftover in glob.glob(f"{glob.escape(path)}{PARTIAL}*"):
+    pid = leftover[len(path) + len(PARTIAL):].split("-")[0]
+    if pid.isdigit() and not _alive(int(pid)):
+      if os.path.isdir(leftover):
+        shutil.rmtree(leftover, ignore_errors=True)
+      else:
+        os.remove(leftover)
+      removed.append(leftover)
+  return removed
 
 
 def write_bytes(path, data: bytes) -> None:

@@ -77,6 +77,8 @@ def main(argv):
   except KeyboardInterrupt:  # Ctrl-C outside the training steps' handler
     print("interrupted: rerun the same command to resume", file=sys.stderr)
     sys.exit(130)
+  except settings.SettingError as error:  # one that needs the devices or the data
+    command.exit_with(error, 2)
   except (FloatingPointError, FileNotFoundError, ValueError,
           workdir_lib.WorkdirError) as error:
     command.exit_with(error, 1)

@@ -39,8 +39,11 @@ class MetricsLog:
       kept = [r for r in files.read_jsonl(self.path) if r["epoch"] <= completed_epochs]
       files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
     self.tensorboard_dir = os.path.join(workdir, "tensorboard")
-    self.staged = (tempfile.mkdtemp(prefix="ntxr-tensorboard-") if files.is_bucket(workdir)
-                   else None)
+    self.staged = None
+    if files.is_bucket(workdir):  # staged here; killed runs' stagings (uploaded) removed
+      staging = os.path.join(tempfile.gettempdir(), "ntxr-tensorboard")
+      files.remove_left_by_dead(staging)
+      self.staged = tempfile.mkdtemp(prefix=os.path.basename(files.partial_path(staging)) + "-")
     self.summary = tf.summary  # TensorFlow is imported only where a run logs
     self.tensorboard = self.summary.create_file_writer(self.staged or self.tensorboard_dir)
 

@@ -18,6 +18,8 @@ import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 import numpy as np
 
+from ntxr import settings
+
 
 def initialize(coordinator_address: Optional[str] = None, num_processes: Optional[int] = None,
                process_id: Optional[int] = None, heartbeat_timeout_seconds: int = 100) -> None:
@@ -44,9 +46,10 @@ class Devices:
     return self.mesh.size
 
   def check_divides(self, name: str, size: int) -> None:
+    """Raises settings.SettingError unless `size` splits evenly over the devices."""
     if size % self.count:
-      raise ValueError(f"{name} {size} does not split over {self.count} devices: make it "
-                       f"a multiple of {self.count}")
+      raise settings.SettingError(f"{name} {size} does not split over {self.count} devices: "
+                                  f"make it a multiple of {self.count}")
 
   def replicate(self, tree):
     """A copy of every leaf on every device."""

@@ -115,10 +115,12 @@ class TrainingStatistics:
     valid = terms.valid[:, None]
     gap = terms.negative - terms.positive[:, None]
     mean = lambda x: sampling.masked_mean(x, valid)
+    positive_mean = sampling.masked_mean(terms.positive, terms.valid)
     negative_mean = mean(terms.negative)
     return cls(loss=loss, grad_norm=grad_norm, share_zero_loss=mean(gap + margin <= 0),
-               share_at_margin=mean(jnp.abs(gap) <= 1e-6),
-               positive_mean=jnp.mean(terms.positive), positive_std=jnp.std(terms.positive),
+               share_at_margin=mean(jnp.abs(gap) <= 1e-6), positive_mean=positive_mean,
+               positive_std=jnp.sqrt(sampling.masked_mean(
+                   jnp.square(terms.positive - positive_mean), terms.valid)),
                negative_mean=negative_mean,
                negative_std=jnp.sqrt(mean(jnp.square(terms.negative - negative_mean))),
                **(shares or {}))

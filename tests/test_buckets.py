@@ -19,6 +19,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -118,7 +119,11 @@ def test_config_metrics_results_and_the_dcase_file_are_written_to_the_bucket(
   with pytest.raises(ValueError, match="holds a run with other settings \\(strategy\\)"):
     settings.write(workdir, tiny_config(strategy="hard_cross"))
 
+  with subprocess.Popen([sys.executable, "-c", "pass"]) as gone:  # a run killed with SIGKILL
+    gone.wait()
+  left = tempfile.mkdtemp(prefix=f"ntxr-tensorboard.partial-{gone.pid}-")  # left its staging
   with metrics_log.MetricsLog(workdir, completed_epochs=0) as log:
+    assert not os.path.exists(left) and os.path.isdir(log.staged)
     for epoch in (1, 2):
       log.write(epoch * 15, dict(epoch=epoch, training=dict(loss=1.0 / epoch)))
     events = emulator.names(f"{prefix}/tensorboard/")

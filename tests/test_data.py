@@ -4,6 +4,8 @@ import csv
 import os
 import re
 import shutil
+import subprocess
+import sys
 import wave
 
 import numpy as np
@@ -176,9 +178,20 @@ def test_synthetic_corpus_layout_and_cache(corpus, tmp_path):
   os.remove(os.path.join(copy, synthetic.MANIFEST))  # an interrupted corpus
   os.remove(os.path.join(copy, "development", "dev_00000.wav"))
   assert not synthetic.is_complete(copy, "tiny", 0)
-  synthetic.generate(copy, "tiny", processes=1)
-  assert os.path.exists(os.path.join(copy, "development", "dev_00000.wav"))
-  assert not [p for p in os.listdir(tmp_path) if ".partial-" in p]
+  # What a killed process left (its pid gone), and what a live one is writing.
+  with subprocess.Popen([sys.executable, "-c", "pass"]) as gone:
+    gone.wait()
+  os.makedirs(f"{copy}.partial-{gone.pid}/development")
+  live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    os.makedirs(f"{copy}.partial-{live.pid}")
+    synthetic.generate(copy, "tiny", processes=1)
+    assert os.path.exists(os.path.join(copy, "development", "dev_00000.wav"))
+    assert [p for p in os.listdir(tmp_path) if ".partial-" in p] == [
+        f"copy.partial-{live.pid}"]
+  finally:
+    live.kill()
+    live.wait()
 
 
 @pytest.fixture(scope="module")

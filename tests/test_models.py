@@ -158,6 +158,7 @@ def test_one_train_step_is_adams_first_step_on_the_losss_gradient():
                audio_mask=np.ones((4, 32), bool),
                tokens=rng.integers(2, 30, (4, 5)).astype(np.int32),
                token_mask=np.ones((4, 5), bool), audio_id=np.array([0, 0, 1, 2], np.int32))
+  batch = jax.tree.map(jnp.asarray, batch)
   model = models.DualEncoder(vocab_size=30, dropout=0.0, **SMALL)
   state = steps.create_train_state(model, jax.random.key(0), frames=32, words=5, mel_bands=64,
                                    learning_rate=1e-2)
@@ -168,7 +169,7 @@ def test_one_train_step_is_adams_first_step_on_the_losss_gradient():
                                    rngs={"dropout": jax.random.split(key)[0]})
     return sampling.triplet_loss(audio, text, batch["audio_id"], strategy="semihard_cross",
                                  audio_mask=batch["audio_mask"], text_mask=batch["token_mask"])
-  value, grads = jax.value_and_grad(loss)(state.params)
+  value, grads = jax.jit(jax.value_and_grad(loss))(state.params)
   new, statistics = jax.jit(steps.train_step)(state, batch, key)
   assert float(statistics.loss) == pytest.approx(float(value), rel=1e-5)
   # Where |g| nears eps the step's size hangs on g's last digits, which two compiled
@@ -182,3 +183,18 @@ def test_one_train_step_is_adams_first_step_on_the_losss_gradient():
   jax.tree.map(check, state.params, new.params, grads)
   assert int(new.step) == 1 and not jax.tree.all(jax.tree.map(
       lambda a, b: bool(jnp.all(a == b)), new.batch_stats, state.batch_stats))
+
+
+def test_training_statistics_by_hand():
+  """Two valid anchors (the third's pool is empty), both directions, margin 0.5; binary
+  fractions, so every comparison is exact."""
+  terms = sampling.LossTerms(positive=jnp.array([0.75, 0.5, 0.625]),
+                             negative=jnp.array([[0.25, 0.75], [0.5, 1.0], [0.125, 0.25]]),
+                             valid=jnp.array([True, True, False]),
+                             weights=jnp.zeros((2, 3, 3)))
+  found = steps.TrainingStatistics.of(jnp.float32(0.3), jnp.float32(2.0), terms, 0.5).to_dict()
+  # gaps (negative - positive): [-0.5, 0.0] and [0.0, 0.5]: one at zero loss (-0.5 + 0.5
+  # <= 0), two scored as the positive; positives 0.75 and 0.5; negatives 0.25, 0.75, 0.5, 1.
+  assert found == pytest.approx(dict(
+      loss=0.3, grad_norm=2.0, share_zero_loss=0.25, share_at_margin=0.5, positive_mean=0.625,
+      positive_std=0.125, negative_mean=0.625, negative_std=np.sqrt(0.078125)))

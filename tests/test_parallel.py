@@ -51,6 +51,8 @@ def test_eight_devices_give_what_one_gives(strategies, cache_dir, tmp_path):
   assert child.returncode == 0, child.stderr[-3000:]
   found = dict(np.load(out))
   assert found["device_counts"].tolist() == [1, 8]
+  assert str(found["refused"]) == ("--config.batch_size 12 does not split over 8 devices: "
+                                   "make it a multiple of 8")
   for strategy in strategies:
     one, eight = (lambda name, d=d: found[f"{strategy}/{d}/{name}"] for d in (1, 8))
     np.testing.assert_allclose(eight("loss"), one("loss"), rtol=1e-5)
@@ -89,7 +91,8 @@ def _steps(cache_dir: str, strategies) -> dict:
   initial model's selected negatives on the first batch, and the final parameters."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
-  from ntxr import experiment as experiment_lib, sampling, scores  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from ntxr import experiment as experiment_lib, sampling, scores, settings
   from ntxr.configs import default  # pylint: disable=g-import-not-at-top
   from ntxr.data import input_pipeline  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(__file__))
@@ -137,6 +140,11 @@ def _steps(cache_dir: str, strategies) -> dict:
       found[f"{prefix}/loss"] = np.array(losses)
       for name, value in flat(state.params).items():
         found[f"{prefix}/params/{name}"] = value
+  config.batch_size = 12  # 12 pairs cannot split over 8 devices: said before anything runs
+  try:
+    experiment_lib.Experiment(config)
+  except settings.SettingError as error:
+    found["refused"] = np.array(str(error))
   return found
 
 

@@ -103,6 +103,8 @@ def test_the_index_follows_the_folder(model, workdir, recordings, monkeypatch):
   shutil.copy(os.path.join(recordings, "sounds", "guitar.flac"), added)
   os.remove(os.path.join(recordings, "piano.wav"))
   broken = os.path.join(recordings, "sounds", "trumpet.mp3")
+  with open(broken, "rb") as f:
+    trumpet = f.read()
   with open(broken, "wb") as f:
     f.write(b"\x00not audio" * 50)
   updated = search.Index.open(model, workdir, recordings)
@@ -119,6 +121,11 @@ def test_the_index_follows_the_folder(model, workdir, recordings, monkeypatch):
   np.testing.assert_array_equal(updated.frames[copy], updated.frames[original])
   search.Index.open(model, workdir, recordings)
   assert embedded[-1] == []  # the broken file is not tried again until it changes
+  with open(broken, "wb") as f:  # mended
+    f.write(trumpet)
+  mended = search.Index.open(model, workdir, recordings)
+  assert embedded[-1] == [broken] and not mended.skipped
+  assert os.path.join("sounds", "trumpet.mp3") in mended.files
 
   monkeypatch.setattr(model, "checkpoint", "another checkpoint")
   rebuilt = search.Index.open(model, workdir, recordings)
@@ -158,10 +165,11 @@ def test_the_command_prints_and_writes_the_results(workdir, recordings, tmp_path
   run = subprocess.run(
       [sys.executable, "-m", "ntxr.search", f"--workdir={workdir}", f"--audio_dir={recordings}",
        "--query=a piano note", f"--queries={queries}", f"--query={LONG_QUERY}", "--top_k=3",
-       f"--json={out}"], capture_output=True, text=True, check=True)
+       f"--audio_query={recordings}/piano.wav", f"--json={out}"],
+      capture_output=True, text=True, check=True)
   results = json.loads(out.read_text())
   assert [r["query"] for r in results] == ["a piano note", LONG_QUERY, "a bird sings",
-                                           "a bell rings"]
+                                           "a bell rings", f"{recordings}/piano.wav"]
   assert re.search(r"WARNING: the query 'a bird sings a bird .*' is \d+ tokens long: the text "
                    r"encoder reads its first 32 \(the run's max_tokens\)", run.stderr)
   for entry in results:

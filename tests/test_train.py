@@ -4,6 +4,7 @@ authors' training score, objectives. What the workdir survives: test_workdir.py.
 import json
 import os
 import pathlib
+import re
 import shutil
 
 import jax
@@ -328,3 +329,22 @@ def test_training_beats_the_initial_state_and_the_dcase_file_scores_as_results_j
   source = os.path.join(config.cache_dir, "synthetic_tiny", "clotho_captions_development.csv")
   scored = dcase.score_files(source, str(workdir / "dcase_development.csv"))
   assert {k: scored[k] for k in distinct} == pytest.approx(distinct, abs=1e-9)
+
+
+def test_a_nan_gradient_with_a_finite_loss_stops_at_its_step():
+  """The statistics read every k steps: a finite loss with a NaN gradient norm (a step that
+  would write NaN parameters) stops training, naming that step and the checkpoint kept."""
+  unread = steps.UnreadStatistics()
+  good = lambda **fields: steps.TrainingStatistics(**{**dict(
+      loss=0.5, grad_norm=1.0, share_zero_loss=0.0, share_at_margin=0.0, positive_mean=0.5,
+      positive_std=0.1, negative_mean=0.4, negative_std=0.1), **fields})
+  for step, statistics in ((6, good()), (7, good(grad_norm=float("nan"))), (8, good())):
+    unread.add(step, statistics)
+  class Kept:  # what the check reads of the run's checkpoints
+    root = "/runs/x/checkpoints"
+    step = staticmethod(lambda which: 5)
+  with pytest.raises(FloatingPointError, match=re.escape(
+      "training loss became 0.5 (gradient norm nan) at step 7 (epoch 2; steps "
+      "6-8 were checked together); stopped. The last good checkpoint (step 5) is kept in "
+      "/runs/x/checkpoints")):
+    train._read_and_check_statistics(train.Progress(learning_rate=1e-3), unread, 2, Kept())

@@ -367,6 +367,7 @@ def generate(root: str, size: str = "default", seed: int = 0, processes: int = 0
     if not os.path.exists(os.path.join(root, EVENTS)):  # a corpus made before events.json
       files.write_json(os.path.join(root, EVENTS), _events(size, seed))
     return root
+  files.remove_left_by_dead(root)  # the partial corpora of killed processes
   partial = files.partial_path(root)
   shutil.rmtree(partial, ignore_errors=True)
   os.makedirs(partial)
