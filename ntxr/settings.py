@@ -202,7 +202,8 @@ class Settings:
     return cls(
         seed=c.seed,
         data=Data(
-            data_dir=c.data_dir or None, size=c.size, cache_dir=os.path.expanduser(c.cache_dir),
+            data_dir=os.path.expanduser(c.data_dir) if c.data_dir else None, size=c.size,
+            cache_dir=os.path.expanduser(c.cache_dir),
             stage_dir=c.stage_dir, features=Features(
                 sample_rate=c.sample_rate, n_fft=c.n_fft, f_min=c.f_min, f_max=c.f_max,
                 log_offset=c.log_offset),

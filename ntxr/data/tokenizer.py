@@ -1,10 +1,10 @@
-"""Caption tokenizers cached by the data, and word2vec-format vectors.
+"""Caption tokenizers cached by the data.
 
 Two vocabularies share one interface (`vocab_size`, `encode`), with PAD_ID = 0 and
 UNK_ID = 1:
   - sentencepiece pieces trained on the development captions (the default);
   - whole words of the cleaned development captions, for word vectors such as the
-    paper's frozen Word2Vec (`read_word2vec` aligns a word2vec file to them).
+    paper's frozen Word2Vec (`word_vectors.read_word2vec` aligns a word2vec file to them).
 """
 
 import collections
