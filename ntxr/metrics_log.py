@@ -43,7 +43,8 @@ class MetricsLog:
     if files.is_bucket(workdir):  # staged here; killed runs' stagings (uploaded) removed
       staging = os.path.join(tempfile.gettempdir(), "ntxr-tensorboard")
       files.remove_left_by_dead(staging)
-      self.staged = tempfile.mkdtemp(prefix=os.path.basename(files.partial_path(staging)) + "-")
+      prefix = os.path.basename(files.partial_path(staging)) + "-"
+      self.staged = tempfile.mkdtemp(prefix=prefix)
     self.summary = tf.summary  # TensorFlow is imported only where a run logs
     self.tensorboard = self.summary.create_file_writer(self.staged or self.tensorboard_dir)
 
@@ -69,5 +70,3 @@ class MetricsLog:
       self.tensorboard.close()
       if self.staged:
         shutil.rmtree(self.staged, ignore_errors=True)
-
-

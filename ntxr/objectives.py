@@ -244,6 +244,8 @@ def soft(s_cross: Array, audio_ids: Array, relevance: Array, *, temperature=0.05
     >>> round(float(soft(s, ids, jnp.ones((2, 2)), temperature=1.0)), 4)  # both equal
     0.8133
   """
+  if relevance is None:
+    raise ValueError("objective 'soft' needs relevance= [N, N]")
   z, positives, pools, valid = _prepared(s_cross, audio_ids, temperature, pools, valid,
                                          relevance)
   return _softmax_objective(z, relevance, positives, pools, valid)
@@ -315,8 +317,6 @@ def contrastive_loss(s_cross: Array, audio_ids: Array, *, objective: str,
   if objective not in _WHOLE_POOL:
     raise ValueError(f"unknown objective {objective!r}; the whole-pool ones are "
                      f"{list(_WHOLE_POOL)}")
-  if objective == "soft" and relevance is None:
-    raise ValueError("objective 'soft' needs relevance= [N, N]")
   return _WHOLE_POOL[objective][0](s_cross, audio_ids, temperature=temperature, bias=bias,
                                    beta=beta, relevance=relevance, pools=pools, valid=valid)
 

@@ -80,7 +80,8 @@ def test_jobs_give_one_row_each():
 def test_command_writes_json_and_imports_no_tensorflow(tmp_path):
   out = tmp_path / "bench.json"
   code = ("import sys; from absl import app; from ntxr.bench import __main__ as bench\n"
-          "bench.define_flags()\ntry: app.run(bench.main)\nexcept SystemExit as e: assert not e.code, e.code\n"
+          "bench.define_flags()\n"
+          "try: app.run(bench.main)\nexcept SystemExit as e: assert not e.code, e.code\n"
           "assert 'tensorflow' not in sys.modules and 'librosa' not in sys.modules")
   subprocess.run([sys.executable, "-c", code, "--jobs=kernels", "--shapes=4:6:3:8",
                   "--strategies=random", "--repeats=1", "--device_kind=test-cpu",

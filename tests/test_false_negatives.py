@@ -80,7 +80,8 @@ def test_shares_by_hand():
   pool = ~jnp.eye(3, dtype=bool)
   kept = pool.at[2, 0].set(False).at[2, 1].set(False)
   false = jnp.zeros((3, 3), bool).at[0, 1].set(True).at[1, 0].set(True).at[2, 0].set(True)
-  found = {k: float(v) for k, v in false_negatives.measured_shares(weights, pool, kept, false).items()}
+  found = {k: float(v)
+           for k, v in false_negatives.measured_shares(weights, pool, kept, false).items()}
   # Anchors with negatives: caption anchors 0 (weight 1 on a false one) and 1 (0.5).
   assert found == pytest.approx(dict(false_negative_share=0.75, filtered_share=2 / 6,
                                      filtered_false_share=0.5))

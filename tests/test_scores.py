@@ -60,7 +60,8 @@ def test_padding_does_not_change_scores(batch):
       scores.alignment_scores(audio, text, audio_mask, text_mask), rtol=1e-6)
 
 
-@pytest.mark.parametrize("tile_elements", [1, 30, 200, 500, 10_000])  # 1,008 products: 10_000 is one tile
+# 1,008 products: 500 tiles them, 10_000 is one tile.
+@pytest.mark.parametrize("tile_elements", [1, 30, 200, 500, 10_000])
 def test_tiling_matches_one_shot(batch, tile_elements):
   audio, audio_mask, _, text, text_mask, _ = batch
   one_shot = scores.alignment_scores(audio, text, audio_mask, text_mask)

@@ -2,7 +2,6 @@
 a machine downloads a prepared folder the bucket holds whole, or prepares it and uploads
 it, so that it is prepared once for every worker and every relaunch."""
 
-import glob
 import hashlib
 import os
 import shutil
@@ -36,9 +35,9 @@ def download(bucket_copy: str, prepared: str) -> None:
   into a partial folder first, renamed into place once every file is there."""
   if os.path.isdir(prepared) or not files.exists(f"{bucket_copy}/{UPLOADED}"):
     return
-  for stale in glob.glob(f"{glob.escape(prepared)}{files.PARTIAL}*"):  # killed downloads
-    shutil.rmtree(stale)
+  files.remove_left_by_dead(prepared)  # killed downloads
   partial = files.partial_path(prepared)
+  shutil.rmtree(partial, ignore_errors=True)
   names = [name for name in files.file_tree(bucket_copy) if name != UPLOADED]
   for name in names:
     files.copy_file(f"{bucket_copy}/{name}", os.path.join(partial, name))
