@@ -13,6 +13,8 @@ costs it quadratic time. Its one-threaded server listens with Python's default b
 5 connections: Orbax's threads open more at once, and the refused ones are retried after
 a back-off, so the backlog is raised."""
 
+import csv
+import io
 import json
 import os
 import pathlib
@@ -140,7 +142,13 @@ def test_config_metrics_results_and_the_dcase_file_are_written_to_the_bucket(
   (tmp_path / "local").mkdir()
   workdir_lib.write_results(str(tmp_path / "local"), results, submission)
   assert json.loads(emulator.read(f"{prefix}/results.json")) == results
-  assert emulator.read(f"{prefix}/dcase_test.csv") == (tmp_path / "local" / "dcase_test.csv").read_bytes()
+  rows = list(csv.reader(io.StringIO(emulator.read(f"{prefix}/dcase_test.csv").decode())))
+  best_first = np.argsort(-s, axis=1, kind="stable")[:, :10]
+  assert rows == [["caption"] + [f"file_name_{k}" for k in range(1, 11)]] + [
+      [caption] + [f"{j}.wav" for j in best_first[i]]
+      for i, caption in enumerate(["a dog", "rain", "a car"])]
+  local = (tmp_path / "local" / "dcase_test.csv").read_bytes()
+  assert emulator.read(f"{prefix}/dcase_test.csv") == local
   assert not [name for name in emulator.names(prefix) if ".partial-" in name]
   assert sorted(os.listdir(tmp_path)) == ["local"]  # nothing local in the bucket's name
 

@@ -153,6 +153,18 @@ def test_a_mistyped_config_field_names_the_closest_in_one_line(tmp_path, flag, m
 
 
 
+def test_prepare_prepares_what_training_reads_and_measures_its_batches(tiny_flags):
+  done = subprocess.run([sys.executable, "-m", "ntxr.data.prepare", *tiny_flags()],
+                        capture_output=True, text=True, check=False)
+  assert (done.returncode, done.stderr) == (0, "")
+  summary, pipeline = done.stdout.splitlines()[-2:]  # after "Preparing ..." the first time
+  assert re.fullmatch(r"generate: [\d.]+ s, prepare: [\d.]+ s, skipped clips or rows: 0, "
+                      r"vocabulary: 60", summary), summary
+  # 24 training clips of 5 captions, in batches of 8 (the last partial batch dropped).
+  assert re.fullmatch(r"input pipeline: 15 batches of 8 in [\d.]+ s = [\d.]+ batches/s",
+                      pipeline), pipeline
+
+
 def test_preparing_a_missing_folder_says_so_in_one_line(tmp_path):
   done = subprocess.run([sys.executable, "-m", "ntxr.data.prepare",
                          f"--config.data_dir={tmp_path}/Clotho", f"--config.cache_dir={tmp_path}"],

@@ -8,12 +8,14 @@ import subprocess
 import sys
 import wave
 
+import librosa
 import numpy as np
 import pytest
 
 from ntxr import settings
 from ntxr.configs import default
 from ntxr.data import builders, captions, features, input_pipeline, synthetic, tokenizer
+from ntxr.data import corpus as corpus_lib
 
 DCASE2022 = os.path.join(os.path.dirname(__file__), "data", "dcase2022")
 LOGMEL = settings.Features(sample_rate=synthetic.SAMPLE_RATE)
@@ -194,6 +196,19 @@ def test_synthetic_corpus_layout_and_cache(corpus, tmp_path):
     live.wait()
 
 
+def test_a_corpus_of_clothos_shape_has_15_to_30_second_clips(tmp_path, monkeypatch):
+  monkeypatch.setitem(synthetic.SIZES, "clotho", (3, 2, 2))  # Clotho's clips, fewer of them
+  config = default.get_config()
+  config.update(size="clotho", cache_dir=str(tmp_path), tokens="words")
+  prepared = corpus_lib.load_data(settings.Settings.of(config).data)
+  assert synthetic.is_complete(str(tmp_path / "synthetic_clotho"), "clotho", 0)
+  for split, count in zip(prepared.splits, (3, 2, 2)):
+    clips = list(prepared.builder.as_dataset(split=split).as_numpy_iterator())
+    assert len(clips) == count
+    for clip in clips:  # a frame every 20 ms, one more at the end
+      assert 15 * 50 + 1 <= len(clip["logmel"]) <= 30 * 50 + 1, len(clip["logmel"])
+
+
 @pytest.fixture(scope="module")
 def prepared(corpus, tmp_path_factory):
   builder = builders.NtxrClotho(data_dir=str(tmp_path_factory.mktemp("tfds")),
@@ -212,8 +227,19 @@ def test_prepared_clips_hold_features_and_captions(corpus, prepared):
   examples = list(builder.as_dataset(split="validation").as_numpy_iterator())
   assert len(examples) == synthetic.SIZES["tiny"][1]
   example = next(e for e in examples if e["file_name"] == b"val_00002.wav")
-  expected = features.clip_features(os.path.join(corpus, "validation", "val_00002.wav"), LOGMEL)
-  np.testing.assert_allclose(example["logmel"], expected, rtol=1e-6)
+  with wave.open(os.path.join(corpus, "validation", "val_00002.wav")) as w:
+    assert (w.getframerate(), w.getsampwidth(), w.getnchannels()) == (16000, 2, 1)
+    samples = np.frombuffer(w.readframes(w.getnframes()), "<i2") / 32768.0
+  # By hand: 40 ms periodic Hann frames every 20 ms around centres padded with zeros, the
+  # power spectrum through 64 mel filters (0 Hz to Nyquist), log(x + 1e-8), frames first.
+  window, hop = 640, 320
+  padded = np.pad(samples, window // 2)
+  frames = np.stack([padded[i:i + window] for i in range(0, len(padded) - window + 1, hop)])
+  hann = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(window) / window)
+  power = np.abs(np.fft.rfft(frames * hann, axis=1)) ** 2
+  expected = np.log(power @ librosa.filters.mel(sr=16000, n_fft=window, n_mels=64).T + 1e-8)
+  assert example["logmel"].dtype == np.float32 and example["logmel"].shape == expected.shape
+  np.testing.assert_allclose(example["logmel"], expected, atol=1e-3)
   assert len(example["captions"]) == 5
 
 
