@@ -58,6 +58,7 @@ class Experiment:
                          embed_dim=model_settings.embed_dim, channels=model_settings.channels,
                          dropout=model_settings.dropout,
                          initializer=model_settings.initializer,
+                         pool_remainder=model_settings.pool_remainder,
                          dtype=model_settings.compute_dtype)
     self.word_table = self._word_table()
     self.initial_state = self.devices.replicate(steps.create_train_state(
@@ -83,7 +84,7 @@ class Experiment:
       return None
     table, missing = word_vectors.read_word2vec(
         self.config.word_vectors, self.tokenizer.words,
-        missing=self.config.missing_word_vectors)
+        missing=self.config.missing_word_vectors, variants=self.config.word_variants)
     if missing:
       logging.warning("word vectors: %d of %d words are not in %s and get %s vectors "
                       "(frozen), the first: %s", len(missing), len(self.tokenizer.words),
@@ -138,10 +139,12 @@ class Experiment:
     return self.builder.as_dataset(split=split)
 
   def train_batches(self, split: str, seed: int):
-    """A split's shuffled caption pairs in batches (tf.data)."""
+    """A split's shuffled caption pairs in batches (tf.data), the last short one kept
+    with --config.keep_partial_batch."""
     return input_pipeline.train_batches(
         self.clips(split), self.tokenizer, batch_size=self.config.batch_size, seed=seed,
-        frame_buckets=self.config.frame_buckets, max_tokens=self.config.max_tokens)
+        frame_buckets=self.config.frame_buckets, max_tokens=self.config.max_tokens,
+        drop_remainder=not self.config.keep_partial_batch)
 
   def captions(self, split: str) -> list:
     """[(file_name, [captions])] of a split's clips in order, without decoding audio."""
@@ -151,12 +154,21 @@ class Experiment:
             for c in tfds.as_numpy(clips)]
 
   def batches_per_epoch(self, split: str) -> int:
-    """Full batches of caption pairs in a split; raises ValueError if it has none."""
+    """Batches of caption pairs in a split (the last short one counted with
+    --config.keep_partial_batch); raises ValueError if it has no full one, or if the
+    short one does not split over the devices."""
     pairs = sum(len(captions) for _, captions in self.captions(split))
-    if pairs < self.config.batch_size:
+    size = self.config.batch_size
+    if pairs < size:
       raise ValueError(f"the {split} split has {pairs} caption pairs, fewer than one batch "
-                       f"of {self.config.batch_size}: lower --config.batch_size")
-    return pairs // self.config.batch_size
+                       f"of {size}: lower --config.batch_size")
+    if not self.config.keep_partial_batch:
+      return pairs // size
+    if pairs % size % self.devices.count:
+      raise settings.SettingError(
+          f"--config.keep_partial_batch: the {split} split's last batch of {pairs % size} "
+          f"pairs does not split over {self.devices.count} devices; set it to false")
+    return -(-pairs // size)
 
   def embedder(self, state: steps.TrainState) -> embedder_lib.Embedder:
     """Embeds clips and captions with `state`, as this experiment's data is shaped."""
@@ -169,16 +181,27 @@ class Experiment:
     """Every clip and caption of a split embedded, in order."""
     return self.embedder(state).split(self.clips(split))
 
-  def validate(self, state: steps.TrainState, training: dict) -> tuple:
-    """(validation {"loss", "t2a", "a2t"}, Collapse) on the validation split; the loss
-    under a fixed seed. training: the epoch's mean TrainingStatistics, for Collapse."""
-    key = jax.random.key(self.config.seed)
-    batches = parallel.prefetch(input_pipeline.as_numpy(self.train_batches(
-        self.validation_split, 0)), lambda batch: self.device_batch(batch, self.validation_split))
+  def validation_loss(self, state: steps.TrainState, epoch: int) -> float:
+    """The mean loss of the validation split's batches after `epoch` epochs (0: the
+    untrained model). Its batches and random draws are the same every epoch, or with
+    --config.validation_draws=per_epoch the epoch's own."""
+    key, seed = jax.random.key(self.config.seed), 0
+    if self.config.validation_draws == "per_epoch":
+      key = jax.random.fold_in(key, epoch)
+      seed = int(np.random.SeedSequence([self.config.seed, epoch, 1]).generate_state(1)[0])
+    batches = parallel.prefetch(
+        input_pipeline.as_numpy(self.train_batches(self.validation_split, seed)),
+        lambda batch: self.device_batch(batch, self.validation_split))
     losses = jax.device_get([self._eval_loss(state, batch, key) for batch in batches])
     loss = float(np.mean(np.asarray(losses, np.float64)))
     if not np.isfinite(loss):
       raise FloatingPointError(f"validation loss is {loss}")
+    return loss
+
+  def validate(self, state: steps.TrainState, training: dict, epoch: int) -> tuple:
+    """(validation {"loss", "t2a", "a2t"}, Collapse) on the validation split after
+    `epoch` epochs. training: the epoch's mean TrainingStatistics, for Collapse."""
+    loss = self.validation_loss(state, epoch)
     split = self.embed_split(state, self.validation_split)
     metrics = evaluate.both_directions(evaluate.split_scores(split, self.config.score),
                                        split.clip_ids, split.caption_ids)

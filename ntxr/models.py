@@ -38,17 +38,22 @@ def lp_pool(x: Array, window: Tuple[int, int], p: float = 4.0) -> Array:
   return jnp.maximum(total, 1e-12) ** (1 / p)  # bounded gradient at all-zero windows
 
 
-def upsample_linear(x: Array, lengths: Array, factor: int) -> Array:
+def upsample_linear(x: Array, lengths: Array, factor: int,
+                    out_lengths: Optional[Array] = None) -> Array:
   """Linear interpolation by `factor` along time, clamped at each row's own length.
 
   Args:
     x: [B, T, D]; lengths: [B] valid steps of each row (>= 1); factor: int.
+    out_lengths: [B] frames each row is stretched to (PyTorch's `size=`: a source step
+      of lengths / out_lengths), or None for a step of 1 / factor.
   Returns:
     [B, T * factor, D], PyTorch's `interpolate(mode="linear", align_corners=False)`
     applied to each row's first `lengths` steps.
   """
   steps = jnp.arange(x.shape[1] * factor)
-  position = jnp.clip((steps + 0.5) / factor - 0.5, 0, (lengths - 1)[:, None])
+  scale = (1 / factor if out_lengths is None
+           else (lengths / jnp.maximum(out_lengths, 1))[:, None])
+  position = jnp.clip((steps + 0.5) * scale - 0.5, 0, (lengths - 1)[:, None])
   low = jnp.floor(position).astype(jnp.int32)
   high = jnp.minimum(low + 1, (lengths - 1)[:, None])
   weight = (position - low)[..., None].astype(x.dtype)
@@ -87,9 +92,11 @@ def _initializers(name: str, hidden: int) -> tuple:
           dict(kernel_init=uniform, recurrent_kernel_init=uniform, bias_init=uniform))
 
 
-def _downsampled_mask(mask: Array, factor: int) -> Array:
-  """[B, T] -> [B, T // factor]: a step is valid when any frame it covers is."""
-  return mask.reshape(mask.shape[0], -1, factor).any(axis=-1)
+def _downsampled_mask(mask: Array, factor: int, remainder: str) -> Array:
+  """[B, T] -> [B, T // factor]: a step is valid when any frame it covers is (remainder
+  "keep") or when all are ("drop": PyTorch's pooling floor)."""
+  covered = mask.reshape(mask.shape[0], -1, factor)
+  return covered.any(axis=-1) if remainder == "keep" else covered.all(axis=-1)
 
 
 class CRNN(nn.Module):
@@ -99,12 +106,15 @@ class CRNN(nn.Module):
   (time, frequency) where the block names a window, as in the authors' encoder;
   dropout; a bidirectional GRU (embed_dim // 2 per direction); linear upsampling
   back to T frames. BatchNorm statistics skip padded frames (and are reduced in float32).
+  pool_remainder: a clip's last window that its frames only partly fill is pooled
+  ("keep") or dropped as PyTorch's LPPool2d floors it ("drop", the authors').
   """
   channels: Sequence[int] = PAPER_CHANNELS
   pools: Sequence[Optional[Tuple[int, int]]] = PAPER_POOLS
   embed_dim: int = 300
   dropout: float = 0.3
   initializer: str = "flax"
+  pool_remainder: str = "keep"
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -126,13 +136,14 @@ class CRNN(nn.Module):
       x = nn.leaky_relu(x, 0.1)
       if window:
         x = lp_pool(x, window)
-        step_mask = _downsampled_mask(step_mask, window[0])
+        step_mask = _downsampled_mask(step_mask, window[0], self.pool_remainder)
     x = x * step_mask[:, :, None, None].astype(x.dtype)
     x = nn.Dropout(self.dropout, deterministic=not train)(x.reshape(*x.shape[:2], -1))
     lengths = jnp.maximum(step_mask.sum(axis=1), 1)
     gru = lambda: nn.RNN(nn.GRUCell(self.embed_dim // 2, dtype=self.dtype, **gru_init))
     x = nn.Bidirectional(gru(), gru())(x, seq_lengths=lengths)  # the carry stays float32
-    x = upsample_linear(x.astype(self.dtype), lengths, stride)[:, :frames]
+    out_lengths = None if self.pool_remainder == "keep" else mask.sum(axis=1)
+    x = upsample_linear(x.astype(self.dtype), lengths, stride, out_lengths)[:, :frames]
     return l2_normalize(x, mask)
 
 
@@ -161,12 +172,17 @@ class DualEncoder(nn.Module):
   channels: Sequence[int] = PAPER_CHANNELS
   dropout: float = 0.3
   initializer: str = "flax"
+  pool_remainder: str = "keep"
   dtype: Any = jnp.float32
 
   def setup(self):
     dtype = compute_dtype(self.dtype)
+    if self.pool_remainder not in settings.POOL_REMAINDERS:
+      raise ValueError(f"pool_remainder must be one of {settings.POOL_REMAINDERS}, "
+                       f"not {self.pool_remainder!r}")
     self.audio = CRNN(self.channels, embed_dim=self.embed_dim, dropout=self.dropout,
-                      initializer=self.initializer, dtype=dtype)
+                      initializer=self.initializer, pool_remainder=self.pool_remainder,
+                      dtype=dtype)
     self.text = TextEncoder(self.vocab_size, self.embed_dim, dtype=dtype)
 
   def embed_audio(self, audio: Array, audio_mask: Array, *, train: bool = False) -> Array:

@@ -283,14 +283,14 @@ def main(argv):
         queries += [line.rstrip("\n") for line in f if line.strip()]
     if not queries and not FLAGS.audio_query:
       raise ValueError("nothing to search for: give --query, --queries or --audio_query")
-    read_config(workdir)  # first: taking the lock would create a mistyped workdir
+    config = read_config(workdir)  # first: taking the lock would create a mistyped workdir
   except (FileNotFoundError, ValueError) as error:
     command.exit_with(error, 2)
   try:
     # A later call reuses this call's compiled scoring blocks.
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "search", "compiled"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
-    with workdir_lib.in_use(workdir):
+    with workdir_lib.in_use(workdir), jax.default_matmul_precision(config.matmul_precision):
       model = Model(workdir)
       start = time.perf_counter()
       index = Index.open(model, workdir, audio_dir)

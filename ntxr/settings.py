@@ -42,6 +42,10 @@ MISSING_WORD_VECTORS = ("random", "one_unk")
 INITIALIZERS = ("flax", "pytorch")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 PADDINGS = ("masked", "batch")  # see steps.training_masks
+POOL_REMAINDERS = ("keep", "drop")  # see models.CRNN
+WORD_VARIANTS = ("rules", "authors")  # see data.word_vectors.read_word2vec
+VALIDATION_DRAWS = ("fixed", "per_epoch")  # see Optimiser
+MATMUL_PRECISIONS = ("default", "high", "highest")  # jax.default_matmul_precision's
 SIMILARITIES = ("tfidf", "word_vectors", "events")  # see ntxr.false_negatives
 
 # How the reported ("best") checkpoint is chosen from each epoch's validation: the
@@ -99,6 +103,7 @@ class Data:
   vocabulary: str
   word_vectors: str
   missing_word_vectors: str
+  word_variants: str
   frame_buckets: tuple
   max_tokens: int
   skip_bad_files: bool
@@ -114,6 +119,7 @@ class Model:
   dropout: float
   initializer: str
   compute_dtype: str
+  pool_remainder: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,14 +162,37 @@ class Schedule:
 
 
 @dataclasses.dataclass(frozen=True)
+class Stopper:
+  """Ray Tune's TrialPlateauStopper on the validation loss (`train.plateau_stop`): stop
+  once `grace_period` results are in and the population standard deviation of the last
+  `num_results` is below `std`. std 0: never stop."""
+  std: float = 0.0
+  num_results: int = 10
+  grace_period: int = 60
+
+
+@dataclasses.dataclass(frozen=True)
 class Optimiser:
-  """Adam's batches, epochs and learning rate with its plateau `schedule`."""
+  """Adam's batches, epochs and learning rate with its plateau `schedule`, and how the
+  validation loss that drives it is drawn.
+
+  keep_partial_batch: an epoch's last batch, short of batch_size, is used (the
+  authors'), not dropped. validation_draws: the validation loss's batches and random
+  draws are the same every epoch ("fixed") or reshuffled and drawn anew each epoch, from
+  the epoch's own seed ("per_epoch", as the authors' loaders, yet a resumed run stays
+  exact). schedule_from_untrained: the untrained model's validation loss is the
+  schedule's and the stopper's first value (the authors' epoch 0).
+  """
   learning_rate: float
   schedule: Schedule
+  stopper: Stopper
   batch_size: int
   eval_batch_size: int
   num_epochs: int
   max_steps_per_epoch: int  # 0: the whole training split
+  keep_partial_batch: bool
+  validation_draws: str
+  schedule_from_untrained: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,8 +214,10 @@ class Collapse:
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """A config's settings by group, checked (`Settings.of`)."""
+  """A config's settings by group, checked (`Settings.of`). matmul_precision: of every
+  jitted program (`jax.default_matmul_precision`; "highest" is full float32)."""
   seed: int
+  matmul_precision: str
   data: Data
   model: Model
   loss: Loss
@@ -200,7 +231,7 @@ class Settings:
     _check_fields(config)
     c = config
     return cls(
-        seed=c.seed,
+        seed=c.seed, matmul_precision=c.matmul_precision,
         data=Data(
             data_dir=os.path.expanduser(c.data_dir) if c.data_dir else None, size=c.size,
             cache_dir=os.path.expanduser(c.cache_dir),
@@ -209,19 +240,25 @@ class Settings:
                 log_offset=c.log_offset),
             tokens="words" if c.word_vectors else c.tokens, vocab_size=c.vocab_size,
             text_cleaning=c.text_cleaning, vocabulary=c.vocabulary, word_vectors=c.word_vectors,
-            missing_word_vectors=c.missing_word_vectors, frame_buckets=tuple(c.frame_buckets),
+            missing_word_vectors=c.missing_word_vectors, word_variants=c.word_variants,
+            frame_buckets=tuple(c.frame_buckets),
             max_tokens=c.max_tokens, skip_bad_files=c.skip_bad_files,
             validation_split=c.validation_split, test_split=c.test_split),
         model=Model(embed_dim=c.embed_dim, channels=tuple(c.channels), dropout=c.dropout,
-                    initializer=c.initializer, compute_dtype=c.compute_dtype),
+                    initializer=c.initializer, compute_dtype=c.compute_dtype,
+                    pool_remainder=c.pool_remainder),
         loss=Loss(objective=c.objective, strategy=c.strategy, margin=c.margin, score=c.score,
                   padding=c.train_padding, temperature=c.temperature, beta=c.beta,
                   similarity=c.similarity, relevance_slope=c.relevance_slope,
                   relevance_offset=c.relevance_offset, filter_similarity=c.filter_similarity,
                   filter_share_of_positive=c.filter_share_of_positive),
-        optimiser=Optimiser(learning_rate=c.learning_rate, schedule=Schedule(**c.plateau.to_dict()),
-                            batch_size=c.batch_size, eval_batch_size=c.eval_batch_size,
-                            num_epochs=c.num_epochs, max_steps_per_epoch=c.max_steps_per_epoch),
+        optimiser=Optimiser(
+            learning_rate=c.learning_rate, schedule=Schedule(**c.plateau.to_dict()),
+            stopper=Stopper(**c.stopper.to_dict()), batch_size=c.batch_size,
+            eval_batch_size=c.eval_batch_size, num_epochs=c.num_epochs,
+            max_steps_per_epoch=c.max_steps_per_epoch,
+            keep_partial_batch=c.keep_partial_batch, validation_draws=c.validation_draws,
+            schedule_from_untrained=c.schedule_from_untrained),
         checkpoints=Checkpoints(every_steps=c.checkpoint_every_steps,
                                 metrics_every_steps=c.metrics_every_steps,
                                 select_by=c.select_by),
@@ -244,7 +281,9 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
       ("text_cleaning", captions.TEXT_CLEANING), ("vocabulary", VOCABULARIES),
       ("missing_word_vectors", MISSING_WORD_VECTORS), ("initializer", INITIALIZERS),
       ("compute_dtype", COMPUTE_DTYPES), ("train_padding", PADDINGS),
-      ("select_by", SELECTIONS), ("similarity", ("", *SIMILARITIES))]:
+      ("select_by", SELECTIONS), ("similarity", ("", *SIMILARITIES)),
+      ("pool_remainder", POOL_REMAINDERS), ("word_variants", WORD_VARIANTS),
+      ("validation_draws", VALIDATION_DRAWS), ("matmul_precision", MATMUL_PRECISIONS)]:
     _choose(field, config[field], choices)
   for field, least in AT_LEAST.items():
     if not config[field] >= least:  # also refuses NaN
@@ -257,9 +296,13 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
     if not config.plateau[field] >= 0:
       raise SettingError(f"--config.plateau.{field} must be at least 0, not "
                          f"{config.plateau[field]}")
-  for field, value in config.collapse.items():
-    if not value >= 0:
-      raise SettingError(f"--config.collapse.{field} must be at least 0, not {value}")
+  for group in ("collapse", "stopper"):
+    for field, value in config[group].items():
+      if not value >= 0:
+        raise SettingError(f"--config.{group}.{field} must be at least 0, not {value}")
+  if config.stopper.num_results < 1:
+    raise SettingError(f"--config.stopper.num_results must be at least 1, not "
+                       f"{config.stopper.num_results}")
   if 0 < config.sample_rate < MIN_SAMPLE_RATE or config.sample_rate < 0:
     raise SettingError(f"--config.sample_rate must be 0 (the corpus's own) or at least "
                        f"{MIN_SAMPLE_RATE} Hz, not {config.sample_rate}")

@@ -59,11 +59,35 @@ def reduce_on_plateau(plateau: Plateau, value: float, learning_rate: float,
   return plateau, learning_rate
 
 
+def plateau_stop(recent: tuple, results: int, value: float,
+                 options: settings.Stopper) -> tuple:
+  """Ray Tune's TrialPlateauStopper (tune/stopper/trial_plateau.py) for one result.
+
+  Returns (recent, results, stop): the last `num_results` values, the count of results
+  so far, and whether to stop: once at least `grace_period` results are in and the
+  last `num_results` have a population standard deviation below `std`.
+
+  Example:
+    >>> recent, results = (), 0
+    >>> for loss in [1.0, 0.5, 0.5004, 0.5002]:
+    ...   recent, results, stop = plateau_stop(recent, results, loss,
+    ...                                        settings.Stopper(0.001, 3, 2))
+    >>> recent, stop
+    ((0.5, 0.5004, 0.5002), True)
+  """
+  recent, results = (*recent, float(value))[-options.num_results:], results + 1
+  stop = (results >= options.grace_period and len(recent) == options.num_results
+          and float(np.std(recent)) < options.std)
+  return recent, results, stop
+
+
 @dataclasses.dataclass(frozen=True)
 class Progress:
   """Where training stands, saved with every checkpoint: epochs completed, steps into
   the next and the sums of their statistics, the learning rate and its plateau, the best
-  epoch and its selection value, training seconds, and the epochs flagged as collapsed."""
+  epoch and its selection value, training seconds, the epochs flagged as collapsed, and
+  the plateau stopper's memory (its last validation losses, their count, and whether it
+  stopped training)."""
   learning_rate: float
   epoch: int = 0
   step_in_epoch: int = 0
@@ -73,6 +97,9 @@ class Progress:
   best_epoch: int = 0
   seconds: float = 0.0
   collapse_epochs: tuple = ()
+  recent_losses: tuple = ()
+  validation_results: int = 0
+  stopped_early: bool = False
 
   def after_step(self, statistics: dict) -> "Progress":
     sums = {name: self.statistic_sums.get(name, 0.0) + value
@@ -85,12 +112,24 @@ class Progress:
     return {name: total / self.step_in_epoch for name, total in self.statistic_sums.items()}
 
   def to_json(self) -> dict:
-    return dict(dataclasses.asdict(self), collapse_epochs=list(self.collapse_epochs))
+    return dict(dataclasses.asdict(self), collapse_epochs=list(self.collapse_epochs),
+                recent_losses=list(self.recent_losses))
 
   @classmethod
   def from_json(cls, saved: dict) -> "Progress":
     return cls(**dict(saved, plateau=Plateau(**saved["plateau"]),
-                      collapse_epochs=tuple(saved["collapse_epochs"])))
+                      collapse_epochs=tuple(saved["collapse_epochs"]),
+                      recent_losses=tuple(saved.get("recent_losses", ()))))
+
+  def after_validation(self, loss: float, options: settings.Optimiser) -> "Progress":
+    """The progress with a validation loss given to the plateau schedule and stopper."""
+    plateau, learning_rate = reduce_on_plateau(self.plateau, loss, self.learning_rate,
+                                               options.schedule)
+    recent, results, stop = plateau_stop(self.recent_losses, self.validation_results, loss,
+                                         options.stopper)
+    return dataclasses.replace(self, plateau=plateau, learning_rate=learning_rate,
+                               recent_losses=recent, validation_results=results,
+                               stopped_early=stop)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -168,10 +207,12 @@ def train_epochs(experiment: experiment_lib.Experiment, state: steps.TrainState,
                  log: metrics_log.MetricsLog) -> Progress:
   """Trains from `progress` to config.num_epochs; returns the final Progress.
 
-  Each epoch: the training split's shuffled batches (at most max_steps_per_epoch),
-  one step each, the latest checkpoint every checkpoint_every_steps; then validation,
-  the plateau schedule, the best checkpoint if the selection improved, the latest, and
-  one metrics line. A non-finite loss stops training with FloatingPointError, the last
+  With config.schedule_from_untrained, a new run first gives the untrained model's
+  validation loss to the schedule and the stopper. Each epoch: the training split's
+  shuffled batches (at most max_steps_per_epoch), one step each, the latest checkpoint
+  every checkpoint_every_steps; then validation, the plateau schedule and stopper, the
+  best checkpoint if the selection improved, the latest, and one metrics line; the
+  stopper may end training before num_epochs. A non-finite loss stops training with FloatingPointError, the last
   good checkpoint kept. Asked to stop (StopRequests), it saves the latest checkpoint
   (after the step in flight, or the epoch's steps if they are done) and raises Stopped.
   """
@@ -179,9 +220,13 @@ def train_epochs(experiment: experiment_lib.Experiment, state: steps.TrainState,
   steps_per_epoch = experiment.batches_per_epoch(experiment.training_split)
   if config.max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+  options = experiment.settings.optimiser
+  if options.schedule_from_untrained and progress == Progress(config.learning_rate):
+    progress = progress.after_validation(experiment.validation_loss(state, 0), options)
+    state = steps.set_learning_rate(state, progress.learning_rate)
   with StopRequests() as stop:
     try:
-      while progress.epoch < config.num_epochs:
+      while progress.epoch < config.num_epochs and not progress.stopped_early:
         start = time.perf_counter()
         stop.at_steps = True
         state, progress = _train_steps(experiment, state, progress, checkpoints,
@@ -256,17 +301,16 @@ def _end_epoch(experiment, state, progress, checkpoints, log, seconds) -> tuple:
   select = settings.SELECTIONS[config.select_by]
   epoch, training = progress.epoch + 1, progress.statistic_means()
   start = time.perf_counter()
-  validation, collapse = experiment.validate(state, training)
+  validation, collapse = experiment.validate(state, training, epoch)
   validation_seconds = time.perf_counter() - start
-  plateau, learning_rate = reduce_on_plateau(progress.plateau, validation["loss"],
-                                             progress.learning_rate,
-                                             experiment.settings.optimiser.schedule)
+  progress = progress.after_validation(validation["loss"], experiment.settings.optimiser)
+  learning_rate = progress.learning_rate
   state = steps.set_learning_rate(state, learning_rate)
   if collapse.collapsed:
     logging.warning("feature collapse at epoch %d: %s", epoch, "; ".join(collapse.reasons))
   progress = dataclasses.replace(
-      progress, epoch=epoch, step_in_epoch=0, statistic_sums={}, learning_rate=learning_rate,
-      plateau=plateau, seconds=progress.seconds + seconds,
+      progress, epoch=epoch, step_in_epoch=0, statistic_sums={},
+      seconds=progress.seconds + seconds,
       collapse_epochs=progress.collapse_epochs + ((epoch,) if collapse.collapsed else ()))
   if select(validation) > progress.best_selection:
     progress = dataclasses.replace(progress, best_selection=select(validation),
@@ -283,6 +327,11 @@ def _end_epoch(experiment, state, progress, checkpoints, log, seconds) -> tuple:
       f"loss {validation['loss']:.4f}, t2a R@10 {validation['t2a']['R@10']:.3f} mAP@10 "
       f"{validation['t2a']['mAP@10']:.3f}, a2t R@10 {validation['a2t']['R@10']:.3f}, "
       f"lr {learning_rate:g} (validation {validation_seconds:.0f} s)")
+  if progress.stopped_early:
+    stopper = experiment.settings.optimiser.stopper
+    tqdm.tqdm.write(f"the validation loss has plateaued (standard deviation below "
+                    f"{stopper.std:g} over its last {stopper.num_results} values): training "
+                    f"stops after epoch {epoch}")
   return state, progress
 
 
@@ -303,6 +352,7 @@ def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: checkpoint
                  split=experiment.test_split,
                  collapse=best.best_epoch in trained.collapse_epochs,
                  collapse_epochs=list(trained.collapse_epochs), epochs=trained.epoch,
+                 stopped_early=trained.stopped_early,
                  selected_by=config.select_by, skipped=dict(count=len(skipped),
                                                             entries=skipped),
                  steps=checkpoints.step("latest") or int(state.step),
@@ -319,10 +369,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains (resuming if workdir holds a run), then tests the best checkpoint.
 
   Returns the dict written to workdir/results.json. Raises FloatingPointError if the
-  loss or a score becomes NaN; the last good checkpoints stay in workdir.
+  loss or a score becomes NaN; the last good checkpoints stay in workdir. Every program
+  it compiles multiplies matrices at config.matmul_precision.
   """
   settings.check(workdir, config)
-  with workdir_lib.in_use(workdir):
+  with workdir_lib.in_use(workdir), jax.default_matmul_precision(config.matmul_precision):
     experiment = experiment_lib.Experiment(config)  # reads the data
     for split in (experiment.training_split, experiment.validation_split):
       experiment.batches_per_epoch(split)  # fails now, not in epoch 1
@@ -341,6 +392,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Tests the best checkpoint in workdir without training."""
-  with workdir_lib.in_use(workdir):
+  with workdir_lib.in_use(workdir), jax.default_matmul_precision(config.matmul_precision):
     with checkpoints_lib.Checkpoints(workdir) as checkpoints:
       return evaluate_best(experiment_lib.Experiment(config), checkpoints, workdir)

@@ -76,6 +76,43 @@ def test_upsample_linear_matches_interpolation_of_each_row():
       np.testing.assert_allclose(got[row, :4 * length, d], expected, rtol=1e-5, atol=1e-6)
 
 
+def pytorch_linear_interpolation(row: np.ndarray, size: int) -> np.ndarray:
+  """F.interpolate(mode="linear", align_corners=False, size=size) on [L, D], as PyTorch's
+  upsample_linear1d kernel computes it: a source index clamped at 0, its neighbour
+  clamped at the last step."""
+  scale, out = len(row) / size, np.zeros((size, row.shape[1]))
+  for t in range(size):
+    source = max(scale * (t + 0.5) - 0.5, 0.0)
+    low = int(source)
+    high = low + (1 if low < len(row) - 1 else 0)
+    weight = source - low
+    out[t] = (1 - weight) * row[low] + weight * row[high]
+  return out
+
+
+def test_upsample_linear_to_each_rows_frames_matches_pytorchs_kernel():
+  x = np.random.default_rng(1).normal(size=(3, 5, 2)).astype(np.float32)
+  frames = np.array([18, 13, 7])  # the authors' CRNN: frames // 4 steps back to frames
+  steps_ = frames // 4
+  got = np.asarray(models.upsample_linear(jnp.asarray(x), jnp.asarray(steps_), 4,
+                                          jnp.asarray(frames)))
+  for row in range(3):
+    np.testing.assert_allclose(got[row, :frames[row]], pytorch_linear_interpolation(
+        x[row, :steps_[row]], frames[row]), rtol=1e-5, atol=1e-6)
+
+
+def test_pooling_floor_drops_only_a_partial_last_window():
+  model = lambda remainder: models.CRNN((2, 4, 4, 4, 4), embed_dim=8, pool_remainder=remainder)
+  audio = jnp.asarray(np.random.default_rng(2).normal(size=(2, 24, 64)), jnp.float32)
+  mask = jnp.arange(24)[None] < jnp.array([[20], [23]])  # 5 windows of 4; 5 and 3 frames over
+  variables = model("keep").init(jax.random.key(0), audio, mask, train=False)
+  keep, drop = (np.asarray(model(r).apply(variables, audio, mask, train=False))
+                for r in ("keep", "drop"))
+  np.testing.assert_array_equal(keep[0], drop[0])  # 20 frames fill their windows
+  assert not np.allclose(keep[1, :23], drop[1, :23])  # 23 -> 11 -> 5 GRU steps, not 6
+  assert np.all(drop[1, 23:] == 0) and np.all(np.isfinite(drop))
+
+
 def test_text_encoder_normalises_tokens():
   model = models.TextEncoder(vocab_size=10, embed_dim=6)
   tokens = jnp.array([[3, 4, 0]])

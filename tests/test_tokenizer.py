@@ -120,3 +120,32 @@ def test_hyphenated_word_gets_its_parts_mean_and_missing_words_share_one_unit_ve
   np.testing.assert_allclose(np.linalg.norm(table[4]), 1.0, rtol=1e-6)
   random_table, _ = word_vectors.read_word2vec(str(tmp_path / "v"), vocabulary)
   assert not np.array_equal(random_table[4], random_table[5])
+
+
+def test_the_authors_variants_stand_in_as_their_script_does_and_nothing_else(tmp_path):
+  found = {"A": [1.0, 0.0, 0.0], "Axe": [0.0, 2.0, 0.0], "ambulate": [0.0, 0.0, 3.0],
+           "walkie": [1.0, 1.0, 0.0], "talkie": [3.0, 1.0, 2.0], "dog": [0.5, 0.5, 0.5],
+           "Cat": [9.0, 9.0, 9.0]}
+  write_text(tmp_path / "v", found)
+  vocabulary = ["<pad>", "<unk>", "a", "axe", "ambulates", "walkie-talkie", "dog", "cat"]
+  table, missing = word_vectors.read_word2vec(str(tmp_path / "v"), vocabulary,
+                                              missing="one_unk", variants="authors")
+  # word2vec_embeddings.py: exact look-ups, then each hand-made variant's mean; every
+  # other word the file lacks is UNK (no case rule: "cat" is not "Cat").
+  expected, unknown = {}, []
+  for token in vocabulary[1:]:
+    try:
+      expected[token] = np.asarray(found[token])
+    except KeyError:
+      unknown.append(token)
+  for token, variants in word_vectors.AUTHORS_VARIANTS.items():
+    if token in unknown:
+      expected[token] = np.mean([found[v] for v in variants], axis=0)
+      unknown.remove(token)
+  assert missing == unknown == ["<unk>", "cat"]
+  for row, token in enumerate(vocabulary):
+    if token in expected:
+      np.testing.assert_allclose(table[row], expected[token], rtol=1e-6)
+  rules, rules_missing = word_vectors.read_word2vec(str(tmp_path / "v"), vocabulary)
+  np.testing.assert_allclose(rules[7], found["Cat"])
+  assert rules_missing == ["<unk>", "ambulates"]

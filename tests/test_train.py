@@ -1,6 +1,7 @@
 """The training loop on a tiny synthetic corpus: end to end, NaN, frozen vectors, the
 authors' training score, objectives. What the workdir survives: test_workdir.py."""
 
+import collections
 import json
 import os
 import pathlib
@@ -199,6 +200,109 @@ def test_reduce_on_plateau_follows_pytorch_abs_threshold():
   for _ in range(40):
     plateau, lr = train.reduce_on_plateau(plateau, 2.0, lr, schedule)
   assert lr == 1e-6
+
+
+class RayTrialPlateauStopper:
+  """ray.tune.stopper.TrialPlateauStopper as its source writes it (one trial, no
+  metric_threshold): a deque of the last results and a count of them."""
+
+  def __init__(self, std, num_results, grace_period):
+    self.std, self.num_results, self.grace_period = std, num_results, grace_period
+    self.iter, self.results = 0, collections.deque(maxlen=num_results)
+
+  def __call__(self, result):
+    self.results.append(result)
+    self.iter += 1
+    if self.iter < self.grace_period or len(self.results) < self.num_results:
+      return False
+    return np.std(self.results) < self.std
+
+
+class PytorchReduceLROnPlateau:
+  """torch.optim.lr_scheduler.ReduceLROnPlateau(mode="min", threshold_mode="abs")."""
+
+  def __init__(self, lr, factor, patience, threshold, min_lr):
+    self.lr, self.factor, self.patience = lr, factor, patience
+    self.threshold, self.min_lr = threshold, min_lr
+    self.best, self.num_bad_epochs = float("inf"), 0
+
+  def step(self, metric):
+    if metric < self.best - self.threshold:
+      self.best, self.num_bad_epochs = metric, 0
+    else:
+      self.num_bad_epochs += 1
+    if self.num_bad_epochs > self.patience:
+      self.lr, self.num_bad_epochs = max(self.lr * self.factor, self.min_lr), 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_stopper_stops_where_rays_trial_plateau_stopper_does(seed):
+  rng = np.random.default_rng(seed)
+  options = settings.Stopper(std=float(rng.uniform(0.001, 0.02)),
+                             num_results=int(rng.integers(1, 6)),
+                             grace_period=int(rng.integers(0, 12)))
+  ray = RayTrialPlateauStopper(options.std, options.num_results, options.grace_period)
+  values = 1 / np.arange(1, 40) + rng.normal(0, 0.003, 39)
+  recent, results = (), 0
+  for value in values:
+    recent, results, stop = train.plateau_stop(recent, results, value, options)
+    assert stop == ray(value), (options, results)
+
+
+def test_the_authors_loop_steps_the_schedule_from_epoch_zero_and_stops_on_a_plateau(
+    tiny_config, tmp_path, monkeypatch):
+  """main.py's loop: epoch 0 validates the untrained model; every epoch's validation loss
+  steps ReduceLROnPlateau, then Ray's stopper may end the trial. The losses are scripted
+  (the real per-epoch validation loss is still computed, at full float32 products, on
+  reshuffled batches with their last short batch); training is real."""
+  scripted = [1.0, 0.8, 0.798, 0.7, 0.69]
+  seen = []
+  real = experiment_lib.Experiment.validation_loss
+
+  def validation_loss(self, state, epoch):
+    seen.append((epoch, jax.config.jax_default_matmul_precision,
+                 np.isfinite(real(self, state, epoch))))
+    return scripted[epoch]
+  monkeypatch.setattr(experiment_lib.Experiment, "validation_loss", validation_loss)
+  config = tiny_config(num_epochs=4, batch_size=16, keep_partial_batch=True,
+                       validation_draws="per_epoch", schedule_from_untrained=True,
+                       matmul_precision="highest", select_by="validation_loss")
+  config.plateau.patience = 0
+  config.stopper.update(std=0.01, num_results=2, grace_period=3)
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+
+  scheduler = PytorchReduceLROnPlateau(config.learning_rate, **config.plateau)
+  stopper = RayTrialPlateauStopper(**config.stopper)
+  rates = []
+  for epoch in range(config.num_epochs + 1):  # main.py: range(0, num_epoch + 1)
+    scheduler.step(scripted[epoch])
+    rates += [scheduler.lr] if epoch else []
+    if stopper(scripted[epoch]):
+      break
+  logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+  assert [m["epoch"] for m in logged] == list(range(1, epoch + 1)) == [1, 2]
+  assert [m["learning_rate"] for m in logged] == pytest.approx(rates)
+  assert seen == [(e, "highest", True) for e in range(epoch + 1)]
+  # 120 training pairs in batches of 16: 7 full batches and one of 8, every epoch.
+  assert (results["epochs"], results["steps"], results["stopped_early"]) == (2, 16, True)
+  assert results["best_epoch"] == 2  # the lowest scripted loss among the trained epochs
+
+
+def test_per_epoch_validation_reshuffles_and_draws_anew_from_the_epochs_seed(tiny_config):
+  fixed = experiment_lib.Experiment(tiny_config(strategy="random", batch_size=16,
+                                                keep_partial_batch=True))
+  per_epoch = experiment_lib.Experiment(tiny_config(
+      strategy="random", batch_size=16, keep_partial_batch=True, validation_draws="per_epoch"))
+  state = fixed.initial_state
+  assert fixed.validation_loss(state, 1) == fixed.validation_loss(state, 2)
+  first = per_epoch.validation_loss(state, 1)
+  assert per_epoch.validation_loss(state, 1) == first  # seeded: a resumed run is exact
+  assert per_epoch.validation_loss(state, 2) != first
+  # The authors' DataLoader(shuffle=True): every pair once, the last batch short.
+  batches = list(input_pipeline.as_numpy(per_epoch.train_batches("validation", 7)))
+  assert [len(b["audio_id"]) for b in batches] == [16, 16, 8]
+  assert sorted(np.concatenate([b["audio_id"] for b in batches])) == sorted(
+      list(range(8)) * 5)
 
 
 def test_train_step_compiles_once_per_bucket(tiny_config):

@@ -48,6 +48,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.word_vectors = ""            # word2vec file: word tokens, a frozen table (the paper)
   config.require_word_vectors = False
   config.missing_word_vectors = "random"  # or "one_unk": one UNK vector (the paper)
+  config.word_variants = "rules"      # a word the file lacks: any case, or the mean of its
+                                      # hyphenated parts; "authors": their hand-made list
   config.frame_buckets = (160, 320, 640, 960, 1280, 1600)  # multiples of the CRNN's time stride
   config.max_tokens = 32
   config.skip_bad_files = False
@@ -59,8 +61,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.embed_dim = 300
   config.dropout = 0.3
   config.initializer = "flax"         # or "pytorch": kaiming-normal convs, PyTorch's GRU
+  config.pool_remainder = "keep"      # or "drop": PyTorch's pooling floor (the authors')
   config.compute_dtype = "float32"    # or "bfloat16": encoders and scores (GPU/TPU); the
                                       # parameters, optimizer, selection and loss stay float32
+  config.matmul_precision = "default"  # or "highest": full float32 products on GPUs, whose
+                                       # default is TF32 (the authors' PyTorch 1.13: full)
 
   # Optimisation: Adam, ReduceLROnPlateau on the validation loss as the paper.
   config.batch_size = 32
@@ -69,6 +74,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.max_steps_per_epoch = 0      # 0: the whole training split; else cut epochs short
   config.plateau = ml_collections.ConfigDict(
       dict(factor=0.1, patience=5, threshold=0.005, min_lr=1e-6))
+  # Ray Tune's TrialPlateauStopper on the validation loss (std 0: train every epoch).
+  config.stopper = ml_collections.ConfigDict(dict(std=0.0, num_results=10, grace_period=60))
+  config.schedule_from_untrained = False  # the untrained model's loss steps the schedule
+  config.validation_draws = "fixed"   # or "per_epoch": reshuffled, drawn anew each epoch
+  config.keep_partial_batch = False   # train on an epoch's last, short batch too
   config.eval_batch_size = 64
   config.checkpoint_every_steps = 50
   config.metrics_every_steps = 10     # the steps' statistics (and NaN check) read this often

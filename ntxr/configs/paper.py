@@ -28,13 +28,24 @@ def get_config():
   config.vocabulary = "all"
   config.require_word_vectors = True
   config.missing_word_vectors = "one_unk"
+  config.word_variants = "authors"
   # audio_encoders.py: the full CRNN, kaiming-normal convolutions, PyTorch's GRU.
   config.channels = (32, 128, 128, 128, 128)
   config.initializer = "pytorch"
-  # conf.yaml and criterion_utils.py: 120 epochs; the training score's mean runs over
-  # the batch's padding; the reported checkpoint has the lowest validation loss.
+  config.pool_remainder = "drop"  # LPPool2d floors: a clip's odd last frames are dropped
+  # PyTorch 1.13 multiplies float32 matrices in full float32 (TF32 only in convolutions).
+  config.matmul_precision = "highest"
+  # conf.yaml, main.py and criterion_utils.py: 120 epochs, each DataLoader's last short
+  # batch kept; the training score's mean runs over the batch's padding; the validation
+  # loader reshuffles (and `random` draws anew) every epoch; the schedule first steps on
+  # the untrained model's validation loss (epoch 0); Ray Tune's TrialPlateauStopper; the
+  # reported checkpoint has the lowest validation loss.
   config.num_epochs = 120
+  config.keep_partial_batch = True
   config.train_padding = "batch"
+  config.validation_draws = "per_epoch"
+  config.schedule_from_untrained = True
+  config.stopper.update(std=0.001, num_results=10, grace_period=60)
   config.select_by = "validation_loss"
   config.checkpoint_every_steps = 200
   return config

@@ -63,9 +63,10 @@ def _pairs(clip: dict, tokenize, max_frames: int) -> tf.data.Dataset:
 
 
 def train_batches(clips: tf.data.Dataset, tokenizer: tokenizer_lib.Tokenizer, *,
-                  batch_size: int, seed: int,
-                  frame_buckets: Sequence[int], max_tokens: int, shuffle_buffer: int = 20000) -> tf.data.Dataset:
-  """Shuffled (clip, caption) batches, dropping the remainder.
+                  batch_size: int, seed: int, frame_buckets: Sequence[int], max_tokens: int,
+                  shuffle_buffer: int = 20000, drop_remainder: bool = True) -> tf.data.Dataset:
+  """Shuffled (clip, caption) batches, the last short one dropped unless drop_remainder
+  is False.
 
   Args:
     clips: prepared clips (`builder.as_dataset(split=...)`).
@@ -78,7 +79,7 @@ def train_batches(clips: tf.data.Dataset, tokenizer: tokenizer_lib.Tokenizer, *,
   max_frames = frame_buckets[-1]
   ds = clips.flat_map(_as_written(lambda clip: _pairs(clip, tokenize, max_frames)))
   ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-  ds = ds.padded_batch(batch_size, drop_remainder=True)
+  ds = ds.padded_batch(batch_size, drop_remainder=drop_remainder)
   return ds.map(_as_written(lambda b: _pad_to_bucket(b, frame_buckets))).prefetch(
       tf.data.AUTOTUNE)
 

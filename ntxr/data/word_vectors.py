@@ -7,6 +7,15 @@ import numpy as np
 
 from ntxr.data import tokenizer
 
+# The authors' hand-made variants for the Clotho words word2vec lacks
+# (preprocessing/word2vec_embeddings.py): a word gets the mean of its variants' vectors.
+AUTHORS_VARIANTS = {
+    "axe": ("Axe",), "a": ("A",), "ambulates": ("ambulate",), "of": ("Of",),
+    "travelling": ("traveling",), "tictacking": ("ticktock",), "and": ("And",),
+    "ribbiting": ("ribbit",), "quirking": ("quirk",), "to": ("To",),
+    "walkie-talkie": ("walkie", "talkie"),
+}
+
 
 def _records(path: str, binary: bool):
   """Yields (line_number, word, vector bytes or text fields) after the header."""
@@ -52,7 +61,7 @@ def _is_binary(path: str) -> bool:
 
 
 def read_word2vec(path: str, words: list, *, binary=None, seed: int = 0,
-                  missing: str = "random"):
+                  missing: str = "random", variants: str = "rules"):
   """Vectors for `words` from a word2vec-format file (binary or text).
 
   Args:
@@ -63,21 +72,28 @@ def read_word2vec(path: str, words: list, *, binary=None, seed: int = 0,
     missing: what a word the file lacks gets: "random" (a small random vector of its
       own) or "one_unk" (the authors' one UNK vector: unit norm, drawn around the found
       vectors' mean until its cosine with each of them is at most 0.25).
+    variants: what stands in for a word the file lacks. "rules": the file's first entry
+      equal to it in lower case, else, for a hyphenated word, the mean of its parts'
+      vectors when the file has them all. "authors": the mean of its variants' vectors
+      in AUTHORS_VARIANTS, and nothing else.
 
   Returns:
     (table [len(words), dim] float32, missing: list of words not in the file). A word
-    matches exactly, else the file's first entry equal to it in lower case; a
-    hyphenated word the file lacks gets the mean of its parts' vectors when it has them
-    all (the authors' "walkie-talkie" rule). Row tokenizer.PAD_ID is zero.
+    matches exactly first. Row tokenizer.PAD_ID is zero.
   """
   if missing not in ("random", "one_unk"):
     raise ValueError(f"missing must be 'random' or 'one_unk', not {missing!r}")
+  if variants not in ("rules", "authors"):
+    raise ValueError(f"variants must be 'rules' or 'authors', not {variants!r}")
   if not os.path.exists(path):
     raise FileNotFoundError(f"{path}: word vectors not found")
   binary = _is_binary(path) if binary is None else binary
   records = _records(path, binary)
   _, dim = next(records)
-  parts = {w: w.split("-") for w in words if "-" in w.strip("-")}
+  if variants == "rules":
+    parts = {w: w.split("-") for w in words if "-" in w.strip("-")}
+  else:
+    parts = {w: AUTHORS_VARIANTS[w] for w in words if w in AUTHORS_VARIANTS}
   lookup = list(dict.fromkeys([*words, *(p for ps in parts.values() for p in ps if p)]))
   wanted = {w: i for i, w in enumerate(lookup)}
   table = np.zeros((len(lookup), dim), np.float32)
@@ -87,8 +103,8 @@ def read_word2vec(path: str, words: list, *, binary=None, seed: int = 0,
       word = raw.decode("utf-8")
     except UnicodeDecodeError:
       continue  # byte-truncated multi-byte words appear in real files; never wanted
-    row = wanted.get(word, wanted.get(word.lower()))
     exact = word in wanted
+    row = wanted.get(word, wanted.get(word.lower()) if variants == "rules" else None)
     if row is None or found.get(row) is True or (row in found and not exact):
       continue
     if binary:
