@@ -109,9 +109,9 @@ def test_sigterm_during_validation_saves_the_epochs_steps_and_a_rerun_finishes_t
     tiny_config, tiny_run, tmp_path, monkeypatch):
   config, workdir = tiny_config(), tmp_path / "run"
   validate = experiment_lib.Experiment.validate
-  def terminated_validation(self, state, training):
+  def terminated_validation(self, state, training, epoch):
     os.kill(os.getpid(), signal.SIGTERM)
-    return validate(self, state, training)
+    return validate(self, state, training, epoch)
   with monkeypatch.context() as m:
     m.setattr(experiment_lib.Experiment, "validate", terminated_validation)
     with pytest.raises(train.Stopped, match=re.escape("stopped after step 15 (epoch 1)")):
