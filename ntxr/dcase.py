@@ -1,13 +1,22 @@
 """DCASE language-based audio retrieval submissions: write one, score one.
 
   python -m ntxr.dcase --ground_truth=clotho_captions_evaluation.csv \\
-      --predictions=submission.csv [--output_json=scores.json]
+      --predictions=submission.csv [--output_json=scores.json]          # 2022-2024
+  python -m ntxr.dcase --relevance=metadata_eval.csv --predictions=scores.csv \\
+      [--ground_truth=clotho_captions_evaluation.csv] [--output_json=scores.json]  # 2025
+  python -m ntxr.dcase --graded_relevance=tau_relevances --split=evaluation \\
+      --predictions=scores.csv [--output_json=scores.json]              # people's ratings
 
 A submission holds `caption,file_name_1..file_name_10`, one row per caption, best
-first. Scoring follows the challenge's script: each distinct caption text of the
+first (2022-2024), or a score matrix as the 2025 baseline writes it: a header naming
+the query column and then one column per audio file, one row of scores per query.
+Scoring follows each challenge's script. 2022: each distinct caption text of the
 ground truth has one relevant file (the last row naming that text, as the script's
 dictionary keeps it); R@k says whether that file is in the top k and mAP@10 is
-1/rank within the top 10, each averaged over captions.
+1/rank within the top 10, each averaged over captions. 2025: several relevant files
+per query (`ntxr.relevance.multi_relevance_metrics`, ranked by mAP@16). Graded: nDCG
+against the TAU ratings (`ntxr.relevance.graded_metrics`). A top-10 list ranks nothing
+beyond its tenth file.
 """
 
 import csv
@@ -19,7 +28,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from ntxr import command, files
+from ntxr import command, files, relevance as relevance_lib
 
 RANKED = 10  # files a submission lists per caption, best first
 
@@ -55,9 +64,12 @@ def read_ground_truth(path: str) -> tuple:
   return relevant, names
 
 
-def read_predictions(path: str, relevant: dict, known_files: set) -> dict:
-  """A submission -> {caption: ten file names}, checked against the ground truth: a
-  caption given twice is refused, never resolved by row order."""
+def read_predictions(path: str, relevant: dict, known_files: set,
+                     known_captions=None) -> dict:
+  """A submission -> {caption: ten file names}, checked against the ground truth
+  (`relevant`'s captions, or `known_captions` when given): a caption given twice is
+  refused, never resolved by row order."""
+  known_captions = relevant if known_captions is None else known_captions
   header, rows = _header_and_rows(path)
   if header != COLUMNS:
     raise ValueError(f"{path}:1: expected the header {','.join(COLUMNS)}")
@@ -67,8 +79,8 @@ def read_predictions(path: str, relevant: dict, known_files: set) -> dict:
       raise ValueError(f"{path}:{line}: expected a caption and {RANKED} file names, "
                        f"got {len([r for r in row[1:] if r])} names")
     caption, names = row[0], row[1:]
-    if caption not in relevant:
-      raise ValueError(f"{path}:{line}: caption {caption[:60]!r} is not in the ground truth")
+    if caption not in known_captions:
+      raise ValueError(f"{path}:{line}: unknown caption {caption[:60]!r}")
     if caption in ranked:
       raise ValueError(f"{path}:{line}: caption {caption[:60]!r} is given twice (first at "
                        f"line {first_line[caption]}); give each caption one row")
@@ -97,6 +109,94 @@ def score_files(ground_truth: str, predictions: str) -> dict:
   return score(relevant, read_predictions(predictions, relevant, known_files))
 
 
+def read_score_matrix(path: str, known_queries, known_files: set) -> dict:
+  """A 2025 score matrix -> {query: every file name best first (ties: the column
+  order)}; queries and files must be known, each once, and every score finite."""
+  header, rows = _header_and_rows(path)
+  if not header or len(header) < 2:
+    raise ValueError(f"{path}:1: expected a header: the query column, then one column "
+                     f"per audio file")
+  names, seen = header[1:], set()
+  for name in names:
+    if name not in known_files:
+      raise ValueError(f"{path}:1: unknown file {name!r}")
+    if name in seen:
+      raise ValueError(f"{path}:1: file {name!r} has two columns")
+    seen.add(name)
+  queries, first, values = [], {}, np.zeros((len(rows), len(names)))
+  for row, (line, fields) in enumerate(rows):
+    query = fields[0]
+    if len(fields) != len(header):
+      raise ValueError(f"{path}:{line}: expected a query and {len(names)} scores, got "
+                       f"{len(fields) - 1}")
+    if query not in known_queries:
+      raise ValueError(f"{path}:{line}: unknown query {query[:60]!r}")
+    if query in first:
+      raise ValueError(f"{path}:{line}: query {query[:60]!r} is given twice (first at "
+                       f"line {first[query]})")
+    try:
+      values[row] = [float(x) for x in fields[1:]]
+    except ValueError:
+      values[row] = np.nan
+    if not np.isfinite(values[row]).all():
+      raise ValueError(f"{path}:{line}: every score must be a finite number")
+    queries.append(query)
+    first[query] = line
+  return relevance_lib.ranked_by_score(queries, names, values)
+
+
+def read_ranked(path: str, known_queries, known_files: set) -> dict:
+  """{query: file names best first} from a top-10 list or a score matrix (told apart by
+  the header), checked against the known queries and files."""
+  header, _ = _header_and_rows(path)
+  if header == COLUMNS:
+    return read_predictions(path, {}, known_files, known_captions=known_queries)
+  return read_score_matrix(path, known_queries, known_files)
+
+
+def score_2025(relevance_file: str, predictions: str, ground_truth=None) -> dict:
+  """DCASE 2025's scores of a submission against `relevance_file`. The queries and
+  files a submission may name are the relevance file's and, given `ground_truth` (the
+  split's Clotho captions CSV), every caption and file of the split; the relevance
+  file's queries are scored."""
+  relevant = relevance_lib.read_dcase2025(relevance_file)
+  known_queries = set(relevant)
+  known_files = {name for names in relevant.values() for name in names}
+  if ground_truth:
+    captions, names = read_ground_truth(ground_truth)
+    known_queries, known_files = known_queries | set(captions), known_files | names
+  try:
+    ranked = read_ranked(predictions, known_queries, known_files)
+  except ValueError as error:
+    if "unknown " in str(error) and not ground_truth:
+      raise ValueError(f"{error}: not in {relevance_file} (--ground_truth, the split's "
+                       "captions file, adds every caption and file of the split)") from None
+    raise
+  return relevance_lib.multi_relevance_metrics(relevant, ranked)
+
+
+def score_graded(folder: str, split: str, predictions: str) -> dict:
+  """nDCG of a submission against the TAU ratings of `split` in `folder`: the queries
+  known are every caption of the split, those scored the rated ones."""
+  tau = relevance_lib.read_tau(folder, split)
+  known = {caption for captions in tau.captions.values() for caption in captions}
+  ranked = read_ranked(predictions, known, set(tau.captions))
+  return relevance_lib.graded_metrics(tau.ratings, ranked)
+
+
+def write_score_matrix(path: str, queries: list, file_names: list, s: np.ndarray) -> None:
+  """Writes s [queries, files] as the 2025 baseline's score matrix (atomic); a query
+  given more than once gets one row, its first's."""
+  first = {}
+  for row, query in enumerate(queries):
+    first.setdefault(query, row)
+  text = io.StringIO(newline="")
+  writer = csv.writer(text)
+  writer.writerow(["query", *file_names])
+  writer.writerows([query, *(f"{x:.6g}" for x in s[row])] for query, row in first.items())
+  files.write_text(path, text.getvalue())
+
+
 def write_submission(path: str, captions: list, file_names: list, s: np.ndarray) -> None:
   """Writes each caption's top 10 files by s [captions, files], best first (atomic). A
   caption text given more than once (two clips, or one clip twice, may share a caption)
@@ -116,24 +216,43 @@ def write_submission(path: str, captions: list, file_names: list, s: np.ndarray)
 
 def define_flags() -> None:
   """This command's flags (defined where it starts, not when ntxr.dcase is imported)."""
-  flags.DEFINE_string("ground_truth", None, "Clotho captions CSV")
-  flags.DEFINE_string("predictions", None, "submission CSV to score")
-  flags.DEFINE_string("output_json", None, "also write the four scores here as JSON")
+  flags.DEFINE_string("ground_truth", None, "Clotho captions CSV (2022-2024; with "
+                      "--relevance, it adds the split's files)")
+  flags.DEFINE_string("relevance", None, "DCASE 2025 metadata_eval.csv: several relevant "
+                      "files per query")
+  flags.DEFINE_string("graded_relevance", None, "a folder of the TAU graded relevances "
+                      "(SPLIT_relevances.csv, SPLIT_text.csv, SPLIT_audio_metadata.csv)")
+  flags.DEFINE_string("split", "evaluation", "the split of --graded_relevance")
+  flags.DEFINE_string("predictions", None, "submission CSV to score: a top-10 list or a "
+                      "score matrix")
+  flags.DEFINE_string("output_json", None, "also write the scores here as JSON")
 
 
 def main(argv):
   command.start(argv)
-  if not (FLAGS.ground_truth and FLAGS.predictions):
-    raise app.UsageError("--ground_truth and --predictions are required")
+  if not FLAGS.predictions or not (FLAGS.ground_truth or FLAGS.relevance
+                                   or FLAGS.graded_relevance):
+    raise app.UsageError("give --predictions and what to score it against: --ground_truth "
+                         "(2022-2024), --relevance (2025) or --graded_relevance")
+  if FLAGS.relevance and FLAGS.graded_relevance:
+    raise app.UsageError("--relevance and --graded_relevance score apart: give one")
   output = FLAGS.output_json
   folder = os.path.dirname(os.path.abspath(output or "."))
   if output and not files.is_bucket(output) and not os.path.isdir(folder):
     command.exit_with(f"--output_json: no folder {folder}", 2)
+  if FLAGS.graded_relevance and not os.path.isdir(FLAGS.graded_relevance):
+    command.exit_with(f"--graded_relevance={FLAGS.graded_relevance}: no such folder", 2)
   try:
-    result = score_files(FLAGS.ground_truth, FLAGS.predictions)
+    if FLAGS.graded_relevance:
+      result = score_graded(FLAGS.graded_relevance, FLAGS.split, FLAGS.predictions)
+    elif FLAGS.relevance:
+      result = score_2025(FLAGS.relevance, FLAGS.predictions, FLAGS.ground_truth)
+    else:
+      result = score_files(FLAGS.ground_truth, FLAGS.predictions)
   except (FileNotFoundError, ValueError) as error:
     command.exit_with(error, 1)
-  print("  ".join(f"{k} {v:.4f}" for k, v in result.items()))
+  print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                  for k, v in result.items()))
   if output:
     files.write_json(output, result)
 

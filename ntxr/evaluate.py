@@ -1,9 +1,5 @@
-"""Retrieval metrics, all-pairs scoring in jitted chunks, feature-collapse diagnostics.
-
-Conventions (docs/design.md, evaluation): per query, R@k is the share of its relevant
-items in the top k, HR@k whether any is, mAP the mean of full average precision and mAP@10 the DCASE
-truncated one, AP@10 = sum_{i<=10} P@i rel_i / min(#relevant, 10). Ties rank the
-lower index first.
+"""A split's retrieval metrics both ways, all-pairs scoring in jitted chunks, and
+feature-collapse diagnostics. The metrics themselves: ntxr.ranking.
 """
 
 import dataclasses
@@ -14,58 +10,17 @@ from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
-from ntxr import parallel, scores
-
-KS = (1, 5, 10)
-# What each direction reports: text-to-audio has one relevant clip per caption, so its
-# R@k equals HR@k; audio-to-text reports both conventions.
-T2A = tuple(f"R@{k}" for k in KS) + ("mAP@10", "mAP")
-A2T = tuple(f"R@{k}" for k in KS) + tuple(f"HR@{k}" for k in KS) + ("mAP@10", "mAP")
-
-
-def retrieval_metrics(score: np.ndarray, relevant: np.ndarray, ks=KS) -> dict:
-  """Metrics of ranking each query's items by score.
-
-  Args:
-    score: [Q, D] float, higher is better.
-    relevant: [Q, D] bool; every query needs at least one relevant item.
-  Returns:
-    {"R@k", "HR@k" for k in ks, "mAP", "mAP@10"}: floats averaged over queries.
-
-  Example:
-    >>> m = retrieval_metrics(np.array([[.1, .9, .5]]), np.array([[True, False, True]]))
-    >>> m["R@1"], m["HR@5"], round(m["mAP"], 4), round(m["mAP@10"], 4)
-    (0.0, 1.0, 0.5833, 0.5833)
-  """
-  score, relevant = np.asarray(score, np.float64), np.asarray(relevant, bool)
-  if score.shape != relevant.shape or score.ndim != 2:
-    raise ValueError(f"score {score.shape} and relevant {relevant.shape} must be one [Q, D]")
-  count = relevant.sum(axis=1)
-  if not count.all():
-    raise ValueError(f"query {int(np.argmin(count))} has no relevant item")
-  if not np.isfinite(score).all():
-    raise FloatingPointError("scores hold NaN or infinity")
-  order = np.argsort(-score, axis=1, kind="stable")
-  hits = np.take_along_axis(relevant, order, axis=1)
-  precision = np.cumsum(hits, axis=1) / np.arange(1, hits.shape[1] + 1)
-  metrics = {}
-  for k in ks:
-    metrics[f"R@{k}"] = float(np.mean(hits[:, :k].sum(axis=1) / count))
-    metrics[f"HR@{k}"] = float(np.mean(hits[:, :k].any(axis=1)))
-  metrics["mAP"] = float(np.mean((precision * hits).sum(axis=1) / count))
-  metrics["mAP@10"] = float(np.mean(
-      (precision[:, :10] * hits[:, :10]).sum(axis=1) / np.minimum(count, 10)))
-  return metrics
-
+from ntxr import parallel, ranking, scores
 
 def both_directions(s: np.ndarray, clip_ids: np.ndarray, caption_ids: np.ndarray) -> dict:
   """{"t2a": ..., "a2t": ...} from s [clips, captions] and the clip id of each side.
 
-  Each direction reports the metrics T2A and A2T name.
+  Each direction reports the metrics ranking.T2A and ranking.A2T name.
   """
   relevant = np.asarray(clip_ids)[:, None] == np.asarray(caption_ids)[None, :]
-  t2a, a2t = retrieval_metrics(s.T, relevant.T), retrieval_metrics(s, relevant)
-  return {"t2a": {k: t2a[k] for k in T2A}, "a2t": {k: a2t[k] for k in A2T}}
+  t2a = ranking.retrieval_metrics(s.T, relevant.T)
+  a2t = ranking.retrieval_metrics(s, relevant)
+  return {"t2a": {k: t2a[k] for k in ranking.T2A}, "a2t": {k: a2t[k] for k in ranking.A2T}}
 
 
 def score_histogram(s: np.ndarray, clip_ids: np.ndarray, caption_ids: np.ndarray,
@@ -308,11 +263,20 @@ def split_scores(split: SplitEmbeddings, score: str) -> np.ndarray:
 
 
 def format_table(results: dict) -> str:
-  """A printed table of both directions' metrics."""
-  columns = A2T
+  """A printed table of both directions' metrics, with text-to-audio against several
+  relevant clips (t2a_multi) and against graded ratings (t2a_graded) where measured."""
+  columns = ranking.A2T + ("mAP@16",)
   lines = ["direction " + " ".join(f"{c:>7}" for c in columns)]
-  for direction in ("t2a", "a2t"):
+  for direction in ("t2a", "a2t", "t2a_multi"):
+    if direction not in results:
+      continue
     row = results[direction]
+    same = lambda c: f"{'=R@' + c[3:]:>7}" if direction == "t2a" and c[:2] == "HR" else "      -"
     lines.append(f"{direction:<9} " + " ".join(
-        f"{row[c]:7.3f}" if c in row else f"{'=R@' + c[3:]:>7}" for c in columns))
+        f"{row[c]:7.3f}" if c in row else same(c) for c in columns))
+  if "t2a_graded" in results:
+    graded = results["t2a_graded"]
+    lines.append("t2a against people's ratings: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in graded.items() if k.startswith("nDCG"))
+                 + f" ({graded['queries']} rated queries)")
   return "\n".join(lines)

@@ -35,7 +35,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
-from ntxr import cli, command, evaluate, files, lifetime, plots
+from ntxr import cli, command, files, lifetime, plots, ranking
 
 FLAGS = flags.FLAGS
 
@@ -51,7 +51,7 @@ def define_flags() -> None:
                     "with --processes=4: one GPU per run (default: all shared)")
   flags.DEFINE_bool("table_only", False, "only write the table of finished runs")
 
-COLUMNS = (tuple(f"t2a {m}" for m in evaluate.T2A) + tuple(f"a2t {m}" for m in evaluate.A2T))
+COLUMNS = (tuple(f"t2a {m}" for m in ranking.T2A) + tuple(f"a2t {m}" for m in ranking.A2T))
 # Columns where the runs measured false negatives (results.json "false_negatives"): the
 # share of the negatives' weight on them, and with the pool filter on, the share of the
 # pool it removed and the share of those removed that were false negatives.

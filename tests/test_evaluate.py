@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ntxr import evaluate, scores
+from ntxr import evaluate, ranking, scores
 
 
 def naive_metrics(score, relevant):
@@ -28,7 +28,7 @@ def test_hand_made_ranking():
   # Query 1 ranks items 0, 1, 2, 3 with ties broken by index (relevant: 0): rank 1.
   score = np.array([[0.3, 0.5, 0.1, 0.9], [0.2, 0.2, 0.2, 0.2]])
   relevant = np.array([[False, True, True, False], [True, False, False, False]])
-  m = evaluate.retrieval_metrics(score, relevant)
+  m = ranking.retrieval_metrics(score, relevant)
   assert m["R@1"] == pytest.approx((0 + 1) / 2)
   assert m["HR@1"] == pytest.approx(0.5)
   assert m["R@5"] == m["HR@5"] == pytest.approx(1.0)
@@ -42,7 +42,7 @@ def test_matches_naive_loop_with_many_relevant_items():
   score = rng.normal(size=(40, 60)).round(1)  # rounding makes ties
   relevant = rng.random((40, 60)) < 0.2
   relevant[np.arange(40), rng.integers(0, 60, 40)] = True
-  got = evaluate.retrieval_metrics(score, relevant)
+  got = ranking.retrieval_metrics(score, relevant)
   for name, value in naive_metrics(score, relevant).items():
     assert got[name] == pytest.approx(value), name
 
@@ -51,7 +51,7 @@ def test_map_at_10_divides_by_at_most_ten():
   score = -np.arange(30.0)[None]  # item j ranks j + 1
   relevant = np.zeros((1, 30), bool)
   relevant[0, :12] = True  # 12 relevant: the top 10 are all hits
-  m = evaluate.retrieval_metrics(score, relevant)
+  m = ranking.retrieval_metrics(score, relevant)
   assert m["mAP@10"] == pytest.approx(1.0)
   assert m["R@10"] == pytest.approx(10 / 12)
 
@@ -69,9 +69,9 @@ def test_both_directions_uses_clip_ids():
 
 def test_bad_inputs_are_reported():
   with pytest.raises(ValueError, match="query 1 has no relevant item"):
-    evaluate.retrieval_metrics(np.zeros((2, 3)), np.array([[1, 0, 0], [0, 0, 0]], bool))
+    ranking.retrieval_metrics(np.zeros((2, 3)), np.array([[1, 0, 0], [0, 0, 0]], bool))
   with pytest.raises(FloatingPointError, match="NaN"):
-    evaluate.retrieval_metrics(np.array([[np.nan, 1.0]]), np.array([[True, False]]))
+    ranking.retrieval_metrics(np.array([[np.nan, 1.0]]), np.array([[True, False]]))
 
 
 @pytest.mark.parametrize("frame_multiple,word_block", [(2, 3), (64, 5), (64, 4096)])

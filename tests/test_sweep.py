@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from ntxr import evaluate, sweep
+from ntxr import ranking, sweep
 
 
 def fake_run(root, strategy, seed, r1, collapse=False, false_negatives=None):
@@ -17,7 +17,7 @@ def fake_run(root, strategy, seed, r1, collapse=False, false_negatives=None):
   workdir = os.path.join(root, strategy, f"seed_{seed}")
   os.makedirs(workdir)
   results = dict(strategy=strategy, collapse=collapse, false_negatives=false_negatives,
-                 t2a={m: r1 for m in evaluate.T2A}, a2t={m: r1 / 2 for m in evaluate.A2T})
+                 t2a={m: r1 for m in ranking.T2A}, a2t={m: r1 / 2 for m in ranking.A2T})
   with open(os.path.join(workdir, "results.json"), "w") as f:
     json.dump(results, f)
 
