@@ -6,16 +6,32 @@ word vectors, or the built-in corpus's events. In the step (JAX) that similarity
 filters each anchor's pool and gives the "soft" objective its relevance; and where the
 corpus knows each clip's events, the step measures how much of the negatives' weight
 lands on clips with exactly the anchor clip's set of event kinds (false negatives).
+
+How well a caption rule finds the clips people hear as matching is measured on the TAU
+graded relevances (`judged_rules`), and by the command:
+
+  python -m ntxr.false_negatives --relevance_dir=tau_relevances [--word_vectors=FILE]
 """
 
 import collections
-from typing import Optional
+import os
+import tempfile
+from typing import Callable, Optional
 
+from absl import app
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ntxr import sampling
+from ntxr import command, files, relevance as relevance_lib, sampling
+from ntxr.data import tokenizer as tokenizer_lib, word_vectors as word_vectors_lib
+
+FLAGS = flags.FLAGS
+# How a candidate clip's captions answer a query: each caption on its own (as the filter
+# sees the one caption a batch holds), or their maximum or mean similarity.
+COMBINED = ("caption", "max", "mean")
+TARGET_PRECISION = 0.8
 
 Array = jax.Array
 
@@ -114,3 +130,205 @@ def measured_shares(weights: Array, pool: Array, kept: Array, false: Array) -> d
   return dict(false_negative_share=sampling.masked_mean(per_anchor, has),
               filtered_share=sampling.masked_mean(removed.astype(jnp.float32), pool),
               filtered_false_share=sampling.masked_mean(false.astype(jnp.float32), removed))
+
+
+def rated_candidates(tau: relevance_lib.TauSplit, similarity_of: Callable,
+                     group: str = "C15") -> dict:
+  """{combined: (similarities [P], ratings [P])} of every rated clip of `group` ("C15":
+  the 15 candidates, "TN": the random clip) of every query; similarity_of(texts) -> [T, T]
+  compares captions."""
+  found = {name: ([], []) for name in COMBINED}
+  for query, groups in tau.ratings.items():
+    candidates = [f for f in groups if tau.groups[query][f] == group]
+    texts = [query] + [c for f in candidates for c in tau.captions[f]]
+    row = similarity_of(texts)[0]
+    start = 1
+    for name in candidates:
+      count = len(tau.captions[name])
+      each = row[start:start + count]
+      start += count
+      for combined, values in (("caption", each), ("max", [each.max()]),
+                               ("mean", [each.mean()])):
+        found[combined][0].extend(values)
+        found[combined][1].extend([groups[name]] * len(values))
+  return {k: (np.asarray(v[0], np.float64), np.asarray(v[1], np.float64))
+          for k, v in found.items()}
+
+
+def roc_auc(score: np.ndarray, label: np.ndarray) -> float:
+  """The probability that a positive outscores a negative, ties counting half
+  (Mann-Whitney U / (positives x negatives)).
+
+  Example:
+    >>> roc_auc(np.array([0.9, 0.5, 0.5, 0.1]), np.array([True, True, False, False]))
+    0.875
+  """
+  label = np.asarray(label, bool)
+  order = np.argsort(score, kind="stable")
+  ranks = np.empty(len(score))
+  sorted_score = np.asarray(score)[order]
+  _, first, counts = np.unique(sorted_score, return_index=True, return_counts=True)
+  for start, count in zip(first, counts):  # ties share their mean rank
+    ranks[order[start:start + count]] = start + (count + 1) / 2
+  positives, negatives = label.sum(), (~label).sum()
+  return float((ranks[label].sum() - positives * (positives + 1) / 2)
+               / (positives * negatives))
+
+
+def at_threshold(score: np.ndarray, label: np.ndarray, threshold: float) -> dict:
+  """Precision, recall and the share flagged when a similarity above `threshold`
+  flags a pair (as the filter drops it)."""
+  flagged, label = np.asarray(score) > threshold, np.asarray(label, bool)
+  hits = (flagged & label).sum()
+  return dict(precision=float(hits / flagged.sum()) if flagged.any() else float("nan"),
+              recall=float(hits / max(label.sum(), 1)), flagged=float(flagged.mean()))
+
+
+def threshold_for_precision(score: np.ndarray, label: np.ndarray,
+                            target: float = TARGET_PRECISION) -> Optional[float]:
+  """The lowest threshold t (a value of score) whose flagged pairs (score > t) reach
+  precision `target`, so the most recall at that precision; None if none does."""
+  for threshold in np.unique(score):  # rising
+    flagged = score > threshold
+    if flagged.any() and (label[flagged]).mean() >= target:
+      return float(threshold)
+  return None
+
+
+def _similarity_rules(fit: relevance_lib.TauSplit, folder: str, tokens: str,
+                      vocab_size: int, vectors: Optional[str]) -> dict:
+  """{rule name: similarity_of(texts) -> [T, T]}: TF-IDF (idf and tokenizer from the fit
+  split's captions), and the mean word vectors when a vectors file is given."""
+  captions = [c for texts in fit.captions.values() for c in texts]
+  if tokens == "words" or vectors:
+    tok = tokenizer_lib.WordTokenizer(tokenizer_lib.train_words(
+        captions, os.path.join(folder, "words.txt")))
+  else:
+    tok = tokenizer_lib.Tokenizer(tokenizer_lib.train(
+        captions, os.path.join(folder, "spm.model"), vocab_size))
+  idf = inverse_document_frequency([tok.encode(c) for c in captions], tok.vocab_size)
+
+  def encoded(texts):
+    ids = [tok.encode(t) for t in texts]
+    width = max(1, max(len(i) for i in ids))
+    padded = np.array([np.pad(i, (0, width - len(i))) for i in ids], np.int64)
+    return padded, padded != tokenizer_lib.PAD_ID
+  rules = {"tfidf": lambda texts: tfidf_similarity(*encoded(texts), idf)}
+  if vectors:
+    table, _ = word_vectors_lib.read_word2vec(vectors, tok.words)
+    rules["word_vectors"] = lambda texts: word_vector_similarity(*encoded(texts), table)
+  return rules
+
+
+def judged_rules(folder: str, *, fit_split: str = "development",
+                 report_split: str = "evaluation", threshold: float = 0.5,
+                 relevance_map: tuple = (10.0, 5.0), tokens: str = "sentencepiece",
+                 vocab_size: int = 1000, vectors: Optional[str] = None) -> list:
+  """Every caption-similarity rule measured against people's ratings (TAU's 15 rated
+  candidates per query; a match is a rating of at least 50).
+
+  Returns one row per rule and way of combining a clip's captions (`COMBINED`): on
+  both splits, ROC AUC and precision, recall and share flagged at `threshold`; the
+  threshold that reaches TARGET_PRECISION on the fit split, and its precision, recall
+  and share flagged on the report split; and, per split, how the soft objective's
+  relevance map sigmoid(slope * similarity - offset) (`relevance_map`) compares with
+  people's ratings / 100: its mean against theirs over the rated random clips (what
+  most in-batch negatives are) and over the candidates above `threshold`.
+  """
+  splits = {name: relevance_lib.read_tau(folder, name) for name in (fit_split, report_split)}
+  with tempfile.TemporaryDirectory() as scratch:
+    rules = _similarity_rules(splits[fit_split], scratch, tokens, vocab_size, vectors)
+    measured = {(rule, split): rated_candidates(tau, similarity_of)
+                for rule, similarity_of in rules.items() for split, tau in splits.items()}
+    random_clips = {(rule, split): rated_candidates(tau, similarity_of, "TN")
+                    for rule, similarity_of in rules.items() for split, tau in splits.items()}
+  slope, offset = relevance_map
+  mapped = lambda score: 1 / (1 + np.exp(-(slope * score - offset)))
+  rows = []
+  for rule in rules:
+    for combined in COMBINED:
+      row = dict(rule=rule, combined=combined)
+      for role, split in (("fit", fit_split), ("report", report_split)):
+        score, rating = measured[rule, split][combined]
+        matched = rating >= relevance_lib.RELEVANT_RATING
+        row[role] = dict(split=split, pairs=len(score), matched=float(matched.mean()),
+                         roc_auc=roc_auc(score, matched),
+                         at_threshold=dict(threshold=threshold,
+                                           **at_threshold(score, matched, threshold)))
+        if role == "fit":
+          fitted = threshold_for_precision(score, matched)
+        random_score, random_rating = random_clips[rule, split][combined]
+        above = score > threshold
+        row[role]["relevance_map"] = dict(
+            slope=slope, offset=offset,
+            random=dict(mapped=float(mapped(random_score).mean()),
+                        rated=float(random_rating.mean() / 100)),
+            above_threshold=dict(mapped=float(mapped(score[above]).mean()),
+                                 rated=float(rating[above].mean() / 100))
+            if above.any() else None)
+        row[role]["at_fitted"] = None if fitted is None else dict(
+            threshold=fitted, **at_threshold(score, matched, fitted))
+      rows.append(row)
+  return rows
+
+
+def format_rules(rows: list) -> str:
+  """The rows of `judged_rules` as a printed table."""
+  lines = [f"{'rule':<13}{'captions':<9}{'split':<12}{'AUC':>6}  {'P@t':>5} {'R@t':>5} "
+           f"{'flag@t':>6}  {'t(P>=0.8)':>9} {'P':>5} {'R':>5} {'flag':>5}  "
+           f"relevance map vs people: random clips, above t"]
+  for row in rows:
+    for role in ("fit", "report"):
+      m = row[role]
+      fixed, fitted, mapped = m["at_threshold"], m["at_fitted"], m["relevance_map"]
+      tail = (f"{fitted['threshold']:9.3f} {fitted['precision']:5.2f} {fitted['recall']:5.2f} "
+              f"{fitted['flagged']:5.3f}" if fitted else f"{'none':>9} {'-':>5} {'-':>5} {'-':>5}")
+      above = mapped["above_threshold"]
+      lines.append(
+          f"{row['rule']:<13}{row['combined']:<9}{m['split']:<12}{m['roc_auc']:6.3f}  "
+          f"{fixed['precision']:5.2f} {fixed['recall']:5.2f} {fixed['flagged']:6.3f}  {tail}  "
+          f"{mapped['random']['mapped']:.3f} vs {mapped['random']['rated']:.3f}, "
+          + (f"{above['mapped']:.3f} vs {above['rated']:.3f}" if above else "-"))
+  return "\n".join(lines)
+
+
+def define_flags() -> None:
+  """This command's flags (defined where it starts, not when the module is imported)."""
+  flags.DEFINE_string("relevance_dir", None, "the TAU graded relevances' folder "
+                      "(SPLIT_relevances.csv, SPLIT_text.csv, SPLIT_audio_metadata.csv)")
+  flags.DEFINE_string("fit_split", "development", "the split thresholds and maps are fit on")
+  flags.DEFINE_string("report_split", "evaluation", "the split they are reported on")
+  flags.DEFINE_float("threshold", 0.5, "a similarity above this flags a pair (the "
+                     "filter's --config.filter_similarity)")
+  flags.DEFINE_float("relevance_slope", 10.0, "the soft objective's relevance map: slope")
+  flags.DEFINE_float("relevance_offset", 5.0, "the soft objective's relevance map: offset")
+  flags.DEFINE_enum("tokens", "sentencepiece", ["sentencepiece", "words"], "TF-IDF's tokens")
+  flags.DEFINE_integer("vocab_size", 1000, "sentencepiece pieces")
+  flags.DEFINE_string("word_vectors", None, "a word2vec file: adds the word-vector rule")
+  flags.DEFINE_string("output_json", None, "also write the rows here as JSON")
+
+
+def main(argv):
+  command.start(argv)
+  if not FLAGS.relevance_dir:
+    raise app.UsageError("--relevance_dir is required")
+  for flag in ("relevance_dir", "word_vectors"):
+    path = FLAGS[flag].value
+    if path and not os.path.exists(path):
+      command.exit_with(f"--{flag}={path}: not found", 2)
+  try:
+    rows = judged_rules(FLAGS.relevance_dir, fit_split=FLAGS.fit_split,
+                        report_split=FLAGS.report_split, threshold=FLAGS.threshold,
+                        relevance_map=(FLAGS.relevance_slope, FLAGS.relevance_offset),
+                        tokens=FLAGS.tokens, vocab_size=FLAGS.vocab_size,
+                        vectors=FLAGS.word_vectors)
+  except (FileNotFoundError, ValueError) as error:
+    command.exit_with(error, 1)
+  print(format_rules(rows))
+  if FLAGS.output_json:
+    files.write_json(FLAGS.output_json, rows)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

@@ -1,6 +1,11 @@
 """Caption similarity, the pool filter and the measured false negatives, against hand
 computations and the built-in corpus's own captions."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,3 +144,82 @@ def test_built_in_clips_record_the_events_their_captions_name():
     for caption in captions:
       for name in named:
         assert any(noun in caption.lower() for noun in kinds[name].nouns), (caption, name)
+
+
+TAU = os.path.join(os.path.dirname(__file__), "data", "tau_relevances")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_roc_auc_threshold_and_precision_match_loops_over_pairs(seed):
+  rng = np.random.default_rng(seed)
+  score = rng.integers(0, 8, 60) / 8  # ties
+  label = rng.random(60) < 0.2 + 0.6 * score
+  positives, negatives = score[label], score[~label]
+  wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+  pairs = len(positives) * len(negatives)
+  assert false_negatives.roc_auc(score, label) == pytest.approx(wins / pairs)
+  for threshold in (0.0, 0.3, 0.7):
+    flagged = [i for i in range(60) if score[i] > threshold]
+    got = false_negatives.at_threshold(score, label, threshold)
+    assert got["flagged"] == len(flagged) / 60
+    assert got["recall"] == sum(label[i] for i in flagged) / label.sum()
+    assert got["precision"] == pytest.approx(sum(label[i] for i in flagged) / len(flagged))
+  reaching = [t for t in sorted(set(score)) if any(score > t)
+              and np.mean(label[score > t]) >= 0.6]
+  assert false_negatives.threshold_for_precision(score, label, 0.6) == (
+      reaching[0] if reaching else None)
+
+
+def test_rated_candidates_are_the_15_rated_clips_of_each_query():
+  import csv  # pylint: disable=import-outside-toplevel
+  from ntxr import relevance  # pylint: disable=import-outside-toplevel
+  read = lambda name: list(csv.DictReader(open(os.path.join(TAU, name), encoding="utf-8")))
+  names = {r["fid"]: r["file_name"] for r in read("evaluation_audio_metadata.csv")}
+  texts = read("evaluation_text.csv")
+  query_text = {r["tid"]: r["text"] for r in texts}
+  captions = {}
+  for r in texts:
+    captions.setdefault(names[r["fid"]], []).append(r["text"])
+  # A similarity anyone can check: the share of the query's words in the caption.
+  def overlap(batch):
+    words = [set(t.lower().split()) for t in batch]
+    return np.array([[len(a & b) / len(a) for b in words] for a in words])
+  expected = {"caption": ([], []), "max": ([], []), "mean": ([], [])}
+  for r in read("evaluation_relevances.csv"):
+    if r["fid_group"] != "C15":
+      continue
+    values = overlap([query_text[r["tid"]]] + captions[names[r["fid"]]])[0, 1:]
+    for name, got in (("caption", values), ("max", [max(values)]), ("mean", [np.mean(values)])):
+      expected[name][0].extend(got)
+      expected[name][1].extend([float(r["rating"])] * len(got))
+  found = false_negatives.rated_candidates(relevance.read_tau(TAU, "evaluation"), overlap)
+  for name, (score, rating) in expected.items():
+    assert len(found[name][0]) == len(score)
+    order_got, order_expected = np.lexsort(found[name]), np.lexsort((score, rating))
+    np.testing.assert_allclose(found[name][0][order_got], np.array(score)[order_expected])
+    np.testing.assert_allclose(found[name][1][order_got], np.array(rating)[order_expected])
+  assert len(found["max"][0]) == 12 * 15
+
+
+def test_the_command_measures_every_rule_against_the_ratings(tmp_path):
+  from ntxr import relevance  # pylint: disable=import-outside-toplevel
+  words = sorted({w for f in relevance.read_tau(TAU, "development").captions.values()
+                  for c in f for w in c.lower().replace(".", " ").replace(",", " ").split()})
+  rng = np.random.default_rng(0)
+  (tmp_path / "vectors.txt").write_text(f"{len(words)} 4\n" + "".join(
+      f"{w} {' '.join(f'{x:.3f}' for x in rng.normal(size=4))}\n" for w in words))
+  done = subprocess.run([sys.executable, "-m", "ntxr.false_negatives", f"--relevance_dir={TAU}",
+                         f"--word_vectors={tmp_path}/vectors.txt", "--threshold=0.3",
+                         f"--output_json={tmp_path}/rules.json"],
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr
+  rows = json.loads((tmp_path / "rules.json").read_text())
+  assert [(r["rule"], r["combined"]) for r in rows] == [
+      (rule, combined) for rule in ("tfidf", "word_vectors") for combined in ("caption", "max", "mean")]
+  for row in rows:
+    assert (row["fit"]["split"], row["report"]["split"]) == ("development", "evaluation")
+    if row["combined"] != "caption":
+      assert (row["fit"]["pairs"], row["report"]["pairs"]) == (8 * 15, 12 * 15)
+    for role in ("fit", "report"):
+      assert 0 <= row[role]["roc_auc"] <= 1 and row[role]["at_threshold"]["threshold"] == 0.3
+  assert done.stdout.count("\n") == 1 + 2 * len(rows)
