@@ -185,15 +185,16 @@ def score_graded(folder: str, split: str, predictions: str) -> dict:
 
 
 def write_score_matrix(path: str, queries: list, file_names: list, s: np.ndarray) -> None:
-  """Writes s [queries, files] as the 2025 baseline's score matrix (atomic); a query
-  given more than once gets one row, its first's."""
+  """Writes s [queries, files] as the 2025 baseline's score matrix (atomic), each score
+  with the 9 digits that give a float32 back exactly; a query given more than once gets
+  one row, its first's."""
   first = {}
   for row, query in enumerate(queries):
     first.setdefault(query, row)
   text = io.StringIO(newline="")
   writer = csv.writer(text)
   writer.writerow(["query", *file_names])
-  writer.writerows([query, *(f"{x:.6g}" for x in s[row])] for query, row in first.items())
+  writer.writerows([query, *(f"{x:.9g}" for x in s[row])] for query, row in first.items())
   files.write_text(path, text.getvalue())
 
 

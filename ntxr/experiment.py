@@ -6,6 +6,7 @@ devices; its methods feed them batches of a split and embed, validate and test.
 """
 
 import functools
+import os
 from typing import Optional
 
 from absl import logging
@@ -15,7 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from ntxr import dcase, embedder as embedder_lib, evaluate, false_negatives, models
-from ntxr import parallel, settings, steps
+from ntxr import parallel, relevance, settings, steps
 from ntxr.data import corpus as corpus_lib, input_pipeline, synthetic
 from ntxr.data import word_vectors
 
@@ -77,6 +78,14 @@ class Experiment:
            for c in captions], self.tokenizer.vocab_size)
     self._train_step, self._eval_loss = compiled_steps(
         tuple(self.devices.mesh.devices.flat), self.settings.loss)
+    # People's judgements of the test split, read now so that a bad file stops the run
+    # before it trains.
+    relevance_file = self.config.relevance_file or self.corpus.relevance_file
+    self.relevant = relevance.read_dcase2025(relevance_file) if relevance_file else None
+    self.rated = None
+    if self.config.graded_relevance_dir:
+      self.rated = relevance.read_tau(os.path.expanduser(self.config.graded_relevance_dir),
+                                      self.test_split).ratings
 
   def _word_table(self) -> Optional[np.ndarray]:
     """The frozen word2vec table of config.word_vectors, or None to learn one."""
@@ -212,15 +221,44 @@ class Experiment:
 
   def test(self, state: steps.TrainState) -> tuple:
     """(test-split metrics and score histogram, its DCASE Submission or None when the
-    split has fewer clips than a submission ranks)."""
+    split has fewer clips than a submission ranks, and its DCASE 2025 score matrix (a
+    Submission of the judged captions) or None without a relevance file)."""
     split = self.embed_split(state, self.test_split)
     s = evaluate.split_scores(split, self.config.score)
     names = self.captions(self.test_split)
+    texts, file_names = [c for _, captions in names for c in captions], [f for f, _ in names]
     submission = None
     if len(names) >= dcase.RANKED:
-      submission = dcase.Submission([c for _, captions in names for c in captions],
-                                    [f for f, _ in names], s.T)
+      submission = dcase.Submission(texts, file_names, s.T)
     metrics = dict(evaluate.both_directions(s, split.clip_ids, split.caption_ids),
                    score_histogram=evaluate.score_histogram(s, split.clip_ids,
                                                             split.caption_ids))
-    return metrics, submission
+    judged, matrix = self._judged_by_people(texts, file_names, s.T)
+    return dict(metrics, **judged), submission, matrix
+
+  def _judged_by_people(self, texts: list, file_names: list, s: np.ndarray) -> tuple:
+    """({"t2a_multi", "t2a_graded"} as measured, the DCASE 2025 score matrix or None)
+    from the test split's scores s [captions, clips]; only the judged captions that are
+    the split's count (a warning says how many are not)."""
+    row = {}
+    for index, text in enumerate(texts):
+      row.setdefault(text, index)
+    judged, matrix = {}, None
+    for name, truth in (("t2a_multi", self.relevant), ("t2a_graded", self.rated)):
+      if truth is None:
+        continue
+      known = {text: value for text, value in truth.items() if text in row}
+      if len(known) < len(truth):
+        logging.warning("%s: %d of the %d judged captions are not captions of the %s split; "
+                        "the other %d are scored", name, len(truth) - len(known), len(truth),
+                        self.test_split, len(known))
+      if not known:
+        continue
+      rows = s[[row[text] for text in known]]
+      ranked = relevance.ranked_by_score(list(known), file_names, rows)
+      if name == "t2a_multi":
+        judged[name] = relevance.multi_relevance_metrics(known, ranked)
+        matrix = dcase.Submission(list(known), file_names, rows)
+      else:
+        judged[name] = relevance.graded_metrics(known, ranked)
+    return judged, matrix

@@ -12,13 +12,17 @@ and line, and each scored against a ranking of files per query.
 """
 
 import ast
+import csv
 import dataclasses
+import io
 import os
 
 import numpy as np
 
 from ntxr import files, ranking
 
+DCASE2025_FILE = "metadata_eval.csv"  # its name in the challenge's baseline, and beside
+# a data folder's captions, where runs find it
 DCASE2025_COLUMNS = ["query", "audio_filenames"]
 TAU_GROUPS = ("TP", "TN", "C15")  # the query's own clip, a random one, 15 candidates
 RELEVANT_RATING = 50  # "rated at least 50": the share of people's scale that matches
@@ -62,6 +66,15 @@ def read_dcase2025(path: str) -> dict:
                        f"{first[query]})")
     relevant[query], first[query] = _file_list(path, line, names), line
   return relevant
+
+
+def write_dcase2025(path: str, relevant: dict) -> None:
+  """Writes {query: file names} in the challenge's format (atomic)."""
+  text = io.StringIO(newline="")
+  writer = csv.writer(text)
+  writer.writerow(DCASE2025_COLUMNS)
+  writer.writerows([query, str(list(names))] for query, names in relevant.items())
+  files.write_text(path, text.getvalue())
 
 
 @dataclasses.dataclass(frozen=True)

@@ -90,7 +90,9 @@ class Data:
 
   data_dir: a Clotho, AudioCaps or pairs folder, or None for the built-in corpus of
   `size`. tokens: "words" whenever word vectors are given. validation_split and
-  test_split: "" for the data set's own.
+  test_split: "" for the data set's own. relevance_file: DCASE 2025's matching clips per
+  test caption ("": the one beside the captions, if any); graded_relevance_dir: the TAU
+  ratings' folder ("": none).
   """
   data_dir: Optional[str]
   size: str
@@ -109,6 +111,8 @@ class Data:
   skip_bad_files: bool
   validation_split: str
   test_split: str
+  relevance_file: str
+  graded_relevance_dir: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -243,7 +247,9 @@ class Settings:
             missing_word_vectors=c.missing_word_vectors, word_variants=c.word_variants,
             frame_buckets=tuple(c.frame_buckets),
             max_tokens=c.max_tokens, skip_bad_files=c.skip_bad_files,
-            validation_split=c.validation_split, test_split=c.test_split),
+            validation_split=c.validation_split, test_split=c.test_split,
+            relevance_file=os.path.expanduser(c.relevance_file),
+            graded_relevance_dir=os.path.expanduser(c.graded_relevance_dir)),
         model=Model(embed_dim=c.embed_dim, channels=tuple(c.channels), dropout=c.dropout,
                     initializer=c.initializer, compute_dtype=c.compute_dtype,
                     pool_remainder=c.pool_remainder),
@@ -324,8 +330,15 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
         "--config.word_vectors=/path/to/GoogleNews-vectors-negative300.bin (or any "
         "word2vec-format file), or --config.require_word_vectors=false to learn a "
         "random word table instead")
-  if config.word_vectors and not os.path.isfile(os.path.expanduser(config.word_vectors)):
-    raise SettingError(f"--config.word_vectors={config.word_vectors}: no such file")
+  for field in ("word_vectors", "relevance_file"):
+    if config[field] and not os.path.isfile(os.path.expanduser(config[field])):
+      raise SettingError(f"--config.{field}={config[field]}: no such file")
+  folder = os.path.expanduser(config.graded_relevance_dir)
+  if folder and not (os.path.isdir(folder) and any(
+      name.endswith("_relevances.csv") for name in os.listdir(folder))):
+    raise SettingError(f"--config.graded_relevance_dir={config.graded_relevance_dir}: no "
+                       f"folder of TAU ratings (SPLIT_relevances.csv, SPLIT_text.csv, "
+                       f"SPLIT_audio_metadata.csv)")
   if config.data_dir:
     try:
       captions.layout_of(os.path.expanduser(config.data_dir))

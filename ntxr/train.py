@@ -345,7 +345,7 @@ def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: checkpoint
   state, best = restored[0], Progress.from_json(restored[1])
   trained = Progress.from_json(checkpoints.progress("latest") or restored[1])
   config = experiment.config
-  metrics, submission = experiment.test(state)
+  metrics, submission, score_matrix = experiment.test(state)
   skipped = [entry for entries in experiment.corpus.skipped.values() for entry in entries]
   results = dict(metrics, objective=config.objective, strategy=config.strategy,
                  run=settings.run_name(config), score=config.score,
@@ -361,7 +361,7 @@ def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: checkpoint
                  false_negatives=metrics_log.false_negatives_of(
                      files.read_jsonl(os.path.join(workdir, "metrics.jsonl")),
                      best.best_epoch))
-  workdir_lib.write_results(workdir, results, submission)
+  workdir_lib.write_results(workdir, results, submission, score_matrix)
   return results
 
 

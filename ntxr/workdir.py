@@ -9,6 +9,8 @@
   tensorboard/             the same as TensorBoard scalars (ntxr.metrics_log)
   results.json             the test metrics and how they were reached
   dcase_{split}.csv        the DCASE submission (each caption's top 10 files)
+  dcase2025_{split}.csv    with a relevance file: the judged captions' scores for every
+                           file, as the DCASE 2025 baseline writes them
 
 A workdir is a local folder or a bucket path (gs://...): Orbax and `ntxr.files` write
 either. In a bucket there is no lock (buckets have no kernel locks), and TensorBoard's
@@ -59,12 +61,15 @@ def in_use(workdir: str):
                        "or use another --workdir") from None
 
 
-def write_results(workdir: str, results: dict, submission: Optional[dcase.Submission]) -> None:
-  """results.json, and the split's DCASE submission if it has enough clips for one;
-  written by the first process only."""
+def write_results(workdir: str, results: dict, submission: Optional[dcase.Submission],
+                  score_matrix: Optional[dcase.Submission] = None) -> None:
+  """results.json, the split's DCASE submission if it has enough clips for one, and its
+  DCASE 2025 score matrix if given; written by the first process only."""
   if jax.process_index() != 0:
     return
   split = results["split"]
+  if score_matrix is not None:
+    dcase.write_score_matrix(os.path.join(workdir, f"dcase2025_{split}.csv"), *score_matrix)
   if submission is None:
     logging.warning("%s has fewer clips than a DCASE submission's %d: none written",
                     split, dcase.RANKED)

@@ -113,6 +113,36 @@ def clotho_folder(root: str) -> str:
   return root
 
 
+# People's judgements of the evaluation split, in DCASE 2025's and TAU's layouts: each
+# caption's matching clips (the two tonal instruments match each other's captions), and
+# two rated captions with 0-100 ratings of every clip.
+MATCHING = {"xylofón.mp3": ("xylofón.mp3", "electric piano.flac"),
+            "electric piano.flac": ("electric piano.flac", "xylofón.mp3"),
+            LONG: (LONG,), SHORT: (SHORT,)}
+RATINGS = {("xylofón.mp3", 0): {"xylofón.mp3": 95, "electric piano.flac": 40, LONG: 5,
+                                SHORT: 0},
+           (LONG, 1): {LONG: 90, "xylofón.mp3": 10, "electric piano.flac": 0, SHORT: 20}}
+
+
+def judged_by_people(data: str, tau: str) -> None:
+  """Writes metadata_eval.csv beside a Clotho folder's captions, and a TAU-layout folder
+  of ratings of its evaluation clips (fid and tid are made-up identifiers)."""
+  write_csv(os.path.join(data, "metadata_eval.csv"), ["query", "audio_filenames"],
+            [[caption, str(list(MATCHING[name]))] for name in SPLITS["evaluation"]
+             for caption in CAPTIONS[name]])
+  os.makedirs(tau)
+  fid = {name: f"f{i}=" for i, name in enumerate(SPLITS["evaluation"])}
+  write_csv(os.path.join(tau, "evaluation_audio_metadata.csv"),
+            ["split", "fid", "file_name", "keywords"],
+            [["clotho_evaluation", fid[name], name, ""] for name in SPLITS["evaluation"]])
+  write_csv(os.path.join(tau, "evaluation_text.csv"), ["split", "tid", "fid", "text", "tokens"],
+            [["clotho_evaluation", f"{fid[name]}{k}", fid[name], caption, "[]"]
+             for name in SPLITS["evaluation"] for k, caption in enumerate(CAPTIONS[name])])
+  write_csv(os.path.join(tau, "evaluation_relevances.csv"), ["tid", "fid", "fid_group", "rating"],
+            [[f"{fid[name]}{k}", fid[rated], "TP" if rated == name else "C15", rating]
+             for (name, k), ratings in RATINGS.items() for rated, rating in ratings.items()])
+
+
 def audiocaps_folder(root: str) -> str:
   """Writes an AudioCaps-layout folder ({train,val,test}.csv, audio/{split}/{id}_{start}.ext)."""
   audiocap_id = 0

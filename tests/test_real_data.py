@@ -113,14 +113,29 @@ def test_main_on_real_recordings_records_and_reports_skipped_clips(real_clotho, 
   shutil.copytree(real_clotho, data)
   with open(os.path.join(data, "development", "piano.wav"), "wb") as f:
     f.write(b"RIFF....WAVEnot audio")
+  tau = str(tmp_path / "tau_relevances")
+  recordings.judged_by_people(data, tau)
   before = recordings.snapshot(data)
   workdir = str(tmp_path / "run")
   flags = [f"--config.data_dir={data}", "--strategy=semihard_cross", f"--workdir={workdir}",
            f"--config.cache_dir={cache_dir}", "--config.skip_bad_files=true",
+           f"--config.graded_relevance_dir={tau}",
            *[f"--config.{k}={v}" for k, v in SMALL_MODEL.items()]]
   first = run_main(*flags)
   assert first.returncode == 0, first.stderr[-3000:]
   results = json.loads(open(os.path.join(workdir, "results.json")).read())
+  # The relevance file beside the captions and the TAU ratings score the test split; the
+  # run's 2025 score matrix, scored by ntxr.dcase, gives the same numbers.
+  assert (results["t2a_multi"]["queries"], results["t2a_graded"]["queries"]) == (20, 2)
+  matrix = os.path.join(workdir, "dcase2025_evaluation.csv")
+  for judged, flag in (("t2a_multi", f"--relevance={data}/metadata_eval.csv"),
+                       ("t2a_graded", f"--graded_relevance={tau}")):
+    scored = subprocess.run([sys.executable, "-m", "ntxr.dcase", flag, f"--predictions={matrix}",
+                             f"--output_json={tmp_path}/{judged}.json"], capture_output=True,
+                            text=True, check=True)
+    assert json.loads((tmp_path / f"{judged}.json").read_text()) == pytest.approx(
+        results[judged], abs=1e-12), scored.stdout
+  assert "t2a_multi" in first.stdout and "against people's ratings: nDCG@10" in first.stdout
   assert results["skipped"]["count"] == 1
   assert "clotho_captions_development.csv:8: " in results["skipped"]["entries"][0]
   assert "piano.wav" in results["skipped"]["entries"][0]

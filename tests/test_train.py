@@ -2,6 +2,7 @@
 authors' training score, objectives. What the workdir survives: test_workdir.py."""
 
 import collections
+import csv
 import json
 import os
 import pathlib
@@ -13,11 +14,12 @@ import numpy as np
 import pytest
 
 from ntxr import checkpoints as checkpoints_lib, dcase, experiment as experiment_lib
-from ntxr import settings, steps, train
+from ntxr import relevance, settings, steps, train
 from ntxr.configs import default
 from ntxr.bench import reference
 from ntxr.data import input_pipeline
 from runs import interrupt_after, params_of
+import test_relevance
 
 
 def tensorboard_scalars(folder: pathlib.Path) -> dict:
@@ -61,6 +63,32 @@ def test_tiny_run_end_to_end(tiny_config, tiny_run):
   assert json.loads(json.dumps(again)) == results  # what it returns is what it wrote
   assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
   assert train.evaluate_only(config, str(tmp_path))["a2t"] == results["a2t"]
+
+
+def test_a_run_scores_several_matching_clips_per_caption_as_dcase_2025(tiny_config, tiny_run):
+  """The built-in corpus's relevance file names, for each test caption, the clips with its
+  clip's exact event kinds; the run's t2a_multi is DCASE 2025's scoring of its own score
+  matrix, computed here query by query."""
+  corpus = pathlib.Path(tiny_config().cache_dir) / "synthetic_tiny"
+  events = json.loads((corpus / "ntxr_events.json").read_text())["evaluation"]
+  expected = {}
+  with open(corpus / "clotho_captions_evaluation.csv", newline="") as f:
+    for row in list(csv.reader(f))[1:]:
+      for text in row[1:]:
+        expected.setdefault(text, set()).update(
+            name for name, kinds in events.items() if kinds == events[row[0]])
+  relevant = relevance.read_dcase2025(str(corpus / relevance.DCASE2025_FILE))
+  assert {q: set(f) for q, f in relevant.items()} == expected
+  assert max(len(f) for f in expected.values()) > 1  # some captions match several clips
+  results = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
+  with open(pathlib.Path(tiny_run) / "dcase2025_evaluation.csv", newline="") as f:
+    header, *rows = list(csv.reader(f))
+  ranked = {row[0]: [header[1 + j] for j in np.argsort(-np.array(row[1:], float),
+                                                       kind="stable")] for row in rows}
+  assert sorted(ranked) == sorted(expected)
+  assert results["t2a_multi"].pop("queries") == len(expected)
+  assert results["t2a_multi"] == pytest.approx(test_relevance.loop_metrics(relevant, ranked),
+                                               abs=1e-12)
 
 
 def test_the_reported_epoch_and_the_collapse_flags_follow_the_metrics_log(tiny_config, tiny_run):
@@ -416,12 +444,12 @@ def test_training_beats_the_initial_state_and_the_dcase_file_scores_as_results_j
   workdir = tmp_path / "run"
   results = train.train_and_evaluate(config, str(workdir))
   experiment = experiment_lib.Experiment(config)
-  initial, _ = experiment.test(experiment.initial_state)
+  initial, _, _ = experiment.test(experiment.initial_state)
   assert results["t2a"]["mAP@10"] > initial["t2a"]["mAP@10"] + 0.05
   assert results["a2t"]["mAP@10"] > 2 * initial["a2t"]["mAP@10"]
   with checkpoints_lib.Checkpoints(str(workdir)) as checkpoints:
     best, _ = checkpoints.restore("best", experiment.initial_state)
-  _, submission = experiment.test(best)
+  _, submission, _ = experiment.test(best)
   clips = [name for name, captions in experiment.captions("development") for _ in captions]
   relevant = [submission.file_names.index(name) for name in clips]
   expected = naive_t2a(submission.scores, relevant)

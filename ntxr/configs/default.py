@@ -55,6 +55,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.skip_bad_files = False
   config.validation_split = ""        # "": the data set's own (Clotho: validation)
   config.test_split = ""              # "": the data set's own (Clotho: evaluation)
+  # Judged by people, for the test split: DCASE 2025's several matching clips per caption
+  # ("": metadata_eval.csv beside the captions, if there) and the TAU graded ratings.
+  config.relevance_file = ""
+  config.graded_relevance_dir = ""
 
   # Model.
   config.channels = (8, 32, 32, 32, 32)

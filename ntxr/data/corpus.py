@@ -12,7 +12,7 @@ from typing import Optional
 
 from absl import logging
 
-from ntxr import files, settings
+from ntxr import files, relevance, settings
 from ntxr.data import builders, captions, staging, synthetic, tokenizer
 
 SPLITS_FILE = "splits.csv"  # in a pairs folder's prepared folder: the assigned splits
@@ -22,14 +22,16 @@ SPLITS_FILE = "splits.csv"  # in a pairs folder's prepared folder: the assigned 
 class Corpus:
   """A prepared corpus: its builder (splits in `splits`: training, validation, test),
   caption tokenizer, what preparing left out, how long generating and preparing took
-  in this call (0 when cached), and for the built-in corpus each clip's event kinds
-  ({split: {file name: [kinds]}}; None for recorded data)."""
+  in this call (0 when cached), for the built-in corpus each clip's event kinds
+  ({split: {file name: [kinds]}}; None for recorded data), and the DCASE 2025 relevance
+  file found beside the captions (None if there is none)."""
   builder: builders.NtxrClotho
   tokenizer: object
   skipped: dict
   generate_s: float
   prepare_s: float
   events: Optional[dict] = None
+  relevance_file: Optional[str] = None
 
   @property
   def splits(self) -> tuple:
@@ -120,7 +122,9 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=settings.Features()
     if entries:
       logging.warning("%s: %d clips or rows were left out when the data was prepared "
                       "(skip_bad_files): %s", split, len(entries), "; ".join(entries))
-  return Corpus(builder, tok, skipped, generate_s, prepare_s, synthetic.read_events(data_dir))
+  relevance_file = os.path.join(data_dir, relevance.DCASE2025_FILE)
+  return Corpus(builder, tok, skipped, generate_s, prepare_s, synthetic.read_events(data_dir),
+                relevance_file if files.exists(relevance_file) else None)
 
 
 def load_data(data: settings.Data) -> Corpus:

@@ -9,9 +9,13 @@ Clotho; that partial fit is what makes the choice of negatives matter.
 Generation is deterministic: every clip draws from its own seed (corpus seed, split,
 index), so the same arguments give the same bytes, in any process order. The corpus is
 written to a temporary folder and renamed into place once complete, with a manifest.
-A folder whose manifest is missing or differs is regenerated.
+A folder whose manifest is missing or differs is regenerated. Beside the captions,
+`ntxr_events.json` holds each clip's event kinds (the truth of false negatives) and
+`metadata_eval.csv` each evaluation caption's matching clips, those with its clip's event
+kinds, in DCASE 2025's format (runs report t2a_multi from it).
 """
 
+import collections
 import dataclasses
 import io
 import json
@@ -22,7 +26,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ntxr import files
+from ntxr import files, relevance
 from ntxr.data import captions, workers
 
 SAMPLE_RATE = 16000
@@ -334,6 +338,23 @@ def _events(size: str, seed: int) -> dict:
           for s, (split, count) in enumerate(zip(SPLITS, SIZES[size]))}
 
 
+def _write_relevance(root: str, events: dict) -> None:
+  """The test split's several matching clips per caption, in DCASE 2025's format
+  (relevance.DCASE2025_FILE): the clips with exactly the caption's clip's event kinds."""
+  kinds = events[SPLITS[2]]
+  alike = collections.defaultdict(list)
+  for name, clip_kinds in kinds.items():
+    alike[tuple(clip_kinds)].append(name)
+  clips, _ = captions.read_clotho_captions(
+      os.path.join(root, captions.CLOTHO_CAPTION_FILE.format(split=SPLITS[2])))
+  relevant = {}
+  for clip in clips:
+    for text in clip.captions:
+      relevant.setdefault(text, set()).update(alike[tuple(kinds[clip.file_name])])
+  relevance.write_dcase2025(os.path.join(root, relevance.DCASE2025_FILE),
+                            {text: sorted(names) for text, names in relevant.items()})
+
+
 def read_events(root: str) -> Optional[dict]:
   """{split: {file name: event kinds}} of a built-in corpus folder; None for any other."""
   try:
@@ -366,6 +387,8 @@ def generate(root: str, size: str = "default", seed: int = 0, processes: int = 0
   if is_complete(root, size, seed):
     if not os.path.exists(os.path.join(root, EVENTS)):  # a corpus made before events.json
       files.write_json(os.path.join(root, EVENTS), _events(size, seed))
+    if not os.path.exists(os.path.join(root, relevance.DCASE2025_FILE)):  # or before that
+      _write_relevance(root, _events(size, seed))
     return root
   files.remove_left_by_dead(root)  # the partial corpora of killed processes
   partial = files.partial_path(root)
@@ -385,6 +408,7 @@ def generate(root: str, size: str = "default", seed: int = 0, processes: int = 0
   for split in SPLITS:
     captions.write_clotho_captions(partial, split, rows[split])
   files.write_json(os.path.join(partial, EVENTS), _events(size, seed))
+  _write_relevance(partial, _events(size, seed))
   with open(os.path.join(partial, MANIFEST), "w") as f:
     json.dump(_manifest(size, seed), f)
   shutil.rmtree(root, ignore_errors=True)
