@@ -10,7 +10,7 @@ import pytest
 
 from ntxr import sampling
 from ntxr.bench import kernel_parts, kernels, reference, score_matrices, timing
-from ntxr.bench import training_loop, training_steps
+from ntxr.bench import together_steps, training_loop, training_steps
 
 
 @pytest.mark.parametrize("strategy", [s for s in sampling.STRATEGIES if s != "random"])
@@ -75,6 +75,13 @@ def test_jobs_give_one_row_each():
       ("every step", 1, 1, 3), ("every 10, prefetched", 10, 2, 3)]
   assert all(r["loop_ms"] > 0 and r["alone_ms"] > 0 and r["outside_share"] < 1 for r in rows)
   assert "| narrow | 4 | 8 | every step |" in training_loop.format_table(rows)
+  rows = together_steps.run({"narrow": (2, 4, 4, 4, 4)}, [1, 2], 4, repeats=1,
+                            shape=dict(frames=8, words=3, mel_bands=64, vocab=10))
+  assert [(r["width"], r["runs"], r["n"]) for r in rows] == [("narrow", 1, 4), ("narrow", 2, 4)]
+  for row in rows:
+    assert row["together_ms"] > 0 and row["speedup"] == pytest.approx(
+        row["runs"] * row["alone_ms"] / row["together_ms"])
+  assert "| narrow | 4 | 8 | 2 |" in together_steps.format_table(rows)
 
 
 def test_command_writes_json_and_imports_no_tensorflow(tmp_path):

@@ -27,6 +27,7 @@ JOB_TITLES = {
     "scores": "Score matrices",
     "steps": "Whole training steps",
     "loop": "The training loop's time outside the step",
+    "together": "Runs trained together, vmapped over a runs axis",
 }
 
 
@@ -91,9 +92,10 @@ def read(results_dir: str) -> list:
 
 def _table(result: dict) -> str:
   # pylint: disable=import-outside-toplevel  (the jobs import JAX; the page needs only them)
-  from ntxr.bench import kernel_parts, kernels, score_matrices, training_loop, training_steps
+  from ntxr.bench import (kernel_parts, kernels, score_matrices, together_steps,
+                          training_loop, training_steps)
   modules = dict(kernels=kernels, parts=kernel_parts, scores=score_matrices,
-                 steps=training_steps, loop=training_loop)
+                 steps=training_steps, loop=training_loop, together=together_steps)
   return modules[result["job"]].format_table(result["rows"])
 
 
