@@ -21,7 +21,7 @@ import pytest
 import soundfile
 
 import recordings
-from ntxr import experiment as experiment_lib, settings, train
+from ntxr import dcase, experiment as experiment_lib, settings, train
 from ntxr.configs import paper
 from ntxr.data import builders, captions, corpus, features, tokenizer
 
@@ -128,13 +128,10 @@ def test_main_on_real_recordings_records_and_reports_skipped_clips(real_clotho, 
   # run's 2025 score matrix, scored by ntxr.dcase, gives the same numbers.
   assert (results["t2a_multi"]["queries"], results["t2a_graded"]["queries"]) == (20, 2)
   matrix = os.path.join(workdir, "dcase2025_evaluation.csv")
-  for judged, flag in (("t2a_multi", f"--relevance={data}/metadata_eval.csv"),
-                       ("t2a_graded", f"--graded_relevance={tau}")):
-    scored = subprocess.run([sys.executable, "-m", "ntxr.dcase", flag, f"--predictions={matrix}",
-                             f"--output_json={tmp_path}/{judged}.json"], capture_output=True,
-                            text=True, check=True)
-    assert json.loads((tmp_path / f"{judged}.json").read_text()) == pytest.approx(
-        results[judged], abs=1e-12), scored.stdout
+  assert dcase.score_2025(f"{data}/metadata_eval.csv", matrix) == pytest.approx(
+      results["t2a_multi"], abs=1e-12)
+  assert dcase.score_graded(tau, "evaluation", matrix) == pytest.approx(
+      results["t2a_graded"], abs=1e-12)
   assert "t2a_multi" in first.stdout and "against people's ratings: nDCG@10" in first.stdout
   assert results["skipped"]["count"] == 1
   assert "clotho_captions_development.csv:8: " in results["skipped"]["entries"][0]

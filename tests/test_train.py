@@ -281,20 +281,19 @@ def test_the_authors_loop_steps_the_schedule_from_epoch_zero_and_stops_on_a_plat
     tiny_config, tmp_path, monkeypatch):
   """main.py's loop: epoch 0 validates the untrained model; every epoch's validation loss
   steps ReduceLROnPlateau, then Ray's stopper may end the trial. The losses are scripted
-  (the real per-epoch validation loss is still computed, at full float32 products, on
-  reshuffled batches with their last short batch); training is real."""
+  (the real per-epoch validation loss is still computed, on reshuffled batches with
+  their last short batch); training is real."""
   scripted = [1.0, 0.8, 0.798, 0.7, 0.69]
   seen = []
   real = experiment_lib.Experiment.validation_loss
 
   def validation_loss(self, state, epoch):
-    seen.append((epoch, jax.config.jax_default_matmul_precision,
-                 np.isfinite(real(self, state, epoch))))
+    seen.append((epoch, np.isfinite(real(self, state, epoch))))
     return scripted[epoch]
   monkeypatch.setattr(experiment_lib.Experiment, "validation_loss", validation_loss)
   config = tiny_config(num_epochs=4, batch_size=16, keep_partial_batch=True,
                        validation_draws="per_epoch", schedule_from_untrained=True,
-                       matmul_precision="highest", select_by="validation_loss")
+                       select_by="validation_loss")
   config.plateau.patience = 0
   config.stopper.update(std=0.01, num_results=2, grace_period=3)
   results = train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -310,10 +309,32 @@ def test_the_authors_loop_steps_the_schedule_from_epoch_zero_and_stops_on_a_plat
   logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
   assert [m["epoch"] for m in logged] == list(range(1, epoch + 1)) == [1, 2]
   assert [m["learning_rate"] for m in logged] == pytest.approx(rates)
-  assert seen == [(e, "highest", True) for e in range(epoch + 1)]
+  assert seen == [(e, True) for e in range(epoch + 1)]
   # 120 training pairs in batches of 16: 7 full batches and one of 8, every epoch.
   assert (results["epochs"], results["steps"], results["stopped_early"]) == (2, 16, True)
   assert results["best_epoch"] == 2  # the lowest scripted loss among the trained epochs
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate_only"])
+def test_every_program_a_run_compiles_multiplies_at_its_configured_precision(
+    command, tiny_config, tmp_path, monkeypatch):
+  """train_and_evaluate and evaluate_only build the experiment, and so trace and compile
+  everything, inside jax.default_matmul_precision(config.matmul_precision); under
+  "highest" a traced product asks for full float32."""
+  seen = []
+  class Traced(Exception):
+    pass
+  def experiment(config, devices=None):
+    del devices
+    seen.append(jax.config.jax_default_matmul_precision)
+    product = jax.jit(lambda a: a @ a).lower(np.ones((2, 2), np.float32)).as_text()
+    seen.append("precision = [HIGHEST, HIGHEST]" in product)
+    raise Traced
+  monkeypatch.setattr(experiment_lib, "Experiment", experiment)
+  with pytest.raises(Traced):
+    getattr(train, "train_and_evaluate" if command == "train" else command)(
+        tiny_config(matmul_precision="highest"), str(tmp_path / "run"))
+  assert seen == ["highest", True]
 
 
 def test_per_epoch_validation_reshuffles_and_draws_anew_from_the_epochs_seed(tiny_config):

@@ -1,6 +1,6 @@
 """The suite compiles with XLA's LLVM optimisations off (conftest.py); users compile with
-XLA's defaults. A few numeric tests (scores, selection and the loss, the objectives, a
-training step's loss from the encoders' output) run again here, once, in a process that
+XLA's defaults. A few numeric tests (scores, selection and the loss, a training step's
+loss from the encoders' output) run again here, once, in a process that
 compiles as users do. The whole step with the CRNN is left out: under the defaults its
 compilation alone takes half a minute of the suite's six."""
 
@@ -11,7 +11,6 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUMERIC = ("tests/test_scores.py::test_alignment_matches_naive_loop_with_masks",
            "tests/test_sampling.py::test_selection_and_loss_match_the_reference_loop",
-           "tests/test_objectives.py::test_each_objective_matches_the_loop",
            "tests/test_train.py::test_batch_padding_reproduces_the_authors_training_score")
 
 

@@ -19,13 +19,13 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   command.start(argv)
-  command.import_tensorflow()
-  from ntxr.data import corpus, input_pipeline  # pylint: disable=import-outside-toplevel
   config = FLAGS.config
-  try:
+  try:  # before TensorFlow loads: a mistake costs a second, not several
     data = settings.Settings.of(config).data
   except settings.SettingError as error:
     command.exit_with(error, 2)
+  command.import_tensorflow()
+  from ntxr.data import corpus, input_pipeline  # pylint: disable=import-outside-toplevel
   try:
     prepared = corpus.load_data(data)
   except (FileNotFoundError, ValueError) as error:  # a bad folder, file or row, named
