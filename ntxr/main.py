@@ -84,10 +84,11 @@ def main(argv):
     command.exit_with(error, 1)
   if jax.process_index() != 0:  # the first process reports for all
     return
-  print(f"\n{settings.run_name(config)} on {results['split']} (epochs {results['epochs']}, best "
-        f"{results['best_epoch']} by {results['selected_by']}, {results['seconds']:.0f} s "
-        f"training; reported checkpoint collapsed: {results['collapse']}, epochs flagged: "
-        f"{results['collapse_epochs'] or 'none'})")
+  stopped = ", stopped on a plateau" if results.get("stopped_early") else ""
+  print(f"\n{settings.run_name(config)} on {results['split']} (epochs {results['epochs']}"
+        f"{stopped}, best {results['best_epoch']} by {results['selected_by']}, "
+        f"{results['seconds']:.0f} s training; reported checkpoint collapsed: "
+        f"{results['collapse']}, epochs flagged: {results['collapse_epochs'] or 'none'})")
   if results["skipped"]["count"]:
     print(f"{results['skipped']['count']} clips or rows left out when preparing the data: "
           + "; ".join(results["skipped"]["entries"]))
