@@ -212,9 +212,10 @@ def train_epochs(experiment: experiment_lib.Experiment, state: steps.TrainState,
   shuffled batches (at most max_steps_per_epoch), one step each, the latest checkpoint
   every checkpoint_every_steps; then validation, the plateau schedule and stopper, the
   best checkpoint if the selection improved, the latest, and one metrics line; the
-  stopper may end training before num_epochs. A non-finite loss stops training with FloatingPointError, the last
-  good checkpoint kept. Asked to stop (StopRequests), it saves the latest checkpoint
-  (after the step in flight, or the epoch's steps if they are done) and raises Stopped.
+  stopper may end training before num_epochs. A non-finite loss stops training with
+  FloatingPointError, the last good checkpoint kept. Asked to stop (StopRequests), it
+  saves the latest checkpoint (after the step in flight, or the epoch's steps if they are
+  done) and raises Stopped.
   """
   config = experiment.config
   steps_per_epoch = experiment.batches_per_epoch(experiment.training_split)

@@ -53,7 +53,8 @@ def test_written_submission_scores_as_planted(tmp_path):
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda rows: rows[1].__setitem__(0, "no such caption"), ":2: unknown caption 'no such caption'"),
+    (lambda rows: rows[1].__setitem__(0, "no such caption"),
+     ":2: unknown caption 'no such caption'"),
     (lambda rows: rows[2].__setitem__(3, "ghost.wav"), ":3: unknown file 'ghost.wav'"),
     (lambda rows: rows[3].__setitem__(10, ""), ":4: expected a caption and 10 file names"),
     (lambda rows: rows.pop(), "1 ground-truth captions have no row"),

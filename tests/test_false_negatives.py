@@ -215,7 +215,8 @@ def test_the_command_measures_every_rule_against_the_ratings(tmp_path):
   assert done.returncode == 0, done.stderr
   rows = json.loads((tmp_path / "rules.json").read_text())
   assert [(r["rule"], r["combined"]) for r in rows] == [
-      (rule, combined) for rule in ("tfidf", "word_vectors") for combined in ("caption", "max", "mean")]
+      (rule, combined) for rule in ("tfidf", "word_vectors")
+      for combined in ("caption", "max", "mean")]
   for row in rows:
     assert (row["fit"]["split"], row["report"]["split"]) == ("development", "evaluation")
     if row["combined"] != "caption":

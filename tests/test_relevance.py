@@ -161,7 +161,8 @@ def test_a_bad_relevance_row_is_named_by_line(tmp_path, rows, message):
 
 
 @pytest.mark.parametrize("matrix, message", [
-    ("query,x.wav,z.wav\n", r":1: unknown file 'z.wav': not in .*metadata_eval.csv \(--ground_truth"),
+    ("query,x.wav,z.wav\n",
+     r":1: unknown file 'z.wav': not in .*metadata_eval.csv \(--ground_truth"),
     ("query,x.wav,y.wav\nrain,1,2\n", r":2: unknown query 'rain': not in"),
     ("query,x.wav,y.wav\na dog barks,1,2\na dog barks,2,1\n",
      r":3: query 'a dog barks' is given twice \(first at line 2\)"),
