@@ -19,8 +19,6 @@ against the TAU ratings (`ntxr.relevance.graded_metrics`). A top-10 list ranks n
 beyond its tenth file.
 """
 
-import csv
-import io
 import os
 from typing import NamedTuple
 
@@ -31,6 +29,7 @@ import numpy as np
 from ntxr import command, files, relevance as relevance_lib
 
 RANKED = 10  # files a submission lists per caption, best first
+COLUMNS = ["caption"] + [f"file_name_{k}" for k in range(1, RANKED + 1)]
 
 FLAGS = flags.FLAGS
 
@@ -40,7 +39,10 @@ class Submission(NamedTuple):
   captions: list
   file_names: list
   scores: np.ndarray
-COLUMNS = ["caption"] + [f"file_name_{k}" for k in range(1, RANKED + 1)]
+
+
+class UnknownName(ValueError):
+  """A submission names a caption, query or file its ground truth does not know."""
 
 
 def _header_and_rows(path: str) -> tuple:
@@ -80,13 +82,13 @@ def read_predictions(path: str, relevant: dict, known_files: set,
                        f"got {len([r for r in row[1:] if r])} names")
     caption, names = row[0], row[1:]
     if caption not in known_captions:
-      raise ValueError(f"{path}:{line}: unknown caption {caption[:60]!r}")
+      raise UnknownName(f"{path}:{line}: unknown caption {caption[:60]!r}")
     if caption in ranked:
       raise ValueError(f"{path}:{line}: caption {caption[:60]!r} is given twice (first at "
                        f"line {first_line[caption]}); give each caption one row")
     unknown = [n for n in names if n not in known_files]
     if unknown:
-      raise ValueError(f"{path}:{line}: unknown file {unknown[0]!r}")
+      raise UnknownName(f"{path}:{line}: unknown file {unknown[0]!r}")
     ranked[caption], first_line[caption] = names, line
   missing = [c for c in relevant if c not in ranked]
   if missing:
@@ -119,7 +121,7 @@ def read_score_matrix(path: str, known_queries, known_files: set) -> dict:
   names, seen = header[1:], set()
   for name in names:
     if name not in known_files:
-      raise ValueError(f"{path}:1: unknown file {name!r}")
+      raise UnknownName(f"{path}:1: unknown file {name!r}")
     if name in seen:
       raise ValueError(f"{path}:1: file {name!r} has two columns")
     seen.add(name)
@@ -130,7 +132,7 @@ def read_score_matrix(path: str, known_queries, known_files: set) -> dict:
       raise ValueError(f"{path}:{line}: expected a query and {len(names)} scores, got "
                        f"{len(fields) - 1}")
     if query not in known_queries:
-      raise ValueError(f"{path}:{line}: unknown query {query[:60]!r}")
+      raise UnknownName(f"{path}:{line}: unknown query {query[:60]!r}")
     if query in first:
       raise ValueError(f"{path}:{line}: query {query[:60]!r} is given twice (first at "
                        f"line {first[query]})")
@@ -167,11 +169,11 @@ def score_2025(relevance_file: str, predictions: str, ground_truth=None) -> dict
     known_queries, known_files = known_queries | set(captions), known_files | names
   try:
     ranked = read_ranked(predictions, known_queries, known_files)
-  except ValueError as error:
-    if "unknown " in str(error) and not ground_truth:
-      raise ValueError(f"{error}: not in {relevance_file} (--ground_truth, the split's "
-                       "captions file, adds every caption and file of the split)") from None
-    raise
+  except UnknownName as error:
+    if ground_truth:
+      raise
+    raise UnknownName(f"{error}: not in {relevance_file} (--ground_truth, the split's "
+                      "captions file, adds every caption and file of the split)") from None
   return relevance_lib.multi_relevance_metrics(relevant, ranked)
 
 
@@ -188,14 +190,9 @@ def write_score_matrix(path: str, queries: list, file_names: list, s: np.ndarray
   """Writes s [queries, files] as the 2025 baseline's score matrix (atomic), each score
   with the 9 digits that give a float32 back exactly; a query given more than once gets
   one row, its first's."""
-  first = {}
-  for row, query in enumerate(queries):
-    first.setdefault(query, row)
-  text = io.StringIO(newline="")
-  writer = csv.writer(text)
-  writer.writerow(["query", *file_names])
-  writer.writerows([query, *(f"{x:.9g}" for x in s[row])] for query, row in first.items())
-  files.write_text(path, text.getvalue())
+  files.write_csv(path, ["query", *file_names],
+                  ([query, *(f"{x:.9g}" for x in s[row])]
+                   for query, row in relevance_lib.first_rows(queries).items()))
 
 
 def write_submission(path: str, captions: list, file_names: list, s: np.ndarray) -> None:
@@ -204,15 +201,9 @@ def write_submission(path: str, captions: list, file_names: list, s: np.ndarray)
   gets one row, its first's: a submission ranks each text once, and a text's ranking does
   not depend on which clip it came with."""
   order = np.argsort(-np.asarray(s), axis=1, kind="stable")[:, :RANKED]
-  first = {}
-  for row, caption in enumerate(captions):
-    first.setdefault(caption, row)
-  text = io.StringIO(newline="")
-  writer = csv.writer(text)
-  writer.writerow(COLUMNS)
-  writer.writerows([caption, *(file_names[j] for j in order[row])]
-                   for caption, row in first.items())
-  files.write_text(path, text.getvalue())
+  first = relevance_lib.first_rows(captions)
+  files.write_csv(path, COLUMNS, ([caption, *(file_names[j] for j in order[row])]
+                                  for caption, row in first.items()))
 
 
 def define_flags() -> None:

@@ -6,7 +6,6 @@ devices; its methods feed them batches of a split and embed, validate and test.
 """
 
 import functools
-import os
 from typing import Optional
 
 from absl import logging
@@ -19,6 +18,12 @@ from ntxr import dcase, embedder as embedder_lib, evaluate, false_negatives, mod
 from ntxr import parallel, relevance, settings, steps
 from ntxr.data import corpus as corpus_lib, input_pipeline, synthetic
 from ntxr.data import word_vectors
+
+
+def epoch_seed(*entropy: int) -> int:
+  """A shuffle seed drawn from its entropy: an epoch's training batches from (run seed,
+  epoch), its validation batches from (run seed, epoch, 1)."""
+  return int(np.random.SeedSequence(list(entropy)).generate_state(1)[0])
 
 
 @functools.lru_cache(maxsize=None)
@@ -80,12 +85,12 @@ class Experiment:
         tuple(self.devices.mesh.devices.flat), self.settings.loss)
     # People's judgements of the test split, read now so that a bad file stops the run
     # before it trains.
-    relevance_file = self.config.relevance_file or self.corpus.relevance_file
+    data = self.settings.data
+    relevance_file = data.relevance_file or self.corpus.relevance_file
     self.relevant = relevance.read_dcase2025(relevance_file) if relevance_file else None
     self.rated = None
-    if self.config.graded_relevance_dir:
-      self.rated = relevance.read_tau(os.path.expanduser(self.config.graded_relevance_dir),
-                                      self.test_split).ratings
+    if data.graded_relevance_dir:
+      self.rated = relevance.read_tau(data.graded_relevance_dir, self.test_split).ratings
 
   def _word_table(self) -> Optional[np.ndarray]:
     """The frozen word2vec table of config.word_vectors, or None to learn one."""
@@ -196,8 +201,7 @@ class Experiment:
     --config.validation_draws=per_epoch the epoch's own."""
     key, seed = jax.random.key(self.config.seed), 0
     if self.config.validation_draws == "per_epoch":
-      key = jax.random.fold_in(key, epoch)
-      seed = int(np.random.SeedSequence([self.config.seed, epoch, 1]).generate_state(1)[0])
+      key, seed = jax.random.fold_in(key, epoch), epoch_seed(self.config.seed, epoch, 1)
     batches = parallel.prefetch(
         input_pipeline.as_numpy(self.train_batches(self.validation_split, seed)),
         lambda batch: self.device_batch(batch, self.validation_split))
@@ -240,25 +244,26 @@ class Experiment:
     """({"t2a_multi", "t2a_graded"} as measured, the DCASE 2025 score matrix or None)
     from the test split's scores s [captions, clips]; only the judged captions that are
     the split's count (a warning says how many are not)."""
-    row = {}
-    for index, text in enumerate(texts):
-      row.setdefault(text, index)
+    row = relevance.first_rows(texts)
     judged, matrix = {}, None
-    for name, truth in (("t2a_multi", self.relevant), ("t2a_graded", self.rated)):
-      if truth is None:
-        continue
-      known = {text: value for text, value in truth.items() if text in row}
-      if len(known) < len(truth):
-        logging.warning("%s: %d of the %d judged captions are not captions of the %s split; "
-                        "the other %d are scored", name, len(truth) - len(known), len(truth),
-                        self.test_split, len(known))
-      if not known:
-        continue
-      rows = s[[row[text] for text in known]]
-      ranked = relevance.ranked_by_score(list(known), file_names, rows)
-      if name == "t2a_multi":
-        judged[name] = relevance.multi_relevance_metrics(known, ranked)
-        matrix = dcase.Submission(list(known), file_names, rows)
-      else:
-        judged[name] = relevance.graded_metrics(known, ranked)
+    relevant = self._in_split("t2a_multi", self.relevant, row)
+    if relevant:
+      rows = s[[row[text] for text in relevant]]
+      judged["t2a_multi"] = relevance.multi_relevance_metrics(
+          relevant, relevance.ranked_by_score(list(relevant), file_names, rows))
+      matrix = dcase.Submission(list(relevant), file_names, rows)
+    rated = self._in_split("t2a_graded", self.rated, row)
+    if rated:
+      judged["t2a_graded"] = relevance.graded_metrics(rated, relevance.ranked_by_score(
+          list(rated), file_names, s[[row[text] for text in rated]]))
     return judged, matrix
+
+  def _in_split(self, name: str, judged: Optional[dict], captions: dict) -> dict:
+    """The entries of `judged` ({caption: judgement} or None) whose caption is one of the
+    test split's `captions`; a warning names how many are not."""
+    known = {text: value for text, value in (judged or {}).items() if text in captions}
+    if len(known) < len(judged or {}):
+      logging.warning("%s: %d of the %d judged captions are not captions of the %s split; "
+                      "the other %d are scored", name, len(judged) - len(known), len(judged),
+                      self.test_split, len(known))
+    return known

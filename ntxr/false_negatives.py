@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ntxr import command, files, relevance as relevance_lib, sampling
+from ntxr.configs import default
 from ntxr.data import tokenizer as tokenizer_lib, word_vectors as word_vectors_lib
 
 FLAGS = flags.FLAGS
@@ -220,10 +221,10 @@ def _similarity_rules(fit: relevance_lib.TauSplit, folder: str, tokens: str,
   return rules
 
 
-def judged_rules(folder: str, *, fit_split: str = "development",
+def judged_rules(folder: str, *, relevance_map: tuple, fit_split: str = "development",
                  report_split: str = "evaluation", threshold: float = 0.5,
-                 relevance_map: tuple = (10.0, 5.0), tokens: str = "sentencepiece",
-                 vocab_size: int = 1000, vectors: Optional[str] = None) -> list:
+                 tokens: str = "sentencepiece", vocab_size: int = 1000,
+                 vectors: Optional[str] = None) -> list:
   """Every caption-similarity rule measured against people's ratings (TAU's 15 rated
   candidates per query; a match is a rating of at least 50).
 
@@ -231,7 +232,7 @@ def judged_rules(folder: str, *, fit_split: str = "development",
   both splits, ROC AUC and precision, recall and share flagged at `threshold`; the
   threshold that reaches TARGET_PRECISION on the fit split, and its precision, recall
   and share flagged on the report split; and, per split, how the soft objective's
-  relevance map sigmoid(slope * similarity - offset) (`relevance_map`) compares with
+  relevance map (`relevance` with (slope, offset) = `relevance_map`) compares with
   people's ratings / 100: its mean against theirs over the rated random clips (what
   most in-batch negatives are) and over the candidates above `threshold`.
   """
@@ -243,27 +244,29 @@ def judged_rules(folder: str, *, fit_split: str = "development",
     random_clips = {(rule, split): rated_candidates(tau, similarity_of, "TN")
                     for rule, similarity_of in rules.items() for split, tau in splits.items()}
   slope, offset = relevance_map
-  mapped = lambda score: 1 / (1 + np.exp(-(slope * score - offset)))
+  mapped = lambda score: float(np.mean(relevance(score, np.zeros(score.shape, bool),
+                                                 slope, offset)))
+  matches = lambda rating: rating >= relevance_lib.RELEVANT_RATING
   rows = []
   for rule in rules:
     for combined in COMBINED:
       row = dict(rule=rule, combined=combined)
+      score, rating = measured[rule, fit_split][combined]
+      fitted = threshold_for_precision(score, matches(rating))
       for role, split in (("fit", fit_split), ("report", report_split)):
         score, rating = measured[rule, split][combined]
-        matched = rating >= relevance_lib.RELEVANT_RATING
+        matched = matches(rating)
         row[role] = dict(split=split, pairs=len(score), matched=float(matched.mean()),
                          roc_auc=roc_auc(score, matched),
                          at_threshold=dict(threshold=threshold,
                                            **at_threshold(score, matched, threshold)))
-        if role == "fit":
-          fitted = threshold_for_precision(score, matched)
         random_score, random_rating = random_clips[rule, split][combined]
         above = score > threshold
         row[role]["relevance_map"] = dict(
             slope=slope, offset=offset,
-            random=dict(mapped=float(mapped(random_score).mean()),
+            random=dict(mapped=mapped(random_score),
                         rated=float(random_rating.mean() / 100)),
-            above_threshold=dict(mapped=float(mapped(score[above]).mean()),
+            above_threshold=dict(mapped=mapped(score[above]),
                                  rated=float(rating[above].mean() / 100))
             if above.any() else None)
         row[role]["at_fitted"] = None if fitted is None else dict(
@@ -300,8 +303,11 @@ def define_flags() -> None:
   flags.DEFINE_string("report_split", "evaluation", "the split they are reported on")
   flags.DEFINE_float("threshold", 0.5, "a similarity above this flags a pair (the "
                      "filter's --config.filter_similarity)")
-  flags.DEFINE_float("relevance_slope", 10.0, "the soft objective's relevance map: slope")
-  flags.DEFINE_float("relevance_offset", 5.0, "the soft objective's relevance map: offset")
+  config = default.get_config()
+  flags.DEFINE_float("relevance_slope", config.relevance_slope,
+                     "the soft objective's relevance map: slope")
+  flags.DEFINE_float("relevance_offset", config.relevance_offset,
+                     "the soft objective's relevance map: offset")
   flags.DEFINE_enum("tokens", "sentencepiece", ["sentencepiece", "words"], "TF-IDF's tokens")
   flags.DEFINE_integer("vocab_size", 1000, "sentencepiece pieces")
   flags.DEFINE_string("word_vectors", None, "a word2vec file: adds the word-vector rule")

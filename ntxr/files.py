@@ -126,6 +126,15 @@ def write_json(path, value) -> None:
   write_text(path, json.dumps(value, indent=2))
 
 
+def write_csv(path, header: list, rows) -> None:
+  """Writes a CSV file, `header` then `rows` (whole or not at all); `read_csv` reads it."""
+  text = io.StringIO(newline="")
+  writer = csv.writer(text)
+  writer.writerow(header)
+  writer.writerows(rows)
+  write_text(path, text.getvalue())
+
+
 def append_line(path, line: str) -> None:
   """Adds `line` and a newline at the end of the text file `path` (made if missing)."""
   if is_bucket(path):

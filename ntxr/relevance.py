@@ -12,9 +12,7 @@ and line, and each scored against a ranking of files per query.
 """
 
 import ast
-import csv
 import dataclasses
-import io
 import os
 
 import numpy as np
@@ -70,11 +68,8 @@ def read_dcase2025(path: str) -> dict:
 
 def write_dcase2025(path: str, relevant: dict) -> None:
   """Writes {query: file names} in the challenge's format (atomic)."""
-  text = io.StringIO(newline="")
-  writer = csv.writer(text)
-  writer.writerow(DCASE2025_COLUMNS)
-  writer.writerows([query, str(list(names))] for query, names in relevant.items())
-  files.write_text(path, text.getvalue())
+  files.write_csv(path, DCASE2025_COLUMNS,
+                  ([query, str(list(names))] for query, names in relevant.items()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -175,11 +170,22 @@ def graded_metrics(ratings: dict, ranked: dict, ks=ranking.NDCG_KS) -> dict:
   return ranking.ranked_ndcg(gains, ideal, ks)
 
 
+def first_rows(texts: list) -> dict:
+  """{text: the index of its first row}, in first-row order: a caption given by more
+  than one row (two clips, or one clip twice, may share a caption) counts once.
+
+  >>> first_rows(["rain", "a dog", "rain"])
+  {'rain': 0, 'a dog': 1}
+  """
+  first = {}
+  for row, text in enumerate(texts):
+    first.setdefault(text, row)
+  return first
+
+
 def ranked_by_score(queries: list, file_names: list, s: np.ndarray) -> dict:
   """{query: every file name best first} from scores s [queries, files] (ties: the
   lower index first); a query given twice keeps its first row."""
-  order = ranking.rank_order(s)
-  ranked = {}
-  for row, query in enumerate(queries):
-    ranked.setdefault(query, [file_names[j] for j in order[row]])
-  return ranked
+  first = first_rows(queries)
+  order = ranking.rank_order(np.asarray(s)[list(first.values())])
+  return {query: [file_names[j] for j in row] for query, row in zip(first, order)}

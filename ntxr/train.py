@@ -132,10 +132,6 @@ class Progress:
                                stopped_early=stop)
 
 
-def _epoch_seed(seed: int, epoch: int) -> int:
-  return int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
-
-
 class Stopped(Exception):
   """Training stopped when asked to (SIGTERM, a preemption notice, Ctrl-C), its state
   saved; `interrupted` is whether Ctrl-C (SIGINT) asked."""
@@ -222,7 +218,7 @@ def train_epochs(experiment: experiment_lib.Experiment, state: steps.TrainState,
   if config.max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
   options = experiment.settings.optimiser
-  if options.schedule_from_untrained and progress == Progress(config.learning_rate):
+  if options.schedule_from_untrained and not progress.validation_results:  # a new run
     progress = progress.after_validation(experiment.validation_loss(state, 0), options)
     state = steps.set_learning_rate(state, progress.learning_rate)
   with StopRequests() as stop:
@@ -251,7 +247,7 @@ def _train_steps(experiment, state, progress, checkpoints, steps_per_epoch,
   """
   config = experiment.config
   epoch, split = progress.epoch + 1, experiment.training_split
-  batches = experiment.train_batches(split, _epoch_seed(config.seed, epoch))
+  batches = experiment.train_batches(split, experiment_lib.epoch_seed(config.seed, epoch))
   batches = batches.take(steps_per_epoch).skip(progress.step_in_epoch)
   base_key = jax.random.key(config.seed + 1)
   device_batches = parallel.prefetch(input_pipeline.as_numpy(batches),

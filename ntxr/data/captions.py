@@ -5,9 +5,7 @@ and reported in the returned `skipped` list as (line, reason). Files may start w
 UTF-8 byte-order mark, as spreadsheet programs save "CSV UTF-8".
 """
 
-import csv
 import dataclasses
-import io
 import os
 import re
 
@@ -99,11 +97,8 @@ def layout_of(root: str) -> str:
 def write_clotho_captions(folder: str, split: str, rows: list) -> None:
   """Writes folder/clotho_captions_{split}.csv: the header, then [file_name, caption_1,
   .., caption_5] per clip (whole or not at all)."""
-  text = io.StringIO(newline="")
-  writer = csv.writer(text)
-  writer.writerow(CLOTHO_COLUMNS)
-  writer.writerows(rows)
-  files.write_text(os.path.join(folder, CLOTHO_CAPTION_FILE.format(split=split)), text.getvalue())
+  files.write_csv(os.path.join(folder, CLOTHO_CAPTION_FILE.format(split=split)),
+                  CLOTHO_COLUMNS, rows)
 
 
 def read_clotho_captions(path: str, skip: bool = False) -> tuple[list, list]:

@@ -388,7 +388,7 @@ def generate(root: str, size: str = "default", seed: int = 0, processes: int = 0
     if not os.path.exists(os.path.join(root, EVENTS)):  # a corpus made before events.json
       files.write_json(os.path.join(root, EVENTS), _events(size, seed))
     if not os.path.exists(os.path.join(root, relevance.DCASE2025_FILE)):  # or before that
-      _write_relevance(root, _events(size, seed))
+      _write_relevance(root, read_events(root))
     return root
   files.remove_left_by_dead(root)  # the partial corpora of killed processes
   partial = files.partial_path(root)
@@ -407,8 +407,9 @@ def generate(root: str, size: str = "default", seed: int = 0, processes: int = 0
       rows[SPLITS[s]].append([file_name] + texts)
   for split in SPLITS:
     captions.write_clotho_captions(partial, split, rows[split])
-  files.write_json(os.path.join(partial, EVENTS), _events(size, seed))
-  _write_relevance(partial, _events(size, seed))
+  events = _events(size, seed)
+  files.write_json(os.path.join(partial, EVENTS), events)
+  _write_relevance(partial, events)
   with open(os.path.join(partial, MANIFEST), "w") as f:
     json.dump(_manifest(size, seed), f)
   shutil.rmtree(root, ignore_errors=True)
