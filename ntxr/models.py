@@ -3,8 +3,8 @@
 Both return L2-normalised embeddings, one per frame / per token, zero where masked, in
 the compute dtype `dtype` (float32, or bfloat16 on accelerators); parameters are float32.
 A clip's embedding does not depend on how much padding its batch added: padded frames
-are zeroed after every layer, the GRU stops at each clip's length and upsampling
-clamps at it.
+are zeroed after every layer, dropout draws each frame's mask from its index, the GRU
+stops at each clip's length and upsampling clamps at it.
 """
 
 import math
@@ -59,6 +59,16 @@ def upsample_linear(x: Array, lengths: Array, factor: int,
   weight = (position - low)[..., None].astype(x.dtype)
   take = lambda i: jnp.take_along_axis(x, i[..., None], axis=1)
   return (1 - weight) * take(low) + weight * take(high)
+
+
+def frame_dropout(x: Array, rate: float, key: Array) -> Array:
+  """Dropout on x [B, T, D] whose mask for frame t is drawn from fold_in(key, t), so a
+  clip's draws do not depend on how many padded frames its batch has (runs trained
+  together pad their batches to the longest)."""
+  keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(x.shape[1]))
+  keep = jax.vmap(lambda k: jax.random.bernoulli(k, 1 - rate, (x.shape[0], x.shape[2])),
+                  out_axes=1)(keys)
+  return jnp.where(keep, x / (1 - rate), jnp.zeros((), x.dtype)).astype(x.dtype)
 
 
 def compute_dtype(name) -> jnp.dtype:
@@ -138,7 +148,9 @@ class CRNN(nn.Module):
         x = lp_pool(x, window)
         step_mask = _downsampled_mask(step_mask, window[0], self.pool_remainder)
     x = x * step_mask[:, :, None, None].astype(x.dtype)
-    x = nn.Dropout(self.dropout, deterministic=not train)(x.reshape(*x.shape[:2], -1))
+    x = x.reshape(*x.shape[:2], -1)
+    if train and self.dropout:
+      x = frame_dropout(x, self.dropout, self.make_rng("dropout"))
     lengths = jnp.maximum(step_mask.sum(axis=1), 1)
     gru = lambda: nn.RNN(nn.GRUCell(self.embed_dim // 2, dtype=self.dtype, **gru_init))
     x = nn.Bidirectional(gru(), gru())(x, seq_lengths=lengths)  # the carry stays float32

@@ -152,6 +152,15 @@ class UnreadStatistics:
     self._steps, self._statistics = [], []
     return read
 
+  def read_runs(self, count: int) -> list:
+    """For the statistics of `count` runs stepped together ([R] each, `ntxr.together`):
+    per run, [(step, {field: float})] of the unread steps in order; then empty."""
+    fetched = jax.device_get(self._statistics)
+    read = [[(step, jax.tree.map(lambda x, r=r: x[r], statistics).to_dict())
+             for step, statistics in zip(self._steps, fetched)] for r in range(count)]
+    self._steps, self._statistics = [], []
+    return read
+
 
 def _to_longest(mask: jax.Array) -> jax.Array:
   """[B, L] -> [B, L]: every row valid up to the batch's longest row."""

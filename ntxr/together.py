@@ -17,6 +17,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ntxr import settings, steps
 
@@ -30,6 +31,18 @@ def unstack(states: steps.TrainState) -> list:
   """The inverse of `stack`: the R train states, in order."""
   count = len(jax.tree.leaves(states)[0])
   return [jax.tree.map(lambda leaf, r=r: leaf[r], states) for r in range(count)]
+
+
+def pad_and_stack(batches: list) -> dict:
+  """R batches of numpy arrays (dicts of [B, ...]) -> one of [R, B, ...], each batch's
+  audio and audio_mask padded with zeros to the longest one's frames (a clip's embedding
+  does not depend on its batch's padding, `ntxr.models`)."""
+  frames = max(batch["audio"].shape[1] for batch in batches)
+  pad = lambda batch: frames - batch["audio"].shape[1]
+  padded = [dict(batch, audio=np.pad(batch["audio"], ((0, 0), (0, pad(batch)), (0, 0))),
+                 audio_mask=np.pad(batch["audio_mask"], ((0, 0), (0, pad(batch)))))
+            for batch in batches]
+  return {name: np.stack([batch[name] for batch in padded]) for name in padded[0]}
 
 
 def train_step(states: steps.TrainState, batches: dict, keys: jax.Array, *,

@@ -13,6 +13,7 @@ import os
 import signal
 import threading
 import time
+from typing import Optional
 
 from absl import logging
 import jax
@@ -141,7 +142,7 @@ class Stopped(Exception):
     self.interrupted = interrupted
 
 
-class _Interrupted(Exception):
+class Interrupted(Exception):
   """SIGTERM between an epoch's steps and its end: the loop saves what the steps reached."""
 
 
@@ -178,7 +179,7 @@ class StopRequests:
     del frame
     self.received = self.received or number
     if not self.at_steps:
-      raise _Interrupted()
+      raise Interrupted()
 
   def asked(self, step: int) -> bool:
     if jax.process_count() > 1:
@@ -186,8 +187,8 @@ class StopRequests:
     return self.received is not None
 
 
-def _save_and_stop(state, progress: Progress, checkpoints: checkpoints_lib.Checkpoints,
-          stop: StopRequests) -> Stopped:
+def save_and_stop(state, progress: Progress, checkpoints: checkpoints_lib.Checkpoints,
+                  stop: StopRequests) -> Stopped:
   """Saves the latest checkpoint; returns the Stopped error that says how to resume."""
   checkpoints.save("latest", state, progress.to_json())
   checkpoints.wait()
@@ -229,11 +230,11 @@ def train_epochs(experiment: experiment_lib.Experiment, state: steps.TrainState,
         state, progress = _train_steps(experiment, state, progress, checkpoints,
                                        steps_per_epoch, stop)
         stop.at_steps = False
-        state, progress = _end_epoch(experiment, state, progress, checkpoints, log,
-                                     time.perf_counter() - start)
-    except _Interrupted:
+        state, progress = end_epoch(experiment, state, progress, checkpoints, log,
+                                    time.perf_counter() - start)
+    except Interrupted:
       stop.at_steps = True  # record, not raise, a second signal while saving
-      raise _save_and_stop(state, progress, checkpoints, stop) from None
+      raise save_and_stop(state, progress, checkpoints, stop) from None
   return progress
 
 
@@ -264,21 +265,20 @@ def _train_steps(experiment, state, progress, checkpoints, steps_per_epoch,
     save = (in_epoch % config.checkpoint_every_steps == 0
             and in_epoch < steps_per_epoch)  # the epoch's end saves too
     if asked or save or len(unread) == config.metrics_every_steps:
-      progress = _read_and_check_statistics(progress, unread, epoch, checkpoints)
+      progress = check_statistics(progress, unread.read(), epoch, checkpoints)
       bar.set_postfix(loss=f"{progress.statistic_means()['loss']:.4f}")
     if asked:
-      raise _save_and_stop(state, progress, checkpoints, stop)
+      raise save_and_stop(state, progress, checkpoints, stop)
     if save:
       checkpoints.save("latest", state, progress.to_json())
-  return state, _read_and_check_statistics(progress, unread, epoch, checkpoints)
+  return state, check_statistics(progress, unread.read(), epoch, checkpoints)
 
 
-def _read_and_check_statistics(progress: Progress, unread: steps.UnreadStatistics, epoch: int,
-             checkpoints: checkpoints_lib.Checkpoints) -> Progress:
-  """Reads the unread steps' statistics from the devices at once and returns `progress`
-  with their sums; raises FloatingPointError at the first step whose loss or gradient
-  norm is not finite."""
-  read = unread.read()
+def check_statistics(progress: Progress, read: list, epoch: int,
+                     checkpoints: checkpoints_lib.Checkpoints) -> Progress:
+  """`progress` with the sums of the steps' statistics `read` ([(step, {field: float})],
+  `steps.UnreadStatistics.read`); raises FloatingPointError at the first step whose loss
+  or gradient norm is not finite."""
   for step, statistics in read:
     if not (np.isfinite(statistics["loss"]) and np.isfinite(statistics["grad_norm"])):
       raise FloatingPointError(
@@ -291,9 +291,10 @@ def _read_and_check_statistics(progress: Progress, unread: steps.UnreadStatistic
   return progress
 
 
-def _end_epoch(experiment, state, progress, checkpoints, log, seconds) -> tuple:
+def end_epoch(experiment, state, progress, checkpoints, log, seconds, label: str = "") -> tuple:
   """Validation, the plateau schedule, checkpoints and the metrics line of an epoch whose
-  steps are done; returns (state, progress) at the start of the next."""
+  steps are done; returns (state, progress) at the start of the next. Its printed lines
+  start with `label` (the run's name, where several train at once)."""
   config = experiment.config
   select = settings.SELECTIONS[config.select_by]
   epoch, training = progress.epoch + 1, progress.statistic_means()
@@ -320,21 +321,23 @@ def _end_epoch(experiment, state, progress, checkpoints, log, seconds) -> tuple:
                                   learning_rate=learning_rate, seconds=progress.seconds,
                                   validation_seconds=validation_seconds))
   tqdm.tqdm.write(
-      f"epoch {epoch}: train loss {training.get('loss', float('nan')):.4f}, validation "
+      f"{label}epoch {epoch}: train loss {training.get('loss', float('nan')):.4f}, validation "
       f"loss {validation['loss']:.4f}, t2a R@10 {validation['t2a']['R@10']:.3f} mAP@10 "
       f"{validation['t2a']['mAP@10']:.3f}, a2t R@10 {validation['a2t']['R@10']:.3f}, "
       f"lr {learning_rate:g} (validation {validation_seconds:.0f} s)")
   if progress.stopped_early:
     stopper = experiment.settings.optimiser.stopper
-    tqdm.tqdm.write(f"the validation loss has plateaued (standard deviation below "
+    tqdm.tqdm.write(f"{label}the validation loss has plateaued (standard deviation below "
                     f"{stopper.std:g} over its last {stopper.num_results} values): training "
                     f"stops after epoch {epoch}")
   return state, progress
 
 
 def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: checkpoints_lib.Checkpoints,
-              workdir: str) -> dict:
-  """Evaluates the best checkpoint on the test split; writes and returns its results."""
+                  workdir: str, frozen: Optional[str] = None) -> dict:
+  """Evaluates the best checkpoint on the test split; writes and returns its results.
+  frozen: why training was cut short (a run trained together whose loss became NaN while
+  the others went on), its results' "frozen" (None: it was not)."""
   checkpoints.wait()
   restored = checkpoints.restore("best", experiment.initial_state)
   if restored is None:
@@ -349,7 +352,7 @@ def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: checkpoint
                  split=experiment.test_split,
                  collapse=best.best_epoch in trained.collapse_epochs,
                  collapse_epochs=list(trained.collapse_epochs), epochs=trained.epoch,
-                 stopped_early=trained.stopped_early,
+                 stopped_early=trained.stopped_early, frozen=frozen,
                  selected_by=config.select_by, skipped=dict(count=len(skipped),
                                                             entries=skipped),
                  steps=checkpoints.step("latest") or int(state.step),

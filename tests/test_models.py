@@ -50,6 +50,11 @@ def test_embedding_does_not_depend_on_padding(crnn):
                                             rngs={"dropout": jax.random.key(1)}))
   (clean, clean_stats), (dirty, dirty_stats) = train_out(padded), train_out(garbage)
   np.testing.assert_allclose(dirty, clean, atol=1e-5)
+  # Dropout draws the same masks for a clip's frames however far its batch is padded.
+  unpadded, _ = jax.jit(lambda a, m: model.apply(
+      variables, a, m, train=True, mutable=["batch_stats"],
+      rngs={"dropout": jax.random.key(1)}))(audio, mask)
+  np.testing.assert_allclose(clean[:, :56], unpadded, atol=1e-5)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                clean_stats, dirty_stats)
 

@@ -500,4 +500,4 @@ def test_a_nan_gradient_with_a_finite_loss_stops_at_its_step():
       "training loss became 0.5 (gradient norm nan) at step 7 (epoch 2; steps "
       "6-8 were checked together); stopped. The last good checkpoint (step 5) is kept in "
       "/runs/x/checkpoints")):
-    train._read_and_check_statistics(train.Progress(learning_rate=1e-3), unread, 2, Kept())
+    train.check_statistics(train.Progress(learning_rate=1e-3), unread.read(), 2, Kept())

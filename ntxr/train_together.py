@@ -1,0 +1,270 @@
+"""Runs trained together in one process: the runs of one strategy or objective (its
+seeds) step as one program, their states stacked on a runs axis (`ntxr.together`), and
+each run keeps its own workdir in the formats `ntxr.train` writes.
+
+  results = train_together.train_together([(config_a, workdir_a), (config_b, workdir_b)])
+
+Runs trained together differ only in strategy, objective and seed. Each seed's batches
+are made once per step and read by every run of that seed; the runs of one program read
+their seeds' batches padded to the longest (a clip's embedding does not depend on its
+padding, `ntxr.models`). Each run has its own random keys (those its separate run
+draws), learning rate, plateau schedule, stopper, best checkpoint and results, and is
+validated and tested as `ntxr.train` does it. A run whose loss or gradient becomes
+non-finite is frozen at its last good checkpoint, tested from its best one, and its
+results.json says why ("frozen"); the others go on. Killed, a rerun resumes every run
+where its checkpoints stand; runs left at different steps train apart until the end of
+their epoch, then together again.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import signal
+import time
+from typing import Optional
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import tqdm
+
+from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib
+from ntxr import metrics_log, settings, steps, together, train
+from ntxr import workdir as workdir_lib
+from ntxr.data import input_pipeline
+
+# The fields that may differ between runs trained together.
+PER_RUN = ("strategy", "objective", "seed")
+
+
+@dataclasses.dataclass
+class Run:
+  """One run trained together with others: its experiment, files, and where it stands
+  (its state while it is not stacked in a program)."""
+  experiment: experiment_lib.Experiment
+  workdir: str
+  checkpoints: checkpoints_lib.Checkpoints
+  log: metrics_log.MetricsLog
+  state: steps.TrainState
+  progress: train.Progress
+  frozen: Optional[str] = None  # why it stopped training early, if its loss became NaN
+
+  @property
+  def name(self) -> str:
+    return f"{settings.run_name(self.experiment.config)} seed {self.experiment.config.seed}"
+
+  @property
+  def training(self) -> bool:
+    return (not self.frozen and not self.progress.stopped_early
+            and self.progress.epoch < self.experiment.config.num_epochs)
+
+  @property
+  def position(self) -> tuple:
+    return self.progress.epoch, self.progress.step_in_epoch
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_step(loss: settings.Loss):
+  """`together.train_step` for one loss setting, jitted with the states donated."""
+  return jax.jit(functools.partial(together.train_step, loss=loss), donate_argnums=0)
+
+
+class Program:
+  """The runs of one loss setting stepped as one: their states stacked while the epoch's
+  steps run, their statistics read together."""
+
+  def __init__(self, runs: list):
+    self.runs = runs
+    self.states = together.stack([run.state for run in runs])
+    self.seed_keys = jnp.stack([jax.random.key(run.experiment.config.seed + 1) for run in runs])
+    self.unread = steps.UnreadStatistics()
+
+  def step(self, batches: dict, split: str, step: int) -> None:
+    """Dispatches the step numbered `step` on each run's seed's batch ({seed: numpy})."""
+    batch = together.pad_and_stack([run.experiment.with_relations(batches[run.experiment.config.seed],
+                                                                  split) for run in self.runs])
+    keys = jax.vmap(jax.random.fold_in, (0, None))(self.seed_keys, step - 1)
+    self.states, statistics = compiled_step(self.runs[0].experiment.settings.loss)(
+        self.states, batch, keys)
+    self.unread.add(step, statistics)
+
+  def unstack(self) -> None:
+    """Gives each run its state as the program's steps left it."""
+    for run, state in zip(self.runs, together.unstack(self.states)):
+      run.state = state
+
+  def read_statistics(self, epoch: int) -> list:
+    """Adds the unread steps' statistics to each run's progress; returns the runs whose
+    loss or gradient became non-finite, frozen (their state is not kept)."""
+    frozen = []
+    for run, read in zip(self.runs, self.unread.read_runs(len(self.runs))):
+      try:
+        run.progress = train.check_statistics(run.progress, read, epoch, run.checkpoints)
+      except FloatingPointError as error:
+        run.frozen = str(error).replace("; stopped.", "; this run is frozen.")
+        logging.warning("%s: %s", run.name, run.frozen)
+        frozen.append(run)
+    return frozen
+
+
+def check_together(configs: list) -> None:
+  """Raises settings.SettingError unless the configs differ only in PER_RUN fields."""
+  first = configs[0].to_dict()
+  for config in configs[1:]:
+    for field, value in config.to_dict().items():
+      if field not in PER_RUN and value != first[field]:
+        raise settings.SettingError(
+            f"runs trained together differ only in {', '.join(PER_RUN)}; --config.{field} "
+            f"is {first[field]!r} in one and {value!r} in another")
+
+
+def train_together(runs: list) -> list:
+  """Trains [(config, workdir)] together (resuming each workdir's run), then tests each
+  run's best checkpoint; returns each run's results (as written to its results.json),
+  or None for a run frozen before it finished an epoch."""
+  configs = [config for config, _ in runs]
+  check_together(configs)
+  for config, workdir in runs:
+    settings.check(workdir, config)
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(jax.default_matmul_precision(configs[0].matmul_precision))
+    for _, workdir in runs:
+      stack.enter_context(workdir_lib.in_use(workdir))
+    members = [_open(config, workdir, stack) for config, workdir in runs]
+    _train(members)
+    results = []
+    for run in members:
+      if run.checkpoints.step("best") is None:
+        logging.warning("%s: frozen before its first epoch ended, so it has no results",
+                        run.name)
+        results.append(None)
+      else:
+        results.append(train.evaluate_best(run.experiment, run.checkpoints, run.workdir,
+                                           frozen=run.frozen))
+    return results
+
+
+def _open(config: ml_collections.ConfigDict, workdir: str, stack: contextlib.ExitStack) -> Run:
+  """The run of (config, workdir), resumed from its checkpoints if it has any."""
+  experiment = experiment_lib.Experiment(config)
+  for split in (experiment.training_split, experiment.validation_split):
+    experiment.batches_per_epoch(split)  # fails now, not in epoch 1
+  settings.write(workdir, config)
+  checkpoints = stack.enter_context(checkpoints_lib.Checkpoints(workdir))
+  restored = checkpoints.resume(experiment.initial_state)
+  if restored is None:
+    state, progress = experiment.initial_state, train.Progress(learning_rate=config.learning_rate)
+  else:
+    state, progress = restored[0], train.Progress.from_json(restored[1])
+  log = stack.enter_context(metrics_log.MetricsLog(workdir, progress.epoch))
+  return Run(experiment, workdir, checkpoints, log, state, progress)
+
+
+def _train(runs: list) -> None:
+  """Trains the runs to their end: each time, the runs furthest behind (a rerun may find
+  them at different steps) through the rest of their epoch, so that they meet the others
+  at an epoch's start. Asked to stop, saves every run's latest checkpoint and raises
+  train.Stopped."""
+  options = runs[0].experiment.settings.optimiser
+  if options.schedule_from_untrained:
+    for run in runs:
+      if not run.progress.validation_results:  # a new run
+        run.progress = run.progress.after_validation(run.experiment.validation_loss(
+            run.state, 0), options)
+        run.state = steps.set_learning_rate(run.state, run.progress.learning_rate)
+  with train.StopRequests() as stop:
+    try:
+      while any(run.training for run in runs):
+        behind = min(run.position for run in runs if run.training)
+        _train_epoch([run for run in runs if run.training and run.position == behind], stop)
+    except train.Interrupted:
+      stop.at_steps = True  # record, not raise, a second signal while saving
+      raise _save_all_and_stop(runs, stop) from None
+
+
+def _save_all_and_stop(runs: list, stop: train.StopRequests) -> train.Stopped:
+  """Saves every unfrozen run's latest checkpoint; returns the Stopped error that says
+  how to resume."""
+  for run in runs:
+    if not run.frozen:
+      run.checkpoints.save("latest", run.state, run.progress.to_json())
+  for run in runs:
+    run.checkpoints.wait()
+  interrupted = stop.received == signal.SIGINT
+  return train.Stopped(
+      f"as asked ({'Ctrl-C' if interrupted else 'SIGTERM or a preemption notice'}), the "
+      f"{len(runs)} runs stopped, each saved in its workdir's checkpoints/latest: rerun the "
+      "same command to resume them from there", interrupted)
+
+
+def _train_epoch(runs: list, stop: train.StopRequests) -> None:
+  """The runs (all at one step of one epoch) through the rest of the epoch's steps, one
+  Program per loss setting, then each run's validation, schedule and checkpoints."""
+  experiment = runs[0].experiment
+  config, split = experiment.config, experiment.training_split
+  steps_per_epoch = experiment.batches_per_epoch(split)
+  if config.max_steps_per_epoch:
+    steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+  epoch, start = runs[0].progress.epoch + 1, runs[0].progress.step_in_epoch
+  programs = {}
+  for run in runs:
+    programs.setdefault(run.experiment.settings.loss, []).append(run)
+  programs = [Program(members) for members in programs.values()]
+  batches = {}  # seed -> its batches, made once for all its runs
+  for run in runs:
+    seed = run.experiment.config.seed
+    if seed not in batches:
+      made = run.experiment.train_batches(split, experiment_lib.epoch_seed(seed, epoch))
+      batches[seed] = input_pipeline.as_numpy(made.take(steps_per_epoch).skip(start))
+  began = time.perf_counter()
+  stop.at_steps = True
+  first_step = int(runs[0].state.step) + 1
+  for step_in_epoch in tqdm.trange(start, steps_per_epoch, initial=start, total=steps_per_epoch,
+                                   desc=f"epoch {epoch}/{config.num_epochs}, {len(runs)} runs",
+                                   unit="batch"):
+    step = first_step + step_in_epoch - start
+    seed_batches = {seed: next(made) for seed, made in batches.items()}
+    for program in programs:
+      program.step(seed_batches, split, step)
+    done = step_in_epoch + 1
+    asked = stop.asked(step)
+    save = done % config.checkpoint_every_steps == 0 and done < steps_per_epoch
+    if asked or save or len(programs[0].unread) == config.metrics_every_steps:
+      programs = _read_statistics(programs, epoch)
+      if not programs:  # every run frozen
+        break
+    if asked:
+      for program in programs:
+        program.unstack()
+      raise _save_all_and_stop(runs, stop)
+    if save:
+      for program in programs:
+        program.unstack()
+        for run in program.runs:
+          run.checkpoints.save("latest", run.state, run.progress.to_json())
+  programs = _read_statistics(programs, epoch)
+  for program in programs:
+    program.unstack()
+  stop.at_steps = False
+  seconds = time.perf_counter() - began
+  for run in runs:
+    if not run.frozen:
+      run.state, run.progress = train.end_epoch(run.experiment, run.state, run.progress,
+                                                run.checkpoints, run.log, seconds,
+                                                label=f"{run.name}: ")
+
+
+def _read_statistics(programs: list, epoch: int) -> list:
+  """Reads every program's statistics; returns the programs without their frozen runs
+  (restacked; a program left with none is dropped)."""
+  kept = []
+  for program in programs:
+    if not program.read_statistics(epoch):
+      kept.append(program)
+      continue
+    program.unstack()
+    going = [run for run in program.runs if not run.frozen]
+    if going:
+      kept.append(Program(going))
+  return kept
