@@ -11,6 +11,7 @@ import os
 import sys
 
 from absl import flags
+import ml_collections
 from ml_collections import config_flags
 
 from ntxr import command
@@ -30,15 +31,36 @@ RUN_NAMES = (*STRATEGY_NAMES, *OBJECTIVE_RUN_NAMES)
 FLAGS = flags.FLAGS
 
 
-def define_config() -> None:
+DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py")
+
+
+def define_config(flag_values: flags.FlagValues = FLAGS, argv=None) -> None:
   """--config: a config file whose fields --config.FIELD=VALUE overrides (FLAGS.config)."""
+  argv = sys.argv if argv is None else argv
   try:  # ml_collections reads the overrides of the command line as the flag is defined
     config_flags.DEFINE_config_file(
-        "config", os.path.join(os.path.dirname(__file__), "configs", "default.py"),
-        "training configuration file; any field can be set with --config.FIELD=VALUE "
-        "(ntxr/configs/default.py lists them)")
+        "config", DEFAULT_CONFIG, "training configuration file; any field can be set with "
+        "--config.FIELD=VALUE (ntxr/configs/default.py lists them)",
+        flag_values=flag_values, sys_argv=argv)
   except (AttributeError, KeyError) as error:  # a --config.FIELD that names no field
-    command.unknown_field(error, sys.argv)
+    command.unknown_field(error, argv)
+
+
+def config_of(args) -> ml_collections.ConfigDict:
+  """The config `ntxr.main` reads from its arguments `args`, which may hold only --config
+  and --config.FIELD flags (ValueError otherwise)."""
+  values, argv = flags.FlagValues(), ["ntxr.main", *args]
+  define_config(values, argv)
+  try:
+    unparsed = values(argv)
+  except flags.Error as error:
+    raise ValueError(f"only --config flags can be given to runs trained together ({error})"
+                     ) from None
+  except (AttributeError, KeyError) as error:
+    command.unknown_field(error, argv)
+  if len(unparsed) > 1:
+    raise ValueError(f"unexpected arguments for the runs: {unparsed[1:]}")
+  return values.config
 
 
 def define_workdir(help_text: str) -> None:

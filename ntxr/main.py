@@ -51,7 +51,7 @@ def main(argv):
   command.start(argv)
   # pylint: disable=import-outside-toplevel  (JAX, then TensorFlow, load after --help)
   import jax
-  from ntxr import settings, workdir as workdir_lib
+  from ntxr import settings
   config = FLAGS.config
   if FLAGS.strategy:  # the fields the command names, as the paper's table does
     config.strategy = FLAGS.strategy
@@ -69,19 +69,7 @@ def main(argv):
     parallel.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                         FLAGS.heartbeat_timeout_seconds)
   run = train.evaluate_only if FLAGS.eval_only else train.train_and_evaluate
-  try:
-    results = run(config, workdir)
-  except train.Stopped as stopped:
-    print(f"stopped: {stopped}", file=sys.stderr)
-    sys.exit(130 if stopped.interrupted else 1)
-  except KeyboardInterrupt:  # Ctrl-C outside the training steps' handler
-    print("interrupted: rerun the same command to resume", file=sys.stderr)
-    sys.exit(130)
-  except settings.SettingError as error:  # one that needs the devices or the data
-    command.exit_with(error, 2)
-  except (FloatingPointError, FileNotFoundError, ValueError,
-          workdir_lib.WorkdirError) as error:
-    command.exit_with(error, 1)
+  results = run_or_exit(run, config, workdir)
   if jax.process_index() != 0:  # the first process reports for all
     return
   stopped = ", stopped on a plateau" if results.get("stopped_early") else ""
@@ -94,6 +82,27 @@ def main(argv):
           + "; ".join(results["skipped"]["entries"]))
   print(evaluate.format_table(results))
   print(f"results: {os.path.join(workdir, 'results.json')}")
+
+
+def run_or_exit(run, *args):
+  """run(*args) (training or testing), its failures ended in one line on stderr: exit 1,
+  or 130 for Ctrl-C (its state saved: rerun to resume), or 2 for a setting that only the
+  devices or the data could check."""
+  # pylint: disable=import-outside-toplevel
+  from ntxr import settings, train, workdir as workdir_lib
+  try:
+    return run(*args)
+  except train.Stopped as stopped:
+    print(f"stopped: {stopped}", file=sys.stderr)
+    sys.exit(130 if stopped.interrupted else 1)
+  except KeyboardInterrupt:  # Ctrl-C outside the training steps' handler
+    print("interrupted: rerun the same command to resume", file=sys.stderr)
+    sys.exit(130)
+  except settings.SettingError as error:
+    command.exit_with(error, 2)
+  except (FloatingPointError, FileNotFoundError, ValueError,
+          workdir_lib.WorkdirError) as error:
+    command.exit_with(error, 1)
 
 
 if __name__ == "__main__":

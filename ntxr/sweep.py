@@ -7,12 +7,16 @@ each, one table.
   python -m ntxr.sweep --root=sweeps/objectives --strategies=semihard_cross \\
       --objectives=infonce,siglip
   python -m ntxr.sweep --root=sweeps/gpu --processes=4 --gpus=0,1,2,3,4,5,6,7
+  python -m ntxr.sweep --root=sweeps/together --seeds=0,1,2 --together
   python -m ntxr.sweep --root=sweeps/default --table_only
 
 Each run is `python -m ntxr.main --strategy=S --config.seed=N --workdir=ROOT/S/seed_N ARGS`
 for a strategy S of the triplet loss, and `--objective=O ... --workdir=ROOT/O/seed_N` for
 an objective O (ARGS: whatever follows `--`), its output in the workdir's log.txt. With
-neither --strategies nor --objectives, every strategy runs. A run whose
+neither --strategies nor --objectives, every strategy runs. With --together the runs
+train in this one process instead, the seeds of each strategy or objective as one
+vmapped program (`ntxr.train_together`), each run in its own workdir as before; ARGS
+may then hold only --config flags. A run whose
 results.json exists is skipped, an unfinished one resumes, a failed one is reported
 and the others go on. The table of every finished run goes to ROOT/results.csv and
 ROOT/results.md: per strategy, the mean and sample standard deviation over seeds of
@@ -22,6 +26,7 @@ strategy, collapse signals over epochs) to ROOT/*.png.
 """
 
 import concurrent.futures
+import copy
 import csv
 import dataclasses
 import io
@@ -50,6 +55,9 @@ def define_flags() -> None:
   flags.DEFINE_list("gpus", [], "GPU ids to split evenly among the processes, e.g. 0,1,2,3 "
                     "with --processes=4: one GPU per run (default: all shared)")
   flags.DEFINE_bool("table_only", False, "only write the table of finished runs")
+  flags.DEFINE_bool("together", False, "train the runs in this process, the seeds of each "
+                    "strategy or objective as one program (their states stacked on a runs "
+                    "axis); what follows -- may hold only --config flags")
 
 COLUMNS = (tuple(f"t2a {m}" for m in ranking.T2A) + tuple(f"a2t {m}" for m in ranking.A2T))
 # Columns where the runs measured false negatives (results.json "false_negatives"): the
@@ -135,6 +143,34 @@ def run_all(runs, main_args=(), processes: int = 1, gpus=(), report=print) -> li
       if code:
         failed.append(run)
   return failed
+
+
+def run_together(runs, config, report=print) -> list:
+  """Trains the unfinished runs in this process with `ntxr.train_together` (each run's
+  config: `config` with its strategy or objective and seed); returns the failed ones
+  (frozen before an epoch ended). Its failures end the command as `ntxr.main`'s do."""
+  pending = [r for r in runs if not r.finished]
+  report(f"{len(runs) - len(pending)} of {len(runs)} runs finished already; "
+         f"{len(pending)} to train together")
+  if not pending:
+    return []
+  # pylint: disable=import-outside-toplevel  (JAX and TensorFlow load only for training)
+  from ntxr import main as main_lib, train_together
+  configs = []
+  for run in pending:
+    configs.append(copy.deepcopy(config))
+    configs[-1].seed = run.seed
+    if run.strategy in cli.STRATEGY_NAMES:
+      configs[-1].strategy = run.strategy
+    else:
+      configs[-1].objective = run.strategy
+  results = main_lib.run_or_exit(train_together.train_together,
+                                 [(c, r.workdir) for c, r in zip(configs, pending)])
+  for run, result in zip(pending, results):
+    status = ("FAILED (frozen before its first epoch ended)" if result is None
+              else f"frozen: {result['frozen']}" if result["frozen"] else "done")
+    report(f"{run.strategy} seed {run.seed}: {status}; results in {run.workdir}")
+  return [run for run, result in zip(pending, results) if result is None]
 
 
 def read_run(workdir: str) -> dict:
@@ -265,9 +301,21 @@ def main(argv):
     runs = plan(FLAGS.root, names or cli.STRATEGY_NAMES, seeds)
     if FLAGS.gpus:
       gpu_groups(FLAGS.gpus, FLAGS.processes)
+    if FLAGS.together:
+      if FLAGS.processes > 1 or FLAGS.gpus:
+        raise ValueError("--together trains every run in this one process: leave out "
+                         "--processes and --gpus")
+      config = cli.config_of(argv[1:])
   except ValueError as error:
     command.exit_with(error, 2)
-  failed = [] if FLAGS.table_only else run_all(runs, argv[1:], FLAGS.processes, FLAGS.gpus)
+  if FLAGS.table_only:
+    failed = []
+  elif FLAGS.together:
+    command.start(argv[:1])
+    command.import_tensorflow()
+    failed = run_together(runs, config)
+  else:
+    failed = run_all(runs, argv[1:], FLAGS.processes, FLAGS.gpus)
   rows = write_report(FLAGS.root)
   print(to_markdown(rows))
   print(f"{sum(r['seeds'] for r in rows)} runs: table and figures in {FLAGS.root}")

@@ -117,3 +117,31 @@ def tiny_sweep(tiny_run, tiny_config):
   for run in runs[::-1] if os.environ.get("PYTEST_XDIST_WORKER") == "gw1" else runs:
     _train_once(root, run, tiny_config)
   return root
+
+
+@pytest.fixture(scope="session")
+def apart_and_together(tmp_path_factory, tiny_config):
+  """(apart, together): together_plan's runs trained apart (ntxr.train) and together
+  (ntxr.train_together), each [(config, workdir)], once for the session. The second
+  worker trains the together runs while the first trains the separate ones."""
+  # pylint: disable=import-outside-toplevel
+  from ntxr import files, train, train_together
+  from runs import together_plan
+  root = shared_path(tmp_path_factory, "together")
+  apart = together_plan(os.path.join(root, "apart"), tiny_config)
+  joined = together_plan(os.path.join(root, "together"), tiny_config)
+  finished = lambda runs: all(os.path.exists(os.path.join(w, "results.json")) for _, w in runs)
+  def train_apart():
+    for config, workdir in apart:
+      with files.locked(os.path.join(f"{root}-locks", os.path.relpath(workdir, root)),
+                        wait=True):
+        if not finished([(config, workdir)]):
+          train.train_and_evaluate(config, workdir)
+  def train_joined():
+    with files.locked(os.path.join(f"{root}-locks", "together"), wait=True):
+      if not finished(joined):
+        train_together.train_together(joined)
+  for step in ((train_joined, train_apart) if os.environ.get("PYTEST_XDIST_WORKER") == "gw1"
+               else (train_apart, train_joined)):
+    step()
+  return apart, joined

@@ -1,5 +1,5 @@
 """Helpers for tests of training runs: a checkpoint's parameters, faults injected into
-the training batches, results flattened for comparison."""
+the training batches, results flattened for comparison, the runs trained together."""
 
 import os
 import signal
@@ -8,6 +8,21 @@ import numpy as np
 
 from ntxr import checkpoints as checkpoints_lib
 from ntxr.data import input_pipeline
+
+
+# Runs trained apart and together: random draws keys, hard_cross reads the cross matrix
+# and hard_audio an audio-audio one; one epoch of four steps each.
+TOGETHER_STRATEGIES = ("random", "hard_cross", "hard_audio")
+TOGETHER_SEEDS = (0, 1)
+SHORT = dict(num_epochs=1, max_steps_per_epoch=4)
+
+
+def together_plan(root: str, tiny_config, strategies=TOGETHER_STRATEGIES,
+                  seeds=TOGETHER_SEEDS, **overrides) -> list:
+  """[(config, workdir)] of strategies x seeds, seed by seed: tiny_config with SHORT and
+  the overrides."""
+  return [(tiny_config(strategy=s, seed=seed, **{**SHORT, **overrides}),
+           os.path.join(root, s, f"seed_{seed}")) for seed in seeds for s in strategies]
 
 
 def flat(tree, path="") -> dict:

@@ -153,6 +153,21 @@ def test_a_mistyped_config_field_names_the_closest_in_one_line(tmp_path, flag, m
 
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--", "--eval_only"], "only --config flags can be given to runs trained together "
+     "(Unknown command line flag 'eval_only')"),
+    (["--", "--config.num_epoch=2"], "--config.num_epoch: no such config field; did you "
+     "mean --config.num_epochs?"),
+    (["--processes=2"], "--together trains every run in this one process: leave out "
+     "--processes and --gpus"),
+])
+def test_a_together_sweep_refuses_what_it_cannot_pass_on_in_one_line(tmp_path, args, message):
+  done = subprocess.run([sys.executable, "-m", "ntxr.sweep", f"--root={tmp_path}/sweep",
+                         "--together", *args], capture_output=True, text=True, check=False)
+  assert (done.returncode, done.stderr) == (2, f"error: {message}\n")
+  assert not (tmp_path / "sweep").exists()
+
+
 def test_prepare_prepares_what_training_reads_and_measures_its_batches(tiny_flags):
   done = subprocess.run([sys.executable, "-m", "ntxr.data.prepare", *tiny_flags()],
                         capture_output=True, text=True, check=False)

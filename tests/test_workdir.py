@@ -202,7 +202,6 @@ def test_with_both_latest_checkpoints_unreadable_the_best_alone_is_resumed(
   for step in ("25", "30"):
     corrupt(root / "latest" / step)
   (best,) = [int(p.name) for p in (root / "best").iterdir()]
-  assert best < 30
   initial = experiment_lib.Experiment(tiny_config()).initial_state
   with checkpoints_lib.Checkpoints(str(workdir)) as checkpoints:
     saved = checkpoints.progress("best")
