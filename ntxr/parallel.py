@@ -1,4 +1,5 @@
-"""Data parallelism over every device of every process: one mesh axis, "data".
+"""Data parallelism over every device of every process: one mesh axis, "data" (and for
+runs stepped together, "runs" and "data": `RunsAndData`).
 
 The global batch is split by rows over the devices and the train state is replicated.
 Under `jax.jit` the in-batch score matrices are still computed over the global batch
@@ -12,6 +13,7 @@ shapes) and hands over only its own rows.
 """
 
 import collections
+import math
 from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 import jax
@@ -71,6 +73,28 @@ class Devices:
     outputs replicated."""
     return jax.jit(fn, in_shardings=(self.replicated, self.rows, self.replicated),
                    out_shardings=self.replicated, donate_argnums=donate_argnums)
+
+
+class RunsAndData:
+  """A two-axis ("runs", "data") mesh over `devices` (default: all of this process's) for
+  `runs` runs stepped together (`ntxr.together`): the runs spread over as many groups of
+  devices as divide both the run count and the device count, and each run's batch is
+  split by rows over its group's devices (negatives still come from the run's whole
+  batch, as on one device). One process only."""
+
+  def __init__(self, runs: int, devices: Optional[Sequence[jax.Device]] = None):
+    devices = list(devices or jax.local_devices())
+    groups = math.gcd(runs, len(devices))
+    self.mesh = jax.make_mesh((groups, len(devices) // groups), ("runs", "data"),
+                              axis_types=(AxisType.Auto,) * 2, devices=devices)
+    self.runs = NamedSharding(self.mesh, PartitionSpec("runs"))
+    self.rows = NamedSharding(self.mesh, PartitionSpec("runs", "data"))
+
+  def jit(self, fn, *, donate_argnums=()):
+    """jit of fn(states [R], batches [R, B, ...], keys [R]): states, keys and every output
+    split over "runs", batches over "runs" and then by rows over "data"."""
+    return jax.jit(fn, in_shardings=(self.runs, self.rows, self.runs),
+                   out_shardings=self.runs, donate_argnums=donate_argnums)
 
 
 def prefetch(batches: Iterable, put: Callable, size: int = 2) -> Iterator:

@@ -58,6 +58,8 @@ def define_flags() -> None:
   flags.DEFINE_bool("together", False, "train the runs in this process, the seeds of each "
                     "strategy or objective as one program (their states stacked on a runs "
                     "axis); what follows -- may hold only --config flags")
+  flags.DEFINE_integer("group_size", 0, "with --together: at most this many runs in one "
+                       "program (0: every seed of a strategy or objective)", lower_bound=0)
 
 COLUMNS = (tuple(f"t2a {m}" for m in ranking.T2A) + tuple(f"a2t {m}" for m in ranking.A2T))
 # Columns where the runs measured false negatives (results.json "false_negatives"): the
@@ -145,10 +147,11 @@ def run_all(runs, main_args=(), processes: int = 1, gpus=(), report=print) -> li
   return failed
 
 
-def run_together(runs, config, report=print) -> list:
+def run_together(runs, config, group_size: int = 0, report=print) -> list:
   """Trains the unfinished runs in this process with `ntxr.train_together` (each run's
-  config: `config` with its strategy or objective and seed); returns the failed ones
-  (frozen before an epoch ended). Its failures end the command as `ntxr.main`'s do."""
+  config: `config` with its strategy or objective and seed; at most group_size runs in a
+  program, 0 for no limit); returns the failed ones (frozen before an epoch ended). Its
+  failures end the command as `ntxr.main`'s do."""
   pending = [r for r in runs if not r.finished]
   report(f"{len(runs) - len(pending)} of {len(runs)} runs finished already; "
          f"{len(pending)} to train together")
@@ -165,7 +168,7 @@ def run_together(runs, config, report=print) -> list:
     else:
       configs[-1].objective = run.strategy
   results = main_lib.run_or_exit(train_together.train_together,
-                                 [(c, r.workdir) for c, r in zip(configs, pending)])
+                                 [(c, r.workdir) for c, r in zip(configs, pending)], group_size)
   for run, result in zip(pending, results):
     status = ("FAILED (frozen before its first epoch ended)" if result is None
               else f"frozen: {result['frozen']}" if result["frozen"] else "done")
@@ -313,7 +316,7 @@ def main(argv):
   elif FLAGS.together:
     command.start(argv[:1])
     command.import_tensorflow()
-    failed = run_together(runs, config)
+    failed = run_together(runs, config, FLAGS.group_size)
   else:
     failed = run_all(runs, argv[1:], FLAGS.processes, FLAGS.gpus)
   rows = write_report(FLAGS.root)

@@ -26,11 +26,11 @@ from typing import Optional
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
+import numpy as np
 import tqdm
 
 from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib
-from ntxr import metrics_log, settings, steps, together, train
+from ntxr import metrics_log, parallel, settings, steps, together, train
 from ntxr import workdir as workdir_lib
 from ntxr.data import input_pipeline
 
@@ -65,9 +65,11 @@ class Run:
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_step(loss: settings.Loss):
-  """`together.train_step` for one loss setting, jitted with the states donated."""
-  return jax.jit(functools.partial(together.train_step, loss=loss), donate_argnums=0)
+def compiled_step(loss: settings.Loss, runs: int, devices: tuple) -> tuple:
+  """(`together.train_step` for one loss setting jitted over a RunsAndData mesh of the
+  devices, the states donated; the mesh)."""
+  mesh = parallel.RunsAndData(runs, devices)
+  return mesh.jit(functools.partial(together.train_step, loss=loss), donate_argnums=0), mesh
 
 
 class Program:
@@ -76,8 +78,12 @@ class Program:
 
   def __init__(self, runs: list):
     self.runs = runs
-    self.states = together.stack([run.state for run in runs])
-    self.seed_keys = jnp.stack([jax.random.key(run.experiment.config.seed + 1) for run in runs])
+    experiment = runs[0].experiment
+    self._step, mesh = compiled_step(experiment.settings.loss, len(runs),
+                                     tuple(experiment.devices.mesh.devices.flat))
+    self.states = jax.device_put(together.stack([run.state for run in runs]), mesh.runs)
+    self.seed_keys = jax.device_put(
+        jnp.stack([jax.random.key(run.experiment.config.seed + 1) for run in runs]), mesh.runs)
     self.unread = steps.UnreadStatistics()
 
   def step(self, batches: dict, split: str, step: int) -> None:
@@ -85,14 +91,14 @@ class Program:
     batch = together.pad_and_stack([run.experiment.with_relations(batches[run.experiment.config.seed],
                                                                   split) for run in self.runs])
     keys = jax.vmap(jax.random.fold_in, (0, None))(self.seed_keys, step - 1)
-    self.states, statistics = compiled_step(self.runs[0].experiment.settings.loss)(
-        self.states, batch, keys)
+    self.states, statistics = self._step(self.states, batch, keys)
     self.unread.add(step, statistics)
 
   def unstack(self) -> None:
-    """Gives each run its state as the program's steps left it."""
+    """Gives each run its state as the program's steps left it, replicated over its
+    experiment's devices as a separate run's is."""
     for run, state in zip(self.runs, together.unstack(self.states)):
-      run.state = state
+      run.state = run.experiment.devices.replicate(state)
 
   def read_statistics(self, epoch: int) -> list:
     """Adds the unread steps' statistics to each run's progress; returns the runs whose
@@ -119,10 +125,73 @@ def check_together(configs: list) -> None:
             f"is {first[field]!r} in one and {value!r} in another")
 
 
-def train_together(runs: list) -> list:
+def device_memory(device: jax.Device) -> Optional[int]:
+  """The bytes `device` can hold (its allocator's limit), or None where JAX does not say
+  (the CPU)."""
+  return (device.memory_stats() or {}).get("bytes_limit")
+
+
+def run_bytes(experiment: experiment_lib.Experiment) -> tuple:
+  """An estimate of one run's bytes while it steps: (its train state: parameters, Adam's
+  moments, BatchNorm statistics; its step's: XLA's temporary memory for a step at the
+  largest length bucket, and the batch). Compiles that step once, without running it."""
+  config = experiment.config
+  size, frames = config.batch_size, config.frame_buckets[-1]
+  mel_bands = experiment.builder.builder_config.logmel.mel_bands
+  batch = experiment.with_relations(dict(
+      audio=np.zeros((size, frames, mel_bands), np.float32),
+      audio_mask=np.ones((size, frames), bool),
+      tokens=np.ones((size, config.max_tokens), np.int32),
+      token_mask=np.ones((size, config.max_tokens), bool),
+      audio_id=np.arange(size, dtype=np.int32) % 2), experiment.training_split)
+  state = experiment.initial_state
+  step = jax.jit(functools.partial(steps.train_step, loss=experiment.settings.loss))
+  compiled = step.lower(state, batch, jax.random.key(0)).compile()
+  state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
+  batch_bytes = sum(value.nbytes for value in batch.values())
+  return state_bytes, compiled.memory_analysis().temp_size_in_bytes + batch_bytes
+
+
+def check_memory(experiments: list, group_size: int) -> None:
+  """Raises settings.SettingError, before any program of runs together compiles, if the
+  estimated bytes of one (`run_bytes` times its runs on each device) exceed 90% of a
+  device's memory, naming a group size that fits. Where JAX does not say how much a
+  device holds (the CPU), checks nothing. A run's step bytes are split over its
+  batch's devices, its state is whole on each."""
+  devices = tuple(experiments[0].devices.mesh.devices.flat)
+  limit = device_memory(devices[0])
+  if limit is None:
+    return
+  for members in _grouped(experiments, lambda experiment: experiment.settings.loss):
+    count = min(group_size or len(members), len(members))
+    state_bytes, step_bytes = run_bytes(members[0])
+    def need(runs_together, state_bytes=state_bytes, step_bytes=step_bytes):
+      mesh = parallel.RunsAndData(runs_together, devices).mesh.shape
+      return runs_together // mesh["runs"] * (state_bytes + step_bytes / mesh["data"])
+    if need(count) <= 0.9 * limit:
+      continue
+    fits = max((k for k in range(1, count) if need(k) <= 0.9 * limit), default=0)
+    advice = (f"train at most {fits} together (--group_size={fits})" if fits else
+              "even one run does not fit: lower --config.batch_size or the longest of "
+              "--config.frame_buckets")
+    raise settings.SettingError(
+        f"{count} runs of {settings.run_name(members[0].config)} trained together need about "
+        f"{need(count) / 2**30:.1f} GiB of each device's {limit / 2**30:.1f} GiB: {advice}")
+
+
+def _grouped(items, key) -> list:
+  """The items in groups of equal key(item), groups and items in order."""
+  groups = {}
+  for item in items:
+    groups.setdefault(key(item), []).append(item)
+  return list(groups.values())
+
+
+def train_together(runs: list, group_size: int = 0) -> list:
   """Trains [(config, workdir)] together (resuming each workdir's run), then tests each
   run's best checkpoint; returns each run's results (as written to its results.json),
-  or None for a run frozen before it finished an epoch."""
+  or None for a run frozen before it finished an epoch. group_size: at most this many
+  runs in one program (0: all the runs of a loss setting)."""
   configs = [config for config, _ in runs]
   check_together(configs)
   for config, workdir in runs:
@@ -131,8 +200,11 @@ def train_together(runs: list) -> list:
     stack.enter_context(jax.default_matmul_precision(configs[0].matmul_precision))
     for _, workdir in runs:
       stack.enter_context(workdir_lib.in_use(workdir))
-    members = [_open(config, workdir, stack) for config, workdir in runs]
-    _train(members)
+    experiments = [experiment_lib.Experiment(config) for config in configs]
+    check_memory(experiments, group_size)
+    members = [_open(experiment, workdir, stack)
+               for experiment, (_, workdir) in zip(experiments, runs)]
+    _train(members, group_size)
     results = []
     for run in members:
       if run.checkpoints.step("best") is None:
@@ -145,9 +217,10 @@ def train_together(runs: list) -> list:
     return results
 
 
-def _open(config: ml_collections.ConfigDict, workdir: str, stack: contextlib.ExitStack) -> Run:
-  """The run of (config, workdir), resumed from its checkpoints if it has any."""
-  experiment = experiment_lib.Experiment(config)
+def _open(experiment: experiment_lib.Experiment, workdir: str,
+          stack: contextlib.ExitStack) -> Run:
+  """The run of `experiment` in workdir, resumed from its checkpoints if it has any."""
+  config = experiment.config
   for split in (experiment.training_split, experiment.validation_split):
     experiment.batches_per_epoch(split)  # fails now, not in epoch 1
   settings.write(workdir, config)
@@ -161,7 +234,7 @@ def _open(config: ml_collections.ConfigDict, workdir: str, stack: contextlib.Exi
   return Run(experiment, workdir, checkpoints, log, state, progress)
 
 
-def _train(runs: list) -> None:
+def _train(runs: list, group_size: int) -> None:
   """Trains the runs to their end: each time, the runs furthest behind (a rerun may find
   them at different steps) through the rest of their epoch, so that they meet the others
   at an epoch's start. Asked to stop, saves every run's latest checkpoint and raises
@@ -177,7 +250,8 @@ def _train(runs: list) -> None:
     try:
       while any(run.training for run in runs):
         behind = min(run.position for run in runs if run.training)
-        _train_epoch([run for run in runs if run.training and run.position == behind], stop)
+        _train_epoch([run for run in runs if run.training and run.position == behind],
+                     group_size, stop)
     except train.Interrupted:
       stop.at_steps = True  # record, not raise, a second signal while saving
       raise _save_all_and_stop(runs, stop) from None
@@ -198,19 +272,19 @@ def _save_all_and_stop(runs: list, stop: train.StopRequests) -> train.Stopped:
       "same command to resume them from there", interrupted)
 
 
-def _train_epoch(runs: list, stop: train.StopRequests) -> None:
+def _train_epoch(runs: list, group_size: int, stop: train.StopRequests) -> None:
   """The runs (all at one step of one epoch) through the rest of the epoch's steps, one
-  Program per loss setting, then each run's validation, schedule and checkpoints."""
+  Program per loss setting (of at most group_size runs, if given), then each run's
+  validation, schedule and checkpoints."""
   experiment = runs[0].experiment
   config, split = experiment.config, experiment.training_split
   steps_per_epoch = experiment.batches_per_epoch(split)
   if config.max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
   epoch, start = runs[0].progress.epoch + 1, runs[0].progress.step_in_epoch
-  programs = {}
-  for run in runs:
-    programs.setdefault(run.experiment.settings.loss, []).append(run)
-  programs = [Program(members) for members in programs.values()]
+  programs = [Program(members[start:start + (group_size or len(members))])
+              for members in _grouped(runs, lambda run: run.experiment.settings.loss)
+              for start in range(0, len(members), group_size or len(members))]
   batches = {}  # seed -> its batches, made once for all its runs
   for run in runs:
     seed = run.experiment.config.seed

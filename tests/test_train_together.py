@@ -1,14 +1,26 @@
 """Runs trained together (ntxr.train_together) are the runs they would have been apart:
-the same files, losses and metrics; a NaN in one freezes only that one; a stop resumes."""
+the same files, losses and metrics; a NaN in one freezes only that one; a stop resumes;
+eight devices give what one gives.
+
+The eight-device run is a child process started with 8 host devices (XLA reads the
+device count once, at start-up); run as a script, this file is that child.
+"""
 
 import json
 import os
+import re
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 
 from runs import SHORT, TOGETHER_SEEDS, together_plan
-from ntxr import sweep, train, train_together, together
+from ntxr import experiment as experiment_lib, parallel, settings, sweep, train
+from ntxr import train_together, together
+
+EIGHT_DEVICES = ("hard_audio",)
 
 def read(workdir):
   """(results.json, metrics.jsonl's records) of a finished run."""
@@ -16,6 +28,23 @@ def read(workdir):
     results = json.load(f)
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     return results, [json.loads(line) for line in f]
+
+
+def assert_same_run(workdir, alone):
+  """The run in workdir is the run in `alone`: its epochs' training losses equal to
+  1e-5, validation losses within 0.01 and test metrics within 0.03 (see below)."""
+  expected, expected_epochs = read(alone)
+  got, epochs = read(workdir)
+  assert len(epochs) == len(expected_epochs)
+  for epoch, expected_epoch in zip(epochs, expected_epochs):
+    np.testing.assert_allclose(epoch["training"]["loss"], expected_epoch["training"]["loss"],
+                               rtol=1e-5)
+    assert epoch["validation"]["loss"] == pytest.approx(expected_epoch["validation"]["loss"],
+                                                        abs=0.01)
+    assert epoch["learning_rate"] == expected_epoch["learning_rate"]
+  for direction in ("t2a", "a2t"):
+    for metric, value in expected[direction].items():
+      assert abs(got[direction][metric] - value) <= 0.03, (workdir, direction, metric)
 
 
 def test_runs_trained_together_are_the_runs_trained_apart(apart_and_together):
@@ -29,19 +58,11 @@ def test_runs_trained_together_are_the_runs_trained_apart(apart_and_together):
   by 0.025."""
   apart, joined = apart_and_together
   for (_, alone), (config, workdir) in zip(apart, joined):
-    expected, (expected_epoch,) = read(alone)
-    got, (epoch,) = read(workdir)
+    got, _ = read(workdir)
     assert sorted(os.listdir(workdir)) == sorted(os.listdir(alone))
     assert (got["strategy"], got["epochs"], got["steps"], got["frozen"]) == (
         config.strategy, 1, 4, None)
-    np.testing.assert_allclose(epoch["training"]["loss"], expected_epoch["training"]["loss"],
-                               rtol=1e-5)
-    assert epoch["validation"]["loss"] == pytest.approx(expected_epoch["validation"]["loss"],
-                                                        abs=0.01)
-    assert epoch["learning_rate"] == expected_epoch["learning_rate"]
-    for direction in ("t2a", "a2t"):
-      for metric, value in expected[direction].items():
-        assert abs(got[direction][metric] - value) <= 0.03, (workdir, direction, metric)
+    assert_same_run(workdir, alone)
 
 
 def first_epochs(runs) -> dict:
@@ -66,7 +87,7 @@ def test_a_run_whose_loss_becomes_nan_is_frozen_and_the_others_go_on(
   monkeypatch.setattr(together, "pad_and_stack", poisoned)
   reported = []
   failed = sweep.run_together(sweep.plan(str(tmp_path), ["hard_cross"], TOGETHER_SEEDS),
-                              tiny_config(**dict(SHORT, num_epochs=2)), reported.append)
+                              tiny_config(**dict(SHORT, num_epochs=2)), report=reported.append)
   assert failed == [] and reported[0] == "0 of 2 runs finished already; 2 to train together"
   assert reported[1].startswith("hard_cross seed 0: done; results in")
   assert reported[2].startswith("hard_cross seed 1: frozen: training loss became")
@@ -114,3 +135,65 @@ def test_a_stopped_sweep_resumes_every_run_even_from_different_steps(
                                rtol=1e-5)
     assert first["validation"]["loss"] == pytest.approx(expected["validation"]["loss"],
                                                         abs=0.01)
+
+
+def test_eight_devices_give_what_one_gives(apart_and_together, tiny_config, cache_dir,
+                                           tmp_path):
+  """hard_audio (its audio-audio matrix over frames split across devices) x two seeds
+  trained together on 8 (CPU) devices, the two runs on two groups of four devices, each
+  run's batch split over its four: the runs trained together on one device, to the
+  tolerances of runs trained apart (the sums run in another order)."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
+  child = subprocess.run([sys.executable, __file__, cache_dir, str(tmp_path)], env=env,
+                         capture_output=True, text=True, check=False)
+  assert child.returncode == 0, child.stderr[-3000:]
+  assert child.stdout.splitlines()[-1] == "meshes: 2 runs x 4, 3 runs x 8 (1 group), 8 runs x 1"
+  one_device = {(c.strategy, c.seed): w for c, w in apart_and_together[1]}
+  for config, workdir in together_plan(str(tmp_path), tiny_config, EIGHT_DEVICES):
+    assert_same_run(workdir, one_device[config.strategy, config.seed])
+
+
+def test_runs_that_would_not_fit_a_device_are_refused_naming_a_group_size_that_fits(
+    tiny_config, monkeypatch):
+  """With a device said to hold 2.5 runs' estimated bytes (over 0.9), six runs of one
+  strategy are refused before anything is written, naming two as the group size that
+  fits; in groups of two they pass. One run's state is its parameters, Adam's two moments
+  (three times the parameters), the BatchNorm statistics and a few scalars."""
+  experiments = [experiment_lib.Experiment(config) for config, _ in together_plan(
+      "unused", tiny_config, ["hard_cross"], seeds=range(6))]
+  state = experiments[0].initial_state
+  params = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
+  statistics = sum(leaf.nbytes for leaf in jax.tree.leaves(state.batch_stats))
+  state_bytes, step_bytes = train_together.run_bytes(experiments[0])
+  assert 3 * params + statistics < state_bytes < 3 * params + statistics + 1024
+  assert step_bytes > 0
+  one = state_bytes + step_bytes
+  monkeypatch.setattr(train_together, "device_memory", lambda device: int(2.5 * one / 0.9))
+  with pytest.raises(settings.SettingError, match=re.escape(
+      f"6 runs of hard_cross trained together need about {6 * one / 2**30:.1f} GiB of each "
+      f"device's {2.5 * one / 0.9 / 2**30:.1f} GiB: train at most 2 together "
+      "(--group_size=2)")):
+    train_together.check_memory(experiments, 0)
+  train_together.check_memory(experiments, 2)
+  monkeypatch.setattr(train_together, "device_memory", lambda device: None)  # the CPU's
+  train_together.check_memory(experiments, 0)
+
+
+def _train_on_eight_devices(cache_dir: str, root: str) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  from conftest import TINY  # pylint: disable=import-outside-toplevel
+  from ntxr.configs import default  # pylint: disable=import-outside-toplevel
+  assert len(jax.devices()) == 8
+  def tiny_config(**overrides):
+    config = default.get_config()
+    config.update({**TINY, "cache_dir": cache_dir, **overrides})
+    return config
+  train_together.train_together(together_plan(root, tiny_config, EIGHT_DEVICES))
+  shapes = [parallel.RunsAndData(runs).mesh.shape for runs in (2, 3, 8)]
+  print(f"meshes: 2 runs x {shapes[0]['data']}, 3 runs x {shapes[1]['data']} "
+        f"({shapes[1]['runs']} group), 8 runs x {shapes[2]['data']}")
+
+
+if __name__ == "__main__":
+  _train_on_eight_devices(*sys.argv[1:])
