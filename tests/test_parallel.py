@@ -1,5 +1,6 @@
-"""One global batch on 1 and on 8 (CPU) devices: the same loss, negatives and parameters;
-batches put on the devices ahead of their steps.
+"""One global batch on 1 and on 8 (CPU) devices: the same loss, negatives and parameters,
+for one run and for two runs stepped together on a (runs, data) mesh; batches put on the
+devices ahead of their steps.
 
 The comparison runs in a child process started with 8 host devices (XLA reads the
 device count once, at start-up); run as a script, this file is that child.
@@ -60,20 +61,33 @@ def test_eight_devices_give_what_one_gives(strategies, cache_dir, tmp_path):
     if strategy not in ("full_batch", *OBJECTIVE_SETTINGS):
       assert_same_negatives(strategy, eight("negatives"), one("negatives"),
                             {m: one(m) for m in ("s_cross", "s_audio", "s_text")})
-    params = sorted(k for k in found if k.startswith(f"{strategy}/1/params/"))
-    assert len(params) > 10
-    # Adam moves a weight by about the learning rate (1e-3) times g / |g| whatever the
-    # gradient's size, so where a gradient is at rounding level the eight devices'
-    # reductions, summing in another order, can change its steps by a share of the rate:
-    # every weight within a tenth of the rate, all but one in a thousand to rtol 1e-4.
-    close = []
-    for key in params:
-      eight_devices, one_device = found[key.replace("/1/", "/8/")], found[key]
-      np.testing.assert_allclose(eight_devices, one_device, atol=1e-4, err_msg=key)
-      close.append(np.isclose(eight_devices, one_device, rtol=1e-4, atol=1e-6).ravel())
-    assert np.concatenate(close).mean() >= 0.999
+    params = assert_same_parameters(found, strategy)
     moved = [np.abs(found[k] - found[k.replace("/params/", "/initial/")]).max() for k in params]
     assert max(moved) > 1e-3  # the steps did update the parameters
+  if "easy_audio" in strategies:  # two runs together: on 8 devices, two groups of four
+    assert found["together/mesh"].tolist() == [2, 4]
+    np.testing.assert_allclose(found["together/8/loss"], found["together/1/loss"], rtol=1e-5)
+    assert np.all(found["together/1/loss"][:, 0] != found["together/1/loss"][:, 1])
+    assert_same_parameters(found, "together")
+
+
+def assert_same_parameters(found, prefix) -> list:
+  """The parameters under PREFIX/8/params/ are those under PREFIX/1/params/; returns the
+  latter's keys.
+
+  Adam moves a weight by about the learning rate (1e-3) times g / |g| whatever the
+  gradient's size, so where a gradient is at rounding level the eight devices'
+  reductions, summing in another order, can change its steps by a share of the rate:
+  every weight within a tenth of the rate, all but one in a thousand to rtol 1e-4."""
+  params = sorted(k for k in found if k.startswith(f"{prefix}/1/params/"))
+  assert len(params) > 10
+  close = []
+  for key in params:
+    eight_devices, one_device = found[key.replace("/1/", "/8/")], found[key]
+    np.testing.assert_allclose(eight_devices, one_device, atol=1e-4, err_msg=key)
+    close.append(np.isclose(eight_devices, one_device, rtol=1e-4, atol=1e-6).ravel())
+  assert np.concatenate(close).mean() >= 0.999
+  return params
 
 
 def assert_same_negatives(strategy, found, expected, matrices):
@@ -95,11 +109,14 @@ def assert_same_negatives(strategy, found, expected, matrices):
 
 def _steps(cache_dir: str, strategies) -> dict:
   """For each strategy, on 1 device and on all: the losses of STEPS train steps, the
-  initial model's selected negatives on the first batch, and the final parameters."""
+  initial model's selected negatives on the first batch, and the final parameters; for
+  easy_audio also those of two runs stepped together (each its own learning rate, key
+  and batch)."""
   import jax  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   # pylint: disable=g-import-not-at-top
-  from ntxr import experiment as experiment_lib, sampling, scores, settings
+  from ntxr import experiment as experiment_lib, sampling, scores, settings, steps
+  from ntxr import together, train_together
   from ntxr.configs import default  # pylint: disable=g-import-not-at-top
   from ntxr.data import input_pipeline  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(__file__))
@@ -121,6 +138,22 @@ def _steps(cache_dir: str, strategies) -> dict:
 
   flat = lambda tree: {"/".join(k): np.asarray(v) for k, v in
                        traverse_util.flatten_dict(jax.device_get(tree)).items()}
+
+  def two_runs_together(experiment, state, batches, devices):
+    step, mesh = train_together.compiled_step(experiment.settings.loss, 2, devices)
+    states = jax.device_put(together.stack([steps.set_learning_rate(state, rate)
+                                            for rate in (1e-3, 2e-3)]), mesh.runs)
+    keys = jax.device_put(jax.numpy.stack([jax.random.key(1), jax.random.key(2)]), mesh.runs)
+    losses = []
+    for i, batch in enumerate(batches):
+      both = together.pad_and_stack([experiment.with_relations(b, "development")
+                                     for b in (batch, batches[(i + 1) % len(batches)])])
+      states, statistics = step(states, both, jax.vmap(jax.random.fold_in, (0, None))(keys, i))
+      losses.append(np.asarray(statistics.loss))
+    prefix = f"together/{len(devices)}"
+    return {f"{prefix}/loss": np.array(losses), "together/mesh": np.array(
+        [mesh.mesh.shape["runs"], mesh.mesh.shape["data"]]),
+            **{f"{prefix}/params/{k}": v for k, v in flat(states.params).items()}}
   found = dict(device_counts=np.array([1, len(jax.devices())]))
   key = jax.random.key(7)
   for strategy in strategies:
@@ -135,6 +168,8 @@ def _steps(cache_dir: str, strategies) -> dict:
       state = experiment.initial_state
       for name, value in flat(state.params).items():
         found[f"{prefix}/initial/{name}"] = value
+      if strategy == "easy_audio":
+        found.update(two_runs_together(experiment, state, batches, tuple(devices)))
       if strategy not in ("full_batch", *OBJECTIVE_SETTINGS):
         selected = experiment.devices.jit(select(strategy))(
             state, experiment.devices.shard(batches[0]), key)

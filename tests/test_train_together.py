@@ -1,26 +1,18 @@
 """Runs trained together (ntxr.train_together) are the runs they would have been apart:
 the same files, losses and metrics; a NaN in one freezes only that one; a stop resumes;
-eight devices give what one gives.
-
-The eight-device run is a child process started with 8 host devices (XLA reads the
-device count once, at start-up); run as a script, this file is that child.
-"""
+what would not fit a device is refused. (Eight devices against one: test_parallel.)"""
 
 import json
 import os
 import re
-import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
 
 from runs import SHORT, TOGETHER_SEEDS, together_plan
-from ntxr import experiment as experiment_lib, parallel, settings, sweep, train
+from ntxr import experiment as experiment_lib, settings, sweep, train
 from ntxr import train_together, together
-
-EIGHT_DEVICES = ("hard_audio",)
 
 def read(workdir):
   """(results.json, metrics.jsonl's records) of a finished run."""
@@ -137,23 +129,6 @@ def test_a_stopped_sweep_resumes_every_run_even_from_different_steps(
                                                         abs=0.01)
 
 
-def test_eight_devices_give_what_one_gives(apart_and_together, tiny_config, cache_dir,
-                                           tmp_path):
-  """hard_audio (its audio-audio matrix over frames split across devices) x two seeds
-  trained together on 8 (CPU) devices, the two runs on two groups of four devices, each
-  run's batch split over its four: the runs trained together on one device, to the
-  tolerances of runs trained apart (the sums run in another order)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
-      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
-  child = subprocess.run([sys.executable, __file__, cache_dir, str(tmp_path)], env=env,
-                         capture_output=True, text=True, check=False)
-  assert child.returncode == 0, child.stderr[-3000:]
-  assert child.stdout.splitlines()[-1] == "meshes: 2 runs x 4, 3 runs x 8 (1 group), 8 runs x 1"
-  one_device = {(c.strategy, c.seed): w for c, w in apart_and_together[1]}
-  for config, workdir in together_plan(str(tmp_path), tiny_config, EIGHT_DEVICES):
-    assert_same_run(workdir, one_device[config.strategy, config.seed])
-
-
 def test_runs_that_would_not_fit_a_device_are_refused_naming_a_group_size_that_fits(
     tiny_config, monkeypatch):
   """With a device said to hold 2.5 runs' estimated bytes (over 0.9), six runs of one
@@ -178,22 +153,3 @@ def test_runs_that_would_not_fit_a_device_are_refused_naming_a_group_size_that_f
   train_together.check_memory(experiments, 2)
   monkeypatch.setattr(train_together, "device_memory", lambda device: None)  # the CPU's
   train_together.check_memory(experiments, 0)
-
-
-def _train_on_eight_devices(cache_dir: str, root: str) -> None:
-  import jax  # pylint: disable=import-outside-toplevel
-  from conftest import TINY  # pylint: disable=import-outside-toplevel
-  from ntxr.configs import default  # pylint: disable=import-outside-toplevel
-  assert len(jax.devices()) == 8
-  def tiny_config(**overrides):
-    config = default.get_config()
-    config.update({**TINY, "cache_dir": cache_dir, **overrides})
-    return config
-  train_together.train_together(together_plan(root, tiny_config, EIGHT_DEVICES))
-  shapes = [parallel.RunsAndData(runs).mesh.shape for runs in (2, 3, 8)]
-  print(f"meshes: 2 runs x {shapes[0]['data']}, 3 runs x {shapes[1]['data']} "
-        f"({shapes[1]['runs']} group), 8 runs x {shapes[2]['data']}")
-
-
-if __name__ == "__main__":
-  _train_on_eight_devices(*sys.argv[1:])
