@@ -5,6 +5,7 @@ what would not fit a device is refused. (Eight devices against one: test_paralle
 import json
 import os
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -39,7 +40,7 @@ def assert_same_run(workdir, alone):
       assert abs(got[direction][metric] - value) <= 0.03, (workdir, direction, metric)
 
 
-def test_runs_trained_together_are_the_runs_trained_apart(apart_and_together):
+def test_runs_trained_together_are_the_runs_trained_apart(apart_and_together, tmp_path):
   """Each run's files as a separate run writes them; its epoch's training loss equal to
   1e-5; its validation loss within 0.01 and test metrics within 0.03. Vmapped
   reductions round in another order (1e-7) and Adam turns a rounding-level gradient into
@@ -55,6 +56,11 @@ def test_runs_trained_together_are_the_runs_trained_apart(apart_and_together):
     assert (got["strategy"], got["epochs"], got["steps"], got["frozen"]) == (
         config.strategy, 1, 4, None)
     assert_same_run(workdir, alone)
+  # What reads a run reads these: --eval_only tests the best checkpoint to the same table.
+  config, workdir = joined[0]
+  copy = shutil.copytree(workdir, tmp_path / "run")
+  again = train.evaluate_only(config, str(copy))
+  assert (again["t2a"], again["a2t"]) == (read(workdir)[0]["t2a"], read(workdir)[0]["a2t"])
 
 
 def first_epochs(runs) -> dict:
