@@ -88,8 +88,9 @@ class Program:
 
   def step(self, batches: dict, split: str, step: int) -> None:
     """Dispatches the step numbered `step` on each run's seed's batch ({seed: numpy})."""
-    batch = together.pad_and_stack([run.experiment.with_relations(batches[run.experiment.config.seed],
-                                                                  split) for run in self.runs])
+    batch = together.pad_and_stack([
+        run.experiment.with_relations(batches[run.experiment.config.seed], split)
+        for run in self.runs])
     keys = jax.vmap(jax.random.fold_in, (0, None))(self.seed_keys, step - 1)
     self.states, statistics = self._step(self.states, batch, keys)
     self.unread.add(step, statistics)
@@ -282,9 +283,9 @@ def _train_epoch(runs: list, group_size: int, stop: train.StopRequests) -> None:
   if config.max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
   epoch, start = runs[0].progress.epoch + 1, runs[0].progress.step_in_epoch
-  programs = [Program(members[start:start + (group_size or len(members))])
+  programs = [Program(members[first:first + (group_size or len(members))])
               for members in _grouped(runs, lambda run: run.experiment.settings.loss)
-              for start in range(0, len(members), group_size or len(members))]
+              for first in range(0, len(members), group_size or len(members))]
   batches = {}  # seed -> its batches, made once for all its runs
   for run in runs:
     seed = run.experiment.config.seed
