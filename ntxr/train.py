@@ -181,6 +181,12 @@ class StopRequests:
     if not self.at_steps:
       raise Interrupted()
 
+  def stopped(self, what: str) -> Stopped:
+    """The Stopped error of the stop this recorded: "as asked (its signal), `what`"."""
+    interrupted = self.received == signal.SIGINT
+    return Stopped(f"as asked ({'Ctrl-C' if interrupted else 'SIGTERM or a preemption notice'}), "
+                   f"{what}", interrupted)
+
   def asked(self, step: int) -> bool:
     if jax.process_count() > 1:
       return multihost_utils.reached_preemption_sync_point(step)
@@ -192,11 +198,9 @@ def save_and_stop(state, progress: Progress, checkpoints: checkpoints_lib.Checkp
   """Saves the latest checkpoint; returns the Stopped error that says how to resume."""
   checkpoints.save("latest", state, progress.to_json())
   checkpoints.wait()
-  interrupted = stop.received == signal.SIGINT
-  return Stopped(f"as asked ({'Ctrl-C' if interrupted else 'SIGTERM or a preemption notice'}), "
-                 f"training stopped after step {int(state.step)} (epoch {progress.epoch + 1}), "
-                 f"saved in {checkpoints.root}/latest: rerun the same command to resume from "
-                 "there", interrupted)
+  return stop.stopped(f"training stopped after step {int(state.step)} (epoch "
+                      f"{progress.epoch + 1}), saved in {checkpoints.root}/latest: rerun the "
+                      "same command to resume from there")
 
 
 def train_epochs(experiment: experiment_lib.Experiment, state: steps.TrainState,

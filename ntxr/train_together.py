@@ -19,7 +19,6 @@ their epoch, then together again.
 import contextlib
 import dataclasses
 import functools
-import signal
 import time
 from typing import Optional
 
@@ -86,11 +85,10 @@ class Program:
         jnp.stack([jax.random.key(run.experiment.config.seed + 1) for run in runs]), mesh.runs)
     self.unread = steps.UnreadStatistics()
 
-  def step(self, batches: dict, split: str, step: int) -> None:
-    """Dispatches the step numbered `step` on each run's seed's batch ({seed: numpy})."""
-    batch = together.pad_and_stack([
-        run.experiment.with_relations(batches[run.experiment.config.seed], split)
-        for run in self.runs])
+  def step(self, batches: dict, step: int) -> None:
+    """Dispatches the step numbered `step` on each run's seed's batch ({seed: numpy, with
+    its relations})."""
+    batch = together.pad_and_stack([batches[run.experiment.config.seed] for run in self.runs])
     keys = jax.vmap(jax.random.fold_in, (0, None))(self.seed_keys, step - 1)
     self.states, statistics = self._step(self.states, batch, keys)
     self.unread.add(step, statistics)
@@ -266,11 +264,8 @@ def _save_all_and_stop(runs: list, stop: train.StopRequests) -> train.Stopped:
       run.checkpoints.save("latest", run.state, run.progress.to_json())
   for run in runs:
     run.checkpoints.wait()
-  interrupted = stop.received == signal.SIGINT
-  return train.Stopped(
-      f"as asked ({'Ctrl-C' if interrupted else 'SIGTERM or a preemption notice'}), the "
-      f"{len(runs)} runs stopped, each saved in its workdir's checkpoints/latest: rerun the "
-      "same command to resume them from there", interrupted)
+  return stop.stopped(f"the {len(runs)} runs stopped, each saved in its workdir's "
+                      "checkpoints/latest: rerun the same command to resume them from there")
 
 
 def _train_epoch(runs: list, group_size: int, stop: train.StopRequests) -> None:
@@ -286,12 +281,13 @@ def _train_epoch(runs: list, group_size: int, stop: train.StopRequests) -> None:
   programs = [Program(members[first:first + (group_size or len(members))])
               for members in _grouped(runs, lambda run: run.experiment.settings.loss)
               for first in range(0, len(members), group_size or len(members))]
-  batches = {}  # seed -> its batches, made once for all its runs
+  batches, relations = {}, {}  # seed -> its batches and their relations, once for its runs
   for run in runs:
     seed = run.experiment.config.seed
     if seed not in batches:
       made = run.experiment.train_batches(split, experiment_lib.epoch_seed(seed, epoch))
       batches[seed] = input_pipeline.as_numpy(made.take(steps_per_epoch).skip(start))
+      relations[seed] = run.experiment.with_relations
   began = time.perf_counter()
   stop.at_steps = True
   first_step = int(runs[0].state.step) + 1
@@ -299,9 +295,9 @@ def _train_epoch(runs: list, group_size: int, stop: train.StopRequests) -> None:
                                    desc=f"epoch {epoch}/{config.num_epochs}, {len(runs)} runs",
                                    unit="batch"):
     step = first_step + step_in_epoch - start
-    seed_batches = {seed: next(made) for seed, made in batches.items()}
+    seed_batches = {seed: relations[seed](next(made), split) for seed, made in batches.items()}
     for program in programs:
-      program.step(seed_batches, split, step)
+      program.step(seed_batches, step)
     done = step_in_epoch + 1
     asked = stop.asked(step)
     save = done % config.checkpoint_every_steps == 0 and done < steps_per_epoch
