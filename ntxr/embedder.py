@@ -1,9 +1,11 @@
 """Embeds clips and captions with a trained state, in batches shaped as training shapes
 them: what validation, testing and search share."""
 
+import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ntxr import evaluate, parallel, steps
@@ -14,6 +16,14 @@ from ntxr.data import tokenizer as tokenizer_lib
 @functools.partial(jax.jit, static_argnames="method")
 def _embed(state: steps.TrainState, arrays: tuple, method: str) -> jax.Array:
   return state.apply_fn(state.variables(), *arrays, method=method)
+
+
+@functools.partial(jax.jit, static_argnames="method")
+def _embed_runs(states: steps.TrainState, arrays: tuple, method: str) -> jax.Array:
+  """[B, L, R * E]: the embeddings [B, L, E] of each of the R stacked states, side by side
+  on the feature axis (so that rows are cut and padded as one state's are)."""
+  embedded = jax.vmap(lambda state: _embed(state, arrays, method))(states)  # [R, B, L, E]
+  return jnp.moveaxis(embedded, 0, -2).reshape(*embedded.shape[1:-1], -1)
 
 
 class Embedder:
@@ -74,3 +84,20 @@ class Embedder:
     text, mask, _ = evaluate.embed_rows(self._embed("embed_text"), batches,
                                         ("tokens", "token_mask"), size, self.devices)
     return text, mask
+
+
+class RunsEmbedder(Embedder):
+  """The encoders of R runs whose train states are stacked (`ntxr.together`): each batch
+  is read once and embedded by every run, the runs' embeddings side by side on the
+  feature axis ([..., R * E]); `splits` parts a split's."""
+
+  def _embed(self, method: str):
+    return lambda arrays: _embed_runs(self.state, arrays, method)
+
+  def splits(self, clips) -> list:
+    """The R runs' SplitEmbeddings of a split's clips, in the runs' order."""
+    joined = self.split(clips)
+    runs = len(jax.tree.leaves(self.state)[0])
+    per_run = lambda x: np.split(x, runs, axis=-1)
+    return [dataclasses.replace(joined, audio=audio, text=text)
+            for audio, text in zip(per_run(joined.audio), per_run(joined.text))]

@@ -255,7 +255,10 @@ def embed_rows(embed: Callable, batches: Iterable[dict], inputs: tuple, size: in
 
 
 def split_scores(split: SplitEmbeddings, score: str) -> np.ndarray:
-  """All-pairs scores [clips, captions] of a split; FloatingPointError if any is not finite."""
+  """All-pairs scores [clips, captions] of a split; FloatingPointError if an embedding or
+  a score is not finite (XLA's CPU max, and so relu and a hinge, may turn a NaN into 0)."""
+  if not (np.isfinite(split.audio).all() and np.isfinite(split.text).all()):
+    raise FloatingPointError("the model's embeddings became NaN or infinite")
   s = score_matrix(split.audio, split.audio_mask, split.text, split.text_mask, score=score)
   if not np.isfinite(s).all():
     raise FloatingPointError("retrieval scores became NaN or infinite")

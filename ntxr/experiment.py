@@ -44,6 +44,12 @@ def compiled_steps(devices: tuple, loss: settings.Loss) -> tuple:
           mesh.jit(functools.partial(steps.eval_loss, loss=loss)))
 
 
+def mean_loss(losses: list) -> np.ndarray:
+  """The float64 mean of a split's batch losses: device scalars (-> []), or vectors [R] of
+  runs together (-> each run's [R])."""
+  return np.mean(np.asarray(jax.device_get(losses), np.float64), axis=0)
+
+
 class Experiment:
   """The data, model and jitted functions of one config, data-parallel over `devices`
   (default: all)."""
@@ -184,29 +190,38 @@ class Experiment:
           f"pairs does not split over {self.devices.count} devices; set it to false")
     return -(-pairs // size)
 
-  def embedder(self, state: steps.TrainState) -> embedder_lib.Embedder:
-    """Embeds clips and captions with `state`, as this experiment's data is shaped."""
+  def embedder(self, state: steps.TrainState, runs: bool = False) -> embedder_lib.Embedder:
+    """Embeds clips and captions with `state` (with runs: the stacked states of runs
+    trained together, a RunsEmbedder), as this experiment's data is shaped."""
     config = self.config
-    return embedder_lib.Embedder(state, self.devices, tokenizer=self.tokenizer,
-                                 frame_buckets=tuple(config.frame_buckets),
-                                 max_tokens=config.max_tokens, batch_size=config.eval_batch_size)
+    kind = embedder_lib.RunsEmbedder if runs else embedder_lib.Embedder
+    return kind(state, self.devices, tokenizer=self.tokenizer,
+                frame_buckets=tuple(config.frame_buckets), max_tokens=config.max_tokens,
+                batch_size=config.eval_batch_size)
 
   def embed_split(self, state: steps.TrainState, split: str) -> evaluate.SplitEmbeddings:
     """Every clip and caption of a split embedded, in order."""
     return self.embedder(state).split(self.clips(split))
 
-  def validation_loss(self, state: steps.TrainState, epoch: int) -> float:
-    """The mean loss of the validation split's batches after `epoch` epochs (0: the
-    untrained model). Its batches and random draws are the same every epoch, or with
-    --config.validation_draws=per_epoch the epoch's own."""
+  def validation_draws(self, epoch: int) -> tuple:
+    """(random key, batch shuffle seed) of the validation loss after `epoch` epochs: the
+    same every epoch, or with --config.validation_draws=per_epoch the epoch's own."""
     key, seed = jax.random.key(self.config.seed), 0
     if self.config.validation_draws == "per_epoch":
       key, seed = jax.random.fold_in(key, epoch), epoch_seed(self.config.seed, epoch, 1)
-    batches = parallel.prefetch(
-        input_pipeline.as_numpy(self.train_batches(self.validation_split, seed)),
-        lambda batch: self.device_batch(batch, self.validation_split))
-    losses = jax.device_get([self._eval_loss(state, batch, key) for batch in batches])
-    loss = float(np.mean(np.asarray(losses, np.float64)))
+    return key, seed
+
+  def validation_batches(self, seed: int):
+    """The validation split's batches (numpy) shuffled by `seed`, as training makes them."""
+    return input_pipeline.as_numpy(self.train_batches(self.validation_split, seed))
+
+  def validation_loss(self, state: steps.TrainState, epoch: int) -> float:
+    """The mean loss of the validation split's batches after `epoch` epochs (0: the
+    untrained model), drawn as `validation_draws` says."""
+    key, seed = self.validation_draws(epoch)
+    batches = parallel.prefetch(self.validation_batches(seed),
+                                lambda batch: self.device_batch(batch, self.validation_split))
+    loss = float(mean_loss([self._eval_loss(state, batch, key) for batch in batches]))
     if not np.isfinite(loss):
       raise FloatingPointError(f"validation loss is {loss}")
     return loss
@@ -214,8 +229,12 @@ class Experiment:
   def validate(self, state: steps.TrainState, training: dict, epoch: int) -> tuple:
     """(validation {"loss", "t2a", "a2t"}, Collapse) on the validation split after
     `epoch` epochs. training: the epoch's mean TrainingStatistics, for Collapse."""
-    loss = self.validation_loss(state, epoch)
-    split = self.embed_split(state, self.validation_split)
+    return self.validation_results(self.validation_loss(state, epoch),
+                                   self.embed_split(state, self.validation_split), training)
+
+  def validation_results(self, loss: float, split: evaluate.SplitEmbeddings,
+                         training: dict) -> tuple:
+    """`validate`'s results from the validation loss and the split's embeddings."""
     metrics = evaluate.both_directions(evaluate.split_scores(split, self.config.score),
                                        split.clip_ids, split.caption_ids)
     collapse = evaluate.collapse_diagnostics(
@@ -227,7 +246,10 @@ class Experiment:
     """(test-split metrics and score histogram, its DCASE Submission or None when the
     split has fewer clips than a submission ranks, and its DCASE 2025 score matrix (a
     Submission of the judged captions) or None without a relevance file)."""
-    split = self.embed_split(state, self.test_split)
+    return self.test_results(self.embed_split(state, self.test_split))
+
+  def test_results(self, split: evaluate.SplitEmbeddings) -> tuple:
+    """`test`'s results from the test split's embeddings."""
     s = evaluate.split_scores(split, self.config.score)
     names = self.captions(self.test_split)
     texts, file_names = [c for _, captions in names for c in captions], [f for f, _ in names]

@@ -54,6 +54,13 @@ def train_step(states: steps.TrainState, batches: dict, keys: jax.Array, *,
   return jax.vmap(step, in_axes=(0, None if shared_batch else 0, 0))(states, batches, keys)
 
 
+def eval_loss(states: steps.TrainState, batches: dict, keys: jax.Array, *,
+              loss: settings.Loss = settings.Loss()) -> jax.Array:
+  """Each run's loss on its batch in inference mode: (states [R], batches [R, B, ...],
+  keys [R]) -> [R], each `steps.eval_loss` exactly."""
+  return jax.vmap(functools.partial(steps.eval_loss, loss=loss))(states, batches, keys)
+
+
 def set_learning_rates(states: steps.TrainState, learning_rates) -> steps.TrainState:
   """The stacked states with each run's learning rate set (a vector [R])."""
   hyperparams = dict(states.opt_state.hyperparams,

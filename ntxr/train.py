@@ -23,7 +23,7 @@ import numpy as np
 import tqdm
 
 from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib, files
-from ntxr import metrics_log, parallel, settings, steps
+from ntxr import evaluate, metrics_log, parallel, settings, steps
 from ntxr import workdir as workdir_lib
 from ntxr.data import input_pipeline
 
@@ -295,16 +295,20 @@ def check_statistics(progress: Progress, read: list, epoch: int,
   return progress
 
 
-def end_epoch(experiment, state, progress, checkpoints, log, seconds, label: str = "") -> tuple:
+def end_epoch(experiment, state, progress, checkpoints, log, seconds, label: str = "",
+              validated: Optional[tuple] = None) -> tuple:
   """Validation, the plateau schedule, checkpoints and the metrics line of an epoch whose
   steps are done; returns (state, progress) at the start of the next. Its printed lines
-  start with `label` (the run's name, where several train at once)."""
+  start with `label` (the run's name, where several train at once). validated: the
+  epoch's (validation, Collapse, seconds) where measured already (runs validated
+  together); None: validated here."""
   config = experiment.config
   select = settings.SELECTIONS[config.select_by]
   epoch, training = progress.epoch + 1, progress.statistic_means()
-  start = time.perf_counter()
-  validation, collapse = experiment.validate(state, training, epoch)
-  validation_seconds = time.perf_counter() - start
+  if validated is None:
+    start = time.perf_counter()
+    validated = (*experiment.validate(state, training, epoch), time.perf_counter() - start)
+  validation, collapse, validation_seconds = validated
   progress = progress.after_validation(validation["loss"], experiment.settings.optimiser)
   learning_rate = progress.learning_rate
   state = steps.set_learning_rate(state, learning_rate)
@@ -337,19 +341,31 @@ def end_epoch(experiment, state, progress, checkpoints, log, seconds, label: str
   return state, progress
 
 
-def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: checkpoints_lib.Checkpoints,
-                  workdir: str, frozen: Optional[str] = None) -> dict:
-  """Evaluates the best checkpoint on the test split; writes and returns its results.
-  frozen: why training was cut short (a run trained together whose loss became NaN while
-  the others went on), its results' "frozen" (None: it was not)."""
+def best_state(experiment: experiment_lib.Experiment,
+               checkpoints: checkpoints_lib.Checkpoints) -> steps.TrainState:
+  """The best checkpoint's train state; FileNotFoundError if there is none."""
   checkpoints.wait()
   restored = checkpoints.restore("best", experiment.initial_state)
   if restored is None:
     raise FileNotFoundError(f"{checkpoints.root}/best: no checkpoint; train first")
-  state, best = restored[0], Progress.from_json(restored[1])
-  trained = Progress.from_json(checkpoints.progress("latest") or restored[1])
+  return restored[0]
+
+
+def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: checkpoints_lib.Checkpoints,
+                  workdir: str, frozen: Optional[str] = None,
+                  embedded: Optional[evaluate.SplitEmbeddings] = None) -> dict:
+  """Evaluates the best checkpoint on the test split; writes and returns its results.
+  frozen: why training was cut short (a run trained together whose loss became NaN while
+  the others went on), its results' "frozen" (None: it was not). embedded: the test
+  split's embeddings by the best state where made already (runs tested together)."""
+  checkpoints.wait()
+  if embedded is None:
+    embedded = experiment.embed_split(best_state(experiment, checkpoints), experiment.test_split)
+  best_json = checkpoints.progress("best")
+  best = Progress.from_json(best_json)
+  trained = Progress.from_json(checkpoints.progress("latest") or best_json)
   config = experiment.config
-  metrics, submission, score_matrix = experiment.test(state)
+  metrics, submission, score_matrix = experiment.test_results(embedded)
   skipped = [entry for entries in experiment.corpus.skipped.values() for entry in entries]
   results = dict(metrics, objective=config.objective, strategy=config.strategy,
                  run=settings.run_name(config), score=config.score,
@@ -359,8 +375,8 @@ def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: checkpoint
                  stopped_early=trained.stopped_early, frozen=frozen,
                  selected_by=config.select_by, skipped=dict(count=len(skipped),
                                                             entries=skipped),
-                 steps=checkpoints.step("latest") or int(state.step),
-                 best_epoch=best.best_epoch, best_step=int(state.step),
+                 steps=checkpoints.step("latest") or checkpoints.step("best"),
+                 best_epoch=best.best_epoch, best_step=checkpoints.step("best"),
                  seconds=trained.seconds,
                  false_negatives=metrics_log.false_negatives_of(
                      files.read_jsonl(os.path.join(workdir, "metrics.jsonl")),

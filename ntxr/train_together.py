@@ -8,10 +8,12 @@ Runs trained together differ only in strategy, objective and seed. Each seed's b
 are made once per step and read by every run of that seed; the runs of one program read
 their seeds' batches padded to the longest (a clip's embedding does not depend on its
 padding, `ntxr.models`). Each run has its own random keys (those its separate run
-draws), learning rate, plateau schedule, stopper, best checkpoint and results, and is
-validated and tested as `ntxr.train` does it. A run whose loss or gradient becomes
-non-finite is frozen at its last good checkpoint, tested from its best one, and its
-results.json says why ("frozen"); the others go on. Killed, a rerun resumes every run
+draws), learning rate, plateau schedule, stopper, best checkpoint and results. A
+program's runs are validated and tested at once (their states stacked, each seed's
+batches made once, the split embedded in one pass), each run's scores and metrics as
+`ntxr.train` makes them. A run whose loss, gradient or embeddings become non-finite is
+frozen at its last good checkpoint, tested from its best one, and its results.json says
+why ("frozen"); the others go on. Killed, a rerun resumes every run
 where its checkpoints stand; runs left at different steps train apart until the end of
 their epoch, then together again.
 """
@@ -37,7 +39,7 @@ from ntxr.data import input_pipeline
 PER_RUN = ("strategy", "objective", "seed")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # each run is itself, whatever its fields
 class Run:
   """One run trained together with others: its experiment, files, and where it stands
   (its state while it is not stacked in a program)."""
@@ -62,13 +64,19 @@ class Run:
   def position(self) -> tuple:
     return self.progress.epoch, self.progress.step_in_epoch
 
+  def freeze(self, why: str) -> None:
+    """Stops this run's training early (its loss became NaN), keeping its checkpoints."""
+    self.frozen = why
+    logging.warning("%s: %s", self.name, why)
+
 
 @functools.lru_cache(maxsize=None)
-def compiled_step(loss: settings.Loss, runs: int, devices: tuple) -> tuple:
-  """(`together.train_step` for one loss setting jitted over a RunsAndData mesh of the
-  devices, the states donated; the mesh)."""
+def compiled_steps(loss: settings.Loss, runs: int, devices: tuple) -> tuple:
+  """(`together.train_step`, its states donated, and `together.eval_loss` for one loss
+  setting, jitted over a RunsAndData mesh of the devices; the mesh)."""
   mesh = parallel.RunsAndData(runs, devices)
-  return mesh.jit(functools.partial(together.train_step, loss=loss), donate_argnums=0), mesh
+  return (mesh.jit(functools.partial(together.train_step, loss=loss), donate_argnums=0),
+          mesh.jit(functools.partial(together.eval_loss, loss=loss)), mesh)
 
 
 class Program:
@@ -78,8 +86,8 @@ class Program:
   def __init__(self, runs: list):
     self.runs = runs
     experiment = runs[0].experiment
-    self._step, mesh = compiled_step(experiment.settings.loss, len(runs),
-                                     tuple(experiment.devices.mesh.devices.flat))
+    self._step, _, mesh = compiled_steps(experiment.settings.loss, len(runs),
+                                         tuple(experiment.devices.mesh.devices.flat))
     self.states = jax.device_put(together.stack([run.state for run in runs]), mesh.runs)
     self.seed_keys = jax.device_put(
         jnp.stack([jax.random.key(run.experiment.config.seed + 1) for run in runs]), mesh.runs)
@@ -107,8 +115,7 @@ class Program:
       try:
         run.progress = train.check_statistics(run.progress, read, epoch, run.checkpoints)
       except FloatingPointError as error:
-        run.frozen = str(error).replace("; stopped.", "; this run is frozen.")
-        logging.warning("%s: %s", run.name, run.frozen)
+        run.freeze(str(error).replace("; stopped.", "; this run is frozen."))
         frozen.append(run)
     return frozen
 
@@ -186,6 +193,14 @@ def _grouped(items, key) -> list:
   return list(groups.values())
 
 
+def _programs_of(runs: list, group_size: int) -> list:
+  """The runs in the groups that step, validate and test as one: by loss setting, at
+  most group_size runs each (0: no limit)."""
+  return [members[first:first + (group_size or len(members))]
+          for members in _grouped(runs, lambda run: run.experiment.settings.loss)
+          for first in range(0, len(members), group_size or len(members))]
+
+
 def train_together(runs: list, group_size: int = 0) -> list:
   """Trains [(config, workdir)] together (resuming each workdir's run), then tests each
   run's best checkpoint; returns each run's results (as written to its results.json),
@@ -204,16 +219,7 @@ def train_together(runs: list, group_size: int = 0) -> list:
     members = [_open(experiment, workdir, stack)
                for experiment, (_, workdir) in zip(experiments, runs)]
     _train(members, group_size)
-    results = []
-    for run in members:
-      if run.checkpoints.step("best") is None:
-        logging.warning("%s: frozen before its first epoch ended, so it has no results",
-                        run.name)
-        results.append(None)
-      else:
-        results.append(train.evaluate_best(run.experiment, run.checkpoints, run.workdir,
-                                           frozen=run.frozen))
-    return results
+    return _test(members, group_size)
 
 
 def _open(experiment: experiment_lib.Experiment, workdir: str,
@@ -278,9 +284,7 @@ def _train_epoch(runs: list, group_size: int, stop: train.StopRequests) -> None:
   if config.max_steps_per_epoch:
     steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
   epoch, start = runs[0].progress.epoch + 1, runs[0].progress.step_in_epoch
-  programs = [Program(members[first:first + (group_size or len(members))])
-              for members in _grouped(runs, lambda run: run.experiment.settings.loss)
-              for first in range(0, len(members), group_size or len(members))]
+  programs = [Program(members) for members in _programs_of(runs, group_size)]
   batches, relations = {}, {}  # seed -> its batches and their relations, once for its runs
   for run in runs:
     seed = run.experiment.config.seed
@@ -319,11 +323,74 @@ def _train_epoch(runs: list, group_size: int, stop: train.StopRequests) -> None:
     program.unstack()
   stop.at_steps = False
   seconds = time.perf_counter() - began
+  for program in programs:
+    for run, validated in zip(program.runs, _validate(program.runs, epoch)):
+      if validated is not None:
+        run.state, run.progress = train.end_epoch(run.experiment, run.state, run.progress,
+                                                  run.checkpoints, run.log, seconds,
+                                                  label=f"{run.name}: ", validated=validated)
+
+
+def _validate(runs: list, epoch: int) -> list:
+  """Each run's (validation results, Collapse, seconds: its share of the time) after
+  `epoch` epochs, the runs (of one loss setting) validated at once: their states stacked,
+  each seed's validation batches made once and the loss of every run's one vmapped
+  program, the split embedded in one pass; each run's scores as a separate run's. None
+  for a run whose validation loss or scores are not finite: it is frozen."""
+  began = time.perf_counter()
+  experiment = runs[0].experiment
+  split = experiment.validation_split
+  states = together.stack([run.state for run in runs])
+  _, eval_loss, mesh = compiled_steps(experiment.settings.loss, len(runs),
+                                      tuple(experiment.devices.mesh.devices.flat))
+  draws = [run.experiment.validation_draws(epoch) for run in runs]
+  stacked = jax.device_put(states, mesh.runs)
+  keys = jax.device_put(jnp.stack([key for key, _ in draws]), mesh.runs)
+  made = {seed: experiment.validation_batches(seed) for _, seed in draws}
+  losses = []
+  for batches in zip(*made.values()):
+    of_seed = {seed: experiment.with_relations(batch, split)
+               for seed, batch in zip(made, batches)}
+    losses.append(eval_loss(stacked, together.pad_and_stack([of_seed[seed] for _, seed in draws]),
+                            keys))
+  embedded = experiment.embedder(experiment.devices.replicate(states), runs=True).splits(
+      experiment.clips(split))
+  validated = []
+  for run, loss, split_embedded in zip(runs, experiment_lib.mean_loss(losses), embedded):
+    try:
+      if not np.isfinite(loss):
+        raise FloatingPointError(f"validation loss is {loss}")
+      validated.append(run.experiment.validation_results(
+          float(loss), split_embedded, run.progress.statistic_means()))
+    except FloatingPointError as error:
+      run.freeze(f"{error} after epoch {epoch}; this run is frozen, its checkpoints kept in "
+                 f"{run.checkpoints.root}")
+      validated.append(None)
+  seconds = (time.perf_counter() - began) / len(runs)
+  return [None if measured is None else (*measured, seconds) for measured in validated]
+
+
+def _test(runs: list, group_size: int) -> list:
+  """Tests each run's best checkpoint, the runs of each loss setting embedding the test
+  split in one pass; returns each run's results (written to its results.json), or None
+  for a run frozen before its first epoch ended."""
+  embedded = {}
+  for group in _programs_of([run for run in runs if run.checkpoints.step("best") is not None],
+                            group_size):
+    experiment = group[0].experiment
+    states = together.stack([train.best_state(run.experiment, run.checkpoints) for run in group])
+    splits = experiment.embedder(experiment.devices.replicate(states), runs=True).splits(
+        experiment.clips(experiment.test_split))
+    embedded.update(zip(group, splits))
+  results = []
   for run in runs:
-    if not run.frozen:
-      run.state, run.progress = train.end_epoch(run.experiment, run.state, run.progress,
-                                                run.checkpoints, run.log, seconds,
-                                                label=f"{run.name}: ")
+    if run not in embedded:
+      logging.warning("%s: frozen before its first epoch ended, so it has no results", run.name)
+      results.append(None)
+    else:
+      results.append(train.evaluate_best(run.experiment, run.checkpoints, run.workdir,
+                                         frozen=run.frozen, embedded=embedded[run]))
+  return results
 
 
 def _read_statistics(programs: list, epoch: int) -> list:

@@ -74,6 +74,21 @@ def test_bad_inputs_are_reported():
     ranking.retrieval_metrics(np.array([[np.nan, 1.0]]), np.array([[True, False]]))
 
 
+@pytest.mark.parametrize("modality", ["audio", "text"])
+def test_a_nan_embedding_stops_scoring_whatever_the_scores(modality):
+  """A NaN frame or word is refused before scoring: on XLA's CPU a hinge or relu can turn
+  NaN scores into finite ones, so the scores alone would not tell."""
+  rng = np.random.default_rng(0)
+  split = evaluate.SplitEmbeddings(
+      audio=rng.normal(size=(3, 5, 4)).astype(np.float32), audio_mask=np.ones((3, 5), bool),
+      clip_ids=np.arange(3), text=rng.normal(size=(6, 2, 4)).astype(np.float32),
+      text_mask=np.ones((6, 2), bool), caption_ids=np.repeat(np.arange(3), 2))
+  assert np.isfinite(evaluate.split_scores(split, "alignment")).all()
+  getattr(split, modality)[1, 0, 2] = np.nan
+  with pytest.raises(FloatingPointError, match="the model's embeddings became NaN or infinite"):
+    evaluate.split_scores(split, "alignment")
+
+
 @pytest.mark.parametrize("frame_multiple,word_block", [(2, 3), (64, 5), (64, 4096)])
 def test_score_matrix_in_blocks_equals_one_call(frame_multiple, word_block):
   rng = np.random.default_rng(1)

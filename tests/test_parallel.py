@@ -69,6 +69,10 @@ def test_eight_devices_give_what_one_gives(strategies, cache_dir, tmp_path):
     np.testing.assert_allclose(found["together/8/loss"], found["together/1/loss"], rtol=1e-5)
     assert np.all(found["together/1/loss"][:, 0] != found["together/1/loss"][:, 1])
     assert_same_parameters(found, "together")
+    np.testing.assert_allclose(found["together/8/eval_loss"], found["together/1/eval_loss"],
+                               rtol=1e-4)
+    np.testing.assert_allclose(found["together/8/words"], found["together/1/words"], atol=1e-4)
+    assert found["together/1/words"].shape[-1] == 2 * 16  # two runs' embed_dim side by side
 
 
 def assert_same_parameters(found, prefix) -> list:
@@ -140,7 +144,7 @@ def _steps(cache_dir: str, strategies) -> dict:
                        traverse_util.flatten_dict(jax.device_get(tree)).items()}
 
   def two_runs_together(experiment, state, batches, devices):
-    step, mesh = train_together.compiled_step(experiment.settings.loss, 2, devices)
+    step, eval_loss, mesh = train_together.compiled_steps(experiment.settings.loss, 2, devices)
     states = jax.device_put(together.stack([steps.set_learning_rate(state, rate)
                                             for rate in (1e-3, 2e-3)]), mesh.runs)
     keys = jax.device_put(jax.numpy.stack([jax.random.key(1), jax.random.key(2)]), mesh.runs)
@@ -150,9 +154,14 @@ def _steps(cache_dir: str, strategies) -> dict:
                                      for b in (batch, batches[(i + 1) % len(batches)])])
       states, statistics = step(states, both, jax.vmap(jax.random.fold_in, (0, None))(keys, i))
       losses.append(np.asarray(statistics.loss))
+    # Validated together: the vmapped loss on the mesh, the captions embedded side by side.
+    words, _ = experiment.embedder(experiment.devices.replicate(states), runs=True).captions(
+        experiment.captions("development")[0][1])
     prefix = f"together/{len(devices)}"
     return {f"{prefix}/loss": np.array(losses), "together/mesh": np.array(
         [mesh.mesh.shape["runs"], mesh.mesh.shape["data"]]),
+            f"{prefix}/eval_loss": np.asarray(eval_loss(states, both, keys)),
+            f"{prefix}/words": words,
             **{f"{prefix}/params/{k}": v for k, v in flat(states.params).items()}}
   found = dict(device_counts=np.array([1, len(jax.devices())]))
   key = jax.random.key(7)

@@ -2,6 +2,7 @@
 the same files, losses and metrics; a NaN in one freezes only that one; a stop resumes;
 what would not fit a device is refused. (Eight devices against one: test_parallel.)"""
 
+import contextlib
 import json
 import os
 import re
@@ -71,18 +72,16 @@ def first_epochs(runs) -> dict:
 def test_a_run_whose_loss_becomes_nan_is_frozen_and_the_others_go_on(
     tmp_path, tiny_config, apart_and_together, monkeypatch):
   """A sweep's runs trained together (sweep.run_together) for two epochs, seed 1's
-  batches carrying a NaN from its sixth step (epoch 2): the seed-1 run is frozen there,
-  tested from its epoch-1 checkpoint, its results say why; the seed-0 run trains on,
-  its first epoch that of the clean runs trained together."""
+  training batches carrying a NaN from its sixth step (epoch 2): the seed-1 run is
+  frozen there, tested from its epoch-1 checkpoint, its results say why; the seed-0 run
+  trains on, its first epoch that of the clean runs trained together."""
   clean = first_epochs(apart_and_together[1])
-  stack, calls = together.pad_and_stack, []
-  def poisoned(batches):
-    calls.append(None)
-    stacked = stack(batches)
-    if len(calls) > 5 and len(batches) > 1:  # the sixth step on
-      stacked["audio"][1] = np.nan
-    return stacked
-  monkeypatch.setattr(together, "pad_and_stack", poisoned)
+  step = train_together.Program.step
+  def poisoned(program, batches, number):
+    if number >= 6:  # seed 1's batch
+      batches = {**batches, 1: dict(batches[1], audio=np.full_like(batches[1]["audio"], np.nan))}
+    step(program, batches, number)
+  monkeypatch.setattr(train_together.Program, "step", poisoned)
   reported = []
   failed = sweep.run_together(sweep.plan(str(tmp_path), ["hard_cross"], TOGETHER_SEEDS),
                               tiny_config(**dict(SHORT, num_epochs=2)), report=reported.append)
@@ -100,6 +99,43 @@ def test_a_run_whose_loss_becomes_nan_is_frozen_and_the_others_go_on(
     assert "at step 6 (epoch 2" in got["frozen"] and "this run is frozen" in got["frozen"]
     assert [e["epoch"] for e in epochs] == [1] and got["best_epoch"] == 1
     assert got["steps"] == 4  # its last good checkpoint, epoch 1's
+
+
+def test_runs_validated_together_are_validated_as_apart_and_a_nan_freezes_one(
+    apart_and_together, tmp_path):
+  """The together runs' validation (their states stacked, one vmapped loss program, one
+  embedding pass) gives each run the loss and embeddings of its own validation, to
+  1e-5; a run whose parameters became NaN is frozen, the other validated."""
+  runs = [(config, shutil.copytree(workdir, tmp_path / os.path.basename(workdir)))
+          for config, workdir in apart_and_together[1] if config.strategy == "hard_audio"]
+  with contextlib.ExitStack() as stack:
+    members = [train_together._open(experiment_lib.Experiment(config), str(workdir), stack)
+               for config, workdir in runs]
+    validated = train_together._validate(members, 1)
+    experiment = members[0].experiment
+    splits = experiment.embedder(together.stack([run.state for run in members]),
+                                 runs=True).splits(experiment.clips(experiment.validation_split))
+    for run, (results, collapse, seconds), split in zip(members, validated, splits):
+      alone = run.experiment.embed_split(run.state, experiment.validation_split)
+      for name in ("audio", "text"):
+        np.testing.assert_allclose(getattr(split, name), getattr(alone, name), rtol=1e-5,
+                                   atol=1e-6)
+      for name in ("audio_mask", "clip_ids", "text_mask", "caption_ids"):
+        np.testing.assert_array_equal(getattr(split, name), getattr(alone, name))
+      assert results["loss"] == pytest.approx(run.experiment.validation_loss(run.state, 1),
+                                              rel=1e-5)
+      expected = run.experiment.validation_results(results["loss"], alone,
+                                                   run.progress.statistic_means())[1]
+      assert (collapse.audio_cosine, collapse.text_cosine) == pytest.approx(
+          (expected.audio_cosine, expected.text_cosine), rel=1e-4)
+      assert seconds > 0 and run.frozen is None
+    members[1].state = members[1].state.replace(params=jax.tree.map(
+        lambda leaf: leaf * np.nan, members[1].state.params))
+    first, second = train_together._validate(members, 1)
+    assert first[0]["loss"] == pytest.approx(validated[0][0]["loss"], rel=1e-6)
+    assert second is None and members[0].frozen is None
+    assert members[1].frozen.startswith("the model's embeddings became NaN or infinite after "
+                                        "epoch 1; this run is frozen")
 
 
 def test_a_stopped_sweep_resumes_every_run_even_from_different_steps(
