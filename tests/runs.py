@@ -1,10 +1,13 @@
 """Helpers for tests of training runs: a checkpoint's parameters, faults injected into
-the training batches, results flattened for comparison, the runs trained together."""
+the training batches, results flattened for comparison, the runs trained together and
+how they compare with the same runs trained apart."""
 
+import json
 import os
 import signal
 
 import numpy as np
+import pytest
 
 from ntxr import checkpoints as checkpoints_lib
 from ntxr.data import input_pipeline
@@ -23,6 +26,32 @@ def together_plan(root: str, tiny_config, strategies=TOGETHER_STRATEGIES,
   the overrides."""
   return [(tiny_config(strategy=s, seed=seed, **{**SHORT, **overrides}),
            os.path.join(root, s, f"seed_{seed}")) for seed in seeds for s in strategies]
+
+
+def read(workdir):
+  """(results.json, metrics.jsonl's records) of a finished run."""
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return results, [json.loads(line) for line in f]
+
+
+def assert_same_run(workdir, alone):
+  """The run in workdir is the run in `alone`: its epochs' training losses equal to
+  1e-5, validation losses within 0.01 and test metrics within 0.03 (why so:
+  test_train_together.test_runs_trained_together_are_the_runs_trained_apart)."""
+  expected, expected_epochs = read(alone)
+  got, epochs = read(workdir)
+  assert len(epochs) == len(expected_epochs)
+  for epoch, expected_epoch in zip(epochs, expected_epochs):
+    np.testing.assert_allclose(epoch["training"]["loss"], expected_epoch["training"]["loss"],
+                               rtol=1e-5)
+    assert epoch["validation"]["loss"] == pytest.approx(expected_epoch["validation"]["loss"],
+                                                        abs=0.01)
+    assert epoch["learning_rate"] == expected_epoch["learning_rate"]
+  for direction in ("t2a", "a2t"):
+    for metric, value in expected[direction].items():
+      assert abs(got[direction][metric] - value) <= 0.03, (workdir, direction, metric)
 
 
 def flat(tree, path="") -> dict:

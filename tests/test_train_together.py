@@ -3,7 +3,6 @@ the same files, losses and metrics; a NaN in one freezes only that one; a stop r
 what would not fit a device is refused. (Eight devices against one: test_parallel.)"""
 
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -12,33 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from runs import SHORT, TOGETHER_SEEDS, together_plan
+from runs import SHORT, TOGETHER_SEEDS, assert_same_run, read, together_plan
 from ntxr import experiment as experiment_lib, settings, sweep, train
 from ntxr import train_together, together
-
-def read(workdir):
-  """(results.json, metrics.jsonl's records) of a finished run."""
-  with open(os.path.join(workdir, "results.json")) as f:
-    results = json.load(f)
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return results, [json.loads(line) for line in f]
-
-
-def assert_same_run(workdir, alone):
-  """The run in workdir is the run in `alone`: its epochs' training losses equal to
-  1e-5, validation losses within 0.01 and test metrics within 0.03 (see below)."""
-  expected, expected_epochs = read(alone)
-  got, epochs = read(workdir)
-  assert len(epochs) == len(expected_epochs)
-  for epoch, expected_epoch in zip(epochs, expected_epochs):
-    np.testing.assert_allclose(epoch["training"]["loss"], expected_epoch["training"]["loss"],
-                               rtol=1e-5)
-    assert epoch["validation"]["loss"] == pytest.approx(expected_epoch["validation"]["loss"],
-                                                        abs=0.01)
-    assert epoch["learning_rate"] == expected_epoch["learning_rate"]
-  for direction in ("t2a", "a2t"):
-    for metric, value in expected[direction].items():
-      assert abs(got[direction][metric] - value) <= 0.03, (workdir, direction, metric)
 
 
 def test_runs_trained_together_are_the_runs_trained_apart(apart_and_together, tmp_path):

@@ -1,5 +1,5 @@
-"""What a workdir survives: kills at any moment, SIGTERM, a second run, torn metrics,
-unreadable checkpoints, a full disk."""
+"""What a workdir survives: kills at any moment (of a run, and of runs trained
+together), SIGTERM, a second run, torn metrics, unreadable checkpoints, a full disk."""
 
 import glob
 import json
@@ -19,10 +19,11 @@ from jax.experimental import multihost_utils
 import numpy as np
 import pytest
 
-from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib, train
+from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib, sweep, train
 from ntxr import workdir as workdir_lib
 from processes import descendants, outliving
-from runs import flat, interrupt_after, params_of
+from runs import (SHORT, TOGETHER_SEEDS, assert_same_run, flat, interrupt_after, params_of,
+                  read)
 
 
 def files_in(pattern) -> bool:
@@ -71,6 +72,46 @@ def test_a_run_killed_at_random_moments_of_every_phase_ends_as_if_never_killed(
   resumed = json.loads((work / "results.json").read_text())
   del straight["seconds"], resumed["seconds"]  # the only field that may differ
   assert flat(resumed) == flat(straight)
+
+
+def test_a_together_sweep_killed_at_random_moments_ends_as_if_never_killed(
+    tiny_config, tiny_flags, apart_and_together, tmp_path):
+  """`ntxr.sweep --together` of hard_audio x two seeds SIGKILLed at a seeded random
+  moment while training, while writing a checkpoint (one every two steps) and while
+  evaluating, rerun after each (the last one in this process): each run ends as the
+  runs trained together unstopped (`assert_same_run`: a kill between the two runs'
+  checkpoints leaves them steps apart, and the one behind steps alone to its epoch's
+  end), and no process the command started outlives it."""
+  root = tmp_path / "sweep"
+  overrides = dict(SHORT, checkpoint_every_steps=2)
+  runs = sweep.plan(str(root), ["hard_audio"], TOGETHER_SEEDS)
+  work = [pathlib.Path(run.workdir) for run in runs]
+  command = [sys.executable, "-m", "ntxr.sweep", "--together", f"--root={root}",
+             "--strategies=hard_audio", f"--seeds={','.join(map(str, TOGETHER_SEEDS))}",
+             "--", *tiny_flags(**overrides)]
+  kill_points = (
+      ("training", lambda: any((w / "tensorboard").exists() for w in work), 2.0),
+      ("writing a checkpoint",
+       lambda: any(files_in(w / "checkpoints/*/*.orbax-checkpoint-tmp") for w in work), 0.0),
+      ("evaluating", lambda: all(metrics_lines(w) == 1 for w in work), 0.3))
+  moments = random.Random(0)
+  for phase, reached, most in kill_points:
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not reached():
+      assert run.poll() is None, f"the sweep ended before {phase}"
+      time.sleep(0.005)
+    time.sleep(moments.uniform(0, most))
+    started = descendants(run.pid)
+    assert run.poll() is None and reached(), f"the sweep left {phase} before the kill"
+    run.kill()
+    run.wait()
+    assert not outliving(started), f"processes outlived a sweep killed while {phase}"
+  assert sweep.run_together(runs, tiny_config(**overrides), report=lambda line: None) == []
+  unstopped = {config.seed: workdir for config, workdir in apart_and_together[1]
+               if config.strategy == "hard_audio"}
+  for run in runs:
+    assert read(run.workdir)[0]["frozen"] is None
+    assert_same_run(run.workdir, unstopped[run.seed])
 
 
 def stop_at_step_12(config, workdir, monkeypatch):
