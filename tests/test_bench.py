@@ -1,16 +1,18 @@
 """The benchmark's reference loop computes the kernel's loss, and its jobs and command run."""
 
+import functools
 import json
 import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntxr import sampling
+from ntxr import models, sampling, settings, steps, together
 from ntxr.bench import kernel_parts, kernels, reference, score_matrices, timing
-from ntxr.bench import together_steps, training_loop, training_steps
+from ntxr.bench import together_steps, training_loop, training_steps, union_program
 
 
 @pytest.mark.parametrize("strategy", [s for s in sampling.STRATEGIES if s != "random"])
@@ -95,3 +97,37 @@ def test_command_writes_json_and_imports_no_tensorflow(tmp_path):
                   f"--json={out}"], check=True)
   result = json.loads(out.read_text())
   assert result["device"] == "test-cpu" and [r["strategy"] for r in result["loss"]] == ["random"]
+
+
+def test_the_union_program_steps_each_run_as_its_strategys_own_step():
+  """The union job's program (every strategy's selection under lax.switch, vmapped over
+  runs) gives each run the loss and parameters that `steps.train_step` with that run's
+  strategy gives it; the job's row compares its time with the per-strategy programs'."""
+  shape = dict(frames=8, words=3, mel_bands=64, vocab=10)
+  strategies = ("random", "hard_cross", "easy_audio")
+  model = models.DualEncoder(vocab_size=10, channels=(2, 4, 4, 4, 4))
+  states = [steps.create_train_state(model, jax.random.key(r), frames=8, words=3,
+                                     mel_bands=64) for r in range(len(strategies))]
+  batch = training_steps.random_batch(6, **shape)
+  keys = jax.random.split(jax.random.key(1), len(strategies))
+  stepped, losses = jax.jit(jax.vmap(union_program.switched_step(strategies)))(
+      together.stack(states), together.stack([batch] * len(strategies)), keys,
+      jnp.arange(len(strategies)))
+  for r, (strategy, state) in enumerate(zip(strategies, states)):
+    alone, statistics = jax.jit(functools.partial(
+        steps.train_step, loss=settings.Loss(strategy=strategy)))(state, batch, keys[r])
+    assert float(losses[r]) == pytest.approx(float(statistics.loss), rel=1e-5)
+    # Adam's first step moves a weight by up to the learning rate (1e-3) in the sign of
+    # its gradient, so a rounding-level gradient (the input BatchNorm's scale) may step
+    # the other way: every weight within two steps, all but one in a thousand to rtol 1e-4.
+    ours, theirs = (jax.tree.leaves(params) for params in (
+        together.unstack(stepped)[r].params, alone.params))
+    assert all(np.abs(a - b).max() <= 2e-3 for a, b in zip(ours, theirs))
+    assert np.concatenate([np.isclose(a, b, rtol=1e-4, atol=1e-6).ravel()
+                           for a, b in zip(ours, theirs)]).mean() >= 0.999
+  rows = union_program.run({"narrow": (2, 4, 4, 4, 4)}, list(strategies[:2]), 1, 4,
+                           repeats=1, shape=shape)
+  assert [(r["width"], r["strategies"], r["seeds"]) for r in rows] == [("narrow", 2, 1)]
+  assert rows[0]["union_of_per_strategy"] == pytest.approx(
+      rows[0]["union_ms"] / rows[0]["per_strategy_ms"])
+  assert "| narrow | 4 | 8 | 2 | 1 |" in union_program.format_table(rows)

@@ -6,11 +6,14 @@
   python -m ntxr.bench --jobs=loop --widths=default --repeats=5
   python -m ntxr.bench --jobs=parts --strategies=random,hard_text,semihard_cross
   python -m ntxr.bench --jobs=together --grid=accelerator --widths=default,paper
+  python -m ntxr.bench --jobs=union --widths=default --union_seeds=2
 
 Jobs (--jobs, comma-separated): kernels (ntxr/bench/kernels.py), parts (kernel_parts.py:
 where a kernel's time goes), scores (score_matrices.py), steps (training_steps.py), loop
 (training_loop.py: the training loop's time outside the step), together
-(together_steps.py: R runs' steps as one vmapped program). Each prints a Markdown
+(together_steps.py: R runs' steps as one vmapped program), union (union_program.py: an
+ablation's strategies as one program over their union against one program per strategy,
+for --strategies). Each prints a Markdown
 table; --json writes every row with the device and the command line, and --results_dir
 one file per job, named by device kind and job, as docs/benchmarks/ keeps them
 (`ntxr.bench.results`; `python -m ntxr.bench.page` makes docs/benchmarks.md from them).
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 
 from ntxr import cli, command, files
 from ntxr.bench import (kernel_parts, kernels, results, score_matrices, timing,
-                        together_steps, training_loop, training_steps)
+                        together_steps, training_loop, training_steps, union_program)
 
 GRIDS = {
     # kernels: (N, T, W, E); scores: (kind, N, T, W, E); steps: batch sizes.
@@ -34,15 +37,15 @@ GRIDS = {
         kernels=[(32, 250, 12, 300), (32, 500, 15, 300), (64, 250, 12, 300)],
         scores=[("cross", 64, 250, 12, 300), ("cross", 256, 500, 20, 300),
                 ("audio-audio", 32, 500, 500, 300), ("evaluation", 96, 1500, 20, 300)],
-        steps=[32], together=[1, 2, 4]),
+        steps=[32], together=[1, 2, 4], union_seeds=1),
     "accelerator": dict(
         kernels=[(32, 250, 12, 300), (32, 500, 15, 300), (32, 1500, 20, 300),
                  (128, 500, 20, 300), (256, 500, 20, 300), (1024, 250, 12, 300)],
         scores=[("cross", 256, 500, 20, 300), ("audio-audio", 256, 1500, 1500, 300),
                 ("evaluation", 1045, 1500, 20, 300)],
-        steps=[32, 256], together=[1, 4, 8, 16, 24]),
+        steps=[32, 256], together=[1, 4, 8, 16, 24], union_seeds=3),
 }
-JOBS = ("kernels", "parts", "scores", "steps", "loop", "together")
+JOBS = ("kernels", "parts", "scores", "steps", "loop", "together", "union")
 
 FLAGS = flags.FLAGS
 
@@ -72,6 +75,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("loop_steps", 30, "steps per loop in the loop job",
                     lower_bound=2)
   flags.DEFINE_list("runs", None, "run counts of the together job (default: the grid's)")
+  flags.DEFINE_integer("union_seeds", None, "runs per strategy in the union job (default: "
+                       "the grid's)", lower_bound=1)
   flags.DEFINE_string("device_kind", None,
                     "device name for the output (default: JAX's)")
   flags.DEFINE_string("results_dir", None,
@@ -121,6 +126,9 @@ def main(argv):
       "together": ("together", lambda: together_steps.run(
           widths, [int(r) for r in FLAGS.runs or grid["together"]], grid["steps"][0],
           FLAGS.repeats, shape=step_shape, dtype=FLAGS.dtype), together_steps.format_table),
+      "union": ("union", lambda: union_program.run(
+          widths, strategies, FLAGS.union_seeds or grid["union_seeds"], grid["steps"][0],
+          FLAGS.repeats, shape=step_shape, dtype=FLAGS.dtype), union_program.format_table),
   }
   for job in JOBS:
     if job not in FLAGS.jobs:
