@@ -3,6 +3,7 @@ the same files, losses and metrics; a NaN in one freezes only that one; a stop r
 what would not fit a device is refused. (Eight devices against one: test_parallel.)"""
 
 import contextlib
+import copy
 import os
 import re
 import shutil
@@ -80,9 +81,12 @@ def test_runs_validated_together_are_validated_as_apart_and_a_nan_freezes_one(
     apart_and_together, tmp_path):
   """The together runs' validation (their states stacked, one vmapped loss program, one
   embedding pass) gives each run the loss and embeddings of its own validation, to
-  1e-5; a run whose parameters became NaN is frozen, the other validated."""
+  1e-5, with the same draws every epoch and with each epoch's own; a run whose parameters
+  became NaN is frozen, the other validated."""
+  # The random strategy's runs: their losses read each run's own key, and no near tie
+  # among hard negatives can flip with the order of a vmapped sum (test_together).
   runs = [(config, shutil.copytree(workdir, tmp_path / os.path.basename(workdir)))
-          for config, workdir in apart_and_together[1] if config.strategy == "hard_audio"]
+          for config, workdir in apart_and_together[1] if config.strategy == "random"]
   with contextlib.ExitStack() as stack:
     members = [train_together._open(experiment_lib.Experiment(config), str(workdir), stack)
                for config, workdir in runs]
@@ -104,13 +108,24 @@ def test_runs_validated_together_are_validated_as_apart_and_a_nan_freezes_one(
       assert (collapse.audio_cosine, collapse.text_cosine) == pytest.approx(
           (expected.audio_cosine, expected.text_cosine), rel=1e-4)
       assert seconds > 0 and run.frozen is None
+    # With per-epoch draws each run reads its own seed's shuffle of the validation split:
+    # the runs' different batches padded to the longest and stacked.
+    for run in members:
+      config = copy.deepcopy(run.experiment.config)
+      config.validation_draws = "per_epoch"
+      run.experiment = experiment_lib.Experiment(config)
+    per_epoch = [results["loss"] for results, _, _ in train_together._validate(members, 2)]
+    assert per_epoch == pytest.approx([run.experiment.validation_loss(run.state, 2)
+                                       for run in members], rel=1e-5)
+    assert all(loss != pytest.approx(fixed[0]["loss"], rel=1e-5)
+               for loss, fixed in zip(per_epoch, validated))
     members[1].state = members[1].state.replace(params=jax.tree.map(
         lambda leaf: leaf * np.nan, members[1].state.params))
-    first, second = train_together._validate(members, 1)
-    assert first[0]["loss"] == pytest.approx(validated[0][0]["loss"], rel=1e-6)
+    first, second = train_together._validate(members, 2)
+    assert first[0]["loss"] == pytest.approx(per_epoch[0], rel=1e-6)
     assert second is None and members[0].frozen is None
     assert members[1].frozen.startswith("the model's embeddings became NaN or infinite after "
-                                        "epoch 1; this run is frozen")
+                                        "epoch 2; this run is frozen")
 
 
 def test_a_stopped_sweep_resumes_every_run_even_from_different_steps(
