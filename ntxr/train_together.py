@@ -65,7 +65,8 @@ class Run:
     return self.progress.epoch, self.progress.step_in_epoch
 
   def freeze(self, why: str) -> None:
-    """Stops this run's training early (its loss became NaN), keeping its checkpoints."""
+    """Stops this run's training early (its loss, gradient or embeddings became
+    non-finite), keeping its checkpoints."""
     self.frozen = why
     logging.warning("%s: %s", self.name, why)
 
@@ -336,7 +337,7 @@ def _validate(runs: list, epoch: int) -> list:
   `epoch` epochs, the runs (of one loss setting) validated at once: their states stacked,
   each seed's validation batches made once and the loss of every run's one vmapped
   program, the split embedded in one pass; each run's scores as a separate run's. None
-  for a run whose validation loss or scores are not finite: it is frozen."""
+  for a run whose validation loss or embeddings are not finite: it is frozen."""
   began = time.perf_counter()
   experiment = runs[0].experiment
   split = experiment.validation_split
