@@ -50,6 +50,13 @@ def mean_loss(losses: list) -> np.ndarray:
   return np.mean(np.asarray(jax.device_get(losses), np.float64), axis=0)
 
 
+def finite_validation_loss(loss) -> float:
+  """One run's validation loss as a float; FloatingPointError if it is not finite."""
+  if not np.isfinite(loss):
+    raise FloatingPointError(f"validation loss is {loss}")
+  return float(loss)
+
+
 class Experiment:
   """The data, model and jitted functions of one config, data-parallel over `devices`
   (default: all)."""
@@ -203,6 +210,11 @@ class Experiment:
     """Every clip and caption of a split embedded, in order."""
     return self.embedder(state).split(self.clips(split))
 
+  def embed_split_runs(self, states: steps.TrainState, split: str) -> list:
+    """`embed_split` by each of the R runs whose states are stacked (one pass over the
+    split): their R SplitEmbeddings, in the runs' order."""
+    return self.embedder(self.devices.replicate(states), runs=True).splits(self.clips(split))
+
   def validation_draws(self, epoch: int) -> tuple:
     """(random key, batch shuffle seed) of the validation loss after `epoch` epochs: the
     same every epoch, or with --config.validation_draws=per_epoch the epoch's own."""
@@ -221,10 +233,8 @@ class Experiment:
     key, seed = self.validation_draws(epoch)
     batches = parallel.prefetch(self.validation_batches(seed),
                                 lambda batch: self.device_batch(batch, self.validation_split))
-    loss = float(mean_loss([self._eval_loss(state, batch, key) for batch in batches]))
-    if not np.isfinite(loss):
-      raise FloatingPointError(f"validation loss is {loss}")
-    return loss
+    return finite_validation_loss(mean_loss([self._eval_loss(state, batch, key)
+                                             for batch in batches]))
 
   def validate(self, state: steps.TrainState, training: dict, epoch: int) -> tuple:
     """(validation {"loss", "t2a", "a2t"}, Collapse) on the validation split after

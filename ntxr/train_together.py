@@ -354,15 +354,13 @@ def _validate(runs: list, epoch: int) -> list:
                for seed, batch in zip(made, batches)}
     losses.append(eval_loss(stacked, together.pad_and_stack([of_seed[seed] for _, seed in draws]),
                             keys))
-  embedded = experiment.embedder(experiment.devices.replicate(states), runs=True).splits(
-      experiment.clips(split))
+  embedded = experiment.embed_split_runs(states, split)
   validated = []
   for run, loss, split_embedded in zip(runs, experiment_lib.mean_loss(losses), embedded):
     try:
-      if not np.isfinite(loss):
-        raise FloatingPointError(f"validation loss is {loss}")
       validated.append(run.experiment.validation_results(
-          float(loss), split_embedded, run.progress.statistic_means()))
+          experiment_lib.finite_validation_loss(loss), split_embedded,
+          run.progress.statistic_means()))
     except FloatingPointError as error:
       run.freeze(f"{error} after epoch {epoch}; this run is frozen, its checkpoints kept in "
                  f"{run.checkpoints.root}")
@@ -380,9 +378,7 @@ def _test(runs: list, group_size: int) -> list:
                             group_size):
     experiment = group[0].experiment
     states = together.stack([train.best_state(run.experiment, run.checkpoints) for run in group])
-    splits = experiment.embedder(experiment.devices.replicate(states), runs=True).splits(
-        experiment.clips(experiment.test_split))
-    embedded.update(zip(group, splits))
+    embedded.update(zip(group, experiment.embed_split_runs(states, experiment.test_split)))
   results = []
   for run in runs:
     if run not in embedded:

@@ -92,8 +92,8 @@ def test_runs_validated_together_are_validated_as_apart_and_a_nan_freezes_one(
                for config, workdir in runs]
     validated = train_together._validate(members, 1)
     experiment = members[0].experiment
-    splits = experiment.embedder(together.stack([run.state for run in members]),
-                                 runs=True).splits(experiment.clips(experiment.validation_split))
+    splits = experiment.embed_split_runs(together.stack([run.state for run in members]),
+                                         experiment.validation_split)
     for run, (results, collapse, seconds), split in zip(members, validated, splits):
       alone = run.experiment.embed_split(run.state, experiment.validation_split)
       for name in ("audio", "text"):
