@@ -2,7 +2,9 @@
 feature-collapse diagnostics. The metrics themselves: ntxr.ranking.
 """
 
+import collections
 import dataclasses
+import functools
 from typing import Callable, Iterable, Optional
 
 import jax
@@ -39,7 +41,20 @@ def score_histogram(s: np.ndarray, clip_ids: np.ndarray, caption_ids: np.ndarray
   return dict(edges=edges.tolist(), positive=count(s[relevant]), negative=count(s[~relevant]))
 
 
-_alignment_sums = jax.jit(scores.alignment_sums_over_words, static_argnames="captions")
+# Products of one evaluation block held at once, per run (`scores.TILINGS`' "blocks"),
+# and how many blocks' scores may wait on the device to be read.
+EVALUATION_TILE_ELEMENTS = 1 << 26
+BLOCKS_IN_FLIGHT = 4
+
+
+@functools.partial(jax.jit, static_argnames="captions")
+def _alignment_sums(audio: jax.Array, words: jax.Array, owner: jax.Array, *,
+                    captions: int) -> jax.Array:
+  """R runs' `scores.alignment_sums_over_words` in one program: audio [R, n, T, E] (zero
+  at masked frames), words [R, K, E], owner [K] -> [R, n, captions]."""
+  sums = functools.partial(scores.alignment_sums_over_words, owner=owner, captions=captions,
+                           tile_elements=EVALUATION_TILE_ELEMENTS)
+  return jax.vmap(lambda x, w: sums(x, None, w))(audio, words)
 
 
 def _length_chunks(extent: np.ndarray, size: int, multiple: int):
@@ -53,8 +68,9 @@ def _length_chunks(extent: np.ndarray, size: int, multiple: int):
 
 
 def _word_blocks(text: np.ndarray, text_mask: np.ndarray, budget: int):
-  """Yields (caption indices, words [budget, E], owner [budget]): consecutive captions
-  whose valid words fit in `budget` rows, flattened, zero rows after them."""
+  """Yields (caption indices, words [R, budget, E], owner [budget]) from R runs' text
+  [R, Q, W, E]: consecutive captions whose valid words fit in `budget` rows, flattened,
+  zero rows after them."""
   counts = text_mask.sum(axis=1)
   start = 0
   while start < len(counts):
@@ -63,80 +79,108 @@ def _word_blocks(text: np.ndarray, text_mask: np.ndarray, budget: int):
                        f"block's {budget}")
     stop = start + int(np.searchsorted(np.cumsum(counts[start:]), budget, "right"))
     owner = np.repeat(np.arange(stop - start), counts[start:stop])
-    words = text[start:stop][text_mask[start:stop]]
-    pad = budget - len(words)
-    yield (np.arange(start, stop), np.pad(words, [(0, pad), (0, 0)]),
+    words = text[:, start:stop][:, text_mask[start:stop]]
+    pad = budget - words.shape[1]
+    yield (np.arange(start, stop), np.pad(words, [(0, 0), (0, pad), (0, 0)]),
            np.pad(owner, (0, pad)).astype(np.int32))
     start = stop
 
 
 @dataclasses.dataclass
 class Clips:
-  """Clips made ready, once, to be scored against any captions (`Clips.scores`).
+  """Clips made ready, once, to be scored against any captions (`Clips.scores`), by one
+  model or by R runs' models at once (each run's frames of the same clips).
 
-  For the alignment score: chunks of clips of similar length on the device, each cut to
-  its longest clip, with zeros at masked frames (so scoring needs no mask and copies
-  nothing); for the pooled score: the clips' pooled embeddings. counts: the valid frames
-  of each clip [C].
+  For the alignment score: chunks of clips of similar length, each cut to its longest
+  clip, with zeros at masked frames (so scoring needs no mask), kept on the device
+  (scored many times: no copy) or on the host (scored once: one chunk at a time on the
+  device); for the pooled score: the clips' pooled embeddings. counts: the valid frames
+  of each clip [C]; runs: R, or None for one model's clips (no runs axis).
   """
   score: str
   counts: np.ndarray
-  chunks: list  # [(clip indices, frames [n, steps, E] float32, zero where masked)]
-  pooled: Optional[np.ndarray] = None
+  runs: Optional[int]
+  chunks: list  # [(clip indices, frames [R, n, steps, E] float32, zero where masked)]
+  pooled: Optional[np.ndarray] = None  # [R, C, E]
 
   @classmethod
   def of(cls, frames: list, masks: list, *, score: str = "alignment", chunk: int = 64,
-         frame_multiple: int = 64) -> "Clips":
-    """frames: per clip [T_i, E] (any float dtype); masks: per clip [T_i] bool. The
-    alignment chunks hold `chunk` clips, cut to the longest rounded up to `frame_multiple`
-    (so a few shapes compile); the last one's rows to a multiple of 8."""
+         frame_multiple: int = 64, on_device: bool = True) -> "Clips":
+    """frames: per clip [T_i, E], or [R, T_i, E] for R runs' frames of it (any float
+    dtype); masks: per clip [T_i] bool. The alignment chunks hold `chunk` clips, cut to
+    the longest rounded up to `frame_multiple` (so a few shapes compile); the last one's
+    rows to a multiple of 8; on the device unless `on_device` is False."""
+    runs = frames[0].shape[0] if frames[0].ndim == 3 else None
+    frames = [f if runs else f[None] for f in frames]  # [R, T_i, E] each
     counts = np.array([m.sum() for m in masks])
     if scores.get_scorer(score) is scores.SCORERS["pooled"]:
-      return cls(score, counts, [], _pooled_rows(frames, masks))
+      return cls(score, counts, runs, [], _pooled_runs(frames, masks))
     extent = np.array([np.flatnonzero(m)[-1] + 1 if m.any() else 0 for m in masks])
     chunks = []
     for rows, steps in _length_chunks(extent, chunk, frame_multiple):
       rows_8 = len(rows) + (-len(rows) % 8)
-      audio = np.zeros((rows_8, steps, frames[0].shape[-1]), np.float32)
+      audio = np.zeros((len(frames[0]), rows_8, steps, frames[0].shape[-1]), np.float32)
       for row, i in enumerate(rows):
-        length = min(steps, len(frames[i]))
-        audio[row, :length] = np.where(masks[i][:length, None], frames[i][:length], 0)
-      chunks.append((rows, jnp.asarray(audio)))
-    return cls(score, counts, chunks)
+        length = min(steps, frames[i].shape[1])
+        audio[:, row, :length] = np.where(masks[i][:length, None], frames[i][:, :length], 0)
+      chunks.append((rows, jnp.asarray(audio) if on_device else audio))
+    return cls(score, counts, runs, chunks)
 
   def scores(self, text, text_mask, *, word_block: int = 4096) -> np.ndarray:
-    """[C, Q] float32 scores against captions text [Q, W, E], text_mask [Q, W].
+    """[C, Q] float32 scores against captions text [Q, W, E], text_mask [Q, W]; with
+    runs, [R, C, Q] against the runs' embeddings of them, text [R, Q, W, E].
 
     The alignment score meets blocks of `word_block` caption words (fewer when all the
-    captions' words fit in fewer, rounded up to 16) with no word padding; its memory is
-    one [word_block, frames] product per clip at a time."""
+    captions' words fit in fewer, rounded up to 16) with no word padding, every run in
+    one program per (chunk, block); its memory is one [word_block, frames] product per
+    clip at a time on a CPU, several clips' on an accelerator (`scores.TILINGS`). Up to
+    `BLOCKS_IN_FLIGHT` blocks are queued before the first is read back, so the device
+    does not wait on the host."""
     text_mask = np.asarray(text_mask, bool)
+    text = np.asarray(text) if self.runs else np.asarray(text)[None]
     if self.pooled is not None:
-      return (self.pooled @ _pooled_rows(list(text), list(text_mask)).T).astype(np.float32)
+      pooled = np.einsum("rce,rqe->rcq", self.pooled, _pooled_runs(list(text.swapaxes(0, 1)),
+                                                                   list(text_mask)))
+      return pooled.astype(np.float32) if self.runs else pooled[0].astype(np.float32)
     word_block = min(word_block, -(-max(int(text_mask.sum()), 1) // 16) * 16)
     blocks = [(captions, jnp.asarray(words, jnp.float32), jnp.asarray(owner)) for
-              captions, words, owner in _word_blocks(np.asarray(text), text_mask, word_block)]
-    sums = np.empty((len(self.counts), len(text_mask)), np.float64)
+              captions, words, owner in _word_blocks(text, text_mask, word_block)]
+    sums = np.empty((len(text), len(self.counts), len(text_mask)), np.float64)
+
+    def read(clips, captions, block) -> None:
+      sums[:, clips[:, None], captions[None, :]] = np.asarray(block)[:, :len(clips),
+                                                                      :len(captions)]
+    queued = collections.deque()
     for clips, audio in self.chunks:
+      audio = jnp.asarray(audio)
       for captions, words, owner in blocks:
-        block = np.asarray(_alignment_sums(audio, None, words, owner, captions=word_block))
-        sums[np.ix_(clips, captions)] = block[:len(clips), :len(captions)]
+        queued.append((clips, captions, _alignment_sums(audio, words, owner,
+                                                        captions=word_block)))
+        if len(queued) > BLOCKS_IN_FLIGHT:
+          read(*queued.popleft())
+    while queued:
+      read(*queued.popleft())
     counts = self.counts[:, None] * text_mask.sum(axis=1)[None, :]
-    return np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(np.float32)
+    s = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(np.float32)
+    return s if self.runs else s[0]
 
 
 def score_matrix(audio, audio_mask, text, text_mask, *, score: str = "alignment",
                  chunk: int = 64, frame_multiple: int = 64,
                  word_block: int = 4096) -> np.ndarray:
-  """All-pairs scores [clips, captions]: see `Clips` for how they run.
+  """All-pairs scores [clips, captions]: see `Clips` for how they run. With R runs'
+  embeddings of the same clips and captions (audio [R, C, T, E], text [R, Q, W, E]):
+  [R, C, Q], every run's in one program per block. One chunk of clips is on the device
+  at a time.
 
   Args:
     audio: [C, T, E] frame embeddings; audio_mask [C, T] bool.
     text: [Q, W, E] word embeddings; text_mask [Q, W] bool.
   """
   audio, audio_mask = np.asarray(audio), np.asarray(audio_mask, bool)
-  clips = Clips.of(list(audio), list(audio_mask), score=score, chunk=chunk,
-                   frame_multiple=frame_multiple)
+  frames = list(audio.swapaxes(0, 1)) if audio.ndim == 4 else list(audio)
+  clips = Clips.of(frames, list(audio_mask), score=score, chunk=chunk,
+                   frame_multiple=frame_multiple, on_device=False)
   return clips.scores(text, text_mask, word_block=word_block)
 
 
@@ -147,6 +191,11 @@ def _pooled_rows(rows: list, masks: list) -> np.ndarray:
                     for x, m in zip(rows, masks)])
   norms = np.linalg.norm(means, axis=1, keepdims=True)
   return means / np.where(norms > 0, norms, 1.0)
+
+
+def _pooled_runs(rows: list, masks: list) -> np.ndarray:
+  """`_pooled_rows` of R runs: per row [R, L_i, E] -> [R, N, E]."""
+  return np.stack([_pooled_rows([x[run] for x in rows], masks) for run in range(len(rows[0]))])
 
 
 def mean_pairwise_cosine(x: np.ndarray) -> float:
@@ -254,12 +303,22 @@ def embed_rows(embed: Callable, batches: Iterable[dict], inputs: tuple, size: in
           np.concatenate(ids))
 
 
-def split_scores(split: SplitEmbeddings, score: str) -> np.ndarray:
-  """All-pairs scores [clips, captions] of a split; FloatingPointError if an embedding or
-  a score is not finite (XLA's CPU max, and so relu and a hinge, may turn a NaN into 0)."""
+def runs_scores(splits: list, score: str) -> np.ndarray:
+  """All-pairs scores [R, clips, captions] of one split embedded by R runs' models (the
+  same clips and captions, masks and ids: only the embeddings differ), every run's in one
+  program per block. Unchecked: see `finite_scores`."""
+  stacked = lambda name: np.stack([getattr(split, name) for split in splits])
+  first = splits[0]
+  return score_matrix(stacked("audio"), first.audio_mask, stacked("text"), first.text_mask,
+                      score=score)
+
+
+def finite_scores(split: SplitEmbeddings, s: np.ndarray) -> np.ndarray:
+  """s, the scores of the split's embeddings, once both are known finite;
+  FloatingPointError otherwise (XLA's CPU max, and so relu and a hinge, may turn a NaN
+  into 0, so the scores alone would not tell)."""
   if not (np.isfinite(split.audio).all() and np.isfinite(split.text).all()):
     raise FloatingPointError("the model's embeddings became NaN or infinite")
-  s = score_matrix(split.audio, split.audio_mask, split.text, split.text_mask, score=score)
   if not np.isfinite(s).all():
     raise FloatingPointError("retrieval scores became NaN or infinite")
   return s

@@ -236,17 +236,25 @@ class Experiment:
     return finite_validation_loss(mean_loss([self._eval_loss(state, batch, key)
                                              for batch in batches]))
 
+  def runs_scores(self, splits: list) -> np.ndarray:
+    """[R, clips, captions]: the split embedded by R runs (`embed_split_runs`, or one
+    run's `embed_split` alone) scored, all runs in one program per block; unchecked
+    (`evaluate.finite_scores`)."""
+    return evaluate.runs_scores(splits, self.config.score)
+
   def validate(self, state: steps.TrainState, training: dict, epoch: int) -> tuple:
     """(validation {"loss", "t2a", "a2t"}, Collapse) on the validation split after
     `epoch` epochs. training: the epoch's mean TrainingStatistics, for Collapse."""
-    return self.validation_results(self.validation_loss(state, epoch),
-                                   self.embed_split(state, self.validation_split), training)
+    split = self.embed_split(state, self.validation_split)
+    return self.validation_results(self.validation_loss(state, epoch), split,
+                                   self.runs_scores([split])[0], training)
 
-  def validation_results(self, loss: float, split: evaluate.SplitEmbeddings,
+  def validation_results(self, loss: float, split: evaluate.SplitEmbeddings, s: np.ndarray,
                          training: dict) -> tuple:
-    """`validate`'s results from the validation loss and the split's embeddings."""
-    metrics = evaluate.both_directions(evaluate.split_scores(split, self.config.score),
-                                       split.clip_ids, split.caption_ids)
+    """`validate`'s results from the validation loss, the split's embeddings and their
+    scores s [clips, captions]; FloatingPointError if either is not finite."""
+    metrics = evaluate.both_directions(evaluate.finite_scores(split, s), split.clip_ids,
+                                       split.caption_ids)
     collapse = evaluate.collapse_diagnostics(
         split.audio, split.audio_mask, split.text, split.text_mask, training,
         self.config.collapse.to_dict())
@@ -256,11 +264,13 @@ class Experiment:
     """(test-split metrics and score histogram, its DCASE Submission or None when the
     split has fewer clips than a submission ranks, and its DCASE 2025 score matrix (a
     Submission of the judged captions) or None without a relevance file)."""
-    return self.test_results(self.embed_split(state, self.test_split))
+    split = self.embed_split(state, self.test_split)
+    return self.test_results(split, self.runs_scores([split])[0])
 
-  def test_results(self, split: evaluate.SplitEmbeddings) -> tuple:
-    """`test`'s results from the test split's embeddings."""
-    s = evaluate.split_scores(split, self.config.score)
+  def test_results(self, split: evaluate.SplitEmbeddings, s: np.ndarray) -> tuple:
+    """`test`'s results from the test split's embeddings and their scores s [clips,
+    captions]; FloatingPointError if either is not finite."""
+    s = evaluate.finite_scores(split, s)
     names = self.captions(self.test_split)
     texts, file_names = [c for _, captions in names for c in captions], [f for f, _ in names]
     submission = None

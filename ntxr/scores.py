@@ -12,7 +12,9 @@ and each sum is divided by the number of valid (t, w) pairs, so a pair's score d
 not depend on its batch mates. A sequence with no valid step scores 0.
 
 Matrices are built tile by tile, so peak memory is bounded by `tile_elements`
-whatever the sequence lengths (see `alignment_scores`).
+whatever the sequence lengths (see `alignment_scores`). How the tiles are cut depends on
+the backend (`TILINGS`): on a CPU one row at a time, which keeps each product in cache;
+on an accelerator blocks of rows, so that each launch carries enough work.
 """
 
 import dataclasses
@@ -27,6 +29,20 @@ Array = jax.Array
 
 # Frame-pair products held at once in one tile: 2**24 floats is 64 MiB in float32.
 DEFAULT_TILE_ELEMENTS = 1 << 24
+
+# Beyond one tile, "rows": each x row meets blocks of y as one [rows * W, T] product
+# (a CPU's cache holds it while it is summed); "blocks": blocks of x rows meet blocks of
+# y, tiles as large as `tile_elements` allows (an accelerator pays per launch).
+TILINGS = ("rows", "blocks")
+
+
+def tiling_for(tiling: Optional[str]) -> str:
+  """`tiling`, or where None the default backend's: "rows" on a CPU, else "blocks"."""
+  if tiling is None:
+    return "rows" if jax.default_backend() == "cpu" else "blocks"
+  if tiling not in TILINGS:
+    raise ValueError(f"unknown tiling {tiling!r}; choose from {TILINGS}")
+  return tiling
 
 
 def _check_sequences(name: str, x: Array, mask: Optional[Array]) -> None:
@@ -97,7 +113,8 @@ def _blocks(x: Array, block: int) -> Array:
 
 def alignment_scores(x: Array, y: Array, x_mask: Optional[Array] = None,
                      y_mask: Optional[Array] = None, *,
-                     tile_elements: int = DEFAULT_TILE_ELEMENTS) -> Array:
+                     tile_elements: int = DEFAULT_TILE_ELEMENTS,
+                     tiling: Optional[str] = None) -> Array:
   """All-pairs alignment scores.
 
   Args:
@@ -106,6 +123,7 @@ def alignment_scores(x: Array, y: Array, x_mask: Optional[Array] = None,
     x_mask: [N, T] bool, True at valid steps; None means all valid.
     y_mask: [M, W] bool, likewise.
     tile_elements: the most frame-pair products held at once.
+    tiling: how tiles are cut beyond one (`TILINGS`); None: the backend's (`tiling_for`).
 
   Returns:
     S [N, M], S[i, j] = mean over valid (t, w) of relu(<x[i, t], y[j, w]>), in the
@@ -114,8 +132,7 @@ def alignment_scores(x: Array, y: Array, x_mask: Optional[Array] = None,
 
   Peak memory beyond inputs and output is one tile of `tile_elements` float32
   products (64 MiB in float32 by default; 2x that in the backward pass, which recomputes the
-  tile), so audio-audio scores at N=256, T=1500 never hold N*T x N*T products. Beyond one
-  tile, each x row meets blocks of y as one [rows * W, T] product, summed in order.
+  tile), so audio-audio scores at N=256, T=1500 never hold N*T x N*T products.
 
   Example:
     >>> s = alignment_scores(jnp.ones((2, 3, 4)) / 2, jnp.ones((5, 6, 4)) / 2)
@@ -129,23 +146,33 @@ def alignment_scores(x: Array, y: Array, x_mask: Optional[Array] = None,
   x, x_counts = _zero_padding(x, x_mask)
   y, y_counts = _zero_padding(y, y_mask)
   (n, t, _), (m, w, _) = x.shape, y.shape
-  if n * t * m * w <= tile_elements:
+  rows_y = min(m, max(1, tile_elements // (t * w)))  # whole y first, then x rows
+  rows_x = min(n, max(1, tile_elements // (t * w * rows_y)))
+  y_blocks = _blocks(y, rows_y)
+  if rows_x == n and rows_y == m:
     sums = _relu_sums(x, y)
-  else:  # one x row at a time, against blocks of as many y rows as fit
-    rows_y = min(m, max(1, tile_elements // (t * w)))
-    y_blocks = _blocks(y, rows_y)
+  elif tiling_for(tiling) == "rows":
     tiles = jax.lax.map(
         lambda row: jax.lax.map(lambda yb: _tile_row_relu_sums(row, yb), y_blocks), x)
     sums = tiles.reshape(n, y_blocks.shape[0] * rows_y)[:, :m]  # [n, blocks_y, rows_y]
+  else:
+    tiles = jax.lax.map(lambda xb: jax.lax.map(lambda yb: _tile_relu_sums(xb, yb), y_blocks),
+                        _blocks(x, rows_x))  # [blocks_x, blocks_y, rows_x, rows_y]
+    sums = tiles.transpose(0, 2, 1, 3).reshape(
+        tiles.shape[0] * rows_x, y_blocks.shape[0] * rows_y)[:n, :m]
   return _divide_counts(sums, x_counts[:, None] * y_counts[None, :])
 
 
 def alignment_sums_over_words(x: Array, x_mask: Optional[Array], words: Array,
-                              owner: Array, *, captions: int) -> Array:
+                              owner: Array, *, captions: int,
+                              tile_elements: int = DEFAULT_TILE_ELEMENTS,
+                              tiling: Optional[str] = None) -> Array:
   """Alignment sums of sequences against captions given as a flat list of their words.
 
   The evaluation's form: captions of any lengths, no word padding. Each x[i] costs one
-  [K, T] product, laid out so that the sum over T reads it in order.
+  [K, T] product, laid out so that the sum over T reads it in order: one x row at a time
+  with tiling "rows", as many as `tile_elements` products hold with "blocks" (at least
+  one; None: the backend's tiling, `tiling_for`).
 
   Args:
     x: [N, T, E] float; x_mask [N, T] bool or None.
@@ -161,12 +188,17 @@ def alignment_sums_over_words(x: Array, x_mask: Optional[Array], words: Array,
   """
   _check_sequences("x", x, x_mask)
   x, _ = _zero_padding(x, x_mask)
+  n, t, _ = x.shape
+  rows = 1
+  if tiling_for(tiling) == "blocks":
+    rows = min(n, max(1, tile_elements // (t * words.shape[0])))
 
-  def row(steps: Array) -> Array:  # [T, E] -> [captions]
-    products = jnp.matmul(words, steps.T, preferred_element_type=_accumulator(x, words))
-    return jax.ops.segment_sum(jax.nn.relu(products).sum(axis=1), owner,
-                               num_segments=captions)
-  return jax.lax.map(row, x)
+  def block(steps: Array) -> Array:  # [rows, T, E] -> [rows, captions]
+    products = jnp.einsum("ke,nte->knt", words, steps,
+                          preferred_element_type=_accumulator(x, words))
+    return jax.ops.segment_sum(jax.nn.relu(products).sum(axis=2), owner,
+                               num_segments=captions).T
+  return jax.lax.map(block, _blocks(x, rows)).reshape(-1, captions)[:n]
 
 
 def symmetric_alignment_scores(x: Array, x_mask: Optional[Array] = None, *,

@@ -23,7 +23,7 @@ import numpy as np
 import tqdm
 
 from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib, files
-from ntxr import evaluate, metrics_log, parallel, settings, steps
+from ntxr import metrics_log, parallel, settings, steps
 from ntxr import workdir as workdir_lib
 from ntxr.data import input_pipeline
 
@@ -353,19 +353,21 @@ def best_state(experiment: experiment_lib.Experiment,
 
 def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: checkpoints_lib.Checkpoints,
                   workdir: str, frozen: Optional[str] = None,
-                  embedded: Optional[evaluate.SplitEmbeddings] = None) -> dict:
+                  scored: Optional[tuple] = None) -> dict:
   """Evaluates the best checkpoint on the test split; writes and returns its results.
   frozen: why training was cut short (a run trained together whose loss became NaN while
-  the others went on), its results' "frozen" (None: it was not). embedded: the test
-  split's embeddings by the best state where made already (runs tested together)."""
+  the others went on), its results' "frozen" (None: it was not). scored: (the test
+  split's embeddings by the best state, their scores [clips, captions]) where made
+  already (runs tested together)."""
   checkpoints.wait()
-  if embedded is None:
+  if scored is None:
     embedded = experiment.embed_split(best_state(experiment, checkpoints), experiment.test_split)
+    scored = embedded, experiment.runs_scores([embedded])[0]
   best_json = checkpoints.progress("best")
   best = Progress.from_json(best_json)
   trained = Progress.from_json(checkpoints.progress("latest") or best_json)
   config = experiment.config
-  metrics, submission, score_matrix = experiment.test_results(embedded)
+  metrics, submission, score_matrix = experiment.test_results(*scored)
   skipped = [entry for entries in experiment.corpus.skipped.values() for entry in entries]
   results = dict(metrics, objective=config.objective, strategy=config.strategy,
                  run=settings.run_name(config), score=config.score,

@@ -336,8 +336,9 @@ def _validate(runs: list, epoch: int) -> list:
   """Each run's (validation results, Collapse, seconds: its share of the time) after
   `epoch` epochs, the runs (of one loss setting) validated at once: their states stacked,
   each seed's validation batches made once and the loss of every run's one vmapped
-  program, the split embedded in one pass; each run's scores as a separate run's. None
-  for a run whose validation loss or embeddings are not finite: it is frozen."""
+  program, the split embedded in one pass and every run's scores in one program per
+  block. None for a run whose validation loss, embeddings or scores are not finite: it
+  is frozen."""
   began = time.perf_counter()
   experiment = runs[0].experiment
   split = experiment.validation_split
@@ -356,10 +357,11 @@ def _validate(runs: list, epoch: int) -> list:
                             keys))
   embedded = experiment.embed_split_runs(states, split)
   validated = []
-  for run, loss, split_embedded in zip(runs, experiment_lib.mean_loss(losses), embedded):
+  for run, loss, split_embedded, s in zip(runs, experiment_lib.mean_loss(losses), embedded,
+                                          experiment.runs_scores(embedded)):
     try:
       validated.append(run.experiment.validation_results(
-          experiment_lib.finite_validation_loss(loss), split_embedded,
+          experiment_lib.finite_validation_loss(loss), split_embedded, s,
           run.progress.statistic_means()))
     except FloatingPointError as error:
       run.freeze(f"{error} after epoch {epoch}; this run is frozen, its checkpoints kept in "
@@ -370,23 +372,24 @@ def _validate(runs: list, epoch: int) -> list:
 
 
 def _test(runs: list, group_size: int) -> list:
-  """Tests each run's best checkpoint, the runs of each loss setting embedding the test
-  split in one pass; returns each run's results (written to its results.json), or None
-  for a run frozen before its first epoch ended."""
-  embedded = {}
+  """Tests each run's best checkpoint, the runs of each loss setting embedding the test split in
+  one pass and scoring it in one program per block; returns each run's results (written to
+  its results.json), or None for a run frozen before its first epoch ended."""
+  scored = {}
   for group in _programs_of([run for run in runs if run.checkpoints.step("best") is not None],
                             group_size):
     experiment = group[0].experiment
     states = together.stack([train.best_state(run.experiment, run.checkpoints) for run in group])
-    embedded.update(zip(group, experiment.embed_split_runs(states, experiment.test_split)))
+    embedded = experiment.embed_split_runs(states, experiment.test_split)
+    scored.update(zip(group, zip(embedded, experiment.runs_scores(embedded))))
   results = []
   for run in runs:
-    if run not in embedded:
+    if run not in scored:
       logging.warning("%s: frozen before its first epoch ended, so it has no results", run.name)
       results.append(None)
     else:
       results.append(train.evaluate_best(run.experiment, run.checkpoints, run.workdir,
-                                         frozen=run.frozen, embedded=embedded[run]))
+                                         frozen=run.frozen, scored=scored[run]))
   return results
 
 

@@ -1,5 +1,7 @@
 """Retrieval metrics against hand-made rankings and a naive per-query loop."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -83,10 +85,38 @@ def test_a_nan_embedding_stops_scoring_whatever_the_scores(modality):
       audio=rng.normal(size=(3, 5, 4)).astype(np.float32), audio_mask=np.ones((3, 5), bool),
       clip_ids=np.arange(3), text=rng.normal(size=(6, 2, 4)).astype(np.float32),
       text_mask=np.ones((6, 2), bool), caption_ids=np.repeat(np.arange(3), 2))
-  assert np.isfinite(evaluate.split_scores(split, "alignment")).all()
+  scored = lambda: evaluate.finite_scores(split, evaluate.runs_scores([split], "alignment")[0])
+  assert np.isfinite(scored()).all()
   getattr(split, modality)[1, 0, 2] = np.nan
   with pytest.raises(FloatingPointError, match="the model's embeddings became NaN or infinite"):
-    evaluate.split_scores(split, "alignment")
+    scored()
+  with pytest.raises(FloatingPointError, match="retrieval scores became NaN or infinite"):
+    evaluate.finite_scores(dataclasses.replace(split, **{modality: np.zeros((1, 1, 1))}),
+                           np.array([[0.5, np.inf]]))
+
+
+@pytest.mark.parametrize("score", ["alignment", "pooled"])
+def test_runs_scored_together_are_each_runs_matrix(score):
+  """Three runs' embeddings of one split, scored in one program per block (chunks of 3
+  clips, blocks of 5 words), give each run's own matrix, by the scorer over the whole
+  split at once."""
+  rng = np.random.default_rng(3)
+  audio, text = rng.normal(size=(3, 7, 9, 8)), rng.normal(size=(3, 6, 4, 8))
+  audio_mask, text_mask = rng.random((7, 9)) < 0.8, rng.random((6, 4)) < 0.8
+  audio_mask[:, 0] = text_mask[:, 0] = True
+  audio_mask[2, 4:] = False
+  splits = [evaluate.SplitEmbeddings(a.astype(np.float32), audio_mask, np.arange(7),
+                                     t.astype(np.float32), text_mask, np.arange(6) % 7)
+            for a, t in zip(audio, text)]
+  together = evaluate.score_matrix(audio.astype(np.float32), audio_mask,
+                                   text.astype(np.float32), text_mask, score=score, chunk=3,
+                                   word_block=5)
+  assert together.shape == (3, 7, 6)
+  for run in range(3):
+    alone = scores.get_scorer(score).matrix(audio[run].astype(np.float32),
+                                            text[run].astype(np.float32), audio_mask, text_mask)
+    np.testing.assert_allclose(together[run], alone, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(evaluate.runs_scores(splits, score), together, rtol=1e-6)
 
 
 @pytest.mark.parametrize("frame_multiple,word_block", [(2, 3), (64, 5), (64, 4096)])

@@ -60,24 +60,50 @@ def test_padding_does_not_change_scores(batch):
       scores.alignment_scores(audio, text, audio_mask, text_mask), rtol=1e-6)
 
 
-# 1,008 products: 500 tiles them, 10_000 is one tile.
+# 1,008 products: 500 tiles them (blocks of 2 x rows against all of y), 10_000 is one tile.
+@pytest.mark.parametrize("tiling", scores.TILINGS)
 @pytest.mark.parametrize("tile_elements", [1, 30, 200, 500, 10_000])
-def test_tiling_matches_one_shot(batch, tile_elements):
+def test_tiling_matches_one_shot(batch, tile_elements, tiling):
   audio, audio_mask, _, text, text_mask, _ = batch
   one_shot = scores.alignment_scores(audio, text, audio_mask, text_mask)
   tiled = scores.alignment_scores(audio, text, audio_mask, text_mask,
-                                  tile_elements=tile_elements)
+                                  tile_elements=tile_elements, tiling=tiling)
   np.testing.assert_allclose(tiled, one_shot, rtol=1e-6, atol=1e-7)
 
 
-def test_tiled_gradient_matches_one_shot(batch):
+@pytest.mark.parametrize("tiling", scores.TILINGS)
+def test_tiled_gradient_matches_one_shot(batch, tiling):
   audio, audio_mask, _, text, text_mask, _ = batch
   def total(a, tile_elements):
     s = scores.alignment_scores(a, text, audio_mask, text_mask,
-                                tile_elements=tile_elements)
+                                tile_elements=tile_elements, tiling=tiling)
     return jnp.sum(s * jnp.arange(s.size).reshape(s.shape))
   np.testing.assert_allclose(jax.grad(total)(audio, 30),
                              jax.grad(total)(audio, 1 << 20), rtol=1e-5, atol=1e-6)
+
+
+def test_the_backend_picks_the_tiling():
+  assert jax.default_backend() == "cpu" and scores.tiling_for(None) == "rows"
+  assert scores.tiling_for("blocks") == "blocks"
+  with pytest.raises(ValueError, match="unknown tiling 'tiles'; choose from"):
+    scores.tiling_for("tiles")
+
+
+# Each clip's row costs 12 words x 7 frames = 84 products: 1 and 84 take rows one at a
+# time, 340 four together (the last block padded), 10_000 all six.
+@pytest.mark.parametrize("tiling", scores.TILINGS)
+@pytest.mark.parametrize("tile_elements", [1, 84, 340, 10_000])
+def test_sums_over_a_flat_list_of_words_are_the_pairs_sums(batch, tile_elements, tiling):
+  audio, audio_mask, a_len, text, text_mask, t_len = batch
+  words = np.concatenate([np.asarray(text[j, :n]) for j, n in enumerate(t_len[:4])])
+  words = np.pad(words, [(0, 12 - len(words)), (0, 0)])  # zero rows pad the list
+  owner = np.pad(np.repeat(np.arange(4), t_len[:4]), (0, 12 - sum(t_len[:4])))
+  sums = scores.alignment_sums_over_words(audio, audio_mask, jnp.asarray(words),
+                                          jnp.asarray(owner, jnp.int32), captions=4,
+                                          tile_elements=tile_elements, tiling=tiling)
+  pairs = np.array(a_len)[:, None] * np.array(t_len[:4])[None, :]
+  np.testing.assert_allclose(sums, naive_alignment(audio, a_len, text[:4], t_len[:4]) * pairs,
+                             rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("tile_elements", [49, 200, 1 << 20])

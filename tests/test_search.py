@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from ntxr import evaluate, scores, search, train
+from ntxr import scores, search, train
 from recordings import RECORDINGS, snapshot
 
 
@@ -41,7 +41,7 @@ def recordings(tmp_path):
 def test_search_ranks_a_split_as_its_evaluation_does(model, cache_dir):
   experiment, state = model.experiment, model.state
   split = experiment.embed_split(state, experiment.test_split)
-  expected = evaluate.split_scores(split, model.config.score)  # [clips, captions]
+  expected = experiment.runs_scores([split])[0]  # [clips, captions]
   named = experiment.captions(experiment.test_split)
   folder = os.path.join(cache_dir, "synthetic_tiny", "evaluation")
   index = search.Index.build(model, folder, dtype=np.float32)

@@ -79,10 +79,10 @@ def test_a_run_whose_loss_becomes_nan_is_frozen_and_the_others_go_on(
 
 def test_runs_validated_together_are_validated_as_apart_and_a_nan_freezes_one(
     apart_and_together, tmp_path):
-  """The together runs' validation (their states stacked, one vmapped loss program, one
-  embedding pass) gives each run the loss and embeddings of its own validation, to
-  1e-5, with the same draws every epoch and with each epoch's own; a run whose parameters
-  became NaN is frozen, the other validated."""
+  """The together runs' validation (their states stacked, one vmapped loss program, one embedding
+  pass, one scoring program per block) gives each run the loss, embeddings and scores of its
+  own validation, to 1e-5, with the same draws every epoch and with each epoch's own; a run
+  whose parameters became NaN is frozen, the other validated."""
   # The random strategy's runs: their losses read each run's own key, and no near tie
   # among hard negatives can flip with the order of a vmapped sum (test_together).
   runs = [(config, shutil.copytree(workdir, tmp_path / os.path.basename(workdir)))
@@ -94,8 +94,11 @@ def test_runs_validated_together_are_validated_as_apart_and_a_nan_freezes_one(
     experiment = members[0].experiment
     splits = experiment.embed_split_runs(together.stack([run.state for run in members]),
                                          experiment.validation_split)
-    for run, (results, collapse, seconds), split in zip(members, validated, splits):
+    scored = experiment.runs_scores(splits)
+    for run, (results, collapse, seconds), split, s in zip(members, validated, splits, scored):
       alone = run.experiment.embed_split(run.state, experiment.validation_split)
+      alone_scores = run.experiment.runs_scores([alone])[0]
+      np.testing.assert_allclose(s, alone_scores, rtol=1e-5, atol=1e-6)
       for name in ("audio", "text"):
         np.testing.assert_allclose(getattr(split, name), getattr(alone, name), rtol=1e-5,
                                    atol=1e-6)
@@ -103,7 +106,7 @@ def test_runs_validated_together_are_validated_as_apart_and_a_nan_freezes_one(
         np.testing.assert_array_equal(getattr(split, name), getattr(alone, name))
       assert results["loss"] == pytest.approx(run.experiment.validation_loss(run.state, 1),
                                               rel=1e-5)
-      expected = run.experiment.validation_results(results["loss"], alone,
+      expected = run.experiment.validation_results(results["loss"], alone, alone_scores,
                                                    run.progress.statistic_means())[1]
       assert (collapse.audio_cosine, collapse.text_cosine) == pytest.approx(
           (expected.audio_cosine, expected.text_cosine), rel=1e-4)

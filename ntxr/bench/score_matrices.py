@@ -1,7 +1,8 @@
 """The score-matrix table: the training-time cross and symmetric audio-audio alignment
 matrices, and the evaluation's all-pairs scores over clips and captions of varied
-lengths; their time, share of plain-matmul throughput (of the useful FLOPs: valid frames
-and words only) and the scratch memory XLA allots."""
+lengths; their tiling (`scores.TILINGS`, the backend's), time, share of plain-matmul
+throughput (of the useful FLOPs: valid frames and words only) and the scratch memory XLA
+allots."""
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +43,7 @@ def bench_scores(kind: str, shape: tuple, dtype, repeats: int) -> dict:
     scratch_mib = compiled.memory_analysis().temp_size_in_bytes / 2**20
   stats = jax.devices()[0].memory_stats() or {}
   return dict(kind=kind, N=n, T=t, W=w, E=e, dtype=jnp.dtype(dtype).name,
+              tiling=scores.tiling_for(None),
               ms=1e3 * seconds, gflops=flops / seconds / 1e9,
               matmul_fraction=timing.matmul_seconds(flops, e, dtype, repeats) / seconds,
               scratch_mib=scratch_mib,
@@ -56,7 +58,8 @@ def run(grid: list, dtype, repeats: int) -> list:
 def format_table(rows: list) -> str:
   """The rows as a Markdown table."""
   return timing.markdown_table(
-      [("scores", "kind", ""), *timing.SHAPE_COLUMNS, ("ms", "ms", ".1f"),
+      [("scores", "kind", ""), *timing.SHAPE_COLUMNS, ("tiling", lambda row: row.get("tiling"), ""),
+       ("ms", "ms", ".1f"),
        ("GFLOP/s", "gflops", ".1f"), ("matmul frac", "matmul_fraction", ".2f"),
        ("XLA scratch MiB", "scratch_mib", ".0f"), ("device peak MiB", "device_peak_mib", ".0f")],
       rows)
