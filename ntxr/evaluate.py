@@ -110,10 +110,10 @@ class Clips:
     dtype); masks: per clip [T_i] bool. The alignment chunks hold `chunk` clips, cut to
     the longest rounded up to `frame_multiple` (so a few shapes compile); the last one's
     rows to a multiple of 8; on the device unless `on_device` is False."""
-    runs = frames[0].shape[0] if frames[0].ndim == 3 else None
+    runs = frames[0].shape[0] if frames and frames[0].ndim == 3 else None
     frames = [f if runs else f[None] for f in frames]  # [R, T_i, E] each
-    counts = np.array([m.sum() for m in masks])
-    if scores.get_scorer(score) is scores.SCORERS["pooled"]:
+    counts = np.array([m.sum() for m in masks], int)
+    if frames and scores.get_scorer(score) is scores.SCORERS["pooled"]:
       return cls(score, counts, runs, [], _pooled_runs(frames, masks))
     extent = np.array([np.flatnonzero(m)[-1] + 1 if m.any() else 0 for m in masks])
     chunks = []

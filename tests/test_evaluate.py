@@ -157,6 +157,8 @@ def test_clips_made_once_score_any_captions_as_the_whole_matrix(score):
     np.testing.assert_allclose(clips.scores(text, text_mask), expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(evaluate.score_matrix(audio, audio_mask, text, text_mask,
                                                      score=score), expected, rtol=1e-5, atol=1e-6)
+  none = evaluate.Clips.of([], [], score=score)  # a folder with no recordings to search
+  assert none.scores(text, text_mask).shape == (0, 6)
 
 
 def test_collapse_diagnostics():
