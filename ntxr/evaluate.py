@@ -111,7 +111,7 @@ class Clips:
     the longest rounded up to `frame_multiple` (so a few shapes compile); the last one's
     rows to a multiple of 8; on the device unless `on_device` is False."""
     runs = frames[0].shape[0] if frames and frames[0].ndim == 3 else None
-    frames = [f if runs else f[None] for f in frames]  # [R, T_i, E] each
+    frames = [f[None] if runs is None else f for f in frames]  # [R, T_i, E] each
     counts = np.array([m.sum() for m in masks], int)
     if frames and scores.get_scorer(score) is scores.SCORERS["pooled"]:
       return cls(score, counts, runs, [], _pooled_runs(frames, masks))
@@ -137,11 +137,12 @@ class Clips:
     `BLOCKS_IN_FLIGHT` blocks are queued before the first is read back, so the device
     does not wait on the host."""
     text_mask = np.asarray(text_mask, bool)
-    text = np.asarray(text) if self.runs else np.asarray(text)[None]
+    one = self.runs is None  # no runs axis
+    text = np.asarray(text)[None] if one else np.asarray(text)
     if self.pooled is not None:
       pooled = np.einsum("rce,rqe->rcq", self.pooled, _pooled_runs(list(text.swapaxes(0, 1)),
                                                                    list(text_mask)))
-      return pooled.astype(np.float32) if self.runs else pooled[0].astype(np.float32)
+      return (pooled[0] if one else pooled).astype(np.float32)
     word_block = min(word_block, -(-max(int(text_mask.sum()), 1) // 16) * 16)
     blocks = [(captions, jnp.asarray(words, jnp.float32), jnp.asarray(owner)) for
               captions, words, owner in _word_blocks(text, text_mask, word_block)]
@@ -162,7 +163,7 @@ class Clips:
       read(*queued.popleft())
     counts = self.counts[:, None] * text_mask.sum(axis=1)[None, :]
     s = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0).astype(np.float32)
-    return s if self.runs else s[0]
+    return s[0] if one else s
 
 
 def score_matrix(audio, audio_mask, text, text_mask, *, score: str = "alignment",
