@@ -62,8 +62,8 @@ def test_jobs_give_one_row_each():
   rows = score_matrices.run([("cross", 4, 6, 3, 8), ("audio-audio", 4, 6, 6, 8),
                              ("evaluation", 4, 6, 5, 8)], np.float32, 1)
   assert [r["kind"] for r in rows] == ["cross", "audio-audio", "evaluation"]
-  assert all(r["ms"] > 0 and r["matmul_fraction"] > 0 for r in rows)
-  assert "| evaluation | 4 | 6 | 5 | 8 |" in score_matrices.format_table(rows)
+  assert all(r["ms"] > 0 and r["matmul_fraction"] > 0 and r["tiling"] == "rows" for r in rows)
+  assert "| evaluation | 4 | 6 | 5 | 8 | rows |" in score_matrices.format_table(rows)
   rows = training_steps.run({"narrow": (2, 4, 4, 4, 4)}, [4], repeats=1, torch_too=False,
                             shape=dict(frames=8, words=3, mel_bands=64, vocab=10),
                             dtype="bfloat16")
