@@ -360,14 +360,13 @@ def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: checkpoint
   split's embeddings by the best state, their scores [clips, captions]) where made
   already (runs tested together)."""
   checkpoints.wait()
-  if scored is None:
-    embedded = experiment.embed_split(best_state(experiment, checkpoints), experiment.test_split)
-    scored = embedded, experiment.runs_scores([embedded])[0]
+  metrics, submission, score_matrix = (
+      experiment.test(best_state(experiment, checkpoints)) if scored is None
+      else experiment.test_results(*scored))
   best_json = checkpoints.progress("best")
   best = Progress.from_json(best_json)
   trained = Progress.from_json(checkpoints.progress("latest") or best_json)
   config = experiment.config
-  metrics, submission, score_matrix = experiment.test_results(*scored)
   skipped = [entry for entries in experiment.corpus.skipped.values() for entry in entries]
   results = dict(metrics, objective=config.objective, strategy=config.strategy,
                  run=settings.run_name(config), score=config.score,
