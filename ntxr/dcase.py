@@ -229,9 +229,13 @@ def main(argv):
   if FLAGS.relevance and FLAGS.graded_relevance:
     raise app.UsageError("--relevance and --graded_relevance score apart: give one")
   output = FLAGS.output_json
-  folder = os.path.dirname(os.path.abspath(output or "."))
-  if output and not files.is_bucket(output) and not os.path.isdir(folder):
-    command.exit_with(f"--output_json: no folder {folder}", 2)
+  try:
+    if output:
+      files.check_output("output_json", output, {
+          flag: FLAGS[flag].value for flag in ("predictions", "ground_truth", "relevance")},
+          data_dir=FLAGS.graded_relevance)
+  except ValueError as error:
+    command.exit_with(error, 2)
   if FLAGS.graded_relevance and not os.path.isdir(FLAGS.graded_relevance):
     command.exit_with(f"--graded_relevance={FLAGS.graded_relevance}: no such folder", 2)
   try:

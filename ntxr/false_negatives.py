@@ -322,6 +322,12 @@ def main(argv):
     path = FLAGS[flag].value
     if path and not os.path.exists(path):
       command.exit_with(f"--{flag}={path}: not found", 2)
+  if FLAGS.output_json:
+    try:
+      files.check_output("output_json", FLAGS.output_json,
+                         dict(word_vectors=FLAGS.word_vectors), data_dir=FLAGS.relevance_dir)
+    except ValueError as error:
+      command.exit_with(error, 2)
   try:
     rows = judged_rules(FLAGS.relevance_dir, fit_split=FLAGS.fit_split,
                         report_split=FLAGS.report_split, threshold=FLAGS.threshold,

@@ -66,6 +66,57 @@ def makedirs(path) -> None:
     os.makedirs(path, exist_ok=True)
 
 
+def check_folder(flag: str, path: str) -> None:
+  """Raises ValueError if the folder `path` given as --`flag` cannot be made or written in:
+  a file, under a file, or under a folder this process cannot write in. A bucket path is
+  left to its first write."""
+  if is_bucket(path):
+    return
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"--{flag}={path} is a file, not a folder: give a folder")
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise ValueError(f"--{flag}={path}: {existing} is a file, not a folder")
+  if not os.access(existing, os.W_OK):
+    raise ValueError(f"--{flag}={path}: cannot write in {existing}")
+
+
+def check_output(flag: str, path: str, inputs: dict, data_dir: Optional[str] = None) -> None:
+  """Raises ValueError, before any work is done, if the output file `path` given as
+  --`flag` cannot be written as a new file of its own: a folder, in a folder that is
+  missing or read-only, one of the command's `inputs` ({flag: path}, None for not given),
+  or inside `data_dir`, a user's data folder, which ntxr never writes in. A bucket path
+  is left to its upload."""
+  if is_bucket(path):
+    return
+  given, path = path, os.path.abspath(os.path.expanduser(path))
+  folder = os.path.dirname(path)
+  if os.path.isdir(path):
+    raise ValueError(f"--{flag}={given} is a folder: give a file name")
+  if not os.path.isdir(folder):
+    raise ValueError(f"--{flag}={given}: no folder {folder}")
+  if not os.access(folder, os.W_OK):
+    raise ValueError(f"--{flag}={given}: cannot write in {folder}")
+  for other, source in inputs.items():
+    if source and os.path.exists(path) and os.path.exists(source) and os.path.samefile(
+        path, source):
+      raise ValueError(f"--{flag}={given} is the file --{other} reads: give another file "
+                       "to write")
+  if data_dir and os.path.isdir(data_dir):
+    real = os.path.realpath(data_dir)
+    if os.path.commonpath([os.path.realpath(path), real]) == real:
+      raise ValueError(f"--{flag}={given} is inside {data_dir}, a data folder ntxr only "
+                       "reads: write it elsewhere")
+
+
+def names(folder) -> list:
+  """The names in `folder`, local or in a bucket; [] if there is no such folder."""
+  path = epath.Path(folder)
+  return [p.name for p in path.iterdir()] if path.is_dir() else []
+
+
 def read_bytes(path) -> bytes:
   return epath.Path(path).read_bytes()
 

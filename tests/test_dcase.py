@@ -1,9 +1,11 @@
 """The DCASE scorer on the real DCASE 2022 files in tests/data/dcase2022, and its errors."""
 
 import csv
+import filecmp
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -96,12 +98,24 @@ def test_a_file_not_in_utf8_names_the_line_of_its_first_bad_byte(tmp_path):
 
 
 def test_the_command_says_what_is_wrong_in_one_line(tmp_path):
+  """Each before any work, an output named over an input too, which stays as it was."""
+  shutil.copy(BASELINE, tmp_path / "mine.csv")
+  shutil.copy(GROUND_TRUTH, tmp_path / "truth.csv")
   for flags, status, message in [
       ([f"--predictions={BASELINE}", f"--ground_truth={tmp_path}/none.csv"], 1,
        f"error: {tmp_path}/none.csv: file not found"),
       ([f"--predictions={BASELINE}", f"--ground_truth={GROUND_TRUTH}",
         f"--output_json={tmp_path}/no/such/folder/scores.json"], 2,
-       f"error: --output_json: no folder {tmp_path}/no/such/folder"),
+       f"error: --output_json={tmp_path}/no/such/folder/scores.json: no folder "
+       f"{tmp_path}/no/such/folder"),
+      ([f"--predictions={tmp_path}/mine.csv", f"--ground_truth={GROUND_TRUTH}",
+        f"--output_json={tmp_path}/mine.csv"], 2,
+       f"error: --output_json={tmp_path}/mine.csv is the file --predictions reads"),
+      ([f"--predictions={BASELINE}", f"--ground_truth={tmp_path}/truth.csv",
+        f"--output_json={tmp_path}/./truth.csv"], 2,
+       f"error: --output_json={tmp_path}/./truth.csv is the file --ground_truth reads"),
+      ([f"--predictions={BASELINE}", f"--ground_truth={GROUND_TRUTH}",
+        f"--output_json={tmp_path}"], 2, f"error: --output_json={tmp_path} is a folder"),
       ([f"--predictions={GROUND_TRUTH}", f"--ground_truth={GROUND_TRUTH}"], 1,
        f"error: {GROUND_TRUTH}:1: expected the header caption,file_name_1"),
   ]:
@@ -109,6 +123,8 @@ def test_the_command_says_what_is_wrong_in_one_line(tmp_path):
                           text=True, check=False)
     assert done.returncode == status and done.stderr.startswith(message), done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+  assert filecmp.cmp(BASELINE, tmp_path / "mine.csv", shallow=False)
+  assert filecmp.cmp(GROUND_TRUTH, tmp_path / "truth.csv", shallow=False)
 
 
 def test_missing_file_is_named(tmp_path):

@@ -188,11 +188,19 @@ def test_the_command_prints_and_writes_the_results(workdir, recordings, tmp_path
       ([f"--workdir={workdir}", f"--audio_dir={recordings}"],
        "nothing to search for: give --query, --queries or --audio_query"),
       ([f"--workdir={workdir}", f"--audio_dir={recordings}", f"--queries={tmp_path}/q.txt"],
-       f"--queries={tmp_path}/q.txt: no such file")]:
+       f"--queries={tmp_path}/q.txt: no such file"),
+      ([f"--workdir={workdir}", f"--audio_dir={recordings}", f"--queries={queries}",
+        f"--json={queries}"],
+       f"--json={queries} is the file --queries reads: give another file to write"),
+      ([f"--workdir={workdir}", f"--audio_dir={recordings}", "--query=x",
+        f"--json={recordings}/found.json"],
+       f"--json={recordings}/found.json is inside {recordings}, a data folder ntxr only "
+       "reads: write it elsewhere")]:
     mistaken = subprocess.run([sys.executable, "-m", "ntxr.search", *flags],
                               capture_output=True, text=True, check=False)
     assert (mistaken.returncode, mistaken.stderr) == (2, f"error: {culprit}\n")
   assert not os.path.exists(tmp_path / "none")
+  assert queries.read_text(encoding="utf-8-sig") == "a bird sings\n\na bell rings\n"
 
 
 def test_a_pooled_run_trains_and_searches_by_the_cosine_of_mean_embeddings(
