@@ -28,3 +28,15 @@ require_workdir() {  # the flags must name the run's folder: relaunching resumes
        "system such as NFS or Filestore); relaunching with it resumes the run" >&2
   exit 2
 }
+
+check_settings() {  # $1: a venv; the flags are checked with its python (or python3) here,
+                    # before a cluster runs them
+  local python=$1/bin/python
+  [ -x "$python" ] || python=python3
+  shift
+  if ! "$python" -c "import ntxr" 2>/dev/null; then
+    echo "warning: $python has no ntxr here: the flags are checked when the run starts" >&2
+    return 0
+  fi
+  "$python" -m ntxr.main --check_settings "$@" || exit $?
+}

@@ -13,6 +13,9 @@
 #       --config.cache_dir=/shared/ntxr-cache --workdir=/shared/runs/hard_cross
 #   DRY_RUN=1 launch/run_slurm.sh ...   # print the batch script instead of submitting it
 #
+# The flags' settings are checked here first (python -m ntxr.main --check_settings): a
+# mistake ends in one line before anything is submitted.
+#
 # Settings (environment): NODES (1), GPUS_PER_NODE (8), CPUS_PER_NODE (16),
 # TIME (24:00:00), PARTITION (the cluster's default), VENV (this checkout's .venv).
 set -euo pipefail
@@ -20,6 +23,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/launch/common.sh"
 require_workdir "$@"
 venv=${VENV:-$root/.venv}
+check_settings "$venv" "$@"
 
 script="#!/bin/bash
 #SBATCH --job-name=ntxr

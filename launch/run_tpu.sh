@@ -15,6 +15,9 @@
 #   launch/run_tpu.sh TPU_NAME ZONE --strategy=hard_cross --config.data_dir=/mnt/clotho \
 #       --config=ntxr/configs/paper.py --workdir=/mnt/shared/runs/hard_cross
 #   DRY_RUN=1 launch/run_tpu.sh ...   # print the commands instead of running them
+#
+# The flags' settings are checked here first (python -m ntxr.main --check_settings): a
+# mistake ends in one line before anything is shipped or started.
 set -euo pipefail
 if [ "$#" -lt 2 ]; then
   echo "usage: $0 TPU_NAME ZONE [ntxr.main flags...]" >&2
@@ -25,6 +28,7 @@ shift 2
 root=$(cd "$(dirname "$0")/.." && pwd)
 . "$root/launch/common.sh"
 require_workdir "$@"
+check_settings "$root/.venv" "$@"
 archive=${TMPDIR:-/tmp}/ntxr-$name.tar.gz
 code=ntxr-$(git -C "$root" rev-parse --short=12 HEAD)
 

@@ -50,6 +50,7 @@ def config_of(args) -> ml_collections.ConfigDict:
   """The config `ntxr.main` reads from its arguments `args`, which may hold only --config
   and --config.FIELD flags (ValueError otherwise)."""
   values, argv = flags.FlagValues(), ["ntxr.main", *args]
+  command.given_twice(argv, values)
   define_config(values, argv)
   try:
     unparsed = values(argv)

@@ -24,9 +24,31 @@ def _from_orbax(path: str) -> bool:
 _CHECKPOINTS = f"{os.sep}checkpoints{os.sep}"  # in the path of every file of a checkpoint
 
 
+def given_twice(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Ends the command in one line (exit 2) if argv, up to a "--", gives a flag twice that
+  takes one value: absl keeps the last, and ml_collections joins a tuple field's two."""
+  seen = set()
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    if not arg.startswith("-"):
+      continue
+    name = arg.lstrip("-").split("=")[0]
+    if name not in flag_values and name.startswith("no") and name[2:] in flag_values:
+      name = name[2:]  # --noflag
+    if (name in flag_values and isinstance(flag_values[name], flags.MultiFlag)
+        and not name.startswith("config.")):  # a field's tuple is one value
+      continue
+    if name in seen:
+      exit_with(f"--{name} is given twice: give it once", 2)
+    seen.add(name)
+
+
 def parse_flags(argv) -> list:
   """absl's flag parsing (`app.run(main, flags_parser=command.parse_flags)`), with a
-  --config.FIELD that names no field said in one line (`unknown_field`)."""
+  --config.FIELD that names no field said in one line (`unknown_field`), and a flag given
+  twice refused (`given_twice`)."""
+  given_twice(argv)
   try:
     return app.parse_flags_with_usage(argv)
   except (AttributeError, KeyError) as error:  # ml_collections: no such field

@@ -36,6 +36,9 @@ def define_flags() -> None:
                     "with --strategy)")
   flags.DEFINE_bool("eval_only", False, "evaluate the workdir's best checkpoint without "
                     "training")
+  flags.DEFINE_bool("check_settings", False, "only check the flags and the settings' values "
+                    "and exit (the launch scripts do, before a cluster starts the run; the "
+                    "files and folders named are checked where it starts)")
   flags.DEFINE_bool("distributed", False, "one of several processes (hosts): "
                     "jax.distributed.initialize with the three flags below, which a Cloud "
                     "TPU slice or SLURM job fills in if unset")
@@ -53,11 +56,18 @@ def main(argv):
   import jax
   from ntxr import settings
   config = FLAGS.config
+  if FLAGS.strategy and FLAGS.objective and FLAGS.objective not in cli.TAKES_STRATEGY:
+    command.exit_with(f"--objective={FLAGS.objective} takes no --strategy (it scores the "
+                      f"whole pool; a strategy picks the negatives of {cli.TAKES_STRATEGY}): "
+                      "give one of the two", 2)
   if FLAGS.strategy:  # the fields the command names, as the paper's table does
     config.strategy = FLAGS.strategy
   if FLAGS.objective:
     config.objective = FLAGS.objective
   try:  # the settings, before TensorFlow loads and anything is written
+    if FLAGS.check_settings:
+      settings.check_values(config)
+      return
     workdir = FLAGS.workdir or os.path.join("workdir", settings.run_name(config))
     settings.check(workdir, config)
   except settings.SettingError as error:

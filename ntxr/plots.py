@@ -1,7 +1,7 @@
 """Figures of a sweep (ntxr.sweep) and of kernel benchmarks (ntxr.bench); each returns a
 matplotlib Figure, which `write_png` saves.
 
-  runs = sweep.read_sweep("sweeps/default")
+  runs = sweep.read_sweep("sweeps/default", default.get_config())
   plots.metrics_by_strategy(sweep.table(runs))
   plots.collapse_over_epochs(runs)
 """

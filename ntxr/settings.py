@@ -23,10 +23,16 @@ import ml_collections
 
 from ntxr import files
 
-# Config fields a resumed run may change (they leave training as it was); any other
-# change needs a new workdir.
-RESUMABLE_CHANGES = ("num_epochs", "checkpoint_every_steps", "metrics_every_steps",
-                     "cache_dir", "stage_dir", "eval_batch_size", "collapse")
+# Config fields that change nothing a run computes, only how often it saves and reads,
+# where it caches and how many clips it embeds at once.
+OPERATIONAL = ("checkpoint_every_steps", "metrics_every_steps", "cache_dir", "stage_dir",
+               "eval_batch_size")
+# Config fields a resumed run may change (they leave training as it was, and a finished
+# run with more epochs trains on); any other change needs a new workdir.
+RESUMABLE_CHANGES = (*OPERATIONAL, "num_epochs", "collapse")
+# Paths: "/data/clotho/" and "/data/clotho" name one folder.
+PATHS = ("data_dir", "cache_dir", "stage_dir", "word_vectors", "relevance_file",
+         "graded_relevance_dir")
 
 # The least value of the numeric fields that have one.
 AT_LEAST = dict(batch_size=2, eval_batch_size=1, num_epochs=1, max_steps_per_epoch=0,
@@ -34,6 +40,9 @@ AT_LEAST = dict(batch_size=2, eval_batch_size=1, num_epochs=1, max_steps_per_epo
                 vocab_size=2, margin=0, temperature=1e-6, beta=0, learning_rate=1e-12,
                 filter_similarity=0, filter_share_of_positive=0, n_fft=0, f_min=0, f_max=0,
                 log_offset=1e-30)
+# The most of the numeric fields that have one: Adam's steps grow with its rate, and
+# above 1 every run diverges.
+AT_MOST = dict(learning_rate=1.0)
 MIN_SAMPLE_RATE = 8000  # a 40 ms window of 64 mel bands needs at least this
 
 TOKENS = ("sentencepiece", "words")
@@ -232,7 +241,8 @@ class Settings:
   @classmethod
   def of(cls, config: ml_collections.ConfigDict) -> "Settings":
     """The checked settings of a config; SettingError naming the first bad field."""
-    _check_fields(config)
+    check_values(config)
+    _check_paths(config)
     c = config
     return cls(
         seed=c.seed, matmul_precision=c.matmul_precision,
@@ -276,8 +286,9 @@ def _choose(field: str, value, choices) -> None:
     raise SettingError(f"--config.{field} must be one of {list(choices)}, not {value!r}")
 
 
-def _check_fields(config: ml_collections.ConfigDict) -> None:
-  """Raises SettingError naming the first field of config that cannot run."""
+def check_values(config: ml_collections.ConfigDict) -> None:
+  """Raises SettingError naming the first field of config whose value cannot run; the
+  files and folders it names are left to `Settings.of`, where the run starts."""
   # pylint: disable=import-outside-toplevel  (the registries load JAX)
   from ntxr import models, objectives, sampling, scores
   from ntxr.data import captions, synthetic
@@ -291,9 +302,15 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
       ("pool_remainder", POOL_REMAINDERS), ("word_variants", WORD_VARIANTS),
       ("validation_draws", VALIDATION_DRAWS), ("matmul_precision", MATMUL_PRECISIONS)]:
     _choose(field, config[field], choices)
+  for field, value in _flat(config):
+    if isinstance(value, float) and not math.isfinite(value):
+      raise SettingError(f"--config.{field} must be a finite number, not {value}")
   for field, least in AT_LEAST.items():
     if not config[field] >= least:  # also refuses NaN
       raise SettingError(f"--config.{field} must be at least {least}, not {config[field]}")
+  for field, most in AT_MOST.items():
+    if config[field] > most:
+      raise SettingError(f"--config.{field} must be at most {most}, not {config[field]}")
   for field in ("dropout", "plateau.factor"):
     value = config.dropout if field == "dropout" else config.plateau.factor
     if not 0 <= value < 1:
@@ -330,6 +347,19 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
         "--config.word_vectors=/path/to/GoogleNews-vectors-negative300.bin (or any "
         "word2vec-format file), or --config.require_word_vectors=false to learn a "
         "random word table instead")
+  objective = objectives.get_objective(config.objective)
+  for needs, what in [(objective.needs_relevance, f"--config.objective={config.objective}"),
+                      (config.filter_similarity > 0, "--config.filter_similarity")]:
+    if needs and not config.similarity:
+      raise SettingError(f"{what} compares captions: set --config.similarity to one of "
+                         f"{list(SIMILARITIES)}")
+  if config.similarity == "word_vectors" and not config.word_vectors:
+    raise SettingError("--config.similarity=word_vectors needs --config.word_vectors")
+
+
+def _check_paths(config: ml_collections.ConfigDict) -> None:
+  """Raises SettingError naming the first file or folder of config that is not there."""
+  from ntxr.data import captions  # pylint: disable=import-outside-toplevel
   for field in ("word_vectors", "relevance_file"):
     if config[field] and not os.path.isfile(os.path.expanduser(config[field])):
       raise SettingError(f"--config.{field}={config[field]}: no such file")
@@ -344,14 +374,14 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
       captions.layout_of(os.path.expanduser(config.data_dir))
     except ValueError as error:
       raise SettingError(f"--config.data_dir={error}") from None
-  objective = objectives.get_objective(config.objective)
-  for needs, what in [(objective.needs_relevance, f"--config.objective={config.objective}"),
-                      (config.filter_similarity > 0, "--config.filter_similarity")]:
-    if needs and not config.similarity:
-      raise SettingError(f"{what} compares captions: set --config.similarity to one of "
-                         f"{list(SIMILARITIES)}")
-  if config.similarity == "word_vectors" and not config.word_vectors:
-    raise SettingError("--config.similarity=word_vectors needs --config.word_vectors")
+
+
+def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> list:
+  """[(field, value)] of every field of config, a group's as "group.field"."""
+  return [item for field, value in config.items()
+          for item in (_flat(value, f"{prefix}{field}.")
+                       if isinstance(value, ml_collections.ConfigDict)
+                       else [(f"{prefix}{field}", value)])]
 
 
 def run_name(config: ml_collections.ConfigDict) -> str:
@@ -363,30 +393,58 @@ def run_name(config: ml_collections.ConfigDict) -> str:
   return config.strategy if objective.takes_strategy else config.objective
 
 
-def check(workdir: str, config: ml_collections.ConfigDict) -> dict:
+def check(workdir: str, config: ml_collections.ConfigDict, elsewhere: str = "--workdir"
+          ) -> dict:
   """Raises SettingError, writing nothing, for a config that cannot run, a workdir that
-  cannot be one, or a config that differs from the run workdir holds; returns the
-  config as config.json holds it."""
-  if not files.is_bucket(workdir):
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-      raise SettingError(f"--workdir={workdir} is a file, not a folder: give a folder")
-    existing = os.path.abspath(workdir)
-    while not os.path.exists(existing):
-      existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-      raise SettingError(f"--workdir={workdir}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK):
-      raise SettingError(f"--workdir={workdir}: cannot write in {existing}")
+  cannot be one, or a config that differs from the run workdir holds (the error's advice:
+  use another `elsewhere`); returns the config as config.json holds it."""
+  try:
+    files.check_folder("workdir", workdir)
+  except ValueError as error:
+    raise SettingError(error) from None
   Settings.of(config)
-  current = json.loads(config.to_json())
+  changed = [change for change in changes(workdir, config)
+             if change[0] not in RESUMABLE_CHANGES]
+  if changed:
+    raise SettingError(f"{workdir} holds a run with other settings ("
+                       + "; ".join(f"{field}: {there!r} there, {here!r} here"
+                                   for field, there, here in changed)
+                       + f"); use another {elsewhere}")
+  trained = trained_epochs(workdir)
+  if config.num_epochs < trained:
+    raise SettingError(f"{workdir} holds a run trained for {trained} epochs: "
+                       f"--config.num_epochs={config.num_epochs} would report them as "
+                       f"{config.num_epochs}; give at least {trained}, or use another "
+                       f"{elsewhere}")
+  return json.loads(config.to_json())
+
+
+def _normal(field: str, value):
+  """`value` of config field `field` as it compares: a path without its trailing slash."""
+  if field not in PATHS or not value:
+    return value
+  return (value.rstrip("/") if files.is_bucket(value)
+          else os.path.normpath(os.path.expanduser(value)))
+
+
+def changes(workdir: str, config: ml_collections.ConfigDict) -> list:
+  """The fields of `config` whose value differs from the run workdir holds, as (field,
+  value there, value here) in field order; [] where workdir holds no run, or one that
+  stopped before its first checkpoint (a setting that failed at once can be mended)."""
   previous = saved(workdir)
-  if previous is not None:
-    changed = sorted(k for k in set(current) | set(previous)
-                     if k not in RESUMABLE_CHANGES and current.get(k) != previous.get(k))
-    if changed:
-      raise SettingError(f"{workdir} holds a run with other settings ({', '.join(changed)}); "
-                         f"use another --workdir")
-  return current
+  if previous is None or not any(
+      name.isdigit() for which in ("latest", "best")
+      for name in files.names(os.path.join(workdir, "checkpoints", which))):
+    return []
+  current = json.loads(config.to_json())
+  return [(k, previous.get(k), current.get(k)) for k in sorted(set(current) | set(previous))
+          if _normal(k, current.get(k)) != _normal(k, previous.get(k))]
+
+
+def trained_epochs(workdir: str) -> int:
+  """How many epochs the run in workdir has trained: its metrics log's last epoch."""
+  lines = files.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+  return max((line.get("epoch", 0) for line in lines), default=0)
 
 
 def write(workdir: str, config: ml_collections.ConfigDict) -> None:

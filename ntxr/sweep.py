@@ -16,9 +16,12 @@ an objective O (ARGS: whatever follows `--`), its output in the workdir's log.tx
 neither --strategies nor --objectives, every strategy runs. With --together the runs
 train in this one process instead, the seeds of each strategy or objective as one
 vmapped program (`ntxr.train_together`), each run in its own workdir as before; ARGS
-may then hold only --config flags. A run whose
-results.json exists is skipped, an unfinished one resumes, a failed one is reported
-and the others go on. The table of every finished run goes to ROOT/results.csv and
+may then hold only --config flags. Every run's settings are checked before any
+starts: one whose workdir holds a run with other settings stops the sweep, naming them
+(use another --root). A run tested with these settings is skipped, an unfinished one
+resumes (as does a tested one given more epochs), a failed one is reported and the
+others go on. The table of every run under ROOT finished with these settings (the
+--config flags after `--`, also with --table_only) goes to ROOT/results.csv and
 ROOT/results.md: per strategy, the mean and sample standard deviation over seeds of
 both directions' metrics, how many seeds collapsed, and where the corpus knows its
 events, the share of the negatives' weight on false negatives; its figures (metrics by
@@ -38,6 +41,7 @@ import sys
 
 from absl import app
 from absl import flags
+import ml_collections
 import numpy as np
 
 from ntxr import cli, command, files, lifetime, plots, ranking
@@ -78,8 +82,26 @@ class Run:
   workdir: str
 
   @property
-  def finished(self) -> bool:
+  def tested(self) -> bool:
     return os.path.exists(os.path.join(self.workdir, "results.json"))
+
+  def config(self, sweep_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The run's config: the sweep's with the run's strategy or objective and seed."""
+    config = copy.deepcopy(sweep_config)
+    config.seed = self.seed
+    if self.strategy in cli.STRATEGY_NAMES:
+      config.strategy = self.strategy
+    else:
+      config.objective = self.strategy
+    return config
+
+  def finished(self, sweep_config: ml_collections.ConfigDict) -> bool:
+    """Whether the run is tested with these settings (other epochs or collapse bounds: to
+    train or test again)."""
+    from ntxr import settings  # pylint: disable=import-outside-toplevel
+    return self.tested and all(field in settings.OPERATIONAL
+                               for field, _, _ in settings.changes(self.workdir,
+                                                                   self.config(sweep_config)))
 
   def command(self, main_args=()) -> list:
     flag = "strategy" if self.strategy in cli.STRATEGY_NAMES else "objective"
@@ -111,14 +133,23 @@ def gpu_groups(gpus, processes: int) -> list:
   return [",".join(gpus[i:i + size]) for i in range(0, len(gpus), size)]
 
 
-def run_all(runs, main_args=(), processes: int = 1, gpus=(), report=print) -> list:
-  """Runs the unfinished runs, `processes` at a time; returns the failed ones.
+def check(runs, config: ml_collections.ConfigDict) -> None:
+  """Raises SettingError, before any run starts, for settings that cannot run or a run's
+  workdir that holds a run with other settings."""
+  from ntxr import settings  # pylint: disable=import-outside-toplevel  (loads JAX)
+  for run in runs:
+    settings.check(run.workdir, run.config(config), elsewhere="--root")
+
+
+def run_all(runs, config, main_args=(), processes: int = 1, gpus=(), report=print) -> list:
+  """Runs the runs not finished with `config` (the sweep's settings, which main_args
+  give), `processes` at a time; returns the failed ones.
 
   With gpus, each process sees only its own group of them (CUDA_VISIBLE_DEVICES, see
   gpu_groups); without, processes share every device, and with several JAX is told not
   to preallocate its memory.
   """
-  pending = [r for r in runs if not r.finished]
+  pending = [r for r in runs if not r.finished(config)]
   report(f"{len(runs) - len(pending)} of {len(runs)} runs finished already; "
          f"{len(pending)} to run, {processes} at a time")
   share = processes > 1 and not gpus
@@ -152,23 +183,15 @@ def run_together(runs, config, group_size: int = 0, report=print) -> list:
   config: `config` with its strategy or objective and seed; at most group_size runs in a
   program, 0 for no limit); returns the failed ones (frozen before an epoch ended). Its
   failures end the command as `ntxr.main`'s do."""
-  pending = [r for r in runs if not r.finished]
+  pending = [r for r in runs if not r.finished(config)]
   report(f"{len(runs) - len(pending)} of {len(runs)} runs finished already; "
          f"{len(pending)} to train together")
   if not pending:
     return []
   # pylint: disable=import-outside-toplevel  (JAX and TensorFlow load only for training)
   from ntxr import main as main_lib, train_together
-  configs = []
-  for run in pending:
-    configs.append(copy.deepcopy(config))
-    configs[-1].seed = run.seed
-    if run.strategy in cli.STRATEGY_NAMES:
-      configs[-1].strategy = run.strategy
-    else:
-      configs[-1].objective = run.strategy
   results = main_lib.run_or_exit(train_together.train_together,
-                                 [(c, r.workdir) for c, r in zip(configs, pending)], group_size)
+                                 [(r.config(config), r.workdir) for r in pending], group_size)
   for run, result in zip(pending, results):
     status = ("FAILED (frozen before its first epoch ended)" if result is None
               else f"frozen: {result['frozen']}" if result["frozen"] else "done")
@@ -184,17 +207,27 @@ def read_run(workdir: str) -> dict:
               epochs_log=files.read_jsonl(os.path.join(workdir, "metrics.jsonl")))
 
 
-def read_sweep(root: str) -> list:
-  """Every finished run under root (ROOT/STRATEGY/seed_N), in strategy then seed order."""
-  runs = []
+def read_sweep(root: str, config: ml_collections.ConfigDict, report=print) -> list:
+  """Every run under root (ROOT/STRATEGY/seed_N) finished with the sweep's settings
+  `config`, in strategy then seed order; the tested runs with other settings are left
+  out, and `report` says so."""
+  runs, other = [], []
   for strategy in cli.RUN_NAMES:
     folder = os.path.join(root, strategy)
     seeds = sorted((int(d[5:]), d) for d in os.listdir(folder) if d.startswith("seed_")
                    and d[5:].isdigit()) if os.path.isdir(folder) else []
     for seed, name in seeds:
       run = Run(strategy, seed, os.path.join(folder, name))
-      if run.finished:
+      if run.finished(config):
         runs.append(dict(read_run(run.workdir), seed=seed, strategy=strategy))  # its name
+      elif run.tested:
+        other.append(run)
+  if other:
+    from ntxr import settings  # pylint: disable=import-outside-toplevel
+    field, there, here = next(change for change in settings.changes(
+        other[0].workdir, other[0].config(config)) if change[0] not in settings.OPERATIONAL)
+    report(f"left out of the table: {len(other)} runs tested with other settings than "
+           f"these (first {other[0].workdir}: {field} {there!r} there, {here!r} here)")
   return runs
 
 
@@ -277,10 +310,10 @@ def to_markdown(rows) -> str:
 FIGURES = ("metrics_by_strategy", "training_curves", "collapse_over_epochs", "score_histograms")
 
 
-def write_report(root: str) -> list:
-  """From the finished runs: ROOT/results.csv, ROOT/results.md and the FIGURES as
-  ROOT/NAME.png. Returns the rows."""
-  runs = read_sweep(root)
+def write_report(root: str, config: ml_collections.ConfigDict, report=print) -> list:
+  """From the runs finished with the sweep's settings `config`: ROOT/results.csv,
+  ROOT/results.md and the FIGURES as ROOT/NAME.png. Returns the rows."""
+  runs = read_sweep(root, config, report)
   rows = table(runs)
   files.write_text(os.path.join(root, "results.csv"), to_csv(rows))
   files.write_text(os.path.join(root, "results.md"), to_markdown(rows))
@@ -301,6 +334,7 @@ def main(argv):
       if not seed.isdigit():
         raise ValueError(f"--seeds: {seed!r} is not a whole number")
       seeds.append(int(seed))
+    files.check_folder("root", FLAGS.root)
     runs = plan(FLAGS.root, names or cli.STRATEGY_NAMES, seeds)
     if FLAGS.gpus:
       gpu_groups(FLAGS.gpus, FLAGS.processes)
@@ -309,7 +343,11 @@ def main(argv):
         raise ValueError("--together trains every run in this one process: leave out "
                          "--processes and --gpus")
       config = cli.config_of(argv[1:])
-  except ValueError as error:
+    else:  # the runs' settings, of the --config flags among ntxr.main's
+      config = cli.config_of([arg for arg in argv[1:] if arg.startswith("--config")])
+    if not FLAGS.table_only:
+      check(runs, config)
+  except ValueError as error:  # settings.SettingError too
     command.exit_with(error, 2)
   if FLAGS.table_only:
     failed = []
@@ -318,8 +356,9 @@ def main(argv):
     command.import_tensorflow()
     failed = run_together(runs, config, FLAGS.group_size)
   else:
-    failed = run_all(runs, argv[1:], FLAGS.processes, FLAGS.gpus)
-  rows = write_report(FLAGS.root)
+    failed = run_all(runs, config, argv[1:], FLAGS.processes, FLAGS.gpus)
+  os.makedirs(FLAGS.root, exist_ok=True)
+  rows = write_report(FLAGS.root, config)
   print(to_markdown(rows))
   print(f"{sum(r['seeds'] for r in rows)} runs: table and figures in {FLAGS.root}")
   if failed:

@@ -285,12 +285,15 @@ def check_statistics(progress: Progress, read: list, epoch: int,
   or gradient norm is not finite."""
   for step, statistics in read:
     if not (np.isfinite(statistics["loss"]) and np.isfinite(statistics["grad_norm"])):
+      kept = checkpoints.step("latest")
       raise FloatingPointError(
           f"training loss became {statistics['loss']} (gradient norm "
           f"{statistics['grad_norm']}) at step {step} (epoch {epoch}; steps "
-          f"{read[0][0]}-{read[-1][0]} were checked together); stopped. The last good "
-          f"checkpoint (step {checkpoints.step('latest')}) is kept in {checkpoints.root}; "
-          "try a lower --config.learning_rate")
+          f"{read[0][0]}-{read[-1][0]} were checked together); stopped. " + (
+              "Nothing was saved: rerun with a lower --config.learning_rate"
+              if kept is None else
+              f"The last good checkpoint (step {kept}) is kept in {checkpoints.root}; "
+              "try a lower --config.learning_rate in another --workdir"))
     progress = progress.after_step(statistics)
   return progress
 

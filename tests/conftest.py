@@ -91,7 +91,7 @@ def _train_once(root: str, run, tiny_config) -> None:
   from ntxr import files, train  # pylint: disable=import-outside-toplevel
   lock = os.path.join(f"{root}-locks", f"{run.strategy}_seed_{run.seed}")
   with files.locked(lock, wait=True):
-    if not run.finished:
+    if not run.tested:
       train.train_and_evaluate(tiny_config(strategy=run.strategy, seed=run.seed), run.workdir)
 
 

@@ -55,7 +55,10 @@ def test_main_help_prints_only_the_help_and_imports_neither_jax_nor_tensorflow()
     ("data_dir", "/", "--config.data_dir=/: not a Clotho v2, AudioCaps or pairs "
      "folder (none of clotho_captions_development.csv, train.csv, captions.csv)"),
     ("word_vectors", "/no/vectors.bin", "--config.word_vectors=/no/vectors.bin: no such file"),
-    ("temperature", float("nan"), "--config.temperature must be at least 1e-06, not nan"),
+    ("temperature", float("nan"), "--config.temperature must be a finite number, not nan"),
+    ("temperature", float("inf"), "--config.temperature must be a finite number, not inf"),
+    ("margin", float("inf"), "--config.margin must be a finite number, not inf"),
+    ("learning_rate", 1e3, "--config.learning_rate must be at most 1.0, not 1000.0"),
     ("eval_batch_size", 0, "--config.eval_batch_size must be at least 1, not 0"),
     ("sample_rate", 7, "--config.sample_rate must be 0 (the corpus's own) or at least "
      "8000 Hz, not 7"),
@@ -70,6 +73,56 @@ def test_a_bad_setting_is_named_before_anything_is_written(tmp_path, field, valu
   with pytest.raises(settings.SettingError, match=re.escape(message)):
     settings.check(str(tmp_path / "run"), config)
   assert not os.listdir(tmp_path)
+
+
+def trained_workdir(path, config, epochs: int):
+  """A workdir as a run of `config` leaves it after `epochs` epochs (config.json, the
+  metrics log, a checkpoint's folder)."""
+  os.makedirs(path / "checkpoints" / "latest" / "40")
+  (path / "config.json").write_text(config.to_json())
+  (path / "metrics.jsonl").write_text(
+      "".join(json.dumps(dict(epoch=e, step=10 * e)) + "\n" for e in range(1, epochs + 1)))
+
+
+def test_a_workdir_refuses_other_settings_naming_both_values(tmp_path):
+  config = default.get_config()
+  config.data_dir = str(tmp_path / "sounds")
+  (tmp_path / "sounds").mkdir()
+  (tmp_path / "sounds" / "captions.csv").write_text("file_name,caption\n")
+  trained_workdir(tmp_path / "run", config, epochs=3)
+  config.data_dir += "/"  # the same folder
+  settings.check(str(tmp_path / "run"), config)
+  config.margin, config.seed = 0.2, 4
+  with pytest.raises(settings.SettingError, match=re.escape(
+      f"{tmp_path}/run holds a run with other settings (margin: 0.5 there, 0.2 here; seed: 0 "
+      "there, 4 here); use another --workdir")):
+    settings.check(str(tmp_path / "run"), config)
+
+
+def test_a_finished_run_is_not_cut_to_fewer_epochs_than_it_trained(tmp_path):
+  config = default.get_config()
+  trained_workdir(tmp_path / "run", config, epochs=3)
+  config.num_epochs = 2
+  with pytest.raises(settings.SettingError, match=re.escape(
+      f"{tmp_path}/run holds a run trained for 3 epochs: --config.num_epochs=2 would report "
+      "them as 2; give at least 3, or use another --workdir")):
+    settings.check(str(tmp_path / "run"), config)
+  config.num_epochs = 3
+  settings.check(str(tmp_path / "run"), config)
+
+
+def test_a_run_that_failed_before_its_first_checkpoint_takes_the_mended_settings(tmp_path):
+  """Training that diverges at once saves nothing: the rerun with a lower learning rate
+  (which the error advises) trains in the same workdir."""
+  config = default.get_config()
+  config.learning_rate = 0.5
+  (tmp_path / "run").mkdir()
+  (tmp_path / "run" / "config.json").write_text(config.to_json())
+  config.learning_rate = 1e-3
+  settings.check(str(tmp_path / "run"), config)
+  os.makedirs(tmp_path / "run" / "checkpoints" / "latest" / "50")
+  with pytest.raises(settings.SettingError, match="learning_rate: 0.5 there, 0.001 here"):
+    settings.check(str(tmp_path / "run"), config)
 
 
 def test_a_bad_setting_costs_the_command_one_line(tmp_path):
@@ -99,9 +152,10 @@ def test_each_mistake_costs_one_line_and_the_corrected_command_trains_in_that_wo
   test_a_bad_setting_is_named_before_anything_is_written checks in this process)."""
   workdir = tmp_path / "run"
   def main(*flags):
+    given = {flag.split("=")[0] for flag in flags}
+    tiny = [flag for flag in tiny_flags(num_epochs=1) if flag.split("=")[0] not in given]
     return subprocess.run([sys.executable, "-m", "ntxr.main", f"--workdir={workdir}",
-                           *tiny_flags(num_epochs=1), *flags],
-                          capture_output=True, text=True, check=False)
+                           *tiny, *flags], capture_output=True, text=True, check=False)
   for flags, culprit in [
       ([f"--config.data_dir={tmp_path}/Clotho"], f"--config.data_dir={tmp_path}/Clotho"),
       (["--config.batch_size=0"], "--config.batch_size must be at least 2, not 0"),
@@ -111,6 +165,11 @@ def test_each_mistake_costs_one_line_and_the_corrected_command_trains_in_that_wo
                              "--config.similarity"),
       ([f"--config.word_vectors={tmp_path}/vectors.bin"],
        f"--config.word_vectors={tmp_path}/vectors.bin: no such file"),
+      (["--strategy=random", "--strategy=hard_cross"], "--strategy is given twice"),
+      (["--config.channels=(4,8,8,8,8)", "--config.channels=(4,8,8,8,8)"],
+       "--config.channels is given twice"),
+      (["--objective=infonce", "--strategy=random"], "--objective=infonce takes no "
+                                                     "--strategy"),
   ]:
     done = main(*flags)
     assert done.returncode == 2, (flags, done.stderr[-2000:])

@@ -4,6 +4,7 @@ delete a run, and they need its workdir."""
 import os
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -80,3 +81,17 @@ def test_a_launch_without_a_workdir_is_refused(script, args):
                           check=False)
   assert result.returncode == 2 and result.stdout == ""
   assert "error: pass --workdir=PATH" in result.stderr and "resumes the run" in result.stderr
+
+
+@pytest.mark.parametrize("script, args", [("run_slurm.sh", []),
+                                          ("run_tpu.sh", ["my-tpu", "us-central2-b"])])
+def test_a_bad_setting_stops_the_launch_in_one_line(tmp_path, script, args):
+  """Checked here, with this Python's ntxr, before anything is printed or shipped."""
+  path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"
+  result = subprocess.run(["bash", os.path.join(ROOT, "launch", script), *args,
+                           "--workdir=/mnt/shared/runs/x", "--config.learning_rate=inf"],
+                          env=dict(os.environ, DRY_RUN="1", TMPDIR=str(tmp_path), PATH=path,
+                                   VENV=str(tmp_path / "none")),
+                          capture_output=True, text=True, check=False)
+  assert (result.returncode, result.stdout, result.stderr) == (
+      2, "", "error: --config.learning_rate must be a finite number, not inf\n")

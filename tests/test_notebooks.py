@@ -35,8 +35,8 @@ def stdout(outputs: list) -> str:
   return "".join(o["text"] for o in outputs if o.get("name") == "stdout")
 
 
-def test_ablation_notebook(tiny_sweep, monkeypatch):
-  sweep.write_report(tiny_sweep)
+def test_ablation_notebook(tiny_sweep, tiny_config, monkeypatch):
+  sweep.write_report(tiny_sweep, tiny_config())
   monkeypatch.setenv("NTXR_SWEEP", tiny_sweep)
   setup, table, figure, sweep_figures = execute("ablation.ipynb")
   assert text(setup).strip() == f"4 runs of 2 strategies in {tiny_sweep}"

@@ -3,6 +3,8 @@
 import csv
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -10,6 +12,7 @@ import numpy as np
 import pytest
 
 from ntxr import ranking, sweep
+from ntxr.configs import default
 
 
 def fake_run(root, strategy, seed, r1, collapse=False, false_negatives=None):
@@ -40,7 +43,7 @@ def test_table_is_the_mean_and_sample_spread_over_seeds(tmp_path):
   fake_run(root, "hard_cross", 1, 0.4)
   fake_run(root, "random", 3, 0.5)
   os.makedirs(os.path.join(root, "random", "seed_4"))  # unfinished: not in the table
-  rows = sweep.write_report(root)
+  rows = sweep.write_report(root, default.get_config())
   assert [r["strategy"] for r in rows] == ["random", "hard_cross"]  # the registry's order
   random, hard = rows
   assert (random["seeds"], random["collapsed"]) == (1, 0)
@@ -68,7 +71,7 @@ def test_table_reports_false_negatives_where_every_seed_measured_them(tmp_path):
     fake_run(root, "infonce", seed, 0.5,
              false_negatives=dict(unfiltered, false_negative_share=share))
   fake_run(root, "random", 0, 0.5)
-  rows = sweep.table(sweep.read_sweep(root))
+  rows = sweep.table(sweep.read_sweep(root, default.get_config()))
   assert [r["strategy"] for r in rows] == ["random", "infonce"]
   assert rows[1]["false negatives"] == pytest.approx((0.2, np.std([0.1, 0.3], ddof=1)))
   assert "false negatives" not in rows[0]
@@ -83,7 +86,7 @@ def test_table_reports_what_the_filter_removed(tmp_path):
   for seed, (removed, false) in enumerate([(0.02, 0.5), (0.04, 0.7)]):
     fake_run(root, "siglip", seed, 0.5, false_negatives=dict(
         false_negative_share=0.1, filtered_share=removed, filtered_false_share=false))
-  row, = sweep.table(sweep.read_sweep(root))
+  row, = sweep.table(sweep.read_sweep(root, default.get_config()))
   assert row["filtered"] == pytest.approx((0.03, np.std([0.02, 0.04], ddof=1)))
   assert row["filtered false"] == pytest.approx((0.6, np.std([0.5, 0.7], ddof=1)))
   markdown = sweep.to_markdown([row]).splitlines()
@@ -91,18 +94,19 @@ def test_table_reports_what_the_filter_removed(tmp_path):
   assert markdown[2].endswith("| 0.100 ± 0.000 | 0.030 ± 0.014 | 0.600 ± 0.141 | 0/2 |")
 
 
-def test_run_all_skips_finished_runs_and_reports_failures(tmp_path, tiny_flags):
+def test_run_all_skips_finished_runs_and_reports_failures(tmp_path, tiny_flags, tiny_config):
   root = str(tmp_path)
   fake_run(root, "random", 0, 0.1)
   fake_run(root, "semihard_cross", 0, 0.2)
   refused = os.path.join(root, "random", "seed_1")
-  os.makedirs(refused)
+  os.makedirs(os.path.join(refused, "checkpoints", "latest", "10"))  # a run trained there
   with open(os.path.join(refused, "config.json"), "w") as f:
     json.dump({"strategy": "something else"}, f)
   tiny = tiny_flags(num_epochs=1, max_steps_per_epoch=1)
   runs = sweep.plan(root, ["random", "semihard_cross"], [0, 1])
   reports = []
-  failed = sweep.run_all(runs, tiny, processes=2, report=reports.append)
+  config = tiny_config(num_epochs=1, max_steps_per_epoch=1)
+  failed = sweep.run_all(runs, config, tiny, processes=2, report=reports.append)
   assert reports[0] == "2 of 4 runs finished already; 2 to run, 2 at a time"
   assert failed == [runs[2]]  # random seed 1: its workdir holds other settings
   assert "other settings" in open(os.path.join(refused, "log.txt")).read()
@@ -113,11 +117,11 @@ def test_run_all_skips_finished_runs_and_reports_failures(tmp_path, tiny_flags):
   assert (results["strategy"], results["epochs"]) == ("semihard_cross", 1)
   with open(os.path.join(runs[3].workdir, "config.json")) as f:
     assert json.load(f)["seed"] == 1
-  assert [run.finished for run in runs] == [True, True, False, True]  # a rerun runs one
+  assert [run.finished(config) for run in runs] == [True, True, False, True]  # a rerun runs one
 
 
-def test_table_of_a_trained_sweep(tiny_sweep):
-  rows = sweep.write_report(tiny_sweep)
+def test_table_of_a_trained_sweep(tiny_sweep, tiny_config):
+  rows = sweep.write_report(tiny_sweep, tiny_config())
   assert [(r["strategy"], r["seeds"]) for r in rows] == [
       ("random", 2), ("semihard_cross", 2)]
   for row in rows:
@@ -126,7 +130,7 @@ def test_table_of_a_trained_sweep(tiny_sweep):
       with open(os.path.join(tiny_sweep, row["strategy"], f"seed_{seed}", "results.json")) as f:
         values.append(json.load(f)["a2t"]["mAP"])
     assert row["a2t mAP"] == pytest.approx((np.mean(values), np.std(values, ddof=1)))
-  assert len(sweep.read_sweep(tiny_sweep)[0]["epochs_log"]) == 2
+  assert len(sweep.read_sweep(tiny_sweep, tiny_config())[0]["epochs_log"]) == 2
   for name in sweep.FIGURES:
     with open(os.path.join(tiny_sweep, f"{name}.png"), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -170,8 +174,66 @@ def test_each_parallel_process_gets_its_own_gpus(tmp_path, monkeypatch):
   monkeypatch.setattr(sweep, "execute", fake_execute)
   monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
   runs = sweep.plan(str(tmp_path), ["random"], range(6))
-  failed = sweep.run_all(runs, processes=2, gpus=["0", "1", "2", "3"], report=lambda _: None)
+  failed = sweep.run_all(runs, default.get_config(), processes=2, gpus=["0", "1", "2", "3"],
+                         report=lambda _: None)
   assert sorted(r.seed for r in failed) == [1, 3, 5]
   assert sorted(seed for seed, _, _ in seen) == list(range(6))
   assert {group for _, group, _ in seen} == {"0,1", "2,3"}
   assert {preallocate for _, _, preallocate in seen} == {None}  # a GPU each: no sharing
+
+
+def saved_run(root, strategy, seed, config):
+  """A tested run of `config` (with the run's strategy and seed) as ntxr.main leaves it."""
+  fake_run(root, strategy, seed, 0.5)
+  config = sweep.Run(strategy, seed, "").config(config)
+  workdir = os.path.join(root, strategy, f"seed_{seed}")
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(config.to_json())
+  os.makedirs(os.path.join(workdir, "checkpoints", "best", "10"))
+
+
+def test_a_run_is_finished_only_with_the_settings_it_was_tested_with(tmp_path):
+  config = default.get_config()
+  saved_run(str(tmp_path), "random", 0, config)
+  run, = sweep.plan(str(tmp_path), ["random"], [0])
+  assert run.finished(config)
+  config.eval_batch_size, config.cache_dir = 3, "elsewhere"  # the same run's numbers
+  assert run.finished(config)
+  config.num_epochs += 1  # trains on
+  assert not run.finished(config)
+
+
+def test_the_table_leaves_out_runs_of_other_settings(tmp_path):
+  root, config = str(tmp_path), default.get_config()
+  saved_run(root, "random", 0, config)
+  config.margin = 0.2
+  saved_run(root, "random", 1, config)
+  reports = []
+  rows = sweep.write_report(root, config, report=reports.append)
+  assert [(r["strategy"], r["seeds"]) for r in rows] == [("random", 1)]
+  assert reports == [f"left out of the table: 1 runs tested with other settings than these "
+                     f"(first {root}/random/seed_0: margin 0.5 there, 0.2 here)"]
+
+
+def test_a_sweep_with_other_settings_is_refused_before_any_run_starts(tmp_path, tiny_config,
+                                                                      tiny_flags):
+  root = str(tmp_path / "root")
+  saved_run(root, "random", 0, tiny_config())
+  sweep_command = [sys.executable, "-m", "ntxr.sweep", f"--root={root}",
+                   "--strategies=random,hard_cross", "--seeds=0", "--"]
+  result = subprocess.run(sweep_command + tiny_flags(batch_size=4), capture_output=True,
+                          text=True, check=False)
+  assert result.returncode == 2 and result.stderr.splitlines() == [
+      f"error: {root}/random/seed_0 holds a run with other settings (batch_size: 8 there, 4 "
+      "here); use another --root"]
+  result = subprocess.run(sweep_command + tiny_flags(batch_size=-3), capture_output=True,
+                          text=True, check=False)
+  assert result.returncode == 2 and result.stderr.splitlines() == [
+      "error: --config.batch_size must be at least 2, not -3"]
+  assert sorted(os.listdir(root)) == ["random"]  # nothing started, no table written
+  with open(tmp_path / "a file", "w") as f:
+    f.write("mine")
+  result = subprocess.run([sys.executable, "-m", "ntxr.sweep", f"--root={tmp_path}/a file",
+                           "--table_only"], capture_output=True, text=True, check=False)
+  assert result.returncode == 2 and result.stderr.splitlines() == [
+      f"error: --root={tmp_path}/a file is a file, not a folder: give a folder"]
