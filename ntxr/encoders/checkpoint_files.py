@@ -1,0 +1,229 @@
+"""Tensors from publishers' checkpoint files as NumPy arrays, without importing PyTorch.
+
+Two formats are read:
+- torch.save's zip format (PyTorch >= 1.6; .pth/.pt/.bin/.ckpt): a zip holding `data.pkl`,
+  a pickle whose tensors point at raw storages `data/<key>` in the same zip. The pickle is
+  read by an unpickler that builds only dicts, lists, tuples, numbers, strings, tensors and
+  NumPy arrays (what a state dict and a training loop's bookkeeping hold) and refuses every
+  other global, so reading a file never runs its code;
+- safetensors (.safetensors): an 8-byte little-endian header size, a JSON header naming each
+  tensor's dtype, shape and byte range, then the bytes (read here rather than by
+  `safetensors.numpy`, which cannot hold bfloat16).
+"""
+
+import collections
+import json
+import pickle
+import zipfile
+from typing import Any, Dict
+
+import numpy as np
+
+# torch.save's storage classes, by the name its pickle gives them.
+_STORAGE_DTYPES = {
+    "DoubleStorage": "float64", "FloatStorage": "float32", "HalfStorage": "float16",
+    "BFloat16Storage": "bfloat16", "LongStorage": "int64", "IntStorage": "int32",
+    "ShortStorage": "int16", "CharStorage": "int8", "ByteStorage": "uint8",
+    "BoolStorage": "bool", "ComplexFloatStorage": "complex64",
+    "ComplexDoubleStorage": "complex128", "UntypedStorage": "uint8",
+}
+# torch dtypes (pickled as globals `torch.<name>`) that `_rebuild_tensor_v3` may name.
+_TORCH_DTYPES = {
+    "float64": "float64", "float32": "float32", "float16": "float16", "bfloat16": "bfloat16",
+    "int64": "int64", "int32": "int32", "int16": "int16", "int8": "int8", "uint8": "uint8",
+    "uint16": "uint16", "uint32": "uint32", "uint64": "uint64", "bool": "bool",
+    "complex64": "complex64", "complex128": "complex128",
+}
+# safetensors' dtype names.
+_SAFETENSORS_DTYPES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64",
+    "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+}
+_NUMPY_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+}
+
+
+class _Kind:
+  """A storage class or dtype named in the pickle: the NumPy dtype name it stands for."""
+
+  def __init__(self, dtype: str):
+    self.dtype = dtype
+
+
+class _Storage:
+  """One storage's bytes as a flat array of its dtype (bfloat16 as its uint16 bits)."""
+
+  def __init__(self, data: bytes, dtype: str, big_endian: bool):
+    self.dtype, self.order = dtype, ">" if big_endian else "<"
+    self.array = np.frombuffer(data, _stored(dtype).newbyteorder(self.order))
+
+
+def _stored(dtype: str) -> np.dtype:
+  """The NumPy dtype holding `dtype`'s bits (bfloat16's are uint16)."""
+  return np.dtype("uint16" if dtype == "bfloat16" else dtype)
+
+
+def _as_dtype(bits: np.ndarray, dtype: str) -> np.ndarray:
+  """bits in their stored dtype -> a native NumPy array (bfloat16 widened to float32)."""
+  if dtype == "bfloat16":
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+  return bits.astype(bits.dtype.newbyteorder("="))
+
+
+class _Unpickler(pickle.Unpickler):
+  """torch.save's data.pkl -> Python containers of NumPy arrays; any other global refused."""
+
+  def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str):
+    super().__init__(file)
+    self._archive, self._prefix, self._path = archive, prefix, path
+    self._big_endian = self._read_byteorder() == "big"
+    self._storages: Dict[str, _Storage] = {}
+
+  def _read_byteorder(self) -> str:
+    try:
+      return self._archive.read(self._prefix + "byteorder").decode()
+    except KeyError:  # files from before the byte order was recorded are little-endian
+      return "little"
+
+  def find_class(self, module: str, name: str) -> Any:
+    if module == "collections" and name == "OrderedDict":
+      return collections.OrderedDict
+    if module == "_codecs" and name == "encode":  # protocol 2 pickles bytes this way
+      return lambda text, encoding="utf-8": text.encode(encoding)
+    if module == "torch._utils" and name in _REBUILDERS:
+      return _REBUILDERS[name](self._path)
+    if module in ("torch", "torch.storage") and name in _STORAGE_DTYPES:
+      return _Kind(_STORAGE_DTYPES[name])
+    if module == "torch" and name in _TORCH_DTYPES:
+      return _Kind(_TORCH_DTYPES[name])
+    if (module, name) in _NUMPY_GLOBALS:
+      return super().find_class(module, name)
+    if module == "numpy.dtypes" and name.endswith("DType"):
+      found = super().find_class(module, name)
+      if isinstance(found, type) and issubclass(found, np.dtype):
+        return found
+    raise ValueError(f"{self._path}: refusing to unpickle {module}.{name}: only tensors, "
+                     "dicts, lists, numbers, strings and NumPy arrays are read")
+
+  def persistent_load(self, pid) -> _Storage:
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
+            and isinstance(pid[1], _Kind)):
+      raise ValueError(f"{self._path}: unknown persistent id {pid!r} (not a tensor storage)")
+    _, kind, key, _location, numel = pid
+    if key not in self._storages:
+      data = self._archive.read(f"{self._prefix}data/{key}")
+      self._storages[key] = _Storage(data, kind.dtype, self._big_endian)
+    storage = self._storages[key]
+    if storage.array.size < numel:
+      raise ValueError(f"{self._path}: storage {key} holds {storage.array.size} elements, "
+                       f"the pickle says {numel}")
+    return storage
+
+
+def _tensor(path: str, storage: _Storage, offset: int, size, stride, dtype: str) -> np.ndarray:
+  """A copy of the tensor at `offset` with `size` and `stride` (in elements) into storage."""
+  size, stride = tuple(size), tuple(stride)
+  bits = storage.array
+  if storage.dtype != dtype:  # an untyped (byte) storage seen as `dtype`
+    bits = bits.view(_stored(dtype).newbyteorder(storage.order))
+  if 0 in size:
+    return _as_dtype(np.zeros(size, bits.dtype), dtype)
+  last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+  if offset < 0 or min(stride, default=0) < 0 or last >= bits.size:
+    raise ValueError(f"{path}: a tensor of size {size}, stride {stride} at offset {offset} "
+                     f"runs past its storage of {bits.size} elements")
+  view = np.lib.stride_tricks.as_strided(
+      bits[offset:], size, tuple(s * bits.itemsize for s in stride), writeable=False)
+  return _as_dtype(np.array(view), dtype)
+
+
+def _rebuild_tensor_v2(path):
+  def rebuild(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    return _tensor(path, storage, offset, size, stride, storage.dtype)
+  return rebuild
+
+
+def _rebuild_tensor_v3(path):
+  def rebuild(storage, offset, size, stride, requires_grad, hooks, dtype, metadata=None):
+    return _tensor(path, storage, offset, size, stride, dtype.dtype)
+  return rebuild
+
+
+def _rebuild_parameter(path):
+  return lambda data, requires_grad, hooks, state=None: data
+
+
+_REBUILDERS = {
+    "_rebuild_tensor_v2": _rebuild_tensor_v2, "_rebuild_tensor_v3": _rebuild_tensor_v3,
+    "_rebuild_parameter": _rebuild_parameter,
+    "_rebuild_parameter_with_state": _rebuild_parameter,
+}
+
+
+def _read_torch_zip(path: str) -> Any:
+  """The object torch.save wrote to the zip file `path`, its tensors as NumPy arrays."""
+  with zipfile.ZipFile(path) as archive:
+    pickles = [name for name in archive.namelist()
+               if name == "data.pkl" or name.endswith("/data.pkl")]
+    if not pickles:
+      raise ValueError(f"{path}: a zip file without data.pkl, not a torch.save checkpoint")
+    prefix = min(pickles, key=len)[:-len("data.pkl")]
+    with archive.open(prefix + "data.pkl") as file:
+      return _Unpickler(file, archive, prefix, path).load()
+
+
+def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
+  """The tensors of the .safetensors file `path`."""
+  with open(path, "rb") as file:
+    data = file.read()
+  size = int.from_bytes(data[:8], "little")
+  header = json.loads(data[8:8 + size])
+  tensors = {}
+  for name, entry in header.items():
+    if name == "__metadata__":
+      continue
+    if entry["dtype"] not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}, which is not read "
+                       f"(only {', '.join(_SAFETENSORS_DTYPES)})")
+    dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+    start, end = (8 + size + offset for offset in entry["data_offsets"])
+    bits = np.frombuffer(data[start:end], _stored(dtype).newbyteorder("<"))
+    tensors[name] = _as_dtype(bits.reshape(entry["shape"]), dtype)
+  return tensors
+
+
+def _is_state_dict(obj: Any) -> bool:
+  return (isinstance(obj, dict) and bool(obj)
+          and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()))
+
+
+def read_state_dict(path: str) -> Dict[str, np.ndarray]:
+  """The tensors of checkpoint file `path` by name, as NumPy arrays (bfloat16 as float32).
+
+  Reads torch.save's zip format and .safetensors. A torch checkpoint may hold the state dict
+  itself or a dict with it under "model" or "state_dict" (beside e.g. an iteration count).
+  Raises ValueError (one line naming the file) for PyTorch's legacy (pre-1.6) format, for
+  pickled objects other than tensors, containers and NumPy arrays, and for a file without a
+  state dict.
+  """
+  path = str(path)
+  if path.endswith(".safetensors"):
+    return _read_safetensors(path)
+  if not zipfile.is_zipfile(path):
+    raise ValueError(f"{path}: not torch.save's zip format (PyTorch's legacy format is not "
+                     "read); re-save it with PyTorch >= 1.6: "
+                     "torch.save(torch.load(path, weights_only=False), new_path)")
+  saved = _read_torch_zip(path)
+  if _is_state_dict(saved):
+    return dict(saved)
+  for key in ("model", "state_dict"):
+    if isinstance(saved, dict) and _is_state_dict(saved.get(key)):
+      return dict(saved[key])
+  found = (f"a dict with keys {sorted(map(str, saved))[:8]}" if isinstance(saved, dict)
+           else f"a {type(saved).__name__}")
+  raise ValueError(f"{path}: holds {found}, not a state dict of tensors by name "
+                   "(at the top level or under 'model' or 'state_dict')")

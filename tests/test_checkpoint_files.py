@@ -1,0 +1,128 @@
+"""checkpoint_files.read_state_dict against what torch.save and safetensors write."""
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import safetensors.torch
+import torch
+
+from ntxr.encoders import checkpoint_files
+
+
+def _tensors():
+  """Tensors of several dtypes, strided and offset views, and views sharing one storage."""
+  generator = torch.Generator().manual_seed(0)
+  base = torch.randn(6, 8, generator=generator)
+  return {
+      "float32": torch.randn(3, 4, generator=generator),
+      "float16": torch.randn(5, generator=generator).half(),
+      "bfloat16": torch.randn(2, 3, generator=generator).bfloat16(),
+      "float64": torch.randn(2, 2, generator=generator).double(),
+      "int64": torch.arange(-3, 7),
+      "int32": torch.arange(4, dtype=torch.int32),
+      "int8": torch.tensor([-128, 0, 127], dtype=torch.int8),
+      "uint8": torch.tensor([0, 255], dtype=torch.uint8),
+      "bool": torch.tensor([True, False, True]),
+      "scalar": torch.tensor(2.5),
+      "empty": torch.zeros(0, 3),
+      "transposed": base.t(),  # strides (1, 8)
+      "every_other_column": base[1:5, ::2],  # offset 8, strides (8, 2)
+      "row": base[3],  # offset 24, shares base's storage
+      "base": base,
+      "expanded": torch.tensor([1.0, 2.0]).expand(3, 2),  # stride 0
+      "uint16": torch.tensor([1, 40000], dtype=torch.int32).to(torch.uint16),
+  }
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+  """The tensor's values as NumPy computes them (bfloat16 widened to float32)."""
+  if tensor.dtype == torch.bfloat16:
+    return tensor.float().numpy()
+  if tensor.dtype == torch.uint16:
+    return tensor.to(torch.int32).numpy().astype(np.uint16)
+  return tensor.numpy()
+
+
+def _assert_same(found: dict, tensors: dict):
+  assert sorted(found) == sorted(tensors)
+  for name, tensor in tensors.items():
+    expected = _numpy(tensor)
+    assert found[name].dtype == expected.dtype, name
+    assert found[name].shape == expected.shape, name
+    np.testing.assert_array_equal(found[name], expected, err_msg=name)
+
+
+def test_reads_torch_save_tensors_of_every_dtype_and_layout(tmp_path):
+  tensors = _tensors()
+  path = tmp_path / "tensors.pth"
+  torch.save(tensors, path)
+  found = checkpoint_files.read_state_dict(str(path))
+  _assert_same(found, tensors)
+  found["row"][0] = 123.0  # arrays are the reader's own, not views of one another
+  assert found["base"][3, 0] == tensors["base"][3, 0]
+
+
+def test_reads_a_module_state_dict_with_parameters(tmp_path):
+  module = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4))
+  module[1].running_mean.uniform_(-1, 1)
+  state_dict = module.state_dict()
+  path = tmp_path / "module.pt"
+  torch.save(state_dict, path)
+  _assert_same(checkpoint_files.read_state_dict(str(path)), state_dict)
+  path = tmp_path / "parameters.bin"  # nn.Parameter objects, not detached tensors
+  torch.save(dict(module.named_parameters()), path)
+  _assert_same(checkpoint_files.read_state_dict(str(path)),
+               {name: value.detach() for name, value in module.named_parameters()})
+
+
+@pytest.mark.parametrize("key", ["model", "state_dict"])
+def test_unwraps_a_state_dict_nested_in_a_training_checkpoint(tmp_path, key):
+  tensors = {"fc.weight": torch.randn(3, 2), "fc.bias": torch.randn(3)}
+  path = tmp_path / "checkpoint.ckpt"
+  # As a training loop saves it: an iteration count and a sampler's NumPy state beside it.
+  torch.save({key: tensors, "iteration": 7,
+              "sampler": {"queue": np.arange(5), "seed": np.int64(3)}}, path)
+  _assert_same(checkpoint_files.read_state_dict(str(path)), tensors)
+
+
+def test_reads_safetensors(tmp_path):
+  tensors = {name: tensor.contiguous().clone() for name, tensor in _tensors().items()}
+  path = tmp_path / "model.safetensors"
+  safetensors.torch.save_file(tensors, str(path))
+  _assert_same(checkpoint_files.read_state_dict(str(path)), tensors)
+  arrays = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([1, 2])}
+  safetensors.numpy.save_file(arrays, str(path))
+  found = checkpoint_files.read_state_dict(str(path))
+  expected = safetensors.numpy.load_file(str(path))
+  for name in arrays:
+    np.testing.assert_array_equal(found[name], expected[name])
+    assert found[name].dtype == expected[name].dtype
+
+
+def _error(path) -> str:
+  with pytest.raises(ValueError) as error:
+    checkpoint_files.read_state_dict(str(path))
+  message = str(error.value)
+  assert "\n" not in message and str(path) in message
+  return message
+
+
+def test_refuses_the_legacy_format_saying_to_resave(tmp_path):
+  path = tmp_path / "legacy.pth"
+  torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
+  assert "re-save" in _error(path)
+
+
+def test_refuses_pickled_objects_other_than_tensors_and_containers(tmp_path):
+  path = tmp_path / "module.pth"
+  torch.save(torch.nn.Linear(2, 3), path)  # the whole module: its class would be imported
+  assert "torch.nn.modules.linear.Linear" in _error(path)
+  path = tmp_path / "float8.pth"
+  torch.save({"w": torch.zeros(2).to(torch.float8_e4m3fn)}, path)
+  assert "float8_e4m3fn" in _error(path)
+
+
+def test_refuses_a_file_without_a_state_dict(tmp_path):
+  path = tmp_path / "no_tensors.pth"
+  torch.save({"iteration": 7, "optimizer": {"lr": 0.1}}, path)
+  assert "iteration" in _error(path)
