@@ -3,7 +3,8 @@
 The reference is built with random weights (LayerNorm scales away from 1, random position
 embeddings and tokens), saved as the released files are (PaSST's plain state dict, or
 hear21passt's wrapper's), read back by `passt.load`, and run on real recordings resampled
-to 32 kHz. Tolerance: max |ntxr - reference| / max |reference| < 1e-5, in float32.
+to 32 kHz. Tolerance: max |ntxr - reference| / max |reference| < 1e-5, in float32 (for
+the front end, of the mel power before the log: see test_front_end_matches_augment_mel_stft).
 """
 
 import functools
@@ -43,8 +44,10 @@ def _import_hear21passt():
   import, and so does torchaudio. hear21passt needs neither compiled part: from timm only
   its download helper (for pretrained=True, never used here), from torchaudio the
   pure-PyTorch compliance.kaldi.get_mel_banks and masking transforms. Where the imports
-  fail so, those two are stood in for; with matching builds the packages load as they are.
+  fail so, those two are stood in for (timm's only while hear21passt is imported); with
+  matching builds the packages load as they are.
   """
+  stand_ins = {}
   try:
     import timm  # pylint: disable=unused-import,import-outside-toplevel
   except RuntimeError:  # torchvision: "operator torchvision::nms does not exist"
@@ -56,9 +59,9 @@ def _import_hear21passt():
       raise RuntimeError("the tests download nothing")
 
     hub.download_cached_file = download_cached_file
-    sys.modules.update({"timm": types.ModuleType("timm"),
-                        "timm.models": types.ModuleType("timm.models"),
-                        "timm.models._hub": hub})
+    stand_ins = {"timm": types.ModuleType("timm"), "timm.models": types.ModuleType("timm.models"),
+                 "timm.models._hub": hub}
+    sys.modules.update(stand_ins)
   try:
     import torchaudio  # pylint: disable=unused-import,import-outside-toplevel
   except OSError:  # its _torchaudio.so needs libc10_cuda.so
@@ -72,6 +75,8 @@ def _import_hear21passt():
   from hear21passt import base  # pylint: disable=import-outside-toplevel
   from hear21passt.models import passt as reference  # pylint: disable=import-outside-toplevel
   from hear21passt.models import preprocess  # pylint: disable=import-outside-toplevel
+  for name in stand_ins:
+    del sys.modules[name]
   return base, reference, preprocess
 
 
@@ -127,7 +132,7 @@ def _tiny_reference(s_patchout_t=0, s_patchout_f=0):
 
 
 def _run_reference(net, mel):
-  """(logits, features, patch outputs [B, F', T', D]) of `net` on mel [B, 128, frames]."""
+  """(logits, features, patch outputs [B, F' * T', D]) of `net` on mel [B, 128, frames]."""
   outputs = []
   hook = net.norm.register_forward_hook(lambda module, inputs, out: outputs.append(out))
   with torch.no_grad():
