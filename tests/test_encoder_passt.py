@@ -410,3 +410,14 @@ def test_load_refuses_a_wrong_missing_or_misshaped_key(tmp_path, change, key, sh
   message = str(raised.value)
   assert "\n" not in message and path in message and repr(key) in message
   assert passt.PUBLISHED in message and all(shape in message for shape in shapes)
+
+
+def test_the_mapped_variables_are_exactly_the_encoders():
+  """Every parameter the Encoder makes comes from the file, in its shape, and nothing more."""
+  state_dict = {key: value.numpy() for key, value in _tiny_reference().state_dict().items()}
+  mapped = passt.variables_from_state_dict(state_dict, TINY)
+  made = jax.eval_shape(passt.Encoder(TINY).init, jax.random.key(0),
+                        np.zeros((1, 32000), np.float32))
+  shapes = lambda tree: jax.tree_util.tree_map_with_path(
+      lambda path, leaf: (jax.tree_util.keystr(path), leaf.shape, leaf.dtype), tree)
+  assert shapes(mapped) == shapes(made)
