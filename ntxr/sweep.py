@@ -15,7 +15,7 @@ for a strategy S of the triplet loss, and `--objective=O ... --workdir=ROOT/O/se
 an objective O (ARGS: whatever follows `--`), its output in the workdir's log.txt. With
 neither --strategies nor --objectives, every strategy runs. With --together the runs
 train in this one process instead, the seeds of each strategy or objective as one
-vmapped program (`ntxr.train_together`), each run in its own workdir as before; ARGS
+vmapped program (`ntxr.train.train_runs`), each run in its own workdir as before; ARGS
 may then hold only --config flags. Every run's settings are checked before any
 starts: one whose workdir holds a run with other settings stops the sweep, naming them
 (use another --root). A run tested with these settings is skipped, an unfinished one
@@ -179,7 +179,7 @@ def run_all(runs, config, main_args=(), processes: int = 1, gpus=(), report=prin
 
 
 def run_together(runs, config, group_size: int = 0, report=print) -> list:
-  """Trains the unfinished runs in this process with `ntxr.train_together` (each run's
+  """Trains the unfinished runs in this process with `ntxr.train.train_runs` (each run's
   config: `config` with its strategy or objective and seed; at most group_size runs in a
   program, 0 for no limit); returns the failed ones (frozen before an epoch ended). Its
   failures end the command as `ntxr.main`'s do."""
@@ -189,8 +189,8 @@ def run_together(runs, config, group_size: int = 0, report=print) -> list:
   if not pending:
     return []
   # pylint: disable=import-outside-toplevel  (JAX and TensorFlow load only for training)
-  from ntxr import main as main_lib, train_together
-  results = main_lib.run_or_exit(train_together.train_together,
+  from ntxr import main as main_lib, train
+  results = main_lib.run_or_exit(train.train_runs,
                                  [(r.config(config), r.workdir) for r in pending], group_size)
   for run, result in zip(pending, results):
     status = ("FAILED (frozen before its first epoch ended)" if result is None

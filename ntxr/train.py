@@ -1,13 +1,16 @@
-"""Training as the paper runs it: epochs of triplet-loss steps, validation after each,
-the learning rate cut on a validation-loss plateau, the best epoch's checkpoint tested.
+"""Training as the paper runs it, for one run or many: epochs of steps, validation after
+each, the learning rate cut on a validation-loss plateau, the best epoch's checkpoint
+tested.
 
 `train_and_evaluate(config, workdir)` trains (resuming from `workdir` if a run is
 there), keeps the latest and the best checkpoint (by `config.select_by`: validation
 text-to-audio mAP@10, or the authors' lowest validation loss), evaluates the best on
 the test split and returns what it writes to workdir/results.json (ntxr.workdir lists
-the files).
+the files). `train_runs([(config, workdir), ...])` does the same for a sweep's runs in
+one process, the runs of one loss setting stepped as one program (`ntxr.programs`).
 """
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -23,7 +26,7 @@ import numpy as np
 import tqdm
 
 from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib, files
-from ntxr import metrics_log, parallel, settings, steps
+from ntxr import metrics_log, parallel, programs, settings, steps
 from ntxr import workdir as workdir_lib
 from ntxr.data import input_pipeline
 
@@ -193,91 +196,6 @@ class StopRequests:
     return self.received is not None
 
 
-def save_and_stop(state, progress: Progress, checkpoints: checkpoints_lib.Checkpoints,
-                  stop: StopRequests) -> Stopped:
-  """Saves the latest checkpoint; returns the Stopped error that says how to resume."""
-  checkpoints.save("latest", state, progress.to_json())
-  checkpoints.wait()
-  return stop.stopped(f"training stopped after step {int(state.step)} (epoch "
-                      f"{progress.epoch + 1}), saved in {checkpoints.root}/latest: rerun the "
-                      "same command to resume from there")
-
-
-def train_epochs(experiment: experiment_lib.Experiment, state: steps.TrainState,
-                 progress: Progress, checkpoints: checkpoints_lib.Checkpoints,
-                 log: metrics_log.MetricsLog) -> Progress:
-  """Trains from `progress` to config.num_epochs; returns the final Progress.
-
-  With config.schedule_from_untrained, a new run first gives the untrained model's
-  validation loss to the schedule and the stopper. Each epoch: the training split's
-  shuffled batches (at most max_steps_per_epoch), one step each, the latest checkpoint
-  every checkpoint_every_steps; then validation, the plateau schedule and stopper, the
-  best checkpoint if the selection improved, the latest, and one metrics line; the
-  stopper may end training before num_epochs. A non-finite loss stops training with
-  FloatingPointError, the last good checkpoint kept. Asked to stop (StopRequests), it
-  saves the latest checkpoint (after the step in flight, or the epoch's steps if they are
-  done) and raises Stopped.
-  """
-  config = experiment.config
-  steps_per_epoch = experiment.batches_per_epoch(experiment.training_split)
-  if config.max_steps_per_epoch:
-    steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
-  options = experiment.settings.optimiser
-  if options.schedule_from_untrained and not progress.validation_results:  # a new run
-    progress = progress.after_validation(experiment.validation_loss(state, 0), options)
-    state = steps.set_learning_rate(state, progress.learning_rate)
-  with StopRequests() as stop:
-    try:
-      while progress.epoch < config.num_epochs and not progress.stopped_early:
-        start = time.perf_counter()
-        stop.at_steps = True
-        state, progress = _train_steps(experiment, state, progress, checkpoints,
-                                       steps_per_epoch, stop)
-        stop.at_steps = False
-        state, progress = end_epoch(experiment, state, progress, checkpoints, log,
-                                    time.perf_counter() - start)
-    except Interrupted:
-      stop.at_steps = True  # record, not raise, a second signal while saving
-      raise save_and_stop(state, progress, checkpoints, stop) from None
-  return progress
-
-
-def _train_steps(experiment, state, progress, checkpoints, steps_per_epoch,
-                 stop: StopRequests) -> tuple:
-  """The epoch's steps from `progress` on; returns (state, progress) after them.
-
-  Steps are dispatched without waiting for them: the next batch goes to the devices
-  while a step runs, and the statistics are read every config.metrics_every_steps steps
-  (and before a checkpoint or a stop), where the NaN check runs.
-  """
-  config = experiment.config
-  epoch, split = progress.epoch + 1, experiment.training_split
-  batches = experiment.train_batches(split, experiment_lib.epoch_seed(config.seed, epoch))
-  batches = batches.take(steps_per_epoch).skip(progress.step_in_epoch)
-  base_key = jax.random.key(config.seed + 1)
-  device_batches = parallel.prefetch(input_pipeline.as_numpy(batches),
-                                     lambda batch: experiment.device_batch(batch, split))
-  bar = tqdm.tqdm(device_batches, total=steps_per_epoch, initial=progress.step_in_epoch,
-                  desc=f"epoch {epoch}/{config.num_epochs}", unit="batch")
-  unread = steps.UnreadStatistics()
-  for step, batch in enumerate(bar, int(state.step) + 1):
-    state, statistics = experiment.train_step(state, batch,
-                                              jax.random.fold_in(base_key, step - 1))
-    unread.add(step, statistics)
-    in_epoch = progress.step_in_epoch + len(unread)
-    asked = stop.asked(step)
-    save = (in_epoch % config.checkpoint_every_steps == 0
-            and in_epoch < steps_per_epoch)  # the epoch's end saves too
-    if asked or save or len(unread) == config.metrics_every_steps:
-      progress = check_statistics(progress, unread.read(), epoch, checkpoints)
-      bar.set_postfix(loss=f"{progress.statistic_means()['loss']:.4f}")
-    if asked:
-      raise save_and_stop(state, progress, checkpoints, stop)
-    if save:
-      checkpoints.save("latest", state, progress.to_json())
-  return state, check_statistics(progress, unread.read(), epoch, checkpoints)
-
-
 def check_statistics(progress: Progress, read: list, epoch: int,
                      checkpoints: checkpoints_lib.Checkpoints) -> Progress:
   """`progress` with the sums of the steps' statistics `read` ([(step, {field: float})],
@@ -298,19 +216,15 @@ def check_statistics(progress: Progress, read: list, epoch: int,
   return progress
 
 
-def end_epoch(experiment, state, progress, checkpoints, log, seconds, label: str = "",
-              validated: Optional[tuple] = None) -> tuple:
-  """Validation, the plateau schedule, checkpoints and the metrics line of an epoch whose
-  steps are done; returns (state, progress) at the start of the next. Its printed lines
-  start with `label` (the run's name, where several train at once). validated: the
-  epoch's (validation, Collapse, seconds) where measured already (runs validated
-  together); None: validated here."""
+def end_epoch(experiment, state, progress, checkpoints, log, seconds, label: str,
+              validated: tuple) -> tuple:
+  """The plateau schedule, checkpoints and the metrics line of an epoch whose steps are
+  done and validated (its (validation, Collapse, seconds), `programs`); returns (state,
+  progress) at the start of the next. Its printed lines start with `label` (the run's
+  name, where several train at once)."""
   config = experiment.config
   select = settings.SELECTIONS[config.select_by]
   epoch, training = progress.epoch + 1, progress.statistic_means()
-  if validated is None:
-    start = time.perf_counter()
-    validated = (*experiment.validate(state, training, epoch), time.perf_counter() - start)
   validation, collapse, validation_seconds = validated
   progress = progress.after_validation(validation["loss"], experiment.settings.optimiser)
   learning_rate = progress.learning_rate
@@ -396,22 +310,219 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   loss or a score becomes NaN; the last good checkpoints stay in workdir. Every program
   it compiles multiplies matrices at config.matmul_precision.
   """
-  settings.check(workdir, config)
-  with workdir_lib.in_use(workdir), jax.default_matmul_precision(config.matmul_precision):
-    experiment = experiment_lib.Experiment(config)  # reads the data
-    for split in (experiment.training_split, experiment.validation_split):
-      experiment.batches_per_epoch(split)  # fails now, not in epoch 1
-    settings.write(workdir, config)
-    with checkpoints_lib.Checkpoints(workdir) as checkpoints:
-      restored = checkpoints.resume(experiment.initial_state)
-      if restored is None:
-        state, progress = experiment.initial_state, Progress(learning_rate=config.learning_rate)
-      else:
-        state, progress = restored[0], Progress.from_json(restored[1])
-        logging.info("resuming at epoch %d, step %d", progress.epoch + 1, int(state.step))
-      with metrics_log.MetricsLog(workdir, progress.epoch) as log:
-        train_epochs(experiment, state, progress, checkpoints, log)
-      return evaluate_best(experiment, checkpoints, workdir)
+  return train_runs([(config, workdir)], freeze=False)[0]
+
+
+def train_runs(runs: list, group_size: int = 0, freeze: bool = True) -> list:
+  """Trains [(config, workdir)] (resuming each workdir's run), then tests each run's best
+  checkpoint; returns each run's results (as written to its results.json), or None for a
+  run frozen before it finished an epoch.
+
+  The runs differ only in strategy, objective and seed (`programs.PER_RUN`). The runs of
+  one loss setting step, validate and test as one program (`programs.Stacked`, at most
+  group_size of them, 0: all), a run alone as itself (`programs.Single`); each seed's
+  batches are made once a step, and every run draws the keys it draws alone. Runs left
+  at different steps (a rerun may find them so) train apart to their epoch's end, then
+  together again. freeze: a run whose loss, gradient or embeddings become non-finite is
+  frozen at its last good checkpoint and tested from its best (its results.json says
+  why) while the others go on; else FloatingPointError stops training.
+  """
+  configs = [config for config, _ in runs]
+  programs.check_together(configs)
+  for config, workdir in runs:
+    settings.check(workdir, config)
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(jax.default_matmul_precision(configs[0].matmul_precision))
+    for _, workdir in runs:
+      stack.enter_context(workdir_lib.in_use(workdir))
+    experiments = [experiment_lib.Experiment(config) for config in configs]
+    if len(runs) > 1:
+      programs.check_memory(experiments, group_size)
+    members = [_open(experiment, workdir, stack, several=len(runs) > 1)
+               for experiment, (_, workdir) in zip(experiments, runs)]
+    _train(members, group_size, freeze)
+    return _test(members, group_size)
+
+
+def _open(experiment: experiment_lib.Experiment, workdir: str, stack: contextlib.ExitStack,
+          several: bool) -> programs.Run:
+  """The run of `experiment` in workdir, resumed from its checkpoints if it has any; its
+  lines labelled with its name if it is one of `several`."""
+  config = experiment.config
+  for split in (experiment.training_split, experiment.validation_split):
+    experiment.batches_per_epoch(split)  # fails now, not in epoch 1
+  settings.write(workdir, config)
+  checkpoints = stack.enter_context(checkpoints_lib.Checkpoints(workdir))
+  restored = checkpoints.resume(experiment.initial_state)
+  if restored is None:
+    state, progress = experiment.initial_state, Progress(learning_rate=config.learning_rate)
+  else:
+    state, progress = restored[0], Progress.from_json(restored[1])
+    logging.info("resuming %s at epoch %d, step %d", workdir, progress.epoch + 1,
+                 int(state.step))
+  log = stack.enter_context(metrics_log.MetricsLog(workdir, progress.epoch))
+  run = programs.Run(experiment, workdir, checkpoints, log, state, progress)
+  run.label = f"{run.name}: " if several else ""
+  return run
+
+
+def _train(runs: list, group_size: int, freeze: bool) -> None:
+  """Trains the runs to their end: each time, the runs furthest behind through the rest
+  of their epoch, so that they meet the others at an epoch's start. With
+  schedule_from_untrained, a new run first gives the untrained model's validation loss
+  to the schedule and the stopper. Asked to stop (StopRequests), saves every run's
+  latest checkpoint (after the step in flight, or the epoch's steps if they are done)
+  and raises Stopped."""
+  options = runs[0].experiment.settings.optimiser
+  if options.schedule_from_untrained:
+    for run in runs:
+      if not run.progress.validation_results:  # a new run
+        run.progress = run.progress.after_validation(run.experiment.validation_loss(
+            run.state, 0), options)
+        run.state = steps.set_learning_rate(run.state, run.progress.learning_rate)
+  with StopRequests() as stop:
+    try:
+      while any(run.training for run in runs):
+        behind = min(run.position for run in runs if run.training)
+        _train_epoch([run for run in runs if run.training and run.position == behind],
+                     group_size, freeze, stop)
+    except Interrupted:
+      stop.at_steps = True  # record, not raise, a second signal while saving
+      raise _save_and_stop(runs, stop) from None
+
+
+def _save_and_stop(runs: list, stop: StopRequests) -> Stopped:
+  """Saves every unfrozen run's latest checkpoint; returns the Stopped error that says
+  how to resume."""
+  for run in runs:
+    if not run.frozen:
+      run.checkpoints.save("latest", run.state, run.progress.to_json())
+  for run in runs:
+    run.checkpoints.wait()
+  if len(runs) > 1:
+    return stop.stopped(f"the {len(runs)} runs stopped, each saved in its workdir's "
+                        "checkpoints/latest: rerun the same command to resume them from there")
+  run, = runs
+  return stop.stopped(f"training stopped after step {int(run.state.step)} (epoch "
+                      f"{run.progress.epoch + 1}), saved in {run.checkpoints.root}/latest: "
+                      "rerun the same command to resume from there")
+
+
+def _train_epoch(runs: list, group_size: int, freeze: bool, stop: StopRequests) -> None:
+  """The runs (all at one step of one epoch) through the rest of the epoch's steps, one
+  program per loss setting, then each run's validation, schedule and checkpoints.
+
+  Steps are dispatched without waiting for them: the next batch goes to the devices
+  while a step runs, and the statistics are read every config.metrics_every_steps steps
+  (and before a checkpoint or a stop), where the NaN check runs; the latest checkpoint
+  is saved every checkpoint_every_steps steps.
+  """
+  experiment = runs[0].experiment
+  config, split = experiment.config, experiment.training_split
+  steps_per_epoch = experiment.batches_per_epoch(split)
+  if config.max_steps_per_epoch:
+    steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+  epoch, start = runs[0].progress.epoch + 1, runs[0].progress.step_in_epoch
+  active = [programs.of(members) for members in programs.grouped(runs, group_size)]
+  made, relations = {}, {}  # seed -> its batches and their relations, once for its runs
+  for run in runs:
+    if run.seed not in made:
+      batches = run.experiment.train_batches(split, experiment_lib.epoch_seed(run.seed, epoch))
+      made[run.seed] = input_pipeline.as_numpy(batches.take(steps_per_epoch).skip(start))
+      relations[run.seed] = run.experiment.with_relations
+
+  def seed_batches():
+    for batches in zip(*made.values()):
+      yield {seed: relations[seed](batch, split) for seed, batch in zip(made, batches)}
+  queued = parallel.prefetch(seed_batches(), lambda batches: (
+      batches, {program: program.put(batches) for program in active}))
+  desc = f"epoch {epoch}/{config.num_epochs}" + (f", {len(runs)} runs" if len(runs) > 1 else "")
+  began, first_step = time.perf_counter(), int(runs[0].state.step) + 1
+  stop.at_steps = True
+  with tqdm.tqdm(queued, total=steps_per_epoch, initial=start, desc=desc, unit="batch") as bar:
+    for step, (batches, put) in enumerate(bar, first_step):
+      for program in active:
+        program.step(put[program] if program in put else program.put(batches), step)
+      done = start + step - first_step + 1
+      asked = stop.asked(step)
+      save = done % config.checkpoint_every_steps == 0 and done < steps_per_epoch
+      if asked or save or len(active[0].unread) == config.metrics_every_steps:
+        active = _read(active, epoch, freeze)
+        if not active:  # every run frozen
+          break
+        if len(runs) == 1:
+          bar.set_postfix(loss=f"{runs[0].progress.statistic_means()['loss']:.4f}")
+      if asked:
+        for program in active:
+          program.unstack()
+        raise _save_and_stop(runs, stop)
+      if save:
+        for program in active:
+          program.unstack()
+          for run in program.runs:
+            run.checkpoints.save("latest", run.state, run.progress.to_json())
+  active = _read(active, epoch, freeze)
+  for program in active:
+    program.unstack()
+  stop.at_steps = False
+  seconds = time.perf_counter() - began
+  for program in active:
+    for run, validated in zip(program.runs, program.validate(epoch)):
+      if isinstance(validated, FloatingPointError):
+        if not freeze:
+          raise validated
+        run.freeze(f"{validated} after epoch {epoch}; this run is frozen, its checkpoints "
+                   f"kept in {run.checkpoints.root}")
+        continue
+      run.state, run.progress = end_epoch(run.experiment, run.state, run.progress,
+                                          run.checkpoints, run.log, seconds, run.label,
+                                          validated)
+
+
+def _read(active: list, epoch: int, freeze: bool) -> list:
+  """Reads every program's statistics into its runs' progress (`check_statistics`);
+  returns the programs without their frozen runs (a program left with none is dropped).
+  Without freeze, a non-finite loss or gradient raises FloatingPointError."""
+  kept = []
+  for program in active:
+    frozen = []
+    for run, read in zip(program.runs, program.read()):
+      try:
+        run.progress = check_statistics(run.progress, read, epoch, run.checkpoints)
+      except FloatingPointError as error:
+        if not freeze:
+          raise
+        run.freeze(str(error).replace("; stopped.", "; this run is frozen."))
+        frozen.append(run)
+    if not frozen:
+      kept.append(program)
+      continue
+    program.unstack()  # the frozen runs' states are not saved again
+    going = [run for run in program.runs if not run.frozen]
+    if going:
+      kept.append(programs.of(going))
+  return kept
+
+
+def _test(runs: list, group_size: int) -> list:
+  """Tests each run's best checkpoint, the runs of each loss setting embedding the test
+  split in one pass and scoring it in one program per block; returns each run's results
+  (written to its results.json), or None for a run frozen before its first epoch ended."""
+  scored = {}
+  for group in programs.grouped([run for run in runs if run.checkpoints.step("best") is not None],
+                                group_size):
+    scored.update(zip(group, programs.test_scores(
+        group, lambda run: best_state(run.experiment, run.checkpoints))))
+  results = []
+  for run in runs:
+    if run not in scored:
+      logging.warning("%s: frozen before its first epoch ended, so it has no results", run.name)
+      results.append(None)
+    else:
+      results.append(evaluate_best(run.experiment, run.checkpoints, run.workdir,
+                                   frozen=run.frozen, scored=scored[run]))
+  return results
+
 
 
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -122,10 +122,10 @@ def tiny_sweep(tiny_run, tiny_config):
 @pytest.fixture(scope="session")
 def apart_and_together(tmp_path_factory, tiny_config):
   """(apart, together): together_plan's runs trained apart (ntxr.train) and together
-  (ntxr.train_together), each [(config, workdir)], once for the session. The second
+  (ntxr.train.train_runs), each [(config, workdir)], once for the session. The second
   worker trains the together runs while the first trains the separate ones."""
   # pylint: disable=import-outside-toplevel
-  from ntxr import files, train, train_together
+  from ntxr import files, train
   from runs import together_plan
   root = shared_path(tmp_path_factory, "together")
   apart = together_plan(os.path.join(root, "apart"), tiny_config)
@@ -140,7 +140,7 @@ def apart_and_together(tmp_path_factory, tiny_config):
   def train_joined():
     with files.locked(os.path.join(f"{root}-locks", "together"), wait=True):
       if not finished(joined):
-        train_together.train_together(joined)
+        train.train_runs(joined)
   for step in ((train_joined, train_apart) if os.environ.get("PYTEST_XDIST_WORKER") == "gw1"
                else (train_apart, train_joined)):
     step()

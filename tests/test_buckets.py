@@ -118,8 +118,11 @@ def test_config_metrics_results_and_the_dcase_file_are_written_to_the_bucket(
   settings.write(workdir, config)
   assert json.loads(emulator.read(f"{prefix}/config.json")) == json.loads(config.to_json())
   assert settings.saved(workdir)["strategy"] == config.strategy
-  with pytest.raises(ValueError, match="holds a run with other settings \\(strategy\\)"):
-    settings.write(workdir, tiny_config(strategy="hard_cross"))
+  settings.write(workdir, tiny_config(strategy="hard_cross"))  # nothing trained: mendable
+  files.write_text(f"{workdir}/checkpoints/latest/10/done", "")  # a run trained there
+  with pytest.raises(ValueError, match="holds a run with other settings \\(strategy: "
+                     "'hard_cross' there, 'random' here\\)"):
+    settings.write(workdir, tiny_config(strategy="random"))
 
   with subprocess.Popen([sys.executable, "-c", "pass"]) as gone:  # a run killed with SIGKILL
     gone.wait()
@@ -213,9 +216,9 @@ def test_a_run_in_a_bucket_is_killed_resumes_and_matches_a_local_run(
   env = dict(os.environ, EPATH_USE_TF="false", STORAGE_EMULATOR_HOST=emulator.url,
              TENSORSTORE_GCS_HTTP_URL=emulator.url, GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator",
              GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT="false")  # no zonal-bucket probe per call
-  command = [sys.executable, "-c", MAIN_PER_ARRAY, f"--workdir=gs://{BUCKET}/run", *tiny_flags(),
-             f"--config.cache_dir=gs://{BUCKET}/cache"]
-  run = subprocess.Popen(command + [f"--config.stage_dir={tmp_path_factory.mktemp('machine_a')}"],
+  command = [sys.executable, "-c", MAIN_PER_ARRAY, f"--workdir=gs://{BUCKET}/run"]
+  flags = lambda **more: tiny_flags(cache_dir=f"gs://{BUCKET}/cache", **more)
+  run = subprocess.Popen(command + flags(stage_dir=tmp_path_factory.mktemp("machine_a")),
                          cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
   try:  # a complete checkpoint 10 (Orbax marks one in a bucket with commit_success.txt)
@@ -230,8 +233,8 @@ def test_a_run_in_a_bucket_is_killed_resumes_and_matches_a_local_run(
   emulator.write(f"{prepared}/tokenizers/only_in_the_bucket.txt", b"a file to trace")
 
   stage_b = tmp_path_factory.mktemp("machine_b")
-  rerun = subprocess.run(command + [f"--config.stage_dir={stage_b}",
-                                    "--config.checkpoint_every_steps=1000"],  # epochs' ends
+  rerun = subprocess.run(command + flags(stage_dir=stage_b,
+                                          checkpoint_every_steps=1000),  # epochs' ends
                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
                          check=False)
   assert rerun.returncode == 0, rerun.stderr[-3000:]

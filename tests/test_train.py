@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from ntxr import checkpoints as checkpoints_lib, dcase, experiment as experiment_lib
-from ntxr import relevance, settings, steps, train
+from ntxr import programs, relevance, settings, steps, train
 from ntxr.configs import default
 from ntxr.bench import reference
 from ntxr.data import input_pipeline
@@ -134,17 +134,16 @@ def test_the_loop_puts_the_next_batch_ahead_and_reads_statistics_every_k_steps(
   """metrics_every_steps=4 (the tiny run reads every 10): the same results, read 4 at a
   time and before the step-10 checkpoint; batch i+1 on the devices before step i runs."""
   events, reads = [], []
-  device_batch, train_step = (experiment_lib.Experiment.device_batch,
-                              experiment_lib.Experiment.train_step)
-  def put(self, batch, split):
+  put_batch, train_step = programs.Single.put, programs.Single.step
+  def put(self, batches):
     events.append("put")
-    return device_batch(self, batch, split)
-  def step(self, state, batch, key):
+    return put_batch(self, batches)
+  def step(self, batch, number):
     events.append("step")
-    return train_step(self, state, batch, key)
+    return train_step(self, batch, number)
   read = steps.UnreadStatistics.read
-  monkeypatch.setattr(experiment_lib.Experiment, "device_batch", put)
-  monkeypatch.setattr(experiment_lib.Experiment, "train_step", step)
+  monkeypatch.setattr(programs.Single, "put", put)
+  monkeypatch.setattr(programs.Single, "step", step)
   monkeypatch.setattr(steps.UnreadStatistics, "read",
                       lambda self: reads.append(len(self)) or read(self))
   results = train.train_and_evaluate(tiny_config(metrics_every_steps=4), str(tmp_path))
@@ -190,7 +189,8 @@ def test_frozen_word_vectors_stay_fixed(tiny_config, tmp_path):
 
 
 def test_changed_settings_need_a_new_workdir(tiny_config, tiny_run, tmp_path):
-  with pytest.raises(ValueError, match="other settings \\(strategy\\)"):
+  with pytest.raises(ValueError, match="other settings \\(strategy: 'semihard_cross' there, "
+                     "'hard_cross' here\\)"):
     train.train_and_evaluate(tiny_config(strategy="hard_cross"), tiny_run)
   with pytest.raises(ValueError, match="the validation split has 40 caption pairs, fewer "
                      "than one batch of 48: lower --config.batch_size"):
@@ -212,7 +212,8 @@ def test_a_run_from_before_a_config_field_existed_still_resumes(tiny_config, tin
   results = train.train_and_evaluate(tiny_config(), str(workdir))
   assert results["t2a"] == json.loads((pathlib.Path(tiny_run) / "results.json").read_text())["t2a"]
   assert json.loads((workdir / "config.json").read_text())["compute_dtype"] == "float32"
-  with pytest.raises(ValueError, match=r"other settings \(compute_dtype\)"):
+  with pytest.raises(ValueError, match=r"other settings \(compute_dtype: 'float32' there, "
+                     r"'bfloat16' here\)"):
     train.train_and_evaluate(tiny_config(compute_dtype="bfloat16"), str(workdir))
 
 

@@ -1,4 +1,4 @@
-"""Runs trained together (ntxr.train_together) are the runs they would have been apart:
+"""Runs trained together (ntxr.train.train_runs) are the runs they would have been apart:
 the same files, losses and metrics; a NaN in one freezes only that one; a stop resumes;
 what would not fit a device is refused. (Eight devices against one: test_parallel.)"""
 
@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 from runs import SHORT, TOGETHER_SEEDS, assert_same_run, read, together_plan
-from ntxr import experiment as experiment_lib, settings, sweep, train
-from ntxr import train_together, together
+from ntxr import experiment as experiment_lib, programs, settings, sweep, train, together
 
 
 def test_runs_trained_together_are_the_runs_trained_apart(apart_and_together, tmp_path):
@@ -52,12 +51,14 @@ def test_a_run_whose_loss_becomes_nan_is_frozen_and_the_others_go_on(
   frozen there, tested from its epoch-1 checkpoint, its results say why; the seed-0 run
   trains on, its first epoch that of the clean runs trained together."""
   clean = first_epochs(apart_and_together[1])
-  step = train_together.Program.step
-  def poisoned(program, batches, number):
+  step = programs.Stacked.step
+  def poisoned(program, batch, number):
     if number >= 6:  # seed 1's batch
-      batches = {**batches, 1: dict(batches[1], audio=np.full_like(batches[1]["audio"], np.nan))}
-    step(program, batches, number)
-  monkeypatch.setattr(train_together.Program, "step", poisoned)
+      audio = batch["audio"].copy()
+      audio[[run.seed for run in program.runs].index(1)] = np.nan
+      batch = dict(batch, audio=audio)
+    step(program, batch, number)
+  monkeypatch.setattr(programs.Stacked, "step", poisoned)
   reported = []
   failed = sweep.run_together(sweep.plan(str(tmp_path), ["hard_cross"], TOGETHER_SEEDS),
                               tiny_config(**dict(SHORT, num_epochs=2)), report=reported.append)
@@ -82,15 +83,15 @@ def test_runs_validated_together_are_validated_as_apart_and_a_nan_freezes_one(
   """The together runs' validation (their states stacked, one vmapped loss program, one embedding
   pass, one scoring program per block) gives each run the loss, embeddings and scores of its
   own validation, to 1e-5, with the same draws every epoch and with each epoch's own; a run
-  whose parameters became NaN is frozen, the other validated."""
+  whose parameters became NaN gets its error (the loop freezes it), the other is validated."""
   # The random strategy's runs: their losses read each run's own key, and no near tie
   # among hard negatives can flip with the order of a vmapped sum (test_together).
   runs = [(config, shutil.copytree(workdir, tmp_path / os.path.basename(workdir)))
           for config, workdir in apart_and_together[1] if config.strategy == "random"]
   with contextlib.ExitStack() as stack:
-    members = [train_together._open(experiment_lib.Experiment(config), str(workdir), stack)
+    members = [train._open(experiment_lib.Experiment(config), str(workdir), stack, several=True)
                for config, workdir in runs]
-    validated = train_together._validate(members, 1)
+    validated = programs.Stacked(members).validate(1)
     experiment = members[0].experiment
     splits = experiment.embed_split_runs(together.stack([run.state for run in members]),
                                          experiment.validation_split)
@@ -117,18 +118,17 @@ def test_runs_validated_together_are_validated_as_apart_and_a_nan_freezes_one(
       config = copy.deepcopy(run.experiment.config)
       config.validation_draws = "per_epoch"
       run.experiment = experiment_lib.Experiment(config)
-    per_epoch = [results["loss"] for results, _, _ in train_together._validate(members, 2)]
+    per_epoch = [results["loss"] for results, _, _ in programs.Stacked(members).validate(2)]
     assert per_epoch == pytest.approx([run.experiment.validation_loss(run.state, 2)
                                        for run in members], rel=1e-5)
     assert all(loss != pytest.approx(fixed[0]["loss"], rel=1e-5)
                for loss, fixed in zip(per_epoch, validated))
     members[1].state = members[1].state.replace(params=jax.tree.map(
         lambda leaf: leaf * np.nan, members[1].state.params))
-    first, second = train_together._validate(members, 2)
+    first, second = programs.Stacked(members).validate(2)
     assert first[0]["loss"] == pytest.approx(per_epoch[0], rel=1e-6)
-    assert second is None and members[0].frozen is None
-    assert members[1].frozen.startswith("the model's embeddings became NaN or infinite after "
-                                        "epoch 2; this run is frozen")
+    assert isinstance(second, FloatingPointError)
+    assert str(second).startswith("the model's embeddings became NaN or infinite")
 
 
 def test_a_stopped_sweep_resumes_every_run_even_from_different_steps(
@@ -142,17 +142,17 @@ def test_a_stopped_sweep_resumes_every_run_even_from_different_steps(
   asked = train.StopRequests.asked
   monkeypatch.setattr(train.StopRequests, "asked", lambda self, step: step == 3)
   with pytest.raises(train.Stopped, match="the 2 runs stopped"):
-    train_together.train_together(runs)
+    train.train_runs(runs)
   monkeypatch.setattr(train.StopRequests, "asked", asked)
   behind = os.path.join(runs[1][1], "checkpoints", "latest")
   assert sorted(int(name) for name in os.listdir(behind) if name.isdigit()) == [3]
   os.rename(os.path.join(behind, "3"), os.path.join(str(tmp_path), "lost"))
-  sizes, program = [], train_together.Program.__init__
-  def record(self, runs):
-    sizes.append([run.experiment.config.seed for run in runs])
-    program(self, runs)
-  monkeypatch.setattr(train_together.Program, "__init__", record)
-  results = train_together.train_together(runs)
+  sizes, program_of = [], programs.of
+  def record(runs):
+    sizes.append([run.seed for run in runs])
+    return program_of(runs)
+  monkeypatch.setattr(programs, "of", record)
+  results = train.train_runs(runs)
   assert sizes == [[1], [0], [0, 1]]
   for (config, workdir), got in zip(runs, results):
     assert (got["epochs"], got["steps"]) == (2, 8)
@@ -175,16 +175,16 @@ def test_runs_that_would_not_fit_a_device_are_refused_naming_a_group_size_that_f
   state = experiments[0].initial_state
   params = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))
   statistics = sum(leaf.nbytes for leaf in jax.tree.leaves(state.batch_stats))
-  state_bytes, step_bytes = train_together.run_bytes(experiments[0])
+  state_bytes, step_bytes = programs.run_bytes(experiments[0])
   assert 3 * params + statistics < state_bytes < 3 * params + statistics + 1024
   assert step_bytes > 0
   one = state_bytes + step_bytes
-  monkeypatch.setattr(train_together, "device_memory", lambda device: int(2.5 * one / 0.9))
+  monkeypatch.setattr(programs, "device_memory", lambda device: int(2.5 * one / 0.9))
   with pytest.raises(settings.SettingError, match=re.escape(
       f"6 runs of hard_cross trained together need about {6 * one / 2**30:.1f} GiB of each "
       f"device's {2.5 * one / 0.9 / 2**30:.1f} GiB: train at most 2 together "
       "(--group_size=2)")):
-    train_together.check_memory(experiments, 0)
-  train_together.check_memory(experiments, 2)
-  monkeypatch.setattr(train_together, "device_memory", lambda device: None)  # the CPU's
-  train_together.check_memory(experiments, 0)
+    programs.check_memory(experiments, 0)
+  programs.check_memory(experiments, 2)
+  monkeypatch.setattr(programs, "device_memory", lambda device: None)  # the CPU's
+  programs.check_memory(experiments, 0)

@@ -1,5 +1,5 @@
 """The union table: one strategy ablation's runs stepped as one program over the union of
-its strategies against one program per strategy (as `ntxr.train_together` groups them).
+its strategies against one program per strategy (as `ntxr.programs` groups them).
 In the union program each run's negatives are chosen by `lax.switch` on its strategy;
 under `vmap` a switch on a per-run index runs every branch, so every run computes every
 strategy's score matrices and selection, forward and backward."""
