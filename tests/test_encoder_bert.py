@@ -19,10 +19,14 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-import transformers
 from tokenizers import implementations
 
+import torch_references
+
+from ntxr import encoders
 from ntxr.encoders import bert
+
+transformers = torch_references.transformers()
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TOLERANCE = 1e-5  # max abs difference / max abs value, float32
@@ -398,3 +402,21 @@ def test_pooling_and_max_length_are_checked(small_bert):
     bert.load(small_bert, pooling="max")
   with pytest.raises(ValueError, match=r"max_length must be in \[3, 40\], not 41"):
     bert.load(small_bert, max_length=41)
+
+
+def test_encoders_load_by_name_checks_the_model_type(small_bert):
+  """ntxr.encoders.load("bert", folder) is bert.load's encoder; "roberta" of a BERT folder
+  and an unknown name are refused in one line."""
+  by_name, direct = encoders.load("bert", small_bert), bert.load(small_bert)
+  captions = CAPTIONS[:4]
+  (words, mask), sentences = by_name.embed(captions)
+  (expected_words, expected_mask), expected_sentences = direct.embed(captions)
+  np.testing.assert_array_equal(mask, expected_mask)
+  np.testing.assert_array_equal(words, expected_words)
+  np.testing.assert_array_equal(sentences, expected_sentences)
+  with pytest.raises(ValueError, match=f"^{small_bert}: its config.json declares model_type "
+                     "'bert', not 'roberta': load it as 'bert'$"):
+    encoders.load("roberta", small_bert)
+  with pytest.raises(ValueError, match=r"no encoder 'clap': choose from \['cnn14', 'passt', "
+                     r"'bert', 'roberta'\]"):
+    encoders.load("clap", small_bert)

@@ -10,19 +10,18 @@ the front end, of the mel power before the log: see test_front_end_matches_augme
 import functools
 import os
 import sys
-import types
 
 import jax
-import jax.numpy as jnp
 import librosa
 import numpy as np
 import pytest
 import soundfile
 import torch
 
+import torch_references
+
 from ntxr.encoders import passt
 
-jax.config.update("jax_default_matmul_precision", "highest")
 pytestmark = pytest.mark.filterwarnings(  # the reference's, on every call
     "ignore:Input image size", "ignore:stft with return_complex=False",
     "ignore:`torch.cuda.amp.autocast")
@@ -31,56 +30,15 @@ TOLERANCE = 1e-5
 TINY = passt.Size(width=64, depth=2, num_heads=4)
 
 
-def _forget(package):
-  for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
-    del sys.modules[name]
+@pytest.fixture(autouse=True)
+def _highest_precision():
+  with jax.default_matmul_precision("highest"):
+    yield
 
 
-def _import_hear21passt():
-  """hear21passt's base, passt and preprocess modules, importable beside a CPU-only torch.
-
-  torchvision's and torchaudio's PyPI wheels are CUDA builds, whose compiled extensions
-  cannot load beside torch's CPU wheel: timm (which imports torchvision) then fails to
-  import, and so does torchaudio. hear21passt needs neither compiled part: from timm only
-  its download helper (for pretrained=True, never used here), from torchaudio the
-  pure-PyTorch compliance.kaldi.get_mel_banks and masking transforms. Where the imports
-  fail so, those two are stood in for (timm's only while hear21passt is imported); with
-  matching builds the packages load as they are.
-  """
-  stand_ins = {}
-  try:
-    import timm  # pylint: disable=unused-import,import-outside-toplevel
-  except RuntimeError:  # torchvision: "operator torchvision::nms does not exist"
-    _forget("torchvision")
-    _forget("timm")
-    hub = types.ModuleType("timm.models._hub")
-
-    def download_cached_file(*args, **kwargs):
-      raise RuntimeError("the tests download nothing")
-
-    hub.download_cached_file = download_cached_file
-    stand_ins = {"timm": types.ModuleType("timm"), "timm.models": types.ModuleType("timm.models"),
-                 "timm.models._hub": hub}
-    sys.modules.update(stand_ins)
-  try:
-    import torchaudio  # pylint: disable=unused-import,import-outside-toplevel
-  except OSError:  # its _torchaudio.so needs libc10_cuda.so
-    _forget("torchaudio")
-    extension = types.ModuleType("torchaudio._extension")
-    extension._IS_TORCHAUDIO_EXT_AVAILABLE = False
-    extension._IS_ALIGN_AVAILABLE = False
-    extension.fail_if_no_align = lambda function: function
-    extension._load_lib = lambda name: False
-    sys.modules["torchaudio._extension"] = extension
-  from hear21passt import base  # pylint: disable=import-outside-toplevel
-  from hear21passt.models import passt as reference  # pylint: disable=import-outside-toplevel
-  from hear21passt.models import preprocess  # pylint: disable=import-outside-toplevel
-  for name in stand_ins:
-    del sys.modules[name]
-  return base, reference, preprocess
-
-
-base, reference, preprocess = _import_hear21passt()
+_REFERENCES = torch_references.hear21passt()
+base, reference, preprocess = (_REFERENCES.base, _REFERENCES.reference,
+                               _REFERENCES.preprocess)
 
 
 def _recording(name, seconds=None):
