@@ -14,10 +14,9 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ntxr import dcase, embedder as embedder_lib, evaluate, false_negatives, models
-from ntxr import parallel, relevance, settings, steps
-from ntxr.data import corpus as corpus_lib, input_pipeline, synthetic
-from ntxr.data import word_vectors
+from ntxr import dcase, embedder as embedder_lib, evaluate, models, parallel
+from ntxr import relations as relations_lib, relevance, settings, steps
+from ntxr.data import corpus as corpus_lib, input_pipeline, word_vectors
 
 
 def epoch_seed(*entropy: int) -> int:
@@ -85,15 +84,10 @@ class Experiment:
         words=config.max_tokens, mel_bands=self.builder.builder_config.logmel.mel_bands,
         objective=config.objective, learning_rate=config.learning_rate,
         word_table=self.word_table))
-    if config.similarity == "events" and self.corpus.events is None:
-      raise ValueError("--config.similarity=events needs the built-in corpus, whose clips' "
-                       "events are known: use tfidf or word_vectors on recorded data")
-    self._events = {}  # split -> [clips, kinds] bool by audio_id
-    self._idf = None
-    if config.similarity == "tfidf":  # over the training captions, as the model sees them
-      self._idf = false_negatives.inverse_document_frequency(
-          [self.tokenizer.encode(c) for _, captions in self.captions(self.training_split)
-           for c in captions], self.tokenizer.vocab_size)
+    self.relations = relations_lib.CaptionRelations(
+        self.builder, self.corpus.events, self.tokenizer, self.settings.loss.similarity,
+        self.word_table, [c for _, captions in self.captions(self.training_split)
+                          for c in captions] if self.settings.loss.similarity == "tfidf" else [])
     self._train_step, self._eval_loss = compiled_steps(
         tuple(self.devices.mesh.devices.flat), self.settings.loss)
     # People's judgements of the test split, read now so that a bad file stops the run
@@ -122,45 +116,12 @@ class Experiment:
 
   def device_batch(self, batch: dict, split: str) -> dict:
     """A global batch of numpy arrays of `split`, with its relations, on the devices."""
-    return self.devices.shard(self.with_relations(batch, split))
+    return self.devices.shard(self.relations.add(batch, split))
 
   def train_step(self, state: steps.TrainState, batch: dict, key: jax.Array):
     """(state, TrainingStatistics) after one step on a `device_batch`; both stay on the
     devices (the step is dispatched, not waited for)."""
     return self._train_step(state, batch, key)
-
-  def clip_events(self, split: str) -> Optional[np.ndarray]:
-    """[clips, len(synthetic.EVENT_KINDS)] bool each clip's event kinds by audio_id, or
-    None for recorded data."""
-    if self.corpus.events is None:
-      return None
-    if split not in self._events:
-      clips = self.builder.as_dataset(split=split,
-                                      decoders={"logmel": tfds.decode.SkipDecoding()})
-      kinds = [kind.name for kind in synthetic.EVENT_KINDS]
-      names = {int(c["audio_id"]): c["file_name"].decode() for c in tfds.as_numpy(clips)}
-      table = np.zeros((len(names), len(kinds)), bool)
-      for audio_id, name in names.items():
-        table[audio_id, [kinds.index(k) for k in self.corpus.events[split][name]]] = True
-      self._events[split] = table
-    return self._events[split]
-
-  def with_relations(self, batch: dict, split: str) -> dict:
-    """The batch with what the loss may use beyond it: events [B, K] bool (the built-in
-    corpus) and caption_similarity [B, B] (with --config.similarity)."""
-    extra, events = {}, self.clip_events(split)
-    if events is not None:
-      extra["events"] = events[batch["audio_id"]]
-    source = self.config.similarity
-    if source == "tfidf":
-      extra["caption_similarity"] = false_negatives.tfidf_similarity(
-          batch["tokens"], batch["token_mask"], self._idf)
-    elif source == "word_vectors":
-      extra["caption_similarity"] = false_negatives.word_vector_similarity(
-          batch["tokens"], batch["token_mask"], self.word_table)
-    elif source == "events":
-      extra["caption_similarity"] = false_negatives.event_similarity(extra["events"])
-    return dict(batch, **extra)
 
   def clips(self, split: str):
     return self.builder.as_dataset(split=split)

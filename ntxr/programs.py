@@ -168,7 +168,7 @@ class Stacked:
     made = {seed: experiment.validation_batches(seed) for _, seed in draws}
     losses = []
     for batches in zip(*made.values()):
-      of_seed = {seed: experiment.with_relations(batch, split)
+      of_seed = {seed: experiment.relations.add(batch, split)
                  for seed, batch in zip(made, batches)}
       losses.append(self._eval_loss(
           stacked, together.pad_and_stack([of_seed[seed] for _, seed in draws]), keys))
@@ -244,7 +244,7 @@ def run_bytes(experiment: experiment_lib.Experiment) -> tuple:
   config = experiment.config
   size, frames = config.batch_size, config.frame_buckets[-1]
   mel_bands = experiment.builder.builder_config.logmel.mel_bands
-  batch = experiment.with_relations(dict(
+  batch = experiment.relations.add(dict(
       audio=np.zeros((size, frames, mel_bands), np.float32),
       audio_mask=np.ones((size, frames), bool),
       tokens=np.ones((size, config.max_tokens), np.int32),

@@ -429,7 +429,7 @@ def _train_epoch(runs: list, group_size: int, freeze: bool, stop: StopRequests) 
     if run.seed not in made:
       batches = run.experiment.train_batches(split, experiment_lib.epoch_seed(run.seed, epoch))
       made[run.seed] = input_pipeline.as_numpy(batches.take(steps_per_epoch).skip(start))
-      relations[run.seed] = run.experiment.with_relations
+      relations[run.seed] = run.experiment.relations.add
 
   def seed_batches():
     for batches in zip(*made.values()):

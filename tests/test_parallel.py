@@ -153,7 +153,7 @@ def _steps(cache_dir: str, strategies) -> dict:
     keys = jax.device_put(jax.numpy.stack([jax.random.key(1), jax.random.key(2)]), mesh.runs)
     losses = []
     for i, batch in enumerate(batches):
-      both = together.pad_and_stack([experiment.with_relations(b, "development")
+      both = together.pad_and_stack([experiment.relations.add(b, "development")
                                      for b in (batch, batches[(i + 1) % len(batches)])])
       states, statistics = step(states, both, jax.vmap(jax.random.fold_in, (0, None))(keys, i))
       losses.append(np.asarray(statistics.loss))
