@@ -48,16 +48,16 @@ class Run:
 
   @property
   def name(self) -> str:
-    return f"{settings.run_name(self.experiment.config)} seed {self.experiment.config.seed}"
+    return f"{settings.run_name(self.experiment.config)} seed {self.seed}"
 
   @property
   def seed(self) -> int:
-    return self.experiment.config.seed
+    return self.experiment.settings.seed
 
   @property
   def training(self) -> bool:
     return (not self.frozen and not self.progress.stopped_early
-            and self.progress.epoch < self.experiment.config.num_epochs)
+            and self.progress.epoch < self.experiment.settings.optimiser.num_epochs)
 
   @property
   def position(self) -> tuple:
@@ -241,14 +241,14 @@ def run_bytes(experiment: experiment_lib.Experiment) -> tuple:
   """An estimate of one run's bytes while it steps: (its train state: parameters, Adam's
   moments, BatchNorm statistics; its step's: XLA's temporary memory for a step at the
   largest length bucket, and the batch). Compiles that step once, without running it."""
-  config = experiment.config
-  size, frames = config.batch_size, config.frame_buckets[-1]
+  data = experiment.settings.data
+  size, frames = experiment.settings.optimiser.batch_size, data.frame_buckets[-1]
   mel_bands = experiment.builder.builder_config.logmel.mel_bands
   batch = experiment.relations.add(dict(
       audio=np.zeros((size, frames, mel_bands), np.float32),
       audio_mask=np.ones((size, frames), bool),
-      tokens=np.ones((size, config.max_tokens), np.int32),
-      token_mask=np.ones((size, config.max_tokens), bool),
+      tokens=np.ones((size, data.max_tokens), np.int32),
+      token_mask=np.ones((size, data.max_tokens), bool),
       audio_id=np.arange(size, dtype=np.int32) % 2), experiment.training_split)
   state = experiment.initial_state
   step = jax.jit(functools.partial(steps.train_step, loss=experiment.settings.loss))

@@ -222,8 +222,7 @@ def end_epoch(experiment, state, progress, checkpoints, log, seconds, label: str
   done and validated (its (validation, Collapse, seconds), `programs`); returns (state,
   progress) at the start of the next. Its printed lines start with `label` (the run's
   name, where several train at once)."""
-  config = experiment.config
-  select = settings.SELECTIONS[config.select_by]
+  select = settings.SELECTIONS[experiment.settings.checkpoints.select_by]
   epoch, training = progress.epoch + 1, progress.statistic_means()
   validation, collapse, validation_seconds = validated
   progress = progress.after_validation(validation["loss"], experiment.settings.optimiser)
@@ -283,15 +282,16 @@ def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: checkpoint
   best_json = checkpoints.progress("best")
   best = Progress.from_json(best_json)
   trained = Progress.from_json(checkpoints.progress("latest") or best_json)
-  config = experiment.config
+  loss = experiment.settings.loss
   skipped = [entry for entries in experiment.corpus.skipped.values() for entry in entries]
-  results = dict(metrics, objective=config.objective, strategy=config.strategy,
-                 run=settings.run_name(config), score=config.score,
+  results = dict(metrics, objective=loss.objective, strategy=loss.strategy,
+                 run=settings.run_name(experiment.config), score=loss.score,
                  split=experiment.test_split,
                  collapse=best.best_epoch in trained.collapse_epochs,
                  collapse_epochs=list(trained.collapse_epochs), epochs=trained.epoch,
                  stopped_early=trained.stopped_early, frozen=frozen,
-                 selected_by=config.select_by, skipped=dict(count=len(skipped),
+                 selected_by=experiment.settings.checkpoints.select_by,
+                 skipped=dict(count=len(skipped),
                                                             entries=skipped),
                  steps=checkpoints.step("latest") or checkpoints.step("best"),
                  best_epoch=best.best_epoch, best_step=checkpoints.step("best"),
@@ -348,14 +348,14 @@ def _open(experiment: experiment_lib.Experiment, workdir: str, stack: contextlib
           several: bool) -> programs.Run:
   """The run of `experiment` in workdir, resumed from its checkpoints if it has any; its
   lines labelled with its name if it is one of `several`."""
-  config = experiment.config
   for split in (experiment.training_split, experiment.validation_split):
     experiment.batches_per_epoch(split)  # fails now, not in epoch 1
-  settings.write(workdir, config)
+  settings.write(workdir, experiment.config)
   checkpoints = stack.enter_context(checkpoints_lib.Checkpoints(workdir))
   restored = checkpoints.resume(experiment.initial_state)
   if restored is None:
-    state, progress = experiment.initial_state, Progress(learning_rate=config.learning_rate)
+    state = experiment.initial_state
+    progress = Progress(learning_rate=experiment.settings.optimiser.learning_rate)
   else:
     state, progress = restored[0], Progress.from_json(restored[1])
     logging.info("resuming %s at epoch %d, step %d", workdir, progress.epoch + 1,
@@ -413,15 +413,16 @@ def _train_epoch(runs: list, group_size: int, freeze: bool, stop: StopRequests) 
   program per loss setting, then each run's validation, schedule and checkpoints.
 
   Steps are dispatched without waiting for them: the next batch goes to the devices
-  while a step runs, and the statistics are read every config.metrics_every_steps steps
+  while a step runs, and the statistics are read every metrics_every_steps steps
   (and before a checkpoint or a stop), where the NaN check runs; the latest checkpoint
   is saved every checkpoint_every_steps steps.
   """
   experiment = runs[0].experiment
-  config, split = experiment.config, experiment.training_split
+  options, saving = experiment.settings.optimiser, experiment.settings.checkpoints
+  split = experiment.training_split
   steps_per_epoch = experiment.batches_per_epoch(split)
-  if config.max_steps_per_epoch:
-    steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
+  if options.max_steps_per_epoch:
+    steps_per_epoch = min(steps_per_epoch, options.max_steps_per_epoch)
   epoch, start = runs[0].progress.epoch + 1, runs[0].progress.step_in_epoch
   active = [programs.of(members) for members in programs.grouped(runs, group_size)]
   made, relations = {}, {}  # seed -> its batches and their relations, once for its runs
@@ -436,7 +437,7 @@ def _train_epoch(runs: list, group_size: int, freeze: bool, stop: StopRequests) 
       yield {seed: relations[seed](batch, split) for seed, batch in zip(made, batches)}
   queued = parallel.prefetch(seed_batches(), lambda batches: (
       batches, {program: program.put(batches) for program in active}))
-  desc = f"epoch {epoch}/{config.num_epochs}" + (f", {len(runs)} runs" if len(runs) > 1 else "")
+  desc = f"epoch {epoch}/{options.num_epochs}" + (f", {len(runs)} runs" if len(runs) > 1 else "")
   began, first_step = time.perf_counter(), int(runs[0].state.step) + 1
   stop.at_steps = True
   with tqdm.tqdm(queued, total=steps_per_epoch, initial=start, desc=desc, unit="batch") as bar:
@@ -445,8 +446,8 @@ def _train_epoch(runs: list, group_size: int, freeze: bool, stop: StopRequests) 
         program.step(put[program] if program in put else program.put(batches), step)
       done = start + step - first_step + 1
       asked = stop.asked(step)
-      save = done % config.checkpoint_every_steps == 0 and done < steps_per_epoch
-      if asked or save or len(active[0].unread) == config.metrics_every_steps:
+      save = done % saving.every_steps == 0 and done < steps_per_epoch
+      if asked or save or len(active[0].unread) == saving.metrics_every_steps:
         active = _read(active, epoch, freeze)
         if not active:  # every run frozen
           break
