@@ -5,9 +5,11 @@
   settings.checkpoints, settings.collapse
 
 `check(workdir, config)` also checks the workdir and the run it may hold; `write(workdir,
-config)` then writes config.json. The allowed values of every field are defined here; the
-names of strategies, objectives and scores are their registries' (imported only when a
-config is checked, so the data modules that read `Features` load no JAX).
+config)` then writes config.json. A field's allowed values are defined beside the code
+that reads it: here, or in the module that does (the registries of strategies, objectives
+and scores, the encoders' dtypes, initialisers and pools in `models`, the corpus sizes and
+text cleaning in `data`); those modules are imported only when a config is checked, so
+the data modules that read `Features` load no JAX.
 
 The config stays flat, as the Flax examples keep theirs: every `--config.FIELD=VALUE`
 reads as it always has, and a workdir's config.json stays one flat dict.
@@ -48,10 +50,7 @@ MIN_SAMPLE_RATE = 8000  # a 40 ms window of 64 mel bands needs at least this
 TOKENS = ("sentencepiece", "words")
 VOCABULARIES = ("training", "all")  # which splits' captions a tokenizer learns from
 MISSING_WORD_VECTORS = ("random", "one_unk")
-INITIALIZERS = ("flax", "pytorch")
-COMPUTE_DTYPES = ("float32", "bfloat16")
 PADDINGS = ("masked", "batch")  # see steps.training_masks
-POOL_REMAINDERS = ("keep", "drop")  # see models.CRNN
 WORD_VARIANTS = ("rules", "authors")  # see data.word_vectors.read_word2vec
 VALIDATION_DRAWS = ("fixed", "per_epoch")  # see Optimiser
 MATMUL_PRECISIONS = ("default", "high", "highest")  # jax.default_matmul_precision's
@@ -289,17 +288,17 @@ def _choose(field: str, value, choices) -> None:
 def check_values(config: ml_collections.ConfigDict) -> None:
   """Raises SettingError naming the first field of config whose value cannot run; the
   files and folders it names are left to `Settings.of`, where the run starts."""
-  # pylint: disable=import-outside-toplevel  (the registries load JAX)
+  # pylint: disable=import-outside-toplevel  (the registries and models load JAX)
   from ntxr import models, objectives, sampling, scores
   from ntxr.data import captions, synthetic
   for field, choices in [
       ("objective", objectives.OBJECTIVES), ("strategy", sampling.STRATEGIES),
       ("score", scores.SCORERS), ("size", synthetic.SIZES), ("tokens", TOKENS),
       ("text_cleaning", captions.TEXT_CLEANING), ("vocabulary", VOCABULARIES),
-      ("missing_word_vectors", MISSING_WORD_VECTORS), ("initializer", INITIALIZERS),
-      ("compute_dtype", COMPUTE_DTYPES), ("train_padding", PADDINGS),
+      ("missing_word_vectors", MISSING_WORD_VECTORS), ("initializer", models.INITIALIZERS),
+      ("compute_dtype", models.COMPUTE_DTYPES), ("train_padding", PADDINGS),
       ("select_by", SELECTIONS), ("similarity", ("", *SIMILARITIES)),
-      ("pool_remainder", POOL_REMAINDERS), ("word_variants", WORD_VARIANTS),
+      ("pool_remainder", models.POOL_REMAINDERS), ("word_variants", WORD_VARIANTS),
       ("validation_draws", VALIDATION_DRAWS), ("matmul_precision", MATMUL_PRECISIONS)]:
     _choose(field, config[field], choices)
   for field, value in _flat(config):
