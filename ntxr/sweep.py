@@ -44,7 +44,7 @@ from absl import flags
 import ml_collections
 import numpy as np
 
-from ntxr import cli, command, files, lifetime, plots, ranking
+from ntxr import cli, command, files, lifetime, plots, ranking, specs
 
 FLAGS = flags.FLAGS
 
@@ -76,7 +76,7 @@ FALSE_NEGATIVES = {"false negatives": "false_negative_share", "filtered": "filte
 @dataclasses.dataclass(frozen=True)
 class Run:
   """One run of a sweep: `strategy` is its name (a strategy of the triplet loss, or an
-  objective: `cli.RUN_NAMES`), as the sweep's table names its row."""
+  objective: `specs.run_settings()`), as the sweep's table names its row."""
   strategy: str
   seed: int
   workdir: str
@@ -89,7 +89,7 @@ class Run:
     """The run's config: the sweep's with the run's strategy or objective and seed."""
     config = copy.deepcopy(sweep_config)
     config.seed = self.seed
-    if self.strategy in cli.STRATEGY_NAMES:
+    if self.strategy in specs.STRATEGIES:
       config.strategy = self.strategy
     else:
       config.objective = self.strategy
@@ -104,14 +104,14 @@ class Run:
                                                                    self.config(sweep_config)))
 
   def command(self, main_args=()) -> list:
-    flag = "strategy" if self.strategy in cli.STRATEGY_NAMES else "objective"
+    flag = "strategy" if self.strategy in specs.STRATEGIES else "objective"
     return [sys.executable, "-m", "ntxr.main", f"--{flag}={self.strategy}",
             f"--config.seed={self.seed}", f"--workdir={self.workdir}", *main_args]
 
 
 def plan(root: str, names, seeds) -> list:
   """Every (strategy or objective, seed) run under root, seed by seed so a stopped sweep
-  has whole seeds; names from `cli.RUN_NAMES`."""
+  has whole seeds; names from `specs.run_settings()`."""
   return [Run(s, seed, os.path.join(root, s, f"seed_{seed}")) for seed in seeds
           for s in names]
 
@@ -212,7 +212,7 @@ def read_sweep(root: str, config: ml_collections.ConfigDict, report=print) -> li
   `config`, in strategy then seed order; the tested runs with other settings are left
   out, and `report` says so."""
   runs, other = [], []
-  for strategy in cli.RUN_NAMES:
+  for strategy in specs.run_settings():
     folder = os.path.join(root, strategy)
     seeds = sorted((int(d[5:]), d) for d in os.listdir(folder) if d.startswith("seed_")
                    and d[5:].isdigit()) if os.path.isdir(folder) else []
@@ -241,7 +241,7 @@ def table(runs) -> list:
     values = np.array(values)
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan")
   rows = []
-  for strategy in cli.RUN_NAMES:
+  for strategy in specs.run_settings():
     mine = [r for r in runs if r["strategy"] == strategy]
     if not mine:
       continue
@@ -327,15 +327,15 @@ def write_report(root: str, config: ml_collections.ConfigDict, report=print) -> 
 
 def main(argv):
   try:
-    names = (cli.chosen("strategies", cli.STRATEGY_NAMES)
-             + cli.chosen("objectives", cli.OBJECTIVE_RUN_NAMES))
+    names = (cli.chosen("strategies", specs.STRATEGIES)
+             + cli.chosen("objectives", specs.objectives_without_strategy()))
     seeds = []
     for seed in FLAGS.seeds:
       if not seed.isdigit():
         raise ValueError(f"--seeds: {seed!r} is not a whole number")
       seeds.append(int(seed))
     files.check_folder("root", FLAGS.root)
-    runs = plan(FLAGS.root, names or cli.STRATEGY_NAMES, seeds)
+    runs = plan(FLAGS.root, names or list(specs.STRATEGIES), seeds)
     if FLAGS.gpus:
       gpu_groups(FLAGS.gpus, FLAGS.processes)
     if FLAGS.together:
