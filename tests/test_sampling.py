@@ -348,3 +348,5 @@ def test_a_strategy_registered_at_run_time_trains_from_python(batch, monkeypatch
   least = lambda m: np.where(pool, m, np.inf).min(axis=1)
   np.testing.assert_allclose(terms.negative, np.stack([least(s.T), least(s)], 1), rtol=1e-5)
   assert float(loss) >= 0
+  with pytest.raises(ValueError, match="knows no pick of strategy 'least_cross'"):
+    reference_loss(batch, "least_cross")
