@@ -1,9 +1,10 @@
 """Training objectives, one registry: the triplet loss and the whole-pool objectives (JAX only).
 
 `OBJECTIVES` maps a name to an `Objective` (each specified in `ntxr.specs`), which turns a
-batch's embeddings into a loss and its `LossTerms`. "triplet" is the paper's: one negative per anchor, chosen by a
-negative-sampling strategy (`ntxr.sampling`); the others score every negative in the
-pool, each a public function in optax's style (`infonce`, `hn_nce`, `soft`, `siglip`).
+batch's embeddings into a loss and its `LossTerms`. "triplet" is the paper's: one negative
+per anchor, chosen by a negative-sampling strategy (`ntxr.sampling`); the others score
+every negative in the pool, each a public function in optax's style (`infonce`, `hn_nce`,
+`soft`, `siglip`).
 
 Notation: s[a, t] = score(audio a, text t) [N, N]; P[a, t] = audio_ids[a] ==
 audio_ids[t], the diagonal included; z = s / temperature. Audio anchor a is scored
@@ -103,7 +104,7 @@ def _add(objective: Objective) -> None:
   OBJECTIVES[objective.spec.name] = objective
 
 
-def _specified(name: str) -> specs.Objective:
+def _spec_of(name: str) -> specs.Objective:
   """The spec of the objective `name` in `ntxr.specs`; ValueError if it has none."""
   if name not in specs.OBJECTIVES:
     raise ValueError(f"objective {name!r} is not specified in ntxr/specs.py")
@@ -133,7 +134,7 @@ def _triplet(embedded: Embedded, setting, *, pool, key, **_) -> tuple:
       text_mask=embedded.text_mask, score=setting.score, pool=pool)
 
 
-_add(Objective(_specified("triplet"), _triplet))
+_add(Objective(_spec_of("triplet"), _triplet))
 
 
 def _cross_entropy(z: Array, targets: Array, log_weights: Array, candidates: Array,
@@ -384,7 +385,7 @@ def _add_whole_pool(name: str, loss: Callable[..., Array],
     return whole_pool_loss_and_terms(
         s_cross, embedded.audio_ids, learnt, objective=name, temperature=setting.temperature,
         beta=setting.beta, relevance=relevance, pools=Pools(pool, pool))
-  _add(Objective(_specified(name), loss_and_terms, WholePool(loss, negative_logits)))
+  _add(Objective(_spec_of(name), loss_and_terms, WholePool(loss, negative_logits)))
 
 
 _add_whole_pool(

@@ -346,7 +346,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         "--config.word_vectors=/path/to/GoogleNews-vectors-negative300.bin (or any "
         "word2vec-format file), or --config.require_word_vectors=false to learn a "
         "random word table instead")
-  for needs, what in [(specs.OBJECTIVES[config.objective].needs_relevance, f"--config.objective={config.objective}"),
+  for needs, what in [(specs.OBJECTIVES[config.objective].needs_relevance,
+                       f"--config.objective={config.objective}"),
                       (config.filter_similarity > 0, "--config.filter_similarity")]:
     if needs and not config.similarity:
       raise SettingError(f"{what} compares captions: set --config.similarity to one of "
