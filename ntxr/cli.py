@@ -1,6 +1,5 @@
 """The flags several commands share, each defined by the command that reads it (absl, as
-in the Flax examples), and the names of strategies and objectives, which flags list
-without loading JAX.
+in the Flax examples); the strategies and objectives they list are `ntxr.specs`'.
 
 Importing this module defines no flag: a command calls `define_config()` and the like
 where it starts, so its `--helpfull` lists only what it reads. Imports neither JAX nor
@@ -14,19 +13,7 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
-from ntxr import command
-
-# The names in ntxr.sampling.STRATEGIES and ntxr.objectives.OBJECTIVES, in their
-# registries' order, and the objectives whose negatives a strategy chooses; a test keeps
-# them equal to the registries.
-STRATEGY_NAMES = ("full_batch", "random", "semihard_cross", "hard_cross", "easy_text",
-                  "hard_text", "easy_audio", "hard_audio")
-OBJECTIVE_NAMES = ("triplet", "infonce", "hn_nce", "soft", "siglip")
-TAKES_STRATEGY = ("triplet",)
-# What a run is named by (`settings.run_name`): a strategy of an objective that takes
-# one, or another objective.
-OBJECTIVE_RUN_NAMES = tuple(o for o in OBJECTIVE_NAMES if o not in TAKES_STRATEGY)
-RUN_NAMES = (*STRATEGY_NAMES, *OBJECTIVE_RUN_NAMES)
+from ntxr import command, specs
 
 FLAGS = flags.FLAGS
 
@@ -75,14 +62,14 @@ def define_json() -> None:
 def define_strategies(default_all: bool) -> None:
   """--strategies (FLAGS.strategies; read with `chosen`)."""
   flags.DEFINE_list("strategies", [], "negative-sampling strategies of the triplet loss, "
-                    f"from {','.join(STRATEGY_NAMES)}"
+                    f"from {','.join(specs.STRATEGIES)}"
                     + (" (default: every one)" if default_all else ""))
 
 
 def define_objectives() -> None:
   """--objectives (FLAGS.objectives; read with `chosen`)."""
   flags.DEFINE_list("objectives", [], "objectives other than the triplet loss, from "
-                    + ",".join(OBJECTIVE_RUN_NAMES))
+                    + ",".join(specs.objectives_without_strategy()))
 
 
 def chosen(flag: str, names, default=()) -> list:

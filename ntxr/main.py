@@ -19,7 +19,7 @@ import sys
 from absl import app
 from absl import flags
 
-from ntxr import cli, command
+from ntxr import cli, command, specs
 
 FLAGS = flags.FLAGS
 
@@ -29,9 +29,9 @@ def define_flags() -> None:
   cli.define_config()
   cli.define_workdir("the run's folder: checkpoints, metrics and results (default: "
                      "workdir/RUN, RUN the strategy or objective)")
-  flags.DEFINE_enum("strategy", None, sorted(cli.STRATEGY_NAMES),
+  flags.DEFINE_enum("strategy", None, sorted(specs.STRATEGIES),
                     "negative-sampling strategy (default: the config's, semihard_cross)")
-  flags.DEFINE_enum("objective", None, sorted(cli.OBJECTIVE_NAMES),
+  flags.DEFINE_enum("objective", None, sorted(specs.OBJECTIVES),
                     "training objective (default: the config's, the paper's triplet loss "
                     "with --strategy)")
   flags.DEFINE_bool("eval_only", False, "evaluate the workdir's best checkpoint without "
@@ -56,9 +56,11 @@ def main(argv):
   import jax
   from ntxr import settings
   config = FLAGS.config
-  if FLAGS.strategy and FLAGS.objective and FLAGS.objective not in cli.TAKES_STRATEGY:
+  if (FLAGS.strategy and FLAGS.objective
+      and not specs.OBJECTIVES[FLAGS.objective].takes_strategy):
+    taking = tuple(n for n, o in specs.OBJECTIVES.items() if o.takes_strategy)
     command.exit_with(f"--objective={FLAGS.objective} takes no --strategy (it scores the "
-                      f"whole pool; a strategy picks the negatives of {cli.TAKES_STRATEGY}): "
+                      f"whole pool; a strategy picks the negatives of {taking}): "
                       "give one of the two", 2)
   if FLAGS.strategy:  # the fields the command names, as the paper's table does
     config.strategy = FLAGS.strategy

@@ -14,11 +14,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ntxr import scores, settings
+from ntxr import scores
 
 Array = jax.Array
 PAPER_CHANNELS = (32, 128, 128, 128, 128)
 PAPER_POOLS = ((2, 4), None, (2, 4), None, (1, 4))  # (time, frequency) after each block
+COMPUTE_DTYPES = ("float32", "bfloat16")
+INITIALIZERS = ("flax", "pytorch")  # see _initializers
+POOL_REMAINDERS = ("keep", "drop")  # see CRNN
 
 
 def l2_normalize(x: Array, mask: Array) -> Array:
@@ -72,13 +75,13 @@ def frame_dropout(x: Array, rate: float, key: Array) -> Array:
 
 
 def compute_dtype(name) -> jnp.dtype:
-  """The encoders' compute dtype named `name` (one of settings.COMPUTE_DTYPES)."""
+  """The encoders' compute dtype named `name` (one of COMPUTE_DTYPES)."""
   try:
     dtype = jnp.dtype(name)
   except TypeError:
     dtype = None
-  if dtype is None or dtype.name not in settings.COMPUTE_DTYPES:
-    raise ValueError(f"compute dtype must be one of {settings.COMPUTE_DTYPES}, not {name!r}")
+  if dtype is None or dtype.name not in COMPUTE_DTYPES:
+    raise ValueError(f"compute dtype must be one of {COMPUTE_DTYPES}, not {name!r}")
   return dtype
 
 
@@ -96,7 +99,7 @@ def _initializers(name: str, hidden: int) -> tuple:
   if name == "flax":
     return nn.linear.default_kernel_init, {}
   if name != "pytorch":
-    raise ValueError(f"initializer must be one of {settings.INITIALIZERS}, not {name!r}")
+    raise ValueError(f"initializer must be one of {INITIALIZERS}, not {name!r}")
   uniform = _pytorch_uniform(hidden)
   return (nn.initializers.variance_scaling(2.0, "fan_in", "normal"),
           dict(kernel_init=uniform, recurrent_kernel_init=uniform, bias_init=uniform))
@@ -189,8 +192,8 @@ class DualEncoder(nn.Module):
 
   def setup(self):
     dtype = compute_dtype(self.dtype)
-    if self.pool_remainder not in settings.POOL_REMAINDERS:
-      raise ValueError(f"pool_remainder must be one of {settings.POOL_REMAINDERS}, "
+    if self.pool_remainder not in POOL_REMAINDERS:
+      raise ValueError(f"pool_remainder must be one of {POOL_REMAINDERS}, "
                        f"not {self.pool_remainder!r}")
     self.audio = CRNN(self.channels, embed_dim=self.embed_dim, dropout=self.dropout,
                       initializer=self.initializer, pool_remainder=self.pool_remainder,

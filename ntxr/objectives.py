@@ -1,9 +1,10 @@
 """Training objectives, one registry: the triplet loss and the whole-pool objectives (JAX only).
 
-`OBJECTIVES` maps a name to an `Objective`, which turns a batch's embeddings into a loss
-and its `LossTerms`. "triplet" is the paper's: one negative per anchor, chosen by a
-negative-sampling strategy (`ntxr.sampling`); the others score every negative in the
-pool, each a public function in optax's style (`infonce`, `hn_nce`, `soft`, `siglip`).
+`OBJECTIVES` maps a name to an `Objective` (each specified in `ntxr.specs`), which turns a
+batch's embeddings into a loss and its `LossTerms`. "triplet" is the paper's: one negative
+per anchor, chosen by a negative-sampling strategy (`ntxr.sampling`); the others score
+every negative in the pool, each a public function in optax's style (`infonce`, `hn_nce`,
+`soft`, `siglip`).
 
 Notation: s[a, t] = score(audio a, text t) [N, N]; P[a, t] = audio_ids[a] ==
 audio_ids[t], the diagonal included; z = s / temperature. Audio anchor a is scored
@@ -15,13 +16,12 @@ loss averages over the valid anchors.
 """
 
 import dataclasses
-from typing import Callable, Mapping, NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ntxr import sampling, scores
+from ntxr import sampling, scores, specs
 
 Array = jax.Array
 
@@ -52,32 +52,63 @@ class Embedded(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class Objective:
-  """A training objective.
+class WholePool:
+  """A whole-pool objective's functions of the cross scores s [N, N].
 
   Attributes:
-    name: registry name.
+    loss: (s, audio_ids, *, temperature, bias, beta, relevance, pools, valid) -> the scalar
+      loss: its public function with the keywords it reads (`contrastive_loss`).
+    negative_logits: (z [N, N] rows anchors, pool, *, beta, bias) -> the log of each
+      negative's share of the gradient, up to a row constant (`LossTerms.weights`).
+  """
+  loss: Callable[..., Array]
+  negative_logits: Callable[..., Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """A registered training objective.
+
+  Attributes:
+    spec: its name, whether a strategy chooses its negatives, whether it reads relevance,
+      its learnt scalars (`specs.Objective`).
     loss_and_terms: (embedded: Embedded, setting: settings.Loss, *, pool [N, N] bool,
       relevance [N, N] or None, learnt: dict, key) -> (scalar loss, sampling.LossTerms).
-    takes_strategy: negatives are chosen by `setting.strategy` (the triplet loss).
-    needs_relevance: reads `relevance`, built from caption similarity.
-    learnt: the objective's learnt scalars and their initial values.
+    whole_pool: a whole-pool objective's functions of the cross scores; None for the
+      triplet loss.
   """
-  name: str
+  spec: specs.Objective
   loss_and_terms: Callable[..., tuple]
-  takes_strategy: bool = False
-  needs_relevance: bool = False
-  learnt: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  whole_pool: Optional[WholePool] = None
+
+  @property
+  def needs_relevance(self) -> bool:
+    return self.spec.needs_relevance
 
 
 OBJECTIVES: dict[str, Objective] = {}
 
 
 def register(name: str, loss_and_terms: Callable[..., tuple], **attributes) -> None:
-  """Adds an objective to OBJECTIVES under `name`; a taken name is refused."""
-  if name in OBJECTIVES:
-    raise ValueError(f"an objective named {name!r} is registered already")
-  OBJECTIVES[name] = Objective(name, loss_and_terms, **attributes)
+  """Adds a new objective under `name`, specified in `ntxr.specs` as it registers
+  (`attributes`: takes_strategy, needs_relevance, learnt); a taken name is refused."""
+  spec = specs.Objective(name, **attributes)
+  specs.add(spec)
+  _add(Objective(spec, loss_and_terms))
+
+
+def _add(objective: Objective) -> None:
+  """Adds an objective to OBJECTIVES; once a name."""
+  if objective.spec.name in OBJECTIVES:
+    raise ValueError(f"an objective named {objective.spec.name!r} is registered already")
+  OBJECTIVES[objective.spec.name] = objective
+
+
+def _spec_of(name: str) -> specs.Objective:
+  """The spec of the objective `name` in `ntxr.specs`; ValueError if it has none."""
+  if name not in specs.OBJECTIVES:
+    raise ValueError(f"objective {name!r} is not specified in ntxr/specs.py")
+  return specs.OBJECTIVES[name]
 
 
 def get_objective(name: str) -> Objective:
@@ -90,7 +121,7 @@ def get_objective(name: str) -> Objective:
 def initial_parameters(objective: str) -> dict:
   """The objective's learnt scalars for a train state's params ({"objective": {...}}),
   or {} for an objective that learns none."""
-  learnt = get_objective(objective).learnt
+  learnt = get_objective(objective).spec.learnt
   if not learnt:
     return {}
   return {"objective": {k: jnp.asarray(v, jnp.float32) for k, v in learnt.items()}}
@@ -103,7 +134,7 @@ def _triplet(embedded: Embedded, setting, *, pool, key, **_) -> tuple:
       text_mask=embedded.text_mask, score=setting.score, pool=pool)
 
 
-register("triplet", _triplet, takes_strategy=True)
+_add(Objective(_spec_of("triplet"), _triplet))
 
 
 def _cross_entropy(z: Array, targets: Array, log_weights: Array, candidates: Array,
@@ -282,23 +313,14 @@ def siglip(s_cross: Array, audio_ids: Array, *, temperature=0.1, bias=-10.0,
   return -jnp.sum(log_likelihood) / jnp.maximum(valid.sum(), 1)
 
 
-# Each whole-pool objective by name: (loss from s_cross and the common keywords, the log
-# of each negative's share of the gradient up to a row constant, from z [N, N] rows
-# anchors; for measuring where the loss puts its weight).
-_WHOLE_POOL = {
-    "infonce": (lambda s, ids, *, temperature, pools, valid, **_: infonce(
-        s, ids, temperature=temperature, pools=pools, valid=valid),
-                lambda z, pool, **_: z),
-    "hn_nce": (lambda s, ids, *, temperature, beta, pools, valid, **_: hn_nce(
-        s, ids, temperature=temperature, beta=beta, pools=pools, valid=valid),
-               lambda z, pool, *, beta, **_: z + hard_negative_log_weights(z, pool, beta)),
-    "soft": (lambda s, ids, *, temperature, relevance, pools, valid, **_: soft(
-        s, ids, relevance, temperature=temperature, pools=pools, valid=valid),
-             lambda z, pool, **_: z),
-    "siglip": (lambda s, ids, *, temperature, bias, pools, valid, **_: siglip(
-        s, ids, temperature=temperature, bias=bias, pools=pools, valid=valid),
-               lambda z, pool, *, bias, **_: jax.nn.log_sigmoid(z + bias)),
-}
+def _whole_pool(name: str) -> WholePool:
+  """The whole-pool functions of the objective `name`; ValueError naming those that have
+  them otherwise."""
+  whole_pool = OBJECTIVES[name].whole_pool if name in OBJECTIVES else None
+  if whole_pool is None:
+    raise ValueError(f"unknown objective {name!r}; the whole-pool ones are "
+                     f"{[n for n, o in OBJECTIVES.items() if o.whole_pool]}")
+  return whole_pool
 
 
 def contrastive_loss(s_cross: Array, audio_ids: Array, *, objective: str,
@@ -314,11 +336,8 @@ def contrastive_loss(s_cross: Array, audio_ids: Array, *, objective: str,
     ...                              temperature=1.0)), 4)
     0.3133
   """
-  if objective not in _WHOLE_POOL:
-    raise ValueError(f"unknown objective {objective!r}; the whole-pool ones are "
-                     f"{list(_WHOLE_POOL)}")
-  return _WHOLE_POOL[objective][0](s_cross, audio_ids, temperature=temperature, bias=bias,
-                                   beta=beta, relevance=relevance, pools=pools, valid=valid)
+  return _whole_pool(objective).loss(s_cross, audio_ids, temperature=temperature, bias=bias,
+                                     beta=beta, relevance=relevance, pools=pools, valid=valid)
 
 
 def _weights(logits: Array, pool: Array) -> Array:
@@ -343,7 +362,7 @@ def whole_pool_loss_and_terms(s_cross: Array, audio_ids: Array, learnt: dict, *,
   pools = default_pools(audio_ids) if pools is None else pools
   loss = contrastive_loss(s_cross, audio_ids, objective=objective, temperature=temperature,
                           bias=bias, beta=beta, relevance=relevance, pools=pools)
-  logits = _WHOLE_POOL[objective][1]
+  logits = _whole_pool(objective).negative_logits
   s = jax.lax.stop_gradient(s_cross)
   z = s / jax.lax.stop_gradient(temperature)
   hyper = dict(beta=beta, bias=jax.lax.stop_gradient(bias))
@@ -355,20 +374,34 @@ def whole_pool_loss_and_terms(s_cross: Array, audio_ids: Array, learnt: dict, *,
   return loss, sampling.LossTerms(jnp.diagonal(s), negative, valid, weights)
 
 
-def _whole_pool(name: str) -> Callable[..., tuple]:
-  """The Objective.loss_and_terms of a whole-pool objective: the cross score matrix of the
-  embeddings, with gradient, then `whole_pool_loss_and_terms`."""
+def _add_whole_pool(name: str, loss: Callable[..., Array],
+                    negative_logits: Callable[..., Array]) -> None:
+  """Registers the specified whole-pool objective `name` (`WholePool(loss,
+  negative_logits)`): its loss_and_terms is the cross score matrix of the embeddings, with
+  gradient, then `whole_pool_loss_and_terms`."""
   def loss_and_terms(embedded: Embedded, setting, *, pool, relevance, learnt, **_):
     s_cross = scores.get_scorer(setting.score).matrix(
         embedded.audio, embedded.text, embedded.audio_mask, embedded.text_mask)
     return whole_pool_loss_and_terms(
         s_cross, embedded.audio_ids, learnt, objective=name, temperature=setting.temperature,
         beta=setting.beta, relevance=relevance, pools=Pools(pool, pool))
-  return loss_and_terms
+  _add(Objective(_spec_of(name), loss_and_terms, WholePool(loss, negative_logits)))
 
 
-register("infonce", _whole_pool("infonce"))
-register("hn_nce", _whole_pool("hn_nce"))
-register("soft", _whole_pool("soft"), needs_relevance=True)
-register("siglip", _whole_pool("siglip"),
-         learnt={"log_inverse_temperature": float(np.log(10.0)), "bias": -10.0})
+_add_whole_pool(
+    "infonce", lambda s, ids, *, temperature, pools, valid, **_: infonce(
+        s, ids, temperature=temperature, pools=pools, valid=valid),
+    lambda z, pool, **_: z)
+_add_whole_pool(
+    "hn_nce", lambda s, ids, *, temperature, beta, pools, valid, **_: hn_nce(
+        s, ids, temperature=temperature, beta=beta, pools=pools, valid=valid),
+    lambda z, pool, *, beta, **_: z + hard_negative_log_weights(z, pool, beta))
+_add_whole_pool(
+    "soft", lambda s, ids, *, temperature, relevance, pools, valid, **_: soft(
+        s, ids, relevance, temperature=temperature, pools=pools, valid=valid),
+    lambda z, pool, **_: z)
+_add_whole_pool(
+    "siglip", lambda s, ids, *, temperature, bias, pools, valid, **_: siglip(
+        s, ids, temperature=temperature, bias=bias, pools=pools, valid=valid),
+    lambda z, pool, *, bias, **_: jax.nn.log_sigmoid(z + bias))
+specs.check_registered(specs.OBJECTIVES, OBJECTIVES)

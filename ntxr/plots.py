@@ -13,7 +13,7 @@ from matplotlib import figure
 from matplotlib import ticker
 import numpy as np
 
-from ntxr import cli, files
+from ntxr import files, specs
 
 METRICS = ("t2a R@10", "t2a mAP@10", "a2t R@10", "a2t mAP@10")
 # Collapse signals: metrics.jsonl path -> title. "collapse" holds the validation
@@ -36,7 +36,7 @@ def write_png(fig: figure.Figure, path: str, dpi: int = 110) -> None:
 
 def strategy_color(strategy: str):
   """One fixed colour per strategy, the same in every figure."""
-  return matplotlib.colormaps["tab10"](list(cli.RUN_NAMES).index(strategy))
+  return matplotlib.colormaps["tab10"](list(specs.run_settings()).index(strategy))
 
 
 def metrics_by_strategy(rows, metrics=METRICS) -> figure.Figure:
@@ -110,8 +110,10 @@ def collapse_over_epochs(runs, strategies=("semihard_cross", "hard_cross"),
   return fig
 
 
-def training_curves(runs, strategies=cli.RUN_NAMES) -> figure.Figure:
-  """Training and validation loss and validation mAP@10 over epochs, per run."""
+def training_curves(runs, strategies=None) -> figure.Figure:
+  """Training and validation loss and validation mAP@10 over epochs, per run of the
+  strategies (or objectives) named (default: all)."""
+  strategies = list(specs.run_settings()) if strategies is None else strategies
   return _lines_per_run(runs, {"training loss": ("training", "loss"),
                                "validation loss": ("validation", "loss"),
                                "validation t2a mAP@10": ("validation", "t2a", "mAP@10")},
@@ -150,7 +152,7 @@ def kernel_times(results) -> figure.Figure:
   time_ax, fraction_ax = fig.subplots(1, 2)
   styles = ["o-", "s--", "^:", "d-."]
   for result, style in zip(results, styles):
-    for strategy in cli.RUN_NAMES:
+    for strategy in specs.run_settings():
       mine = [r for r in result["rows"] if r["strategy"] == strategy]
       for k, shape in enumerate(sorted({(r["T"], r["W"], r["E"]) for r in mine})):
         rows = sorted((r for r in mine if (r["T"], r["W"], r["E"]) == shape),
@@ -177,7 +179,7 @@ def speedup_by_strategy(results, shape=None) -> figure.Figure:
   shape = tuple(shape or (first["N"], first["T"], first["W"], first["E"]))
   fig = figure.Figure(figsize=(10, 3.6), layout="constrained")
   axes = fig.subplots(1, 2, sharey=True)
-  strategies = [s for s in cli.RUN_NAMES
+  strategies = [s for s in specs.run_settings()
                 if any(r["strategy"] == s for result in results for r in result["rows"])]
   width = 0.8 / max(1, len(results))
   for ax, key, title in zip(axes, ("speedup", "torch_speedup"),

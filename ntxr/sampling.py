@@ -13,7 +13,8 @@ gradient (indices only, ties to the lowest index); gradients flow through the
 selected scores. Reference: Xie, Rasanen, Virtanen, "On Negative Sampling for
 Contrastive Audio-Text Retrieval", ICASSP 2023.
 
-Strategies live in the registry `STRATEGIES`; a new one is one decorated function.
+Strategies live in the registry `STRATEGIES`, each specified in `ntxr.specs` (its name,
+the matrix it reads); a new one is one decorated function.
 """
 
 import dataclasses
@@ -22,10 +23,9 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from ntxr import scores
+from ntxr import scores, specs
 
 Array = jax.Array
-
 
 
 class Negatives(NamedTuple):
@@ -51,31 +51,50 @@ Selector = Callable[[Optional[Array], Array, Optional[Array]], Negatives]
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
-  """A way of choosing negatives.
-
-  Attributes:
-    name: registry name.
-    needs: the score matrix selection reads: "cross", "audio", "text" or None.
-    select: the selector.
-    needs_key: whether selection draws random numbers.
-  """
-  name: str
-  needs: Optional[str]
+  """A registered way of choosing negatives: its spec (name, the matrix it reads, whether
+  it draws at random) and its selector."""
+  spec: specs.Strategy
   select: Selector
-  needs_key: bool = False
+
+  @property
+  def needs(self) -> Optional[str]:
+    """The score matrix selection reads: "cross", "audio", "text" or None."""
+    return self.spec.needs
+
+  @property
+  def needs_key(self) -> bool:
+    return self.spec.needs_key
 
 
 STRATEGIES: dict[str, Strategy] = {}
 
 
-def register(name: str, needs: Optional[str], needs_key: bool = False):
-  """Decorator adding a selector to STRATEGIES under `name`; a taken name is refused."""
+def _selects(spec: specs.Strategy):
+  """Decorator adding a selector to STRATEGIES as the strategy `spec`; once a name."""
   def decorate(select: Selector) -> Selector:
-    if name in STRATEGIES:
-      raise ValueError(f"a strategy named {name!r} is registered already")
-    STRATEGIES[name] = Strategy(name, needs, select, needs_key)
+    if spec.name in STRATEGIES:
+      raise ValueError(f"a strategy named {spec.name!r} is registered already")
+    STRATEGIES[spec.name] = Strategy(spec, select)
     return select
   return decorate
+
+
+def register(name: str, needs: Optional[str], needs_key: bool = False):
+  """Decorator adding a new strategy under `name` (specified in `ntxr.specs` as it
+  registers), its selector reading the score matrix `needs` ("cross", "audio", "text" or
+  None) and, with needs_key, a PRNG key; a taken name is refused."""
+  spec = specs.Strategy(name, needs, needs_key=needs_key)
+  def decorate(select: Selector) -> Selector:
+    specs.add(spec)
+    return _selects(spec)(select)
+  return decorate
+
+
+def _specified(name: str):
+  """Decorator registering the selector of the strategy `name` specified in `ntxr.specs`."""
+  if name not in specs.STRATEGIES:
+    raise ValueError(f"strategy {name!r} is not specified in ntxr/specs.py")
+  return _selects(specs.STRATEGIES[name])
 
 
 def masked_argmax(values: Array, pool: Array) -> Array:
@@ -87,14 +106,14 @@ def masked_argmax(values: Array, pool: Array) -> Array:
   return jnp.where(pool.any(axis=1), index, -1)
 
 
-@register("full_batch", needs=None)
+@_specified("full_batch")
 def _full_batch(_, pool, __):
   """Every member of the pool; the anchor's hinge is averaged over them."""
   every = jnp.broadcast_to(jnp.arange(pool.shape[0], dtype=jnp.int32), pool.shape)
   return Negatives(every, every, pool)
 
 
-@register("random", needs=None, needs_key=True)
+@_specified("random")
 def _random(_, pool, key):
   """Uniform over the pool, audio and text drawn independently."""
   audio_key, text_key = jax.random.split(key)
@@ -102,7 +121,7 @@ def _random(_, pool, key):
                    masked_argmax(jax.random.uniform(text_key, pool.shape), pool))
 
 
-@register("semihard_cross", needs="cross")
+@_specified("semihard_cross")
 def _semihard_cross(s_cross, pool, _):
   """Negative whose cross score is closest to the positive's, either side."""
   positive = jnp.diagonal(s_cross)[:, None]
@@ -110,7 +129,7 @@ def _semihard_cross(s_cross, pool, _):
                    masked_argmax(-jnp.abs(s_cross - positive), pool))
 
 
-@register("hard_cross", needs="cross")
+@_specified("hard_cross")
 def _hard_cross(s_cross, pool, _):
   """Negative with the highest cross score."""
   return _one_each(masked_argmax(s_cross.T, pool), masked_argmax(s_cross, pool))
@@ -124,10 +143,11 @@ def _same_for_both(sign: float) -> Selector:
   return select
 
 
-register("easy_text", needs="text")(_same_for_both(-1.0))
-register("hard_text", needs="text")(_same_for_both(1.0))
-register("easy_audio", needs="audio")(_same_for_both(-1.0))
-register("hard_audio", needs="audio")(_same_for_both(1.0))
+_specified("easy_text")(_same_for_both(-1.0))
+_specified("hard_text")(_same_for_both(1.0))
+_specified("easy_audio")(_same_for_both(-1.0))
+_specified("hard_audio")(_same_for_both(1.0))
+specs.check_registered(specs.STRATEGIES, STRATEGIES)
 
 
 def get_strategy(name: str) -> Strategy:

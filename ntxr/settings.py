@@ -5,9 +5,11 @@
   settings.checkpoints, settings.collapse
 
 `check(workdir, config)` also checks the workdir and the run it may hold; `write(workdir,
-config)` then writes config.json. The allowed values of every field are defined here; the
-names of strategies, objectives and scores are their registries' (imported only when a
-config is checked, so the data modules that read `Features` load no JAX).
+config)` then writes config.json. A field's allowed values are defined beside the code
+that reads it: here, or in the module that does (the strategies and objectives in `specs`,
+the scores in `scores`, the encoders' dtypes, initialisers and pools in `models`, the
+corpus sizes and text cleaning in `data`); those that load JAX are imported only when a
+config is checked, so the data modules that read `Features` load no JAX.
 
 The config stays flat, as the Flax examples keep theirs: every `--config.FIELD=VALUE`
 reads as it always has, and a workdir's config.json stays one flat dict.
@@ -21,7 +23,7 @@ from typing import Optional
 
 import ml_collections
 
-from ntxr import files
+from ntxr import files, specs
 
 # Config fields that change nothing a run computes, only how often it saves and reads,
 # where it caches and how many clips it embeds at once.
@@ -48,10 +50,7 @@ MIN_SAMPLE_RATE = 8000  # a 40 ms window of 64 mel bands needs at least this
 TOKENS = ("sentencepiece", "words")
 VOCABULARIES = ("training", "all")  # which splits' captions a tokenizer learns from
 MISSING_WORD_VECTORS = ("random", "one_unk")
-INITIALIZERS = ("flax", "pytorch")
-COMPUTE_DTYPES = ("float32", "bfloat16")
 PADDINGS = ("masked", "batch")  # see steps.training_masks
-POOL_REMAINDERS = ("keep", "drop")  # see models.CRNN
 WORD_VARIANTS = ("rules", "authors")  # see data.word_vectors.read_word2vec
 VALIDATION_DRAWS = ("fixed", "per_epoch")  # see Optimiser
 MATMUL_PRECISIONS = ("default", "high", "highest")  # jax.default_matmul_precision's
@@ -139,8 +138,8 @@ class Model:
 class Loss:
   """What a batch's loss is; hashable, so jit compiles one step per setting.
 
-  objective: a name in `objectives.OBJECTIVES`; "triplet" takes one negative per anchor,
-  chosen by `strategy` (a name in `sampling.STRATEGIES`), with hinge `margin`; the others
+  objective: a name in `specs.OBJECTIVES`; "triplet" takes one negative per anchor,
+  chosen by `strategy` (a name in `specs.STRATEGIES`), with hinge `margin`; the others
   score the whole pool (`temperature`, hn_nce's `beta`, soft's relevance
   sigmoid(relevance_slope * similarity - relevance_offset)). score and padding: see
   `scores` and `steps.training_masks`. similarity: how captions are compared (see
@@ -289,17 +288,17 @@ def _choose(field: str, value, choices) -> None:
 def check_values(config: ml_collections.ConfigDict) -> None:
   """Raises SettingError naming the first field of config whose value cannot run; the
   files and folders it names are left to `Settings.of`, where the run starts."""
-  # pylint: disable=import-outside-toplevel  (the registries load JAX)
-  from ntxr import models, objectives, sampling, scores
+  # pylint: disable=import-outside-toplevel  (scores and models load JAX)
+  from ntxr import models, scores
   from ntxr.data import captions, synthetic
   for field, choices in [
-      ("objective", objectives.OBJECTIVES), ("strategy", sampling.STRATEGIES),
+      ("objective", specs.OBJECTIVES), ("strategy", specs.STRATEGIES),
       ("score", scores.SCORERS), ("size", synthetic.SIZES), ("tokens", TOKENS),
       ("text_cleaning", captions.TEXT_CLEANING), ("vocabulary", VOCABULARIES),
-      ("missing_word_vectors", MISSING_WORD_VECTORS), ("initializer", INITIALIZERS),
-      ("compute_dtype", COMPUTE_DTYPES), ("train_padding", PADDINGS),
+      ("missing_word_vectors", MISSING_WORD_VECTORS), ("initializer", models.INITIALIZERS),
+      ("compute_dtype", models.COMPUTE_DTYPES), ("train_padding", PADDINGS),
       ("select_by", SELECTIONS), ("similarity", ("", *SIMILARITIES)),
-      ("pool_remainder", POOL_REMAINDERS), ("word_variants", WORD_VARIANTS),
+      ("pool_remainder", models.POOL_REMAINDERS), ("word_variants", WORD_VARIANTS),
       ("validation_draws", VALIDATION_DRAWS), ("matmul_precision", MATMUL_PRECISIONS)]:
     _choose(field, config[field], choices)
   for field, value in _flat(config):
@@ -347,8 +346,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
         "--config.word_vectors=/path/to/GoogleNews-vectors-negative300.bin (or any "
         "word2vec-format file), or --config.require_word_vectors=false to learn a "
         "random word table instead")
-  objective = objectives.get_objective(config.objective)
-  for needs, what in [(objective.needs_relevance, f"--config.objective={config.objective}"),
+  for needs, what in [(specs.OBJECTIVES[config.objective].needs_relevance,
+                       f"--config.objective={config.objective}"),
                       (config.filter_similarity > 0, "--config.filter_similarity")]:
     if needs and not config.similarity:
       raise SettingError(f"{what} compares captions: set --config.similarity to one of "
@@ -387,9 +386,8 @@ def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> list:
 def run_name(config: ml_collections.ConfigDict) -> str:
   """The run's setting in a word: the strategy of an objective that takes one (the
   triplet loss), else the objective."""
-  from ntxr import objectives  # pylint: disable=import-outside-toplevel
-  _choose("objective", config.objective, objectives.OBJECTIVES)
-  objective = objectives.get_objective(config.objective)
+  _choose("objective", config.objective, specs.OBJECTIVES)
+  objective = specs.OBJECTIVES[config.objective]
   return config.strategy if objective.takes_strategy else config.objective
 
 

@@ -38,13 +38,14 @@ import os
 import queue
 import subprocess
 import sys
+from typing import Union
 
 from absl import app
 from absl import flags
 import ml_collections
 import numpy as np
 
-from ntxr import cli, command, files, lifetime, plots, ranking
+from ntxr import cli, command, files, lifetime, plots, ranking, specs
 
 FLAGS = flags.FLAGS
 
@@ -75,11 +76,17 @@ FALSE_NEGATIVES = {"false negatives": "false_negative_share", "filtered": "filte
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-  """One run of a sweep: `strategy` is its name (a strategy of the triplet loss, or an
-  objective: `cli.RUN_NAMES`), as the sweep's table names its row."""
-  strategy: str
+  """One run of a sweep, a (strategy or objective, seed) pair: `setting` is a strategy of
+  the triplet loss or an objective that takes none (`specs.run_settings()`), whose `field`
+  is the config field and ntxr.main flag it sets; its name names the run's folder and
+  the table's row."""
+  setting: Union[specs.Strategy, specs.Objective]
   seed: int
   workdir: str
+
+  @property
+  def name(self) -> str:
+    return self.setting.name
 
   @property
   def tested(self) -> bool:
@@ -89,10 +96,7 @@ class Run:
     """The run's config: the sweep's with the run's strategy or objective and seed."""
     config = copy.deepcopy(sweep_config)
     config.seed = self.seed
-    if self.strategy in cli.STRATEGY_NAMES:
-      config.strategy = self.strategy
-    else:
-      config.objective = self.strategy
+    config[self.setting.field] = self.name
     return config
 
   def finished(self, sweep_config: ml_collections.ConfigDict) -> bool:
@@ -104,16 +108,16 @@ class Run:
                                                                    self.config(sweep_config)))
 
   def command(self, main_args=()) -> list:
-    flag = "strategy" if self.strategy in cli.STRATEGY_NAMES else "objective"
-    return [sys.executable, "-m", "ntxr.main", f"--{flag}={self.strategy}",
+    return [sys.executable, "-m", "ntxr.main", f"--{self.setting.field}={self.name}",
             f"--config.seed={self.seed}", f"--workdir={self.workdir}", *main_args]
 
 
 def plan(root: str, names, seeds) -> list:
   """Every (strategy or objective, seed) run under root, seed by seed so a stopped sweep
-  has whole seeds; names from `cli.RUN_NAMES`."""
-  return [Run(s, seed, os.path.join(root, s, f"seed_{seed}")) for seed in seeds
-          for s in names]
+  has whole seeds; names from `specs.run_settings()`."""
+  by_name = specs.run_settings()
+  return [Run(by_name[name], seed, os.path.join(root, name, f"seed_{seed}"))
+          for seed in seeds for name in names]
 
 
 def execute(run: Run, main_args=(), env=None) -> int:
@@ -172,7 +176,7 @@ def run_all(runs, config, main_args=(), processes: int = 1, gpus=(), report=prin
     for future in concurrent.futures.as_completed(futures):
       run, code = futures[future], future.result()
       status = "done" if code == 0 else f"FAILED (exit {code})"
-      report(f"{run.strategy} seed {run.seed}: {status}; log {run.workdir}/log.txt")
+      report(f"{run.name} seed {run.seed}: {status}; log {run.workdir}/log.txt")
       if code:
         failed.append(run)
   return failed
@@ -195,7 +199,7 @@ def run_together(runs, config, group_size: int = 0, report=print) -> list:
   for run, result in zip(pending, results):
     status = ("FAILED (frozen before its first epoch ended)" if result is None
               else f"frozen: {result['frozen']}" if result["frozen"] else "done")
-    report(f"{run.strategy} seed {run.seed}: {status}; results in {run.workdir}")
+    report(f"{run.name} seed {run.seed}: {status}; results in {run.workdir}")
   return [run for run, result in zip(pending, results) if result is None]
 
 
@@ -212,14 +216,14 @@ def read_sweep(root: str, config: ml_collections.ConfigDict, report=print) -> li
   `config`, in strategy then seed order; the tested runs with other settings are left
   out, and `report` says so."""
   runs, other = [], []
-  for strategy in cli.RUN_NAMES:
-    folder = os.path.join(root, strategy)
+  for setting in specs.run_settings().values():
+    folder = os.path.join(root, setting.name)
     seeds = sorted((int(d[5:]), d) for d in os.listdir(folder) if d.startswith("seed_")
                    and d[5:].isdigit()) if os.path.isdir(folder) else []
-    for seed, name in seeds:
-      run = Run(strategy, seed, os.path.join(folder, name))
+    for seed, seed_folder in seeds:
+      run = Run(setting, seed, os.path.join(folder, seed_folder))
       if run.finished(config):
-        runs.append(dict(read_run(run.workdir), seed=seed, strategy=strategy))  # its name
+        runs.append(dict(read_run(run.workdir), seed=seed, strategy=run.name))  # its row
       elif run.tested:
         other.append(run)
   if other:
@@ -241,7 +245,7 @@ def table(runs) -> list:
     values = np.array(values)
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan")
   rows = []
-  for strategy in cli.RUN_NAMES:
+  for strategy in specs.run_settings():
     mine = [r for r in runs if r["strategy"] == strategy]
     if not mine:
       continue
@@ -327,15 +331,15 @@ def write_report(root: str, config: ml_collections.ConfigDict, report=print) -> 
 
 def main(argv):
   try:
-    names = (cli.chosen("strategies", cli.STRATEGY_NAMES)
-             + cli.chosen("objectives", cli.OBJECTIVE_RUN_NAMES))
+    names = (cli.chosen("strategies", specs.STRATEGIES)
+             + cli.chosen("objectives", specs.objectives_without_strategy()))
     seeds = []
     for seed in FLAGS.seeds:
       if not seed.isdigit():
         raise ValueError(f"--seeds: {seed!r} is not a whole number")
       seeds.append(int(seed))
     files.check_folder("root", FLAGS.root)
-    runs = plan(FLAGS.root, names or cli.STRATEGY_NAMES, seeds)
+    runs = plan(FLAGS.root, names or list(specs.STRATEGIES), seeds)
     if FLAGS.gpus:
       gpu_groups(FLAGS.gpus, FLAGS.processes)
     if FLAGS.together:

@@ -89,10 +89,10 @@ def _train_once(root: str, run, tiny_config) -> None:
   its own lock (beside the sweep), so that two workers asking for the sweep at once train
   different runs."""
   from ntxr import files, train  # pylint: disable=import-outside-toplevel
-  lock = os.path.join(f"{root}-locks", f"{run.strategy}_seed_{run.seed}")
+  lock = os.path.join(f"{root}-locks", f"{run.name}_seed_{run.seed}")
   with files.locked(lock, wait=True):
     if not run.tested:
-      train.train_and_evaluate(tiny_config(strategy=run.strategy, seed=run.seed), run.workdir)
+      train.train_and_evaluate(tiny_config(strategy=run.name, seed=run.seed), run.workdir)
 
 
 @pytest.fixture(scope="session")
@@ -102,7 +102,7 @@ def tiny_run(tmp_path_factory, tiny_config):
   from ntxr import sweep  # pylint: disable=import-outside-toplevel
   root = shared_path(tmp_path_factory, "sweep")
   run, = [r for r in sweep.plan(root, SWEEP_STRATEGIES, [0, 1])
-          if (r.strategy, r.seed) == ("semihard_cross", 0)]
+          if (r.name, r.seed) == ("semihard_cross", 0)]
   _train_once(root, run, tiny_config)
   return run.workdir
 

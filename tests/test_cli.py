@@ -10,15 +10,16 @@ import time
 
 import pytest
 
-from ntxr import cli, objectives, sampling, settings
+from ntxr import objectives, sampling, settings, specs
 from ntxr.configs import default
 
 
-def test_flag_names_are_the_registries_names():
-  assert cli.STRATEGY_NAMES == tuple(sampling.STRATEGIES)
-  assert cli.OBJECTIVE_NAMES == tuple(objectives.OBJECTIVES)
-  assert cli.TAKES_STRATEGY == tuple(
-      name for name, objective in objectives.OBJECTIVES.items() if objective.takes_strategy)
+def test_the_kernels_registries_hold_the_specified_names_in_their_order():
+  assert list(sampling.STRATEGIES) == list(specs.STRATEGIES)
+  assert list(objectives.OBJECTIVES) == list(specs.OBJECTIVES)
+  assert all(sampling.STRATEGIES[name].spec is spec for name, spec in specs.STRATEGIES.items())
+  assert all(objectives.OBJECTIVES[name].spec is spec
+             for name, spec in specs.OBJECTIVES.items())
 
 
 def test_main_help_prints_only_the_help_and_imports_neither_jax_nor_tensorflow():

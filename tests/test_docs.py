@@ -1,10 +1,12 @@
-"""The README and docs/: short README, links that resolve, the benchmark page made from
-its result files."""
+"""The README and docs/: short README, links that resolve, the strategies and objectives
+they list the specified ones, the benchmark page made from its result files."""
 
 import glob
+import itertools
 import os
 import re
 
+from ntxr import specs
 from ntxr.bench import results
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,6 +40,36 @@ def test_every_relative_link_resolves():
       if not os.path.exists(resolved) or (anchor and anchor not in anchors(resolved)):
         broken.append(f"{os.path.relpath(page, ROOT)}: {target}")
   assert not broken, broken
+
+
+def read(name: str) -> str:
+  with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+    return f.read()
+
+
+def listed(lines) -> list:
+  """The `names` in code quotes of the lines, in order."""
+  return re.findall(r"`(\w+)`", " ".join(lines))
+
+
+def first_column(text: str, header: str) -> list:
+  """The first cells of the Markdown table whose header row starts with `header`."""
+  table = itertools.dropwhile(lambda line: not line.startswith(header), text.splitlines())
+  rows = itertools.takewhile(lambda line: line.startswith("|"), itertools.islice(table, 2, None))
+  return [row.split("|")[1] for row in rows]
+
+
+def test_the_docs_list_each_specified_strategy_and_objective_once():
+  design = read("docs/design.md")
+  assert sorted(listed(first_column(design, "| name | audio negative"))) == sorted(
+      specs.STRATEGIES)
+  assert sorted(listed(first_column(design, "| objective | per anchor"))) == sorted(
+      specs.OBJECTIVES)
+  section = read("README.md").split("## Strategies and objectives\n")[1].splitlines()
+  bullets = itertools.takewhile(lambda line: line.startswith(("- ", "  ")),
+                                itertools.dropwhile(lambda line: not line.startswith("- "),
+                                                    section))
+  assert sorted(listed(bullets)) == sorted(specs.run_settings())
 
 
 def test_benchmark_page_is_made_from_the_committed_results():

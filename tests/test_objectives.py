@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntxr import objectives
+from ntxr import objectives, specs
 
 SOFTMAX_OBJECTIVES = ("infonce", "hn_nce", "soft")
 
@@ -175,6 +175,22 @@ def test_bad_arguments_raise(batch, call, message):
   s, ids, _ = batch
   with pytest.raises(ValueError, match=message):
     call(jnp.asarray(s), jnp.asarray(ids))
+
+
+def test_an_objective_registered_at_run_time_is_specified_and_a_taken_name_refused(
+    batch, monkeypatch):
+  monkeypatch.setattr(specs, "OBJECTIVES", dict(specs.OBJECTIVES))
+  monkeypatch.setattr(objectives, "OBJECTIVES", dict(objectives.OBJECTIVES))
+  loss_and_terms = lambda embedded, setting, **_: (0.0, None)
+  objectives.register("mine", loss_and_terms, needs_relevance=True)
+  assert specs.OBJECTIVES["mine"].needs_relevance
+  assert objectives.get_objective("mine").loss_and_terms is loss_and_terms
+  with pytest.raises(ValueError, match="'infonce' exists already"):
+    objectives.register("infonce", loss_and_terms)
+  s, ids, _ = batch
+  with pytest.raises(ValueError, match=r"unknown objective 'mine'; the whole-pool ones are "
+                     r"\['infonce', 'hn_nce', 'soft', 'siglip'\]"):
+    objectives.contrastive_loss(jnp.asarray(s), jnp.asarray(ids), objective="mine")
 
 
 def test_siglip_learns_its_temperature_and_bias_from_10_and_minus_10():

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntxr import sampling, scores
+from ntxr import sampling, scores, specs
 from ntxr.bench import reference
 
 SINGLE = [s for s in sampling.STRATEGIES if s not in ("full_batch", "random")]
@@ -318,6 +318,35 @@ def test_terms_report_the_scores_the_loss_used(batch, strategy):
 
 
 def test_a_strategy_name_is_registered_once():
-  with pytest.raises(ValueError, match="'hard_cross' is registered already"):
+  with pytest.raises(ValueError, match="'hard_cross' exists already"):
     sampling.register("hard_cross", needs="cross")(lambda s, pool, key: None)
+  with pytest.raises(ValueError, match="'hard_cross' is registered already"):
+    sampling._specified("hard_cross")(lambda s, pool, key: None)  # pylint: disable=protected-access
   assert sampling.STRATEGIES["hard_cross"].select.__name__ == "_hard_cross"
+
+
+def test_a_kernel_needs_its_spec_and_a_spec_its_kernel():
+  with pytest.raises(ValueError, match="'hardest' is not specified in ntxr/specs.py"):
+    sampling._specified("hardest")  # pylint: disable=protected-access
+  with pytest.raises(ImportError, match=r"without a kernel: \['hardest'\]"):
+    specs.check_registered({**specs.STRATEGIES, "hardest": None}, sampling.STRATEGIES)
+
+
+def test_a_strategy_registered_at_run_time_trains_from_python(batch, monkeypatch):
+  monkeypatch.setattr(specs, "STRATEGIES", dict(specs.STRATEGIES))
+  monkeypatch.setattr(sampling, "STRATEGIES", dict(sampling.STRATEGIES))
+
+  @sampling.register("least_cross", needs="cross")
+  def least_cross(s_cross, pool, key):  # pylint: disable=unused-variable,unused-argument
+    audio, text = (sampling.masked_argmax(-s, pool) for s in (s_cross.T, s_cross))
+    return sampling.Negatives(audio[:, None], text[:, None], (audio >= 0)[:, None])
+  assert specs.STRATEGIES["least_cross"].needs == "cross"
+  masks = dict(audio_mask=batch["audio_mask"], text_mask=batch["text_mask"])
+  loss, terms = sampling.triplet_loss_and_terms(
+      batch["audio"], batch["text"], batch["audio_ids"], strategy="least_cross", **masks)
+  s, pool = np.asarray(batch["s_cross"]), np.asarray(sampling.negative_pool(batch["audio_ids"]))
+  least = lambda m: np.where(pool, m, np.inf).min(axis=1)
+  np.testing.assert_allclose(terms.negative, np.stack([least(s.T), least(s)], 1), rtol=1e-5)
+  assert float(loss) >= 0
+  with pytest.raises(ValueError, match="knows no pick of strategy 'least_cross'"):
+    reference_loss(batch, "least_cross")

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from ntxr import ranking, sweep
+from ntxr import ranking, specs, sweep
 from ntxr.configs import default
 
 
@@ -27,7 +27,7 @@ def fake_run(root, strategy, seed, r1, collapse=False, false_negatives=None):
 
 def test_plan_goes_seed_by_seed_with_one_flag_per_axis(tmp_path):
   runs = sweep.plan(str(tmp_path), ["random", "hard_cross"], [0, 1])
-  assert [(r.strategy, r.seed) for r in runs] == [
+  assert [(r.name, r.seed) for r in runs] == [
       ("random", 0), ("hard_cross", 0), ("random", 1), ("hard_cross", 1)]
   assert runs[1].workdir == os.path.join(str(tmp_path), "hard_cross", "seed_0")
   assert runs[1].command(["--config.num_epochs=2"])[2:] == [
@@ -185,7 +185,7 @@ def test_each_parallel_process_gets_its_own_gpus(tmp_path, monkeypatch):
 def saved_run(root, strategy, seed, config):
   """A tested run of `config` (with the run's strategy and seed) as ntxr.main leaves it."""
   fake_run(root, strategy, seed, 0.5)
-  config = sweep.Run(strategy, seed, "").config(config)
+  config = sweep.Run(specs.run_settings()[strategy], seed, "").config(config)
   workdir = os.path.join(root, strategy, f"seed_{seed}")
   with open(os.path.join(workdir, "config.json"), "w") as f:
     f.write(config.to_json())

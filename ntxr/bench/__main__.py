@@ -27,7 +27,7 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
-from ntxr import cli, command, files
+from ntxr import cli, command, files, specs
 from ntxr.bench import (kernel_parts, kernels, results, score_matrices, timing,
                         together_steps, training_loop, training_steps, union_program)
 
@@ -92,7 +92,7 @@ def main(argv):
     if unknown:
       raise app.UsageError(f"unknown {name} {unknown}; choose from {list(known)}")
   try:
-    strategies = cli.chosen("strategies", cli.STRATEGY_NAMES, cli.STRATEGY_NAMES)
+    strategies = cli.chosen("strategies", list(specs.STRATEGIES), list(specs.STRATEGIES))
   except ValueError as error:
     raise app.UsageError(str(error)) from None
   if FLAGS.torch_loop:  # PyTorch shares the GPU: JAX allocates as it goes, not 75% at once

@@ -2,7 +2,8 @@
 
 The benchmark times it against the kernels (in JAX, and in PyTorch with --torch_loop);
 the tests check the kernels against it in NumPy float64. Each anchor scores its own
-pool, picks its negative and adds its hinges; `score` decides how padding counts.
+pool, picks its negative as its strategy's spec says (`specs.Strategy.pick` over the
+scores its `needs` names) and adds its hinges; `score` decides how padding counts.
 """
 
 import dataclasses
@@ -12,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ntxr import specs
 
 @dataclasses.dataclass(frozen=True)
 class ArrayOps:
@@ -50,12 +52,15 @@ def per_anchor_loss(ops: ArrayOps, audio, text, audio_ids, strategy: str, margin
                     rng: np.random.Generator, score: Callable = None, kept=None):
   """The loss of `ntxr.sampling.triplet_loss` on audio [N, T, E] and text [N, W, E].
 
-  score(x, y): x [..., T, E] against y [..., W, E] -> [...]; default `padded_score`.
-  "random" draws with `rng`. kept: [N][N] bools, the candidates a filter left anchor i
-  (default: all); the pool is those of another clip. Returns (loss, audio negatives, text
-  negatives): the chosen index per anchor (None for full_batch and for an anchor with an
-  empty pool).
+  strategy: a name in `specs.STRATEGIES` with a pick. score(x, y): x [..., T, E] against
+  y [..., W, E] -> [...]; default `padded_score`. A random pick draws with `rng`. kept:
+  [N][N] bools, the candidates a filter left anchor i (default: all); the pool is those of
+  another clip. Returns (loss, audio negatives, text negatives): the chosen index per
+  anchor (None where the pick takes all, and for an anchor with an empty pool).
   """
+  spec = specs.STRATEGIES.get(strategy)
+  if spec is None or spec.pick is None:
+    raise ValueError(f"the per-anchor loop knows no pick of strategy {strategy!r}")
   score = score or padded_score(ops)
   n = audio.shape[0]
   loss, audio_negs, text_negs = 0.0, [], []
@@ -70,22 +75,21 @@ def per_anchor_loss(ops: ArrayOps, audio, text, audio_ids, strategy: str, margin
       text_negs.append(t)
       continue
     pool_index = ops.index(pool)
-    if strategy in ("full_batch", "semihard_cross", "hard_cross"):
+    pick = {"argmax": ops.argmax, "argmin": ops.argmin,
+            "closest": lambda s: ops.argmin(abs(s - positive))}.get(spec.pick)
+    if spec.pick == "all" or spec.needs == "cross":
       audio_scores = score(audio[pool_index], text_i)
       text_scores = score(audio_i, text[pool_index])
-      if strategy != "full_batch":
-        pick = ((lambda s: ops.argmin(abs(s - positive))) if strategy == "semihard_cross"
-                else ops.argmax)
+      if spec.pick != "all":
         k_audio, k_text = int(pick(audio_scores)), int(pick(text_scores))
         a, t = pool[k_audio], pool[k_text]
         audio_scores, text_scores = audio_scores[k_audio], text_scores[k_text]
     else:
-      if strategy == "random":
+      if spec.pick == "random":
         a, t = int(rng.choice(pool)), int(rng.choice(pool))
       else:
-        within = (score(text_i, text[pool_index]) if strategy.endswith("text")
+        within = (score(text_i, text[pool_index]) if spec.needs == "text"
                   else score(audio_i, audio[pool_index]))
-        pick = ops.argmin if strategy.startswith("easy") else ops.argmax
         a = t = pool[int(pick(within))]
       audio_scores, text_scores = score(audio[a], text_i), score(audio_i, text[t])
     audio_negs.append(a)
