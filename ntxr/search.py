@@ -22,8 +22,14 @@ import os
 import sys
 import time
 import zipfile
-from typing import Optional
+from typing import Callable, Optional
 
+from ntxr import ctrl_c
+
+if __name__ == "__main__":  # first: a Ctrl-C while the imports below load costs one line
+  ctrl_c.exit_at_once()
+
+# pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
@@ -35,6 +41,7 @@ import tqdm
 from ntxr import checkpoints as checkpoints_lib, cli, command, evaluate, files, settings
 from ntxr import workdir as workdir_lib
 from ntxr.data import features
+# pylint: enable=wrong-import-position
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 
@@ -82,15 +89,19 @@ class Model:
     self.logmel = self.experiment.builder.builder_config.logmel
     self.embedder = self.experiment.embedder(self.state)
 
-  def embed_files(self, paths: list, dtype=np.float32, group: int = 256) -> tuple:
+  def embed_files(self, paths: list, dtype=np.float32, group: int = 256,
+                  stop: Callable[[], bool] = lambda: False) -> tuple:
     """({index: frame embeddings [T_i, E] in dtype} of the files that decode, {index:
-    reason} of the rest); `group` files' features at a time, so memory stays bounded."""
+    reason} of the rest); `group` files' features at a time, so memory stays bounded.
+    Once `stop()` is true, the files not yet read are left out of both."""
     embedded, failed = {}, {}
     bar = tqdm.tqdm(total=len(paths), desc="indexing", unit="file", file=sys.stderr,
                     disable=None if paths else True)  # None: no bar off a terminal
     for start in range(0, len(paths), group):
       clips = {}
       for i in range(start, min(start + group, len(paths))):
+        if stop():
+          break
         try:
           clips[i] = features.clip_features(paths[i], self.logmel)
         except ValueError as error:
@@ -140,9 +151,10 @@ class Index:
 
   @classmethod
   def build(cls, model: Model, folder: str, previous: Optional["Index"] = None,
-            dtype=np.float16) -> "Index":
+            dtype=np.float16, stop: Callable[[], bool] = lambda: False) -> "Index":
     """The index of `folder`, reusing `previous` for files unchanged since it was made
-    with the same checkpoint; raises FileNotFoundError when the folder has no audio."""
+    with the same checkpoint; raises FileNotFoundError when the folder has no audio.
+    Once `stop()` is true no other file is embedded: the index holds those embedded."""
     found = audio_files(folder)
     if not found:
       raise FileNotFoundError(f"{folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)})")
@@ -153,20 +165,23 @@ class Index:
       tried = {name: entry for name, entry in previous.skipped.items()
                if found.get(name) == tuple(entry[0])}
     new = [name for name in found if name not in kept and name not in tried]
-    embedded, failed = model.embed_files([os.path.join(folder, name) for name in new], dtype)
+    embedded, failed = model.embed_files([os.path.join(folder, name) for name in new], dtype,
+                                         stop=stop)
     kept.update((new[i], frames) for i, frames in embedded.items())
     tried.update((new[i], (found[new[i]], reason)) for i, reason in failed.items())
     names = [name for name in found if name in kept]
-    if not names:
+    if not names and not stop():
       raise ValueError(f"{folder}: none of its {len(found)} audio files can be decoded: "
                        + "; ".join(reason for _, reason in tried.values()))
     return cls(os.path.abspath(folder), model.checkpoint, names, [found[n] for n in names],
                [kept[n] for n in names], tried, embedded=len(embedded), model=model)
 
   @classmethod
-  def open(cls, model: Model, workdir: str, folder: str) -> "Index":
+  def open(cls, model: Model, workdir: str, folder: str,
+           stop: Callable[[], bool] = lambda: False) -> "Index":
     """The folder's index kept in workdir (`index_path`), brought up to date and saved if
-    it was not; a torn or unreadable one is made again."""
+    it was not; a torn or unreadable one is made again. Stopped (`build`), it saves what
+    it embedded, which the next call keeps."""
     path = index_path(workdir, folder)
     previous = None
     if files.exists(path):
@@ -174,7 +189,7 @@ class Index:
         previous = cls.load(path)
       except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         logging.warning("%s cannot be read (%s): indexing again", path, error)
-    index = cls.build(model, folder, previous)
+    index = cls.build(model, folder, previous, stop=stop)
     if previous is None or (index.checkpoint, index.files, index.signatures, index.skipped) != (
         previous.checkpoint, previous.files, previous.signatures, previous.skipped):
       index.save(path)
@@ -293,7 +308,12 @@ def main(argv):
     with workdir_lib.in_use(workdir), jax.default_matmul_precision(config.matmul_precision):
       model = Model(workdir)
       start = time.perf_counter()
-      index = Index.open(model, workdir, audio_dir)
+      with ctrl_c.noted() as interrupted:  # the files embedded so far are saved
+        index = Index.open(model, workdir, audio_dir, stop=interrupted)
+      if interrupted():
+        print(f"interrupted: the index keeps the files embedded so far ({len(index.files)}): "
+              "rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
       index_s, start = time.perf_counter() - start, time.perf_counter()
       report = list(zip(queries, index.search(queries, FLAGS.top_k) if queries else []))
       search_s = time.perf_counter() - start

@@ -258,6 +258,8 @@ def _train(runs: list, group_size: int) -> None:
         behind = min(run.position for run in runs if run.training)
         _train_epoch([run for run in runs if run.training and run.position == behind],
                      group_size, stop)
+        if stop.received:  # its raise was lost (in a garbage-collection callback, say)
+          raise train.Interrupted()
     except train.Interrupted:
       stop.at_steps = True  # record, not raise, a second signal while saving
       raise _save_all_and_stop(runs, stop) from None

@@ -2,7 +2,9 @@
 
 import json
 import os
+import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,8 +12,9 @@ import time
 
 import pytest
 
-from ntxr import cli, objectives, sampling, settings
+from ntxr import cli, ctrl_c, objectives, sampling, settings
 from ntxr.configs import default
+from recordings import RECORDINGS
 
 
 def test_flag_names_are_the_registries_names():
@@ -136,6 +139,36 @@ def test_each_mistake_costs_one_line_and_the_corrected_command_trains_in_that_wo
   assert done.returncode == 0, done.stderr[-3000:]
   assert "Traceback" not in done.stderr
   assert json.loads((workdir / "results.json").read_text())["epochs"] == 1
+
+
+def test_ctrl_c_in_a_commands_first_seconds_costs_one_line(tiny_flags, tiny_run, tmp_path):
+  """Ctrl-C (SIGINT) at seeded moments of the commands' first seconds, while their
+  modules, JAX and TensorFlow load and the data is read (before training's own handler):
+  each exits at once with status 130 and the one line saying to rerun, never a
+  traceback, never going on. The commands run side by side; ntxr.main at three moments.
+  (From 0.5 s: before that the interpreter itself may still be starting, which no
+  program can answer for.)"""
+  workdir = tmp_path / "trained"
+  shutil.copytree(tiny_run, workdir)  # search takes its lock
+  rng = random.Random(44)
+  commands = [
+      *[(rng.uniform(0.5, 5.0), ["ntxr.main", f"--workdir={tmp_path}/run{i}", *tiny_flags()])
+        for i in range(3)],
+      (rng.uniform(0.5, 2.0), ["ntxr.data.prepare", *tiny_flags()]),
+      (rng.uniform(0.5, 2.0), ["ntxr.search", f"--workdir={workdir}",
+                               f"--audio_dir={RECORDINGS}", "--query=a bell rings"]),
+      (rng.uniform(0.5, 2.0), ["ntxr.sweep", f"--root={tmp_path}/sweep", "--strategies=random",
+                               "--seeds=0", "--", *tiny_flags()])]
+  started = time.monotonic()
+  processes = [subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True) for _, args in commands]
+  for moment, process in sorted(zip([m for m, _ in commands], processes), key=lambda p: p[0]):
+    time.sleep(max(0.0, started + moment - time.monotonic()))
+    process.send_signal(signal.SIGINT)
+  for (moment, args), process in zip(commands, processes):
+    stderr = process.communicate(timeout=120)[1]
+    assert (process.returncode, stderr) == (130, f"{ctrl_c.INTERRUPTED}\n"), (
+        args[0], f"{moment:.2f} s", stderr[-3000:])
 
 
 @pytest.mark.parametrize("flag, message", [

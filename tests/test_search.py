@@ -2,6 +2,7 @@
 folder (real recordings: added, removed, corrupted files), the command and its errors."""
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -85,7 +86,8 @@ def test_the_index_follows_the_folder(model, workdir, recordings, monkeypatch):
   embedded = []
   embed = model.embed_files
   monkeypatch.setattr(model, "embed_files",
-                      lambda paths, *args: embedded.append(paths) or embed(paths, *args))
+                      lambda paths, *args, **options: embedded.append(paths)
+                      or embed(paths, *args, **options))
   first = search.Index.open(model, workdir, recordings)
   assert sorted(first.files) == sorted(before) and len(first.files) == 12  # every format
   assert os.path.join("sounds", "canário.mp3") in first.files and not first.skipped
@@ -133,6 +135,24 @@ def test_the_index_follows_the_folder(model, workdir, recordings, monkeypatch):
   with open(path, "wb") as f:  # a torn index is made again
     f.write(b"PK\x03\x04 torn")
   assert search.Index.open(model, workdir, recordings).files == rebuilt.files
+
+
+def test_an_index_stopped_midway_keeps_what_it_embedded(model, workdir, recordings,
+                                                        monkeypatch):
+  """Stopped after five files (the command stops it on Ctrl-C), the index saves those
+  five, and the next call embeds only the other seven."""
+  asked = itertools.count()  # asked before each file
+  stopped = search.Index.open(model, workdir, recordings, stop=lambda: next(asked) >= 5)
+  assert len(stopped.files) == 5
+  assert search.Index.load(search.index_path(workdir, recordings)).files == stopped.files
+  embedded = []
+  embed = model.embed_files
+  monkeypatch.setattr(model, "embed_files", lambda paths, *args, **options:
+                      embedded.append(paths) or embed(paths, *args, **options))
+  whole = search.Index.open(model, workdir, recordings)
+  assert sorted(whole.files) == sorted(search.audio_files(recordings))
+  assert len(embedded[0]) == 7 and not set(stopped.files) & {
+      os.path.relpath(path, recordings) for path in embedded[0]}
 
 
 def test_bad_searches_get_clear_errors(model, workdir, tmp_path):

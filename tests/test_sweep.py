@@ -3,6 +3,8 @@
 import csv
 import json
 import os
+import signal
+import sys
 import threading
 import time
 
@@ -156,7 +158,7 @@ def test_each_parallel_process_gets_its_own_gpus(tmp_path, monkeypatch):
     sweep.gpu_groups(["0", "1", "2"], 2)
   lock, busy, seen = threading.Lock(), set(), []
 
-  def fake_execute(run, main_args, env):
+  def fake_execute(run, main_args, env, unused_stopping):
     group = env["CUDA_VISIBLE_DEVICES"]
     with lock:
       assert group not in busy, f"{group} given to two runs at once"
@@ -175,3 +177,30 @@ def test_each_parallel_process_gets_its_own_gpus(tmp_path, monkeypatch):
   assert sorted(seed for seed, _, _ in seen) == list(range(6))
   assert {group for _, group, _ in seen} == {"0,1", "2,3"}
   assert {preallocate for _, _, preallocate in seen} == {None}  # a GPU each: no sharing
+
+
+def test_ctrl_c_stops_the_running_runs_and_starts_no_other(tmp_path, monkeypatch):
+  """Ctrl-C to the sweep alone (as `kill -INT` sends it): its running run gets it too
+  (ntxr.main then saves and exits 130), the next run never starts, and run_all raises
+  KeyboardInterrupt once the running one has ended."""
+  started = tmp_path / "started"
+  run_code = ("import pathlib, signal, sys, time\n"
+              "signal.signal(signal.SIGINT, lambda *_: sys.exit(130))\n"
+              f"pathlib.Path({str(started)!r}).touch()\n"
+              "time.sleep(60)\n")
+  monkeypatch.setattr(sweep.Run, "command", lambda run, main_args=(): [sys.executable, "-c",
+                                                                       run_code])
+  runs = sweep.plan(str(tmp_path / "sweep"), ["random"], [0, 1])
+
+  def press_ctrl_c():
+    while not started.exists():
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGINT)
+
+  threading.Thread(target=press_ctrl_c, daemon=True).start()
+  reports, handler = [], signal.getsignal(signal.SIGINT)
+  with pytest.raises(KeyboardInterrupt):
+    sweep.run_all(runs, report=reports.append)
+  assert reports[1:] == [f"random seed 0: stopped (Ctrl-C); log {runs[0].workdir}/log.txt"]
+  assert not os.path.exists(runs[1].workdir)
+  assert signal.getsignal(signal.SIGINT) is handler
