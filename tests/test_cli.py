@@ -114,6 +114,7 @@ def test_each_mistake_costs_one_line_and_the_corrected_command_trains_in_that_wo
                              "--config.similarity"),
       ([f"--config.word_vectors={tmp_path}/vectors.bin"],
        f"--config.word_vectors={tmp_path}/vectors.bin: no such file"),
+      ([f"--config={tmp_path}/paper.py"], f"--config={tmp_path}/paper.py: no such file"),
   ]:
     done = main(*flags)
     assert done.returncode == 2, (flags, done.stderr[-2000:])
@@ -169,6 +170,19 @@ def test_ctrl_c_in_a_commands_first_seconds_costs_one_line(tiny_flags, tiny_run,
     stderr = process.communicate(timeout=120)[1]
     assert (process.returncode, stderr) == (130, f"{ctrl_c.INTERRUPTED}\n"), (
         args[0], f"{moment:.2f} s", stderr[-3000:])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=/no/paper.py"], "--config=/no/paper.py: no such file"),
+    (["--config", "/no/paper.py:clotho", "--config.size=tiny"],
+     "--config=/no/paper.py:clotho: no such file"),
+    (["--config=/"], "--config=/: a folder, not a config file"),
+])
+def test_a_config_file_that_is_not_there_is_named_in_one_line(args, message, capsys):
+  """Not ml_collections' chained tracebacks, nor a --config.FIELD blamed for it."""
+  with pytest.raises(SystemExit) as exited:
+    cli.config_of(args)
+  assert (exited.value.code, capsys.readouterr().err) == (2, f"error: {message}\n")
 
 
 @pytest.mark.parametrize("flag, message", [
