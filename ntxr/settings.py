@@ -339,6 +339,8 @@ def _check_fields(config: ml_collections.ConfigDict) -> None:
     raise SettingError(f"--config.graded_relevance_dir={config.graded_relevance_dir}: no "
                        f"folder of TAU ratings (SPLIT_relevances.csv, SPLIT_text.csv, "
                        f"SPLIT_audio_metadata.csv)")
+  if not files.is_bucket(config.cache_dir):  # it holds the prepared data and their lock
+    writable_folder("--config.cache_dir", os.path.expanduser(config.cache_dir))
   if config.data_dir:
     try:
       captions.layout_of(os.path.expanduser(config.data_dir))
@@ -363,20 +365,26 @@ def run_name(config: ml_collections.ConfigDict) -> str:
   return config.strategy if objective.takes_strategy else config.objective
 
 
+def writable_folder(flag: str, path: str) -> None:
+  """Raises SettingError, naming `flag`, unless the local folder `path` is one this process
+  can write in, or can make (its nearest existing folder writable)."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise SettingError(f"{flag}={path} is a file, not a folder: give a folder")
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise SettingError(f"{flag}={path}: {existing} is a file, not a folder")
+  if not os.access(existing, os.W_OK):
+    raise SettingError(f"{flag}={path}: cannot write in {existing}")
+
+
 def check(workdir: str, config: ml_collections.ConfigDict) -> dict:
   """Raises SettingError, writing nothing, for a config that cannot run, a workdir that
   cannot be one, or a config that differs from the run workdir holds; returns the
   config as config.json holds it."""
   if not files.is_bucket(workdir):
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-      raise SettingError(f"--workdir={workdir} is a file, not a folder: give a folder")
-    existing = os.path.abspath(workdir)
-    while not os.path.exists(existing):
-      existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-      raise SettingError(f"--workdir={workdir}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK):
-      raise SettingError(f"--workdir={workdir}: cannot write in {existing}")
+    writable_folder("--workdir", workdir)
   Settings.of(config)
   current = json.loads(config.to_json())
   previous = saved(workdir)

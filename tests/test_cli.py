@@ -79,8 +79,8 @@ def test_a_bad_setting_costs_the_command_one_line(tmp_path):
   """Through the command, before TensorFlow loads: the workdir and cache stay unmade; a
   file given as --workdir is refused as such."""
   def main(*flags):
-    return subprocess.run([sys.executable, "-m", "ntxr.main", *flags,
-                           f"--config.cache_dir={tmp_path / 'cache'}"],
+    return subprocess.run([sys.executable, "-m", "ntxr.main",
+                           f"--config.cache_dir={tmp_path / 'cache'}", *flags],
                           capture_output=True, text=True, check=False)
   done = main(f"--workdir={tmp_path}/run", "--config.batch_size=0")
   assert (done.returncode, done.stderr) == (
@@ -90,7 +90,34 @@ def test_a_bad_setting_costs_the_command_one_line(tmp_path):
   done = main(f"--workdir={tmp_path}/notes.txt")
   assert (done.returncode, done.stderr) == (
       2, f"error: --workdir={tmp_path}/notes.txt is a file, not a folder: give a folder\n")
+  done = main(f"--workdir={tmp_path}/run", f"--config.cache_dir={tmp_path}/notes.txt")
+  assert (done.returncode, done.stderr) == (
+      2, f"error: --config.cache_dir={tmp_path}/notes.txt is a file, not a folder: give a "
+      "folder\n")
   assert (tmp_path / "notes.txt").read_text() == "my notes"
+  assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+def test_a_cache_dir_that_cannot_be_written_is_named_before_anything_is_written(
+    tmp_path, monkeypatch):
+  """A read-only mount as os.access reports it (emulated: root may write in any folder),
+  and a file on the way to the folder."""
+  config = default.get_config()
+  (tmp_path / "mounted").mkdir()
+  config.cache_dir = str(tmp_path / "mounted" / "cache")
+  with monkeypatch.context() as m:
+    m.setattr(os, "access", lambda path, mode: path != str(tmp_path / "mounted"))
+    with pytest.raises(settings.SettingError, match=re.escape(
+        f"--config.cache_dir={tmp_path}/mounted/cache: cannot write in {tmp_path}/mounted")):
+      settings.check(str(tmp_path / "run"), config)
+  (tmp_path / "notes.txt").write_text("my notes")
+  config.cache_dir = str(tmp_path / "notes.txt" / "cache")
+  with pytest.raises(settings.SettingError, match=re.escape(
+      f"--config.cache_dir={tmp_path}/notes.txt/cache: {tmp_path}/notes.txt is a file, not a "
+      "folder")):
+    settings.check(str(tmp_path / "run"), config)
+  assert sorted(os.listdir(tmp_path)) == ["mounted", "notes.txt"]
+  assert not os.listdir(tmp_path / "mounted")
 
 
 def test_each_mistake_costs_one_line_and_the_corrected_command_trains_in_that_workdir(
