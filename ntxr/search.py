@@ -5,7 +5,8 @@
 
 The first call indexes every wav, flac, mp3 and ogg file under DIR, recursively, with W's
 best checkpoint, W's config and its tokenizer: log-mel features exactly as training had
-them, frame embeddings kept as float16 in W/search/<folder key>/index.npz. Later calls
+them, frame embeddings kept as float16 in W/search/<folder key>/index.npz (or where W
+cannot be written, in search/<W key>/<folder key>/ of the run's cache_dir). Later calls
 embed only new or changed files (by size and modification time), drop removed ones, and
 rebuild an index made with another checkpoint. DIR is only read. A file that cannot be
 decoded is skipped, counted and listed, and tried again once it changes.
@@ -179,7 +180,7 @@ class Index:
   @classmethod
   def open(cls, model: Model, workdir: str, folder: str,
            stop: Callable[[], bool] = lambda: False) -> "Index":
-    """The folder's index kept in workdir (`index_path`), brought up to date and saved if
+    """The folder's index kept for workdir (`index_path`), brought up to date and saved if
     it was not; a torn or unreadable one is made again. Stopped (`build`), it saves what
     it embedded, which the next call keeps."""
     path = index_path(workdir, folder)
@@ -253,10 +254,29 @@ class Index:
             for q in range(scores.shape[1])]
 
 
+def _key(path: str) -> str:
+  return hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+
+
+def in_workdir(workdir: str) -> bool:
+  """Whether search keeps what it makes in the workdir: unless it cannot be written (a
+  read-only mount)."""
+  return files.is_bucket(workdir) or os.access(workdir, os.W_OK)
+
+
+def search_dir(workdir: str) -> str:
+  """Where search keeps its indexes and compiled programs for workdir's run:
+  workdir/search, or if the workdir cannot be written, search/<key of the workdir> in the
+  run's cache (the cache_dir of its config)."""
+  if in_workdir(workdir):
+    return os.path.join(workdir, "search")
+  return os.path.join(os.path.expanduser(read_config(workdir).cache_dir), "search",
+                      _key(workdir))
+
+
 def index_path(workdir: str, folder: str) -> str:
-  """Where workdir keeps the index of folder: search/<key of its absolute path>/."""
-  key = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:16]
-  return os.path.join(workdir, "search", key, "index.npz")
+  """Where the index of folder is kept: <key of its absolute path>/ in `search_dir`."""
+  return os.path.join(search_dir(workdir), _key(folder), "index.npz")
 
 
 def format_results(query: str, results: list) -> str:
@@ -303,9 +323,11 @@ def main(argv):
     command.exit_with(error, 2)
   try:
     # A later call reuses this call's compiled scoring blocks.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "search", "compiled"))
+    kept = search_dir(workdir)
+    jax.config.update("jax_compilation_cache_dir", os.path.join(kept, "compiled"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
-    with workdir_lib.in_use(workdir), jax.default_matmul_precision(config.matmul_precision):
+    locked = workdir if in_workdir(workdir) else kept  # a read-only workdir: the cache's
+    with workdir_lib.in_use(locked), jax.default_matmul_precision(config.matmul_precision):
       model = Model(workdir)
       start = time.perf_counter()
       with ctrl_c.noted() as interrupted:  # the files embedded so far are saved
@@ -324,9 +346,11 @@ def main(argv):
   frames = sum(len(f) for f in index.frames)
   hours = frames * model.logmel.hop_ms / 3.6e6
   size = os.path.getsize(index_path(workdir, audio_dir)) / 2**20
+  elsewhere = "" if in_workdir(workdir) else f", kept in {kept} ({workdir} is read-only)"
   print(f"{len(index.files)} files indexed in {audio_dir} ({index.embedded} embedded "
         f"now in {index_s:.1f} s, {index.embedded / max(index_s, 1e-9):.1f} files/s); index "
-        f"{size:.1f} MiB for {hours:.2f} h of audio ({size / max(hours, 1e-9):.0f} MiB/h)")
+        f"{size:.1f} MiB for {hours:.2f} h of audio ({size / max(hours, 1e-9):.0f} "
+        f"MiB/h){elsewhere}")
   if queries:
     print(f"{len(queries)} queries scored and ranked in {search_s:.2f} s")
   if index.skipped:

@@ -2,6 +2,7 @@
 folder (real recordings: added, removed, corrupted files), the command and its errors."""
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -213,6 +214,34 @@ def test_the_command_prints_and_writes_the_results(workdir, recordings, tmp_path
                               capture_output=True, text=True, check=False)
     assert (mistaken.returncode, mistaken.stderr) == (2, f"error: {culprit}\n")
   assert not os.path.exists(tmp_path / "none")
+
+
+def test_a_run_on_a_read_only_mount_is_searched_with_its_index_in_the_runs_cache(
+    tiny_run, recordings, tmp_path):
+  """The workdir reports itself unwritable, as a read-only mount does (emulated: root may
+  write anywhere): the command still searches, writing nothing in it; the index, the
+  compiled programs and the lock go to the run's cache, where the next search finds them."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(tiny_run, workdir)
+  read_only = ("import os, runpy\n"
+               "access = os.access\n"
+               f"os.access = lambda path, mode, **options: (os.path.abspath(path) != {workdir!r}"
+               " and access(path, mode, **options))\n"
+               "runpy.run_module('ntxr.search', run_name='__main__', alter_sys=True)")
+  before = snapshot(workdir)
+  for _ in range(2):
+    done = subprocess.run([sys.executable, "-c", read_only, f"--workdir={workdir}",
+                           f"--audio_dir={recordings}", "--query=a bell rings"],
+                          capture_output=True, text=True, check=False)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr[-3000:]
+    assert "query: a bell rings" in done.stdout
+  assert snapshot(workdir) == before
+  kept = os.path.join(json.loads(open(os.path.join(workdir, "config.json")).read())["cache_dir"],
+                      "search", hashlib.sha1(workdir.encode()).hexdigest()[:16])
+  assert "12 files indexed" in done.stdout and "(0 embedded now" in done.stdout
+  assert f"kept in {kept} ({workdir} is read-only)" in done.stdout
+  folder_key = os.path.basename(os.path.dirname(search.index_path(workdir, recordings)))
+  assert set(os.listdir(kept)) == {"compiled", "lock", folder_key}
 
 
 def test_a_pooled_run_trains_and_searches_by_the_cosine_of_mean_embeddings(
