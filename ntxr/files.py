@@ -184,11 +184,13 @@ def read_csv(path) -> list:
   record's first line. A byte-order mark (spreadsheets' "CSV UTF-8") is dropped and
   Windows line endings are read as any other.
 
-  Raises FileNotFoundError naming the file, or ValueError naming the line of the first
-  byte that is not UTF-8.
+  Raises FileNotFoundError naming the file, or ValueError naming a folder given for it
+  or the line of the first byte that is not UTF-8.
   """
   if not exists(path):
     raise FileNotFoundError(f"{path}: file not found")
+  if epath.Path(path).is_dir():
+    raise ValueError(f"{path}: a folder, not a CSV file")
   data = read_bytes(path)
   try:
     text = data.decode("utf-8-sig")
