@@ -12,7 +12,6 @@ import traceback
 import warnings
 from typing import NoReturn
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -25,10 +24,14 @@ _CHECKPOINTS = f"{os.sep}checkpoints{os.sep}"  # in the path of every file of a 
 
 
 def parse_flags(argv) -> list:
-  """absl's flag parsing (`app.run(main, flags_parser=command.parse_flags)`), with a
-  --config.FIELD that names no field said in one line (`unknown_field`)."""
+  """absl's flag parsing (`app.run(main, flags_parser=command.parse_flags)`), its errors
+  (an unknown flag, a bad value, a required flag missing) in one line with exit status 2
+  (usage) where absl exits 1, and a --config.FIELD that names no field said with the
+  closest that does (`unknown_field`)."""
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    exit_with(error, 2)
   except (AttributeError, KeyError) as error:  # ml_collections: no such field
     unknown_field(error, argv)
 
@@ -93,11 +96,12 @@ def quiet_failed_checkpoint_io() -> None:
 
 
 def start(argv) -> None:
-  """What every command does first: refuses stray arguments, and unless --verbosity is
+  """What every command does first: refuses stray arguments in one line (exit status 2,
+  without absl's help), and unless --verbosity is
   given keeps the libraries' INFO logs (checkpoints, TensorFlow's C++ lines) quiet and
   prints warnings as "WARNING: message", without absl's time, thread and source line."""
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    exit_with(f"unexpected arguments {argv[1:]}: flags are given as --name=value", 2)
   quiet_failed_checkpoint_io()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)

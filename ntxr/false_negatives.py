@@ -317,7 +317,7 @@ def define_flags() -> None:
 def main(argv):
   command.start(argv)
   if not FLAGS.relevance_dir:
-    raise app.UsageError("--relevance_dir is required")
+    command.exit_with("--relevance_dir: give the folder of TAU's ratings", 2)
   for flag in ("relevance_dir", "word_vectors"):
     path = FLAGS[flag].value
     if path and not os.path.exists(path):
@@ -337,4 +337,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=command.parse_flags)

@@ -33,6 +33,7 @@ import io
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -353,6 +354,21 @@ def write_report(root: str) -> list:
   return rows
 
 
+def parse_flags(argv) -> list:
+  """The sweep's flags, before --, parsed as `command.parse_flags` does; returns
+  [argv[0], what follows --] (the runs' flags). A --config flag or an argument before --
+  is refused in one line saying that it goes after --."""
+  end = argv.index("--") if "--" in argv else len(argv)
+  for arg in argv[1:end]:
+    if re.match(r"--?config(\.|=|$)", arg):
+      command.exit_with(f"{arg}: the runs' flags go after --, as in python -m ntxr.sweep "
+                        f"--strategies=random -- {arg}", 2)
+  stray = command.parse_flags(argv[:end])[1:]
+  if stray:
+    command.exit_with(f"unexpected arguments {stray}: the runs' flags go after --", 2)
+  return [argv[0], *argv[end + 1:]]
+
+
 def main(argv):
   try:
     names = (cli.chosen("strategies", cli.STRATEGY_NAMES)
@@ -394,4 +410,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=command.parse_flags)
+  app.run(main, flags_parser=parse_flags)

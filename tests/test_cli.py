@@ -227,6 +227,29 @@ def test_a_mistyped_config_field_names_the_closest_in_one_line(tmp_path, flag, m
 
 
 @pytest.mark.parametrize("args, message", [
+    (["ntxr.main", "semihard_cross"], "unexpected arguments ['semihard_cross']: flags are "
+     "given as --name=value"),
+    (["ntxr.main", "--strategy=semihard"], "flag --strategy=semihard: value should be one "
+     "of <easy_audio|easy_text|full_batch|hard_audio|hard_cross|hard_text|random|"
+     "semihard_cross>"),
+    (["ntxr.dcase"], "give --predictions and what to score it against: --ground_truth "
+     "(2022-2024), --relevance (2025) or --graded_relevance"),
+    (["ntxr.sweep", "--seeds=0", "--config.num_epochs=2"], "--config.num_epochs=2: the runs' "
+     "flags go after --, as in python -m ntxr.sweep --strategies=random -- "
+     "--config.num_epochs=2"),
+    (["ntxr.sweep", "random"], "unexpected arguments ['random']: the runs' flags go after --"),
+])
+def test_a_usage_mistake_costs_one_line_and_status_2(args, message, tmp_path):
+  """Not absl's page of help before the message, nor its status 1 (a failure)."""
+  done = subprocess.run([sys.executable, "-m", *args, f"--workdir={tmp_path}/run"
+                         if args[0] == "ntxr.main" else f"--root={tmp_path}/sweep"
+                         if args[0] == "ntxr.sweep" else f"--output_json={tmp_path}/s.json"],
+                        capture_output=True, text=True, check=False)
+  assert (done.returncode, done.stderr, done.stdout) == (2, f"error: {message}\n", "")
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("args, message", [
     (["--", "--eval_only"], "only --config flags can be given to runs trained together "
      "(Unknown command line flag 'eval_only')"),
     (["--", "--config.num_epoch=2"], "--config.num_epoch: no such config field; did you "

@@ -104,12 +104,9 @@ def main(argv):
                              ("widths", FLAGS.widths, training_steps.WIDTHS)):
     unknown = sorted(set(given) - set(known))
     if unknown:
-      raise app.UsageError(f"unknown {name} {unknown}; choose from {list(known)}")
+      command.exit_with(f"--{name}: unknown {unknown}; choose from {list(known)}", 2)
   try:
     strategies = cli.chosen("strategies", cli.STRATEGY_NAMES, cli.STRATEGY_NAMES)
-  except ValueError as error:
-    raise app.UsageError(str(error)) from None
-  try:
     shapes = whole_numbers("shapes", FLAGS.shapes.split(","), 4) if FLAGS.shapes else None
     runs = whole_numbers("runs", FLAGS.runs) if FLAGS.runs else None
   except ValueError as error:
@@ -161,4 +158,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=command.parse_flags)
