@@ -58,7 +58,7 @@ def main(argv):
   command.start(argv)
   # pylint: disable=import-outside-toplevel  (JAX, then TensorFlow, load after --help)
   import jax
-  from ntxr import settings
+  from ntxr import settings, workdir as workdir_lib
   config = FLAGS.config
   if FLAGS.strategy:  # the fields the command names, as the paper's table does
     config.strategy = FLAGS.strategy
@@ -67,6 +67,8 @@ def main(argv):
   try:  # the settings, before TensorFlow loads and anything is written
     workdir = FLAGS.workdir or os.path.join("workdir", settings.run_name(config))
     settings.check(workdir, config)
+    if FLAGS.eval_only:
+      workdir_lib.check_trained(workdir)
   except settings.SettingError as error:
     command.exit_with(error, 2)
   command.import_tensorflow()

@@ -13,6 +13,7 @@ import time
 import pytest
 
 from ntxr import cli, ctrl_c, objectives, sampling, settings
+from ntxr import workdir as workdir_lib
 from ntxr.configs import default
 from recordings import RECORDINGS
 
@@ -98,6 +99,18 @@ def test_a_bad_setting_costs_the_command_one_line(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
 
 
+def test_eval_only_refuses_a_workdir_without_a_best_checkpoint_writing_nothing(tmp_path):
+  """A run stopped before its first epoch ended has settings but nothing to test."""
+  (tmp_path / "config.json").write_text(default.get_config().to_json())
+  with pytest.raises(settings.SettingError, match=re.escape(
+      f"--workdir={tmp_path} holds no best checkpoint yet (one is saved at each epoch's end): "
+      "train it first, without --eval_only")):
+    workdir_lib.check_trained(str(tmp_path))
+  assert os.listdir(tmp_path) == ["config.json"]
+  (tmp_path / "checkpoints" / "best" / "15").mkdir(parents=True)
+  workdir_lib.check_trained(str(tmp_path))
+
+
 def test_a_cache_dir_that_cannot_be_written_is_named_before_anything_is_written(
     tmp_path, monkeypatch):
   """A read-only mount as os.access reports it (emulated: root may write in any folder),
@@ -142,6 +155,8 @@ def test_each_mistake_costs_one_line_and_the_corrected_command_trains_in_that_wo
       ([f"--config.word_vectors={tmp_path}/vectors.bin"],
        f"--config.word_vectors={tmp_path}/vectors.bin: no such file"),
       ([f"--config={tmp_path}/paper.py"], f"--config={tmp_path}/paper.py: no such file"),
+      (["--eval_only"], f"--workdir={workdir} holds no trained run (no config.json): "
+                        "--eval_only tests one; give its workdir"),
   ]:
     done = main(*flags)
     assert done.returncode == 2, (flags, done.stderr[-2000:])
