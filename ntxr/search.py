@@ -312,10 +312,11 @@ def main(argv):
       raise FileNotFoundError(f"--queries={FLAGS.queries}: no such file")
     if FLAGS.audio_query and not os.path.isfile(FLAGS.audio_query):
       raise FileNotFoundError(f"--audio_query={FLAGS.audio_query}: no such file")
+    if any(not query.strip() for query in FLAGS.query):
+      raise ValueError("--query: a query is empty: give words to search for")
     queries = list(FLAGS.query)
-    if FLAGS.queries:
-      with open(FLAGS.queries, encoding="utf-8-sig") as f:  # a byte-order mark or not
-        queries += [line.rstrip("\n") for line in f if line.strip()]
+    if FLAGS.queries:  # a byte-order mark or not; its blank lines are no queries
+      queries += [line for line in files.read_utf8(FLAGS.queries).splitlines() if line.strip()]
     if not queries and not FLAGS.audio_query:
       raise ValueError("nothing to search for: give --query, --queries or --audio_query")
     config = read_config(workdir)  # first: taking the lock would create a mistyped workdir

@@ -201,6 +201,8 @@ def test_the_command_prints_and_writes_the_results(workdir, recordings, tmp_path
   assert "12 files indexed" in run.stdout and "query: a bell rings" in run.stdout
   first = results[0]["results"][0]
   assert f"    1  {first['score']:6.4f}  {first['file']}" in run.stdout
+  latin1 = tmp_path / "latin1.txt"
+  latin1.write_bytes("a bird sings\na caf\u00e9 murmurs\n".encode("latin-1"))
   for flags, culprit in [
       ([f"--workdir={tmp_path}/none", f"--audio_dir={recordings}", "--query=x"],
        f"{tmp_path}/none: not a run's workdir (no config.json)"),
@@ -209,7 +211,11 @@ def test_the_command_prints_and_writes_the_results(workdir, recordings, tmp_path
       ([f"--workdir={workdir}", f"--audio_dir={recordings}"],
        "nothing to search for: give --query, --queries or --audio_query"),
       ([f"--workdir={workdir}", f"--audio_dir={recordings}", f"--queries={tmp_path}/q.txt"],
-       f"--queries={tmp_path}/q.txt: no such file")]:
+       f"--queries={tmp_path}/q.txt: no such file"),
+      ([f"--workdir={workdir}", f"--audio_dir={recordings}", "--query=a bell", "--query= "],
+       "--query: a query is empty: give words to search for"),
+      ([f"--workdir={workdir}", f"--audio_dir={recordings}", f"--queries={latin1}"],
+       f"{latin1}:2: not UTF-8 text (byte 0xe9); save the file as UTF-8")]:
     mistaken = subprocess.run([sys.executable, "-m", "ntxr.search", *flags],
                               capture_output=True, text=True, check=False)
     assert (mistaken.returncode, mistaken.stderr) == (2, f"error: {culprit}\n")
