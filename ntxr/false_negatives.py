@@ -322,6 +322,14 @@ def main(argv):
     path = FLAGS[flag].value
     if path and not os.path.exists(path):
       command.exit_with(f"--{flag}={path}: not found", 2)
+  if not os.path.isdir(FLAGS.relevance_dir):
+    command.exit_with(f"--relevance_dir={FLAGS.relevance_dir}: a file, not a folder", 2)
+  splits = relevance_lib.tau_splits(FLAGS.relevance_dir)
+  for flag in ("fit_split", "report_split"):
+    if FLAGS[flag].value not in splits:
+      command.exit_with(f"--{flag}={FLAGS[flag].value}: {FLAGS.relevance_dir} holds no such "
+                        f"split's ratings (SPLIT_relevances.csv); it holds "
+                        f"{', '.join(splits) or 'none'}", 2)
   try:
     rows = judged_rules(FLAGS.relevance_dir, fit_split=FLAGS.fit_split,
                         report_split=FLAGS.report_split, threshold=FLAGS.threshold,
