@@ -54,6 +54,11 @@ def test_main_help_prints_only_the_help_and_imports_neither_jax_nor_tensorflow()
     ("channels", (8, 32), "--config.channels must be 5 positive counts, one per CRNN "
      "block, not (8, 32)"),
     ("f_min", 9000.0, "--config.f_max (8000.0) must be above --config.f_min (9000.0)"),
+    ("f_max", 12000.0, "--config.f_max (12000.0) must be at most the Nyquist frequency, 8000 "
+     "Hz at the sample rate (--config.sample_rate=0: 16000 Hz, the built-in corpus's own), "
+     "or 0 for it"),
+    ("sample_rate", 8000, "--config.f_max (8000.0) must be at most the Nyquist frequency, "
+     "4000 Hz at the sample rate (--config.sample_rate=8000), or 0 for it"),
     ("data_dir", "/no/such/folder", "--config.data_dir=/no/such/folder: no such folder; "
      "pass a Clotho v2 or AudioCaps folder, or one holding captions.csv"),
     ("data_dir", "/", "--config.data_dir=/: not a Clotho v2, AudioCaps or pairs "
