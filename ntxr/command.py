@@ -3,6 +3,7 @@
 Imports neither JAX nor TensorFlow, and defines no flag.
 """
 
+import contextlib
 import functools
 import logging as std_logging
 import os
@@ -110,6 +111,21 @@ def start(argv) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read when TensorFlow loads
 
 
+@contextlib.contextmanager
+def c_stderr_silenced():
+  """Within, what C libraries write to stderr (file descriptor 2) goes nowhere; Python's
+  sys.stderr is flushed before and reaches it again after."""
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
 def import_tensorflow() -> None:
   """Imports TensorFlow, with the lines its C++ libraries print as they load (the oneDNN
   banner, which TF_CPP_MIN_LOG_LEVEL no longer silences) sent nowhere unless --verbosity
@@ -118,12 +134,5 @@ def import_tensorflow() -> None:
   if "tensorflow" in sys.modules or flags.FLAGS["verbosity"].present:
     import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
     return
-  sys.stderr.flush()
-  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-  try:
-    os.dup2(devnull, 2)
+  with c_stderr_silenced():
     import tensorflow  # pylint: disable=import-outside-toplevel,unused-import,redefined-outer-name
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(devnull)
