@@ -68,8 +68,9 @@ def quiet_failed_checkpoint_io() -> None:
   Python would print an "Event loop is closed", "Exception ignored in: <coroutine ...>"
   or "Task (Future, _GatheringFuture) exception was never retrieved" report for each
   array, and "coroutine ... was never awaited" at exit (ntxr has no coroutines of its
-  own). Those reports (of Orbax's code, or naming a file in a checkpoints folder) are dropped,
-  and Orbax's own error lines keep their message but lose their tracebacks.
+  own). Those reports (of Orbax's code, or naming a file in a checkpoints folder) are
+  dropped, and so are Orbax's own error lines (a failed save logs four or five, from each
+  of its threads), unless --verbosity is given: then they are kept without tracebacks.
   """
   report = sys.unraisablehook
 
@@ -81,11 +82,14 @@ def quiet_failed_checkpoint_io() -> None:
       report(unraisable)
   sys.unraisablehook = hook
 
-  def without_traceback(record):
-    if _from_orbax(record.pathname):
-      record.exc_info = record.exc_text = None
-    return True
-  logging.get_absl_logger().addFilter(without_traceback)
+  verbose = flags.FLAGS["verbosity"].present
+
+  def quiet(record):
+    if not _from_orbax(record.pathname):
+      return True
+    record.exc_info = record.exc_text = None
+    return verbose or record.levelno < std_logging.ERROR
+  logging.get_absl_logger().addFilter(quiet)
 
   def not_about_checkpoints(record):  # asyncio's "... exception was never retrieved"
     error, message = record.exc_info[1] if record.exc_info else None, record.getMessage()
