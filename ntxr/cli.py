@@ -7,6 +7,7 @@ TensorFlow, so a command's `--help` answers at once.
 """
 
 import os
+import re
 import sys
 
 from absl import flags
@@ -22,8 +23,10 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs", "default.py"
 
 
 def define_config(flag_values: flags.FlagValues = FLAGS, argv=None) -> None:
-  """--config: a config file whose fields --config.FIELD=VALUE overrides (FLAGS.config)."""
+  """--config: a config file whose fields --config.FIELD=VALUE overrides (FLAGS.config).
+  A --config that names no file is refused in one line (exit status 2)."""
   argv = sys.argv if argv is None else argv
+  check_config_file(argv)
   try:  # ml_collections reads the overrides of the command line as the flag is defined
     config_flags.DEFINE_config_file(
         "config", DEFAULT_CONFIG, "training configuration file; any field can be set with "
@@ -31,6 +34,28 @@ def define_config(flag_values: flags.FlagValues = FLAGS, argv=None) -> None:
         flag_values=flag_values, sys_argv=argv)
   except (AttributeError, KeyError) as error:  # a --config.FIELD that names no field
     command.unknown_field(error, argv)
+
+
+def check_config_file(argv) -> None:
+  """Exits with one line (status 2) if argv's --config names no readable file, which
+  ml_collections reports in tracebacks, or blames on a --config.FIELD override."""
+  given = None
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == "--":
+      break
+    named = re.fullmatch(r"--?config(?:=(.*))?", arg, re.DOTALL)
+    if named:
+      given = named.group(1) if named.group(1) is not None else (
+          argv[i + 1] if i + 1 < len(argv) else "")
+  if given is None:
+    return
+  path = given.split(":", 1)[0]  # what follows a colon goes to get_config
+  if os.path.isdir(path):
+    command.exit_with(f"--config={given}: a folder, not a config file", 2)
+  if not os.path.isfile(path):
+    command.exit_with(f"--config={given}: no such file", 2)
+  if not os.access(path, os.R_OK):
+    command.exit_with(f"--config={given}: cannot be read (permission denied)", 2)
 
 
 def config_of(args) -> ml_collections.ConfigDict:

@@ -3,6 +3,7 @@
 Imports neither JAX nor TensorFlow, and defines no flag.
 """
 
+import contextlib
 import functools
 import logging as std_logging
 import os
@@ -12,7 +13,6 @@ import traceback
 import warnings
 from typing import NoReturn
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -45,12 +45,15 @@ def given_twice(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
 
 
 def parse_flags(argv) -> list:
-  """absl's flag parsing (`app.run(main, flags_parser=command.parse_flags)`), with a
-  --config.FIELD that names no field said in one line (`unknown_field`), and a flag given
-  twice refused (`given_twice`)."""
+  """absl's flag parsing (`app.run(main, flags_parser=command.parse_flags)`), its errors
+  (an unknown flag, a bad value, a required flag missing) in one line with exit status 2
+  (usage) where absl exits 1, a --config.FIELD that names no field said with the closest
+  that does (`unknown_field`), and a flag given twice refused (`given_twice`)."""
   given_twice(argv)
   try:
-    return app.parse_flags_with_usage(argv)
+    return flags.FLAGS(argv)
+  except flags.Error as error:
+    exit_with(error, 2)
   except (AttributeError, KeyError) as error:  # ml_collections: no such field
     unknown_field(error, argv)
 
@@ -86,8 +89,9 @@ def quiet_failed_checkpoint_io() -> None:
   Python would print an "Event loop is closed", "Exception ignored in: <coroutine ...>"
   or "Task (Future, _GatheringFuture) exception was never retrieved" report for each
   array, and "coroutine ... was never awaited" at exit (ntxr has no coroutines of its
-  own). Those reports (of Orbax's code, or naming a file in a checkpoints folder) are dropped,
-  and Orbax's own error lines keep their message but lose their tracebacks.
+  own). Those reports (of Orbax's code, or naming a file in a checkpoints folder) are
+  dropped, and so are Orbax's own error lines (a failed save logs four or five, from each
+  of its threads), unless --verbosity is given: then they are kept without tracebacks.
   """
   report = sys.unraisablehook
 
@@ -99,11 +103,14 @@ def quiet_failed_checkpoint_io() -> None:
       report(unraisable)
   sys.unraisablehook = hook
 
-  def without_traceback(record):
-    if _from_orbax(record.pathname):
-      record.exc_info = record.exc_text = None
-    return True
-  logging.get_absl_logger().addFilter(without_traceback)
+  verbose = flags.FLAGS["verbosity"].present
+
+  def quiet(record):
+    if not _from_orbax(record.pathname):
+      return True
+    record.exc_info = record.exc_text = None
+    return verbose or record.levelno < std_logging.ERROR
+  logging.get_absl_logger().addFilter(quiet)
 
   def not_about_checkpoints(record):  # asyncio's "... exception was never retrieved"
     error, message = record.exc_info[1] if record.exc_info else None, record.getMessage()
@@ -115,17 +122,33 @@ def quiet_failed_checkpoint_io() -> None:
 
 
 def start(argv) -> None:
-  """What every command does first: refuses stray arguments, and unless --verbosity is
+  """What every command does first: refuses stray arguments in one line (exit status 2,
+  without absl's help), and unless --verbosity is
   given keeps the libraries' INFO logs (checkpoints, TensorFlow's C++ lines) quiet and
   prints warnings as "WARNING: message", without absl's time, thread and source line."""
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    exit_with(f"unexpected arguments {argv[1:]}: flags are given as --name=value", 2)
   quiet_failed_checkpoint_io()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
     logging.get_absl_handler().setFormatter(
         std_logging.Formatter("%(levelname)s: %(message)s"))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read when TensorFlow loads
+
+
+@contextlib.contextmanager
+def c_stderr_silenced():
+  """Within, what C libraries write to stderr (file descriptor 2) goes nowhere; Python's
+  sys.stderr is flushed before and reaches it again after."""
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  try:
+    os.dup2(devnull, 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
 
 
 def import_tensorflow() -> None:
@@ -136,12 +159,5 @@ def import_tensorflow() -> None:
   if "tensorflow" in sys.modules or flags.FLAGS["verbosity"].present:
     import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
     return
-  sys.stderr.flush()
-  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-  try:
-    os.dup2(devnull, 2)
+  with c_stderr_silenced():
     import tensorflow  # pylint: disable=import-outside-toplevel,unused-import,redefined-outer-name
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(devnull)

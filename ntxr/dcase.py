@@ -224,10 +224,10 @@ def main(argv):
   command.start(argv)
   if not FLAGS.predictions or not (FLAGS.ground_truth or FLAGS.relevance
                                    or FLAGS.graded_relevance):
-    raise app.UsageError("give --predictions and what to score it against: --ground_truth "
-                         "(2022-2024), --relevance (2025) or --graded_relevance")
+    command.exit_with("give --predictions and what to score it against: --ground_truth "
+                      "(2022-2024), --relevance (2025) or --graded_relevance", 2)
   if FLAGS.relevance and FLAGS.graded_relevance:
-    raise app.UsageError("--relevance and --graded_relevance score apart: give one")
+    command.exit_with("--relevance and --graded_relevance score apart: give one", 2)
   output = FLAGS.output_json
   try:
     if output:
@@ -255,4 +255,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=command.parse_flags)

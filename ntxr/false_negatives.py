@@ -317,11 +317,19 @@ def define_flags() -> None:
 def main(argv):
   command.start(argv)
   if not FLAGS.relevance_dir:
-    raise app.UsageError("--relevance_dir is required")
+    command.exit_with("--relevance_dir: give the folder of TAU's ratings", 2)
   for flag in ("relevance_dir", "word_vectors"):
     path = FLAGS[flag].value
     if path and not os.path.exists(path):
       command.exit_with(f"--{flag}={path}: not found", 2)
+  if not os.path.isdir(FLAGS.relevance_dir):
+    command.exit_with(f"--relevance_dir={FLAGS.relevance_dir}: a file, not a folder", 2)
+  splits = relevance_lib.tau_splits(FLAGS.relevance_dir)
+  for flag in ("fit_split", "report_split"):
+    if FLAGS[flag].value not in splits:
+      command.exit_with(f"--{flag}={FLAGS[flag].value}: {FLAGS.relevance_dir} holds no such "
+                        f"split's ratings (SPLIT_relevances.csv); it holds "
+                        f"{', '.join(splits) or 'none'}", 2)
   if FLAGS.output_json:
     try:
       files.check_output("output_json", FLAGS.output_json,
@@ -343,4 +351,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=command.parse_flags)

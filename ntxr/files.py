@@ -230,24 +230,31 @@ def read_jsonl(path) -> list:
   return records
 
 
+def read_utf8(path) -> str:
+  """A UTF-8 text file's text, without a byte-order mark if it has one; ValueError naming
+  the file and the line of its first byte that is not UTF-8."""
+  data = read_bytes(path)
+  try:
+    return data.decode("utf-8-sig")
+  except UnicodeDecodeError as error:
+    line = data[:error.start].count(b"\n") + 1
+    raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[error.start]:#04x}); save "
+                     "the file as UTF-8") from None
+
+
 def read_csv(path) -> list:
   """[(line, fields)] of every record of a UTF-8 CSV file, its header first; line is the
   record's first line. A byte-order mark (spreadsheets' "CSV UTF-8") is dropped and
   Windows line endings are read as any other.
 
-  Raises FileNotFoundError naming the file, or ValueError naming the line of the first
-  byte that is not UTF-8.
+  Raises FileNotFoundError naming the file, or ValueError naming a folder given for it
+  or the line of the first byte that is not UTF-8.
   """
   if not exists(path):
     raise FileNotFoundError(f"{path}: file not found")
-  data = read_bytes(path)
-  try:
-    text = data.decode("utf-8-sig")
-  except UnicodeDecodeError as error:
-    line = data[:error.start].count(b"\n") + 1
-    raise ValueError(f"{path}:{line}: not UTF-8 text (byte {data[error.start]:#04x}); save "
-                     "the file as UTF-8") from None
-  reader = csv.reader(io.StringIO(text, newline=""))
+  if epath.Path(path).is_dir():
+    raise ValueError(f"{path}: a folder, not a CSV file")
+  reader = csv.reader(io.StringIO(read_utf8(path), newline=""))
   records, start = [], 1
   for fields in reader:
     if fields:  # a blank line holds no record

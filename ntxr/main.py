@@ -16,10 +16,17 @@ every device of every process (launch/run_tpu.sh, launch/run_slurm.sh).
 import os
 import sys
 
+from ntxr import ctrl_c
+
+if __name__ == "__main__":  # first: a Ctrl-C while the imports below load costs one line
+  ctrl_c.exit_at_once()
+
+# pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
 
 from ntxr import cli, command, specs
+# pylint: enable=wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -54,7 +61,7 @@ def main(argv):
   command.start(argv)
   # pylint: disable=import-outside-toplevel  (JAX, then TensorFlow, load after --help)
   import jax
-  from ntxr import settings
+  from ntxr import settings, workdir as workdir_lib
   config = FLAGS.config
   if (FLAGS.strategy and FLAGS.objective
       and not specs.OBJECTIVES[FLAGS.objective].takes_strategy):
@@ -72,6 +79,8 @@ def main(argv):
       return
     workdir = FLAGS.workdir or os.path.join("workdir", settings.run_name(config))
     settings.check(workdir, config)
+    if FLAGS.eval_only:
+      workdir_lib.check_trained(workdir)
   except settings.SettingError as error:
     command.exit_with(error, 2)
   command.import_tensorflow()
@@ -98,8 +107,8 @@ def main(argv):
 
 def run_or_exit(run, *args):
   """run(*args) (training or testing), its failures ended in one line on stderr: exit 1,
-  or 130 for Ctrl-C (its state saved: rerun to resume), or 2 for a setting that only the
-  devices or the data could check."""
+  or 130 for a Ctrl-C that training stopped at (its state saved: rerun to resume), or 2
+  for a setting that only the devices or the data could check."""
   # pylint: disable=import-outside-toplevel
   from ntxr import settings, train, workdir as workdir_lib
   try:
@@ -107,9 +116,6 @@ def run_or_exit(run, *args):
   except train.Stopped as stopped:
     print(f"stopped: {stopped}", file=sys.stderr)
     sys.exit(130 if stopped.interrupted else 1)
-  except KeyboardInterrupt:  # Ctrl-C outside the training steps' handler
-    print("interrupted: rerun the same command to resume", file=sys.stderr)
-    sys.exit(130)
   except settings.SettingError as error:
     command.exit_with(error, 2)
   except (FloatingPointError, FileNotFoundError, ValueError,

@@ -85,6 +85,13 @@ class TauSplit:
   captions: dict
 
 
+def tau_splits(folder: str) -> list:
+  """The splits whose ratings `folder` holds (SPLIT_relevances.csv), sorted."""
+  suffix = "_relevances.csv"
+  return sorted(name[:-len(suffix)] for name in (
+      os.listdir(folder) if os.path.isdir(folder) else []) if name.endswith(suffix))
+
+
 def read_tau(folder: str, split: str) -> TauSplit:
   """A split's `_relevances.csv`, `_text.csv` and `_audio_metadata.csv` from `folder`."""
   path = lambda kind: os.path.join(folder, f"{split}_{kind}.csv")

@@ -5,7 +5,8 @@
 
 The first call indexes every wav, flac, mp3 and ogg file under DIR, recursively, with W's
 best checkpoint, W's config and its tokenizer: log-mel features exactly as training had
-them, frame embeddings kept as float16 in W/search/<folder key>/index.npz. Later calls
+them, frame embeddings kept as float16 in W/search/<folder key>/index.npz (or where W
+cannot be written, in search/<W key>/<folder key>/ of the run's cache_dir). Later calls
 embed only new or changed files (by size and modification time), drop removed ones, and
 rebuild an index made with another checkpoint. DIR is only read. A file that cannot be
 decoded is skipped, counted and listed, and tried again once it changes.
@@ -22,8 +23,14 @@ import os
 import sys
 import time
 import zipfile
-from typing import Optional
+from typing import Callable, Optional
 
+from ntxr import ctrl_c
+
+if __name__ == "__main__":  # first: a Ctrl-C while the imports below load costs one line
+  ctrl_c.exit_at_once()
+
+# pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
@@ -35,6 +42,7 @@ import tqdm
 from ntxr import checkpoints as checkpoints_lib, cli, command, evaluate, files, settings
 from ntxr import workdir as workdir_lib
 from ntxr.data import features
+# pylint: enable=wrong-import-position
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 
@@ -82,15 +90,19 @@ class Model:
     self.logmel = self.experiment.builder.builder_config.logmel
     self.embedder = self.experiment.embedder(self.state)
 
-  def embed_files(self, paths: list, dtype=np.float32, group: int = 256) -> tuple:
+  def embed_files(self, paths: list, dtype=np.float32, group: int = 256,
+                  stop: Callable[[], bool] = lambda: False) -> tuple:
     """({index: frame embeddings [T_i, E] in dtype} of the files that decode, {index:
-    reason} of the rest); `group` files' features at a time, so memory stays bounded."""
+    reason} of the rest); `group` files' features at a time, so memory stays bounded.
+    Once `stop()` is true, the files not yet read are left out of both."""
     embedded, failed = {}, {}
     bar = tqdm.tqdm(total=len(paths), desc="indexing", unit="file", file=sys.stderr,
                     disable=None if paths else True)  # None: no bar off a terminal
     for start in range(0, len(paths), group):
       clips = {}
       for i in range(start, min(start + group, len(paths))):
+        if stop():
+          break
         try:
           clips[i] = features.clip_features(paths[i], self.logmel)
         except ValueError as error:
@@ -140,9 +152,10 @@ class Index:
 
   @classmethod
   def build(cls, model: Model, folder: str, previous: Optional["Index"] = None,
-            dtype=np.float16) -> "Index":
+            dtype=np.float16, stop: Callable[[], bool] = lambda: False) -> "Index":
     """The index of `folder`, reusing `previous` for files unchanged since it was made
-    with the same checkpoint; raises FileNotFoundError when the folder has no audio."""
+    with the same checkpoint; raises FileNotFoundError when the folder has no audio.
+    Once `stop()` is true no other file is embedded: the index holds those embedded."""
     found = audio_files(folder)
     if not found:
       raise FileNotFoundError(f"{folder}: no audio files ({', '.join(AUDIO_EXTENSIONS)})")
@@ -153,20 +166,23 @@ class Index:
       tried = {name: entry for name, entry in previous.skipped.items()
                if found.get(name) == tuple(entry[0])}
     new = [name for name in found if name not in kept and name not in tried]
-    embedded, failed = model.embed_files([os.path.join(folder, name) for name in new], dtype)
+    embedded, failed = model.embed_files([os.path.join(folder, name) for name in new], dtype,
+                                         stop=stop)
     kept.update((new[i], frames) for i, frames in embedded.items())
     tried.update((new[i], (found[new[i]], reason)) for i, reason in failed.items())
     names = [name for name in found if name in kept]
-    if not names:
+    if not names and not stop():
       raise ValueError(f"{folder}: none of its {len(found)} audio files can be decoded: "
                        + "; ".join(reason for _, reason in tried.values()))
     return cls(os.path.abspath(folder), model.checkpoint, names, [found[n] for n in names],
                [kept[n] for n in names], tried, embedded=len(embedded), model=model)
 
   @classmethod
-  def open(cls, model: Model, workdir: str, folder: str) -> "Index":
-    """The folder's index kept in workdir (`index_path`), brought up to date and saved if
-    it was not; a torn or unreadable one is made again."""
+  def open(cls, model: Model, workdir: str, folder: str,
+           stop: Callable[[], bool] = lambda: False) -> "Index":
+    """The folder's index kept for workdir (`index_path`), brought up to date and saved if
+    it was not; a torn or unreadable one is made again. Stopped (`build`), it saves what
+    it embedded, which the next call keeps."""
     path = index_path(workdir, folder)
     previous = None
     if files.exists(path):
@@ -174,7 +190,7 @@ class Index:
         previous = cls.load(path)
       except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         logging.warning("%s cannot be read (%s): indexing again", path, error)
-    index = cls.build(model, folder, previous)
+    index = cls.build(model, folder, previous, stop=stop)
     if previous is None or (index.checkpoint, index.files, index.signatures, index.skipped) != (
         previous.checkpoint, previous.files, previous.signatures, previous.skipped):
       index.save(path)
@@ -238,10 +254,29 @@ class Index:
             for q in range(scores.shape[1])]
 
 
+def _key(path: str) -> str:
+  return hashlib.sha1(os.path.abspath(path).encode()).hexdigest()[:16]
+
+
+def in_workdir(workdir: str) -> bool:
+  """Whether search keeps what it makes in the workdir: unless it cannot be written (a
+  read-only mount)."""
+  return files.is_bucket(workdir) or os.access(workdir, os.W_OK)
+
+
+def search_dir(workdir: str) -> str:
+  """Where search keeps its indexes and compiled programs for workdir's run:
+  workdir/search, or if the workdir cannot be written, search/<key of the workdir> in the
+  run's cache (the cache_dir of its config)."""
+  if in_workdir(workdir):
+    return os.path.join(workdir, "search")
+  return os.path.join(os.path.expanduser(read_config(workdir).cache_dir), "search",
+                      _key(workdir))
+
+
 def index_path(workdir: str, folder: str) -> str:
-  """Where workdir keeps the index of folder: search/<key of its absolute path>/."""
-  key = hashlib.sha1(os.path.abspath(folder).encode()).hexdigest()[:16]
-  return os.path.join(workdir, "search", key, "index.npz")
+  """Where the index of folder is kept: <key of its absolute path>/ in `search_dir`."""
+  return os.path.join(search_dir(workdir), _key(folder), "index.npz")
 
 
 def format_results(query: str, results: list) -> str:
@@ -277,10 +312,11 @@ def main(argv):
       raise FileNotFoundError(f"--queries={FLAGS.queries}: no such file")
     if FLAGS.audio_query and not os.path.isfile(FLAGS.audio_query):
       raise FileNotFoundError(f"--audio_query={FLAGS.audio_query}: no such file")
+    if any(not query.strip() for query in FLAGS.query):
+      raise ValueError("--query: a query is empty: give words to search for")
     queries = list(FLAGS.query)
-    if FLAGS.queries:
-      with open(FLAGS.queries, encoding="utf-8-sig") as f:  # a byte-order mark or not
-        queries += [line.rstrip("\n") for line in f if line.strip()]
+    if FLAGS.queries:  # a byte-order mark or not; its blank lines are no queries
+      queries += [line for line in files.read_utf8(FLAGS.queries).splitlines() if line.strip()]
     if not queries and not FLAGS.audio_query:
       raise ValueError("nothing to search for: give --query, --queries or --audio_query")
     if FLAGS.json:
@@ -292,12 +328,19 @@ def main(argv):
     command.exit_with(error, 2)
   try:
     # A later call reuses this call's compiled scoring blocks.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "search", "compiled"))
+    kept = search_dir(workdir)
+    jax.config.update("jax_compilation_cache_dir", os.path.join(kept, "compiled"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
-    with workdir_lib.in_use(workdir), jax.default_matmul_precision(config.matmul_precision):
+    locked = workdir if in_workdir(workdir) else kept  # a read-only workdir: the cache's
+    with workdir_lib.in_use(locked), jax.default_matmul_precision(config.matmul_precision):
       model = Model(workdir)
       start = time.perf_counter()
-      index = Index.open(model, workdir, audio_dir)
+      with ctrl_c.noted() as interrupted:  # the files embedded so far are saved
+        index = Index.open(model, workdir, audio_dir, stop=interrupted)
+      if interrupted():
+        print(f"interrupted: the index keeps the files embedded so far ({len(index.files)}): "
+              "rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
       index_s, start = time.perf_counter() - start, time.perf_counter()
       report = list(zip(queries, index.search(queries, FLAGS.top_k) if queries else []))
       search_s = time.perf_counter() - start
@@ -308,9 +351,11 @@ def main(argv):
   frames = sum(len(f) for f in index.frames)
   hours = frames * model.logmel.hop_ms / 3.6e6
   size = os.path.getsize(index_path(workdir, audio_dir)) / 2**20
+  elsewhere = "" if in_workdir(workdir) else f", kept in {kept} ({workdir} is read-only)"
   print(f"{len(index.files)} files indexed in {audio_dir} ({index.embedded} embedded "
         f"now in {index_s:.1f} s, {index.embedded / max(index_s, 1e-9):.1f} files/s); index "
-        f"{size:.1f} MiB for {hours:.2f} h of audio ({size / max(hours, 1e-9):.0f} MiB/h)")
+        f"{size:.1f} MiB for {hours:.2f} h of audio ({size / max(hours, 1e-9):.0f} "
+        f"MiB/h){elsewhere}")
   if queries:
     print(f"{len(queries)} queries scored and ranked in {search_s:.2f} s")
   if index.skipped:

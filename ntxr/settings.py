@@ -64,6 +64,10 @@ SELECTIONS = {
 }
 
 
+# The sample rate of a data folder's features where --config.sample_rate is 0 (Clotho's).
+FOLDER_SAMPLE_RATE = 44100
+
+
 class SettingError(ValueError):
   """A setting the user must change before anything runs (usage: exit status 2)."""
 
@@ -331,6 +335,17 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   if config.f_max and config.f_max <= config.f_min:
     raise SettingError(f"--config.f_max ({config.f_max}) must be above --config.f_min "
                        f"({config.f_min}), or 0 for the Nyquist frequency")
+  rate = config.sample_rate or (FOLDER_SAMPLE_RATE if config.data_dir else synthetic.SAMPLE_RATE)
+  given = (f"--config.sample_rate={rate}" if config.sample_rate else
+           f"--config.sample_rate=0: {rate} Hz, "
+           + ("to which a data folder's recordings are resampled" if config.data_dir else
+              "the built-in corpus's own"))
+  if config.f_max > rate / 2:
+    raise SettingError(f"--config.f_max ({config.f_max}) must be at most the Nyquist "
+                       f"frequency, {rate / 2:g} Hz at the sample rate ({given}), or 0 for it")
+  if config.f_min >= rate / 2:
+    raise SettingError(f"--config.f_min ({config.f_min}) must be below the Nyquist "
+                       f"frequency, {rate / 2:g} Hz at the sample rate ({given})")
   if len(config.channels) != len(models.PAPER_POOLS) or min(config.channels) < 1:
     raise SettingError(f"--config.channels must be {len(models.PAPER_POOLS)} positive "
                        f"counts, one per CRNN block, not {tuple(config.channels)}")
@@ -368,6 +383,10 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
     raise SettingError(f"--config.graded_relevance_dir={config.graded_relevance_dir}: no "
                        f"folder of TAU ratings (SPLIT_relevances.csv, SPLIT_text.csv, "
                        f"SPLIT_audio_metadata.csv)")
+  try:  # it holds the prepared data and their lock
+    files.check_folder("config.cache_dir", os.path.expanduser(config.cache_dir))
+  except ValueError as error:
+    raise SettingError(error) from None
   if config.data_dir:
     try:
       captions.layout_of(os.path.expanduser(config.data_dir))

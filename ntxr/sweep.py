@@ -36,16 +36,26 @@ import io
 import json
 import os
 import queue
+import re
+import signal
 import subprocess
 import sys
-from typing import Union
+import threading
+from typing import Optional, Union
 
+from ntxr import ctrl_c
+
+if __name__ == "__main__":  # first: a Ctrl-C while the imports below load costs one line
+  ctrl_c.exit_at_once()
+
+# pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
 import ml_collections
 import numpy as np
 
 from ntxr import cli, command, files, lifetime, plots, ranking, specs
+# pylint: enable=wrong-import-position
 
 FLAGS = flags.FLAGS
 
@@ -120,12 +130,57 @@ def plan(root: str, names, seeds) -> list:
           for seed in seeds for name in names]
 
 
-def execute(run: Run, main_args=(), env=None) -> int:
-  """Runs one training process, its output in workdir/log.txt; returns its exit code."""
+class Stopping:
+  """The runs a sweep's threads started, and Ctrl-C (SIGINT) as a sweep takes it: each run
+  is asked to stop (it saves and exits, as `ntxr.main` does on Ctrl-C) and no other run
+  starts. A context that sets the handler and puts the previous one back."""
+
+  def __init__(self):
+    self.asked = False
+    self._running = set()
+    self._lock = threading.Lock()  # between the threads starting runs and the handler
+    self._previous = None
+
+  def __enter__(self) -> "Stopping":
+    self._previous = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def __exit__(self, *unused) -> None:
+    signal.signal(signal.SIGINT, self._previous)
+
+  def _handle(self, number, frame) -> None:
+    del frame
+    with self._lock:
+      self.asked = True
+      for process in self._running:
+        process.send_signal(number)
+
+  def run(self, args, **options) -> Optional[int]:
+    """The exit code of the process `args` (subprocess.Popen's options), or None if the
+    sweep was asked to stop before it started."""
+    with self._lock:
+      if self.asked:
+        return None
+      process = subprocess.Popen(args, **options)
+      self._running.add(process)
+    try:
+      return process.wait()
+    finally:
+      with self._lock:
+        self._running.discard(process)
+
+
+def execute(run: Run, main_args=(), env=None, stopping: Optional[Stopping] = None
+            ) -> Optional[int]:
+  """Runs one training process, its output in workdir/log.txt; returns its exit code, or
+  None if `stopping` was asked to stop before it started."""
+  stopping = stopping or Stopping()
+  if stopping.asked:
+    return None
   os.makedirs(run.workdir, exist_ok=True)
   with open(os.path.join(run.workdir, "log.txt"), "a") as log:
-    return subprocess.run(run.command(main_args), stdout=log, stderr=subprocess.STDOUT,
-                          env=lifetime.launcher_environment(env), check=False).returncode
+    return stopping.run(run.command(main_args), stdout=log, stderr=subprocess.STDOUT,
+                        env=lifetime.launcher_environment(env))
 
 
 def gpu_groups(gpus, processes: int) -> list:
@@ -151,7 +206,8 @@ def run_all(runs, config, main_args=(), processes: int = 1, gpus=(), report=prin
 
   With gpus, each process sees only its own group of them (CUDA_VISIBLE_DEVICES, see
   gpu_groups); without, processes share every device, and with several JAX is told not
-  to preallocate its memory.
+  to preallocate its memory. On Ctrl-C (from the main thread) the running runs stop and
+  save, no other starts, and KeyboardInterrupt is raised once they have ended.
   """
   pending = [r for r in runs if not r.finished(config)]
   report(f"{len(runs) - len(pending)} of {len(runs)} runs finished already; "
@@ -166,19 +222,24 @@ def run_all(runs, config, main_args=(), processes: int = 1, gpus=(), report=prin
     group = free.get()
     try:
       return execute(run, main_args,
-                     env if group is None else dict(env, CUDA_VISIBLE_DEVICES=group))
+                     env if group is None else dict(env, CUDA_VISIBLE_DEVICES=group), stopping)
     finally:
       free.put(group)
 
   failed = []
-  with concurrent.futures.ThreadPoolExecutor(max_workers=processes) as pool:
+  with Stopping() as stopping, concurrent.futures.ThreadPoolExecutor(processes) as pool:
     futures = {pool.submit(execute_on_free_group, r): r for r in pending}
     for future in concurrent.futures.as_completed(futures):
       run, code = futures[future], future.result()
-      status = "done" if code == 0 else f"FAILED (exit {code})"
+      if code is None:  # not started: the sweep was stopping
+        continue
+      status = ("done" if code == 0 else "stopped (Ctrl-C)" if code == 130
+                else f"FAILED (exit {code})")
       report(f"{run.name} seed {run.seed}: {status}; log {run.workdir}/log.txt")
       if code:
         failed.append(run)
+  if stopping.asked:
+    raise KeyboardInterrupt()
   return failed
 
 
@@ -329,6 +390,21 @@ def write_report(root: str, config: ml_collections.ConfigDict, report=print) -> 
   return rows
 
 
+def parse_flags(argv) -> list:
+  """The sweep's flags, before --, parsed as `command.parse_flags` does; returns
+  [argv[0], what follows --] (the runs' flags). A --config flag or an argument before --
+  is refused in one line saying that it goes after --."""
+  end = argv.index("--") if "--" in argv else len(argv)
+  for arg in argv[1:end]:
+    if re.match(r"--?config(\.|=|$)", arg):
+      command.exit_with(f"{arg}: the runs' flags go after --, as in python -m ntxr.sweep "
+                        f"--strategies=random -- {arg}", 2)
+  stray = command.parse_flags(argv[:end])[1:]
+  if stray:
+    command.exit_with(f"unexpected arguments {stray}: the runs' flags go after --", 2)
+  return [argv[0], *argv[end + 1:]]
+
+
 def main(argv):
   try:
     names = (cli.chosen("strategies", specs.STRATEGIES)
@@ -360,7 +436,11 @@ def main(argv):
     command.import_tensorflow()
     failed = run_together(runs, config, FLAGS.group_size)
   else:
-    failed = run_all(runs, config, argv[1:], FLAGS.processes, FLAGS.gpus)
+    try:
+      failed = run_all(runs, config, argv[1:], FLAGS.processes, FLAGS.gpus)
+    except KeyboardInterrupt:  # the runs have stopped, each saved
+      print(ctrl_c.INTERRUPTED, file=sys.stderr)
+      sys.exit(130)
   os.makedirs(FLAGS.root, exist_ok=True)
   rows = write_report(FLAGS.root, config)
   print(to_markdown(rows))
@@ -372,4 +452,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main, flags_parser=command.parse_flags)
+  app.run(main, flags_parser=parse_flags)

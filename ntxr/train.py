@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Optional
@@ -145,8 +146,10 @@ class Stopped(Exception):
     self.interrupted = interrupted
 
 
-class Interrupted(Exception):
-  """SIGTERM between an epoch's steps and its end: the loop saves what the steps reached."""
+class Interrupted(BaseException):
+  """SIGTERM or Ctrl-C between an epoch's steps and its end: the loop saves what the steps
+  reached. Not an Exception, so that no `except Exception` (a checkpoint's write errors)
+  takes it for a failure."""
 
 
 class StopRequests:
@@ -156,7 +159,9 @@ class StopRequests:
 
   While steps run (`at_steps`) the handler only records the signal, and `asked(step)`
   tells the loop to save after the step it is in. Elsewhere (validation, checkpoints,
-  metrics) it raises at once and the loop saves the state the epoch's steps reached.
+  metrics) it raises at once and the loop saves the state the epoch's steps reached; if
+  the raise comes where Python drops exceptions (a `__del__`, a garbage-collection
+  callback), it is dropped unreported and the loop stops at the epoch's end.
   Several processes: `asked` is JAX's preemption sync point, which stops every process
   at the same step once any of them is given notice. Outside the main thread, where no
   handler can be set, it never asks.
@@ -168,15 +173,23 @@ class StopRequests:
     self.received = None  # the signal that asked
     self.at_steps = False
     self._previous = {}
+    self._report = None  # sys.unraisablehook before
 
   def __enter__(self) -> "StopRequests":
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       self._previous = {number: signal.signal(number, self._handle) for number in self.SIGNALS}
+      self._report, sys.unraisablehook = sys.unraisablehook, self._unraisable
     return self
 
   def __exit__(self, *unused) -> None:
     for number, previous in self._previous.items():
       signal.signal(number, previous)
+    if self._report is not None:
+      sys.unraisablehook = self._report
+
+  def _unraisable(self, unraisable) -> None:
+    if not isinstance(unraisable.exc_value, Interrupted):
+      self._report(unraisable)
 
   def _handle(self, number, frame) -> None:
     del frame
@@ -386,6 +399,8 @@ def _train(runs: list, group_size: int, freeze: bool) -> None:
         behind = min(run.position for run in runs if run.training)
         _train_epoch([run for run in runs if run.training and run.position == behind],
                      group_size, freeze, stop)
+        if stop.received:  # its raise was lost (in a garbage-collection callback, say)
+          raise Interrupted()
     except Interrupted:
       stop.at_steps = True  # record, not raise, a second signal while saving
       raise _save_and_stop(runs, stop) from None
@@ -403,9 +418,11 @@ def _save_and_stop(runs: list, stop: StopRequests) -> Stopped:
     return stop.stopped(f"the {len(runs)} runs stopped, each saved in its workdir's "
                         "checkpoints/latest: rerun the same command to resume them from there")
   run, = runs
-  return stop.stopped(f"training stopped after step {int(run.state.step)} (epoch "
-                      f"{run.progress.epoch + 1}), saved in {run.checkpoints.root}/latest: "
-                      "rerun the same command to resume from there")
+  progress = run.progress
+  epoch = progress.epoch + (1 if progress.step_in_epoch else 0)  # at an epoch's end: that one
+  return stop.stopped(f"training stopped after step {int(run.state.step)} (epoch {epoch}), "
+                      f"saved in {run.checkpoints.root}/latest: rerun the same command to "
+                      "resume from there")
 
 
 def _train_epoch(runs: list, group_size: int, freeze: bool, stop: StopRequests) -> None:

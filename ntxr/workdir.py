@@ -23,9 +23,10 @@ import socket
 from typing import Optional
 
 from absl import logging
+from etils import epath
 import jax
 
-from ntxr import dcase, files
+from ntxr import dcase, files, settings
 
 
 class WorkdirError(RuntimeError):
@@ -59,6 +60,19 @@ def in_use(workdir: str):
   except files.Locked as holder:
     raise WorkdirInUse(f"{workdir} is in use by another run ({holder}); wait for it to end "
                        "or use another --workdir") from None
+
+
+def check_trained(workdir: str) -> None:
+  """Raises settings.SettingError, writing nothing, unless workdir holds a run with a best
+  checkpoint to test (what --eval_only tests)."""
+  if settings.saved(workdir) is None:
+    raise settings.SettingError(f"--workdir={workdir} holds no trained run (no config.json): "
+                                "--eval_only tests one; give its workdir")
+  best = epath.Path(workdir, "checkpoints", "best")
+  if not (best.is_dir() and any(path.name.isdigit() for path in best.iterdir())):
+    raise settings.SettingError(f"--workdir={workdir} holds no best checkpoint yet (one is "
+                                "saved at each epoch's end): train it first, without "
+                                "--eval_only")
 
 
 def write_results(workdir: str, results: dict, submission: Optional[dcase.Submission],

@@ -2,7 +2,9 @@
 
 import json
 import os
+import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,8 +12,10 @@ import time
 
 import pytest
 
-from ntxr import objectives, sampling, settings, specs
+from ntxr import cli, ctrl_c, objectives, sampling, settings, specs
+from ntxr import workdir as workdir_lib
 from ntxr.configs import default
+from recordings import RECORDINGS
 
 
 def test_the_kernels_registries_hold_the_specified_names_in_their_order():
@@ -51,6 +55,11 @@ def test_main_help_prints_only_the_help_and_imports_neither_jax_nor_tensorflow()
     ("channels", (8, 32), "--config.channels must be 5 positive counts, one per CRNN "
      "block, not (8, 32)"),
     ("f_min", 9000.0, "--config.f_max (8000.0) must be above --config.f_min (9000.0)"),
+    ("f_max", 12000.0, "--config.f_max (12000.0) must be at most the Nyquist frequency, 8000 "
+     "Hz at the sample rate (--config.sample_rate=0: 16000 Hz, the built-in corpus's own), "
+     "or 0 for it"),
+    ("sample_rate", 8000, "--config.f_max (8000.0) must be at most the Nyquist frequency, "
+     "4000 Hz at the sample rate (--config.sample_rate=8000), or 0 for it"),
     ("data_dir", "/no/such/folder", "--config.data_dir=/no/such/folder: no such folder; "
      "pass a Clotho v2 or AudioCaps folder, or one holding captions.csv"),
     ("data_dir", "/", "--config.data_dir=/: not a Clotho v2, AudioCaps or pairs "
@@ -129,10 +138,9 @@ def test_a_run_that_failed_before_its_first_checkpoint_takes_the_mended_settings
 def test_a_bad_setting_costs_the_command_one_line(tmp_path):
   """Through the command, before TensorFlow loads: the workdir and cache stay unmade; a
   file given as --workdir is refused as such."""
-  def main(*flags):
-    return subprocess.run([sys.executable, "-m", "ntxr.main", *flags,
-                           f"--config.cache_dir={tmp_path / 'cache'}"],
-                          capture_output=True, text=True, check=False)
+  def main(*flags, cache=tmp_path / "cache"):
+    return subprocess.run([sys.executable, "-m", "ntxr.main", f"--config.cache_dir={cache}",
+                           *flags], capture_output=True, text=True, check=False)
   done = main(f"--workdir={tmp_path}/run", "--config.batch_size=0")
   assert (done.returncode, done.stderr) == (
       2, "error: --config.batch_size must be at least 2, not 0\n")
@@ -141,7 +149,46 @@ def test_a_bad_setting_costs_the_command_one_line(tmp_path):
   done = main(f"--workdir={tmp_path}/notes.txt")
   assert (done.returncode, done.stderr) == (
       2, f"error: --workdir={tmp_path}/notes.txt is a file, not a folder: give a folder\n")
+  done = main(f"--workdir={tmp_path}/run", cache=f"{tmp_path}/notes.txt")
+  assert (done.returncode, done.stderr) == (
+      2, f"error: --config.cache_dir={tmp_path}/notes.txt is a file, not a folder: give a "
+      "folder\n")
   assert (tmp_path / "notes.txt").read_text() == "my notes"
+  assert sorted(os.listdir(tmp_path)) == ["notes.txt"]
+
+
+def test_eval_only_refuses_a_workdir_without_a_best_checkpoint_writing_nothing(tmp_path):
+  """A run stopped before its first epoch ended has settings but nothing to test."""
+  (tmp_path / "config.json").write_text(default.get_config().to_json())
+  with pytest.raises(settings.SettingError, match=re.escape(
+      f"--workdir={tmp_path} holds no best checkpoint yet (one is saved at each epoch's end): "
+      "train it first, without --eval_only")):
+    workdir_lib.check_trained(str(tmp_path))
+  assert os.listdir(tmp_path) == ["config.json"]
+  (tmp_path / "checkpoints" / "best" / "15").mkdir(parents=True)
+  workdir_lib.check_trained(str(tmp_path))
+
+
+def test_a_cache_dir_that_cannot_be_written_is_named_before_anything_is_written(
+    tmp_path, monkeypatch):
+  """A read-only mount as os.access reports it (emulated: root may write in any folder),
+  and a file on the way to the folder."""
+  config = default.get_config()
+  (tmp_path / "mounted").mkdir()
+  config.cache_dir = str(tmp_path / "mounted" / "cache")
+  with monkeypatch.context() as m:
+    m.setattr(os, "access", lambda path, mode: path != str(tmp_path / "mounted"))
+    with pytest.raises(settings.SettingError, match=re.escape(
+        f"--config.cache_dir={tmp_path}/mounted/cache: cannot write in {tmp_path}/mounted")):
+      settings.check(str(tmp_path / "run"), config)
+  (tmp_path / "notes.txt").write_text("my notes")
+  config.cache_dir = str(tmp_path / "notes.txt" / "cache")
+  with pytest.raises(settings.SettingError, match=re.escape(
+      f"--config.cache_dir={tmp_path}/notes.txt/cache: {tmp_path}/notes.txt is a file, not a "
+      "folder")):
+    settings.check(str(tmp_path / "run"), config)
+  assert sorted(os.listdir(tmp_path)) == ["mounted", "notes.txt"]
+  assert not os.listdir(tmp_path / "mounted")
 
 
 def test_each_mistake_costs_one_line_and_the_corrected_command_trains_in_that_workdir(
@@ -171,6 +218,9 @@ def test_each_mistake_costs_one_line_and_the_corrected_command_trains_in_that_wo
        "--config.channels is given twice"),
       (["--objective=infonce", "--strategy=random"], "--objective=infonce takes no "
                                                      "--strategy"),
+      ([f"--config={tmp_path}/paper.py"], f"--config={tmp_path}/paper.py: no such file"),
+      (["--eval_only"], f"--workdir={workdir} holds no trained run (no config.json): "
+                        "--eval_only tests one; give its workdir"),
   ]:
     done = main(*flags)
     assert done.returncode == 2, (flags, done.stderr[-2000:])
@@ -198,6 +248,49 @@ def test_each_mistake_costs_one_line_and_the_corrected_command_trains_in_that_wo
   assert json.loads((workdir / "results.json").read_text())["epochs"] == 1
 
 
+def test_ctrl_c_in_a_commands_first_seconds_costs_one_line(tiny_flags, tiny_run, tmp_path):
+  """Ctrl-C (SIGINT) at seeded moments of the commands' first seconds, while their
+  modules, JAX and TensorFlow load and the data is read (before training's own handler):
+  each exits at once with status 130 and the one line saying to rerun, never a
+  traceback, never going on. The commands run side by side; ntxr.main at three moments.
+  (From 0.5 s: before that the interpreter itself may still be starting, which no
+  program can answer for.)"""
+  workdir = tmp_path / "trained"
+  shutil.copytree(tiny_run, workdir)  # search takes its lock
+  rng = random.Random(44)
+  commands = [
+      *[(rng.uniform(0.5, 5.0), ["ntxr.main", f"--workdir={tmp_path}/run{i}", *tiny_flags()])
+        for i in range(3)],
+      (rng.uniform(0.5, 2.0), ["ntxr.data.prepare", *tiny_flags()]),
+      (rng.uniform(0.5, 2.0), ["ntxr.search", f"--workdir={workdir}",
+                               f"--audio_dir={RECORDINGS}", "--query=a bell rings"]),
+      (rng.uniform(0.5, 2.0), ["ntxr.sweep", f"--root={tmp_path}/sweep", "--strategies=random",
+                               "--seeds=0", "--", *tiny_flags()])]
+  started = time.monotonic()
+  processes = [subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True) for _, args in commands]
+  for moment, process in sorted(zip([m for m, _ in commands], processes), key=lambda p: p[0]):
+    time.sleep(max(0.0, started + moment - time.monotonic()))
+    process.send_signal(signal.SIGINT)
+  for (moment, args), process in zip(commands, processes):
+    stderr = process.communicate(timeout=120)[1]
+    assert (process.returncode, stderr) == (130, f"{ctrl_c.INTERRUPTED}\n"), (
+        args[0], f"{moment:.2f} s", stderr[-3000:])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--config=/no/paper.py"], "--config=/no/paper.py: no such file"),
+    (["--config", "/no/paper.py:clotho", "--config.size=tiny"],
+     "--config=/no/paper.py:clotho: no such file"),
+    (["--config=/"], "--config=/: a folder, not a config file"),
+])
+def test_a_config_file_that_is_not_there_is_named_in_one_line(args, message, capsys):
+  """Not ml_collections' chained tracebacks, nor a --config.FIELD blamed for it."""
+  with pytest.raises(SystemExit) as exited:
+    cli.config_of(args)
+  assert (exited.value.code, capsys.readouterr().err) == (2, f"error: {message}\n")
+
+
 @pytest.mark.parametrize("flag, message", [
     ("--config.batchsize=4", "--config.batchsize: no such config field; did you mean "
      "--config.batch_size?"),
@@ -210,6 +303,29 @@ def test_a_mistyped_config_field_names_the_closest_in_one_line(tmp_path, flag, m
   assert (done.returncode, done.stderr) == (2, f"error: {message}\n")
   assert not (tmp_path / "run").exists()
 
+
+
+@pytest.mark.parametrize("args, message", [
+    (["ntxr.main", "semihard_cross"], "unexpected arguments ['semihard_cross']: flags are "
+     "given as --name=value"),
+    (["ntxr.main", "--strategy=semihard"], "flag --strategy=semihard: value should be one "
+     "of <easy_audio|easy_text|full_batch|hard_audio|hard_cross|hard_text|random|"
+     "semihard_cross>"),
+    (["ntxr.dcase"], "give --predictions and what to score it against: --ground_truth "
+     "(2022-2024), --relevance (2025) or --graded_relevance"),
+    (["ntxr.sweep", "--seeds=0", "--config.num_epochs=2"], "--config.num_epochs=2: the runs' "
+     "flags go after --, as in python -m ntxr.sweep --strategies=random -- "
+     "--config.num_epochs=2"),
+    (["ntxr.sweep", "random"], "unexpected arguments ['random']: the runs' flags go after --"),
+])
+def test_a_usage_mistake_costs_one_line_and_status_2(args, message, tmp_path):
+  """Not absl's page of help before the message, nor its status 1 (a failure)."""
+  done = subprocess.run([sys.executable, "-m", *args, f"--workdir={tmp_path}/run"
+                         if args[0] == "ntxr.main" else f"--root={tmp_path}/sweep"
+                         if args[0] == "ntxr.sweep" else f"--output_json={tmp_path}/s.json"],
+                        capture_output=True, text=True, check=False)
+  assert (done.returncode, done.stderr, done.stdout) == (2, f"error: {message}\n", "")
+  assert not os.listdir(tmp_path)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -104,6 +104,8 @@ def test_the_command_says_what_is_wrong_in_one_line(tmp_path):
   for flags, status, message in [
       ([f"--predictions={BASELINE}", f"--ground_truth={tmp_path}/none.csv"], 1,
        f"error: {tmp_path}/none.csv: file not found"),
+      ([f"--predictions={BASELINE}", f"--ground_truth={tmp_path}"], 1,
+       f"error: {tmp_path}: a folder, not a CSV file"),
       ([f"--predictions={BASELINE}", f"--ground_truth={GROUND_TRUTH}",
         f"--output_json={tmp_path}/no/such/folder/scores.json"], 2,
        f"error: --output_json={tmp_path}/no/such/folder/scores.json: no folder "

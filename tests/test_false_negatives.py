@@ -224,3 +224,13 @@ def test_the_command_measures_every_rule_against_the_ratings(tmp_path):
     for role in ("fit", "report"):
       assert 0 <= row[role]["roc_auc"] <= 1 and row[role]["at_threshold"]["threshold"] == 0.3
   assert done.stdout.count("\n") == 1 + 2 * len(rows)
+
+
+def test_a_split_the_ratings_lack_is_named_with_those_they_hold(tmp_path):
+  done = subprocess.run([sys.executable, "-m", "ntxr.false_negatives", f"--relevance_dir={TAU}",
+                         "--fit_split=train", f"--output_json={tmp_path}/rules.json"],
+                        capture_output=True, text=True, check=False)
+  assert (done.returncode, done.stderr) == (
+      2, f"error: --fit_split=train: {TAU} holds no such split's ratings "
+      "(SPLIT_relevances.csv); it holds development, evaluation\n")
+  assert not os.listdir(tmp_path)

@@ -102,6 +102,37 @@ def test_a_bad_real_file_names_its_file_line_and_the_flag(real_clotho, tmp_path)
     builders.prepare(builder, broken)
 
 
+def test_an_mp3_cut_short_and_a_clip_shorter_than_one_fft_are_named_or_counted(
+    real_clotho, tmp_path, capfd):
+  """Not decoded and trained on with a decoder's or librosa's warning that names no file:
+  named with their caption line, or with --config.skip_bad_files left out and counted."""
+  broken = str(tmp_path / "broken")
+  shutil.copytree(real_clotho, broken)
+  trumpet = os.path.join(broken, "development", "trumpet.mp3")
+  with open(trumpet, "r+b") as f:
+    f.truncate(os.path.getsize(trumpet) // 2)  # a download cut short
+  glass, rate = soundfile.read(os.path.join(recordings.RECORDINGS, "glass of water.wav"))
+  soundfile.write(os.path.join(broken, "development", "piano.wav"), glass[:rate // 100] + 0.1,
+                  rate)  # 10 ms
+  config = builders.clotho_config(settings.Features(sample_rate=44100))
+  builder = builders.NtxrClotho(data_dir=str(tmp_path / "tfds"), config=config, processes=1)
+  with pytest.raises(ValueError, match=r"trumpet\.mp3: cut short: \d+ of the 28768 samples its "
+                     r"header declares decode .*clotho_captions_development\.csv:6\); pass "
+                     r"--config\.skip_bad_files=true"):
+    builders.prepare(builder, broken)
+  builder = builders.NtxrClotho(data_dir=str(tmp_path / "skipping"), config=config,
+                                processes=1, skip_bad_files=True)
+  builders.prepare(builder, broken)
+  left_out = builders.skipped(builder)["development"]
+  assert [entry.split(": ", 2)[:2] for entry in left_out] == [
+      [f"{broken}/clotho_captions_development.csv:6", f"{trumpet}"],
+      [f"{broken}/clotho_captions_development.csv:8", f"{broken}/development/piano.wav"]]
+  assert left_out[1].endswith("too short (10 ms): its features need at least 40 ms (one "
+                              "1764-sample FFT)")
+  err = capfd.readouterr().err
+  assert "Xing" not in err and "n_fft" not in err
+
+
 def run_main(*flags):
   return subprocess.run([sys.executable, "-m", "ntxr.main", *flags], capture_output=True,
                         text=True, cwd=ROOT, timeout=900)

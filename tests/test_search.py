@@ -2,6 +2,8 @@
 folder (real recordings: added, removed, corrupted files), the command and its errors."""
 
 import dataclasses
+import hashlib
+import itertools
 import json
 import os
 import re
@@ -85,7 +87,8 @@ def test_the_index_follows_the_folder(model, workdir, recordings, monkeypatch):
   embedded = []
   embed = model.embed_files
   monkeypatch.setattr(model, "embed_files",
-                      lambda paths, *args: embedded.append(paths) or embed(paths, *args))
+                      lambda paths, *args, **options: embedded.append(paths)
+                      or embed(paths, *args, **options))
   first = search.Index.open(model, workdir, recordings)
   assert sorted(first.files) == sorted(before) and len(first.files) == 12  # every format
   assert os.path.join("sounds", "canário.mp3") in first.files and not first.skipped
@@ -135,6 +138,24 @@ def test_the_index_follows_the_folder(model, workdir, recordings, monkeypatch):
   assert search.Index.open(model, workdir, recordings).files == rebuilt.files
 
 
+def test_an_index_stopped_midway_keeps_what_it_embedded(model, workdir, recordings,
+                                                        monkeypatch):
+  """Stopped after five files (the command stops it on Ctrl-C), the index saves those
+  five, and the next call embeds only the other seven."""
+  asked = itertools.count()  # asked before each file
+  stopped = search.Index.open(model, workdir, recordings, stop=lambda: next(asked) >= 5)
+  assert len(stopped.files) == 5
+  assert search.Index.load(search.index_path(workdir, recordings)).files == stopped.files
+  embedded = []
+  embed = model.embed_files
+  monkeypatch.setattr(model, "embed_files", lambda paths, *args, **options:
+                      embedded.append(paths) or embed(paths, *args, **options))
+  whole = search.Index.open(model, workdir, recordings)
+  assert sorted(whole.files) == sorted(search.audio_files(recordings))
+  assert len(embedded[0]) == 7 and not set(stopped.files) & {
+      os.path.relpath(path, recordings) for path in embedded[0]}
+
+
 def test_bad_searches_get_clear_errors(model, workdir, tmp_path):
   with pytest.raises(FileNotFoundError, match="no audio files"):
     search.Index.build(model, str(tmp_path))
@@ -180,6 +201,8 @@ def test_the_command_prints_and_writes_the_results(workdir, recordings, tmp_path
   assert "12 files indexed" in run.stdout and "query: a bell rings" in run.stdout
   first = results[0]["results"][0]
   assert f"    1  {first['score']:6.4f}  {first['file']}" in run.stdout
+  latin1 = tmp_path / "latin1.txt"
+  latin1.write_bytes("a bird sings\na caf\u00e9 murmurs\n".encode("latin-1"))
   for flags, culprit in [
       ([f"--workdir={tmp_path}/none", f"--audio_dir={recordings}", "--query=x"],
        f"{tmp_path}/none: not a run's workdir (no config.json)"),
@@ -195,12 +218,44 @@ def test_the_command_prints_and_writes_the_results(workdir, recordings, tmp_path
       ([f"--workdir={workdir}", f"--audio_dir={recordings}", "--query=x",
         f"--json={recordings}/found.json"],
        f"--json={recordings}/found.json is inside {recordings}, a data folder ntxr only "
-       "reads: write it elsewhere")]:
+       "reads: write it elsewhere"),
+      ([f"--workdir={workdir}", f"--audio_dir={recordings}", "--query=a bell", "--query= "],
+       "--query: a query is empty: give words to search for"),
+      ([f"--workdir={workdir}", f"--audio_dir={recordings}", f"--queries={latin1}"],
+       f"{latin1}:2: not UTF-8 text (byte 0xe9); save the file as UTF-8")]:
     mistaken = subprocess.run([sys.executable, "-m", "ntxr.search", *flags],
                               capture_output=True, text=True, check=False)
     assert (mistaken.returncode, mistaken.stderr) == (2, f"error: {culprit}\n")
   assert not os.path.exists(tmp_path / "none")
   assert queries.read_text(encoding="utf-8-sig") == "a bird sings\n\na bell rings\n"
+
+
+def test_a_run_on_a_read_only_mount_is_searched_with_its_index_in_the_runs_cache(
+    tiny_run, recordings, tmp_path):
+  """The workdir reports itself unwritable, as a read-only mount does (emulated: root may
+  write anywhere): the command still searches, writing nothing in it; the index, the
+  compiled programs and the lock go to the run's cache, where the next search finds them."""
+  workdir = str(tmp_path / "run")
+  shutil.copytree(tiny_run, workdir)
+  read_only = ("import os, runpy\n"
+               "access = os.access\n"
+               f"os.access = lambda path, mode, **options: (os.path.abspath(path) != {workdir!r}"
+               " and access(path, mode, **options))\n"
+               "runpy.run_module('ntxr.search', run_name='__main__', alter_sys=True)")
+  before = snapshot(workdir)
+  for _ in range(2):
+    done = subprocess.run([sys.executable, "-c", read_only, f"--workdir={workdir}",
+                           f"--audio_dir={recordings}", "--query=a bell rings"],
+                          capture_output=True, text=True, check=False)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr[-3000:]
+    assert "query: a bell rings" in done.stdout
+  assert snapshot(workdir) == before
+  kept = os.path.join(json.loads(open(os.path.join(workdir, "config.json")).read())["cache_dir"],
+                      "search", hashlib.sha1(workdir.encode()).hexdigest()[:16])
+  assert "12 files indexed" in done.stdout and "(0 embedded now" in done.stdout
+  assert f"kept in {kept} ({workdir} is read-only)" in done.stdout
+  folder_key = os.path.basename(os.path.dirname(search.index_path(workdir, recordings)))
+  assert set(os.listdir(kept)) == {"compiled", "lock", folder_key}
 
 
 def test_a_pooled_run_trains_and_searches_by_the_cosine_of_mean_embeddings(

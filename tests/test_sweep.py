@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -160,7 +161,7 @@ def test_each_parallel_process_gets_its_own_gpus(tmp_path, monkeypatch):
     sweep.gpu_groups(["0", "1", "2"], 2)
   lock, busy, seen = threading.Lock(), set(), []
 
-  def fake_execute(run, main_args, env):
+  def fake_execute(run, main_args, env, unused_stopping):
     group = env["CUDA_VISIBLE_DEVICES"]
     with lock:
       assert group not in busy, f"{group} given to two runs at once"
@@ -237,3 +238,30 @@ def test_a_sweep_with_other_settings_is_refused_before_any_run_starts(tmp_path, 
                            "--table_only"], capture_output=True, text=True, check=False)
   assert result.returncode == 2 and result.stderr.splitlines() == [
       f"error: --root={tmp_path}/a file is a file, not a folder: give a folder"]
+
+
+def test_ctrl_c_stops_the_running_runs_and_starts_no_other(tmp_path, monkeypatch):
+  """Ctrl-C to the sweep alone (as `kill -INT` sends it): its running run gets it too
+  (ntxr.main then saves and exits 130), the next run never starts, and run_all raises
+  KeyboardInterrupt once the running one has ended."""
+  started = tmp_path / "started"
+  run_code = ("import pathlib, signal, sys, time\n"
+              "signal.signal(signal.SIGINT, lambda *_: sys.exit(130))\n"
+              f"pathlib.Path({str(started)!r}).touch()\n"
+              "time.sleep(60)\n")
+  monkeypatch.setattr(sweep.Run, "command", lambda run, main_args=(): [sys.executable, "-c",
+                                                                       run_code])
+  runs = sweep.plan(str(tmp_path / "sweep"), ["random"], [0, 1])
+
+  def press_ctrl_c():
+    while not started.exists():
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGINT)
+
+  threading.Thread(target=press_ctrl_c, daemon=True).start()
+  reports, handler = [], signal.getsignal(signal.SIGINT)
+  with pytest.raises(KeyboardInterrupt):
+    sweep.run_all(runs, default.get_config(), report=reports.append)
+  assert reports[1:] == [f"random seed 0: stopped (Ctrl-C); log {runs[0].workdir}/log.txt"]
+  assert not os.path.exists(runs[1].workdir)
+  assert signal.getsignal(signal.SIGINT) is handler

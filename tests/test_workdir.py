@@ -166,6 +166,30 @@ def test_sigterm_during_validation_saves_the_epochs_steps_and_a_rerun_finishes_t
   assert flat(results) == flat(straight)  # validated, saved over step 15, tested as if whole
 
 
+def test_a_stop_whose_raise_python_drops_still_stops_training(tiny_config, tmp_path,
+                                                              monkeypatch, capfd):
+  """Ctrl-C handled inside a __del__ during the last epoch's validation, as in JAX's and
+  TensorFlow's garbage-collection callbacks: Python drops what the handler raises there.
+  It goes unreported, and training stops at the epoch's end instead of testing."""
+  config, workdir = tiny_config(num_epochs=1), tmp_path / "run"
+
+  class Collected:
+    def __del__(self):
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(5)  # the handler runs, and raises, in here
+
+  validate = experiment_lib.Experiment.validate
+  def validation_with_a_collection(self, state, training, epoch):
+    Collected()
+    return validate(self, state, training, epoch)
+  monkeypatch.setattr(experiment_lib.Experiment, "validate", validation_with_a_collection)
+  with pytest.raises(train.Stopped, match=re.escape(
+      "as asked (Ctrl-C), training stopped after step 15 (epoch 1)")):
+    train.train_and_evaluate(config, str(workdir))
+  assert "Interrupted" not in capfd.readouterr().err
+  assert not (workdir / "results.json").exists()
+
+
 def test_several_processes_stop_at_jaxs_preemption_sync_point(monkeypatch):
   """Under --distributed every process must stop at the same step: the one JAX's
   preemption service agrees on (each process calls it every step), not its own SIGTERM."""
@@ -286,6 +310,7 @@ def test_a_full_disk_stops_with_one_clear_error_and_a_rerun_resumes(
   assert error.endswith("is the disk full? The checkpoints before it are intact (latest/10, "
                         "latest/15, best/15): free space and rerun the same command to resume")
   assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr
+  assert "ERROR" not in run.stderr  # Orbax's threads' lines: the error above says it all
   results = train.train_and_evaluate(tiny_config(), str(workdir))
   assert not list(workdir.rglob("*.orbax-checkpoint-tmp"))  # the torn write is cleared
   straight = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())

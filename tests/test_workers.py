@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+from ntxr.data import workers
 from processes import alive, descendants, outliving
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,3 +92,10 @@ def test_pool_workers_end_when_their_parent_is_killed_mid_job(tmp_path):
     script.wait()
   assert first in pool and len(pool) == 3
   assert not outliving(pool)
+
+
+def test_pool_workers_leave_ctrl_c_to_their_parent():
+  """A terminal sends Ctrl-C to every process of the command: workers ignore it (no
+  KeyboardInterrupt of theirs is printed), and end as their parent ends."""
+  with workers.imap(signal.getsignal, [signal.SIGINT] * 2, processes=2) as handlers:
+    assert list(handlers) == [signal.SIG_IGN] * 2

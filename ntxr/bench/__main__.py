@@ -84,17 +84,33 @@ def define_flags() -> None:
                     "replacing that file (docs/benchmarks keeps them)")
 
 
+def whole_numbers(flag: str, given: list, per_item: int = 1) -> list:
+  """The positive whole numbers of list flag `flag` (`given`, its items), each item
+  `per_item` of them joined by ":" (a tuple then); ValueError naming a malformed item."""
+  parsed = []
+  for item in given:
+    numbers = item.split(":")
+    if len(numbers) != per_item or not all(n.isdigit() and int(n) > 0 for n in numbers):
+      form = "N:T:W:E, four" if per_item == 4 else "a"
+      raise ValueError(f"--{flag}: {item!r} is not {form} positive whole number"
+                       + ("s" if per_item > 1 else ""))
+    parsed.append(tuple(int(n) for n in numbers) if per_item > 1 else int(numbers[0]))
+  return parsed
+
+
 def main(argv):
   command.start(argv)
   for name, given, known in (("jobs", FLAGS.jobs, JOBS),
                              ("widths", FLAGS.widths, training_steps.WIDTHS)):
     unknown = sorted(set(given) - set(known))
     if unknown:
-      raise app.UsageError(f"unknown {name} {unknown}; choose from {list(known)}")
+      command.exit_with(f"--{name}: unknown {unknown}; choose from {list(known)}", 2)
   try:
     strategies = cli.chosen("strategies", list(specs.STRATEGIES), list(specs.STRATEGIES))
+    shapes = whole_numbers("shapes", FLAGS.shapes.split(","), 4) if FLAGS.shapes else None
+    runs = whole_numbers("runs", FLAGS.runs) if FLAGS.runs else None
   except ValueError as error:
-    raise app.UsageError(str(error)) from None
+    command.exit_with(error, 2)
   if FLAGS.torch_loop:  # PyTorch shares the GPU: JAX allocates as it goes, not 75% at once
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   grid, dtype = GRIDS[FLAGS.grid], jnp.dtype(FLAGS.dtype)
@@ -105,8 +121,7 @@ def main(argv):
   report = dict(about, jax=jax.__version__, argv=sys.argv[1:])
   print(f"device: {device}" + (f", PyTorch on {about['torch_device']}" if FLAGS.torch_loop
                                 else "") + "\n")
-  shapes = ([tuple(int(v) for v in s.split(":")) for s in FLAGS.shapes.split(",")]
-            if FLAGS.shapes else grid["kernels"])
+  shapes = shapes or grid["kernels"]
   widths = {name: training_steps.WIDTHS[name] for name in FLAGS.widths}
   step_shape = dict(training_steps.SHAPE, frames=FLAGS.step_frames)
   jobs = {  # job: (its key in --json, its rows, its table)
@@ -124,7 +139,7 @@ def main(argv):
           widths, grid["steps"], FLAGS.loop_steps, shape=step_shape, repeats=FLAGS.repeats,
           dtype=FLAGS.dtype), training_loop.format_table),
       "together": ("together", lambda: together_steps.run(
-          widths, [int(r) for r in FLAGS.runs or grid["together"]], grid["steps"][0],
+          widths, runs or grid["together"], grid["steps"][0],
           FLAGS.repeats, shape=step_shape, dtype=FLAGS.dtype), together_steps.format_table),
       "union": ("union", lambda: union_program.run(
           widths, strategies, FLAGS.union_seeds or grid["union_seeds"], grid["steps"][0],
@@ -143,4 +158,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=command.parse_flags)

@@ -23,7 +23,7 @@ def main(argv):
   command.start(argv)
   results = results_lib.read(FLAGS.results_dir)
   if not results:
-    raise app.UsageError(f"no result files in {FLAGS.results_dir}")
+    command.exit_with(f"--results_dir={FLAGS.results_dir}: no result files", 2)
   docs = os.path.dirname(os.path.abspath(FLAGS.page))
   figures = {}
   kernels = [r for r in results if r["job"] == "kernels"]
@@ -40,4 +40,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=command.parse_flags)

@@ -98,7 +98,8 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=settings.Features()
       data_dir = synthetic.generate(os.path.join(local, f"synthetic_{size}"), size)
       generate_s = time.perf_counter() - start
       logmel = dataclasses.replace(logmel, sample_rate=logmel.sample_rate or synthetic.SAMPLE_RATE)
-    logmel = dataclasses.replace(logmel, sample_rate=logmel.sample_rate or 44100)
+    logmel = dataclasses.replace(logmel,
+                                 sample_rate=logmel.sample_rate or settings.FOLDER_SAMPLE_RATE)
     builder_class = builders.builder_for(data_dir)
     prepared = _prepared_dir(local, data_dir)
     bucket_copy = f"{cache_dir.rstrip('/')}/{os.path.relpath(prepared, local)}"

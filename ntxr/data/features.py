@@ -6,17 +6,24 @@ import librosa
 import numpy as np
 import soundfile
 
-from ntxr import settings
+from ntxr import command, settings
 
 
 def decode_audio(path: str, sample_rate: int) -> np.ndarray:
-  """wav/flac/mp3 file -> mono float32 at `sample_rate`; ValueError naming the file."""
+  """wav/flac/mp3 file -> mono float32 at `sample_rate`; ValueError naming the file, also
+  for one cut short (fewer samples than its header declares). The decoders' own lines on
+  stderr, which name no file, are silenced."""
   if not os.path.isfile(path):
     raise ValueError(f"{path}: audio file not found")
   try:
-    audio, rate = soundfile.read(path, dtype="float32", always_2d=True)
+    with command.c_stderr_silenced(), soundfile.SoundFile(path) as f:
+      declared, rate = f.frames, f.samplerate
+      audio = f.read(dtype="float32", always_2d=True)
   except (soundfile.LibsndfileError, RuntimeError, TypeError) as e:
     raise ValueError(f"{path}: cannot decode audio ({e})") from e
+  if 0 < len(audio) < declared:
+    raise ValueError(f"{path}: cut short: {len(audio)} of the {declared} samples its header "
+                     "declares decode (a partial download or copy?)")
   audio = audio.mean(axis=1)
   if audio.size == 0:
     raise ValueError(f"{path}: empty audio (0 samples)")
@@ -29,20 +36,31 @@ def decode_audio(path: str, sample_rate: int) -> np.ndarray:
   return audio.astype(np.float32)
 
 
+def _samples(config: settings.Features) -> tuple:
+  """(window, hop, FFT length) in samples."""
+  window = int(round(config.window_ms * config.sample_rate / 1000))
+  return window, int(round(config.hop_ms * config.sample_rate / 1000)), config.n_fft or window
+
+
 def log_mel(audio: np.ndarray, config: settings.Features) -> np.ndarray:
   """Mono waveform [samples] -> log-mel [frames, mel_bands] float32."""
-  window = int(round(config.window_ms * config.sample_rate / 1000))
-  hop = int(round(config.hop_ms * config.sample_rate / 1000))
+  window, hop, n_fft = _samples(config)
   mel = librosa.feature.melspectrogram(
-      y=audio, sr=config.sample_rate, n_fft=config.n_fft or window, hop_length=hop,
+      y=audio, sr=config.sample_rate, n_fft=n_fft, hop_length=hop,
       win_length=window, n_mels=config.mel_bands, fmin=config.f_min,
       fmax=config.f_max or None, power=2.0)
   return np.log(mel + config.log_offset).T.astype(np.float32)
 
 
 def clip_features(path: str, config: settings.Features) -> np.ndarray:
-  """decode_audio then log_mel: a file -> [frames, mel_bands]."""
-  return log_mel(decode_audio(path, config.sample_rate), config)
+  """decode_audio then log_mel: a file -> [frames, mel_bands]; ValueError naming a file
+  shorter than one FFT of the features."""
+  audio, n_fft = decode_audio(path, config.sample_rate), _samples(config)[2]
+  if len(audio) < n_fft:
+    ms = lambda samples: f"{1000 * samples / config.sample_rate:.0f} ms"
+    raise ValueError(f"{path}: too short ({ms(len(audio))}): its features need at least "
+                     f"{ms(n_fft)} (one {n_fft}-sample FFT)")
+  return log_mel(audio, config)
 
 
 def features_or_error(job: tuple):

@@ -9,10 +9,17 @@ read. Prints the time to generate and to prepare, clips skipped, and training ba
 
 import time
 
+from ntxr import ctrl_c
+
+if __name__ == "__main__":  # first: a Ctrl-C while the imports below load costs one line
+  ctrl_c.exit_at_once()
+
+# pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
 
 from ntxr import cli, command, settings
+# pylint: enable=wrong-import-position
 
 FLAGS = flags.FLAGS
 

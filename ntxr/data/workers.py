@@ -11,6 +11,7 @@ kernel to kill it when its parent dies, however the parent ends (SIGKILL include
 import contextlib
 import multiprocessing
 import os
+import signal
 import sys
 import types
 from typing import Callable, Iterator
@@ -32,12 +33,20 @@ def _hidden_main():
     sys.modules["__main__"] = main
 
 
+def _start_worker(parent: int) -> None:
+  """A worker's start: it dies with `parent`, and leaves Ctrl-C to it (a terminal sends
+  SIGINT to every process of the command, and a worker's KeyboardInterrupt would print
+  a traceback)."""
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  lifetime.die_with(parent)
+
+
 @contextlib.contextmanager
 def _pool(processes: int):
   """A spawned `multiprocessing` pool of `processes` light workers, terminated on exit."""
   context = multiprocessing.get_context("spawn")
   with _hidden_main():
-    workers = context.Pool(processes, initializer=lifetime.die_with, initargs=(os.getpid(),))
+    workers = context.Pool(processes, initializer=_start_worker, initargs=(os.getpid(),))
   with workers:
     yield workers
 
