@@ -22,19 +22,19 @@ import os
 import sys
 import time
 import zipfile
-from typing import Optional
+from typing import Optional, TYPE_CHECKING
 
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import ml_collections
 import numpy as np
 import tqdm
 
-from ntxr import checkpoints as checkpoints_lib, cli, command, evaluate, files, settings
-from ntxr import workdir as workdir_lib
-from ntxr.data import features
+from ntxr import cli, command, files, settings
+
+if TYPE_CHECKING:  # JAX loads when a command needs it, after --help
+  from ntxr import evaluate
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 
@@ -69,7 +69,8 @@ class Model:
     # Imported here, with TensorFlow: a command that stops at a bad flag or workdir does
     # so before seconds of imports. A notebook gets TensorFlow without its C++ lines.
     command.import_tensorflow()
-    from ntxr import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib
     self.config = read_config(workdir)
     self.experiment = experiment_lib.Experiment(self.config)
     with checkpoints_lib.Checkpoints(workdir) as checkpoints:
@@ -85,6 +86,7 @@ class Model:
   def embed_files(self, paths: list, dtype=np.float32, group: int = 256) -> tuple:
     """({index: frame embeddings [T_i, E] in dtype} of the files that decode, {index:
     reason} of the rest); `group` files' features at a time, so memory stays bounded."""
+    from ntxr.data import features  # pylint: disable=g-import-not-at-top
     embedded, failed = {}, {}
     bar = tqdm.tqdm(total=len(paths), desc="indexing", unit="file", file=sys.stderr,
                     disable=None if paths else True)  # None: no bar off a terminal
@@ -135,8 +137,8 @@ class Index:
   skipped: dict = dataclasses.field(default_factory=dict)
   embedded: int = dataclasses.field(default=0, compare=False)
   model: Optional[Model] = dataclasses.field(default=None, compare=False, repr=False)
-  _clips: Optional[evaluate.Clips] = dataclasses.field(default=None, init=False, repr=False,
-                                                      compare=False)
+  _clips: Optional["evaluate.Clips"] = dataclasses.field(default=None, init=False,
+                                                        repr=False, compare=False)
 
   @classmethod
   def build(cls, model: Model, folder: str, previous: Optional["Index"] = None,
@@ -205,6 +207,7 @@ class Index:
   def scores(self, queries: np.ndarray, query_mask: np.ndarray, score: str) -> np.ndarray:
     """[C, Q] float32 scores of every file against queries [Q, W, E] (word or frame
     embeddings), by `evaluate.Clips` (made once per index and score, then reused)."""
+    from ntxr import evaluate  # pylint: disable=g-import-not-at-top
     if self._clips is None or self._clips.score != score:
       self._clips = evaluate.Clips.of(self.frames, [np.ones(len(f), bool) for f in self.frames],
                                       score=score)
@@ -290,6 +293,9 @@ def main(argv):
     config = read_config(workdir)  # first: taking the lock would create a mistyped workdir
   except (FileNotFoundError, ValueError) as error:
     command.exit_with(error, 2)
+  # pylint: disable=g-import-not-at-top  (JAX loads after --help and the command's mistakes)
+  import jax
+  from ntxr import workdir as workdir_lib
   try:
     # A later call reuses this call's compiled scoring blocks.
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "search", "compiled"))

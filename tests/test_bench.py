@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntxr import models, sampling, settings, steps, together
+from ntxr import bench, models, sampling, settings, steps, together
 from ntxr.bench import kernel_parts, kernels, reference, score_matrices, timing
 from ntxr.bench import together_steps, training_loop, training_steps, union_program
 
@@ -97,6 +97,10 @@ def test_command_writes_json_and_imports_no_tensorflow(tmp_path):
                   f"--json={out}"], check=True)
   result = json.loads(out.read_text())
   assert result["device"] == "test-cpu" and [r["strategy"] for r in result["loss"]] == ["random"]
+
+
+def test_the_paper_width_is_the_models():
+  assert bench.WIDTHS["paper"] == models.PAPER_CHANNELS
 
 
 def test_the_union_program_steps_each_run_as_its_strategys_own_step():
