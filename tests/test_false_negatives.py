@@ -67,6 +67,40 @@ def test_filter_drops_similar_captions_and_scores_above_a_share_of_the_positive(
     false_negatives.filter_pool(pool, s, None, max_similarity=0.5, max_share_of_positive=0)
 
 
+def test_a_candidate_exactly_at_a_filters_bound_is_kept():
+  """Both filters drop what is above their bound (a caption "more similar than" it, a
+  score "above" the share of the positive): a candidate exactly at the bound stays, one
+  float32 step above it goes."""
+  above = lambda bound: np.nextafter(np.float32(bound), np.float32(1))
+  pool = sampling.negative_pool(jnp.array([0, 1, 2]))
+  kept = [[False, True, False], [True, False, True], [False, True, False]]
+  similarity = jnp.array([[1, 0.5, above(0.5)], [0.5, 1, 0], [above(0.5), 0, 1]])
+  by_similarity = false_negatives.filter_pool(pool, jnp.zeros((3, 3)), similarity,
+                                              max_similarity=0.5, max_share_of_positive=0)
+  assert np.asarray(by_similarity).tolist() == kept
+  # Positives 0.5 and a share of 0.5: the bound is 0.25, exact in float32.
+  s = jnp.array([[0.5, 0.25, above(0.25)], [0.1, 0.5, 0.1], [0.1, 0.1, 0.5]])
+  by_share = false_negatives.filter_pool(pool, s, None, max_similarity=0,
+                                         max_share_of_positive=0.5)
+  assert np.asarray(by_share).tolist() == kept
+
+
+def test_the_steps_caption_filter_keeps_a_caption_exactly_at_its_bound():
+  """Through a step's loss with --config.filter_similarity as its settings carry it: the
+  events' Jaccard similarity of 0.5 (clips 1 and 4 against clip 2) stays in the pool at a
+  bound of 0.5, and goes at a bound one step below it."""
+  batch, encoders = fake_batch()
+  similarity, pool = batch["caption_similarity"], np.asarray(
+      sampling.negative_pool(jnp.asarray(batch["audio_id"])))
+  assert ((similarity[pool] > 0.5).sum(), (similarity[pool] == 0.5).sum()) == (6, 4)
+  for bound in (0.5, float(np.nextafter(np.float32(0.5), np.float32(0)))):
+    loss = settings.Loss(strategy="hard_cross", filter_similarity=bound)
+    _, (_, _, found) = steps._loss_and_terms({}, None, encoders, batch, jax.random.key(0),
+                                             train=False, loss=loss)
+    assert float(found["filtered_share"]) == pytest.approx(
+        (similarity[pool] > bound).sum() / pool.sum(), abs=1e-7)
+
+
 def test_relevance_is_one_on_positives_and_the_logistic_elsewhere():
   similarity = jnp.array([[1.0, 0.4], [0.4, 1.0]])
   found = false_negatives.relevance(similarity, jnp.eye(2, dtype=bool), 10.0, 5.0)
