@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ntxr import false_negatives, sampling, settings, steps
+from ntxr.configs import default
 from ntxr.data import synthetic
 
 
@@ -258,3 +259,41 @@ def test_the_command_measures_every_rule_against_the_ratings(tmp_path):
     for role in ("fit", "report"):
       assert 0 <= row[role]["roc_auc"] <= 1 and row[role]["at_threshold"]["threshold"] == 0.3
   assert done.stdout.count("\n") == 1 + 2 * len(rows)
+
+
+def test_the_commands_default_threshold_is_where_the_configs_relevance_map_crosses_a_half(
+    tmp_path):
+  """Without --threshold the rules are measured at the similarity the config's soft
+  relevance map takes to 1/2 (its relevance_offset / relevance_slope), and that map is the
+  one compared with people's ratings; a config with another offset moves the default."""
+  config = default.get_config()
+  threshold = config.relevance_offset / config.relevance_slope
+  assert float(false_negatives.relevance(jnp.array([[threshold]]), jnp.array([[False]]),
+                                         config.relevance_slope, config.relevance_offset)
+               [0, 0]) == 0.5
+  done = subprocess.run([sys.executable, "-m", "ntxr.false_negatives", f"--relevance_dir={TAU}",
+                         f"--output_json={tmp_path}/rules.json"],
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr
+  for row in json.loads((tmp_path / "rules.json").read_text()):
+    for role in ("fit", "report"):
+      assert row[role]["at_threshold"]["threshold"] == threshold
+      assert (row[role]["relevance_map"]["slope"], row[role]["relevance_map"]["offset"]) == (
+          config.relevance_slope, config.relevance_offset)
+  code = """
+from absl import flags
+from ntxr import false_negatives
+from ntxr.configs import default
+made = default.get_config
+def get_config():
+  config = made()
+  config.relevance_offset = 3.0
+  return config
+default.get_config = get_config
+false_negatives.define_flags()
+flags.FLAGS(["false_negatives"])
+print(flags.FLAGS.threshold)
+"""
+  moved = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+  assert float(moved.stdout) == 3.0 / config.relevance_slope

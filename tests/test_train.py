@@ -68,7 +68,8 @@ def test_tiny_run_end_to_end(tiny_config, tiny_run):
 def test_a_run_scores_several_matching_clips_per_caption_as_dcase_2025(tiny_config, tiny_run):
   """The built-in corpus's relevance file names, for each test caption, the clips with its
   clip's exact event kinds; the run's t2a_multi is DCASE 2025's scoring of its own score
-  matrix, computed here query by query."""
+  matrix, computed here query by query, and results.json says what it was judged
+  against."""
   corpus = pathlib.Path(tiny_config().cache_dir) / "synthetic_tiny"
   events = json.loads((corpus / "ntxr_events.json").read_text())["evaluation"]
   expected = {}
@@ -81,6 +82,7 @@ def test_a_run_scores_several_matching_clips_per_caption_as_dcase_2025(tiny_conf
   assert {q: set(f) for q, f in relevant.items()} == expected
   assert max(len(f) for f in expected.values()) > 1  # some captions match several clips
   results = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
+  assert results["judged_against"] == {"t2a_multi": "built-in corpus events"}
   with open(pathlib.Path(tiny_run) / "dcase2025_evaluation.csv", newline="") as f:
     header, *rows = list(csv.reader(f))
   ranked = {row[0]: [header[1 + j] for j in np.argsort(-np.array(row[1:], float),
