@@ -16,7 +16,9 @@ dictionary keeps it); R@k says whether that file is in the top k and mAP@10 is
 1/rank within the top 10, each averaged over captions. 2025: several relevant files
 per query (`ntxr.relevance.multi_relevance_metrics`, ranked by mAP@16). Graded: nDCG
 against the TAU ratings (`ntxr.relevance.graded_metrics`). A top-10 list ranks nothing
-beyond its tenth file.
+beyond its tenth file, so its metrics at a cut-off beyond 10 (mAP@16, nDCG@16) are lower
+bounds, and printed as such. A score matrix that leaves out some of the files it could
+score is warned about: those rank below every file it scores.
 """
 
 import os
@@ -24,6 +26,7 @@ from typing import NamedTuple
 
 from absl import app
 from absl import flags
+from absl import logging
 import numpy as np
 
 from ntxr import command, files, relevance as relevance_lib
@@ -111,9 +114,10 @@ def score_files(ground_truth: str, predictions: str) -> dict:
   return score(relevant, read_predictions(predictions, relevant, known_files))
 
 
-def read_score_matrix(path: str, known_queries, known_files: set) -> dict:
+def read_score_matrix(path: str, known_queries, known_files: set, whose: str) -> dict:
   """A 2025 score matrix -> {query: every file name best first (ties: the column
-  order)}; queries and files must be known, each once, and every score finite."""
+  order)}; queries and files must be known, each once, and every score finite. A warning
+  names the known files it leaves out (`whose` they are: "the split's", say)."""
   header, rows = _header_and_rows(path)
   if not header or len(header) < 2:
     raise ValueError(f"{path}:1: expected a header: the query column, then one column "
@@ -144,16 +148,36 @@ def read_score_matrix(path: str, known_queries, known_files: set) -> dict:
       raise ValueError(f"{path}:{line}: every score must be a finite number")
     queries.append(query)
     first[query] = line
+  unscored = sorted(known_files - seen)
+  if unscored:
+    logging.warning("%s scores %d of %s %d files: the other %d (%s) rank below every "
+                    "file it scores", path, len(seen), whose, len(known_files),
+                    len(unscored), ", ".join(unscored[:3]) + (", ..." if len(unscored) > 3
+                                                              else ""))
   return relevance_lib.ranked_by_score(queries, names, values)
 
 
-def read_ranked(path: str, known_queries, known_files: set) -> dict:
+def is_top_list(path: str) -> bool:
+  """Whether a submission is a top-10 list (by its header), not a score matrix."""
+  return _header_and_rows(path)[0] == COLUMNS
+
+
+def read_ranked(path: str, known_queries, known_files: set, whose: str) -> dict:
   """{query: file names best first} from a top-10 list or a score matrix (told apart by
-  the header), checked against the known queries and files."""
-  header, _ = _header_and_rows(path)
-  if header == COLUMNS:
+  the header), checked against the known queries and files (`whose` they are)."""
+  if is_top_list(path):
     return read_predictions(path, {}, known_files, known_captions=known_queries)
-  return read_score_matrix(path, known_queries, known_files)
+  return read_score_matrix(path, known_queries, known_files, whose)
+
+
+def lower_bounds(path: str, result: dict) -> set:
+  """The metrics of `result`, scores of the submission at `path`, that only bound the
+  value from below: for a top-10 list, those at a cut-off beyond its tenth file, which
+  the files it does not rank could raise."""
+  if not is_top_list(path):
+    return set()
+  return {name for name in result
+          if "@" in name and int(name.rsplit("@", 1)[1]) > RANKED}
 
 
 def score_2025(relevance_file: str, predictions: str, ground_truth=None) -> dict:
@@ -168,7 +192,8 @@ def score_2025(relevance_file: str, predictions: str, ground_truth=None) -> dict
     captions, names = read_ground_truth(ground_truth)
     known_queries, known_files = known_queries | set(captions), known_files | names
   try:
-    ranked = read_ranked(predictions, known_queries, known_files)
+    ranked = read_ranked(predictions, known_queries, known_files,
+                         "the split's" if ground_truth else "the relevance file's")
   except UnknownName as error:
     if ground_truth:
       raise
@@ -182,7 +207,7 @@ def score_graded(folder: str, split: str, predictions: str) -> dict:
   known are every caption of the split, those scored the rated ones."""
   tau = relevance_lib.read_tau(folder, split)
   known = {caption for captions in tau.captions.values() for caption in captions}
-  ranked = read_ranked(predictions, known, set(tau.captions))
+  ranked = read_ranked(predictions, known, set(tau.captions), "the split's")
   return relevance_lib.graded_metrics(tau.ratings, ranked)
 
 
@@ -247,8 +272,10 @@ def main(argv):
       result = score_files(FLAGS.ground_truth, FLAGS.predictions)
   except (FileNotFoundError, ValueError) as error:
     command.exit_with(error, 1)
-  print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                  for k, v in result.items()))
+  bounded = lower_bounds(FLAGS.predictions, result)
+  print("  ".join((f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
+                  + (" (a lower bound: a top-10 list ranks no file beyond its tenth)"
+                     if k in bounded else "") for k, v in result.items()))
   if output:
     files.write_json(output, result)
 

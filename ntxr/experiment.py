@@ -95,6 +95,12 @@ class Experiment:
     data = self.settings.data
     relevance_file = data.relevance_file or self.corpus.relevance_file
     self.relevant = relevance.read_dcase2025(relevance_file) if relevance_file else None
+    # What each judged metric is judged against, for results.json: the built-in corpus
+    # writes its own relevance file from its clips' events.
+    built_in = relevance_file == self.corpus.relevance_file and self.corpus.events is not None
+    self.judged_against = dict(
+        t2a_multi="built-in corpus events" if built_in else relevance_file,
+        t2a_graded=data.graded_relevance_dir)
     self.rated = None
     if data.graded_relevance_dir:
       self.rated = relevance.read_tau(data.graded_relevance_dir, self.test_split).ratings
@@ -222,9 +228,10 @@ class Experiment:
     return dict(loss=loss, **metrics), collapse
 
   def test(self, state: steps.TrainState) -> tuple:
-    """(test-split metrics and score histogram, its DCASE Submission or None when the
-    split has fewer clips than a submission ranks, and its DCASE 2025 score matrix (a
-    Submission of the judged captions) or None without a relevance file)."""
+    """(test-split metrics, score histogram and what the judged metrics were judged
+    against, its DCASE Submission or None when the split has fewer clips than a
+    submission ranks, and its DCASE 2025 score matrix (a Submission of the judged
+    captions) or None without a relevance file)."""
     split = self.embed_split(state, self.test_split)
     return self.test_results(split, self.runs_scores([split])[0])
 
@@ -241,7 +248,8 @@ class Experiment:
                    score_histogram=evaluate.score_histogram(s, split.clip_ids,
                                                             split.caption_ids))
     judged, matrix = self._judged_by_people(texts, file_names, s.T)
-    return dict(metrics, **judged), submission, matrix
+    return dict(metrics, **judged, judged_against={
+        name: self.judged_against[name] for name in judged}), submission, matrix
 
   def _judged_by_people(self, texts: list, file_names: list, s: np.ndarray) -> tuple:
     """({"t2a_multi", "t2a_graded"} as measured, the DCASE 2025 score matrix or None)

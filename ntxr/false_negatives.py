@@ -301,9 +301,11 @@ def define_flags() -> None:
                       "(SPLIT_relevances.csv, SPLIT_text.csv, SPLIT_audio_metadata.csv)")
   flags.DEFINE_string("fit_split", "development", "the split thresholds and maps are fit on")
   flags.DEFINE_string("report_split", "evaluation", "the split they are reported on")
-  flags.DEFINE_float("threshold", 0.5, "a similarity above this flags a pair (the "
-                     "filter's --config.filter_similarity)")
   config = default.get_config()
+  flags.DEFINE_float("threshold", config.relevance_offset / config.relevance_slope,
+                     "a similarity above this flags a pair, as --config.filter_similarity "
+                     "drops it (default: where the soft objective's relevance map crosses "
+                     "1/2, the config's relevance_offset / relevance_slope)")
   flags.DEFINE_float("relevance_slope", config.relevance_slope,
                      "the soft objective's relevance map: slope")
   flags.DEFINE_float("relevance_offset", config.relevance_offset,

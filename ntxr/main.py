@@ -36,6 +36,8 @@ def define_flags() -> None:
   cli.define_config()
   cli.define_workdir("the run's folder: checkpoints, metrics and results (default: "
                      "workdir/RUN, RUN the strategy or objective)")
+  for shared in ("config", "workdir"):  # listed by --help beside this module's own flags
+    flags.declare_key_flag(shared)
   flags.DEFINE_enum("strategy", None, sorted(specs.STRATEGIES),
                     "negative-sampling strategy (default: the config's, semihard_cross)")
   flags.DEFINE_enum("objective", None, sorted(specs.OBJECTIVES),

@@ -23,7 +23,7 @@ import os
 import sys
 import time
 import zipfile
-from typing import Callable, Optional
+from typing import Callable, Optional, TYPE_CHECKING
 
 from ntxr import ctrl_c
 
@@ -34,15 +34,15 @@ if __name__ == "__main__":  # first: a Ctrl-C while the imports below load costs
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 import ml_collections
 import numpy as np
 import tqdm
 
-from ntxr import checkpoints as checkpoints_lib, cli, command, evaluate, files, settings
-from ntxr import workdir as workdir_lib
-from ntxr.data import features
+from ntxr import cli, command, files, settings
 # pylint: enable=wrong-import-position
+
+if TYPE_CHECKING:  # JAX loads when a command needs it, after --help
+  from ntxr import evaluate
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
 
@@ -77,7 +77,8 @@ class Model:
     # Imported here, with TensorFlow: a command that stops at a bad flag or workdir does
     # so before seconds of imports. A notebook gets TensorFlow without its C++ lines.
     command.import_tensorflow()
-    from ntxr import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib
     self.config = read_config(workdir)
     self.experiment = experiment_lib.Experiment(self.config)
     with checkpoints_lib.Checkpoints(workdir) as checkpoints:
@@ -95,6 +96,7 @@ class Model:
     """({index: frame embeddings [T_i, E] in dtype} of the files that decode, {index:
     reason} of the rest); `group` files' features at a time, so memory stays bounded.
     Once `stop()` is true, the files not yet read are left out of both."""
+    from ntxr.data import features  # pylint: disable=g-import-not-at-top
     embedded, failed = {}, {}
     bar = tqdm.tqdm(total=len(paths), desc="indexing", unit="file", file=sys.stderr,
                     disable=None if paths else True)  # None: no bar off a terminal
@@ -147,8 +149,8 @@ class Index:
   skipped: dict = dataclasses.field(default_factory=dict)
   embedded: int = dataclasses.field(default=0, compare=False)
   model: Optional[Model] = dataclasses.field(default=None, compare=False, repr=False)
-  _clips: Optional[evaluate.Clips] = dataclasses.field(default=None, init=False, repr=False,
-                                                      compare=False)
+  _clips: Optional["evaluate.Clips"] = dataclasses.field(default=None, init=False,
+                                                        repr=False, compare=False)
 
   @classmethod
   def build(cls, model: Model, folder: str, previous: Optional["Index"] = None,
@@ -221,6 +223,7 @@ class Index:
   def scores(self, queries: np.ndarray, query_mask: np.ndarray, score: str) -> np.ndarray:
     """[C, Q] float32 scores of every file against queries [Q, W, E] (word or frame
     embeddings), by `evaluate.Clips` (made once per index and score, then reused)."""
+    from ntxr import evaluate  # pylint: disable=g-import-not-at-top
     if self._clips is None or self._clips.score != score:
       self._clips = evaluate.Clips.of(self.frames, [np.ones(len(f), bool) for f in self.frames],
                                       score=score)
@@ -326,6 +329,9 @@ def main(argv):
     config = read_config(workdir)  # first: taking the lock would create a mistyped workdir
   except (FileNotFoundError, ValueError) as error:
     command.exit_with(error, 2)
+  # pylint: disable=g-import-not-at-top  (JAX loads after --help and the command's mistakes)
+  import jax
+  from ntxr import workdir as workdir_lib
   try:
     # A later call reuses this call's compiled scoring blocks.
     kept = search_dir(workdir)

@@ -38,7 +38,7 @@ def read(workdir):
 
 def assert_same_run(workdir, alone):
   """The run in workdir is the run in `alone`: its epochs' training losses equal to
-  1e-5, validation losses within 0.01 and test metrics within 0.03 (why so:
+  1e-5, validation losses within 1e-3 and test metrics within 0.03 (why so:
   test_train_together.test_runs_trained_together_are_the_runs_trained_apart)."""
   expected, expected_epochs = read(alone)
   got, epochs = read(workdir)
@@ -47,7 +47,7 @@ def assert_same_run(workdir, alone):
     np.testing.assert_allclose(epoch["training"]["loss"], expected_epoch["training"]["loss"],
                                rtol=1e-5)
     assert epoch["validation"]["loss"] == pytest.approx(expected_epoch["validation"]["loss"],
-                                                        abs=0.01)
+                                                        abs=1e-3)
     assert epoch["learning_rate"] == expected_epoch["learning_rate"]
   for direction in ("t2a", "a2t"):
     for metric, value in expected[direction].items():

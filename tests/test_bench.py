@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntxr import models, sampling, settings, steps, together
-from ntxr.bench import __main__ as bench
+from ntxr import bench, models, sampling, settings, steps, together
+from ntxr.bench import __main__ as bench_command
 from ntxr.bench import kernel_parts, kernels, reference, score_matrices, timing
 from ntxr.bench import together_steps, training_loop, training_steps, union_program
 
@@ -103,13 +103,13 @@ def test_command_writes_json_and_imports_no_tensorflow(tmp_path):
 
 
 def test_a_malformed_shape_run_count_or_job_costs_one_line(tmp_path):
-  assert bench.whole_numbers("shapes", ["4:6:3:8", "2:4:3:8"], 4) == [(4, 6, 3, 8), (2, 4, 3, 8)]
+  assert bench_command.whole_numbers("shapes", ["4:6:3:8", "2:4:3:8"], 4) == [(4, 6, 3, 8), (2, 4, 3, 8)]
   for flag, given, per_item, message in [
       ("shapes", ["4:6:3"], 4, "--shapes: '4:6:3' is not N:T:W:E, four positive whole numbers"),
       ("shapes", ["4:6:3:0"], 4, "'4:6:3:0' is not N:T:W:E"),
       ("runs", ["1", "a"], 1, "--runs: 'a' is not a positive whole number")]:
     with pytest.raises(ValueError, match=re.escape(message)):
-      bench.whole_numbers(flag, given, per_item)
+      bench_command.whole_numbers(flag, given, per_item)
   for flag, message in [
       ("--shapes=256x1500", "--shapes: '256x1500' is not N:T:W:E, four positive whole numbers"),
       ("--jobs=kernel", "--jobs: unknown ['kernel']; choose from ['kernels', 'parts', "
@@ -119,6 +119,10 @@ def test_a_malformed_shape_run_count_or_job_costs_one_line(tmp_path):
                           check=False)
     assert (done.returncode, done.stderr) == (2, f"error: {message}\n")
   assert not os.listdir(tmp_path)
+
+
+def test_the_paper_width_is_the_models():
+  assert bench.WIDTHS["paper"] == models.PAPER_CHANNELS
 
 
 def test_the_union_program_steps_each_run_as_its_strategys_own_step():

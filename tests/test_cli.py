@@ -26,18 +26,40 @@ def test_the_kernels_registries_hold_the_specified_names_in_their_order():
              for name, spec in specs.OBJECTIVES.items())
 
 
-def test_main_help_prints_only_the_help_and_imports_neither_jax_nor_tensorflow():
+def command_help(module: str) -> str:
+  """What `python -m module --help` prints, checked to be all it prints and to have loaded
+  neither JAX, TensorFlow nor librosa."""
   code = ("import runpy, sys\n"
-          "try: runpy.run_module('ntxr.main', run_name='__main__', alter_sys=True)\n"
+          f"try: runpy.run_module({module!r}, run_name='__main__', alter_sys=True)\n"
           "except SystemExit: pass\n"
           "loaded = [m for m in ('jax', 'tensorflow', 'librosa') if m in sys.modules]\n"
           "assert not loaded, loaded")
   done = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True,
                         text=True, check=True)
   assert done.stderr == ""
-  assert done.stdout.startswith("Trains and evaluates a dual encoder")
+  assert done.stdout.rstrip().endswith("Try --helpfull to get a list of all flags.")
+  return done.stdout
+
+
+def test_main_help_prints_only_the_help_and_imports_neither_jax_nor_tensorflow():
+  printed = command_help("ntxr.main")
+  assert printed.startswith("Trains and evaluates a dual encoder")
   assert "--strategy:<easy_audio|easy_text|full_batch|hard_audio|hard_cross|hard_text|" \
-      "random|semihard_cross>" in "".join(done.stdout.split())
+      "random|semihard_cross>" in "".join(printed.split())
+  assert "--objective: <hn_nce|infonce|siglip|soft|triplet>" in printed
+  assert "--workdir: the run's folder" in printed
+  assert "--config: training configuration file" in printed
+
+
+@pytest.mark.parametrize("module, opening, flag", [
+    ("ntxr.search", "Search a folder of recordings", "--audio_dir: the folder of recordings"),
+    ("ntxr.bench", "Benchmarks of the hot paths", "--widths: CRNN widths of the training-step "
+     "job, of ['paper', 'half', 'default']"),
+])
+def test_search_and_bench_help_imports_neither_jax_nor_tensorflow(module, opening, flag):
+  printed = command_help(module)
+  assert printed.startswith(opening)
+  assert flag in " ".join(printed.split())
 
 
 @pytest.mark.parametrize("field, value, message", [

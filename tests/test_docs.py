@@ -1,10 +1,17 @@
 """The README and docs/: short README, links that resolve, the strategies and objectives
-they list the specified ones, the benchmark page made from its result files."""
+they list the specified ones, the benchmark page made from its result files; the
+package's metadata: the paper cited alike everywhere, the Python versions and accelerator
+extras those of the JAX it requires."""
 
+import configparser
 import glob
+import importlib.metadata
 import itertools
 import os
 import re
+
+from packaging import requirements, specifiers
+import yaml
 
 from ntxr import specs
 from ntxr.bench import results
@@ -81,3 +88,44 @@ def test_benchmark_page_is_made_from_the_committed_results():
     committed = f.read()
   figures = dict(re.findall(r"!\[([^\]]+)\]\(([^)]+)\)", committed))
   assert committed == results.page(found, figures)
+
+
+def setup_cfg() -> configparser.ConfigParser:
+  config = configparser.ConfigParser()
+  config.read(os.path.join(ROOT, "setup.cfg"), encoding="utf-8")
+  return config
+
+
+def test_the_paper_is_cited_by_its_doi_everywhere():
+  doi = "10.1109/ICASSP49357.2023.10095319"
+  with open(os.path.join(ROOT, "CITATION.cff"), encoding="utf-8") as f:
+    paper = yaml.safe_load(f)["preferred-citation"]
+  assert paper["doi"] == doi and {"type": "doi", "value": doi} in paper["identifiers"]
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    bibtex = f.read().split("```bibtex")[1].split("```")[0]
+  assert re.search(r"doi\s*=\s*\{" + re.escape(doi) + "}", bibtex)
+  urls = dict(line.split(" = ") for line in
+              setup_cfg()["metadata"]["project_urls"].strip().splitlines())
+  assert urls == {"Paper": f"https://doi.org/{doi}",
+                  "Reference code": "https://github.com/xieh97/contrastive-negative-sampling"}
+
+
+def test_python_versions_and_extras_follow_the_jax_required():
+  config = setup_cfg()
+  required = {r.name: r for r in map(requirements.Requirement,
+                                     config["options"]["install_requires"].split())}
+  jax = importlib.metadata.metadata("jax")
+  assert required["jax"].specifier.contains(jax["Version"])
+  ours = specifiers.SpecifierSet(config["options"]["python_requires"])
+  theirs = specifiers.SpecifierSet(jax["Requires-Python"])
+  listed = [c.rsplit(" :: ", 1)[1] for c in config["metadata"]["classifiers"].split("\n")
+            if re.fullmatch(r"Programming Language :: Python :: 3\.\d+", c.strip())]
+  assert listed and all(v in ours and v in theirs for v in listed)
+  below = f"3.{int(listed[0].split('.')[1]) - 1}"  # the version before the first listed
+  assert below not in ours and below not in theirs
+  extras = config["options.extras_require"]
+  for extra, jax_extra in (("cuda", "cuda12"), ("tpu", "tpu")):
+    given = requirements.Requirement(extras[extra].strip())
+    assert (given.name, given.extras, given.specifier) == (
+        "jax", {jax_extra}, required["jax"].specifier)
+    assert jax_extra in jax.get_all("Provides-Extra")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ntxr import false_negatives, sampling, settings, steps
+from ntxr.configs import default
 from ntxr.data import synthetic
 
 
@@ -65,6 +66,40 @@ def test_filter_drops_similar_captions_and_scores_above_a_share_of_the_positive(
   assert expected[0].tolist() == [False, False, True]  # 0.7 > 0.64 goes, 0.3 stays
   with pytest.raises(ValueError, match="similarity source"):
     false_negatives.filter_pool(pool, s, None, max_similarity=0.5, max_share_of_positive=0)
+
+
+def test_a_candidate_exactly_at_a_filters_bound_is_kept():
+  """Both filters drop what is above their bound (a caption "more similar than" it, a
+  score "above" the share of the positive): a candidate exactly at the bound stays, one
+  float32 step above it goes."""
+  above = lambda bound: np.nextafter(np.float32(bound), np.float32(1))
+  pool = sampling.negative_pool(jnp.array([0, 1, 2]))
+  kept = [[False, True, False], [True, False, True], [False, True, False]]
+  similarity = jnp.array([[1, 0.5, above(0.5)], [0.5, 1, 0], [above(0.5), 0, 1]])
+  by_similarity = false_negatives.filter_pool(pool, jnp.zeros((3, 3)), similarity,
+                                              max_similarity=0.5, max_share_of_positive=0)
+  assert np.asarray(by_similarity).tolist() == kept
+  # Positives 0.5 and a share of 0.5: the bound is 0.25, exact in float32.
+  s = jnp.array([[0.5, 0.25, above(0.25)], [0.1, 0.5, 0.1], [0.1, 0.1, 0.5]])
+  by_share = false_negatives.filter_pool(pool, s, None, max_similarity=0,
+                                         max_share_of_positive=0.5)
+  assert np.asarray(by_share).tolist() == kept
+
+
+def test_the_steps_caption_filter_keeps_a_caption_exactly_at_its_bound():
+  """Through a step's loss with --config.filter_similarity as its settings carry it: the
+  events' Jaccard similarity of 0.5 (clips 1 and 4 against clip 2) stays in the pool at a
+  bound of 0.5, and goes at a bound one step below it."""
+  batch, encoders = fake_batch()
+  similarity, pool = batch["caption_similarity"], np.asarray(
+      sampling.negative_pool(jnp.asarray(batch["audio_id"])))
+  assert ((similarity[pool] > 0.5).sum(), (similarity[pool] == 0.5).sum()) == (6, 4)
+  for bound in (0.5, float(np.nextafter(np.float32(0.5), np.float32(0)))):
+    loss = settings.Loss(strategy="hard_cross", filter_similarity=bound)
+    _, (_, _, found) = steps._loss_and_terms({}, None, encoders, batch, jax.random.key(0),
+                                             train=False, loss=loss)
+    assert float(found["filtered_share"]) == pytest.approx(
+        (similarity[pool] > bound).sum() / pool.sum(), abs=1e-7)
 
 
 def test_relevance_is_one_on_positives_and_the_logistic_elsewhere():
@@ -234,3 +269,41 @@ def test_a_split_the_ratings_lack_is_named_with_those_they_hold(tmp_path):
       2, f"error: --fit_split=train: {TAU} holds no such split's ratings "
       "(SPLIT_relevances.csv); it holds development, evaluation\n")
   assert not os.listdir(tmp_path)
+
+
+def test_the_commands_default_threshold_is_where_the_configs_relevance_map_crosses_a_half(
+    tmp_path):
+  """Without --threshold the rules are measured at the similarity the config's soft
+  relevance map takes to 1/2 (its relevance_offset / relevance_slope), and that map is the
+  one compared with people's ratings; a config with another offset moves the default."""
+  config = default.get_config()
+  threshold = config.relevance_offset / config.relevance_slope
+  assert float(false_negatives.relevance(jnp.array([[threshold]]), jnp.array([[False]]),
+                                         config.relevance_slope, config.relevance_offset)
+               [0, 0]) == 0.5
+  done = subprocess.run([sys.executable, "-m", "ntxr.false_negatives", f"--relevance_dir={TAU}",
+                         f"--output_json={tmp_path}/rules.json"],
+                        capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr
+  for row in json.loads((tmp_path / "rules.json").read_text()):
+    for role in ("fit", "report"):
+      assert row[role]["at_threshold"]["threshold"] == threshold
+      assert (row[role]["relevance_map"]["slope"], row[role]["relevance_map"]["offset"]) == (
+          config.relevance_slope, config.relevance_offset)
+  code = """
+from absl import flags
+from ntxr import false_negatives
+from ntxr.configs import default
+made = default.get_config
+def get_config():
+  config = made()
+  config.relevance_offset = 3.0
+  return config
+default.get_config = get_config
+false_negatives.define_flags()
+flags.FLAGS(["false_negatives"])
+print(flags.FLAGS.threshold)
+"""
+  moved = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+  assert float(moved.stdout) == 3.0 / config.relevance_slope

@@ -158,6 +158,8 @@ def test_main_on_real_recordings_records_and_reports_skipped_clips(real_clotho, 
   # The relevance file beside the captions and the TAU ratings score the test split; the
   # run's 2025 score matrix, scored by ntxr.dcase, gives the same numbers.
   assert (results["t2a_multi"]["queries"], results["t2a_graded"]["queries"]) == (20, 2)
+  assert results["judged_against"] == dict(t2a_multi=os.path.join(data, "metadata_eval.csv"),
+                                           t2a_graded=tau)
   matrix = os.path.join(workdir, "dcase2025_evaluation.csv")
   assert dcase.score_2025(f"{data}/metadata_eval.csv", matrix) == pytest.approx(
       results["t2a_multi"], abs=1e-12)

@@ -129,6 +129,10 @@ def test_the_2022_baseline_submission_scored_by_2025_relevance_matches_the_loop(
   assert got.pop("queries") == 1037
   assert got == pytest.approx(loop_metrics(relevant, ranked), abs=1e-12)
   assert 0 < got["mAP@16"] < 0.2  # a weak 2022 baseline
+  # A top-10 list ranks nothing beyond its tenth file: its mAP@16 only bounds the value.
+  assert (f"mAP@16 {got['mAP@16']:.4f} (a lower bound: a top-10 list ranks no file beyond "
+          f"its tenth)  mAP@10 {got['mAP@10']:.4f}  R@1 ") in done.stdout
+  assert done.stdout.count("lower bound") == 1 and done.stderr == ""
 
 
 def test_a_2025_score_matrix_round_trips_and_scores_as_the_loop(tmp_path):
@@ -144,6 +148,33 @@ def test_a_2025_score_matrix_round_trips_and_scores_as_the_loop(tmp_path):
   ranked = {q: [names[j] for j in np.argsort(-read_back[q], kind="stable")] for q in queries}
   assert got.pop("queries") == 1037
   assert got == pytest.approx(loop_metrics(relevant, ranked), abs=1e-12)
+
+
+def test_a_score_matrix_that_leaves_out_files_of_the_split_is_warned_about(tmp_path):
+  """Files a score matrix leaves out rank below every file it scores: the command says so
+  in one warning, and its scores are those of a ranking with them appended last. A matrix
+  of every file of the split gets no warning, and neither's mAP@16 is a lower bound."""
+  relevant = relevance.read_dcase2025(RELEVANCE)
+  _, names = dcase.read_ground_truth(GROUND_TRUTH)
+  names, queries = sorted(names), list(relevant)
+  s = np.random.default_rng(2).normal(size=(len(queries), len(names))).astype(np.float32)
+  warnings = []
+  for scored in (names, names[5:]):
+    path = tmp_path / f"scores_{len(scored)}.csv"
+    dcase.write_score_matrix(str(path), queries, scored, s[:, -len(scored):])
+    done = run_dcase(f"--relevance={RELEVANCE}", f"--predictions={path}",
+                     f"--ground_truth={GROUND_TRUTH}", f"--output_json={tmp_path}/got.json")
+    assert done.returncode == 0 and "lower bound" not in done.stdout, done.stderr
+    warnings.append(done.stderr)
+    read_back = {row[0]: np.array(row[1:], float) for row in read_rows(path)}
+    ranked = {q: [scored[j] for j in np.argsort(-read_back[q], kind="stable")]
+              + [name for name in names if name not in scored] for q in queries}
+    got = json.loads((tmp_path / "got.json").read_text())
+    assert got.pop("queries") == 1037
+    assert got == pytest.approx(loop_metrics(relevant, ranked), abs=1e-12)
+  assert warnings == ["", (
+      f"WARNING: {path} scores {len(names) - 5} of the split's {len(names)} files: the other "
+      f"5 ({', '.join(names[:3])}, ...) rank below every file it scores\n")]
 
 
 @pytest.mark.parametrize("rows, message", [

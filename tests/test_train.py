@@ -68,7 +68,8 @@ def test_tiny_run_end_to_end(tiny_config, tiny_run):
 def test_a_run_scores_several_matching_clips_per_caption_as_dcase_2025(tiny_config, tiny_run):
   """The built-in corpus's relevance file names, for each test caption, the clips with its
   clip's exact event kinds; the run's t2a_multi is DCASE 2025's scoring of its own score
-  matrix, computed here query by query."""
+  matrix, computed here query by query, and results.json says what it was judged
+  against."""
   corpus = pathlib.Path(tiny_config().cache_dir) / "synthetic_tiny"
   events = json.loads((corpus / "ntxr_events.json").read_text())["evaluation"]
   expected = {}
@@ -81,6 +82,7 @@ def test_a_run_scores_several_matching_clips_per_caption_as_dcase_2025(tiny_conf
   assert {q: set(f) for q, f in relevant.items()} == expected
   assert max(len(f) for f in expected.values()) > 1  # some captions match several clips
   results = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
+  assert results["judged_against"] == {"t2a_multi": "built-in corpus events"}
   with open(pathlib.Path(tiny_run) / "dcase2025_evaluation.csv", newline="") as f:
     header, *rows = list(csv.reader(f))
   ranked = {row[0]: [header[1 + j] for j in np.argsort(-np.array(row[1:], float),
@@ -338,21 +340,92 @@ def test_every_program_a_run_compiles_multiplies_at_its_configured_precision(
   assert seen == ["highest", True]
 
 
-def test_per_epoch_validation_reshuffles_and_draws_anew_from_the_epochs_seed(tiny_config):
-  fixed = experiment_lib.Experiment(tiny_config(strategy="random", batch_size=16,
-                                                keep_partial_batch=True))
+def test_per_epoch_validation_reshuffles_and_draws_anew_from_the_epochs_seed(
+    tiny_config, monkeypatch):
+  """--config.validation_draws=per_epoch: each epoch's validation loss reads the split
+  reshuffled and draws its random negatives anew, both from the epoch's seed. Each is
+  checked where the other cannot move the loss: the reshuffle under semihard_cross, which
+  draws nothing, and the draws under random over batches held in one order."""
+  split = dict(batch_size=16, keep_partial_batch=True)
+  fixed = experiment_lib.Experiment(tiny_config(strategy="semihard_cross", **split))
   per_epoch = experiment_lib.Experiment(tiny_config(
-      strategy="random", batch_size=16, keep_partial_batch=True, validation_draws="per_epoch"))
+      strategy="semihard_cross", validation_draws="per_epoch", **split))
   state = fixed.initial_state
   assert fixed.validation_loss(state, 1) == fixed.validation_loss(state, 2)
   first = per_epoch.validation_loss(state, 1)
   assert per_epoch.validation_loss(state, 1) == first  # seeded: a resumed run is exact
-  assert per_epoch.validation_loss(state, 2) != first
+  assert abs(per_epoch.validation_loss(state, 2) - first) > 1e-6
+  drawn = experiment_lib.Experiment(tiny_config(
+      strategy="random", validation_draws="per_epoch", **split))
+  draws, (_, one_order) = drawn.validation_draws, drawn.validation_draws(1)
+  monkeypatch.setattr(drawn, "validation_draws", lambda epoch: (draws(epoch)[0], one_order))
+  assert abs(drawn.validation_loss(state, 2) - drawn.validation_loss(state, 1)) > 1e-6
   # The authors' DataLoader(shuffle=True): every pair once, the last batch short.
   batches = list(input_pipeline.as_numpy(per_epoch.train_batches("validation", 7)))
   assert [len(b["audio_id"]) for b in batches] == [16, 16, 8]
   assert sorted(np.concatenate([b["audio_id"] for b in batches])) == sorted(
       list(range(8)) * 5)
+
+
+def hard_cross_loss(audio, text, audio_mask, text_mask, audio_ids, margin: float) -> float:
+  """The triplet loss under hard_cross, one anchor at a time in float64: the alignment
+  score as the mean over valid (frame, word) of relu(<frame, word>), each anchor's
+  highest-scoring clip and caption of another clip as its negatives, the two hinges
+  summed and averaged over the batch (an anchor with no other clip adds 0)."""
+  audio, text = np.asarray(audio, np.float64), np.asarray(text, np.float64)
+  n = len(audio_ids)
+  score = np.array([[np.maximum(audio[a][audio_mask[a]] @ text[t][text_mask[t]].T, 0).mean()
+                     for t in range(n)] for a in range(n)])
+  total = 0.0
+  for i in range(n):
+    pool = [j for j in range(n) if audio_ids[j] != audio_ids[i]]
+    if pool:
+      total += max(max(score[j, i] for j in pool) - score[i, i] + margin, 0)
+      total += max(max(score[i, j] for j in pool) - score[i, i] + margin, 0)
+  return total / n
+
+
+def test_the_configs_margin_is_the_margin_of_the_loss_a_run_computes(tiny_config):
+  """--config.margin=0.2 reaches the loss through the run's settings and its jitted
+  eval_loss: an untrained state's validation loss under hard_cross is that of a loop over
+  each batch's embeddings with margin 0.2, and not with the default 0.5."""
+  experiment = experiment_lib.Experiment(tiny_config(
+      strategy="hard_cross", margin=0.2, batch_size=16, keep_partial_batch=True))
+  state = experiment.initial_state
+  embed = jax.jit(lambda variables, batch: state.apply_fn(variables, batch, train=False))
+  expected = {0.2: [], 0.5: []}
+  for batch in experiment.validation_batches(experiment.validation_draws(1)[1]):
+    audio, text = embed(state.variables(), {k: batch[k] for k in (
+        "audio", "audio_mask", "tokens", "token_mask")})
+    for margin, losses in expected.items():
+      losses.append(hard_cross_loss(audio, text, batch["audio_mask"], batch["token_mask"],
+                                    batch["audio_id"], margin))
+  found = experiment.validation_loss(state, 1)
+  assert found == pytest.approx(np.mean(expected[0.2]), rel=1e-5)
+  assert abs(found - np.mean(expected[0.5])) > 0.1
+
+
+def test_the_reported_checkpoint_is_the_best_epochs_not_the_last(tiny_config, tmp_path,
+                                                                 monkeypatch):
+  """Selected by the validation loss, scripted lowest after the first of two epochs
+  (training and checkpoints real): results.json reports epoch 1 and step 15, and its
+  metrics are the test split's under the best checkpoint, not under the latest."""
+  scripted = {1: 0.5, 2: 0.9}
+  monkeypatch.setattr(experiment_lib.Experiment, "validation_loss",
+                      lambda self, state, epoch: scripted[epoch])
+  config, workdir = tiny_config(select_by="validation_loss"), tmp_path / "run"
+  results = train.train_and_evaluate(config, str(workdir))
+  assert (results["best_epoch"], results["best_step"]) == (1, 15)
+  assert (results["epochs"], results["steps"]) == (2, 30)
+  experiment = experiment_lib.Experiment(config)
+  with checkpoints_lib.Checkpoints(str(workdir)) as checkpoints:
+    best, _ = checkpoints.restore("best", experiment.initial_state)
+    latest, _ = checkpoints.restore("latest", experiment.initial_state)
+  assert (int(best.step), int(latest.step)) == (15, 30)
+  (from_best, _, _), (from_latest, _, _) = experiment.test(best), experiment.test(latest)
+  reported = lambda metrics: {k: metrics[k] for k in ("t2a", "a2t", "t2a_multi")}
+  assert reported(results) == reported(from_best)
+  assert reported(from_latest) != reported(from_best)
 
 
 def test_train_step_compiles_once_per_bucket(tiny_config):

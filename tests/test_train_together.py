@@ -18,13 +18,16 @@ from ntxr import experiment as experiment_lib, programs, settings, sweep, train,
 
 def test_runs_trained_together_are_the_runs_trained_apart(apart_and_together, tmp_path):
   """Each run's files as a separate run writes them; its epoch's training loss equal to
-  1e-5; its validation loss within 0.01 and test metrics within 0.03. Vmapped
+  1e-5; its validation loss within 1e-3 and test metrics within 0.03. Vmapped
   reductions round in another order (1e-7) and Adam turns a rounding-level gradient into
   a step of the learning rate (test_together), so the parameters part by about that
-  much: on the tiny model's nearly collapsed audio embeddings that can flip hard
-  negatives chosen among near ties (a validation loss moved by 7e-4 after two epochs)
-  and swap two scores in a ranking, which moves R@1 on the tiny test split's 40 captions
-  by 0.025."""
+  much. On a 2-core x86 CPU the training losses agree to 3e-8, the validation losses to
+  1.0e-4 (hard_audio, seed 0; 0 to 8e-7 for the others) and the test metrics exactly:
+  the validation bound is ten times that gap. The metrics' bound admits one swap of two
+  scores, which another CPU's rounding order can make on the tiny model's nearly
+  collapsed audio embeddings, where scores sit in near ties: a swap moves R@1 on the tiny
+  test split's 40 captions by 0.025 and mAP by at most half that. Below 0.025 the test
+  would fail on rounding, not on a run that differs."""
   apart, joined = apart_and_together
   for (_, alone), (config, workdir) in zip(apart, joined):
     got, _ = read(workdir)
@@ -161,7 +164,7 @@ def test_a_stopped_sweep_resumes_every_run_even_from_different_steps(
     np.testing.assert_allclose(first["training"]["loss"], expected["training"]["loss"],
                                rtol=1e-5)
     assert first["validation"]["loss"] == pytest.approx(expected["validation"]["loss"],
-                                                        abs=0.01)
+                                                        abs=1e-3)
 
 
 def test_runs_that_would_not_fit_a_device_are_refused_naming_a_group_size_that_fits(

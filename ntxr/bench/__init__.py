@@ -1,1 +1,10 @@
-"""Benchmarks of the hot paths: `python -m ntxr.bench` (see __main__.py)."""
+"""Benchmarks of the hot paths: `python -m ntxr.bench` (see __main__.py).
+
+The training-step jobs' shapes are here, so that the command's flags name them without
+loading JAX.
+"""
+
+# CRNN channels per block by width name ("paper" is models.PAPER_CHANNELS).
+WIDTHS = {"paper": (32, 128, 128, 128, 128), "half": (16, 64, 64, 64, 64),
+          "default": (8, 32, 32, 32, 32)}
+SHAPE = dict(frames=320, words=12, mel_bands=64, vocab=1000)  # a training step's batch

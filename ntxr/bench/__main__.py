@@ -24,12 +24,9 @@ import sys
 
 from absl import app
 from absl import flags
-import jax
-import jax.numpy as jnp
 
 from ntxr import cli, command, files, specs
-from ntxr.bench import (kernel_parts, kernels, results, score_matrices, timing,
-                        together_steps, training_loop, training_steps, union_program)
+from ntxr.bench import SHAPE, WIDTHS, results
 
 GRIDS = {
     # kernels: (N, T, W, E); scores: (kind, N, T, W, E); steps: batch sizes.
@@ -67,10 +64,9 @@ def define_flags() -> None:
   flags.DEFINE_bool("torch_loop", False,
                     "also time the authors' structure in PyTorch (on its GPU "
                     "where it sees one, else the CPU)")
-  flags.DEFINE_list("widths", list(training_steps.WIDTHS),
-                    "CRNN widths of the training-step job, of "
-                    f"{list(training_steps.WIDTHS)}")
-  flags.DEFINE_integer("step_frames", training_steps.SHAPE["frames"],
+  flags.DEFINE_list("widths", list(WIDTHS),
+                    f"CRNN widths of the training-step job, of {list(WIDTHS)}")
+  flags.DEFINE_integer("step_frames", SHAPE["frames"],
                     "frames per clip in the training-step job", lower_bound=4)
   flags.DEFINE_integer("loop_steps", 30, "steps per loop in the loop job",
                     lower_bound=2)
@@ -101,7 +97,7 @@ def whole_numbers(flag: str, given: list, per_item: int = 1) -> list:
 def main(argv):
   command.start(argv)
   for name, given, known in (("jobs", FLAGS.jobs, JOBS),
-                             ("widths", FLAGS.widths, training_steps.WIDTHS)):
+                             ("widths", FLAGS.widths, WIDTHS)):
     unknown = sorted(set(given) - set(known))
     if unknown:
       command.exit_with(f"--{name}: unknown {unknown}; choose from {list(known)}", 2)
@@ -113,6 +109,11 @@ def main(argv):
     command.exit_with(error, 2)
   if FLAGS.torch_loop:  # PyTorch shares the GPU: JAX allocates as it goes, not 75% at once
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  # pylint: disable=import-outside-toplevel  (JAX loads after --help and the flags' checks)
+  import jax
+  import jax.numpy as jnp
+  from ntxr.bench import (kernel_parts, kernels, score_matrices, timing, together_steps,
+                          training_loop, training_steps, union_program)
   grid, dtype = GRIDS[FLAGS.grid], jnp.dtype(FLAGS.dtype)
   device = FLAGS.device_kind or timing.device_name()
   about = results.provenance(device, sys.argv[1:])
@@ -122,8 +123,8 @@ def main(argv):
   print(f"device: {device}" + (f", PyTorch on {about['torch_device']}" if FLAGS.torch_loop
                                 else "") + "\n")
   shapes = shapes or grid["kernels"]
-  widths = {name: training_steps.WIDTHS[name] for name in FLAGS.widths}
-  step_shape = dict(training_steps.SHAPE, frames=FLAGS.step_frames)
+  widths = {name: WIDTHS[name] for name in FLAGS.widths}
+  step_shape = dict(SHAPE, frames=FLAGS.step_frames)
   jobs = {  # job: (its key in --json, its rows, its table)
       "kernels": ("loss", lambda: kernels.run(shapes, strategies, dtype, FLAGS.repeats,
                                               FLAGS.loop_max_n, FLAGS.torch_loop),

@@ -7,7 +7,7 @@ import functools
 import jax
 
 from ntxr import models, settings, steps, together
-from ntxr.bench import timing, training_steps
+from ntxr.bench import SHAPE, timing, training_steps
 
 
 def together_seconds(channels: tuple, runs: int, n: int, shape: dict, repeats: int,
@@ -32,7 +32,7 @@ def run(widths: dict, run_counts, n: int, repeats: int, shape: dict = None,
         dtype: str = "float32") -> list:
   """One row per CRNN width and number of runs: one run's step, R runs together, and
   the ratio of R separate steps' time to theirs (how much faster the ablation trains)."""
-  shape = shape or training_steps.SHAPE
+  shape = shape or SHAPE
   rows = []
   for name, channels in widths.items():
     alone_ms = 1e3 * training_steps.jax_seconds(channels, n, shape, repeats, dtype)

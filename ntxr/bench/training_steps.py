@@ -9,11 +9,7 @@ import jax
 import numpy as np
 
 from ntxr import models, settings, steps
-from ntxr.bench import reference, timing
-
-WIDTHS = {"paper": models.PAPER_CHANNELS, "half": (16, 64, 64, 64, 64),
-          "default": (8, 32, 32, 32, 32)}
-SHAPE = dict(frames=320, words=12, mel_bands=64, vocab=1000)
+from ntxr.bench import SHAPE, reference, timing
 
 
 def random_batch(n, frames, words, mel_bands, vocab) -> dict:

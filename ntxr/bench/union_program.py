@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ntxr import models, sampling, steps, together
-from ntxr.bench import timing, training_steps
+from ntxr.bench import SHAPE, timing, training_steps
 
 
 def switched_step(strategies: tuple, margin: float = 0.5):
@@ -57,7 +57,7 @@ def run(widths: dict, strategies: list, seeds: int, n: int, repeats: int, shape:
         dtype: str = "float32") -> list:
   """One row per CRNN width: the step time of the strategies' per-strategy programs
   (summed: they run one after another each step) and of one union program."""
-  shape = shape or training_steps.SHAPE
+  shape = shape or SHAPE
   rows = []
   for name, channels in widths.items():
     per_strategy = sum(program_seconds(channels, (strategy,), seeds, n, shape, repeats, dtype)
