@@ -71,7 +71,7 @@ class Model:
     command.import_tensorflow()
     from ntxr import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
     self.config = read_config(workdir)
-    self.experiment = experiment_lib.Experiment(self.config)
+    self.experiment = experiment_lib.Experiment.of(self.config)
     with checkpoints_lib.Checkpoints(workdir) as checkpoints:
       restored = checkpoints.restore("best", self.experiment.initial_state)
     if restored is None:

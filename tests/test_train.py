@@ -176,7 +176,7 @@ def test_frozen_word_vectors_stay_fixed(tiny_config, tmp_path):
   vectors.write_text(f"{len(words)} 16\n" + "".join(
       w + " " + " ".join(f"{v:.4f}" for v in rng.normal(size=16)) + "\n" for w in words))
   config = tiny_config(word_vectors=str(vectors), num_epochs=1, max_steps_per_epoch=3)
-  experiment = experiment_lib.Experiment(config)
+  experiment = experiment_lib.Experiment.of(config)
   table = np.asarray(experiment.initial_state.params["text"]["embed"]["embedding"])
   article = experiment.tokenizer.ids["a"]  # the first word of the file
   np.testing.assert_allclose(table[article], [float(f"{v:.4f}") for v in
@@ -339,9 +339,9 @@ def test_every_program_a_run_compiles_multiplies_at_its_configured_precision(
 
 
 def test_per_epoch_validation_reshuffles_and_draws_anew_from_the_epochs_seed(tiny_config):
-  fixed = experiment_lib.Experiment(tiny_config(strategy="random", batch_size=16,
+  fixed = experiment_lib.Experiment.of(tiny_config(strategy="random", batch_size=16,
                                                 keep_partial_batch=True))
-  per_epoch = experiment_lib.Experiment(tiny_config(
+  per_epoch = experiment_lib.Experiment.of(tiny_config(
       strategy="random", batch_size=16, keep_partial_batch=True, validation_draws="per_epoch"))
   state = fixed.initial_state
   assert fixed.validation_loss(state, 1) == fixed.validation_loss(state, 2)
@@ -358,7 +358,7 @@ def test_per_epoch_validation_reshuffles_and_draws_anew_from_the_epochs_seed(tin
 def test_train_step_compiles_once_per_bucket(tiny_config):
   experiment_lib.compiled_steps.cache_clear()  # steps other tests compiled are shared
   # Pairs of 3-6 s clips: some batches fit 224 frames (4.48 s), the rest need 320.
-  experiment = experiment_lib.Experiment(tiny_config(frame_buckets=(224, 320), batch_size=2))
+  experiment = experiment_lib.Experiment.of(tiny_config(frame_buckets=(224, 320), batch_size=2))
   batches = list(input_pipeline.as_numpy(experiment.train_batches("development", 0)))
   state = experiment.initial_state
   for batch in batches:
@@ -465,7 +465,7 @@ def test_training_beats_the_initial_state_and_the_dcase_file_scores_as_results_j
                        test_split="development")
   workdir = tmp_path / "run"
   results = train.train_and_evaluate(config, str(workdir))
-  experiment = experiment_lib.Experiment(config)
+  experiment = experiment_lib.Experiment.of(config)
   initial, _, _ = experiment.test(experiment.initial_state)
   assert results["t2a"]["mAP@10"] > initial["t2a"]["mAP@10"] + 0.05
   assert results["a2t"]["mAP@10"] > 2 * initial["a2t"]["mAP@10"]
