@@ -1,8 +1,9 @@
 """One config's data, model and jitted functions: what the training loop works with.
 
-`Experiment(config)` loads (preparing once) the corpus and the word vectors, builds
-the model and its first train state, and jits the steps data-parallel over the
-devices; its methods feed them batches of a split and embed, validate and test.
+`Experiment(config, corpus)` reads the word vectors of a prepared corpus, builds the
+model and its first train state, and jits the steps data-parallel over the devices; its
+methods feed them batches of a split and embed, validate and test.
+`Experiment.of(config)` prepares the corpus first.
 """
 
 import functools
@@ -57,16 +58,18 @@ def finite_validation_loss(loss) -> float:
 
 
 class Experiment:
-  """The data, model and jitted functions of one config, data-parallel over `devices`
-  (default: all)."""
+  """The data, model and jitted functions of one config on a prepared corpus (made by the
+  data layer: `corpus_lib.load_data`, or `Experiment.of`), data-parallel over `devices`
+  (default: all). Making one writes nothing."""
 
-  def __init__(self, config: ml_collections.ConfigDict, devices=None):
+  def __init__(self, config: ml_collections.ConfigDict, corpus: corpus_lib.Corpus,
+               devices=None):
     self.config = config
     self.settings = settings.Settings.of(config)
     self.devices = parallel.Devices(devices)
     self.devices.check_divides("--config.batch_size", config.batch_size)
     self.devices.check_divides("--config.eval_batch_size", config.eval_batch_size)
-    self.corpus = corpus_lib.load_data(self.settings.data)
+    self.corpus = corpus
     self.builder, self.tokenizer = self.corpus.builder, self.corpus.tokenizer
     self.training_split = self.corpus.splits[0]
     self.validation_split = config.validation_split or self.corpus.splits[1]
@@ -104,6 +107,11 @@ class Experiment:
     self.rated = None
     if data.graded_relevance_dir:
       self.rated = relevance.read_tau(data.graded_relevance_dir, self.test_split).ratings
+
+  @classmethod
+  def of(cls, config: ml_collections.ConfigDict, devices=None) -> "Experiment":
+    """The Experiment of `config` on its data, prepared first (once: the cache keeps it)."""
+    return cls(config, corpus_lib.load_data(settings.Settings.of(config).data), devices)
 
   def _word_table(self) -> Optional[np.ndarray]:
     """The frozen word2vec table of config.word_vectors, or None to learn one."""

@@ -80,7 +80,7 @@ class Model:
     # pylint: disable=g-import-not-at-top
     from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib
     self.config = read_config(workdir)
-    self.experiment = experiment_lib.Experiment(self.config)
+    self.experiment = experiment_lib.Experiment.of(self.config)
     with checkpoints_lib.Checkpoints(workdir) as checkpoints:
       restored = checkpoints.restore("best", self.experiment.initial_state)
     if restored is None:

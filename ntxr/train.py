@@ -29,7 +29,7 @@ import tqdm
 from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib, files
 from ntxr import metrics_log, parallel, programs, settings, steps
 from ntxr import workdir as workdir_lib
-from ntxr.data import input_pipeline
+from ntxr.data import corpus as corpus_lib, input_pipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,7 +348,10 @@ def train_runs(runs: list, group_size: int = 0, freeze: bool = True) -> list:
     stack.enter_context(jax.default_matmul_precision(configs[0].matmul_precision))
     for _, workdir in runs:
       stack.enter_context(workdir_lib.in_use(workdir))
-    experiments = [experiment_lib.Experiment(config) for config in configs]
+    data = [settings.Settings.of(config).data for config in configs]
+    corpora = {d: corpus_lib.load_data(d) for d in dict.fromkeys(data)}  # prepared once each
+    experiments = [experiment_lib.Experiment(config, corpora[d])
+                   for config, d in zip(configs, data)]
     if len(runs) > 1:
       programs.check_memory(experiments, group_size)
     members = [_open(experiment, workdir, stack, several=len(runs) > 1)
@@ -547,4 +550,4 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Tests the best checkpoint in workdir without training."""
   with workdir_lib.in_use(workdir), jax.default_matmul_precision(config.matmul_precision):
     with checkpoints_lib.Checkpoints(workdir) as checkpoints:
-      return evaluate_best(experiment_lib.Experiment(config), checkpoints, workdir)
+      return evaluate_best(experiment_lib.Experiment.of(config), checkpoints, workdir)

@@ -173,7 +173,7 @@ def _steps(cache_dir: str, strategies) -> dict:
     config.update(dict(TINY, cache_dir=cache_dir, batch_size=16,
                        **OBJECTIVE_SETTINGS.get(strategy, dict(strategy=strategy))))
     for devices in (jax.devices()[:1], jax.devices()):
-      experiment = experiment_lib.Experiment(config, devices)
+      experiment = experiment_lib.Experiment.of(config, devices)
       prefix = f"{strategy}/{len(devices)}"
       batches = list(itertools.islice(
           input_pipeline.as_numpy(experiment.train_batches("development", 0)), STEPS))
@@ -196,7 +196,7 @@ def _steps(cache_dir: str, strategies) -> dict:
         found[f"{prefix}/params/{name}"] = value
   config.batch_size = 12  # 12 pairs cannot split over 8 devices: said before anything runs
   try:
-    experiment_lib.Experiment(config)
+    experiment_lib.Experiment.of(config)
   except settings.SettingError as error:
     found["refused"] = np.array(str(error))
   return found

@@ -200,7 +200,7 @@ def test_paper_config_trains_on_real_recordings_with_word2vec(real_clotho, cache
   config = paper.get_config()
   config.update(dict(SMALL_MODEL, data_dir=real_clotho, cache_dir=cache_dir,
                      word_vectors=vectors))
-  experiment = experiment_lib.Experiment(config)
+  experiment = experiment_lib.Experiment.of(config)
   vocabulary = experiment.tokenizer.words
   assert "xylophone" in vocabulary  # an evaluation-only word is in the paper's vocabulary
   table = experiment.initial_state.params["text"]["embed"]["embedding"]

@@ -178,7 +178,7 @@ def test_frozen_word_vectors_stay_fixed(tiny_config, tmp_path):
   vectors.write_text(f"{len(words)} 16\n" + "".join(
       w + " " + " ".join(f"{v:.4f}" for v in rng.normal(size=16)) + "\n" for w in words))
   config = tiny_config(word_vectors=str(vectors), num_epochs=1, max_steps_per_epoch=3)
-  experiment = experiment_lib.Experiment(config)
+  experiment = experiment_lib.Experiment.of(config)
   table = np.asarray(experiment.initial_state.params["text"]["embed"]["embedding"])
   article = experiment.tokenizer.ids["a"]  # the first word of the file
   np.testing.assert_allclose(table[article], [float(f"{v:.4f}") for v in
@@ -347,15 +347,15 @@ def test_per_epoch_validation_reshuffles_and_draws_anew_from_the_epochs_seed(
   checked where the other cannot move the loss: the reshuffle under semihard_cross, which
   draws nothing, and the draws under random over batches held in one order."""
   split = dict(batch_size=16, keep_partial_batch=True)
-  fixed = experiment_lib.Experiment(tiny_config(strategy="semihard_cross", **split))
-  per_epoch = experiment_lib.Experiment(tiny_config(
+  fixed = experiment_lib.Experiment.of(tiny_config(strategy="semihard_cross", **split))
+  per_epoch = experiment_lib.Experiment.of(tiny_config(
       strategy="semihard_cross", validation_draws="per_epoch", **split))
   state = fixed.initial_state
   assert fixed.validation_loss(state, 1) == fixed.validation_loss(state, 2)
   first = per_epoch.validation_loss(state, 1)
   assert per_epoch.validation_loss(state, 1) == first  # seeded: a resumed run is exact
   assert abs(per_epoch.validation_loss(state, 2) - first) > 1e-6
-  drawn = experiment_lib.Experiment(tiny_config(
+  drawn = experiment_lib.Experiment.of(tiny_config(
       strategy="random", validation_draws="per_epoch", **split))
   draws, (_, one_order) = drawn.validation_draws, drawn.validation_draws(1)
   monkeypatch.setattr(drawn, "validation_draws", lambda epoch: (draws(epoch)[0], one_order))
@@ -389,7 +389,7 @@ def test_the_configs_margin_is_the_margin_of_the_loss_a_run_computes(tiny_config
   """--config.margin=0.2 reaches the loss through the run's settings and its jitted
   eval_loss: an untrained state's validation loss under hard_cross is that of a loop over
   each batch's embeddings with margin 0.2, and not with the default 0.5."""
-  experiment = experiment_lib.Experiment(tiny_config(
+  experiment = experiment_lib.Experiment.of(tiny_config(
       strategy="hard_cross", margin=0.2, batch_size=16, keep_partial_batch=True))
   state = experiment.initial_state
   embed = jax.jit(lambda variables, batch: state.apply_fn(variables, batch, train=False))
@@ -417,7 +417,7 @@ def test_the_reported_checkpoint_is_the_best_epochs_not_the_last(tiny_config, tm
   results = train.train_and_evaluate(config, str(workdir))
   assert (results["best_epoch"], results["best_step"]) == (1, 15)
   assert (results["epochs"], results["steps"]) == (2, 30)
-  experiment = experiment_lib.Experiment(config)
+  experiment = experiment_lib.Experiment.of(config)
   with checkpoints_lib.Checkpoints(str(workdir)) as checkpoints:
     best, _ = checkpoints.restore("best", experiment.initial_state)
     latest, _ = checkpoints.restore("latest", experiment.initial_state)
@@ -431,7 +431,7 @@ def test_the_reported_checkpoint_is_the_best_epochs_not_the_last(tiny_config, tm
 def test_train_step_compiles_once_per_bucket(tiny_config):
   experiment_lib.compiled_steps.cache_clear()  # steps other tests compiled are shared
   # Pairs of 3-6 s clips: some batches fit 224 frames (4.48 s), the rest need 320.
-  experiment = experiment_lib.Experiment(tiny_config(frame_buckets=(224, 320), batch_size=2))
+  experiment = experiment_lib.Experiment.of(tiny_config(frame_buckets=(224, 320), batch_size=2))
   batches = list(input_pipeline.as_numpy(experiment.train_batches("development", 0)))
   state = experiment.initial_state
   for batch in batches:
@@ -538,7 +538,7 @@ def test_training_beats_the_initial_state_and_the_dcase_file_scores_as_results_j
                        test_split="development")
   workdir = tmp_path / "run"
   results = train.train_and_evaluate(config, str(workdir))
-  experiment = experiment_lib.Experiment(config)
+  experiment = experiment_lib.Experiment.of(config)
   initial, _, _ = experiment.test(experiment.initial_state)
   assert results["t2a"]["mAP@10"] > initial["t2a"]["mAP@10"] + 0.05
   assert results["a2t"]["mAP@10"] > 2 * initial["a2t"]["mAP@10"]

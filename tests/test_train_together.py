@@ -92,7 +92,7 @@ def test_runs_validated_together_are_validated_as_apart_and_a_nan_freezes_one(
   runs = [(config, shutil.copytree(workdir, tmp_path / os.path.basename(workdir)))
           for config, workdir in apart_and_together[1] if config.strategy == "random"]
   with contextlib.ExitStack() as stack:
-    members = [train._open(experiment_lib.Experiment(config), str(workdir), stack, several=True)
+    members = [train._open(experiment_lib.Experiment.of(config), str(workdir), stack, several=True)
                for config, workdir in runs]
     validated = programs.Stacked(members).validate(1)
     experiment = members[0].experiment
@@ -120,7 +120,7 @@ def test_runs_validated_together_are_validated_as_apart_and_a_nan_freezes_one(
     for run in members:
       config = copy.deepcopy(run.experiment.config)
       config.validation_draws = "per_epoch"
-      run.experiment = experiment_lib.Experiment(config)
+      run.experiment = experiment_lib.Experiment.of(config)
     per_epoch = [results["loss"] for results, _, _ in programs.Stacked(members).validate(2)]
     assert per_epoch == pytest.approx([run.experiment.validation_loss(run.state, 2)
                                        for run in members], rel=1e-5)
@@ -173,7 +173,7 @@ def test_runs_that_would_not_fit_a_device_are_refused_naming_a_group_size_that_f
   strategy are refused before anything is written, naming two as the group size that
   fits; in groups of two they pass. One run's state is its parameters, Adam's two moments
   (three times the parameters), the BatchNorm statistics and a few scalars."""
-  experiments = [experiment_lib.Experiment(config) for config, _ in together_plan(
+  experiments = [experiment_lib.Experiment.of(config) for config, _ in together_plan(
       "unused", tiny_config, ["hard_cross"], seeds=range(6))]
   state = experiments[0].initial_state
   params = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))

@@ -267,7 +267,7 @@ def test_with_both_latest_checkpoints_unreadable_the_best_alone_is_resumed(
   for step in ("25", "30"):
     corrupt(root / "latest" / step)
   (best,) = [int(p.name) for p in (root / "best").iterdir()]
-  initial = experiment_lib.Experiment(tiny_config()).initial_state
+  initial = experiment_lib.Experiment.of(tiny_config()).initial_state
   with checkpoints_lib.Checkpoints(str(workdir)) as checkpoints:
     saved = checkpoints.progress("best")
     state, progress = checkpoints.resume(initial)
