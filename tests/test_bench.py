@@ -103,7 +103,8 @@ def test_command_writes_json_and_imports_no_tensorflow(tmp_path):
 
 
 def test_a_malformed_shape_run_count_or_job_costs_one_line(tmp_path):
-  assert bench_command.whole_numbers("shapes", ["4:6:3:8", "2:4:3:8"], 4) == [(4, 6, 3, 8), (2, 4, 3, 8)]
+  assert bench_command.whole_numbers("shapes", ["4:6:3:8", "2:4:3:8"], 4) == [
+      (4, 6, 3, 8), (2, 4, 3, 8)]
   for flag, given, per_item, message in [
       ("shapes", ["4:6:3"], 4, "--shapes: '4:6:3' is not N:T:W:E, four positive whole numbers"),
       ("shapes", ["4:6:3:0"], 4, "'4:6:3:0' is not N:T:W:E"),

@@ -55,8 +55,8 @@ def clips():
 def reference():
   """The reference with random weights and BatchNorm statistics as a trained file has them."""
   torch.manual_seed(0)
-  model = torch_references.panns_cnn14()(sample_rate=32000, window_size=1024, hop_size=320, mel_bins=64,
-                             fmin=50, fmax=14000, classes_num=527)
+  model = torch_references.panns_cnn14()(sample_rate=32000, window_size=1024, hop_size=320,
+                                         mel_bins=64, fmin=50, fmax=14000, classes_num=527)
   with torch.no_grad():
     for name, module in model.named_modules():
       if isinstance(module, torch.nn.BatchNorm2d):
