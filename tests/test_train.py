@@ -327,13 +327,17 @@ def test_every_program_a_run_compiles_multiplies_at_its_configured_precision(
   seen = []
   class Traced(Exception):
     pass
-  def experiment(config, devices=None):
-    del devices
-    seen.append(jax.config.jax_default_matmul_precision)
-    product = jax.jit(lambda a: a @ a).lower(np.ones((2, 2), np.float32)).as_text()
-    seen.append("precision = [HIGHEST, HIGHEST]" in product)
-    raise Traced
-  monkeypatch.setattr(experiment_lib, "Experiment", experiment)
+  class Experiment:  # built on a corpus, or by `of` preparing it first
+    def __init__(self, *unused):
+      seen.append(jax.config.jax_default_matmul_precision)
+      product = jax.jit(lambda a: a @ a).lower(np.ones((2, 2), np.float32)).as_text()
+      seen.append("precision = [HIGHEST, HIGHEST]" in product)
+      raise Traced
+
+    @classmethod
+    def of(cls, *unused):
+      return cls()
+  monkeypatch.setattr(experiment_lib, "Experiment", Experiment)
   with pytest.raises(Traced):
     getattr(train, "train_and_evaluate" if command == "train" else command)(
         tiny_config(matmul_precision="highest"), str(tmp_path / "run"))
