@@ -100,12 +100,13 @@ def check_output(flag: str, path: str, inputs: dict, data_dir: Optional[str] = N
   if not os.access(folder, os.W_OK):
     raise ValueError(f"--{flag}={given}: cannot write in {folder}")
   for other, source in inputs.items():
+    source = source and os.path.expanduser(source)
     if source and os.path.exists(path) and os.path.exists(source) and os.path.samefile(
         path, source):
       raise ValueError(f"--{flag}={given} is the file --{other} reads: give another file "
                        "to write")
-  if data_dir and os.path.isdir(data_dir):
-    real = os.path.realpath(data_dir)
+  if data_dir and os.path.isdir(os.path.expanduser(data_dir)):
+    real = os.path.realpath(os.path.expanduser(data_dir))
     if os.path.commonpath([os.path.realpath(path), real]) == real:
       raise ValueError(f"--{flag}={given} is inside {data_dir}, a data folder ntxr only "
                        "reads: write it elsewhere")

@@ -323,9 +323,9 @@ def main(argv):
     if not queries and not FLAGS.audio_query:
       raise ValueError("nothing to search for: give --query, --queries or --audio_query")
     if FLAGS.json:
-      files.check_output("json", FLAGS.json, dict(queries=FLAGS.queries,
-                                                  audio_query=FLAGS.audio_query),
-                         data_dir=audio_dir)
+      files.check_output("json", FLAGS.json, dict(
+          queries=FLAGS.queries, audio_query=FLAGS.audio_query,
+          workdir=os.path.join(workdir, "config.json")), data_dir=audio_dir)
     config = read_config(workdir)  # first: taking the lock would create a mistyped workdir
   except (FileNotFoundError, ValueError) as error:
     command.exit_with(error, 2)

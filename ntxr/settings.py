@@ -446,12 +446,14 @@ def _normal(field: str, value):
 
 def changes(workdir: str, config: ml_collections.ConfigDict) -> list:
   """The fields of `config` whose value differs from the run workdir holds, as (field,
-  value there, value here) in field order; [] where workdir holds no run, or one that
-  stopped before its first checkpoint (a setting that failed at once can be mended)."""
+  value there, value here) in field order; [] where workdir holds no run, or only the
+  settings of one that stopped before it saved anything (no checkpoint, epoch or
+  results: a setting that failed at once can be mended)."""
   previous = saved(workdir)
-  if previous is None or not any(
-      name.isdigit() for which in ("latest", "best")
-      for name in files.names(os.path.join(workdir, "checkpoints", which))):
+  if previous is None or not (
+      any(name.isdigit() for which in ("latest", "best")
+          for name in files.names(os.path.join(workdir, "checkpoints", which)))
+      or trained_epochs(workdir) or files.exists(os.path.join(workdir, "results.json"))):
     return []
   current = json.loads(config.to_json())
   return [(k, previous.get(k), current.get(k)) for k in sorted(set(current) | set(previous))

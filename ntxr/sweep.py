@@ -393,7 +393,8 @@ def write_report(root: str, config: ml_collections.ConfigDict, report=print) -> 
 def parse_flags(argv) -> list:
   """The sweep's flags, before --, parsed as `command.parse_flags` does; returns
   [argv[0], what follows --] (the runs' flags). A --config flag or an argument before --
-  is refused in one line saying that it goes after --."""
+  is refused in one line saying that it goes after --, and after -- a flag the sweep sets
+  for each run."""
   end = argv.index("--") if "--" in argv else len(argv)
   for arg in argv[1:end]:
     if re.match(r"--?config(\.|=|$)", arg):
@@ -402,6 +403,10 @@ def parse_flags(argv) -> list:
   stray = command.parse_flags(argv[:end])[1:]
   if stray:
     command.exit_with(f"unexpected arguments {stray}: the runs' flags go after --", 2)
+  for arg in argv[end + 1:]:
+    if re.match(r"--?(config\.seed|workdir|strategy|objective)(=|$)", arg):
+      command.exit_with(f"{arg}: the sweep sets it for each run (--seeds, --root, "
+                        "--strategies, --objectives): leave it out after --", 2)
   return [argv[0], *argv[end + 1:]]
 
 

@@ -323,7 +323,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   loss or a score becomes NaN; the last good checkpoints stay in workdir. Every program
   it compiles multiplies matrices at config.matmul_precision.
   """
-  return train_runs([(config, workdir)], freeze=False)[0]
+  results, = train_runs([(config, workdir)], freeze=False)
+  if results is None:  # the stopper ended it before its first epoch
+    raise FileNotFoundError(f"{workdir}/checkpoints/best: no checkpoint; training stopped "
+                            "before its first epoch ended")
+  return results
 
 
 def train_runs(runs: list, group_size: int = 0, freeze: bool = True) -> list:

@@ -155,6 +155,10 @@ def test_a_run_that_failed_before_its_first_checkpoint_takes_the_mended_settings
   os.makedirs(tmp_path / "run" / "checkpoints" / "latest" / "50")
   with pytest.raises(settings.SettingError, match="learning_rate: 0.5 there, 0.001 here"):
     settings.check(str(tmp_path / "run"), config)
+  os.rmdir(tmp_path / "run" / "checkpoints" / "latest" / "50")  # a finished run's, deleted
+  (tmp_path / "run" / "results.json").write_text("{}")
+  with pytest.raises(settings.SettingError, match="learning_rate: 0.5 there, 0.001 here"):
+    settings.check(str(tmp_path / "run"), config)
 
 
 def test_a_bad_setting_costs_the_command_one_line(tmp_path):
@@ -357,6 +361,8 @@ def test_a_usage_mistake_costs_one_line_and_status_2(args, message, tmp_path):
      "mean --config.num_epochs?"),
     (["--processes=2"], "--together trains every run in this one process: leave out "
      "--processes and --gpus"),
+    (["--", "--config.seed=3"], "--config.seed=3: the sweep sets it for each run (--seeds, "
+     "--root, --strategies, --objectives): leave it out after --"),
 ])
 def test_a_together_sweep_refuses_what_it_cannot_pass_on_in_one_line(tmp_path, args, message):
   done = subprocess.run([sys.executable, "-m", "ntxr.sweep", f"--root={tmp_path}/sweep",

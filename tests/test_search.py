@@ -216,6 +216,10 @@ def test_the_command_prints_and_writes_the_results(workdir, recordings, tmp_path
         f"--json={queries}"],
        f"--json={queries} is the file --queries reads: give another file to write"),
       ([f"--workdir={workdir}", f"--audio_dir={recordings}", "--query=x",
+        f"--json={workdir}/config.json"],
+       f"--json={workdir}/config.json is the file --workdir reads: give another file to "
+       "write"),
+      ([f"--workdir={workdir}", f"--audio_dir={recordings}", "--query=x",
         f"--json={recordings}/found.json"],
        f"--json={recordings}/found.json is inside {recordings}, a data folder ntxr only "
        "reads: write it elsewhere"),
