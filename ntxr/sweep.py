@@ -420,6 +420,8 @@ def main(argv):
         raise ValueError(f"--seeds: {seed!r} is not a whole number")
       seeds.append(int(seed))
     files.check_folder("root", FLAGS.root)
+    if FLAGS.table_only and not os.path.isdir(FLAGS.root):
+      raise ValueError(f"--root={FLAGS.root}: no such folder, so no runs to tabulate")
     runs = plan(FLAGS.root, names or list(specs.STRATEGIES), seeds)
     if FLAGS.gpus:
       gpu_groups(FLAGS.gpus, FLAGS.processes)

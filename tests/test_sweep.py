@@ -238,6 +238,11 @@ def test_a_sweep_with_other_settings_is_refused_before_any_run_starts(tmp_path, 
                            "--table_only"], capture_output=True, text=True, check=False)
   assert result.returncode == 2 and result.stderr.splitlines() == [
       f"error: --root={tmp_path}/a file is a file, not a folder: give a folder"]
+  result = subprocess.run([sys.executable, "-m", "ntxr.sweep", f"--root={tmp_path}/none",
+                           "--table_only"], capture_output=True, text=True, check=False)
+  assert result.returncode == 2 and result.stderr.splitlines() == [
+      f"error: --root={tmp_path}/none: no such folder, so no runs to tabulate"]
+  assert not os.path.exists(tmp_path / "none")
 
 
 def test_ctrl_c_stops_the_running_runs_and_starts_no_other(tmp_path, monkeypatch):
