@@ -1,23 +1,20 @@
-"""One config's data, model and jitted functions: what the training loop works with.
+"""One setting's model and jitted functions on its data: what the training loop works with.
 
-`Experiment(config, corpus)` reads the word vectors of a prepared corpus, builds the
-model and its first train state, and jits the steps data-parallel over the devices; its
-methods feed them batches of a split and embed, validate and test.
-`Experiment.of(config)` prepares the corpus first.
+`Experiment(settings, corpus)` builds the model on a prepared corpus (its word vectors
+frozen in, if it has them) and its first train state, and jits the steps data-parallel
+over the devices; its methods feed them batches of a split and validate. Its
+`evaluation` embeds, scores and tests (`ntxr.evaluation`).
+`Experiment.of(settings)` prepares the corpus first.
 """
 
 import functools
-from typing import Optional
 
-from absl import logging
 import jax
-import ml_collections
 import numpy as np
-import tensorflow_datasets as tfds
 
-from ntxr import dcase, embedder as embedder_lib, evaluate, models, parallel
-from ntxr import relations as relations_lib, relevance, settings, steps
-from ntxr.data import corpus as corpus_lib, input_pipeline, word_vectors
+from ntxr import evaluation as evaluation_lib, models, parallel, relations as relations_lib
+from ntxr import settings, steps
+from ntxr.data import corpus as corpus_lib, input_pipeline
 
 
 def epoch_seed(*entropy: int) -> int:
@@ -58,75 +55,41 @@ def finite_validation_loss(loss) -> float:
 
 
 class Experiment:
-  """The data, model and jitted functions of one config on a prepared corpus (made by the
-  data layer: `corpus_lib.load_data`, or `Experiment.of`), data-parallel over `devices`
+  """The model and jitted functions of one setting on a prepared corpus (made by the data
+  layer: `corpus_lib.load_data`, or `Experiment.of`), data-parallel over `devices`
   (default: all). Making one writes nothing."""
 
-  def __init__(self, config: ml_collections.ConfigDict, corpus: corpus_lib.Corpus,
+  def __init__(self, run_settings: settings.Settings, corpus: corpus_lib.Corpus,
                devices=None):
-    self.config = config
-    self.settings = settings.Settings.of(config)
+    self.settings = run_settings
+    optimiser, data, model = run_settings.optimiser, run_settings.data, run_settings.model
     self.devices = parallel.Devices(devices)
-    self.devices.check_divides("--config.batch_size", config.batch_size)
-    self.devices.check_divides("--config.eval_batch_size", config.eval_batch_size)
+    self.devices.check_divides("--config.batch_size", optimiser.batch_size)
+    self.devices.check_divides("--config.eval_batch_size", optimiser.eval_batch_size)
     self.corpus = corpus
-    self.builder, self.tokenizer = self.corpus.builder, self.corpus.tokenizer
-    self.training_split = self.corpus.splits[0]
-    self.validation_split = config.validation_split or self.corpus.splits[1]
-    self.test_split = config.test_split or self.corpus.splits[2]
-    model_settings = self.settings.model
-    model = shared_model(vocab_size=self.tokenizer.vocab_size,
-                         embed_dim=model_settings.embed_dim, channels=model_settings.channels,
-                         dropout=model_settings.dropout,
-                         initializer=model_settings.initializer,
-                         pool_remainder=model_settings.pool_remainder,
-                         dtype=model_settings.compute_dtype)
-    self.word_table = self._word_table()
+    self.training_split, self.validation_split, self.test_split = data.splits
+    dual_encoder = shared_model(vocab_size=corpus.tokenizer.vocab_size,
+                                embed_dim=model.embed_dim, channels=model.channels,
+                                dropout=model.dropout, initializer=model.initializer,
+                                pool_remainder=model.pool_remainder, dtype=model.compute_dtype)
     self.initial_state = self.devices.replicate(steps.create_train_state(
-        model, jax.random.key(config.seed), frames=config.frame_buckets[0],
-        words=config.max_tokens, mel_bands=self.builder.builder_config.logmel.mel_bands,
-        objective=config.objective, learning_rate=config.learning_rate,
-        word_table=self.word_table))
+        dual_encoder, jax.random.key(run_settings.seed), frames=data.frame_buckets[0],
+        words=data.max_tokens, mel_bands=corpus.mel_bands,
+        objective=run_settings.loss.objective, learning_rate=optimiser.learning_rate,
+        word_table=corpus.word_table))
+    similarity = run_settings.loss.similarity
     self.relations = relations_lib.CaptionRelations(
-        self.builder, self.corpus.events, self.tokenizer, self.settings.loss.similarity,
-        self.word_table, [c for _, captions in self.captions(self.training_split)
-                          for c in captions] if self.settings.loss.similarity == "tfidf" else [])
+        corpus.builder, corpus.events, corpus.tokenizer, similarity, corpus.word_table,
+        [c for _, captions in corpus.captions(self.training_split) for c in captions]
+        if similarity == "tfidf" else [])
     self._train_step, self._eval_loss = compiled_steps(
-        tuple(self.devices.mesh.devices.flat), self.settings.loss)
-    # People's judgements of the test split, read now so that a bad file stops the run
-    # before it trains.
-    data = self.settings.data
-    relevance_file = data.relevance_file or self.corpus.relevance_file
-    self.relevant = relevance.read_dcase2025(relevance_file) if relevance_file else None
-    # What each judged metric is judged against, for results.json: the built-in corpus
-    # writes its own relevance file from its clips' events.
-    built_in = relevance_file == self.corpus.relevance_file and self.corpus.events is not None
-    self.judged_against = dict(
-        t2a_multi="built-in corpus events" if built_in else relevance_file,
-        t2a_graded=data.graded_relevance_dir)
-    self.rated = None
-    if data.graded_relevance_dir:
-      self.rated = relevance.read_tau(data.graded_relevance_dir, self.test_split).ratings
+        tuple(self.devices.mesh.devices.flat), run_settings.loss)
+    self.evaluation = evaluation_lib.Evaluation(run_settings, corpus, self.devices)
 
   @classmethod
-  def of(cls, config: ml_collections.ConfigDict, devices=None) -> "Experiment":
-    """The Experiment of `config` on its data, prepared first (once: the cache keeps it)."""
-    return cls(config, corpus_lib.load_data(settings.Settings.of(config).data), devices)
-
-  def _word_table(self) -> Optional[np.ndarray]:
-    """The frozen word2vec table of config.word_vectors, or None to learn one."""
-    if not self.config.word_vectors:
-      return None
-    table, missing = word_vectors.read_word2vec(
-        self.config.word_vectors, self.tokenizer.words,
-        missing=self.config.missing_word_vectors, variants=self.config.word_variants)
-    if missing:
-      logging.warning("word vectors: %d of %d words are not in %s and get %s vectors "
-                      "(frozen), the first: %s", len(missing), len(self.tokenizer.words),
-                      self.config.word_vectors,
-                      "one shared UNK" if self.config.missing_word_vectors == "one_unk"
-                      else "random", ", ".join(missing[:10]))
-    return table
+  def of(cls, run_settings: settings.Settings, devices=None) -> "Experiment":
+    """The Experiment of a setting on its data, prepared first (once: the cache keeps it)."""
+    return cls(run_settings, corpus_lib.load_data(run_settings.data), devices)
 
   def device_batch(self, batch: dict, split: str) -> dict:
     """A global batch of numpy arrays of `split`, with its relations, on the devices."""
@@ -137,34 +100,25 @@ class Experiment:
     devices (the step is dispatched, not waited for)."""
     return self._train_step(state, batch, key)
 
-  def clips(self, split: str):
-    return self.builder.as_dataset(split=split)
-
   def train_batches(self, split: str, seed: int):
     """A split's shuffled caption pairs in batches (tf.data), the last short one kept
     with --config.keep_partial_batch."""
+    data, optimiser = self.settings.data, self.settings.optimiser
     return input_pipeline.train_batches(
-        self.clips(split), self.tokenizer, batch_size=self.config.batch_size, seed=seed,
-        frame_buckets=self.config.frame_buckets, max_tokens=self.config.max_tokens,
-        drop_remainder=not self.config.keep_partial_batch)
-
-  def captions(self, split: str) -> list:
-    """[(file_name, [captions])] of a split's clips in order, without decoding audio."""
-    clips = self.builder.as_dataset(split=split,
-                                    decoders={"logmel": tfds.decode.SkipDecoding()})
-    return [(c["file_name"].decode(), [x.decode() for x in c["captions"]])
-            for c in tfds.as_numpy(clips)]
+        self.corpus.clips(split), self.corpus.tokenizer, batch_size=optimiser.batch_size,
+        seed=seed, frame_buckets=data.frame_buckets, max_tokens=data.max_tokens,
+        drop_remainder=not optimiser.keep_partial_batch)
 
   def batches_per_epoch(self, split: str) -> int:
     """Batches of caption pairs in a split (the last short one counted with
     --config.keep_partial_batch); raises ValueError if it has no full one, or if the
     short one does not split over the devices."""
-    pairs = sum(len(captions) for _, captions in self.captions(split))
-    size = self.config.batch_size
+    pairs = sum(len(captions) for _, captions in self.corpus.captions(split))
+    size = self.settings.optimiser.batch_size
     if pairs < size:
       raise ValueError(f"the {split} split has {pairs} caption pairs, fewer than one batch "
                        f"of {size}: lower --config.batch_size")
-    if not self.config.keep_partial_batch:
+    if not self.settings.optimiser.keep_partial_batch:
       return pairs // size
     if pairs % size % self.devices.count:
       raise settings.SettingError(
@@ -172,31 +126,14 @@ class Experiment:
           f"pairs does not split over {self.devices.count} devices; set it to false")
     return -(-pairs // size)
 
-  def embedder(self, state: steps.TrainState, runs: bool = False) -> embedder_lib.Embedder:
-    """Embeds clips and captions with `state` (with runs: the stacked states of runs
-    trained together, a RunsEmbedder), as this experiment's data is shaped."""
-    config = self.config
-    kind = embedder_lib.RunsEmbedder if runs else embedder_lib.Embedder
-    return kind(state, self.devices, tokenizer=self.tokenizer,
-                frame_buckets=tuple(config.frame_buckets), max_tokens=config.max_tokens,
-                batch_size=config.eval_batch_size)
-
-  def embed_split(self, state: steps.TrainState, split: str) -> evaluate.SplitEmbeddings:
-    """Every clip and caption of a split embedded, in order."""
-    return self.embedder(state).split(self.clips(split))
-
-  def embed_split_runs(self, states: steps.TrainState, split: str) -> list:
-    """`embed_split` by each of the R runs whose states are stacked (one pass over the
-    split): their R SplitEmbeddings, in the runs' order."""
-    return self.embedder(self.devices.replicate(states), runs=True).splits(self.clips(split))
-
   def validation_draws(self, epoch: int) -> tuple:
     """(random key, batch shuffle seed) of the validation loss after `epoch` epochs: the
     same every epoch, or with --config.validation_draws=per_epoch the epoch's own."""
-    key, seed = jax.random.key(self.config.seed), 0
-    if self.config.validation_draws == "per_epoch":
-      key, seed = jax.random.fold_in(key, epoch), epoch_seed(self.config.seed, epoch, 1)
-    return key, seed
+    seed = self.settings.seed
+    key, shuffle = jax.random.key(seed), 0
+    if self.settings.optimiser.validation_draws == "per_epoch":
+      key, shuffle = jax.random.fold_in(key, epoch), epoch_seed(seed, epoch, 1)
+    return key, shuffle
 
   def validation_batches(self, seed: int):
     """The validation split's batches (numpy) shuffled by `seed`, as training makes them."""
@@ -211,78 +148,10 @@ class Experiment:
     return finite_validation_loss(mean_loss([self._eval_loss(state, batch, key)
                                              for batch in batches]))
 
-  def runs_scores(self, splits: list) -> np.ndarray:
-    """[R, clips, captions]: the split embedded by R runs (`embed_split_runs`, or one
-    run's `embed_split` alone) scored, all runs in one program per block; unchecked
-    (`evaluate.finite_scores`)."""
-    return evaluate.runs_scores(splits, self.config.score)
-
   def validate(self, state: steps.TrainState, training: dict, epoch: int) -> tuple:
     """(validation {"loss", "t2a", "a2t"}, Collapse) on the validation split after
     `epoch` epochs. training: the epoch's mean TrainingStatistics, for Collapse."""
-    split = self.embed_split(state, self.validation_split)
-    return self.validation_results(self.validation_loss(state, epoch), split,
-                                   self.runs_scores([split])[0], training)
-
-  def validation_results(self, loss: float, split: evaluate.SplitEmbeddings, s: np.ndarray,
-                         training: dict) -> tuple:
-    """`validate`'s results from the validation loss, the split's embeddings and their
-    scores s [clips, captions]; FloatingPointError if either is not finite."""
-    metrics = evaluate.both_directions(evaluate.finite_scores(split, s), split.clip_ids,
-                                       split.caption_ids)
-    collapse = evaluate.collapse_diagnostics(
-        split.audio, split.audio_mask, split.text, split.text_mask, training,
-        self.config.collapse.to_dict())
-    return dict(loss=loss, **metrics), collapse
-
-  def test(self, state: steps.TrainState) -> tuple:
-    """(test-split metrics, score histogram and what the judged metrics were judged
-    against, its DCASE Submission or None when the split has fewer clips than a
-    submission ranks, and its DCASE 2025 score matrix (a Submission of the judged
-    captions) or None without a relevance file)."""
-    split = self.embed_split(state, self.test_split)
-    return self.test_results(split, self.runs_scores([split])[0])
-
-  def test_results(self, split: evaluate.SplitEmbeddings, s: np.ndarray) -> tuple:
-    """`test`'s results from the test split's embeddings and their scores s [clips,
-    captions]; FloatingPointError if either is not finite."""
-    s = evaluate.finite_scores(split, s)
-    names = self.captions(self.test_split)
-    texts, file_names = [c for _, captions in names for c in captions], [f for f, _ in names]
-    submission = None
-    if len(names) >= dcase.RANKED:
-      submission = dcase.Submission(texts, file_names, s.T)
-    metrics = dict(evaluate.both_directions(s, split.clip_ids, split.caption_ids),
-                   score_histogram=evaluate.score_histogram(s, split.clip_ids,
-                                                            split.caption_ids))
-    judged, matrix = self._judged_by_people(texts, file_names, s.T)
-    return dict(metrics, **judged, judged_against={
-        name: self.judged_against[name] for name in judged}), submission, matrix
-
-  def _judged_by_people(self, texts: list, file_names: list, s: np.ndarray) -> tuple:
-    """({"t2a_multi", "t2a_graded"} as measured, the DCASE 2025 score matrix or None)
-    from the test split's scores s [captions, clips]; only the judged captions that are
-    the split's count (a warning says how many are not)."""
-    row = relevance.first_rows(texts)
-    judged, matrix = {}, None
-    relevant = self._in_split("t2a_multi", self.relevant, row)
-    if relevant:
-      rows = s[[row[text] for text in relevant]]
-      judged["t2a_multi"] = relevance.multi_relevance_metrics(
-          relevant, relevance.ranked_by_score(list(relevant), file_names, rows))
-      matrix = dcase.Submission(list(relevant), file_names, rows)
-    rated = self._in_split("t2a_graded", self.rated, row)
-    if rated:
-      judged["t2a_graded"] = relevance.graded_metrics(rated, relevance.ranked_by_score(
-          list(rated), file_names, s[[row[text] for text in rated]]))
-    return judged, matrix
-
-  def _in_split(self, name: str, judged: Optional[dict], captions: dict) -> dict:
-    """The entries of `judged` ({caption: judgement} or None) whose caption is one of the
-    test split's `captions`; a warning names how many are not."""
-    known = {text: value for text, value in (judged or {}).items() if text in captions}
-    if len(known) < len(judged or {}):
-      logging.warning("%s: %d of the %d judged captions are not captions of the %s split; "
-                      "the other %d are scored", name, len(judged) - len(known), len(judged),
-                      self.test_split, len(known))
-    return known
+    evaluation = self.evaluation
+    split = evaluation.embed_split(state, self.validation_split)
+    return evaluation.validation_results(self.validation_loss(state, epoch), split,
+                                         evaluation.runs_scores([split])[0], training)

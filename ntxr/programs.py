@@ -48,7 +48,7 @@ class Run:
 
   @property
   def name(self) -> str:
-    return f"{settings.run_name(self.experiment.config)} seed {self.seed}"
+    return f"{self.experiment.settings.run_name} seed {self.seed}"
 
   @property
   def seed(self) -> int:
@@ -172,12 +172,13 @@ class Stacked:
                  for seed, batch in zip(made, batches)}
       losses.append(self._eval_loss(
           stacked, together.pad_and_stack([of_seed[seed] for _, seed in draws]), keys))
-    embedded = experiment.embed_split_runs(states, split)
+    evaluation = experiment.evaluation
+    embedded = evaluation.embed_split_runs(states, split)
     validated = []
     for run, loss, split_embedded, s in zip(self.runs, experiment_lib.mean_loss(losses),
-                                            embedded, experiment.runs_scores(embedded)):
+                                            embedded, evaluation.runs_scores(embedded)):
       try:
-        validated.append(run.experiment.validation_results(
+        validated.append(run.experiment.evaluation.validation_results(
             experiment_lib.finite_validation_loss(loss), split_embedded, s,
             run.progress.statistic_means()))
       except FloatingPointError as error:
@@ -195,13 +196,13 @@ def test_scores(runs: list, best_state: Callable) -> list:
   """Each run's (test split embedded by its best checkpoint, best_state(run), their
   scores [clips, captions]) for runs of one loss setting: the split embedded in one
   pass, every run's scores in one program per block. [None] for a run alone, which
-  tests itself (`Experiment.test`)."""
+  tests itself (`Evaluation.test`)."""
   if len(runs) == 1:
     return [None]
-  experiment = runs[0].experiment
+  evaluation = runs[0].experiment.evaluation
   states = together.stack([best_state(run) for run in runs])
-  embedded = experiment.embed_split_runs(states, experiment.test_split)
-  return list(zip(embedded, experiment.runs_scores(embedded)))
+  embedded = evaluation.embed_split_runs(states, evaluation.test_split)
+  return list(zip(embedded, evaluation.runs_scores(embedded)))
 
 
 def _by_loss(experiments: list, items: list) -> list:
@@ -243,9 +244,8 @@ def run_bytes(experiment: experiment_lib.Experiment) -> tuple:
   largest length bucket, and the batch). Compiles that step once, without running it."""
   data = experiment.settings.data
   size, frames = experiment.settings.optimiser.batch_size, data.frame_buckets[-1]
-  mel_bands = experiment.builder.builder_config.logmel.mel_bands
   batch = experiment.relations.add(dict(
-      audio=np.zeros((size, frames, mel_bands), np.float32),
+      audio=np.zeros((size, frames, experiment.corpus.mel_bands), np.float32),
       audio_mask=np.ones((size, frames), bool),
       tokens=np.ones((size, data.max_tokens), np.int32),
       token_mask=np.ones((size, data.max_tokens), bool),
@@ -281,5 +281,5 @@ def check_memory(experiments: list, group_size: int) -> None:
               "even one run does not fit: lower --config.batch_size or the longest of "
               "--config.frame_buckets")
     raise settings.SettingError(
-        f"{count} runs of {settings.run_name(members[0].config)} trained together need about "
+        f"{count} runs of {members[0].settings.run_name} trained together need about "
         f"{need(count) / 2**30:.1f} GiB of each device's {limit / 2**30:.1f} GiB: {advice}")

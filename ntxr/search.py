@@ -71,7 +71,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 class Model:
-  """A workdir's best checkpoint with the config, tokenizer and features it trained with."""
+  """A workdir's best checkpoint with the settings, tokenizer and features it trained with."""
 
   def __init__(self, workdir: str):
     # Imported here, with TensorFlow: a command that stops at a bad flag or workdir does
@@ -79,8 +79,8 @@ class Model:
     command.import_tensorflow()
     # pylint: disable=g-import-not-at-top
     from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib
-    self.config = read_config(workdir)
-    self.experiment = experiment_lib.Experiment.of(self.config)
+    self.settings = settings.Settings.of(read_config(workdir))
+    self.experiment = experiment_lib.Experiment.of(self.settings)
     with checkpoints_lib.Checkpoints(workdir) as checkpoints:
       restored = checkpoints.restore("best", self.experiment.initial_state)
     if restored is None:
@@ -88,8 +88,8 @@ class Model:
     self.state, progress = restored
     self.checkpoint = f"best/{int(self.state.step)}/" + hashlib.sha1(
         json.dumps(progress, sort_keys=True).encode()).hexdigest()[:12]
-    self.logmel = self.experiment.builder.builder_config.logmel
-    self.embedder = self.experiment.embedder(self.state)
+    self.logmel = self.experiment.corpus.builder.builder_config.logmel
+    self.embedder = self.experiment.evaluation.embedder(self.state)
 
   def embed_files(self, paths: list, dtype=np.float32, group: int = 256,
                   stop: Callable[[], bool] = lambda: False) -> tuple:
@@ -121,11 +121,11 @@ class Model:
     for query in queries:
       if not query.strip():
         raise ValueError("a query is empty: give words to search for")
-      tokens = len(self.experiment.tokenizer.encode(query))
-      if tokens > self.config.max_tokens:
+      tokens = len(self.experiment.corpus.tokenizer.encode(query))
+      if tokens > self.settings.data.max_tokens:
         logging.warning("the query %r is %d tokens long: the text encoder reads its first "
                         "%d (the run's max_tokens)", query[:60], tokens,
-                        self.config.max_tokens)
+                        self.settings.data.max_tokens)
     return self.embedder.captions(queries)
 
 
@@ -232,7 +232,7 @@ class Index:
   def search(self, queries: list, top_k: int = 10) -> list:
     """Text-to-audio: per query, [(file, score)] best first."""
     text, mask = self._model().embed_queries(queries)
-    return self.top(self.scores(text, mask, self.model.config.score), top_k)
+    return self.top(self.scores(text, mask, self.model.settings.loss.score), top_k)
 
   def similar(self, recording: str, top_k: int = 10) -> list:
     """Audio-to-audio: [(file, score)] best first, by the audio-audio score against a
@@ -242,7 +242,7 @@ class Index:
       raise ValueError(failed[0])
     frames = embedded[0][None]
     return self.top(self.scores(frames, np.ones(frames.shape[:2], bool),
-                                self.model.config.score), top_k)[0]
+                                self.model.settings.loss.score), top_k)[0]
 
   def _model(self) -> Model:
     if self.model is None or self.model.checkpoint != self.checkpoint:

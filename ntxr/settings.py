@@ -101,10 +101,11 @@ class Data:
   """What a run trains and is tested on (`ntxr.data.corpus.load` takes these).
 
   data_dir: a Clotho, AudioCaps or pairs folder, or None for the built-in corpus of
-  `size`. tokens: "words" whenever word vectors are given. validation_split and
-  test_split: "" for the data set's own. relevance_file: DCASE 2025's matching clips per
-  test caption ("": the one beside the captions, if any); graded_relevance_dir: the TAU
-  ratings' folder ("": none).
+  `size`. tokens: "words" whenever word vectors are given. splits: the (training,
+  validation, test) split names, the last two as --config.validation_split and
+  test_split choose from the data set's own. relevance_file: DCASE 2025's matching clips
+  per test caption ("": the one beside the captions, if any); graded_relevance_dir: the
+  TAU ratings' folder ("": none).
   """
   data_dir: Optional[str]
   size: str
@@ -121,8 +122,7 @@ class Data:
   frame_buckets: tuple
   max_tokens: int
   skip_bad_files: bool
-  validation_split: str
-  test_split: str
+  splits: tuple
   relevance_file: str
   graded_relevance_dir: str
 
@@ -241,12 +241,18 @@ class Settings:
   checkpoints: Checkpoints
   collapse: Collapse
 
+  @property
+  def run_name(self) -> str:
+    """The run's setting in a word (`specs.run_name`)."""
+    return specs.run_name(self.loss.objective, self.loss.strategy)
+
   @classmethod
   def of(cls, config: ml_collections.ConfigDict) -> "Settings":
     """The checked settings of a config; SettingError naming the first bad field."""
     check_values(config)
     _check_paths(config)
     c = config
+    splits = _splits(config)
     return cls(
         seed=c.seed, matmul_precision=c.matmul_precision,
         data=Data(
@@ -260,7 +266,7 @@ class Settings:
             missing_word_vectors=c.missing_word_vectors, word_variants=c.word_variants,
             frame_buckets=tuple(c.frame_buckets),
             max_tokens=c.max_tokens, skip_bad_files=c.skip_bad_files,
-            validation_split=c.validation_split, test_split=c.test_split,
+            splits=splits,
             relevance_file=os.path.expanduser(c.relevance_file),
             graded_relevance_dir=os.path.expanduser(c.graded_relevance_dir)),
         model=Model(embed_dim=c.embed_dim, channels=tuple(c.channels), dropout=c.dropout,
@@ -394,6 +400,19 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
       raise SettingError(f"--config.data_dir={error}") from None
 
 
+def _splits(config: ml_collections.ConfigDict) -> tuple:
+  """(training, validation, test) split names of the config's data folder's layout (the
+  built-in corpus's: Clotho's), the last two as --config.validation_split and test_split
+  name them; SettingError for a name the layout lacks."""
+  from ntxr.data import captions  # pylint: disable=import-outside-toplevel
+  layout = captions.layout_of(os.path.expanduser(config.data_dir)) if config.data_dir else "clotho"
+  own = captions.LAYOUT_SPLITS[layout]
+  for field in ("validation_split", "test_split"):
+    if config[field]:
+      _choose(field, config[field], own)
+  return own[0], config.validation_split or own[1], config.test_split or own[2]
+
+
 def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> list:
   """[(field, value)] of every field of config, a group's as "group.field"."""
   return [item for field, value in config.items()
@@ -403,11 +422,9 @@ def _flat(config: ml_collections.ConfigDict, prefix: str = "") -> list:
 
 
 def run_name(config: ml_collections.ConfigDict) -> str:
-  """The run's setting in a word: the strategy of an objective that takes one (the
-  triplet loss), else the objective."""
+  """The run's setting in a word (`specs.run_name`), its objective checked."""
   _choose("objective", config.objective, specs.OBJECTIVES)
-  objective = specs.OBJECTIVES[config.objective]
-  return config.strategy if objective.takes_strategy else config.objective
+  return specs.run_name(config.objective, config.strategy)
 
 
 def check(workdir: str, config: ml_collections.ConfigDict, elsewhere: str = "--workdir"

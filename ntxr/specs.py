@@ -104,7 +104,13 @@ def objectives_without_strategy() -> list:
   return [name for name, objective in OBJECTIVES.items() if not objective.takes_strategy]
 
 
+def run_name(objective: str, strategy: str) -> str:
+  """A run's setting in a word: the strategy of an objective that takes one (the triplet
+  loss), else the objective."""
+  return strategy if OBJECTIVES[objective].takes_strategy else objective
+
+
 def run_settings() -> dict:
-  """What a run trains with, by the name that names the run (`settings.run_name`, a
+  """What a run trains with, by the name that names the run (`run_name`, a
   sweep's folders and rows): each strategy, then each objective that takes none."""
   return {**STRATEGIES, **{name: OBJECTIVES[name] for name in objectives_without_strategy()}}

@@ -289,16 +289,17 @@ def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: checkpoint
   split's embeddings by the best state, their scores [clips, captions]) where made
   already (runs tested together)."""
   checkpoints.wait()
+  evaluation = experiment.evaluation
   metrics, submission, score_matrix = (
-      experiment.test(best_state(experiment, checkpoints)) if scored is None
-      else experiment.test_results(*scored))
+      evaluation.test(best_state(experiment, checkpoints)) if scored is None
+      else evaluation.test_results(*scored))
   best_json = checkpoints.progress("best")
   best = Progress.from_json(best_json)
   trained = Progress.from_json(checkpoints.progress("latest") or best_json)
   loss = experiment.settings.loss
   skipped = [entry for entries in experiment.corpus.skipped.values() for entry in entries]
   results = dict(metrics, objective=loss.objective, strategy=loss.strategy,
-                 run=settings.run_name(experiment.config), score=loss.score,
+                 run=experiment.settings.run_name, score=loss.score,
                  split=experiment.test_split,
                  collapse=best.best_epoch in trained.collapse_epochs,
                  collapse_epochs=list(trained.collapse_epochs), epochs=trained.epoch,
@@ -352,25 +353,26 @@ def train_runs(runs: list, group_size: int = 0, freeze: bool = True) -> list:
     stack.enter_context(jax.default_matmul_precision(configs[0].matmul_precision))
     for _, workdir in runs:
       stack.enter_context(workdir_lib.in_use(workdir))
-    data = [settings.Settings.of(config).data for config in configs]
-    corpora = {d: corpus_lib.load_data(d) for d in dict.fromkeys(data)}  # prepared once each
-    experiments = [experiment_lib.Experiment(config, corpora[d])
-                   for config, d in zip(configs, data)]
+    run_settings = [settings.Settings.of(config) for config in configs]
+    corpora = {s.data: corpus_lib.load_data(s.data)  # prepared once each
+               for s in run_settings}
+    experiments = [experiment_lib.Experiment(s, corpora[s.data]) for s in run_settings]
     if len(runs) > 1:
       programs.check_memory(experiments, group_size)
-    members = [_open(experiment, workdir, stack, several=len(runs) > 1)
-               for experiment, (_, workdir) in zip(experiments, runs)]
+    members = [_open(experiment, config, workdir, stack, several=len(runs) > 1)
+               for experiment, (config, workdir) in zip(experiments, runs)]
     _train(members, group_size, freeze)
     return _test(members, group_size)
 
 
-def _open(experiment: experiment_lib.Experiment, workdir: str, stack: contextlib.ExitStack,
-          several: bool) -> programs.Run:
-  """The run of `experiment` in workdir, resumed from its checkpoints if it has any; its
-  lines labelled with its name if it is one of `several`."""
+def _open(experiment: experiment_lib.Experiment, config: ml_collections.ConfigDict,
+          workdir: str, stack: contextlib.ExitStack, several: bool) -> programs.Run:
+  """The run of `experiment` (of `config`) in workdir, resumed from its checkpoints if it
+  has any, config.json written if it is new; its lines labelled with its name if it is
+  one of `several`."""
   for split in (experiment.training_split, experiment.validation_split):
     experiment.batches_per_epoch(split)  # fails now, not in epoch 1
-  settings.write(workdir, experiment.config)
+  settings.write(workdir, config)
   checkpoints = stack.enter_context(checkpoints_lib.Checkpoints(workdir))
   restored = checkpoints.resume(experiment.initial_state)
   if restored is None:
@@ -554,4 +556,5 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Tests the best checkpoint in workdir without training."""
   with workdir_lib.in_use(workdir), jax.default_matmul_precision(config.matmul_precision):
     with checkpoints_lib.Checkpoints(workdir) as checkpoints:
-      return evaluate_best(experiment_lib.Experiment.of(config), checkpoints, workdir)
+      return evaluate_best(experiment_lib.Experiment.of(settings.Settings.of(config)),
+                           checkpoints, workdir)

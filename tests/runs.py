@@ -9,7 +9,7 @@ import signal
 import numpy as np
 import pytest
 
-from ntxr import checkpoints as checkpoints_lib
+from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib, settings
 from ntxr.data import input_pipeline
 
 
@@ -18,6 +18,11 @@ from ntxr.data import input_pipeline
 TOGETHER_STRATEGIES = ("random", "hard_cross", "hard_audio")
 TOGETHER_SEEDS = (0, 1)
 SHORT = dict(num_epochs=1, max_steps_per_epoch=4)
+
+
+def experiment_of(config, devices=None) -> experiment_lib.Experiment:
+  """The Experiment of a config's settings, its corpus prepared first."""
+  return experiment_lib.Experiment.of(settings.Settings.of(config), devices)
 
 
 def together_plan(root: str, tiny_config, strategies=TOGETHER_STRATEGIES,

@@ -122,12 +122,13 @@ def _steps(cache_dir: str, strategies) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   from flax import traverse_util  # pylint: disable=g-import-not-at-top
   # pylint: disable=g-import-not-at-top
-  from ntxr import experiment as experiment_lib, sampling, scores, settings, steps
+  from ntxr import sampling, scores, settings, steps
   from ntxr import programs, together
   from ntxr.configs import default  # pylint: disable=g-import-not-at-top
   from ntxr.data import input_pipeline  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, os.path.dirname(__file__))
   from conftest import TINY  # pylint: disable=g-import-not-at-top
+  from runs import experiment_of  # pylint: disable=g-import-not-at-top
 
   def select(strategy):
     def negatives(state, batch, key):
@@ -158,8 +159,8 @@ def _steps(cache_dir: str, strategies) -> dict:
       states, statistics = step(states, both, jax.vmap(jax.random.fold_in, (0, None))(keys, i))
       losses.append(np.asarray(statistics.loss))
     # Validated together: the vmapped loss on the mesh, the captions embedded side by side.
-    words, _ = experiment.embedder(experiment.devices.replicate(states), runs=True).captions(
-        experiment.captions("development")[0][1])
+    embedder = experiment.evaluation.embedder(experiment.devices.replicate(states), runs=True)
+    words, _ = embedder.captions(experiment.corpus.captions("development")[0][1])
     prefix = f"together/{len(devices)}"
     return {f"{prefix}/loss": np.array(losses), "together/mesh": np.array(
         [mesh.mesh.shape["runs"], mesh.mesh.shape["data"]]),
@@ -173,7 +174,7 @@ def _steps(cache_dir: str, strategies) -> dict:
     config.update(dict(TINY, cache_dir=cache_dir, batch_size=16,
                        **OBJECTIVE_SETTINGS.get(strategy, dict(strategy=strategy))))
     for devices in (jax.devices()[:1], jax.devices()):
-      experiment = experiment_lib.Experiment.of(config, devices)
+      experiment = experiment_of(config, devices)
       prefix = f"{strategy}/{len(devices)}"
       batches = list(itertools.islice(
           input_pipeline.as_numpy(experiment.train_batches("development", 0)), STEPS))
@@ -196,7 +197,7 @@ def _steps(cache_dir: str, strategies) -> dict:
         found[f"{prefix}/params/{name}"] = value
   config.batch_size = 12  # 12 pairs cannot split over 8 devices: said before anything runs
   try:
-    experiment_lib.Experiment.of(config)
+    experiment_of(config)
   except settings.SettingError as error:
     found["refused"] = np.array(str(error))
   return found

@@ -21,7 +21,8 @@ import pytest
 import soundfile
 
 import recordings
-from ntxr import dcase, experiment as experiment_lib, settings, train
+from runs import experiment_of
+from ntxr import dcase, settings, train
 from ntxr.configs import paper
 from ntxr.data import builders, captions, corpus, features, tokenizer
 
@@ -200,8 +201,8 @@ def test_paper_config_trains_on_real_recordings_with_word2vec(real_clotho, cache
   config = paper.get_config()
   config.update(dict(SMALL_MODEL, data_dir=real_clotho, cache_dir=cache_dir,
                      word_vectors=vectors))
-  experiment = experiment_lib.Experiment.of(config)
-  vocabulary = experiment.tokenizer.words
+  experiment = experiment_of(config)
+  vocabulary = experiment.corpus.tokenizer.words
   assert "xylophone" in vocabulary  # an evaluation-only word is in the paper's vocabulary
   table = experiment.initial_state.params["text"]["embed"]["embedding"]
   np.testing.assert_array_equal(table[vocabulary.index("xylophone")],

@@ -42,15 +42,15 @@ def recordings(tmp_path):
 
 def test_search_ranks_a_split_as_its_evaluation_does(model, cache_dir):
   experiment, state = model.experiment, model.state
-  split = experiment.embed_split(state, experiment.test_split)
-  expected = experiment.runs_scores([split])[0]  # [clips, captions]
-  named = experiment.captions(experiment.test_split)
+  split = experiment.evaluation.embed_split(state, experiment.test_split)
+  expected = experiment.evaluation.runs_scores([split])[0]  # [clips, captions]
+  named = experiment.corpus.captions(experiment.test_split)
   folder = os.path.join(cache_dir, "synthetic_tiny", "evaluation")
   index = search.Index.build(model, folder, dtype=np.float32)
   assert sorted(index.files) == sorted(name for name, _ in named)
   captions = [caption for _, captions in named for caption in captions]
   text, mask = model.embed_queries(captions)
-  found = index.scores(text, mask, model.config.score)
+  found = index.scores(text, mask, model.settings.loss.score)
   rows = [index.files.index(name) for name, _ in named]
   np.testing.assert_allclose(found[rows], expected, rtol=1e-5, atol=1e-7)
   ranked = index.search(captions, top_k=len(rows))
@@ -59,7 +59,8 @@ def test_search_ranks_a_split_as_its_evaluation_does(model, cache_dir):
                                                                               kind="stable")]
   compact = search.Index.build(model, folder)  # float16 frames, as the command keeps them
   assert compact.frames[0].dtype == np.float16
-  np.testing.assert_allclose(compact.scores(text, mask, model.config.score), found, atol=2e-3)
+  np.testing.assert_allclose(compact.scores(text, mask, model.settings.loss.score), found,
+                             atol=2e-3)
 
 
 def test_audio_query_ranks_by_the_audio_audio_score(model, recordings):
@@ -271,16 +272,17 @@ def test_a_pooled_run_trains_and_searches_by_the_cosine_of_mean_embeddings(
   results = train.train_and_evaluate(tiny_config(score="pooled", num_epochs=1), workdir)
   assert results["score"] == "pooled" and 0 < results["t2a"]["mAP@10"] <= 1
   model = search.Model(workdir)
-  split = model.experiment.embed_split(model.state, model.experiment.test_split)
+  split = model.experiment.evaluation.embed_split(model.state,
+                                                 model.experiment.test_split)
   def unit_means(x, mask):
     means = (x * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
     return means / np.linalg.norm(means, axis=1, keepdims=True)
   expected = (unit_means(split.audio.astype(np.float64), split.audio_mask)
               @ unit_means(split.text.astype(np.float64), split.text_mask).T)
-  named = model.experiment.captions(model.experiment.test_split)
+  named = model.experiment.corpus.captions(model.experiment.test_split)
   index = search.Index.build(model, os.path.join(cache_dir, "synthetic_tiny", "evaluation"),
                              dtype=np.float32)
   captions = [caption for _, captions in named for caption in captions]
-  found = index.scores(*model.embed_queries(captions), model.config.score)
+  found = index.scores(*model.embed_queries(captions), model.settings.loss.score)
   rows = [index.files.index(name) for name, _ in named]
   np.testing.assert_allclose(found[rows], expected, rtol=1e-5, atol=1e-6)

@@ -18,7 +18,7 @@ from ntxr import programs, relevance, settings, steps, train
 from ntxr.configs import default
 from ntxr.bench import reference
 from ntxr.data import input_pipeline
-from runs import interrupt_after, params_of
+from runs import experiment_of, interrupt_after, params_of
 import test_relevance
 
 
@@ -178,9 +178,9 @@ def test_frozen_word_vectors_stay_fixed(tiny_config, tmp_path):
   vectors.write_text(f"{len(words)} 16\n" + "".join(
       w + " " + " ".join(f"{v:.4f}" for v in rng.normal(size=16)) + "\n" for w in words))
   config = tiny_config(word_vectors=str(vectors), num_epochs=1, max_steps_per_epoch=3)
-  experiment = experiment_lib.Experiment.of(config)
+  experiment = experiment_of(config)
   table = np.asarray(experiment.initial_state.params["text"]["embed"]["embedding"])
-  article = experiment.tokenizer.ids["a"]  # the first word of the file
+  article = experiment.corpus.tokenizer.ids["a"]  # the first word of the file
   np.testing.assert_allclose(table[article], [float(f"{v:.4f}") for v in
                              np.random.default_rng(0).normal(size=(8, 16))[0]], rtol=1e-6)
   train.train_and_evaluate(config, str(tmp_path / "run"))
@@ -351,15 +351,15 @@ def test_per_epoch_validation_reshuffles_and_draws_anew_from_the_epochs_seed(
   checked where the other cannot move the loss: the reshuffle under semihard_cross, which
   draws nothing, and the draws under random over batches held in one order."""
   split = dict(batch_size=16, keep_partial_batch=True)
-  fixed = experiment_lib.Experiment.of(tiny_config(strategy="semihard_cross", **split))
-  per_epoch = experiment_lib.Experiment.of(tiny_config(
+  fixed = experiment_of(tiny_config(strategy="semihard_cross", **split))
+  per_epoch = experiment_of(tiny_config(
       strategy="semihard_cross", validation_draws="per_epoch", **split))
   state = fixed.initial_state
   assert fixed.validation_loss(state, 1) == fixed.validation_loss(state, 2)
   first = per_epoch.validation_loss(state, 1)
   assert per_epoch.validation_loss(state, 1) == first  # seeded: a resumed run is exact
   assert abs(per_epoch.validation_loss(state, 2) - first) > 1e-6
-  drawn = experiment_lib.Experiment.of(tiny_config(
+  drawn = experiment_of(tiny_config(
       strategy="random", validation_draws="per_epoch", **split))
   draws, (_, one_order) = drawn.validation_draws, drawn.validation_draws(1)
   monkeypatch.setattr(drawn, "validation_draws", lambda epoch: (draws(epoch)[0], one_order))
@@ -393,7 +393,7 @@ def test_the_configs_margin_is_the_margin_of_the_loss_a_run_computes(tiny_config
   """--config.margin=0.2 reaches the loss through the run's settings and its jitted
   eval_loss: an untrained state's validation loss under hard_cross is that of a loop over
   each batch's embeddings with margin 0.2, and not with the default 0.5."""
-  experiment = experiment_lib.Experiment.of(tiny_config(
+  experiment = experiment_of(tiny_config(
       strategy="hard_cross", margin=0.2, batch_size=16, keep_partial_batch=True))
   state = experiment.initial_state
   embed = jax.jit(lambda variables, batch: state.apply_fn(variables, batch, train=False))
@@ -421,12 +421,13 @@ def test_the_reported_checkpoint_is_the_best_epochs_not_the_last(tiny_config, tm
   results = train.train_and_evaluate(config, str(workdir))
   assert (results["best_epoch"], results["best_step"]) == (1, 15)
   assert (results["epochs"], results["steps"]) == (2, 30)
-  experiment = experiment_lib.Experiment.of(config)
+  experiment = experiment_of(config)
   with checkpoints_lib.Checkpoints(str(workdir)) as checkpoints:
     best, _ = checkpoints.restore("best", experiment.initial_state)
     latest, _ = checkpoints.restore("latest", experiment.initial_state)
   assert (int(best.step), int(latest.step)) == (15, 30)
-  (from_best, _, _), (from_latest, _, _) = experiment.test(best), experiment.test(latest)
+  (from_best, _, _), (from_latest, _, _) = (experiment.evaluation.test(best),
+                                           experiment.evaluation.test(latest))
   reported = lambda metrics: {k: metrics[k] for k in ("t2a", "a2t", "t2a_multi")}
   assert reported(results) == reported(from_best)
   assert reported(from_latest) != reported(from_best)
@@ -435,7 +436,7 @@ def test_the_reported_checkpoint_is_the_best_epochs_not_the_last(tiny_config, tm
 def test_train_step_compiles_once_per_bucket(tiny_config):
   experiment_lib.compiled_steps.cache_clear()  # steps other tests compiled are shared
   # Pairs of 3-6 s clips: some batches fit 224 frames (4.48 s), the rest need 320.
-  experiment = experiment_lib.Experiment.of(tiny_config(frame_buckets=(224, 320), batch_size=2))
+  experiment = experiment_of(tiny_config(frame_buckets=(224, 320), batch_size=2))
   batches = list(input_pipeline.as_numpy(experiment.train_batches("development", 0)))
   state = experiment.initial_state
   for batch in batches:
@@ -470,13 +471,25 @@ def test_batch_padding_reproduces_the_authors_training_score(strategy):
   assert abs(loss("masked") - theirs) > 1e-3  # the default differs: it masks padding
 
 
-@pytest.mark.parametrize("field", ["select_by", "train_padding", "compute_dtype"])
+@pytest.mark.parametrize("field", ["select_by", "train_padding", "compute_dtype",
+                                   "validation_split", "test_split"])
 def test_an_unknown_choice_is_refused_before_anything_is_written(field, tmp_path):
   config = default.get_config()
   config[field] = "sideways"
   with pytest.raises(ValueError, match=rf"--config\.{field} must be one of .*'sideways'"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
+
+
+def test_the_split_names_are_the_data_sets_own_unless_chosen_from_them():
+  config = default.get_config()
+  assert settings.Settings.of(config).data.splits == ("development", "validation", "evaluation")
+  config.test_split = "validation"
+  assert settings.Settings.of(config).data.splits == ("development", "validation", "validation")
+  config.test_split = "test"  # AudioCaps' name, not Clotho's
+  with pytest.raises(ValueError, match=r"--config\.test_split must be one of \['development', "
+                                       r"'validation', 'evaluation'\], not 'test'"):
+    settings.Settings.of(config)
 
 
 @pytest.mark.parametrize("field", ["checkpoint_every_steps", "metrics_every_steps"])
@@ -542,14 +555,14 @@ def test_training_beats_the_initial_state_and_the_dcase_file_scores_as_results_j
                        test_split="development")
   workdir = tmp_path / "run"
   results = train.train_and_evaluate(config, str(workdir))
-  experiment = experiment_lib.Experiment.of(config)
-  initial, _, _ = experiment.test(experiment.initial_state)
+  experiment = experiment_of(config)
+  initial, _, _ = experiment.evaluation.test(experiment.initial_state)
   assert results["t2a"]["mAP@10"] > initial["t2a"]["mAP@10"] + 0.05
   assert results["a2t"]["mAP@10"] > 2 * initial["a2t"]["mAP@10"]
   with checkpoints_lib.Checkpoints(str(workdir)) as checkpoints:
     best, _ = checkpoints.restore("best", experiment.initial_state)
-  _, submission, _ = experiment.test(best)
-  clips = [name for name, captions in experiment.captions("development") for _ in captions]
+  _, submission, _ = experiment.evaluation.test(best)
+  clips = [name for name, captions in experiment.corpus.captions("development") for _ in captions]
   relevant = [submission.file_names.index(name) for name in clips]
   expected = naive_t2a(submission.scores, relevant)
   assert {k: results["t2a"][k] for k in expected} == pytest.approx(expected, abs=1e-9)

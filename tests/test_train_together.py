@@ -12,8 +12,8 @@ import jax
 import numpy as np
 import pytest
 
-from runs import SHORT, TOGETHER_SEEDS, assert_same_run, read, together_plan
-from ntxr import experiment as experiment_lib, programs, settings, sweep, train, together
+from runs import SHORT, TOGETHER_SEEDS, assert_same_run, experiment_of, read, together_plan
+from ntxr import programs, settings, sweep, train, together
 
 
 def test_runs_trained_together_are_the_runs_trained_apart(apart_and_together, tmp_path):
@@ -92,16 +92,17 @@ def test_runs_validated_together_are_validated_as_apart_and_a_nan_freezes_one(
   runs = [(config, shutil.copytree(workdir, tmp_path / os.path.basename(workdir)))
           for config, workdir in apart_and_together[1] if config.strategy == "random"]
   with contextlib.ExitStack() as stack:
-    members = [train._open(experiment_lib.Experiment.of(config), str(workdir), stack, several=True)
+    members = [train._open(experiment_of(config), config, str(workdir), stack, several=True)
                for config, workdir in runs]
     validated = programs.Stacked(members).validate(1)
     experiment = members[0].experiment
-    splits = experiment.embed_split_runs(together.stack([run.state for run in members]),
+    evaluation = experiment.evaluation
+    splits = evaluation.embed_split_runs(together.stack([run.state for run in members]),
                                          experiment.validation_split)
-    scored = experiment.runs_scores(splits)
+    scored = evaluation.runs_scores(splits)
     for run, (results, collapse, seconds), split, s in zip(members, validated, splits, scored):
-      alone = run.experiment.embed_split(run.state, experiment.validation_split)
-      alone_scores = run.experiment.runs_scores([alone])[0]
+      alone = run.experiment.evaluation.embed_split(run.state, experiment.validation_split)
+      alone_scores = run.experiment.evaluation.runs_scores([alone])[0]
       np.testing.assert_allclose(s, alone_scores, rtol=1e-5, atol=1e-6)
       for name in ("audio", "text"):
         np.testing.assert_allclose(getattr(split, name), getattr(alone, name), rtol=1e-5,
@@ -110,17 +111,17 @@ def test_runs_validated_together_are_validated_as_apart_and_a_nan_freezes_one(
         np.testing.assert_array_equal(getattr(split, name), getattr(alone, name))
       assert results["loss"] == pytest.approx(run.experiment.validation_loss(run.state, 1),
                                               rel=1e-5)
-      expected = run.experiment.validation_results(results["loss"], alone, alone_scores,
-                                                   run.progress.statistic_means())[1]
+      expected = run.experiment.evaluation.validation_results(
+          results["loss"], alone, alone_scores, run.progress.statistic_means())[1]
       assert (collapse.audio_cosine, collapse.text_cosine) == pytest.approx(
           (expected.audio_cosine, expected.text_cosine), rel=1e-4)
       assert seconds > 0 and run.frozen is None
     # With per-epoch draws each run reads its own seed's shuffle of the validation split:
     # the runs' different batches padded to the longest and stacked.
-    for run in members:
-      config = copy.deepcopy(run.experiment.config)
+    for run, (config, _) in zip(members, runs):
+      config = copy.deepcopy(config)
       config.validation_draws = "per_epoch"
-      run.experiment = experiment_lib.Experiment.of(config)
+      run.experiment = experiment_of(config)
     per_epoch = [results["loss"] for results, _, _ in programs.Stacked(members).validate(2)]
     assert per_epoch == pytest.approx([run.experiment.validation_loss(run.state, 2)
                                        for run in members], rel=1e-5)
@@ -173,7 +174,7 @@ def test_runs_that_would_not_fit_a_device_are_refused_naming_a_group_size_that_f
   strategy are refused before anything is written, naming two as the group size that
   fits; in groups of two they pass. One run's state is its parameters, Adam's two moments
   (three times the parameters), the BatchNorm statistics and a few scalars."""
-  experiments = [experiment_lib.Experiment.of(config) for config, _ in together_plan(
+  experiments = [experiment_of(config) for config, _ in together_plan(
       "unused", tiny_config, ["hard_cross"], seeds=range(6))]
   state = experiments[0].initial_state
   params = sum(leaf.nbytes for leaf in jax.tree.leaves(state.params))

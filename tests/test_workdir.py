@@ -22,8 +22,8 @@ import pytest
 from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib, sweep, train
 from ntxr import workdir as workdir_lib
 from processes import descendants, outliving
-from runs import (SHORT, TOGETHER_SEEDS, assert_same_run, flat, interrupt_after, params_of,
-                  read)
+from runs import (SHORT, TOGETHER_SEEDS, assert_same_run, experiment_of, flat, interrupt_after,
+                  params_of, read)
 
 
 def files_in(pattern) -> bool:
@@ -267,7 +267,7 @@ def test_with_both_latest_checkpoints_unreadable_the_best_alone_is_resumed(
   for step in ("25", "30"):
     corrupt(root / "latest" / step)
   (best,) = [int(p.name) for p in (root / "best").iterdir()]
-  initial = experiment_lib.Experiment.of(tiny_config()).initial_state
+  initial = experiment_of(tiny_config()).initial_state
   with checkpoints_lib.Checkpoints(str(workdir)) as checkpoints:
     saved = checkpoints.progress("best")
     state, progress = checkpoints.resume(initial)

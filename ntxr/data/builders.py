@@ -121,7 +121,7 @@ class NtxrClotho(_CaptionedAudio):
   """Clotho v2 (or the built-in synthetic corpus, written in its layout)."""
 
   LAYOUT = "clotho"
-  SPLITS = captions.SPLITS
+  SPLITS = captions.LAYOUT_SPLITS[LAYOUT]
   CAPTION_FILE = captions.CLOTHO_CAPTION_FILE
   read_captions = staticmethod(captions.read_clotho_captions)
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
@@ -138,7 +138,7 @@ class NtxrAudiocaps(_CaptionedAudio):
   """AudioCaps: {train,val,test}.csv and audio/{split}/{youtube_id}_{start}.{wav,flac,mp3,ogg}."""
 
   LAYOUT = "audiocaps"
-  SPLITS = ("train", "val", "test")
+  SPLITS = captions.LAYOUT_SPLITS[LAYOUT]
   CAPTION_FILE = "{split}.csv"
   read_captions = staticmethod(captions.read_audiocaps_captions)
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
@@ -159,7 +159,7 @@ class NtxrPairs(_CaptionedAudio):
   `captions.assign_splits`, and `split_file` says which went where."""
 
   LAYOUT = "pairs"
-  SPLITS = captions.SPLITS
+  SPLITS = captions.LAYOUT_SPLITS[LAYOUT]
   CAPTION_FILE = captions.LAYOUT_FILES["pairs"]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Put captions.csv (file_name,caption and optionally split; file_name relative to the

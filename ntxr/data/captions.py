@@ -25,6 +25,7 @@ SPLIT_NAMES = {"development": "development", "train": "development",
                "training": "development", "validation": "validation", "val": "validation",
                "valid": "validation", "evaluation": "evaluation", "test": "evaluation"}
 # The caption file that marks each layout a data folder may have, in the order tried.
+LAYOUT_SPLITS = {"clotho": SPLITS, "audiocaps": ("train", "val", "test"), "pairs": SPLITS}
 LAYOUT_FILES = {"clotho": CLOTHO_CAPTION_FILE.format(split=SPLITS[0]),
                 "audiocaps": "train.csv", "pairs": "captions.csv"}
 SPLIT_SEED = 0  # the seeded split of a captions.csv without a split column

@@ -11,9 +11,11 @@ import time
 from typing import Optional
 
 from absl import logging
+import numpy as np
+import tensorflow_datasets as tfds
 
 from ntxr import files, relevance, settings
-from ntxr.data import builders, captions, staging, synthetic, tokenizer
+from ntxr.data import builders, captions, staging, synthetic, tokenizer, word_vectors
 
 SPLITS_FILE = "splits.csv"  # in a pairs folder's prepared folder: the assigned splits
 
@@ -23,8 +25,9 @@ class Corpus:
   """A prepared corpus: its builder (splits in `splits`: training, validation, test),
   caption tokenizer, what preparing left out, how long generating and preparing took
   in this call (0 when cached), for the built-in corpus each clip's event kinds
-  ({split: {file name: [kinds]}}; None for recorded data), and the DCASE 2025 relevance
-  file found beside the captions (None if there is none)."""
+  ({split: {file name: [kinds]}}; None for recorded data), the DCASE 2025 relevance
+  file found beside the captions (None if there is none), and the frozen word vectors of
+  the tokenizer's words [vocab, dim] (None: the model learns its own)."""
   builder: builders.NtxrClotho
   tokenizer: object
   skipped: dict
@@ -32,10 +35,26 @@ class Corpus:
   prepare_s: float
   events: Optional[dict] = None
   relevance_file: Optional[str] = None
+  word_table: Optional[np.ndarray] = None
 
   @property
   def splits(self) -> tuple:
     return self.builder.SPLITS
+
+  @property
+  def mel_bands(self) -> int:
+    return self.builder.builder_config.logmel.mel_bands
+
+  def clips(self, split: str):
+    """The split's clips, a tf.data.Dataset of {"logmel", "captions", "file_name", ...}."""
+    return self.builder.as_dataset(split=split)
+
+  def captions(self, split: str) -> list:
+    """[(file_name, [captions])] of a split's clips in order, without decoding audio."""
+    clips = self.builder.as_dataset(split=split,
+                                    decoders={"logmel": tfds.decode.SkipDecoding()})
+    return [(c["file_name"].decode(), [x.decode() for x in c["captions"]])
+            for c in tfds.as_numpy(clips)]
 
 
 def _tokenizer(kind: str, captions: list, folder: str, vocab_size: int, cleaning: str,
@@ -129,9 +148,21 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=settings.Features()
 
 
 def load_data(data: settings.Data) -> Corpus:
-  """`load` with a run's data settings."""
-  return load(data.data_dir, cache_dir=data.cache_dir,
-              stage_dir=data.stage_dir or staging.STAGE_DIR, size=data.size,
-              logmel=data.features, tokens=data.tokens, vocab_size=data.vocab_size,
-              cleaning=data.text_cleaning, vocabulary=data.vocabulary,
-              skip_bad_files=data.skip_bad_files)
+  """`load` with a run's data settings, and the word vectors they name."""
+  corpus = load(data.data_dir, cache_dir=data.cache_dir,
+                stage_dir=data.stage_dir or staging.STAGE_DIR, size=data.size,
+                logmel=data.features, tokens=data.tokens, vocab_size=data.vocab_size,
+                cleaning=data.text_cleaning, vocabulary=data.vocabulary,
+                skip_bad_files=data.skip_bad_files)
+  if not data.word_vectors:
+    return corpus
+  words = corpus.tokenizer.words
+  table, missing = word_vectors.read_word2vec(data.word_vectors, words,
+                                              missing=data.missing_word_vectors,
+                                              variants=data.word_variants)
+  if missing:
+    logging.warning("word vectors: %d of %d words are not in %s and get %s vectors "
+                    "(frozen), the first: %s", len(missing), len(words), data.word_vectors,
+                    "one shared UNK" if data.missing_word_vectors == "one_unk" else "random",
+                    ", ".join(missing[:10]))
+  return dataclasses.replace(corpus, word_table=table)
