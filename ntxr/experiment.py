@@ -32,6 +32,25 @@ def shared_model(**fields) -> models.DualEncoder:
 
 
 @functools.lru_cache(maxsize=None)
+def pretrained_encoder(name: str, path: str):
+  """The encoder `name` loaded from its publisher's file at `path` (`ntxr.encoders.load`),
+  once per process: a sweep's runs share it."""
+  from ntxr import encoders  # pylint: disable=import-outside-toplevel
+  return encoders.load(name, path)
+
+
+def pretrained_encoders(model: settings.Model) -> dict:
+  """{"audio" and/or "text": Loaded} of the model's pretrained encoders (none for the
+  paper's CRNN and word table)."""
+  loaded = {}
+  if model.audio_encoder != "crnn":
+    loaded["audio"] = pretrained_encoder(model.audio_encoder, model.audio_weights)
+  if model.text_encoder != "word_vectors":
+    loaded["text"] = pretrained_encoder(model.text_encoder, model.text_weights)
+  return loaded
+
+
+@functools.lru_cache(maxsize=None)
 def compiled_steps(devices: tuple, loss: settings.Loss) -> tuple:
   """(train_step, eval_loss) jitted over `devices` for one loss setting, shared by every
   Experiment in the process: a second run with the same settings (a sweep's next seed,
@@ -68,15 +87,19 @@ class Experiment:
     self.devices.check_divides("--config.eval_batch_size", optimiser.eval_batch_size)
     self.corpus = corpus
     self.training_split, self.validation_split, self.test_split = data.splits
+    loaded = pretrained_encoders(model)
     dual_encoder = shared_model(vocab_size=corpus.tokenizer.vocab_size,
                                 embed_dim=model.embed_dim, channels=model.channels,
                                 dropout=model.dropout, initializer=model.initializer,
-                                pool_remainder=model.pool_remainder, dtype=model.compute_dtype)
+                                pool_remainder=model.pool_remainder, dtype=model.compute_dtype,
+                                **{f"{side}_encoder": encoder.module
+                                   for side, encoder in loaded.items()})
     self.initial_state = self.devices.replicate(steps.create_train_state(
         dual_encoder, jax.random.key(run_settings.seed), frames=data.frame_buckets[0],
-        words=data.max_tokens, mel_bands=corpus.mel_bands,
+        words=data.max_tokens, mel_bands=corpus.feature_width,
         objective=run_settings.loss.objective, learning_rate=optimiser.learning_rate,
-        word_table=corpus.word_table))
+        word_table=corpus.word_table,
+        pretrained={f"{side}_encoder": encoder.variables for side, encoder in loaded.items()}))
     similarity = run_settings.loss.similarity
     self.relations = relations_lib.CaptionRelations(
         corpus.builder, corpus.events, corpus.tokenizer, similarity, corpus.word_table,

@@ -1,6 +1,8 @@
-"""The paper's encoders in Flax Linen: a CRNN over log-mel frames, word embeddings.
+"""The paper's encoders in Flax Linen: a CRNN over log-mel frames, word embeddings; or
+pretrained encoders (`ntxr.encoders`) with a linear projection each (PretrainedAudio,
+PretrainedText).
 
-Both return L2-normalised embeddings, one per frame / per token, zero where masked, in
+All return L2-normalised embeddings, one per frame / per token, zero where masked, in
 the compute dtype `dtype` (float32, or bfloat16 on accelerators); parameters are float32.
 A clip's embedding does not depend on how much padding its batch added: padded frames
 are zeroed after every layer, dropout draws each frame's mask from its index, the GRU
@@ -179,9 +181,49 @@ class TextEncoder(nn.Module):
     return l2_normalize(embed(tokens), mask)
 
 
+class PretrainedAudio(nn.Module):
+  """Waveform frames [B, T, hop] -> frame embeddings [B, T, embed_dim]: a pretrained audio
+  encoder (`encoders.cnn14.Cnn14` or `encoders.passt.Encoder`) on each
+  clip's waveform, its frame outputs [B, T', D] projected to embed_dim and stretched
+  linearly back over the clip's T frames, as the CRNN upsamples its own."""
+  encoder: nn.Module
+  embed_dim: int = 300
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, audio: Array, mask: Array, *, train: bool) -> Array:
+    batch, frames, hop = audio.shape
+    lengths = mask.sum(axis=1)
+    outputs = self.encoder(audio.reshape(batch, frames * hop), lengths * hop, train=train)
+    x, x_mask = outputs[0], outputs[1]  # frames [B, T', D] and their mask
+    x = nn.Dense(self.embed_dim, dtype=self.dtype, name="projection")(x)
+    factor = -(-frames // x.shape[1])
+    x = upsample_linear(x, jnp.maximum(x_mask.sum(axis=1), 1), factor,
+                        jnp.maximum(lengths, 1))[:, :frames]
+    return l2_normalize(x, mask)
+
+
+class PretrainedText(nn.Module):
+  """Token ids [B, W] (`data.tokenizer.PretrainedTokenizer`'s: the checkpoint's + 1, 0
+  pads) -> word embeddings [B, W, embed_dim]: a BERT-family encoder, its last hidden
+  states projected to embed_dim."""
+  encoder: nn.Module
+  embed_dim: int = 300
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, tokens: Array, mask: Array, *, train: bool = False) -> Array:
+    ids = jnp.where(mask, tokens - 1, self.encoder.pad_token_id)
+    words, _ = self.encoder(ids, mask, train=train)
+    return l2_normalize(nn.Dense(self.embed_dim, dtype=self.dtype, name="projection")(words),
+                        mask)
+
+
 class DualEncoder(nn.Module):
   """Both encoders; `__call__` embeds a batch, `embed_audio` / `embed_text` one side.
-  dtype: the compute dtype (a name or a NumPy dtype)."""
+  dtype: the compute dtype (a name or a NumPy dtype). audio_encoder, text_encoder: a
+  pretrained module (`ntxr.encoders`) in place of the CRNN or the word table (its
+  variables under its field's name), or None."""
   vocab_size: int
   embed_dim: int = 300
   channels: Sequence[int] = PAPER_CHANNELS
@@ -189,24 +231,34 @@ class DualEncoder(nn.Module):
   initializer: str = "flax"
   pool_remainder: str = "keep"
   dtype: Any = jnp.float32
+  audio_encoder: Optional[nn.Module] = None
+  text_encoder: Optional[nn.Module] = None
 
   def setup(self):
     dtype = compute_dtype(self.dtype)
     if self.pool_remainder not in POOL_REMAINDERS:
       raise ValueError(f"pool_remainder must be one of {POOL_REMAINDERS}, "
                        f"not {self.pool_remainder!r}")
-    self.audio = CRNN(self.channels, embed_dim=self.embed_dim, dropout=self.dropout,
-                      initializer=self.initializer, pool_remainder=self.pool_remainder,
-                      dtype=dtype)
-    self.text = TextEncoder(self.vocab_size, self.embed_dim, dtype=dtype)
+    if self.audio_encoder is None:
+      self.audio = CRNN(self.channels, embed_dim=self.embed_dim, dropout=self.dropout,
+                        initializer=self.initializer, pool_remainder=self.pool_remainder,
+                        dtype=dtype)
+    else:
+      self.audio = PretrainedAudio(self.audio_encoder, self.embed_dim, dtype=dtype)
+    if self.text_encoder is None:
+      self.text = TextEncoder(self.vocab_size, self.embed_dim, dtype=dtype)
+    else:
+      self.text = PretrainedText(self.text_encoder, self.embed_dim, dtype=dtype)
 
   def embed_audio(self, audio: Array, audio_mask: Array, *, train: bool = False) -> Array:
     return self.audio(audio, audio_mask, train=train)
 
-  def embed_text(self, tokens: Array, token_mask: Array) -> Array:
-    return self.text(tokens, token_mask)
+  def embed_text(self, tokens: Array, token_mask: Array, *, train: bool = False) -> Array:
+    if self.text_encoder is None:  # a lookup: the same in training
+      return self.text(tokens, token_mask)
+    return self.text(tokens, token_mask, train=train)
 
   def __call__(self, batch: dict, *, train: bool = False) -> Tuple[Array, Array]:
     """batch {audio [B,T,F], audio_mask, tokens [B,W], token_mask} -> ([B,T,E], [B,W,E])."""
     return (self.embed_audio(batch["audio"], batch["audio_mask"], train=train),
-            self.embed_text(batch["tokens"], batch["token_mask"]))
+            self.embed_text(batch["tokens"], batch["token_mask"], train=train))

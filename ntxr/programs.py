@@ -245,7 +245,7 @@ def run_bytes(experiment: experiment_lib.Experiment) -> tuple:
   data = experiment.settings.data
   size, frames = experiment.settings.optimiser.batch_size, data.frame_buckets[-1]
   batch = experiment.relations.add(dict(
-      audio=np.zeros((size, frames, experiment.corpus.mel_bands), np.float32),
+      audio=np.zeros((size, frames, experiment.corpus.feature_width), np.float32),
       audio_mask=np.ones((size, frames), bool),
       tokens=np.ones((size, data.max_tokens), np.int32),
       token_mask=np.ones((size, data.max_tokens), bool),

@@ -355,7 +355,7 @@ def main(argv):
   except (FileNotFoundError, ValueError, workdir_lib.WorkdirError) as error:
     command.exit_with(error, 1)
   frames = sum(len(f) for f in index.frames)
-  hours = frames * model.logmel.hop_ms / 3.6e6
+  hours = frames * model.logmel.hop_seconds / 3600
   size = os.path.getsize(index_path(workdir, audio_dir)) / 2**20
   elsewhere = "" if in_workdir(workdir) else f", kept in {kept} ({workdir} is read-only)"
   print(f"{len(index.files)} files indexed in {audio_dir} ({index.embedded} embedded "

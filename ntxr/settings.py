@@ -34,7 +34,7 @@ OPERATIONAL = ("checkpoint_every_steps", "metrics_every_steps", "cache_dir", "st
 RESUMABLE_CHANGES = (*OPERATIONAL, "num_epochs", "collapse")
 # Paths: "/data/clotho/" and "/data/clotho" name one folder.
 PATHS = ("data_dir", "cache_dir", "stage_dir", "word_vectors", "relevance_file",
-         "graded_relevance_dir")
+         "graded_relevance_dir", "audio_weights", "text_weights")
 
 # The least value of the numeric fields that have one.
 AT_LEAST = dict(batch_size=2, eval_batch_size=1, num_epochs=1, max_steps_per_epoch=0,
@@ -47,7 +47,11 @@ AT_LEAST = dict(batch_size=2, eval_batch_size=1, num_epochs=1, max_steps_per_epo
 AT_MOST = dict(learning_rate=1.0)
 MIN_SAMPLE_RATE = 8000  # a 40 ms window of 64 mel bands needs at least this
 
-TOKENS = ("sentencepiece", "words")
+TOKENS = ("sentencepiece", "words")  # "pretrained": the text encoder's own, set by it
+AUDIO_ENCODERS = ("crnn", "cnn14", "passt")  # beside the paper's CRNN, ntxr.encoders'
+TEXT_ENCODERS = ("word_vectors", "bert", "roberta")
+# The pretrained audio encoders read waveforms at this rate, in frames of HOP samples.
+PRETRAINED_SAMPLE_RATE, PRETRAINED_HOP = 32000, 320
 VOCABULARIES = ("training", "all")  # which splits' captions a tokenizer learns from
 MISSING_WORD_VECTORS = ("random", "one_unk")
 PADDINGS = ("masked", "batch")  # see steps.training_masks
@@ -74,11 +78,14 @@ class SettingError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Features:
-  """Log-mel parameters; `name` encodes all of them, so a change re-prepares.
+  """Log-mel parameters, or waveform frames; `name` encodes all of them, so a change
+  re-prepares.
 
   sample_rate 0 means the corpus's own default (16 kHz synthetic, 44.1 kHz Clotho);
   n_fft 0 means the window length; f_max 0 means the Nyquist frequency. The paper's
   (their `audio_logmel.py`): n_fft 2048, f_min 12, f_max 8000, log_offset 2.2e-16.
+  waveform_hop > 0: no log-mel, the waveform itself in frames of that many samples
+  [frames, waveform_hop] (the last zero-padded), for encoders with their own front end.
   """
   sample_rate: int = 0
   window_ms: float = 40.0
@@ -88,9 +95,22 @@ class Features:
   f_min: float = 0.0
   f_max: float = 0.0
   log_offset: float = 1e-8
+  waveform_hop: int = 0
+
+  @property
+  def width(self) -> int:
+    """A frame's values: mel bands, or waveform samples."""
+    return self.waveform_hop or self.mel_bands
+
+  @property
+  def hop_seconds(self) -> float:
+    """The time from one frame to the next."""
+    return self.waveform_hop / self.sample_rate if self.waveform_hop else self.hop_ms / 1000
 
   @property
   def name(self) -> str:
+    if self.waveform_hop:
+      return f"sr{self.sample_rate}_wave{self.waveform_hop}"
     return (f"sr{self.sample_rate}_win{self.window_ms:g}_hop{self.hop_ms:g}_fft{self.n_fft}"
             f"_mel{self.mel_bands}_f{self.f_min:g}-{self.f_max:g}_off{self.log_offset:g}"
             ).replace(".", "p")
@@ -101,7 +121,8 @@ class Data:
   """What a run trains and is tested on (`ntxr.data.corpus.load` takes these).
 
   data_dir: a Clotho, AudioCaps or pairs folder, or None for the built-in corpus of
-  `size`. tokens: "words" whenever word vectors are given. splits: the (training,
+  `size`. tokens: "words" whenever word vectors are given, "pretrained" (the tokenizer of
+  the text encoder's folder, text_weights) with a pretrained text encoder. splits: the (training,
   validation, test) split names, the last two as --config.validation_split and
   test_split choose from the data set's own. relevance_file: DCASE 2025's matching clips
   per test caption ("": the one beside the captions, if any); graded_relevance_dir: the
@@ -117,6 +138,7 @@ class Data:
   text_cleaning: str
   vocabulary: str
   word_vectors: str
+  text_weights: str
   missing_word_vectors: str
   word_variants: str
   frame_buckets: tuple
@@ -129,7 +151,13 @@ class Data:
 
 @dataclasses.dataclass(frozen=True)
 class Model:
-  """The dual encoder's fields other than its vocabulary (`models.DualEncoder`)."""
+  """The dual encoder's fields other than its vocabulary (`models.DualEncoder`), and
+  its pretrained encoders' names and files (`ntxr.encoders`; "crnn" and "word_vectors":
+  the paper's, trained from scratch)."""
+  audio_encoder: str
+  audio_weights: str
+  text_encoder: str
+  text_weights: str
   embed_dim: int
   channels: tuple
   dropout: float
@@ -258,18 +286,21 @@ class Settings:
         data=Data(
             data_dir=os.path.expanduser(c.data_dir) if c.data_dir else None, size=c.size,
             cache_dir=os.path.expanduser(c.cache_dir),
-            stage_dir=c.stage_dir, features=Features(
-                sample_rate=c.sample_rate, n_fft=c.n_fft, f_min=c.f_min, f_max=c.f_max,
-                log_offset=c.log_offset),
-            tokens="words" if c.word_vectors else c.tokens, vocab_size=c.vocab_size,
+            stage_dir=c.stage_dir, features=_features(c),
+            tokens=("pretrained" if c.text_encoder != "word_vectors" else
+                    "words" if c.word_vectors else c.tokens), vocab_size=c.vocab_size,
             text_cleaning=c.text_cleaning, vocabulary=c.vocabulary, word_vectors=c.word_vectors,
+            text_weights=os.path.expanduser(c.text_weights),
             missing_word_vectors=c.missing_word_vectors, word_variants=c.word_variants,
             frame_buckets=tuple(c.frame_buckets),
             max_tokens=c.max_tokens, skip_bad_files=c.skip_bad_files,
             splits=splits,
             relevance_file=os.path.expanduser(c.relevance_file),
             graded_relevance_dir=os.path.expanduser(c.graded_relevance_dir)),
-        model=Model(embed_dim=c.embed_dim, channels=tuple(c.channels), dropout=c.dropout,
+        model=Model(audio_encoder=c.audio_encoder,
+                    audio_weights=os.path.expanduser(c.audio_weights),
+                    text_encoder=c.text_encoder,
+                    text_weights=os.path.expanduser(c.text_weights), embed_dim=c.embed_dim, channels=tuple(c.channels), dropout=c.dropout,
                     initializer=c.initializer, compute_dtype=c.compute_dtype,
                     pool_remainder=c.pool_remainder),
         loss=Loss(objective=c.objective, strategy=c.strategy, margin=c.margin, score=c.score,
@@ -288,6 +319,15 @@ class Settings:
                                 metrics_every_steps=c.metrics_every_steps,
                                 select_by=c.select_by),
         collapse=Collapse(**c.collapse.to_dict()))
+
+
+def _features(config: ml_collections.ConfigDict) -> Features:
+  """The clips' features: the config's log-mel for the CRNN, else waveform frames at the
+  pretrained encoders' rate."""
+  if config.audio_encoder != "crnn":
+    return Features(sample_rate=PRETRAINED_SAMPLE_RATE, waveform_hop=PRETRAINED_HOP)
+  return Features(sample_rate=config.sample_rate, n_fft=config.n_fft, f_min=config.f_min,
+                  f_max=config.f_max, log_offset=config.log_offset)
 
 
 def _choose(field: str, value, choices) -> None:
@@ -309,7 +349,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
       ("compute_dtype", models.COMPUTE_DTYPES), ("train_padding", PADDINGS),
       ("select_by", SELECTIONS), ("similarity", ("", *SIMILARITIES)),
       ("pool_remainder", models.POOL_REMAINDERS), ("word_variants", WORD_VARIANTS),
-      ("validation_draws", VALIDATION_DRAWS), ("matmul_precision", MATMUL_PRECISIONS)]:
+      ("validation_draws", VALIDATION_DRAWS), ("matmul_precision", MATMUL_PRECISIONS),
+      ("audio_encoder", AUDIO_ENCODERS), ("text_encoder", TEXT_ENCODERS)]:
     _choose(field, config[field], choices)
   for field, value in _flat(config):
     if isinstance(value, float) and not math.isfinite(value):
@@ -357,10 +398,27 @@ def check_values(config: ml_collections.ConfigDict) -> None:
                        f"counts, one per CRNN block, not {tuple(config.channels)}")
   stride = math.prod(pool[0] for pool in models.PAPER_POOLS if pool)
   buckets = tuple(config.frame_buckets)
-  if (not buckets or list(buckets) != sorted(set(buckets))
-      or any(b < stride or b % stride for b in buckets)):
+  if config.audio_encoder != "crnn":  # frames of waveform: any length
+    if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+      raise SettingError(f"--config.frame_buckets must rise, each a count of "
+                         f"{PRETRAINED_HOP}-sample frames, not {buckets}")
+  elif (not buckets or list(buckets) != sorted(set(buckets))
+        or any(b < stride or b % stride for b in buckets)):
     raise SettingError(f"--config.frame_buckets must rise, each a multiple of the CRNN's "
                        f"time stride {stride}, not {buckets}")
+  for field, default in (("audio_encoder", "crnn"), ("text_encoder", "word_vectors")):
+    weights = field.replace("encoder", "weights")
+    if (config[field] == default) != (not config[weights]):
+      raise SettingError(
+          f"--config.{weights} names the pretrained {field.split('_')[0]} encoder's file: "
+          f"give it with --config.{field}=" + ("|".join(
+              AUDIO_ENCODERS[1:] if field == "audio_encoder" else TEXT_ENCODERS[1:]))
+          + (", not alone" if config[weights] else f", not {config[field]} alone"))
+  if config.text_encoder != "word_vectors" and (config.word_vectors or
+                                                config.similarity == "word_vectors"):
+    raise SettingError(f"--config.text_encoder={config.text_encoder} reads its own "
+                       f"tokens: --config.word_vectors and --config.similarity=word_vectors "
+                       f"are for the word-vector text encoder")
   if config.require_word_vectors and not config.word_vectors:
     raise SettingError(
         "this config trains on frozen word2vec vectors, as the paper: pass "
@@ -380,9 +438,14 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 def _check_paths(config: ml_collections.ConfigDict) -> None:
   """Raises SettingError naming the first file or folder of config that is not there."""
   from ntxr.data import captions  # pylint: disable=import-outside-toplevel
-  for field in ("word_vectors", "relevance_file"):
+  for field in ("word_vectors", "relevance_file", "audio_weights"):
     if config[field] and not os.path.isfile(os.path.expanduser(config[field])):
       raise SettingError(f"--config.{field}={config[field]}: no such file")
+  if config.text_weights and not os.path.isfile(
+      os.path.join(os.path.expanduser(config.text_weights), "config.json")):
+    raise SettingError(f"--config.text_weights={config.text_weights}: no Hugging Face model "
+                       f"folder (config.json, model.safetensors or pytorch_model.bin, the "
+                       f"tokenizer's files), as published on huggingface.co")
   folder = os.path.expanduser(config.graded_relevance_dir)
   if folder and not (os.path.isdir(folder) and any(
       name.endswith("_relevances.csv") for name in os.listdir(folder))):

@@ -57,15 +57,33 @@ def _init_variables(model: models.DualEncoder, key: jax.Array, example: dict) ->
   return model.init(key, example, train=False)
 
 
+def _with_pretrained(variables: dict, pretrained: dict) -> dict:
+  """`variables` with the pretrained encoders' ("audio_encoder", "text_encoder" of
+  `models.DualEncoder`) replaced by their files' {name: {"params": ..., ...}}; ValueError
+  where a shape differs."""
+  variables = {collection: dict(tree) for collection, tree in variables.items()}
+  shapes = lambda tree: jax.tree.map(jnp.shape, tree)
+  for name, loaded in pretrained.items():
+    for collection, tree in loaded.items():
+      if shapes(variables[collection][name]) != shapes(tree):
+        raise ValueError(f"the {name}'s {collection} in its file do not fit the module "
+                         f"built from it")
+      variables[collection][name] = jax.tree.map(jnp.array, tree)  # a copy: steps donate it
+  return variables
+
+
 def create_train_state(model: models.DualEncoder, key: jax.Array, *, frames: int, words: int,
                        mel_bands: int, objective: str = "triplet", learning_rate: float = 1e-3,
-                       word_table: Optional[np.ndarray] = None) -> TrainState:
-  """Initialised parameters (from an example of `frames` log-mel frames of `mel_bands`
-  bands and `words` tokens) and Adam; the objective's learnt scalars join the params;
-  word_table [V, E] replaces (and freezes) the text encoder's table."""
+                       word_table: Optional[np.ndarray] = None,
+                       pretrained: Optional[dict] = None) -> TrainState:
+  """Initialised parameters (from an example of `frames` frames of `mel_bands` values
+  (log-mel bands, or waveform samples) and `words` tokens) and Adam; the objective's
+  learnt scalars join the params; word_table [V, E] replaces (and freezes) the text
+  encoder's table; pretrained {"audio_encoder" or "text_encoder": variables} replace the
+  pretrained encoders' initial variables."""
   example = dict(audio=jnp.zeros((2, frames, mel_bands)), audio_mask=jnp.ones((2, frames), bool),
                  tokens=jnp.ones((2, words), jnp.int32), token_mask=jnp.ones((2, words), bool))
-  variables = _init_variables(model, key, example)
+  variables = _with_pretrained(_init_variables(model, key, example), pretrained or {})
   params = variables["params"]
   if word_table is not None:
     expected = params["text"]["embed"]["embedding"].shape
@@ -76,7 +94,7 @@ def create_train_state(model: models.DualEncoder, key: jax.Array, *, frames: int
   params = {**params, **objectives.initial_parameters(objective)}
   state = TrainState.create(apply_fn=model.apply, params=params,
                             tx=optimizer(learning_rate, word_table is not None),
-                            batch_stats=variables["batch_stats"])
+                            batch_stats=variables.get("batch_stats", {}))
   # Strongly typed leaves, as train_step returns them: the step compiles once, not twice.
   return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), state)
 

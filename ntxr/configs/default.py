@@ -60,7 +60,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.relevance_file = ""
   config.graded_relevance_dir = ""
 
-  # Model.
+  # Model: the paper's CRNN and word table, or pretrained encoders from their publishers'
+  # files (ntxr.encoders): audio "cnn14" or "passt" (audio_weights: the .pth file),
+  # text "bert" or "roberta" (text_weights: a Hugging Face model folder), each with a
+  # linear projection to embed_dim; their audio is waveforms at 32 kHz.
+  config.audio_encoder = "crnn"
+  config.audio_weights = ""
+  config.text_encoder = "word_vectors"
+  config.text_weights = ""
   config.channels = (8, 32, 32, 32, 32)
   config.embed_dim = 300
   config.dropout = 0.3

@@ -60,7 +60,7 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
     return self.dataset_info_from_configs(features=tfds.features.FeaturesDict({
         "audio_id": np.int64,
         "file_name": tfds.features.Text(),
-        "logmel": tfds.features.Tensor(shape=(None, self.builder_config.logmel.mel_bands),
+        "logmel": tfds.features.Tensor(shape=(None, self.builder_config.logmel.width),
                                        dtype=np.float32),
         "captions": tfds.features.Sequence(tfds.features.Text()),
     }), metadata=tfds.core.MetadataDict(skipped={}))

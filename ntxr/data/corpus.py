@@ -42,8 +42,9 @@ class Corpus:
     return self.builder.SPLITS
 
   @property
-  def mel_bands(self) -> int:
-    return self.builder.builder_config.logmel.mel_bands
+  def feature_width(self) -> int:
+    """A frame's values: mel bands, or waveform samples (`settings.Features.width`)."""
+    return self.builder.builder_config.logmel.width
 
   def clips(self, split: str):
     """The split's clips, a tf.data.Dataset of {"logmel", "captions", "file_name", ...}."""
@@ -59,7 +60,8 @@ class Corpus:
 
 def _tokenizer(kind: str, captions: list, folder: str, vocab_size: int, cleaning: str,
                vocabulary: str):
-  """The caption tokenizer of `kind`, trained once and cached in `folder`."""
+  """The caption tokenizer of `kind`, trained once and cached in `folder` (not
+  "pretrained": `load_data` reads the text encoder's own)."""
   os.makedirs(folder, exist_ok=True)
   if kind == "words":
     return tokenizer.WordTokenizer(tokenizer.train_words(
@@ -148,12 +150,17 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=settings.Features()
 
 
 def load_data(data: settings.Data) -> Corpus:
-  """`load` with a run's data settings, and the word vectors they name."""
+  """`load` with a run's data settings, and the word vectors or the pretrained text
+  encoder's tokenizer they name."""
+  pretrained = data.tokens == "pretrained"
   corpus = load(data.data_dir, cache_dir=data.cache_dir,
                 stage_dir=data.stage_dir or staging.STAGE_DIR, size=data.size,
-                logmel=data.features, tokens=data.tokens, vocab_size=data.vocab_size,
-                cleaning=data.text_cleaning, vocabulary=data.vocabulary,
-                skip_bad_files=data.skip_bad_files)
+                logmel=data.features, tokens="words" if pretrained else data.tokens,
+                vocab_size=data.vocab_size, cleaning=data.text_cleaning,
+                vocabulary=data.vocabulary, skip_bad_files=data.skip_bad_files)
+  if pretrained:
+    return dataclasses.replace(corpus, tokenizer=tokenizer.PretrainedTokenizer(
+        data.text_weights, data.max_tokens))
   if not data.word_vectors:
     return corpus
   words = corpus.tokenizer.words

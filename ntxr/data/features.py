@@ -1,4 +1,5 @@
-"""Audio decoding and log-mel features (the paper's: 40 ms window, 20 ms hop, 64 bands)."""
+"""Audio decoding and log-mel features (the paper's: 40 ms window, 20 ms hop, 64 bands), or
+the waveform in frames for encoders with their own front end."""
 
 import os
 
@@ -52,9 +53,21 @@ def log_mel(audio: np.ndarray, config: settings.Features) -> np.ndarray:
   return np.log(mel + config.log_offset).T.astype(np.float32)
 
 
+def waveform_frames(audio: np.ndarray, hop: int) -> np.ndarray:
+  """Mono waveform [samples] -> [ceil(samples / hop), hop], the last frame zero-padded.
+
+  Example:
+    >>> waveform_frames(np.arange(1, 6, dtype=np.float32), 2).tolist()
+    [[1.0, 2.0], [3.0, 4.0], [5.0, 0.0]]
+  """
+  return np.pad(audio, (0, -len(audio) % hop)).reshape(-1, hop).astype(np.float32)
+
+
 def clip_features(path: str, config: settings.Features) -> np.ndarray:
-  """decode_audio then log_mel: a file -> [frames, mel_bands]; ValueError naming a file
-  shorter than one FFT of the features."""
+  """decode_audio then log_mel: a file -> [frames, mel_bands] (or `waveform_frames` for
+  config.waveform_hop); ValueError naming a file shorter than one FFT of the features."""
+  if config.waveform_hop:
+    return waveform_frames(decode_audio(path, config.sample_rate), config.waveform_hop)
   audio, n_fft = decode_audio(path, config.sample_rate), _samples(config)[2]
   if len(audio) < n_fft:
     ms = lambda samples: f"{1000 * samples / config.sample_rate:.0f} ms"

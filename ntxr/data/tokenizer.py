@@ -1,10 +1,10 @@
 """Caption tokenizers cached by the data.
 
-Two vocabularies share one interface (`vocab_size`, `encode`), with PAD_ID = 0 and
-UNK_ID = 1:
+Three vocabularies share one interface (`vocab_size`, `encode`), with PAD_ID = 0:
   - sentencepiece pieces trained on the development captions (the default);
   - whole words of the cleaned development captions, for word vectors such as the
-    paper's frozen Word2Vec (`word_vectors.read_word2vec` aligns a word2vec file to them).
+    paper's frozen Word2Vec (`word_vectors.read_word2vec` aligns a word2vec file to them);
+  - a pretrained text encoder's own tokenizer, read from its folder (`PretrainedTokenizer`).
 """
 
 import collections
@@ -78,6 +78,21 @@ class Tokenizer:
 
   def encode(self, caption: str) -> np.ndarray:
     return np.asarray(self.processor.encode(self.clean(caption)), np.int32)
+
+
+class PretrainedTokenizer:
+  """Caption -> int32 ids of a BERT or RoBERTa folder's own tokenizer (special tokens
+  added, cut to max_tokens keeping the last), each its checkpoint's id + 1 so that 0 pads
+  whatever the checkpoint's padding id (`models.PretrainedText` takes the 1 away)."""
+
+  def __init__(self, folder: str, max_tokens: int):
+    from ntxr.encoders import bert  # pylint: disable=import-outside-toplevel  (JAX)
+    config = bert.read_config(folder)
+    self.tokenizer = bert.load_tokenizer(folder, config["model_type"], max_tokens)
+    self.vocab_size = config["vocab_size"] + 1
+
+  def encode(self, caption: str) -> np.ndarray:
+    return np.asarray(self.tokenizer.encode(caption).ids, np.int32) + 1
 
 
 class WordTokenizer:

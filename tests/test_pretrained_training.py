@@ -1,0 +1,115 @@
+"""Training with pretrained encoders (--config.audio_encoder, --config.text_encoder) on the
+real recordings (tests/data/recordings): the publishers' files reach the train state as
+written, the text encoder reads its own checkpoint's token ids, both encoders are
+fine-tuned, and settings that cannot run are refused before anything is written."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import pretrained_files
+import recordings
+import torch_references
+from runs import experiment_of
+from ntxr import checkpoints as checkpoints_lib, encoders, settings, train
+from ntxr.configs import default
+from ntxr.data import tokenizer
+from ntxr.encoders import bert
+
+SMALL = dict(embed_dim=16, batch_size=4, eval_batch_size=4, num_epochs=1,
+             max_steps_per_epoch=2, frame_buckets=(128,), max_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  """{"pairs": a folder of the real recordings and their captions (captions.csv), "cnn14":
+  a PANNs file, "bert" and "roberta": Hugging Face folders}."""
+  root = tmp_path_factory.mktemp("pretrained")
+  return dict(pairs=recordings.pairs_folder(str(root / "pairs")),
+              cnn14=pretrained_files.cnn14_file(str(root / "Cnn14_mAP=0.431.pth")),
+              bert=pretrained_files.text_folder(str(root / "bert"), "bert"),
+              roberta=pretrained_files.text_folder(str(root / "roberta"), "roberta"))
+
+
+def pretrained_config(tiny_config, files, text="bert", **overrides):
+  return tiny_config(data_dir=files["pairs"], audio_encoder="cnn14",
+                     audio_weights=files["cnn14"], text_encoder=text,
+                     text_weights=files[text], **{**SMALL, **overrides})
+
+
+def _leaves(tree) -> list:
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+
+
+def test_cnn14_and_bert_fine_tune_end_to_end_on_real_recordings(tiny_config, files, tmp_path):
+  config = pretrained_config(tiny_config, files)
+  initial = experiment_of(config).initial_state
+  for name, path in (("cnn14", files["cnn14"]), ("bert", files["bert"])):
+    side = "audio" if name == "cnn14" else "text"
+    published = encoders.load(name, path).variables
+    for collection, tree in published.items():  # the file's weights, not fresh ones
+      got = getattr(initial, "params" if collection == "params" else collection)
+      for found, expected in zip(_leaves(got[f"{side}_encoder"]), _leaves(tree)):
+        np.testing.assert_array_equal(found, expected)
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["epochs"] == 1 and results["steps"] == 2
+  for direction in ("t2a", "a2t"):
+    assert 0 <= results[direction]["mAP@10"] <= 1
+  with checkpoints_lib.Checkpoints(str(tmp_path / "run")) as checkpoints:
+    trained, _ = checkpoints.restore("best", initial)
+  for name in ("audio_encoder", "text_encoder"):  # both fine-tuned
+    changed = [not np.array_equal(a, b) for a, b in zip(_leaves(trained.params[name]),
+                                                        _leaves(initial.params[name]))]
+    assert any(changed), name
+
+
+def test_roberta_reads_its_own_checkpoints_token_ids_padding_included(tiny_config, files):
+  """RoBERTa pads with id 1 and starts with id 0: the corpus's ids are the checkpoint's + 1
+  (0 pads), and the text encoder sees exactly the checkpoint's ids and gives what the
+  loaded encoder gives on the same captions."""
+  captions = list(recordings.CAPTIONS["front center.wav"][:3]) + ["Rain."]
+  theirs = torch_references.transformers().AutoTokenizer.from_pretrained(files["roberta"])
+  ours = tokenizer.PretrainedTokenizer(files["roberta"], SMALL["max_tokens"])
+  for caption in captions:
+    assert (ours.encode(caption) - 1).tolist() == theirs(
+        caption, truncation=True, max_length=SMALL["max_tokens"])["input_ids"]
+  experiment = experiment_of(pretrained_config(tiny_config, files, text="roberta"))
+  state = jax.device_get(experiment.initial_state)
+  tokens = np.stack([tokenizer.padded_ids(ours, c, SMALL["max_tokens"]) for c in captions])
+  _, seen = state.apply_fn(state.variables(), tokens, tokens != tokenizer.PAD_ID,
+                           method="embed_text", capture_intermediates=True,
+                           mutable=["intermediates"])
+  words = seen["intermediates"]["text_encoder"]["__call__"][0][0]
+  loaded = bert.load(files["roberta"], max_length=SMALL["max_tokens"])
+  (expected, mask), _ = loaded.embed(captions)
+  width = mask.shape[1]
+  assert not tokens[:, width:].any()
+  np.testing.assert_allclose(np.where(mask[..., None], words[:, :width], 0),
+                             np.where(mask[..., None], expected, 0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(audio_weights="x.pth"), r"--config\.audio_weights names .* give it with "
+                                  r"--config\.audio_encoder=cnn14\|passt, not alone"),
+    (dict(text_encoder="bert"), r"--config\.text_weights names .* not bert alone"),
+    (dict(audio_encoder="cnn14", audio_weights="/no/Cnn14_mAP=0.431.pth"),
+     r"--config\.audio_weights=/no/Cnn14_mAP=0\.431\.pth: no such file"),
+    (dict(text_encoder="roberta", text_weights="/no/roberta"),
+     r"--config\.text_weights=/no/roberta: no Hugging Face model folder"),
+    (dict(audio_encoder="vggish"), r"--config\.audio_encoder must be one of"),
+])
+def test_pretrained_settings_that_cannot_run_are_refused(overrides, message, tmp_path):
+  config = default.get_config()
+  config.update(overrides)
+  with pytest.raises(settings.SettingError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_a_pretrained_text_encoder_refuses_word_vectors(files):
+  config = default.get_config()
+  config.update(text_encoder="bert", text_weights=files["bert"], word_vectors=files["cnn14"])
+  with pytest.raises(settings.SettingError, match="reads its own tokens"):
+    settings.Settings.of(config)
