@@ -63,8 +63,8 @@ def config_of(args, only_config: bool = True) -> ml_collections.ConfigDict:
   --config.FIELD flags, as --name=value or --name value. Any other argument is a
   ValueError, or with only_config=False left to ntxr.main."""
   values, argv = flags.FlagValues(), ["ntxr.main", *args]
+  define_config(values, argv)  # and a flag for each --config.FIELD given
   command.given_twice(argv, values)
-  define_config(values, argv)
   values.set_gnu_getopt(not only_config)  # then read on past a value of ntxr.main's flags
   try:
     unparsed = values(argv, known_only=not only_config)
