@@ -414,11 +414,15 @@ def _train(runs: list, group_size: int, freeze: bool) -> None:
 
 
 def _save_and_stop(runs: list, stop: StopRequests) -> Stopped:
-  """Saves every unfrozen run's latest checkpoint; returns the Stopped error that says
-  how to resume."""
+  """Saves the latest checkpoint of every unfrozen run whose latest does not hold its
+  step and progress already; returns the Stopped error that says how to resume."""
   for run in runs:
-    if not run.frozen:
-      run.checkpoints.save("latest", run.state, run.progress.to_json())
+    run.checkpoints.wait()  # the saves in flight, before the latest are read
+  for run in runs:
+    now = (int(run.state.step), run.progress.to_json())
+    if not run.frozen and (run.checkpoints.step("latest"),
+                           run.checkpoints.progress("latest")) != now:
+      run.checkpoints.save("latest", run.state, now[1])
   for run in runs:
     run.checkpoints.wait()
   if len(runs) > 1:
