@@ -193,6 +193,27 @@ def test_a_stop_saves_again_only_the_runs_that_moved_since_their_last_save(
   assert [name for name in os.listdir(behind) if name.isdigit()] == ["4"]
 
 
+def test_a_stop_names_where_each_run_stopped(tmp_path, tiny_config, monkeypatch):
+  """Stopped together at step 3, the runs stopped at one point; then one run's checkpoint
+  lost, the rerun stopped as that run steps alone (its step 1): at two, each named."""
+  runs = together_plan(str(tmp_path), tiny_config, ["hard_audio"])
+  monkeypatch.setattr(train.StopRequests, "asked", lambda self, step: step == 3)
+  with pytest.raises(train.Stopped) as stopped:
+    train.train_runs(runs)
+  resume = "rerun the same command to resume them from there"
+  assert str(stopped.value) == (
+      "as asked (SIGTERM or a preemption notice), the 2 runs stopped after step 3 (epoch 1), "
+      f"each saved in its workdir's checkpoints/latest: {resume}")
+  shutil.rmtree(os.path.join(runs[1][1], "checkpoints", "latest", "3"))
+  monkeypatch.setattr(train.StopRequests, "asked", lambda self, step: step == 1)
+  with pytest.raises(train.Stopped) as stopped:
+    train.train_runs(runs)
+  assert str(stopped.value) == (
+      "as asked (SIGTERM or a preemption notice), the 2 runs stopped at different points, "
+      "each saved in its workdir's checkpoints/latest: hard_audio seed 0 after step 3 "
+      f"(epoch 1); hard_audio seed 1 after step 1 (epoch 1). {resume.capitalize()}")
+
+
 def test_runs_that_would_not_fit_a_device_are_refused_naming_a_group_size_that_fits(
     tiny_config, monkeypatch):
   """With a device said to hold 2.5 runs' estimated bytes (over 0.9), six runs of one
