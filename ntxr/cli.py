@@ -58,20 +58,24 @@ def check_config_file(argv) -> None:
     command.exit_with(f"--config={given}: cannot be read (permission denied)", 2)
 
 
-def config_of(args) -> ml_collections.ConfigDict:
-  """The config `ntxr.main` reads from its arguments `args`, which may hold only --config
-  and --config.FIELD flags (ValueError otherwise)."""
+def config_of(args, only_config: bool = True) -> ml_collections.ConfigDict:
+  """The config `ntxr.main` reads from its arguments `args`: their --config and
+  --config.FIELD flags, as --name=value or --name value. Any other argument is a
+  ValueError, or with only_config=False left to ntxr.main."""
   values, argv = flags.FlagValues(), ["ntxr.main", *args]
+  define_config(values, argv)  # and a flag for each --config.FIELD given
   command.given_twice(argv, values)
-  define_config(values, argv)
+  values.set_gnu_getopt(not only_config)  # then read on past a value of ntxr.main's flags
   try:
-    unparsed = values(argv)
-  except flags.Error as error:
+    unparsed = values(argv, known_only=not only_config)
+  except flags.UnrecognizedFlagError as error:  # one of ntxr.main's other flags
     raise ValueError(f"only --config flags can be given to runs trained together ({error})"
                      ) from None
+  except flags.Error as error:  # a value that does not parse
+    raise ValueError(error) from None
   except (AttributeError, KeyError) as error:
     command.unknown_field(error, argv)
-  if len(unparsed) > 1:
+  if only_config and len(unparsed) > 1:
     raise ValueError(f"unexpected arguments for the runs: {unparsed[1:]}")
   return values.config
 

@@ -26,19 +26,26 @@ _CHECKPOINTS = f"{os.sep}checkpoints{os.sep}"  # in the path of every file of a 
 
 def given_twice(argv, flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Ends the command in one line (exit 2) if argv, up to a "--", gives a flag twice that
-  takes one value: absl keeps the last, and ml_collections joins a tuple field's two."""
-  seen = set()
-  for arg in argv[1:]:
+  takes one value: absl keeps the last, and ml_collections joins a tuple field's two.
+  argv is read as absl reads it: `--name VALUE` is one flag whatever VALUE starts with;
+  a name flag_values lacks (absl's --flagfile, read each time) is left to absl."""
+  seen, args = set(), iter(argv[1:])
+  for arg in args:
     if arg == "--":
       break
     if not arg.startswith("-"):
       continue
     name = arg.lstrip("-").split("=")[0]
-    if name not in flag_values and name.startswith("no") and name[2:] in flag_values:
+    if (name not in flag_values and name.startswith("no") and name[2:] in flag_values
+        and flag_values[name[2:]].boolean):
       name = name[2:]  # --noflag
-    if (name in flag_values and isinstance(flag_values[name], flags.MultiFlag)
-        and not name.startswith("config.")):  # a field's tuple is one value
+    if name not in flag_values:
       continue
+    flag = flag_values[name]
+    if "=" not in arg and not flag.boolean:
+      next(args, None)  # its value
+    if isinstance(flag, flags.MultiFlag) and not name.startswith("config."):
+      continue  # a field's tuple is one value
     if name in seen:
       exit_with(f"--{name} is given twice: give it once", 2)
     seen.add(name)

@@ -9,6 +9,7 @@ import signal
 import sys
 
 INTERRUPTED = "interrupted: rerun the same command to resume"
+AGAIN = "interrupted: rerun the same command to start again"  # a command that resumes nothing
 
 
 def exit_at_once(line: str = INTERRUPTED) -> None:

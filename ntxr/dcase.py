@@ -24,12 +24,19 @@ score is warned about: those rank below every file it scores.
 import os
 from typing import NamedTuple
 
+from ntxr import ctrl_c
+
+if __name__ == "__main__":  # first: a Ctrl-C while the imports below load costs one line
+  ctrl_c.exit_at_once(ctrl_c.AGAIN)
+
+# pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
 
 from ntxr import command, files, relevance as relevance_lib
+# pylint: enable=wrong-import-position
 
 RANKED = 10  # files a submission lists per caption, best first
 COLUMNS = ["caption"] + [f"file_name_{k}" for k in range(1, RANKED + 1)]

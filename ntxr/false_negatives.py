@@ -18,6 +18,12 @@ import os
 import tempfile
 from typing import Callable, Optional
 
+from ntxr import ctrl_c
+
+if __name__ == "__main__":  # first: a Ctrl-C while the imports below load costs one line
+  ctrl_c.exit_at_once(ctrl_c.AGAIN)
+
+# pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
 import jax
@@ -27,6 +33,7 @@ import numpy as np
 from ntxr import command, files, relevance as relevance_lib, sampling
 from ntxr.configs import default
 from ntxr.data import tokenizer as tokenizer_lib, word_vectors as word_vectors_lib
+# pylint: enable=wrong-import-position
 
 FLAGS = flags.FLAGS
 # How a candidate clip's captions answer a query: each caption on its own (as the filter

@@ -425,13 +425,10 @@ def main(argv):
     runs = plan(FLAGS.root, names or list(specs.STRATEGIES), seeds)
     if FLAGS.gpus:
       gpu_groups(FLAGS.gpus, FLAGS.processes)
-    if FLAGS.together:
-      if FLAGS.processes > 1 or FLAGS.gpus:
-        raise ValueError("--together trains every run in this one process: leave out "
-                         "--processes and --gpus")
-      config = cli.config_of(argv[1:])
-    else:  # the runs' settings, of the --config flags among ntxr.main's
-      config = cli.config_of([arg for arg in argv[1:] if arg.startswith("--config")])
+    if FLAGS.together and (FLAGS.processes > 1 or FLAGS.gpus):
+      raise ValueError("--together trains every run in this one process: leave out "
+                       "--processes and --gpus")
+    config = cli.config_of(argv[1:], only_config=FLAGS.together)  # the runs' settings
     if not FLAGS.table_only:
       check(runs, config)
   except ValueError as error:  # settings.SettingError too

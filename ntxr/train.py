@@ -147,9 +147,9 @@ class Stopped(Exception):
 
 
 class Interrupted(BaseException):
-  """SIGTERM or Ctrl-C between an epoch's steps and its end: the loop saves what the steps
-  reached. Not an Exception, so that no `except Exception` (a checkpoint's write errors)
-  takes it for a failure."""
+  """SIGTERM or Ctrl-C, at a step or between an epoch's steps and its end: the loop saves
+  what the steps reached. Not an Exception, so that no `except Exception` (a checkpoint's
+  write errors) takes it for a failure."""
 
 
 class StopRequests:
@@ -416,22 +416,37 @@ def _train(runs: list, group_size: int, freeze: bool) -> None:
 
 
 def _save_and_stop(runs: list, stop: StopRequests) -> Stopped:
-  """Saves every unfrozen run's latest checkpoint; returns the Stopped error that says
-  how to resume."""
+  """Saves the latest checkpoint of every unfrozen run whose latest does not hold its
+  step and progress already; returns the Stopped error that says how to resume."""
   for run in runs:
-    if not run.frozen:
-      run.checkpoints.save("latest", run.state, run.progress.to_json())
+    run.checkpoints.wait()  # the saves in flight, before the latest are read
+  for run in runs:
+    now = (int(run.state.step), run.progress.to_json())
+    if not run.frozen and (run.checkpoints.step("latest"),
+                           run.checkpoints.progress("latest")) != now:
+      run.checkpoints.save("latest", run.state, now[1])
   for run in runs:
     run.checkpoints.wait()
-  if len(runs) > 1:
-    return stop.stopped(f"the {len(runs)} runs stopped, each saved in its workdir's "
-                        "checkpoints/latest: rerun the same command to resume them from there")
-  run, = runs
-  progress = run.progress
-  epoch = progress.epoch + (1 if progress.step_in_epoch else 0)  # at an epoch's end: that one
-  return stop.stopped(f"training stopped after step {int(run.state.step)} (epoch {epoch}), "
-                      f"saved in {run.checkpoints.root}/latest: rerun the same command to "
-                      "resume from there")
+  def point(run):
+    progress = run.progress
+    epoch = progress.epoch + (1 if progress.step_in_epoch else 0)  # at an epoch's end: that one
+    return f"after step {int(run.state.step)} (epoch {epoch})"
+  if len(runs) == 1:
+    return stop.stopped(f"training stopped {point(runs[0])}, saved in "
+                        f"{runs[0].checkpoints.root}/latest: rerun the same command to resume "
+                        "from there")
+  points = {}  # point -> the names of the runs stopped there
+  for run in runs:
+    if not run.frozen:
+      points.setdefault(point(run), []).append(run.name)
+  stopped = f"the {sum(map(len, points.values()))} runs stopped"
+  saved, resume = "each saved in its workdir's checkpoints/latest", "resume them from there"
+  if len(points) == 1:
+    return stop.stopped(f"{stopped} {next(iter(points))}, {saved}: rerun the same command to "
+                        f"{resume}")
+  each = "; ".join(f"{', '.join(names)} {where}" for where, names in points.items())
+  return stop.stopped(f"{stopped} at different points, {saved}: {each}. Rerun the same "
+                      f"command to {resume}")
 
 
 def _train_epoch(runs: list, group_size: int, freeze: bool, stop: StopRequests) -> None:
@@ -482,7 +497,7 @@ def _train_epoch(runs: list, group_size: int, freeze: bool, stop: StopRequests) 
       if asked:
         for program in active:
           program.unstack()
-        raise _save_and_stop(runs, stop)
+        raise Interrupted()  # every run saved where it stands, these and the others
       if save:
         for program in active:
           program.unstack()

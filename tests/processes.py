@@ -2,6 +2,7 @@
 a condition while processes live (no heavy imports: pool workers load the test modules
 that use this)."""
 
+import errno
 import os
 import socket
 import time
@@ -53,3 +54,18 @@ def outliving(pids, timeout: float = 10.0) -> set:
   while alive(pids) and time.monotonic() < deadline:
     time.sleep(0.1)
   return alive(pids)
+
+
+def reading_pipe(path, process, timeout: float = 60.0) -> int:
+  """Waits until `process` opens the named pipe `path` (os.mkfifo) to read it; returns
+  the pipe's write end, open and empty, so that the process waits in its read."""
+  deadline = time.monotonic() + timeout
+  while True:
+    try:
+      return os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as error:
+      if error.errno != errno.ENXIO:  # ENXIO: no reader yet
+        raise
+    if process.poll() is not None or time.monotonic() > deadline:
+      raise AssertionError(f"{path} was never opened; exit code {process.poll()}")
+    time.sleep(0.05)

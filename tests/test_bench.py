@@ -4,6 +4,7 @@ import functools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntxr import bench, models, sampling, settings, steps, together
+from ntxr import bench, ctrl_c, models, sampling, settings, steps, together
 from ntxr.bench import __main__ as bench_command
 from ntxr.bench import kernel_parts, kernels, reference, score_matrices, timing
 from ntxr.bench import together_steps, training_loop, training_steps, union_program
@@ -119,6 +120,21 @@ def test_a_malformed_shape_run_count_or_job_costs_one_line(tmp_path):
                            f"--json={tmp_path}/bench.json"], capture_output=True, text=True,
                           check=False)
     assert (done.returncode, done.stderr) == (2, f"error: {message}\n")
+  assert not os.listdir(tmp_path)
+
+
+def test_ctrl_c_costs_one_line_and_writes_nothing(tmp_path):
+  """Ctrl-C while the first job measures: status 130, one line, no traceback, and
+  neither --json nor --results_dir written."""
+  run = subprocess.Popen([sys.executable, "-m", "ntxr.bench", "--jobs=kernels",
+                          "--shapes=4:6:3:8", "--strategies=random", "--repeats=100000000",
+                          f"--json={tmp_path}/bench.json", f"--results_dir={tmp_path}/results"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+  assert run.stdout.readline().startswith("device: ")  # then the job starts
+  run.send_signal(signal.SIGINT)
+  stderr = run.communicate(timeout=60)[1]
+  assert (run.returncode, stderr) == (130, f"{ctrl_c.AGAIN}\n")
   assert not os.listdir(tmp_path)
 
 

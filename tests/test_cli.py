@@ -274,6 +274,27 @@ def test_each_mistake_costs_one_line_and_the_corrected_command_trains_in_that_wo
   assert json.loads((workdir / "results.json").read_text())["epochs"] == 1
 
 
+def test_a_value_with_a_leading_dash_or_a_second_flagfile_is_no_flag_given_twice(tmp_path):
+  """As absl reads them: `--flag VALUE` is one flag whatever VALUE starts with, and every
+  --flagfile is read. A flag given twice in that form is still refused."""
+  def main(*flags):
+    return subprocess.run([sys.executable, "-m", "ntxr.main", "--check_settings", *flags],
+                          capture_output=True, text=True, check=False)
+  negatives = ["--config.relevance_offset", "-2", "--config.relevance_slope", "-2"]
+  done = main(*negatives)
+  assert (done.returncode, done.stderr) == (0, "")
+  config = cli.config_of(negatives)  # what a sweep reads after --
+  assert (config.relevance_offset, config.relevance_slope) == (-2, -2)
+  done = main("--config.relevance_offset", "-2", "--config.relevance_offset", "-3")
+  assert (done.returncode, done.stderr) == (
+      2, "error: --config.relevance_offset is given twice: give it once\n")
+  (tmp_path / "strategy").write_text("--strategy=random\n")
+  (tmp_path / "objective").write_text("--objective=infonce\n")
+  done = main(f"--flagfile={tmp_path}/strategy", "--flagfile", f"{tmp_path}/objective")
+  assert done.returncode == 2 and done.stderr.startswith(
+      "error: --objective=infonce takes no --strategy"), done.stderr  # both files read
+
+
 def test_ctrl_c_in_a_commands_first_seconds_costs_one_line(tiny_flags, tiny_run, tmp_path):
   """Ctrl-C (SIGINT) at seeded moments of the commands' first seconds, while their
   modules, JAX and TensorFlow load and the data is read (before training's own handler):

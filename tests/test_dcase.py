@@ -6,13 +6,15 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from ntxr import dcase
+from ntxr import ctrl_c, dcase
+from processes import reading_pipe
 
 DCASE2022 = os.path.join(os.path.dirname(__file__), "data", "dcase2022")
 GROUND_TRUTH = os.path.join(DCASE2022, "clotho_evaluation_captions.csv")
@@ -132,3 +134,19 @@ def test_the_command_says_what_is_wrong_in_one_line(tmp_path):
 def test_missing_file_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="nothing.csv"):
     dcase.score_files(str(tmp_path / "nothing.csv"), BASELINE)
+
+
+def test_ctrl_c_costs_one_line_and_writes_nothing(tmp_path):
+  """Ctrl-C while the command reads its ground truth (a pipe that sends nothing): status
+  130, one line, no traceback, and nothing written."""
+  pipe, output = tmp_path / "captions.csv", tmp_path / "scores.json"
+  os.mkfifo(pipe)
+  run = subprocess.Popen([sys.executable, "-m", "ntxr.dcase", f"--ground_truth={pipe}",
+                          f"--predictions={BASELINE}", f"--output_json={output}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  writer = reading_pipe(pipe, run)
+  run.send_signal(signal.SIGINT)
+  stdout, stderr = run.communicate(timeout=60)
+  os.close(writer)
+  assert (run.returncode, stderr, stdout) == (130, f"{ctrl_c.AGAIN}\n", "")
+  assert os.listdir(tmp_path) == ["captions.csv"]

@@ -3,6 +3,8 @@ computations and the built-in corpus's own captions."""
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -11,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ntxr import false_negatives, sampling, settings, steps
+from ntxr import ctrl_c, false_negatives, sampling, settings, steps
 from ntxr.configs import default
 from ntxr.data import synthetic
+from processes import reading_pipe
 
 
 def test_tfidf_similarity_is_the_cosine_of_hand_made_vectors():
@@ -269,6 +272,25 @@ def test_a_split_the_ratings_lack_is_named_with_those_they_hold(tmp_path):
       2, f"error: --fit_split=train: {TAU} holds no such split's ratings "
       "(SPLIT_relevances.csv); it holds development, evaluation\n")
   assert not os.listdir(tmp_path)
+
+
+def test_ctrl_c_costs_one_line_and_writes_nothing(tmp_path):
+  """Ctrl-C while the command reads the ratings (one file a pipe that sends nothing):
+  status 130, one line, no traceback, and nothing written."""
+  ratings, output = tmp_path / "ratings", tmp_path / "rules.json"
+  shutil.copytree(TAU, ratings)
+  pipe = ratings / "development_audio_metadata.csv"
+  pipe.unlink()
+  os.mkfifo(pipe)
+  run = subprocess.Popen([sys.executable, "-m", "ntxr.false_negatives",
+                          f"--relevance_dir={ratings}", f"--output_json={output}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  writer = reading_pipe(pipe, run)
+  run.send_signal(signal.SIGINT)
+  stdout, stderr = run.communicate(timeout=60)
+  os.close(writer)
+  assert (run.returncode, stderr, stdout) == (130, f"{ctrl_c.AGAIN}\n", "")
+  assert os.listdir(tmp_path) == ["ratings"]
 
 
 def test_the_commands_default_threshold_is_where_the_configs_relevance_map_crosses_a_half(

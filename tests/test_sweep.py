@@ -245,6 +245,23 @@ def test_a_sweep_with_other_settings_is_refused_before_any_run_starts(tmp_path, 
   assert not os.path.exists(tmp_path / "none")
 
 
+def test_the_runs_flags_read_the_same_as_one_word_or_two(tmp_path, tiny_config, tiny_flags):
+  """After --, `--config.FIELD VALUE` is `--config.FIELD=VALUE`, as ntxr.main reads it:
+  the run tested with those settings counts as finished either way."""
+  root = str(tmp_path / "root")
+  saved_run(root, "random", 0, tiny_config())
+  one_word = tiny_flags()
+  outputs = []
+  for flags in (one_word, [word for flag in one_word for word in flag.split("=", 1)]):
+    done = subprocess.run([sys.executable, "-m", "ntxr.sweep", f"--root={root}",
+                           "--strategies=random", "--seeds=0", "--", *flags],
+                          capture_output=True, text=True, check=False)
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr[-3000:]
+    outputs.append(done.stdout)
+  assert outputs[0] == outputs[1]
+  assert outputs[0].startswith("1 of 1 runs finished already; 0 to run")
+
+
 def test_ctrl_c_stops_the_running_runs_and_starts_no_other(tmp_path, monkeypatch):
   """Ctrl-C to the sweep alone (as `kill -INT` sends it): its running run gets it too
   (ntxr.main then saves and exits 130), the next run never starts, and run_all raises

@@ -7,6 +7,7 @@ import copy
 import os
 import re
 import shutil
+import signal
 
 import jax
 import numpy as np
@@ -166,6 +167,52 @@ def test_a_stopped_sweep_resumes_every_run_even_from_different_steps(
                                rtol=1e-5)
     assert first["validation"]["loss"] == pytest.approx(expected["validation"]["loss"],
                                                         abs=1e-3)
+
+
+def test_a_stop_saves_again_only_the_runs_that_moved_since_their_last_save(
+    tmp_path, tiny_config, monkeypatch):
+  """Stopped at step 3, then one run's checkpoint lost: the rerun, stopped while that run
+  is validated after stepping alone through its epoch, saves it and leaves the other's
+  checkpoint, which holds that run's state already, as it was."""
+  runs = together_plan(str(tmp_path), tiny_config, ["hard_audio"])
+  with monkeypatch.context() as m:
+    m.setattr(train.StopRequests, "asked", lambda self, step: step == 3)
+    with pytest.raises(train.Stopped):
+      train.train_runs(runs)
+  waiting, behind = (os.path.join(workdir, "checkpoints", "latest") for _, workdir in runs)
+  shutil.rmtree(os.path.join(behind, "3"))
+  saved = os.stat(os.path.join(waiting, "3"))
+  validate = experiment_lib.Experiment.validate
+  def terminated_validation(self, state, training, epoch):
+    os.kill(os.getpid(), signal.SIGTERM)
+    return validate(self, state, training, epoch)
+  monkeypatch.setattr(experiment_lib.Experiment, "validate", terminated_validation)
+  with pytest.raises(train.Stopped):
+    train.train_runs(runs)
+  kept = os.stat(os.path.join(waiting, "3"))
+  assert (kept.st_ino, kept.st_mtime_ns) == (saved.st_ino, saved.st_mtime_ns)
+  assert [name for name in os.listdir(behind) if name.isdigit()] == ["4"]
+
+
+def test_a_stop_names_where_each_run_stopped(tmp_path, tiny_config, monkeypatch):
+  """Stopped together at step 3, the runs stopped at one point; then one run's checkpoint
+  lost, the rerun stopped as that run steps alone (its step 1): at two, each named."""
+  runs = together_plan(str(tmp_path), tiny_config, ["hard_audio"])
+  monkeypatch.setattr(train.StopRequests, "asked", lambda self, step: step == 3)
+  with pytest.raises(train.Stopped) as stopped:
+    train.train_runs(runs)
+  resume = "rerun the same command to resume them from there"
+  assert str(stopped.value) == (
+      "as asked (SIGTERM or a preemption notice), the 2 runs stopped after step 3 (epoch 1), "
+      f"each saved in its workdir's checkpoints/latest: {resume}")
+  shutil.rmtree(os.path.join(runs[1][1], "checkpoints", "latest", "3"))
+  monkeypatch.setattr(train.StopRequests, "asked", lambda self, step: step == 1)
+  with pytest.raises(train.Stopped) as stopped:
+    train.train_runs(runs)
+  assert str(stopped.value) == (
+      "as asked (SIGTERM or a preemption notice), the 2 runs stopped at different points, "
+      "each saved in its workdir's checkpoints/latest: hard_audio seed 0 after step 3 "
+      f"(epoch 1); hard_audio seed 1 after step 1 (epoch 1). {resume.capitalize()}")
 
 
 def test_runs_that_would_not_fit_a_device_are_refused_naming_a_group_size_that_fits(

@@ -22,11 +22,18 @@ one file per job, named by device kind and job, as docs/benchmarks/ keeps them
 import os
 import sys
 
+from ntxr import ctrl_c
+
+if __name__ == "__main__":  # first: a Ctrl-C while the imports below load costs one line
+  ctrl_c.exit_at_once(ctrl_c.AGAIN)
+
+# pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
 
 from ntxr import cli, command, files, specs
 from ntxr.bench import SHAPE, WIDTHS, results
+# pylint: enable=wrong-import-position
 
 GRIDS = {
     # kernels: (N, T, W, E); scores: (kind, N, T, W, E); steps: batch sizes.
