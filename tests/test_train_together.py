@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from runs import SHORT, TOGETHER_SEEDS, assert_same_run, experiment_of, read, together_plan
-from ntxr import programs, settings, sweep, train, together
+from ntxr import experiment as experiment_lib, programs, settings, sweep, train, together
 
 
 def test_runs_trained_together_are_the_runs_trained_apart(apart_and_together, tmp_path):
