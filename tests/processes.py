@@ -4,7 +4,10 @@ that use this)."""
 
 import errno
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 
 
@@ -69,3 +72,15 @@ def reading_pipe(path, process, timeout: float = 60.0) -> int:
     if process.poll() is not None or time.monotonic() > deadline:
       raise AssertionError(f"{path} was never opened; exit code {process.poll()}")
     time.sleep(0.05)
+
+
+def ctrl_c_while_reading(pipe, args: list) -> tuple:
+  """(exit status, stderr, stdout) of `python -m` args sent Ctrl-C while it reads the named
+  pipe `pipe`, which sends it nothing."""
+  run = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+  writer = reading_pipe(pipe, run)
+  run.send_signal(signal.SIGINT)
+  stdout, stderr = run.communicate(timeout=60)
+  os.close(writer)
+  return run.returncode, stderr, stdout

@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from ntxr import ctrl_c, dcase
-from processes import reading_pipe
+from processes import ctrl_c_while_reading
 
 DCASE2022 = os.path.join(os.path.dirname(__file__), "data", "dcase2022")
 GROUND_TRUTH = os.path.join(DCASE2022, "clotho_evaluation_captions.csv")
@@ -141,12 +140,7 @@ def test_ctrl_c_costs_one_line_and_writes_nothing(tmp_path):
   130, one line, no traceback, and nothing written."""
   pipe, output = tmp_path / "captions.csv", tmp_path / "scores.json"
   os.mkfifo(pipe)
-  run = subprocess.Popen([sys.executable, "-m", "ntxr.dcase", f"--ground_truth={pipe}",
-                          f"--predictions={BASELINE}", f"--output_json={output}"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  writer = reading_pipe(pipe, run)
-  run.send_signal(signal.SIGINT)
-  stdout, stderr = run.communicate(timeout=60)
-  os.close(writer)
-  assert (run.returncode, stderr, stdout) == (130, f"{ctrl_c.AGAIN}\n", "")
+  assert ctrl_c_while_reading(pipe, ["ntxr.dcase", f"--ground_truth={pipe}",
+                                     f"--predictions={BASELINE}", f"--output_json={output}"]
+                              ) == (130, f"{ctrl_c.AGAIN}\n", "")
   assert os.listdir(tmp_path) == ["captions.csv"]

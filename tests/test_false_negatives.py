@@ -4,7 +4,6 @@ computations and the built-in corpus's own captions."""
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ import pytest
 from ntxr import ctrl_c, false_negatives, sampling, settings, steps
 from ntxr.configs import default
 from ntxr.data import synthetic
-from processes import reading_pipe
+from processes import ctrl_c_while_reading
 
 
 def test_tfidf_similarity_is_the_cosine_of_hand_made_vectors():
@@ -282,14 +281,8 @@ def test_ctrl_c_costs_one_line_and_writes_nothing(tmp_path):
   pipe = ratings / "development_audio_metadata.csv"
   pipe.unlink()
   os.mkfifo(pipe)
-  run = subprocess.Popen([sys.executable, "-m", "ntxr.false_negatives",
-                          f"--relevance_dir={ratings}", f"--output_json={output}"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  writer = reading_pipe(pipe, run)
-  run.send_signal(signal.SIGINT)
-  stdout, stderr = run.communicate(timeout=60)
-  os.close(writer)
-  assert (run.returncode, stderr, stdout) == (130, f"{ctrl_c.AGAIN}\n", "")
+  assert ctrl_c_while_reading(pipe, ["ntxr.false_negatives", f"--relevance_dir={ratings}",
+                                     f"--output_json={output}"]) == (130, f"{ctrl_c.AGAIN}\n", "")
   assert os.listdir(tmp_path) == ["ratings"]
 
 
