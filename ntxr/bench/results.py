@@ -20,7 +20,8 @@ from typing import Optional
 
 from ntxr import files
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch")
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "hear21passt",
+            "panns-inference")
 JOB_TITLES = {
     "kernels": "Loss kernels against the authors' per-anchor loop",
     "parts": "Where a kernel's time goes",
