@@ -9,7 +9,7 @@ import torch
 from tokenizers import implementations
 
 import recordings
-import torch_references
+from ntxr.encoders import references as torch_references
 
 CAPTIONS = [caption for captions in recordings.CAPTIONS.values() for caption in captions]
 SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,

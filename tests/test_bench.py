@@ -1,7 +1,9 @@
 """The benchmark's reference loop computes the kernel's loss, and its jobs and command run."""
 
 import functools
+import importlib.util
 import json
+import math
 import os
 import re
 import signal
@@ -15,7 +17,7 @@ import pytest
 
 from ntxr import bench, ctrl_c, models, sampling, settings, steps, together
 from ntxr.bench import __main__ as bench_command
-from ntxr.bench import kernel_parts, kernels, reference, score_matrices, timing
+from ntxr.bench import encoder_steps, kernel_parts, kernels, reference, score_matrices, timing
 from ntxr.bench import together_steps, training_loop, training_steps, union_program
 
 
@@ -115,7 +117,7 @@ def test_a_malformed_shape_run_count_or_job_costs_one_line(tmp_path):
   for flag, message in [
       ("--shapes=256x1500", "--shapes: '256x1500' is not N:T:W:E, four positive whole numbers"),
       ("--jobs=kernel", "--jobs: unknown ['kernel']; choose from ['kernels', 'parts', "
-       "'scores', 'steps', 'loop', 'together', 'union']")]:
+       "'scores', 'steps', 'loop', 'together', 'union', 'encoders']")]:
     done = subprocess.run([sys.executable, "-m", "ntxr.bench", flag,
                            f"--json={tmp_path}/bench.json"], capture_output=True, text=True,
                           check=False)
@@ -174,3 +176,47 @@ def test_the_union_program_steps_each_run_as_its_strategys_own_step():
   assert rows[0]["union_of_per_strategy"] == pytest.approx(
       rows[0]["union_ms"] / rows[0]["per_strategy_ms"])
   assert "| narrow | 4 | 8 | 2 | 1 |" in union_program.format_table(rows)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="the encoders job times PyTorch, which is not installed "
+                           "(pip install -e '.[test]')")
+def test_the_encoders_job_times_the_same_step_in_both_frameworks():
+  """Each pair's row at a tiny shape: both steps timed, the compiled JAX step's memory, and
+  the JAX step's first loss equal to PyTorch's on the same random weights to 1e-4 (measured
+  up to 4e-6, on CNN14 + BERT): the job times the same computation in both. In a process
+  that compiles as users do: CNN14's step runs 5 to 10 times slower without XLA's LLVM
+  optimisations (conftest.py)."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR", "PYTEST_XDIST_WORKER")}
+  code = ("import json; from ntxr import bench; from ntxr.bench import encoder_steps\n"
+          "print(json.dumps(encoder_steps.run(list(bench.ENCODER_PAIRS), 'tiny', batch=2, "
+          "samples=10240, words=5, repeats=1)))")
+  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        check=True)
+  rows = json.loads(done.stdout.splitlines()[-1])
+  assert [(r["pair"], r["audio"], r["text"]) for r in rows] == [
+      ("cnn14+bert", "cnn14", "bert"), ("passt+roberta", "passt", "roberta")]
+  for row in rows:
+    assert (row["batch"], row["samples"], row["seconds"], row["words"], row["device"],
+            row["torch_device"]) == (2, 10240, 0.32, 5, timing.device_name(), "cpu")
+    assert all(math.isfinite(row[key]) and row[key] > 0 for key in (
+        "jax_ms", "torch_ms", "temp_bytes", "argument_bytes", "parameters"))
+    assert row["speedup"] == pytest.approx(row["torch_ms"] / row["jax_ms"])
+    assert row["jax_loss"] == pytest.approx(row["torch_loss"], rel=1e-4)
+    assert row["fits_batch"] is None  # the CPU reports no memory limit
+  assert rows[0]["parameters"] > 80e6 > 1e6 > rows[1]["parameters"]  # CNN14 has one size
+  assert "| cnn14+bert | tiny | 84.0 | 2 | 0.32 | 5 |" in encoder_steps.format_table(rows)
+
+
+def test_the_encoders_job_without_its_references_costs_one_line():
+  code = ("import sys; sys.modules['hear21passt'] = None\n"  # as if not installed
+          "from absl import app; from ntxr import command\n"
+          "from ntxr.bench import __main__ as bench\n"
+          "bench.define_flags(); app.run(bench.main, flags_parser=command.parse_flags)")
+  done = subprocess.run([sys.executable, "-c", code, "--jobs=kernels,encoders",
+                         "--pairs=passt+roberta"], capture_output=True, text=True, check=False)
+  assert (done.returncode, done.stderr) == (1, (
+      "error: the encoders job times the publishers' PyTorch code, which needs hear21passt: "
+      "pip install -e '.[test]'\n"))
+  assert "|" not in done.stdout  # before any job ran

@@ -21,7 +21,7 @@ import safetensors.numpy
 import torch
 from tokenizers import implementations
 
-import torch_references
+from ntxr.encoders import references as torch_references
 
 from ntxr import encoders
 from ntxr.encoders import bert

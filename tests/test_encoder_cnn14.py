@@ -15,7 +15,7 @@ import pytest
 import soundfile
 import torch
 
-import torch_references
+from ntxr.encoders import references as torch_references
 
 from ntxr.encoders import cnn14
 

@@ -11,7 +11,7 @@ import pytest
 
 import pretrained_files
 import recordings
-import torch_references
+from ntxr.encoders import references as torch_references
 from runs import experiment_of
 from ntxr import checkpoints as checkpoints_lib, encoders, settings, train
 from ntxr.configs import default

@@ -1,4 +1,5 @@
-"""Benchmarks of the hot paths (JAX and NumPy; PyTorch only with --torch_loop).
+"""Benchmarks of the hot paths (JAX and NumPy; PyTorch only with --torch_loop and in the
+encoders job).
 
   python -m ntxr.bench                                   # loss kernels and score matrices
   python -m ntxr.bench --grid=accelerator --json=bench.json
@@ -7,13 +8,16 @@
   python -m ntxr.bench --jobs=parts --strategies=random,hard_text,semihard_cross
   python -m ntxr.bench --jobs=together --grid=accelerator --widths=default,paper
   python -m ntxr.bench --jobs=union --widths=default --union_seeds=2
+  python -m ntxr.bench --jobs=encoders --grid=accelerator --pairs=passt+roberta
 
 Jobs (--jobs, comma-separated): kernels (ntxr/bench/kernels.py), parts (kernel_parts.py:
 where a kernel's time goes), scores (score_matrices.py), steps (training_steps.py), loop
 (training_loop.py: the training loop's time outside the step), together
 (together_steps.py: R runs' steps as one vmapped program), union (union_program.py: an
 ablation's strategies as one program over their union against one program per strategy,
-for --strategies). Each prints a Markdown
+for --strategies), encoders (encoder_steps.py: a pretrained encoder pair's training step
+against the publishers' PyTorch code, for --pairs; needs the test extra's PyTorch
+packages). Each prints a Markdown
 table; --json writes every row with the device and the command line, and --results_dir
 one file per job, named by device kind and job, as docs/benchmarks/ keeps them
 (`ntxr.bench.results`; `python -m ntxr.bench.page` makes docs/benchmarks.md from them).
@@ -32,24 +36,27 @@ from absl import app
 from absl import flags
 
 from ntxr import cli, command, files, specs
-from ntxr.bench import SHAPE, WIDTHS, results
+from ntxr.bench import ENCODER_PAIRS, SHAPE, WIDTHS, results
 # pylint: enable=wrong-import-position
 
 GRIDS = {
-    # kernels: (N, T, W, E); scores: (kind, N, T, W, E); steps: batch sizes.
+    # kernels: (N, T, W, E); scores: (kind, N, T, W, E); steps: batch sizes; encoders:
+    # the encoders' sizes (encoder_steps.SIZES), batch, samples at 32 kHz and tokens.
     "cpu": dict(
         kernels=[(32, 250, 12, 300), (32, 500, 15, 300), (64, 250, 12, 300)],
         scores=[("cross", 64, 250, 12, 300), ("cross", 256, 500, 20, 300),
                 ("audio-audio", 32, 500, 500, 300), ("evaluation", 96, 1500, 20, 300)],
-        steps=[32], together=[1, 2, 4], union_seeds=1),
+        steps=[32], together=[1, 2, 4], union_seeds=1,
+        encoders=dict(sizes="tiny", batch=2, samples=32000, words=16)),
     "accelerator": dict(
         kernels=[(32, 250, 12, 300), (32, 500, 15, 300), (32, 1500, 20, 300),
                  (128, 500, 20, 300), (256, 500, 20, 300), (1024, 250, 12, 300)],
         scores=[("cross", 256, 500, 20, 300), ("audio-audio", 256, 1500, 1500, 300),
                 ("evaluation", 1045, 1500, 20, 300)],
-        steps=[32, 256], together=[1, 4, 8, 16, 24], union_seeds=3),
+        steps=[32, 256], together=[1, 4, 8, 16, 24], union_seeds=3,
+        encoders=dict(sizes="published", batch=32, samples=320000, words=32)),
 }
-JOBS = ("kernels", "parts", "scores", "steps", "loop", "together", "union")
+JOBS = ("kernels", "parts", "scores", "steps", "loop", "together", "union", "encoders")
 
 FLAGS = flags.FLAGS
 
@@ -80,6 +87,8 @@ def define_flags() -> None:
   flags.DEFINE_list("runs", None, "run counts of the together job (default: the grid's)")
   flags.DEFINE_integer("union_seeds", None, "runs per strategy in the union job (default: "
                        "the grid's)", lower_bound=1)
+  flags.DEFINE_list("pairs", list(ENCODER_PAIRS),
+                    f"encoder pairs of the encoders job, of {list(ENCODER_PAIRS)}")
   flags.DEFINE_string("device_kind", None,
                     "device name for the output (default: JAX's)")
   flags.DEFINE_string("results_dir", None,
@@ -104,7 +113,8 @@ def whole_numbers(flag: str, given: list, per_item: int = 1) -> list:
 def main(argv):
   command.start(argv)
   for name, given, known in (("jobs", FLAGS.jobs, JOBS),
-                             ("widths", FLAGS.widths, WIDTHS)):
+                             ("widths", FLAGS.widths, WIDTHS),
+                             ("pairs", FLAGS.pairs, ENCODER_PAIRS)):
     unknown = sorted(set(given) - set(known))
     if unknown:
       command.exit_with(f"--{name}: unknown {unknown}; choose from {list(known)}", 2)
@@ -114,20 +124,27 @@ def main(argv):
     runs = whole_numbers("runs", FLAGS.runs) if FLAGS.runs else None
   except ValueError as error:
     command.exit_with(error, 2)
-  if FLAGS.torch_loop:  # PyTorch shares the GPU: JAX allocates as it goes, not 75% at once
+  torch_too = FLAGS.torch_loop or "encoders" in FLAGS.jobs
+  if torch_too:  # PyTorch shares the GPU: JAX allocates as it goes, not 75% at once
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   # pylint: disable=import-outside-toplevel  (JAX loads after --help and the flags' checks)
   import jax
   import jax.numpy as jnp
-  from ntxr.bench import (kernel_parts, kernels, score_matrices, timing, together_steps,
-                          training_loop, training_steps, union_program)
+  from ntxr.bench import (encoder_steps, kernel_parts, kernels, score_matrices, timing,
+                          together_steps, training_loop, training_steps, union_program)
+  from ntxr.encoders import references
+  if "encoders" in FLAGS.jobs:  # before any job runs
+    lacking = references.missing(e for pair in FLAGS.pairs for e in ENCODER_PAIRS[pair])
+    if lacking:
+      command.exit_with(f"the encoders job times the publishers' PyTorch code, which needs "
+                        f"{', '.join(lacking)}: pip install -e '.[test]'", 1)
   grid, dtype = GRIDS[FLAGS.grid], jnp.dtype(FLAGS.dtype)
   device = FLAGS.device_kind or timing.device_name()
   about = results.provenance(device, sys.argv[1:])
-  if FLAGS.torch_loop:
+  if torch_too:
     about["torch_device"] = str(timing.torch_device())
   report = dict(about, jax=jax.__version__, argv=sys.argv[1:])
-  print(f"device: {device}" + (f", PyTorch on {about['torch_device']}" if FLAGS.torch_loop
+  print(f"device: {device}" + (f", PyTorch on {about['torch_device']}" if torch_too
                                 else "") + "\n")
   shapes = shapes or grid["kernels"]
   widths = {name: WIDTHS[name] for name in FLAGS.widths}
@@ -152,6 +169,9 @@ def main(argv):
       "union": ("union", lambda: union_program.run(
           widths, strategies, FLAGS.union_seeds or grid["union_seeds"], grid["steps"][0],
           FLAGS.repeats, shape=step_shape, dtype=FLAGS.dtype), union_program.format_table),
+      "encoders": ("encoders", lambda: encoder_steps.run(
+          FLAGS.pairs, **grid["encoders"], repeats=FLAGS.repeats, device=device),
+                   encoder_steps.format_table),
   }
   for job in JOBS:
     if job not in FLAGS.jobs:

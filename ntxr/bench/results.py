@@ -20,7 +20,8 @@ from typing import Optional
 
 from ntxr import files
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch")
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "hear21passt",
+            "panns-inference")
 JOB_TITLES = {
     "kernels": "Loss kernels against the authors' per-anchor loop",
     "parts": "Where a kernel's time goes",
@@ -29,6 +30,7 @@ JOB_TITLES = {
     "loop": "The training loop's time outside the step",
     "together": "Runs trained together, vmapped over a runs axis",
     "union": "An ablation's strategies: one program per strategy or one over their union",
+    "encoders": "Pretrained encoder pairs' training step against the publishers' PyTorch code",
 }
 
 
@@ -93,11 +95,11 @@ def read(results_dir: str) -> list:
 
 def _table(result: dict) -> str:
   # pylint: disable=import-outside-toplevel  (the jobs import JAX; the page needs only them)
-  from ntxr.bench import (kernel_parts, kernels, score_matrices, together_steps,
-                          training_loop, training_steps, union_program)
+  from ntxr.bench import (encoder_steps, kernel_parts, kernels, score_matrices,
+                          together_steps, training_loop, training_steps, union_program)
   modules = dict(kernels=kernels, parts=kernel_parts, scores=score_matrices,
                  steps=training_steps, loop=training_loop, together=together_steps,
-                 union=union_program)
+                 union=union_program, encoders=encoder_steps)
   return modules[result["job"]].format_table(result["rows"])
 
 

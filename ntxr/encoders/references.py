@@ -1,4 +1,9 @@
-"""The PyTorch code the encoder tests compare with, imported beside torch's CPU wheel.
+"""The publishers' PyTorch code that ntxr's encoders are compared with (tests/test_encoder_*.py)
+and timed against (`python -m ntxr.bench --jobs=encoders`), imported beside torch's CPU wheel.
+
+Importing this module imports none of them: each function imports its reference when called.
+They are the test extra's (`pip install 'ntxr[test]'`), not ntxr's own dependencies; `missing`
+names those an encoder's reference lacks.
 
 The test extra installs torch's CPU build, and from PyPI hear21passt's timm (which imports
 torchvision) and torchaudio, whose wheels are CUDA builds: their compiled extensions
@@ -15,6 +20,18 @@ import importlib.util
 import sys
 import types
 
+# The modules each encoder's reference imports, by ntxr's encoder name.
+PACKAGES = {"cnn14": ("torch", "panns_inference", "torchlibrosa", "librosa"),
+            "passt": ("torch", "hear21passt", "torchaudio"),
+            "bert": ("torch", "transformers"), "roberta": ("torch", "transformers")}
+
+
+def missing(encoders) -> list:
+  """The modules of PACKAGES that the references of `encoders` need and are not installed
+  (looked up, not imported)."""
+  needed = dict.fromkeys(name for encoder in encoders for name in PACKAGES[encoder])
+  return [name for name in needed if importlib.util.find_spec(name) is None]
+
 
 def _forget(package: str) -> None:
   for name in [n for n in sys.modules if n == package or n.startswith(package + ".")]:
@@ -25,7 +42,8 @@ def _forget(package: str) -> None:
 def _torchvision_loads() -> bool:
   try:
     import torchvision  # pylint: disable=unused-import,import-outside-toplevel
-  except (RuntimeError, OSError):  # "operator torchvision::nms does not exist"
+  except (ImportError, RuntimeError, OSError):  # not installed, or "operator torchvision::nms
+    # does not exist"
     _forget("torchvision")
     sys.modules["torchvision"] = None  # an ImportError for whoever looks for it
     return False

@@ -1,0 +1,302 @@
+"""The encoders table: one training step of a pretrained encoder pair in JAX (`ntxr.encoders`)
+against the same step in PyTorch with the publishers' classes (panns-inference's Cnn14,
+hear21passt's PaSST, transformers' BertModel / RobertaModel), same weights, same batch.
+
+The step: both encoders forward on waveforms [B, N] at 32 kHz and token ids [B, W]; a
+linear head each from the clip output (CNN14's `embedding`, PaSST's features) and the
+sentence output (the first token's last hidden state) to a shared EMBEDDING; the symmetric
+InfoNCE of their cosines (`objectives.infonce`, clip i's caption is sentence i); gradients
+and an Adam update. Training mode without its random parts, which no two frameworks draw
+alike: BatchNorm normalises by the batch, dropout, SpecAugment and patchout are off. On a
+GPU both take float32 products in TF32 (XLA's default precision; PyTorch's set to match).
+The weights are the PyTorch modules' random ones, converted by the encoders' own
+`variables_from_state_dict`; each row carries both first losses.
+"""
+
+import gc
+import math
+import warnings
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ntxr import objectives, scores, steps
+from ntxr.bench import ENCODER_PAIRS, timing
+from ntxr.encoders import bert, cnn14, passt, references
+
+EMBEDDING = 1024  # the shared embedding's width
+TEMPERATURE = 0.05
+LEARNING_RATE = 1e-4
+_TINY_TEXT = dict(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=64)
+_ROBERTA_LARGE = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                      intermediate_size=4096, max_position_embeddings=514, type_vocab_size=1,
+                      layer_norm_eps=1e-5)
+# Each encoder's sizes by name (CNN14 has one size): "tiny" fits 2 CPU cores, "published"
+# is PaSST-S, BERT-base and RoBERTa-large.
+SIZES = {"tiny": dict(passt=passt.Size(64, 2, 4), bert=_TINY_TEXT, roberta=_TINY_TEXT),
+         "published": dict(passt=passt.VARIANTS["S"], bert={}, roberta=_ROBERTA_LARGE)}
+# The reference's warnings on every call (PaSST's input shorter than 10 s, its front end's
+# deprecated torch calls).
+_REFERENCE_WARNINGS = ("Input image size", "stft with return_complex=False",
+                       "`torch.cuda.amp.autocast")
+
+
+def text_config(name: str, sizes: str) -> dict:
+  """config.json's values (`bert.read_config`'s) of text encoder `name` at `sizes`, without
+  dropout."""
+  return dict(bert.CONFIG_DEFAULTS[name], **SIZES[sizes][name], model_type=name,
+              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+class Pair(nn.Module):
+  """An audio and a text encoder in training mode, each with a linear head to EMBEDDING:
+  (waveforms [B, N], token ids [B, W], mask [B, W]) -> (clips [B, E], sentences [B, E])."""
+  audio: nn.Module
+  text: nn.Module
+
+  @nn.compact
+  def __call__(self, waveforms, token_ids, mask):
+    outputs = self.audio(waveforms, train=True)
+    clips = outputs.embedding if isinstance(outputs, cnn14.Outputs) else outputs.clip
+    words, _ = self.text(token_ids, mask, train=True)
+    sentences = bert.pool_sentences(words, mask, "cls")
+    return (nn.Dense(EMBEDDING, name="audio_head")(clips),
+            nn.Dense(EMBEDDING, name="text_head")(sentences))
+
+
+def train_step(state: steps.TrainState, batch: dict) -> tuple:
+  """One Adam step on the symmetric InfoNCE of the Pair's cosines [B, B]: (state, batch of
+  waveforms [B, N], token_ids [B, W], mask [B, W]) -> (state, loss). Jit it with
+  donate_argnums=0."""
+  def loss_fn(params):
+    (clips, sentences), updates = state.apply_fn(
+        state.variables(params), batch["waveforms"], batch["token_ids"], batch["mask"],
+        mutable=["batch_stats"])
+    s_cross = scores.unit_vectors(clips) @ scores.unit_vectors(sentences).T
+    loss = objectives.infonce(s_cross, jnp.arange(s_cross.shape[0]), temperature=TEMPERATURE)
+    return loss, updates.get("batch_stats", state.batch_stats)
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return state.apply_gradients(grads=grads, batch_stats=batch_stats), loss
+
+
+def random_batch(batch: int, samples: int, words: int, vocab: int) -> dict:
+  """Waveforms [batch, samples] float32 and token ids [batch, words] int32 (none of them a
+  padding or the first special ids), all valid."""
+  rng = np.random.default_rng(0)
+  return dict(waveforms=rng.uniform(-0.5, 0.5, (batch, samples)).astype(np.float32),
+              token_ids=rng.integers(3, vocab, (batch, words)).astype(np.int32),
+              mask=np.ones((batch, words), bool))
+
+
+def reference_modules(pair: str, sizes: str, seed: int = 0) -> dict:
+  """The publishers' modules of `pair` at `sizes`, PyTorch's random weights from `seed`,
+  on the CPU: {"audio", "text", "audio_head", "text_head"} (PaSST's with its front end as
+  "mel"), each in the mode the step trains in (see the module docstring)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  audio, text = ENCODER_PAIRS[pair]
+  torch.manual_seed(seed)
+  modules = {}
+  if audio == "cnn14":
+    modules["audio"] = references.panns_cnn14()(
+        sample_rate=cnn14.SAMPLE_RATE, window_size=cnn14.WINDOW, hop_size=cnn14.HOP,
+        mel_bins=cnn14.MEL_BINS, fmin=cnn14.FMIN, fmax=cnn14.FMAX, classes_num=cnn14.CLASSES)
+    modules["audio"].train()
+    modules["audio"].training = False  # dropout and SpecAugment off, its BatchNorms training
+    audio_width = cnn14.EMBEDDING
+  else:
+    hear21passt = references.hear21passt()
+    hear21passt.reference.first_RUN = False  # else its first forward prints every shape
+    size = SIZES[sizes]["passt"]
+    modules["audio"] = hear21passt.reference.PaSST(
+        img_size=(128, 998), patch_size=16, stride=(10, 10), in_chans=1, num_classes=527,
+        embed_dim=size.width, depth=size.depth, num_heads=size.num_heads, distilled=True)
+    # get_basic_model's front end (its fmax=None is 15,000 Hz), in evaluation mode: no
+    # masking and no random fmin/fmax.
+    modules["mel"] = hear21passt.preprocess.AugmentMelSTFT(
+        n_mels=128, sr=passt.SAMPLE_RATE, win_length=800, hopsize=320, n_fft=1024, freqm=48,
+        timem=192, htk=False, fmin=0.0, fmax=15000, norm=1, fmin_aug_range=10,
+        fmax_aug_range=2000).eval()
+    audio_width = size.width
+  config = text_config(text, sizes)
+  transformers = references.transformers()
+  config_class = transformers.BertConfig if text == "bert" else transformers.RobertaConfig
+  model_class = transformers.BertModel if text == "bert" else transformers.RobertaModel
+  modules["text"] = model_class(config_class(**{k: v for k, v in config.items()
+                                                if k != "model_type"}),
+                                add_pooling_layer=False)
+  modules["audio_head"] = torch.nn.Linear(audio_width, EMBEDDING)
+  modules["text_head"] = torch.nn.Linear(config["hidden_size"], EMBEDDING)
+  return modules
+
+
+def _numpy(module) -> dict:
+  """A copy of the module's state dict in NumPy (not the CPU tensors' memory, which
+  PyTorch's optimizer updates in place)."""
+  return {key: value.detach().cpu().numpy().copy() for key, value in module.state_dict().items()}
+
+
+def jax_state(modules: dict, pair: str, sizes: str) -> steps.TrainState:
+  """The Pair with the weights of `reference_modules`' modules, and Adam, on the device."""
+  audio, text = ENCODER_PAIRS[pair]
+  if audio == "cnn14":
+    audio_module = cnn14.Cnn14(block_dropout=0.0, clip_dropout=0.0,
+                               precision=jax.lax.Precision.DEFAULT)
+    audio_variables = cnn14.variables_from_state_dict(_numpy(modules["audio"]))
+  else:
+    audio_module = passt.Encoder(SIZES[sizes]["passt"])
+    audio_variables = passt.variables_from_state_dict(_numpy(modules["audio"]),
+                                                      SIZES[sizes]["passt"])
+  text_module = bert.module_from_config(text_config(text, sizes))
+  text_variables = bert.variables_from_state_dict(_numpy(modules["text"]), text_module,
+                                                  model_type=text)
+  dense = lambda linear: {"kernel": linear["weight"].T, "bias": linear["bias"]}
+  params = {"audio": audio_variables["params"], "text": text_variables["params"],
+            "audio_head": dense(_numpy(modules["audio_head"])),
+            "text_head": dense(_numpy(modules["text_head"]))}
+  batch_stats = ({"audio": audio_variables["batch_stats"]} if "batch_stats" in audio_variables
+                 else {})
+  return jax.device_put(steps.TrainState.create(
+      apply_fn=Pair(audio_module, text_module).apply, params=params,
+      tx=optax.adam(LEARNING_RATE), batch_stats=batch_stats))
+
+
+def torch_step(modules: dict, batch: dict, device):
+  """The same step in PyTorch, its modules moved to `device`: a function of no argument
+  that steps and returns the loss (a 0-d tensor) once `device` has finished."""
+  import torch  # pylint: disable=import-outside-toplevel
+  functional = torch.nn.functional
+  for module in modules.values():
+    module.to(device)
+  waveforms = torch.from_numpy(batch["waveforms"]).to(device)
+  token_ids = torch.from_numpy(batch["token_ids"]).long().to(device)
+  mask = torch.from_numpy(batch["mask"]).long().to(device)
+  parameters = [p for name, module in modules.items() if name != "mel"
+                for p in module.parameters() if p.requires_grad]
+  optimizer = torch.optim.Adam(parameters, lr=LEARNING_RATE)
+  targets = torch.arange(waveforms.shape[0], device=device)
+
+  def clips():
+    if "mel" in modules:
+      return modules["audio"](modules["mel"](waveforms)[:, None])[1]
+    return modules["audio"](waveforms)["embedding"]
+
+  def step():
+    with warnings.catch_warnings():
+      for message in _REFERENCE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+      audio = functional.normalize(modules["audio_head"](clips()), dim=-1)
+      sentences = modules["text"](input_ids=token_ids, attention_mask=mask).last_hidden_state
+      text = functional.normalize(modules["text_head"](sentences[:, 0]), dim=-1)
+      logits = audio @ text.T / TEMPERATURE
+      loss = (functional.cross_entropy(logits, targets)
+              + functional.cross_entropy(logits.T, targets)) / 2
+      optimizer.zero_grad()
+      loss.backward()
+      optimizer.step()
+      timing.torch_synchronize(device)
+      return loss.detach()
+
+  return step
+
+
+def largest_batch(batch: int, need: int, half_need: int, limit: int) -> Optional[int]:
+  """The largest batch whose step fits `limit` bytes, taking its memory as affine in the
+  batch through `need` (bytes at `batch`) and `half_need` (at batch // 2); None where the
+  memory does not grow with the batch.
+
+  >>> largest_batch(32, need=40, half_need=24, limit=80)  # 8 bytes and 1 a clip: 80 at 72
+  72
+  """
+  per_example = (need - half_need) / (batch - batch // 2)
+  return batch + math.floor((limit - need) / per_example) if per_example > 0 else None
+
+
+def _needed_bytes(compiled) -> Optional[tuple]:
+  """(temp, argument) bytes of a compiled step's memory analysis; None where the backend
+  gives none."""
+  memory = compiled.memory_analysis()
+  return None if memory is None else (memory.temp_size_in_bytes,
+                                      memory.argument_size_in_bytes)
+
+
+def _median_ms_and_first_loss(step, repeats: int) -> tuple:
+  """(median milliseconds of step() over `repeats` calls after a warm-up call, the loss
+  that the warm-up call returned)."""
+  losses = []
+  def call():
+    losses.append(step())
+    return losses[-1]
+  return 1e3 * timing.time_call(call, repeats=repeats), float(losses[0])
+
+
+def measure(pair: str, sizes: str, batch: int, samples: int, words: int, repeats: int,
+            device: Optional[str] = None) -> dict:
+  """One row: the step's median milliseconds in PyTorch (`timing.torch_device`), then in
+  JAX, their first steps' losses (the warm-up calls'), and the compiled JAX step's memory
+  (temp and argument bytes; on a device that reports its memory, the largest batch it
+  holds, estimated from the memory at `batch` and at batch // 2)."""
+  import torch  # pylint: disable=import-outside-toplevel
+  audio, text = ENCODER_PAIRS[pair]
+  vocab = text_config(text, sizes)["vocab_size"]
+  inputs = random_batch(batch, samples, words, vocab)
+  modules = reference_modules(pair, sizes)
+  state = jax_state(modules, pair, sizes)
+  parameters = sum(p.numel() for name, module in modules.items() if name != "mel"
+                   for p in module.parameters())
+  torch_device = timing.torch_device()
+  torch.set_float32_matmul_precision("high")  # TF32 on a GPU, as XLA's default precision
+  torch_ms, torch_loss = _median_ms_and_first_loss(
+      torch_step(modules, inputs, torch_device), repeats)
+  del modules  # with the step and its optimizer, gone
+  gc.collect()
+  if torch_device.type == "cuda":  # the memory PyTorch cached, back for JAX
+    torch.cuda.empty_cache()
+  jitted = jax.jit(train_step, donate_argnums=0)
+  compiled = jitted.lower(state, inputs).compile()
+
+  def one_step():  # the state is donated: each call steps from the last one's
+    nonlocal state
+    state, loss = compiled(state, inputs)
+    return loss
+
+  jax_ms, jax_loss = _median_ms_and_first_loss(one_step, repeats)
+  needed = _needed_bytes(compiled)
+  limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  fits = None
+  if needed and limit and batch > 1:
+    half = jitted.lower(state, random_batch(batch // 2, samples, words, vocab)).compile()
+    fits = largest_batch(batch, sum(needed), sum(_needed_bytes(half)), limit)
+  return dict(pair=pair, audio=audio, text=text, sizes=sizes, parameters=parameters,
+              batch=batch, samples=samples, seconds=samples / cnn14.SAMPLE_RATE, words=words,
+              jax_ms=jax_ms, torch_ms=torch_ms, speedup=torch_ms / jax_ms,
+              jax_loss=jax_loss, torch_loss=torch_loss,
+              temp_bytes=needed and needed[0], argument_bytes=needed and needed[1],
+              fits_batch=fits, device=device or timing.device_name(),
+              torch_device=str(torch_device))
+
+
+def run(pairs, sizes: str, batch: int, samples: int, words: int, repeats: int,
+        device: Optional[str] = None) -> list:
+  """One row per encoder pair (names in ENCODER_PAIRS), each encoder at `sizes` (a name
+  in SIZES), on `batch` waveforms of `samples` samples and captions of `words` tokens."""
+  return [measure(pair, sizes, batch, samples, words, repeats, device) for pair in pairs]
+
+
+def format_table(rows: list) -> str:
+  """The rows as a Markdown table."""
+  gib = lambda r: None if r["temp_bytes"] is None else (
+      (r["temp_bytes"] + r["argument_bytes"]) / 2 ** 30)
+  return timing.markdown_table(
+      [("pair", "pair", ""), ("sizes", "sizes", ""),
+       ("parameters (M)", lambda r: r["parameters"] / 1e6, ".1f"), ("batch", "batch", ""),
+       ("seconds", "seconds", "g"), ("words", "words", ""), ("JAX step ms", "jax_ms", ".0f"),
+       ("PyTorch step ms", "torch_ms", ".0f"), ("speedup", "speedup", ".2f"),
+       ("JAX memory GiB (temp + arguments)", gib, ".2f"),
+       ("largest batch (est.)", "fits_batch", ""),
+       ("first loss JAX / PyTorch", lambda r: f"{r['jax_loss']:.5f} / {r['torch_loss']:.5f}",
+        "")], rows)
