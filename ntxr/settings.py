@@ -52,6 +52,7 @@ AUDIO_ENCODERS = ("crnn", "cnn14", "passt")  # beside the paper's CRNN, ntxr.enc
 TEXT_ENCODERS = ("word_vectors", "bert", "roberta")
 # The pretrained audio encoders read waveforms at this rate, in frames of HOP samples.
 PRETRAINED_SAMPLE_RATE, PRETRAINED_HOP = 32000, 320
+PASST_FRAMES = 1000  # 10 s: the released PaSST files' time embedding holds no more
 VOCABULARIES = ("training", "all")  # which splits' captions a tokenizer learns from
 MISSING_WORD_VECTORS = ("random", "one_unk")
 PADDINGS = ("masked", "batch")  # see steps.training_masks
@@ -402,6 +403,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
       raise SettingError(f"--config.frame_buckets must rise, each a count of "
                          f"{PRETRAINED_HOP}-sample frames, not {buckets}")
+    if config.audio_encoder == "passt" and buckets[-1] > PASST_FRAMES:
+      raise SettingError(f"--config.frame_buckets: PaSST reads at most {PASST_FRAMES} frames "
+                         f"of {PRETRAINED_HOP} samples (10 s), not {buckets[-1]}: give "
+                         f"buckets up to {PASST_FRAMES}")
   elif (not buckets or list(buckets) != sorted(set(buckets))
         or any(b < stride or b % stride for b in buckets)):
     raise SettingError(f"--config.frame_buckets must rise, each a multiple of the CRNN's "

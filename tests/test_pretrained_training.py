@@ -99,6 +99,9 @@ def test_roberta_reads_its_own_checkpoints_token_ids_padding_included(tiny_confi
     (dict(text_encoder="roberta", text_weights="/no/roberta"),
      r"--config\.text_weights=/no/roberta: no Hugging Face model folder"),
     (dict(audio_encoder="vggish"), r"--config\.audio_encoder must be one of"),
+    (dict(audio_encoder="passt", audio_weights="passt.pt"),  # the default buckets: 16 s
+     r"--config\.frame_buckets: PaSST reads at most 1000 frames of 320 samples \(10 s\), "
+     r"not 1600"),
 ])
 def test_pretrained_settings_that_cannot_run_are_refused(overrides, message, tmp_path):
   config = default.get_config()
