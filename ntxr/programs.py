@@ -28,10 +28,6 @@ import numpy as np
 from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib
 from ntxr import metrics_log, parallel, settings, steps, together
 
-# The fields that may differ between runs trained together.
-PER_RUN = ("strategy", "objective", "seed")
-
-
 @dataclasses.dataclass(eq=False)  # each run is itself, whatever its fields
 class Run:
   """One run of the loop: its experiment, files, and where it stands (its state while
@@ -219,17 +215,6 @@ def grouped(runs: list, group_size: int) -> list:
   return [members[first:first + (group_size or len(members))]
           for members in _by_loss([run.experiment for run in runs], runs)
           for first in range(0, len(members), group_size or len(members))]
-
-
-def check_together(configs: list) -> None:
-  """Raises settings.SettingError unless the configs differ only in PER_RUN fields."""
-  first = configs[0].to_dict()
-  for config in configs[1:]:
-    for field, value in config.to_dict().items():
-      if field not in PER_RUN and value != first[field]:
-        raise settings.SettingError(
-            f"runs trained together differ only in {', '.join(PER_RUN)}; --config.{field} "
-            f"is {first[field]!r} in one and {value!r} in another")
 
 
 def device_memory(device: jax.Device) -> Optional[int]:

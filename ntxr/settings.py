@@ -23,7 +23,7 @@ from typing import Optional
 
 import ml_collections
 
-from ntxr import files, specs
+from ntxr import files, layouts, specs
 
 # Config fields that change nothing a run computes, only how often it saves and reads,
 # where it caches and how many clips it embeds at once.
@@ -32,6 +32,8 @@ OPERATIONAL = ("checkpoint_every_steps", "metrics_every_steps", "cache_dir", "st
 # Config fields a resumed run may change (they leave training as it was, and a finished
 # run with more epochs trains on); any other change needs a new workdir.
 RESUMABLE_CHANGES = (*OPERATIONAL, "num_epochs", "collapse")
+# The fields that may differ between runs trained together (`ntxr.programs`).
+PER_RUN = ("strategy", "objective", "seed")
 # Paths: "/data/clotho/" and "/data/clotho" name one folder.
 PATHS = ("data_dir", "cache_dir", "stage_dir", "word_vectors", "relevance_file",
          "graded_relevance_dir", "audio_weights", "text_weights")
@@ -67,10 +69,6 @@ SELECTIONS = {
     "t2a_mAP@10": lambda validation: validation["t2a"]["mAP@10"],
     "validation_loss": lambda validation: -validation["loss"],  # the authors' choice
 }
-
-
-# The sample rate of a data folder's features where --config.sample_rate is 0 (Clotho's).
-FOLDER_SAMPLE_RATE = 44100
 
 
 class SettingError(ValueError):
@@ -341,11 +339,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   files and folders it names are left to `Settings.of`, where the run starts."""
   # pylint: disable=import-outside-toplevel  (scores and models load JAX)
   from ntxr import models, scores
-  from ntxr.data import captions, synthetic
   for field, choices in [
       ("objective", specs.OBJECTIVES), ("strategy", specs.STRATEGIES),
-      ("score", scores.SCORERS), ("size", synthetic.SIZES), ("tokens", TOKENS),
-      ("text_cleaning", captions.TEXT_CLEANING), ("vocabulary", VOCABULARIES),
+      ("score", scores.SCORERS), ("size", layouts.SYNTHETIC_SIZES), ("tokens", TOKENS),
+      ("text_cleaning", layouts.TEXT_CLEANINGS), ("vocabulary", VOCABULARIES),
       ("missing_word_vectors", MISSING_WORD_VECTORS), ("initializer", models.INITIALIZERS),
       ("compute_dtype", models.COMPUTE_DTYPES), ("train_padding", PADDINGS),
       ("select_by", SELECTIONS), ("similarity", ("", *SIMILARITIES)),
@@ -383,7 +380,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   if config.f_max and config.f_max <= config.f_min:
     raise SettingError(f"--config.f_max ({config.f_max}) must be above --config.f_min "
                        f"({config.f_min}), or 0 for the Nyquist frequency")
-  rate = config.sample_rate or (FOLDER_SAMPLE_RATE if config.data_dir else synthetic.SAMPLE_RATE)
+  rate = config.sample_rate or (layouts.FOLDER_SAMPLE_RATE if config.data_dir
+                                 else layouts.SYNTHETIC_SAMPLE_RATE)
   given = (f"--config.sample_rate={rate}" if config.sample_rate else
            f"--config.sample_rate=0: {rate} Hz, "
            + ("to which a data folder's recordings are resampled" if config.data_dir else
@@ -442,7 +440,6 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 
 def _check_paths(config: ml_collections.ConfigDict) -> None:
   """Raises SettingError naming the first file or folder of config that is not there."""
-  from ntxr.data import captions  # pylint: disable=import-outside-toplevel
   for field in ("word_vectors", "relevance_file", "audio_weights"):
     if config[field] and not os.path.isfile(os.path.expanduser(config[field])):
       raise SettingError(f"--config.{field}={config[field]}: no such file")
@@ -463,7 +460,7 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
     raise SettingError(error) from None
   if config.data_dir:
     try:
-      captions.layout_of(os.path.expanduser(config.data_dir))
+      layouts.layout_of(os.path.expanduser(config.data_dir))
     except ValueError as error:
       raise SettingError(f"--config.data_dir={error}") from None
 
@@ -472,9 +469,8 @@ def _splits(config: ml_collections.ConfigDict) -> tuple:
   """(training, validation, test) split names of the config's data folder's layout (the
   built-in corpus's: Clotho's), the last two as --config.validation_split and test_split
   name them; SettingError for a name the layout lacks."""
-  from ntxr.data import captions  # pylint: disable=import-outside-toplevel
-  layout = captions.layout_of(os.path.expanduser(config.data_dir)) if config.data_dir else "clotho"
-  own = captions.LAYOUT_SPLITS[layout]
+  layout = layouts.layout_of(os.path.expanduser(config.data_dir)) if config.data_dir else "clotho"
+  own = layouts.LAYOUT_SPLITS[layout]
   for field in ("validation_split", "test_split"):
     if config[field]:
       _choose(field, config[field], own)
@@ -493,6 +489,17 @@ def run_name(config: ml_collections.ConfigDict) -> str:
   """The run's setting in a word (`specs.run_name`), its objective checked."""
   _choose("objective", config.objective, specs.OBJECTIVES)
   return specs.run_name(config.objective, config.strategy)
+
+
+def check_together(configs: list) -> None:
+  """Raises SettingError unless the configs differ only in PER_RUN fields."""
+  first = configs[0].to_dict()
+  for config in configs[1:]:
+    for field, value in config.to_dict().items():
+      if field not in PER_RUN and value != first[field]:
+        raise SettingError(
+            f"runs trained together differ only in {', '.join(PER_RUN)}; --config.{field} "
+            f"is {first[field]!r} in one and {value!r} in another")
 
 
 def check(workdir: str, config: ml_collections.ConfigDict, elsewhere: str = "--workdir"

@@ -336,7 +336,7 @@ def train_runs(runs: list, group_size: int = 0, freeze: bool = True) -> list:
   checkpoint; returns each run's results (as written to its results.json), or None for a
   run frozen before it finished an epoch.
 
-  The runs differ only in strategy, objective and seed (`programs.PER_RUN`). The runs of
+  The runs differ only in strategy, objective and seed (`settings.PER_RUN`). The runs of
   one loss setting step, validate and test as one program (`programs.Stacked`, at most
   group_size of them, 0: all), a run alone as itself (`programs.Single`); each seed's
   batches are made once a step, and every run draws the keys it draws alone. Runs left
@@ -346,14 +346,14 @@ def train_runs(runs: list, group_size: int = 0, freeze: bool = True) -> list:
   why) while the others go on; else FloatingPointError stops training.
   """
   configs = [config for config, _ in runs]
-  programs.check_together(configs)
+  settings.check_together(configs)
   for config, workdir in runs:
     settings.check(workdir, config)
   with contextlib.ExitStack() as stack:
-    stack.enter_context(jax.default_matmul_precision(configs[0].matmul_precision))
     for _, workdir in runs:
       stack.enter_context(workdir_lib.in_use(workdir))
     run_settings = [settings.Settings.of(config) for config in configs]
+    stack.enter_context(jax.default_matmul_precision(run_settings[0].matmul_precision))
     corpora = {s.data: corpus_lib.load_data(s.data)  # prepared once each
                for s in run_settings}
     experiments = [experiment_lib.Experiment(s, corpora[s.data]) for s in run_settings]

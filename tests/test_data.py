@@ -12,7 +12,7 @@ import librosa
 import numpy as np
 import pytest
 
-from ntxr import settings
+from ntxr import layouts, settings
 from ntxr.configs import default
 from ntxr.data import builders, captions, features, input_pipeline, synthetic, tokenizer
 from ntxr.data import corpus as corpus_lib
@@ -106,7 +106,7 @@ def test_pairs_read_with_a_byte_order_mark_and_windows_line_endings(tmp_path):
   assert pairs.assigned and not pairs.skipped
   assigned = {c.file_name: split for split, clips in pairs.clips.items() for c in clips}
   assert sorted(assigned) == sorted(names)
-  assert [list(assigned.values()).count(s) for s in captions.SPLITS] == [14, 3, 3]
+  assert [list(assigned.values()).count(s) for s in layouts.SPLITS] == [14, 3, 3]
   assert captions.assign_splits(reversed(names)) == assigned  # order of rows does not matter
   assert captions.assign_splits(names, seed=1) != assigned
 
@@ -167,14 +167,14 @@ def corpus(tmp_path_factory):
 
 
 def test_synthetic_corpus_layout_and_cache(corpus, tmp_path):
-  for split, count in zip(synthetic.SPLITS, synthetic.SIZES["tiny"]):
+  for split, count in zip(layouts.SPLITS, synthetic.SIZES["tiny"]):
     clips, _ = captions.read_clotho_captions(os.path.join(corpus, f"clotho_captions_{split}.csv"))
     assert len(clips) == count
     assert all(os.path.exists(os.path.join(corpus, split, c.file_name)) for c in clips)
   assert synthetic.is_complete(corpus, "tiny", 0)
   copy = str(tmp_path / "copy")
   synthetic.generate(copy, "tiny", processes=1)
-  for split in synthetic.SPLITS:
+  for split in layouts.SPLITS:
     name = f"clotho_captions_{split}.csv"
     assert open(os.path.join(copy, name)).read() == open(os.path.join(corpus, name)).read()
   os.remove(os.path.join(copy, synthetic.MANIFEST))  # an interrupted corpus
@@ -214,7 +214,7 @@ def prepared(corpus, tmp_path_factory):
   builder = builders.NtxrClotho(data_dir=str(tmp_path_factory.mktemp("tfds")),
                                 config=builders.clotho_config(LOGMEL), processes=2)
   builders.prepare(builder, corpus)
-  assert builders.skipped(builder) == {split: [] for split in synthetic.SPLITS}
+  assert builders.skipped(builder) == {split: [] for split in layouts.SPLITS}
   development, _ = captions.read_clotho_captions(
       os.path.join(corpus, "clotho_captions_development.csv"))
   model = tokenizer.train([c for clip in development for c in clip.captions],

@@ -43,7 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_offset = 1e-8
   config.tokens = "sentencepiece"     # or "words"
   config.vocab_size = 1000
-  config.text_cleaning = "ntxr"       # or "paper" (ntxr.data.captions.TEXT_CLEANING)
+  config.text_cleaning = "ntxr"       # or "paper" (ntxr.layouts.TEXT_CLEANINGS)
   config.vocabulary = "training"      # or "all": every split's captions (the paper)
   config.word_vectors = ""            # word2vec file: word tokens, a frozen table (the paper)
   config.require_word_vectors = False

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
-from ntxr import settings
+from ntxr import layouts, settings
 from ntxr.data import captions, features, workers
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")
@@ -46,7 +46,7 @@ class _CaptionedAudio(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   BUILDER_CONFIGS = []  # every feature config is built on demand (FeatureConfig)
-  LAYOUT = ""  # its name in captions.LAYOUT_FILES
+  LAYOUT = ""  # its name in layouts.LAYOUT_FILES
   SPLITS = ()  # training, validation, test
   CAPTION_FILE = ""  # a split's caption file under the data folder, {split} filled in
   read_captions = None  # (csv path, skip) -> (clips, skipped rows), see ntxr.data.captions
@@ -121,8 +121,8 @@ class NtxrClotho(_CaptionedAudio):
   """Clotho v2 (or the built-in synthetic corpus, written in its layout)."""
 
   LAYOUT = "clotho"
-  SPLITS = captions.LAYOUT_SPLITS[LAYOUT]
-  CAPTION_FILE = captions.CLOTHO_CAPTION_FILE
+  SPLITS = layouts.LAYOUT_SPLITS[LAYOUT]
+  CAPTION_FILE = layouts.CLOTHO_CAPTION_FILE
   read_captions = staticmethod(captions.read_clotho_captions)
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download Clotho v2 from Zenodo (record 4783391) and unpack it into one folder holding
@@ -138,7 +138,7 @@ class NtxrAudiocaps(_CaptionedAudio):
   """AudioCaps: {train,val,test}.csv and audio/{split}/{youtube_id}_{start}.{wav,flac,mp3,ogg}."""
 
   LAYOUT = "audiocaps"
-  SPLITS = captions.LAYOUT_SPLITS[LAYOUT]
+  SPLITS = layouts.LAYOUT_SPLITS[LAYOUT]
   CAPTION_FILE = "{split}.csv"
   read_captions = staticmethod(captions.read_audiocaps_captions)
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
@@ -159,8 +159,8 @@ class NtxrPairs(_CaptionedAudio):
   `captions.assign_splits`, and `split_file` says which went where."""
 
   LAYOUT = "pairs"
-  SPLITS = captions.LAYOUT_SPLITS[LAYOUT]
-  CAPTION_FILE = captions.LAYOUT_FILES["pairs"]
+  SPLITS = layouts.LAYOUT_SPLITS[LAYOUT]
+  CAPTION_FILE = layouts.LAYOUT_FILES["pairs"]
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Put captions.csv (file_name,caption and optionally split; file_name relative to the
   folder; a row per caption) and the audio it names in one folder. Pass that folder as
@@ -184,7 +184,7 @@ BUILDERS = (NtxrClotho, NtxrAudiocaps, NtxrPairs)
 
 def builder_for(root: str) -> type:
   """The builder class whose layout the folder `root` has (Clotho v2, AudioCaps or pairs)."""
-  return {builder.LAYOUT: builder for builder in BUILDERS}[captions.layout_of(root)]
+  return {builder.LAYOUT: builder for builder in BUILDERS}[layouts.layout_of(root)]
 
 
 def split_file(pairs: captions.Pairs) -> str:

@@ -11,23 +11,17 @@ import re
 
 import numpy as np
 
-from ntxr import files
+from ntxr import files, layouts
 
 # Clotho v2's layout: one folder holding clotho_captions_{split}.csv (CLOTHO_COLUMNS) and
 # a folder of audio per split. The built-in corpus is written in it (`write_clotho_captions`).
 CAPTIONS_PER_CLIP = 5
 CLOTHO_COLUMNS = ["file_name"] + [f"caption_{k}" for k in range(1, CAPTIONS_PER_CLIP + 1)]
-CLOTHO_CAPTION_FILE = "clotho_captions_{split}.csv"
 AUDIOCAPS_COLUMNS = ["audiocap_id", "youtube_id", "start_time", "caption"]
 PAIRS_COLUMNS = ["file_name", "caption"]  # and optionally "split"
-SPLITS = ("development", "validation", "evaluation")  # Clotho's, and ntxr's own pairs'
 SPLIT_NAMES = {"development": "development", "train": "development",
                "training": "development", "validation": "validation", "val": "validation",
                "valid": "validation", "evaluation": "evaluation", "test": "evaluation"}
-# The caption file that marks each layout a data folder may have, in the order tried.
-LAYOUT_SPLITS = {"clotho": SPLITS, "audiocaps": ("train", "val", "test"), "pairs": SPLITS}
-LAYOUT_FILES = {"clotho": CLOTHO_CAPTION_FILE.format(split=SPLITS[0]),
-                "audiocaps": "train.csv", "pairs": "captions.csv"}
 SPLIT_SEED = 0  # the seeded split of a captions.csv without a split column
 SPLIT_SHARES = {"validation": 0.15, "evaluation": 0.15}  # the rest is development
 
@@ -60,7 +54,7 @@ def clean_text_paper(text: str) -> str:
   return " ".join(re.sub(r"""[!"#$%&'()*+,./\\:;<=>?@\[\]^_`{|}~]""", " ", text.lower()).split())
 
 
-TEXT_CLEANING = {"ntxr": clean_text, "paper": clean_text_paper}
+TEXT_CLEANING = dict(zip(layouts.TEXT_CLEANINGS, (clean_text, clean_text_paper)))
 
 
 def _rows(path: str, columns: list) -> list:
@@ -83,22 +77,10 @@ def _keep_or_raise(path, line, reason, skip, skipped):
   skipped.append((line, reason))
 
 
-def layout_of(root: str) -> str:
-  """The layout of the data folder `root`: a name in LAYOUT_FILES; ValueError if none."""
-  if not os.path.isdir(root):
-    raise ValueError(f"{root}: no such folder; pass a Clotho v2 or AudioCaps folder, or one "
-                     "holding captions.csv")
-  for layout, name in LAYOUT_FILES.items():
-    if os.path.isfile(os.path.join(root, name)):
-      return layout
-  raise ValueError(f"{root}: not a Clotho v2, AudioCaps or pairs folder (none of "
-                   f"{', '.join(LAYOUT_FILES.values())})")
-
-
 def write_clotho_captions(folder: str, split: str, rows: list) -> None:
   """Writes folder/clotho_captions_{split}.csv: the header, then [file_name, caption_1,
   .., caption_5] per clip (whole or not at all)."""
-  files.write_csv(os.path.join(folder, CLOTHO_CAPTION_FILE.format(split=split)),
+  files.write_csv(os.path.join(folder, layouts.CLOTHO_CAPTION_FILE.format(split=split)),
                   CLOTHO_COLUMNS, rows)
 
 
@@ -209,10 +191,10 @@ def read_pairs(path: str, skip: bool = False) -> Pairs:
       first_line.setdefault(name, line)
   if not with_split:
     split_of = assign_splits(grouped)
-  clips = {split: [] for split in SPLITS}
+  clips = {split: [] for split in layouts.SPLITS}
   for name, texts in grouped.items():
     clips[split_of[name]].append(Clip(name, tuple(texts), first_line[name]))
-  empty = [split for split in SPLITS if not clips[split]]
+  empty = [split for split in layouts.SPLITS if not clips[split]]
   if empty:
     raise ValueError(f"{path}: no clips in the {', '.join(empty)} split(s) ({len(grouped)} "
                      "files in all); training needs each split to hold at least one file")

@@ -14,7 +14,7 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from ntxr import files, relevance, settings
+from ntxr import files, layouts, relevance, settings
 from ntxr.data import builders, captions, staging, synthetic, tokenizer, word_vectors
 
 SPLITS_FILE = "splits.csv"  # in a pairs folder's prepared folder: the assigned splits
@@ -118,9 +118,9 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=settings.Features()
       start = time.perf_counter()
       data_dir = synthetic.generate(os.path.join(local, f"synthetic_{size}"), size)
       generate_s = time.perf_counter() - start
-      logmel = dataclasses.replace(logmel, sample_rate=logmel.sample_rate or synthetic.SAMPLE_RATE)
+      logmel = dataclasses.replace(logmel, sample_rate=logmel.sample_rate or layouts.SYNTHETIC_SAMPLE_RATE)
     logmel = dataclasses.replace(logmel,
-                                 sample_rate=logmel.sample_rate or settings.FOLDER_SAMPLE_RATE)
+                                 sample_rate=logmel.sample_rate or layouts.FOLDER_SAMPLE_RATE)
     builder_class = builders.builder_for(data_dir)
     prepared = _prepared_dir(local, data_dir)
     bucket_copy = f"{cache_dir.rstrip('/')}/{os.path.relpath(prepared, local)}"

@@ -26,15 +26,12 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ntxr import files, relevance
+from ntxr import files, layouts, relevance
 from ntxr.data import captions, workers
 
-SAMPLE_RATE = 16000
-SPLITS = captions.SPLITS
-# Clips per split, in Clotho's 3839 : 1045 : 1045 proportions, and their length range in
-# seconds: "clotho" has Clotho's shape (15 to 30 s clips), the others 3 to 6 s.
-SIZES = {"tiny": (24, 8, 8), "default": (1000, 272, 272), "large": (3839, 1045, 1045),
-         "clotho": (3839, 1045, 1045)}
+SAMPLE_RATE = layouts.SYNTHETIC_SAMPLE_RATE
+SIZES = layouts.SYNTHETIC_SIZES
+# Clip lengths in seconds: the "clotho" size's, and every other size's.
 CLIP_SECONDS = {"clotho": (15.0, 30.0)}
 SHORT_CLIP_SECONDS = (3.0, 6.0)
 MANIFEST = "ntxr_synthetic.json"
@@ -323,30 +320,30 @@ def _make_clip_args(args):
 def _manifest(size: str, seed: int) -> dict:
   return dict(generator_version=GENERATOR_VERSION, size=size, seed=seed,
               sample_rate=SAMPLE_RATE,
-              clips=dict(zip(SPLITS, SIZES[size])),
+              clips=dict(zip(layouts.SPLITS, SIZES[size])),
               seconds=list(CLIP_SECONDS.get(size, SHORT_CLIP_SECONDS)))
 
 
 def _file_name(split: int, index: int) -> str:
-  return f"{SPLITS[split][:3]}_{index:05d}.wav"
+  return f"{layouts.SPLITS[split][:3]}_{index:05d}.wav"
 
 
 def _events(size: str, seed: int) -> dict:
   """{split: {file name: sorted event kinds}} of a corpus, without rendering audio."""
   seconds = CLIP_SECONDS.get(size, SHORT_CLIP_SECONDS)
   return {split: {_file_name(s, i): event_kinds(seed, s, i, seconds) for i in range(count)}
-          for s, (split, count) in enumerate(zip(SPLITS, SIZES[size]))}
+          for s, (split, count) in enumerate(zip(layouts.SPLITS, SIZES[size]))}
 
 
 def _write_relevance(root: str, events: dict) -> None:
   """The test split's several matching clips per caption, in DCASE 2025's format
   (relevance.DCASE2025_FILE): the clips with exactly the caption's clip's event kinds."""
-  kinds = events[SPLITS[2]]
+  kinds = events[layouts.SPLITS[2]]
   alike = collections.defaultdict(list)
   for name, clip_kinds in kinds.items():
     alike[tuple(clip_kinds)].append(name)
   clips, _ = captions.read_clotho_captions(
-      os.path.join(root, captions.CLOTHO_CAPTION_FILE.format(split=SPLITS[2])))
+      os.path.join(root, layouts.CLOTHO_CAPTION_FILE.format(split=layouts.SPLITS[2])))
   relevant = {}
   for clip in clips:
     for text in clip.captions:
@@ -396,16 +393,16 @@ def generate(root: str, size: str = "default", seed: int = 0, processes: int = 0
   os.makedirs(partial)
   seconds = CLIP_SECONDS.get(size, SHORT_CLIP_SECONDS)
   jobs = [(seed, s, i, seconds) for s, count in enumerate(SIZES[size]) for i in range(count)]
-  rows = {split: [] for split in SPLITS}
-  for split in SPLITS:
+  rows = {split: [] for split in layouts.SPLITS}
+  for split in layouts.SPLITS:
     os.makedirs(os.path.join(partial, split))
   with workers.imap(_make_clip_args, jobs, processes, chunksize=16) as clips:
     for (_, s, i, _), (wav_bytes, texts) in zip(jobs, clips):  # each written as it arrives
       file_name = _file_name(s, i)
-      with open(os.path.join(partial, SPLITS[s], file_name), "wb") as f:
+      with open(os.path.join(partial, layouts.SPLITS[s], file_name), "wb") as f:
         f.write(wav_bytes)
-      rows[SPLITS[s]].append([file_name] + texts)
-  for split in SPLITS:
+      rows[layouts.SPLITS[s]].append([file_name] + texts)
+  for split in layouts.SPLITS:
     captions.write_clotho_captions(partial, split, rows[split])
   events = _events(size, seed)
   files.write_json(os.path.join(partial, EVENTS), events)
