@@ -41,13 +41,25 @@ def pretrained_encoder(name: str, path: str):
 
 def pretrained_encoders(model: settings.Model) -> dict:
   """{"audio" and/or "text": Loaded} of the model's pretrained encoders (none for the
-  paper's CRNN and word table)."""
+  paper's CRNN and word table), their modules as a run trains them: in the compute dtype,
+  rematerialised if asked, CNN14 at the run's matmul precision (its file's module
+  computes at the highest), PaSST with the run's patchout."""
+  dtype = models.compute_dtype(model.compute_dtype)
+  fields = {"cnn14": dict(precision=None),
+            "passt": dict(s_patchout_t=model.patchout[0], s_patchout_f=model.patchout[1])}
   loaded = {}
-  if model.audio_encoder != "crnn":
-    loaded["audio"] = pretrained_encoder(model.audio_encoder, model.audio_weights)
-  if model.text_encoder != "word_vectors":
-    loaded["text"] = pretrained_encoder(model.text_encoder, model.text_weights)
+  for side, name, path in (("audio", model.audio_encoder, model.audio_weights),
+                           ("text", model.text_encoder, model.text_weights)):
+    if name not in ("crnn", "word_vectors"):
+      encoder = pretrained_encoder(name, path)
+      loaded[side] = encoder._replace(module=encoder.module.clone(
+          dtype=dtype, remat=model.remat, **fields.get(name, {})))
   return loaded
+
+
+def frozen_sides(model: settings.Model) -> tuple:
+  """The sides ("audio", "text") whose pretrained encoder is frozen."""
+  return {"": (), "both": ("audio", "text")}.get(model.frozen, (model.frozen,))
 
 
 @functools.lru_cache(maxsize=None)
@@ -92,6 +104,7 @@ class Experiment:
                                 embed_dim=model.embed_dim, channels=model.channels,
                                 dropout=model.dropout, initializer=model.initializer,
                                 pool_remainder=model.pool_remainder, dtype=model.compute_dtype,
+                                frozen=frozen_sides(model),
                                 **{f"{side}_encoder": encoder.module
                                    for side, encoder in loaded.items()})
     self.initial_state = self.devices.replicate(steps.create_train_state(
@@ -99,7 +112,8 @@ class Experiment:
         words=data.max_tokens, mel_bands=corpus.feature_width,
         objective=run_settings.loss.objective, learning_rate=optimiser.learning_rate,
         word_table=corpus.word_table,
-        pretrained={f"{side}_encoder": encoder.variables for side, encoder in loaded.items()}))
+        pretrained={f"{side}_encoder": encoder.variables for side, encoder in loaded.items()},
+        updates=self._updates()))
     similarity = run_settings.loss.similarity
     self.relations = relations_lib.CaptionRelations(
         corpus.builder, corpus.events, corpus.tokenizer, similarity, corpus.word_table,
@@ -131,6 +145,25 @@ class Experiment:
         self.corpus.clips(split), self.corpus.tokenizer, batch_size=optimiser.batch_size,
         seed=seed, frame_buckets=data.frame_buckets, max_tokens=data.max_tokens,
         drop_remainder=not optimiser.keep_partial_batch)
+
+  def _updates(self) -> steps.Updates:
+    """The optimizer's updates beyond Adam at the learning rate (`steps.Updates`)."""
+    optimiser, model = self.settings.optimiser, self.settings.model
+    schedule = None
+    if optimiser.lr_schedule == "warmup_cosine":
+      cosine, steps_per_epoch = optimiser.warmup_cosine, self.steps_per_epoch()
+      schedule = (round(cosine.warmup_epochs * steps_per_epoch),
+                  round(cosine.decay_epochs * steps_per_epoch), cosine.min_lr)
+    return steps.Updates(frozen=tuple((f"{side}_encoder",) for side in frozen_sides(model)),
+                         encoder_lr_factor=optimiser.encoder_lr_factor,
+                         weight_decay=optimiser.weight_decay, warmup_cosine=schedule)
+
+  def steps_per_epoch(self) -> int:
+    """The training steps of an epoch: the training split's batches, at most
+    --config.max_steps_per_epoch."""
+    steps_per_epoch = self.batches_per_epoch(self.training_split)
+    cap = self.settings.optimiser.max_steps_per_epoch
+    return min(steps_per_epoch, cap) if cap else steps_per_epoch
 
   def batches_per_epoch(self, split: str) -> int:
     """Batches of caption pairs in a split (the last short one counted with

@@ -185,17 +185,22 @@ class PretrainedAudio(nn.Module):
   """Waveform frames [B, T, hop] -> frame embeddings [B, T, embed_dim]: a pretrained audio
   encoder (`encoders.cnn14.Cnn14` or `encoders.passt.Encoder`) on each
   clip's waveform, its frame outputs [B, T', D] projected to embed_dim and stretched
-  linearly back over the clip's T frames, as the CRNN upsamples its own."""
+  linearly back over the clip's T frames, as the CRNN upsamples its own. frozen: the
+  encoder runs in inference mode and passes no gradient back (its projection trains)."""
   encoder: nn.Module
   embed_dim: int = 300
   dtype: Any = jnp.float32
+  frozen: bool = False
 
   @nn.compact
   def __call__(self, audio: Array, mask: Array, *, train: bool) -> Array:
     batch, frames, hop = audio.shape
     lengths = mask.sum(axis=1)
-    outputs = self.encoder(audio.reshape(batch, frames * hop), lengths * hop, train=train)
+    outputs = self.encoder(audio.reshape(batch, frames * hop), lengths * hop,
+                           train=train and not self.frozen)
     x, x_mask = outputs[0], outputs[1]  # frames [B, T', D] and their mask
+    if self.frozen:
+      x = jax.lax.stop_gradient(x)
     x = nn.Dense(self.embed_dim, dtype=self.dtype, name="projection")(x)
     factor = -(-frames // x.shape[1])
     x = upsample_linear(x, jnp.maximum(x_mask.sum(axis=1), 1), factor,
@@ -206,15 +211,18 @@ class PretrainedAudio(nn.Module):
 class PretrainedText(nn.Module):
   """Token ids [B, W] (`data.tokenizer.PretrainedTokenizer`'s: the checkpoint's + 1, 0
   pads) -> word embeddings [B, W, embed_dim]: a BERT-family encoder, its last hidden
-  states projected to embed_dim."""
+  states projected to embed_dim. frozen: as PretrainedAudio's."""
   encoder: nn.Module
   embed_dim: int = 300
   dtype: Any = jnp.float32
+  frozen: bool = False
 
   @nn.compact
   def __call__(self, tokens: Array, mask: Array, *, train: bool = False) -> Array:
     ids = jnp.where(mask, tokens - 1, self.encoder.pad_token_id)
-    words, _ = self.encoder(ids, mask, train=train)
+    words, _ = self.encoder(ids, mask, train=train and not self.frozen)
+    if self.frozen:
+      words = jax.lax.stop_gradient(words)
     return l2_normalize(nn.Dense(self.embed_dim, dtype=self.dtype, name="projection")(words),
                         mask)
 
@@ -223,7 +231,8 @@ class DualEncoder(nn.Module):
   """Both encoders; `__call__` embeds a batch, `embed_audio` / `embed_text` one side.
   dtype: the compute dtype (a name or a NumPy dtype). audio_encoder, text_encoder: a
   pretrained module (`ntxr.encoders`) in place of the CRNN or the word table (its
-  variables under its field's name), or None."""
+  variables under its field's name), or None; frozen: the sides ("audio", "text") whose
+  pretrained encoder runs as published (see PretrainedAudio)."""
   vocab_size: int
   embed_dim: int = 300
   channels: Sequence[int] = PAPER_CHANNELS
@@ -233,6 +242,7 @@ class DualEncoder(nn.Module):
   dtype: Any = jnp.float32
   audio_encoder: Optional[nn.Module] = None
   text_encoder: Optional[nn.Module] = None
+  frozen: Tuple[str, ...] = ()
 
   def setup(self):
     dtype = compute_dtype(self.dtype)
@@ -244,11 +254,13 @@ class DualEncoder(nn.Module):
                         initializer=self.initializer, pool_remainder=self.pool_remainder,
                         dtype=dtype)
     else:
-      self.audio = PretrainedAudio(self.audio_encoder, self.embed_dim, dtype=dtype)
+      self.audio = PretrainedAudio(self.audio_encoder, self.embed_dim, dtype=dtype,
+                                   frozen="audio" in self.frozen)
     if self.text_encoder is None:
       self.text = TextEncoder(self.vocab_size, self.embed_dim, dtype=dtype)
     else:
-      self.text = PretrainedText(self.text_encoder, self.embed_dim, dtype=dtype)
+      self.text = PretrainedText(self.text_encoder, self.embed_dim, dtype=dtype,
+                                 frozen="text" in self.frozen)
 
   def embed_audio(self, audio: Array, audio_mask: Array, *, train: bool = False) -> Array:
     return self.audio(audio, audio_mask, train=train)

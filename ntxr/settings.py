@@ -42,6 +42,7 @@ PATHS = ("data_dir", "cache_dir", "stage_dir", "word_vectors", "relevance_file",
 AT_LEAST = dict(batch_size=2, eval_batch_size=1, num_epochs=1, max_steps_per_epoch=0,
                 checkpoint_every_steps=1, metrics_every_steps=1, max_tokens=1, embed_dim=1,
                 vocab_size=2, margin=0, temperature=1e-6, beta=0, learning_rate=1e-12,
+                weight_decay=0, encoder_lr_factor=1e-6,
                 filter_similarity=0, filter_share_of_positive=0, n_fft=0, f_min=0, f_max=0,
                 log_offset=1e-30)
 # The most of the numeric fields that have one: Adam's steps grow with its rate, and
@@ -55,6 +56,9 @@ TEXT_ENCODERS = ("word_vectors", "bert", "roberta")
 # The pretrained audio encoders read waveforms at this rate, in frames of HOP samples.
 PRETRAINED_SAMPLE_RATE, PRETRAINED_HOP = 32000, 320
 PASST_FRAMES = 1000  # 10 s: the released PaSST files' time embedding holds no more
+PASST_PATCH, PASST_STRIDE, PASST_ROWS = 16, 10, 12  # its patches: 16 mel frames, 10 apart
+FROZEN = ("", "audio", "text", "both")  # which pretrained encoders run as published
+LR_SCHEDULES = ("plateau", "warmup_cosine")  # see Optimiser
 VOCABULARIES = ("training", "all")  # which splits' captions a tokenizer learns from
 MISSING_WORD_VECTORS = ("random", "one_unk")
 PADDINGS = ("masked", "batch")  # see steps.training_masks
@@ -152,7 +156,11 @@ class Data:
 class Model:
   """The dual encoder's fields other than its vocabulary (`models.DualEncoder`), and
   its pretrained encoders' names and files (`ntxr.encoders`; "crnn" and "word_vectors":
-  the paper's, trained from scratch)."""
+  the paper's, trained from scratch). remat: the pretrained encoders recompute each
+  block's activations for the gradient; patchout: PaSST's structured patchout in
+  training, (time columns, frequency rows) dropped; frozen (a name in FROZEN): those
+  pretrained encoders run as published (inference mode, no gradient, no updates), their
+  projections trained."""
   audio_encoder: str
   audio_weights: str
   text_encoder: str
@@ -163,6 +171,9 @@ class Model:
   initializer: str
   compute_dtype: str
   pool_remainder: str
+  remat: bool
+  patchout: tuple
+  frozen: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,9 +226,23 @@ class Stopper:
 
 
 @dataclasses.dataclass(frozen=True)
+class WarmupCosine:
+  """The per-step learning rate of `steps.warmup_cosine`, in epochs of steps: from min_lr
+  up to the learning rate over warmup_epochs, down to min_lr over decay_epochs."""
+  warmup_epochs: float = 1.0
+  decay_epochs: float = 15.0
+  min_lr: float = 1e-7
+
+
+@dataclasses.dataclass(frozen=True)
 class Optimiser:
-  """Adam's batches, epochs and learning rate with its plateau `schedule`, and how the
-  validation loss that drives it is drawn.
+  """Adam's batches, epochs and learning rate with its schedule (lr_schedule: "plateau",
+  per epoch on the validation loss, or "warmup_cosine", per step), and how the
+  validation loss that drives the plateau and the stopper is drawn.
+
+  weight_decay: above 0, AdamW's decoupled decay. encoder_lr_factor: the pretrained
+  encoders' learning rate is the learning rate times this (their projections and the
+  objective's scalars train at the learning rate).
 
   keep_partial_batch: an epoch's last batch, short of batch_size, is used (the
   authors'), not dropped. validation_draws: the validation loss's batches and random
@@ -229,6 +254,10 @@ class Optimiser:
   learning_rate: float
   schedule: Schedule
   stopper: Stopper
+  lr_schedule: str
+  warmup_cosine: WarmupCosine
+  weight_decay: float
+  encoder_lr_factor: float
   batch_size: int
   eval_batch_size: int
   num_epochs: int
@@ -299,9 +328,11 @@ class Settings:
         model=Model(audio_encoder=c.audio_encoder,
                     audio_weights=os.path.expanduser(c.audio_weights),
                     text_encoder=c.text_encoder,
-                    text_weights=os.path.expanduser(c.text_weights), embed_dim=c.embed_dim, channels=tuple(c.channels), dropout=c.dropout,
+                    text_weights=os.path.expanduser(c.text_weights), embed_dim=c.embed_dim,
+                    channels=tuple(c.channels), dropout=c.dropout,
                     initializer=c.initializer, compute_dtype=c.compute_dtype,
-                    pool_remainder=c.pool_remainder),
+                    pool_remainder=c.pool_remainder, remat=c.remat,
+                    patchout=tuple(c.patchout), frozen=c.frozen),
         loss=Loss(objective=c.objective, strategy=c.strategy, margin=c.margin, score=c.score,
                   padding=c.train_padding, temperature=c.temperature, beta=c.beta,
                   similarity=c.similarity, relevance_slope=c.relevance_slope,
@@ -309,7 +340,10 @@ class Settings:
                   filter_share_of_positive=c.filter_share_of_positive),
         optimiser=Optimiser(
             learning_rate=c.learning_rate, schedule=Schedule(**c.plateau.to_dict()),
-            stopper=Stopper(**c.stopper.to_dict()), batch_size=c.batch_size,
+            stopper=Stopper(**c.stopper.to_dict()), lr_schedule=c.lr_schedule,
+            warmup_cosine=WarmupCosine(**c.warmup_cosine.to_dict()),
+            weight_decay=c.weight_decay, encoder_lr_factor=c.encoder_lr_factor,
+            batch_size=c.batch_size,
             eval_batch_size=c.eval_batch_size, num_epochs=c.num_epochs,
             max_steps_per_epoch=c.max_steps_per_epoch,
             keep_partial_batch=c.keep_partial_batch, validation_draws=c.validation_draws,
@@ -334,6 +368,50 @@ def _choose(field: str, value, choices) -> None:
     raise SettingError(f"--config.{field} must be one of {list(choices)}, not {value!r}")
 
 
+def _check_passt(buckets: tuple, patchout: tuple) -> None:
+  """PaSST's frames: one bucket (it attends to every patch, padding too, so a clip's
+  embedding would depend on its batch's padding; one length pads every clip alike) of
+  one patch to PASST_FRAMES frames; patchout dropping fewer patches than there are."""
+  if len(buckets) != 1 or not PASST_PATCH <= buckets[0] <= PASST_FRAMES:
+    raise SettingError(
+        f"--config.frame_buckets: PaSST reads one length, {PASST_PATCH} to {PASST_FRAMES} "
+        f"frames of {PRETRAINED_HOP} samples (10 s at most): it attends to every patch, "
+        f"padding too, so every clip is padded to one length; give one bucket, e.g. "
+        f"--config.frame_buckets=\"({PASST_FRAMES},)\", not {buckets}")
+  columns = (buckets[0] - PASST_PATCH) // PASST_STRIDE + 1
+  if patchout[0] >= columns or patchout[1] >= PASST_ROWS:
+    raise SettingError(f"--config.patchout={patchout}: PaSST has {columns} time columns of "
+                       f"patches at {buckets[0]} frames and {PASST_ROWS} frequency rows; "
+                       f"patchout drops fewer")
+
+
+def _check_fine_tuning(config: ml_collections.ConfigDict) -> None:
+  """Raises SettingError for a fine-tuning field given without the encoder it is for."""
+  pretrained = [side for side, paper in (("audio", "crnn"), ("text", "word_vectors"))
+                if config[f"{side}_encoder"] != paper]
+  for side in {"": [], "both": ["audio", "text"]}.get(config.frozen, [config.frozen]):
+    if side not in pretrained:
+      raise SettingError(f"--config.frozen={config.frozen}: the {side} encoder is the "
+                         f"paper's, trained from scratch; freeze a pretrained one "
+                         f"(--config.{side}_encoder)")
+  if not pretrained and (config.remat or config.encoder_lr_factor != 1):
+    raise SettingError("--config.remat and --config.encoder_lr_factor are for pretrained "
+                       "encoders (--config.audio_encoder=cnn14|passt, "
+                       "--config.text_encoder=bert|roberta)")
+  patchout = tuple(config.patchout)
+  if len(patchout) != 2 or any(not isinstance(n, int) or n < 0 for n in patchout):
+    raise SettingError(f"--config.patchout must be two counts (time, frequency) of at "
+                       f"least 0, not {patchout}")
+  if patchout != (0, 0) and config.audio_encoder != "passt":
+    raise SettingError(f"--config.patchout={patchout} is PaSST's: give it with "
+                       f"--config.audio_encoder=passt")
+  if (config.lr_schedule == "warmup_cosine"
+      and config.warmup_cosine.min_lr > config.learning_rate):
+    raise SettingError(f"--config.warmup_cosine.min_lr ({config.warmup_cosine.min_lr:g}) "
+                       f"must be at most --config.learning_rate ({config.learning_rate:g}), "
+                       f"the schedule's peak")
+
+
 def check_values(config: ml_collections.ConfigDict) -> None:
   """Raises SettingError naming the first field of config whose value cannot run; the
   files and folders it names are left to `Settings.of`, where the run starts."""
@@ -348,7 +426,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
       ("select_by", SELECTIONS), ("similarity", ("", *SIMILARITIES)),
       ("pool_remainder", models.POOL_REMAINDERS), ("word_variants", WORD_VARIANTS),
       ("validation_draws", VALIDATION_DRAWS), ("matmul_precision", MATMUL_PRECISIONS),
-      ("audio_encoder", AUDIO_ENCODERS), ("text_encoder", TEXT_ENCODERS)]:
+      ("audio_encoder", AUDIO_ENCODERS), ("text_encoder", TEXT_ENCODERS),
+      ("frozen", FROZEN), ("lr_schedule", LR_SCHEDULES)]:
     _choose(field, config[field], choices)
   for field, value in _flat(config):
     if isinstance(value, float) and not math.isfinite(value):
@@ -367,7 +446,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     if not config.plateau[field] >= 0:
       raise SettingError(f"--config.plateau.{field} must be at least 0, not "
                          f"{config.plateau[field]}")
-  for group in ("collapse", "stopper"):
+  for group in ("collapse", "stopper", "warmup_cosine"):
     for field, value in config[group].items():
       if not value >= 0:
         raise SettingError(f"--config.{group}.{field} must be at least 0, not {value}")
@@ -401,10 +480,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
       raise SettingError(f"--config.frame_buckets must rise, each a count of "
                          f"{PRETRAINED_HOP}-sample frames, not {buckets}")
-    if config.audio_encoder == "passt" and buckets[-1] > PASST_FRAMES:
-      raise SettingError(f"--config.frame_buckets: PaSST reads at most {PASST_FRAMES} frames "
-                         f"of {PRETRAINED_HOP} samples (10 s), not {buckets[-1]}: give "
-                         f"buckets up to {PASST_FRAMES}")
+    if config.audio_encoder == "passt":
+      _check_passt(buckets, tuple(config.patchout))
   elif (not buckets or list(buckets) != sorted(set(buckets))
         or any(b < stride or b % stride for b in buckets)):
     raise SettingError(f"--config.frame_buckets must rise, each a multiple of the CRNN's "
@@ -417,6 +494,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
           f"give it with --config.{field}=" + ("|".join(
               AUDIO_ENCODERS[1:] if field == "audio_encoder" else TEXT_ENCODERS[1:]))
           + (", not alone" if config[weights] else f", not {config[field]} alone"))
+  _check_fine_tuning(config)
   if config.text_encoder != "word_vectors" and (config.word_vectors or
                                                 config.similarity == "word_vectors"):
     raise SettingError(f"--config.text_encoder={config.text_encoder} reads its own "

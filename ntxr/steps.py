@@ -32,23 +32,76 @@ class TrainState(train_state.TrainState):
             "batch_stats": self.batch_stats}
 
 
-def make_optimizer(learning_rate, frozen_text: bool) -> optax.GradientTransformation:
-  """Adam; with frozen_text the word table (params/text/embed) is never updated."""
-  adam = optax.adam(learning_rate)
-  if not frozen_text:
-    return adam
-  labels = lambda params: traverse_util.path_aware_map(
-      lambda path, _: "frozen" if path[:2] == ("text", "embed") else "train", params)
-  return optax.multi_transform({"train": adam, "frozen": optax.set_to_zero()}, labels)
+WORD_TABLE = ("text", "embed")  # the parameters of the paper's frozen word vectors
+PRETRAINED = ("audio_encoder", "text_encoder")  # a pretrained encoder's (models.DualEncoder)
+
+
+@dataclasses.dataclass(frozen=True)
+class Updates:
+  """How the optimizer updates the parameters beyond Adam at the learning rate.
+
+  frozen: paths of parameters never updated (WORD_TABLE, or a name in PRETRAINED);
+  encoder_lr_factor: the pretrained encoders' learning rate is the rate times this;
+  weight_decay: above 0, AdamW's decoupled decay; warmup_cosine: (warmup steps, decay
+  steps, lowest rate) of a per-step schedule to the learning rate and back
+  (`warmup_cosine`), or None: the rate the training loop sets (`set_learning_rate`).
+  """
+  frozen: tuple = ()
+  encoder_lr_factor: float = 1.0
+  weight_decay: float = 0.0
+  warmup_cosine: Optional[tuple] = None
+
+
+def warmup_cosine(step, *, peak: float, warmup: int, decay: int, lowest: float):
+  """The learning rate at optimizer step `step` (the DCASE 2025 baseline's schedule): from
+  lowest linearly to peak over `warmup` steps, back to lowest along half a cosine over
+  `decay` steps, then lowest.
+
+  >>> [round(float(warmup_cosine(s, peak=1.0, warmup=2, decay=2, lowest=0.0)), 3)
+  ...  for s in range(6)]
+  [0.0, 0.5, 1.0, 0.5, 0.0, 0.0]
+  """
+  step = jnp.asarray(step, jnp.float32)
+  rising = lowest + (peak - lowest) * step / max(warmup, 1)
+  progress = jnp.clip((step - warmup) / max(decay, 1), 0.0, 1.0)
+  falling = lowest + (peak - lowest) * 0.5 * (1 + jnp.cos(jnp.pi * progress))
+  return jnp.where(step < warmup, rising, falling)
+
+
+def make_optimizer(learning_rate, updates: Updates) -> optax.GradientTransformation:
+  """Adam (AdamW with weight decay) at learning_rate, as `updates` says."""
+  def adam(rate):
+    return (optax.adamw(rate, weight_decay=updates.weight_decay) if updates.weight_decay
+            else optax.adam(rate))
+
+  def label(path, _):
+    if any(path[:len(frozen)] == frozen for frozen in updates.frozen):
+      return "frozen"
+    return "encoder" if path[0] in PRETRAINED and updates.encoder_lr_factor != 1 else "train"
+
+  transforms = {"train": adam(learning_rate), "frozen": optax.set_to_zero(),
+                "encoder": adam(learning_rate * updates.encoder_lr_factor)}
+  used = ["train"] + ["frozen"] * bool(updates.frozen) + ["encoder"] * (
+      updates.encoder_lr_factor != 1)
+  if used == ["train"]:
+    return transforms["train"]
+  return optax.multi_transform({name: transforms[name] for name in used},
+                               lambda params: traverse_util.path_aware_map(label, params))
 
 
 @functools.lru_cache(maxsize=None)
-def optimizer(learning_rate: float, frozen_text: bool) -> optax.GradientTransformation:
-  """`make_optimizer` with the learning rate in its state (set_learning_rate changes it).
-  One object per setting: a train state's optimizer is part of its static structure,
-  so states of one setting must share it to share compiled steps."""
-  return optax.inject_hyperparams(make_optimizer, static_args="frozen_text")(
-      learning_rate=learning_rate, frozen_text=frozen_text)
+def optimizer(learning_rate: float, updates: Updates) -> optax.GradientTransformation:
+  """`make_optimizer` with the learning rate in its state: the plateau's, which
+  set_learning_rate changes, or the schedule's of each step. One object per setting: a
+  train state's optimizer is part of its static structure, so states of one setting
+  must share it to share compiled steps."""
+  rate = learning_rate
+  if updates.warmup_cosine is not None:
+    warmup, decay, lowest = updates.warmup_cosine
+    rate = functools.partial(warmup_cosine, peak=learning_rate, warmup=warmup, decay=decay,
+                             lowest=lowest)
+  return optax.inject_hyperparams(make_optimizer, static_args="updates")(
+      learning_rate=rate, updates=updates)
 
 
 @functools.partial(jax.jit, static_argnames="model")
@@ -75,12 +128,13 @@ def _with_pretrained(variables: dict, pretrained: dict) -> dict:
 def create_train_state(model: models.DualEncoder, key: jax.Array, *, frames: int, words: int,
                        mel_bands: int, objective: str = "triplet", learning_rate: float = 1e-3,
                        word_table: Optional[np.ndarray] = None,
-                       pretrained: Optional[dict] = None) -> TrainState:
+                       pretrained: Optional[dict] = None,
+                       updates: Updates = Updates()) -> TrainState:
   """Initialised parameters (from an example of `frames` frames of `mel_bands` values
   (log-mel bands, or waveform samples) and `words` tokens) and Adam; the objective's
   learnt scalars join the params; word_table [V, E] replaces (and freezes) the text
   encoder's table; pretrained {"audio_encoder" or "text_encoder": variables} replace the
-  pretrained encoders' initial variables."""
+  pretrained encoders' initial variables; updates: the optimizer's (`Updates`)."""
   example = dict(audio=jnp.zeros((2, frames, mel_bands)), audio_mask=jnp.ones((2, frames), bool),
                  tokens=jnp.ones((2, words), jnp.int32), token_mask=jnp.ones((2, words), bool))
   variables = _with_pretrained(_init_variables(model, key, example), pretrained or {})
@@ -93,15 +147,30 @@ def create_train_state(model: models.DualEncoder, key: jax.Array, *, frames: int
     params = {**params, "text": {"embed": {"embedding": jnp.asarray(word_table)}}}
   params = {**params, **objectives.initial_parameters(objective)}
   state = TrainState.create(apply_fn=model.apply, params=params,
-                            tx=optimizer(learning_rate, word_table is not None),
+                            tx=optimizer(learning_rate, dataclasses.replace(
+                                updates, frozen=updates.frozen + (WORD_TABLE,) * (
+                                    word_table is not None))),
                             batch_stats=variables.get("batch_stats", {}))
   # Strongly typed leaves, as train_step returns them: the step compiles once, not twice.
   return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype), state)
 
 
+def scheduled(state: TrainState) -> bool:
+  """Whether the state's optimizer sets its own learning rate each step (warmup_cosine)."""
+  return bool(state.opt_state.hyperparams_states)
+
+
+def current_learning_rate(state: TrainState) -> float:
+  """The learning rate of the state's last step (or, before one, its first)."""
+  return float(state.opt_state.hyperparams["learning_rate"])
+
+
 def set_learning_rate(state: TrainState, learning_rate: float) -> TrainState:
   """The state with its optimizer's learning rate set, placed as the old one was
-  (replicated over every process's devices in training)."""
+  (replicated over every process's devices in training); unchanged where the optimizer
+  schedules its own (`scheduled`)."""
+  if scheduled(state):
+    return state
   old = state.opt_state.hyperparams["learning_rate"]
   hyperparams = dict(state.opt_state.hyperparams,
                      learning_rate=jax.device_put(np.float32(learning_rate), old.sharding))

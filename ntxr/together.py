@@ -62,7 +62,10 @@ def eval_loss(states: steps.TrainState, batches: dict, keys: jax.Array, *,
 
 
 def set_learning_rates(states: steps.TrainState, learning_rates) -> steps.TrainState:
-  """The stacked states with each run's learning rate set (a vector [R])."""
+  """The stacked states with each run's learning rate set (a vector [R]); unchanged where
+  the optimizer schedules its own."""
+  if steps.scheduled(states):
+    return states
   hyperparams = dict(states.opt_state.hyperparams,
                      learning_rate=jnp.asarray(learning_rates, jnp.float32))
   return states.replace(opt_state=states.opt_state._replace(hyperparams=hyperparams))

@@ -127,9 +127,11 @@ class Progress:
                       recent_losses=tuple(saved.get("recent_losses", ()))))
 
   def after_validation(self, loss: float, options: settings.Optimiser) -> "Progress":
-    """The progress with a validation loss given to the plateau schedule and stopper."""
-    plateau, learning_rate = reduce_on_plateau(self.plateau, loss, self.learning_rate,
-                                               options.schedule)
+    """The progress with a validation loss given to the plateau schedule (where the
+    learning rate follows it) and the stopper."""
+    plateau, learning_rate = self.plateau, self.learning_rate
+    if options.lr_schedule == "plateau":
+      plateau, learning_rate = reduce_on_plateau(plateau, loss, learning_rate, options.schedule)
     recent, results, stop = plateau_stop(self.recent_losses, self.validation_results, loss,
                                          options.stopper)
     return dataclasses.replace(self, plateau=plateau, learning_rate=learning_rate,
@@ -239,8 +241,9 @@ def end_epoch(experiment, state, progress, checkpoints, log, seconds, label: str
   epoch, training = progress.epoch + 1, progress.statistic_means()
   validation, collapse, validation_seconds = validated
   progress = progress.after_validation(validation["loss"], experiment.settings.optimiser)
-  learning_rate = progress.learning_rate
-  state = steps.set_learning_rate(state, learning_rate)
+  state = steps.set_learning_rate(state, progress.learning_rate)
+  learning_rate = (steps.current_learning_rate(state) if steps.scheduled(state)
+                   else progress.learning_rate)
   if collapse.collapsed:
     logging.warning("feature collapse at epoch %d: %s", epoch, "; ".join(collapse.reasons))
   progress = dataclasses.replace(
@@ -461,9 +464,7 @@ def _train_epoch(runs: list, group_size: int, freeze: bool, stop: StopRequests) 
   experiment = runs[0].experiment
   options, saving = experiment.settings.optimiser, experiment.settings.checkpoints
   split = experiment.training_split
-  steps_per_epoch = experiment.batches_per_epoch(split)
-  if options.max_steps_per_epoch:
-    steps_per_epoch = min(steps_per_epoch, options.max_steps_per_epoch)
+  steps_per_epoch = experiment.steps_per_epoch()
   epoch, start = runs[0].progress.epoch + 1, runs[0].progress.step_in_epoch
   active = [programs.of(members) for members in programs.grouped(runs, group_size)]
   made, relations = {}, {}  # seed -> its batches and their relations, once for its runs

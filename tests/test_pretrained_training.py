@@ -99,9 +99,26 @@ def test_roberta_reads_its_own_checkpoints_token_ids_padding_included(tiny_confi
     (dict(text_encoder="roberta", text_weights="/no/roberta"),
      r"--config\.text_weights=/no/roberta: no Hugging Face model folder"),
     (dict(audio_encoder="vggish"), r"--config\.audio_encoder must be one of"),
-    (dict(audio_encoder="passt", audio_weights="passt.pt"),  # the default buckets: 16 s
-     r"--config\.frame_buckets: PaSST reads at most 1000 frames of 320 samples \(10 s\), "
-     r"not 1600"),
+    (dict(audio_encoder="passt", audio_weights="passt.pt"),  # the default buckets, to 16 s
+     r"--config\.frame_buckets: PaSST reads one length, 16 to 1000 frames of 320 samples "
+     r"\(10 s at most\): .* give one bucket, e\.g\. --config\.frame_buckets=\"\(1000,\)\", "
+     r"not \(160, 320,"),
+    (dict(audio_encoder="passt", audio_weights="passt.pt", frame_buckets=(1200,)),
+     r"PaSST reads one length, 16 to 1000 frames .* not \(1200,\)"),
+    (dict(audio_encoder="passt", audio_weights="passt.pt", frame_buckets=(15,)),
+     r"PaSST reads one length, 16 to 1000 frames .* not \(15,\)"),
+    (dict(audio_encoder="passt", audio_weights="passt.pt", frame_buckets=(1000,),
+          patchout=(99, 0)),
+     r"--config\.patchout=\(99, 0\): PaSST has 99 time columns of patches at 1000 frames"),
+    (dict(audio_encoder="cnn14", audio_weights="x.pth", patchout=(1, 0)),
+     r"--config\.patchout=\(1, 0\) is PaSST's"),
+    (dict(frozen="audio"), r"--config\.frozen=audio: the audio encoder is the paper's"),
+    (dict(remat=True), r"--config\.remat and --config\.encoder_lr_factor are for pretrained"),
+    (dict(encoder_lr_factor=0.1), r"--config\.remat and --config\.encoder_lr_factor are for"),
+    (dict(lr_schedule="cosine"), r"--config\.lr_schedule must be one of"),
+    (dict(lr_schedule="warmup_cosine", learning_rate=1e-5,
+          warmup_cosine=dict(warmup_epochs=1.0, decay_epochs=2.0, min_lr=1e-4)),
+     r"--config\.warmup_cosine\.min_lr \(0\.0001\) must be at most --config\.learning_rate"),
 ])
 def test_pretrained_settings_that_cannot_run_are_refused(overrides, message, tmp_path):
   config = default.get_config()

@@ -75,12 +75,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.pool_remainder = "keep"      # or "drop": PyTorch's pooling floor (the authors')
   config.compute_dtype = "float32"    # or "bfloat16": encoders and scores (GPU/TPU); the
                                       # parameters, optimizer, selection and loss stay float32
+  # Fine-tuning pretrained encoders (the DCASE baselines' controls):
+  config.frozen = ""                  # "audio", "text" or "both": run as published (no
+                                      # dropout, no updates); their projections train
+  config.encoder_lr_factor = 1.0      # their learning rate: learning_rate x this
+  config.remat = False                # recompute their activations: less memory, more time
+  config.patchout = (0, 0)            # PaSST in training: (time, frequency) patches dropped
   config.matmul_precision = "default"  # or "highest": full float32 products on GPUs, whose
                                        # default is TF32 (the authors' PyTorch 1.13: full)
 
   # Optimisation: Adam, ReduceLROnPlateau on the validation loss as the paper.
   config.batch_size = 32
   config.learning_rate = 1e-3
+  config.lr_schedule = "plateau"      # or "warmup_cosine": per step, as warmup_cosine says
+  config.warmup_cosine = ml_collections.ConfigDict(
+      dict(warmup_epochs=1.0, decay_epochs=15.0, min_lr=1e-7))
+  config.weight_decay = 0.0           # above 0: AdamW's decoupled weight decay
   config.num_epochs = 4
   config.max_steps_per_epoch = 0      # 0: the whole training split; else cut epochs short
   config.plateau = ml_collections.ConfigDict(

@@ -101,16 +101,16 @@ class BertLayer(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array, *, train: bool = False) -> Array:
+  def __call__(self, x: Array, mask: Array, train: bool = False) -> Array:
     batch, words, hidden = x.shape
     head_size = hidden // self.num_heads
     dense = lambda size, name: nn.Dense(size, dtype=self.dtype, name=name)
     heads = lambda name: dense(hidden, name)(x).reshape(batch, words, self.num_heads, head_size)
     query, key, value = heads("query"), heads("key"), heads("value")
-    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key) * head_size ** -0.5
-    # A padded key adds the dtype's lowest value (transformers' additive mask).
+    logits = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * head_size ** -0.5
+    # A padded key adds the lowest value (transformers' additive mask); softmax in float32.
     logits = jnp.where(mask[:, None, None, :], logits, jnp.finfo(logits.dtype).min)
-    weights = jax.nn.softmax(logits, axis=-1)
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     weights = nn.Dropout(self.attention_dropout, deterministic=not train)(weights)
     attended = jnp.einsum("bhqk,bkhd->bqhd", weights, value).reshape(batch, words, hidden)
     attended = nn.Dropout(self.hidden_dropout, deterministic=not train)(
@@ -124,6 +124,8 @@ class BertLayer(nn.Module):
 class BertEncoder(nn.Module):
   """Token ids [B, W] with mask [B, W] -> (last hidden states [B, W, D], pooled [B, D] or
   None without a pooler). Sizes and names as transformers' BertConfig; see `module_from_config`.
+  dtype: of the computation (parameters stay float32); remat: each layer's activations
+  are recomputed for the gradient, not kept (less memory, more compute).
   """
   vocab_size: int
   hidden_size: int = 768
@@ -140,6 +142,7 @@ class BertEncoder(nn.Module):
   position_ids_from_padding: bool = False
   pooler: bool = False
   dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, token_ids: Array, mask: Array, *,
@@ -154,10 +157,11 @@ class BertEncoder(nn.Module):
                        self.type_vocab_size, self.layer_norm_eps, self.hidden_dropout,
                        self.pad_token_id, self.position_ids_from_padding, self.dtype,
                        name="embeddings")(token_ids, train=train)
+    layer = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
     for i in range(self.num_layers):
-      x = BertLayer(self.num_heads, self.intermediate_size, self.layer_norm_eps,
+      x = layer(self.num_heads, self.intermediate_size, self.layer_norm_eps,
                     self.hidden_act, self.hidden_dropout, self.attention_dropout, self.dtype,
-                    name=f"layer_{i}")(x, mask, train=train)
+                    name=f"layer_{i}")(x, mask, train)
     pooled = (jnp.tanh(nn.Dense(self.hidden_size, dtype=self.dtype, name="pooler")(x[:, 0]))
               if self.pooler else None)
     return x, pooled

@@ -26,6 +26,7 @@ variance); dropout as the reference (rng "dropout"). The reference's SpecAugment
 mixup are left out.
 """
 
+import functools
 from typing import Any, Dict, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
@@ -138,6 +139,8 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array, train: bool) -> Array:
+    """x in any dtype, normalised in float32, returned in its own."""
+    dtype, x = x.dtype, x.astype(jnp.float32)
     features = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (features,))
     bias = self.param("bias", nn.initializers.zeros, (features,))
@@ -155,7 +158,7 @@ class BatchNorm(nn.Module):
                              + self.momentum * var * count / jnp.maximum(count - 1, 1))
     else:
       mean, var = running_mean.value, running_var.value
-    return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+    return ((x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias).astype(dtype)
 
 
 class ConvBlock(nn.Module):
@@ -163,6 +166,7 @@ class ConvBlock(nn.Module):
   channels: int
   pool: Tuple[int, int]
   precision: Any = jax.lax.Precision.HIGHEST
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, frames: Array, train: bool) -> Tuple[Array, Array]:
@@ -171,15 +175,15 @@ class ConvBlock(nn.Module):
     mask = jnp.arange(x.shape[1])[None, :] < frames[:, None]
     for name in ("1", "2"):
       x = nn.Conv(self.channels, (3, 3), padding=1, use_bias=False, precision=self.precision,
-                  name="conv" + name)(x)
+                  dtype=self.dtype, name="conv" + name)(x)
       x = nn.relu(BatchNorm(name="bn" + name)(x, mask, train))
-      x = jnp.where(mask[:, :, None, None], x, 0.0)  # the clip's own run pads with zeros
+      x = jnp.where(mask[:, :, None, None], x, jnp.zeros((), x.dtype))  # as the clip alone
     (pt, pf), (b, t, f, c) = self.pool, x.shape
     x = x[:, :t // pt * pt, :f // pf * pf]
     x = x.reshape(b, t // pt, pt, f // pf, pf, c).mean(axis=(2, 4))
     frames = frames // pt
     mask = jnp.arange(x.shape[1])[None, :] < frames[:, None]  # a frame pooled with padding
-    return jnp.where(mask[:, :, None, None], x, 0.0), frames
+    return jnp.where(mask[:, :, None, None], x, jnp.zeros((), x.dtype)), frames
 
 
 class Outputs(NamedTuple):
@@ -193,11 +197,18 @@ class Outputs(NamedTuple):
 
 
 class Cnn14(nn.Module):
-  """PANNs CNN14 on waveforms [B, N] at 32 kHz (see the module docstring)."""
+  """PANNs CNN14 on waveforms [B, N] at 32 kHz (see the module docstring).
+
+  precision: of its products (None: `jax.default_matmul_precision`'s); dtype: of the
+  convolutions and dense layers after the float32 front end (BatchNorm normalises in
+  float32); remat: each conv block's activations are recomputed for the gradient, not
+  kept (less memory, more compute; the same values)."""
   classes: int = CLASSES
   block_dropout: float = 0.2
   clip_dropout: float = 0.5
   precision: Any = jax.lax.Precision.HIGHEST
+  dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, waveforms: Array, lengths: Optional[Array] = None,
@@ -212,19 +223,21 @@ class Cnn14(nn.Module):
     frames = stft_frames(lengths)
     mask = jnp.arange(x.shape[1])[None, :] < frames[:, None]
     x = BatchNorm(name="bn0")(x, mask, train)  # each mel bin its own statistics
-    x = jnp.where(mask[:, :, None], x, 0.0)[..., None]  # [B, T, 64, 1]
+    x = jnp.where(mask[:, :, None], x, 0.0)[..., None].astype(self.dtype)  # [B, T, 64, 1]
+    block = nn.remat(ConvBlock, static_argnums=(3,)) if self.remat else ConvBlock
     for index, (channels, pool) in enumerate(zip(CHANNELS, POOLS)):
-      x, frames = ConvBlock(channels, pool, self.precision,
-                            name=f"conv_block{index + 1}")(x, frames, train)
+      x, frames = block(channels, pool, self.precision, self.dtype,
+                        name=f"conv_block{index + 1}")(x, frames, train)
       x = nn.Dropout(self.block_dropout, deterministic=not train)(x)
     x = x.mean(axis=2)  # [B, T', 2048]
     mask = jnp.arange(x.shape[1])[None, :] < frames[:, None]
-    pooled = (jnp.max(jnp.where(mask[..., None], x, -jnp.inf), axis=1)
+    pooled = (jnp.max(jnp.where(mask[..., None], x, jnp.finfo(x.dtype).min), axis=1)
               + x.sum(axis=1) / frames[:, None])
     pooled = nn.Dropout(self.clip_dropout, deterministic=not train)(pooled)
-    hidden = nn.relu(nn.Dense(EMBEDDING, precision=self.precision, name="fc1")(pooled))
+    dense = functools.partial(nn.Dense, precision=self.precision, dtype=self.dtype)
+    hidden = nn.relu(dense(EMBEDDING, name="fc1")(pooled))
     embedding = nn.Dropout(self.clip_dropout, deterministic=not train)(hidden)
-    logits = nn.Dense(self.classes, precision=self.precision, name="fc_audioset")(hidden)
+    logits = dense(self.classes, name="fc_audioset")(hidden)
     return Outputs(x, mask, embedding, jax.nn.sigmoid(logits))
 
 

@@ -94,16 +94,19 @@ class Attention(nn.Module):
   """Multi-head self-attention with one qkv projection (timm's ViT)."""
   width: int
   num_heads: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     b, n, _ = x.shape
     head_dim = self.width // self.num_heads
-    qkv = nn.Dense(3 * self.width, name="qkv")(x).reshape(b, n, 3, self.num_heads, head_dim)
+    qkv = nn.Dense(3 * self.width, dtype=self.dtype, name="qkv")(x)
+    qkv = qkv.reshape(b, n, 3, self.num_heads, head_dim)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, N, H, head_dim]
-    weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim ** -0.5, axis=-1)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * head_dim ** -0.5
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     x = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(b, n, self.width)
-    return nn.Dense(self.width, name="proj")(x)
+    return nn.Dense(self.width, dtype=self.dtype, name="proj")(x)
 
 
 class Block(nn.Module):
@@ -111,13 +114,16 @@ class Block(nn.Module):
   width: int
   num_heads: int
   mlp_ratio: int = 4
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    norm = functools.partial(nn.LayerNorm, epsilon=1e-6, use_fast_variance=False)
-    x = x + Attention(self.width, self.num_heads, name="attn")(norm(name="norm1")(x))
-    y = nn.Dense(self.mlp_ratio * self.width, name="fc1")(norm(name="norm2")(x))
-    return x + nn.Dense(self.width, name="fc2")(nn.gelu(y, approximate=False))
+    norm = functools.partial(nn.LayerNorm, epsilon=1e-6, use_fast_variance=False,
+                             dtype=self.dtype)
+    dense = functools.partial(nn.Dense, dtype=self.dtype)
+    x = x + Attention(self.width, self.num_heads, self.dtype, name="attn")(norm(name="norm1")(x))
+    y = dense(self.mlp_ratio * self.width, name="fc1")(norm(name="norm2")(x))
+    return x + dense(self.width, name="fc2")(nn.gelu(y, approximate=False))
 
 
 class PaSSTOutputs(NamedTuple):
@@ -139,7 +145,9 @@ class PaSST(nn.Module):
   subset of T' - s_patchout_t columns and F' - s_patchout_f rows (rng "patchout"). The
   class and distillation tokens, each with its position embedding, go before the patches;
   then the blocks and a final LayerNorm. features = mean of the two tokens' outputs;
-  logits = head(LayerNorm(features)).
+  logits = head(LayerNorm(features)). dtype: of everything after the float32 mel (the
+  attention's softmax in float32); remat: each block's activations are recomputed for
+  the gradient, not kept.
   """
   width: int = 768
   depth: int = 12
@@ -151,6 +159,8 @@ class PaSST(nn.Module):
   num_classes: int = 527
   s_patchout_t: int = 0
   s_patchout_f: int = 0
+  dtype: Any = jnp.float32
+  remat: bool = False
 
   @nn.compact
   def __call__(self, mel: Array, *, train: bool = False, kept_time: Optional[Array] = None,
@@ -159,7 +169,7 @@ class PaSST(nn.Module):
     patchout's random draw; None: drawn when training with patchout, all otherwise."""
     embed_init = nn.initializers.truncated_normal(0.02)
     x = nn.Conv(self.width, (self.patch_size, self.patch_size), (self.stride, self.stride),
-                padding="VALID", name="patch_embed")(mel[..., None])  # [B, F', T', width]
+                padding="VALID", dtype=self.dtype, name="patch_embed")(mel[..., None])  # [B, F', T', width]
     b, f, t, _ = x.shape
     if f != self.freq_patches:
       raise ValueError(f"{mel.shape[1]} mel bins give {f} rows of patches, not "
@@ -181,12 +191,14 @@ class PaSST(nn.Module):
               for i, name in enumerate(("cls_token", "dist_token"))]
     x = jnp.concatenate([jnp.broadcast_to(jnp.stack(tokens), (b, 2, self.width)),
                          x.reshape(b, f * t, self.width)], axis=1)
+    block = nn.remat(Block) if self.remat else Block
     for i in range(self.depth):
-      x = Block(self.width, self.num_heads, name=f"blocks_{i}")(x)
-    x = nn.LayerNorm(epsilon=1e-6, use_fast_variance=False, name="norm")(x)
+      x = block(self.width, self.num_heads, dtype=self.dtype, name=f"blocks_{i}")(x)
+    norm = functools.partial(nn.LayerNorm, use_fast_variance=False, dtype=self.dtype)
+    x = norm(epsilon=1e-6, name="norm")(x)
     features = (x[:, 0] + x[:, 1]) / 2
-    logits = nn.Dense(self.num_classes, name="head")(
-        nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, name="head_norm")(features))
+    logits = nn.Dense(self.num_classes, dtype=self.dtype, name="head")(
+        norm(epsilon=1e-5, name="head_norm")(features))
     patches = x[:, 2:].reshape(b, f, t, self.width)
     return PaSSTOutputs(logits, features, patches, kept_time, kept_freq)
 
@@ -222,13 +234,16 @@ class Encoder(nn.Module):
   num_classes: int = 527
   s_patchout_t: int = 0
   s_patchout_f: int = 0
+  dtype: Any = jnp.float32  # see PaSST
+  remat: bool = False
 
   def setup(self):
     self.front_end = MelSpectrogram()
     self.passt = PaSST(
         width=self.size.width, depth=self.size.depth, num_heads=self.size.num_heads,
         time_patches=self.time_patches, num_classes=self.num_classes,
-        s_patchout_t=self.s_patchout_t, s_patchout_f=self.s_patchout_f)
+        s_patchout_t=self.s_patchout_t, s_patchout_f=self.s_patchout_f, dtype=self.dtype,
+        remat=self.remat)
 
   def __call__(self, waveforms: Array, lengths: Optional[Array] = None, *,
                train: bool = False, kept_time: Optional[Array] = None,
