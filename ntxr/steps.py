@@ -282,7 +282,8 @@ def _loss_and_terms(params: dict, variables: dict, apply_fn, batch: dict, key: j
   inputs = dict(batch, audio_mask=encoder_mask)
   if train:
     (audio, text), updates = apply_fn(variables, inputs, train=True, mutable=["batch_stats"],
-                                      rngs={"dropout": dropout_key})
+                                      rngs={"dropout": dropout_key,  # PaSST's patchout too
+                                            "patchout": jax.random.fold_in(dropout_key, 1)})
   else:
     (audio, text), updates = apply_fn(variables, inputs, train=False), {}
   embedded = objectives.Embedded(audio, text, audio_mask, text_mask, batch["audio_id"])

@@ -1,5 +1,6 @@
 """Pretrained encoders' files as their publishers write them, with random weights: PANNs'
-Cnn14 checkpoint (torch.save of {"model": state dict}) and a small Hugging Face BERT or
+Cnn14 checkpoint (torch.save of {"model": state dict}), a small PaSST state dict and a
+small Hugging Face BERT or
 RoBERTa folder (config.json, model.safetensors, the tokenizer's files) whose tokenizer is
 trained on the real recordings' captions."""
 
@@ -22,6 +23,17 @@ def cnn14_file(path: str) -> str:
   model = torch_references.panns_cnn14()(sample_rate=32000, window_size=1024, hop_size=320,
                                          mel_bins=64, fmin=50, fmax=14000, classes_num=527)
   torch.save({"model": model.state_dict()}, path)
+  return path
+
+
+def passt_file(path: str) -> str:
+  """A random PaSST 64 wide and 2 deep (one 64-wide head, as the released files' heads)
+  saved at `path` as its releases are (a plain state dict); returns path."""
+  torch.manual_seed(0)
+  net = torch_references.hear21passt().reference.PaSST(
+      img_size=(128, 998), patch_size=16, stride=(10, 10), in_chans=1, num_classes=527,
+      embed_dim=64, depth=2, num_heads=1, distilled=True)
+  torch.save(net.state_dict(), path)
   return path
 
 

@@ -34,9 +34,9 @@ def files(tmp_path_factory):
 
 
 def pretrained_config(tiny_config, files, text="bert", **overrides):
-  return tiny_config(data_dir=files["pairs"], audio_encoder="cnn14",
-                     audio_weights=files["cnn14"], text_encoder=text,
-                     text_weights=files[text], **{**SMALL, **overrides})
+  return tiny_config(**{**dict(data_dir=files["pairs"], audio_encoder="cnn14",
+                               audio_weights=files["cnn14"], text_encoder=text,
+                               text_weights=files[text]), **SMALL, **overrides})
 
 
 def _leaves(tree) -> list:
@@ -60,6 +60,26 @@ def test_cnn14_and_bert_fine_tune_end_to_end_on_real_recordings(tiny_config, fil
   with checkpoints_lib.Checkpoints(str(tmp_path / "run")) as checkpoints:
     trained, _ = checkpoints.restore("best", initial)
   for name in ("audio_encoder", "text_encoder"):  # both fine-tuned
+    changed = [not np.array_equal(a, b) for a, b in zip(_leaves(trained.params[name]),
+                                                        _leaves(initial.params[name]))]
+    assert any(changed), name
+
+
+def test_passt_and_roberta_fine_tune_end_to_end_as_the_dcase_2025_baseline(tiny_config, files,
+                                                                          tmp_path):
+  """A small PaSST with patchout and RoBERTa, in bfloat16 with remat, the baseline's
+  InfoNCE and warm-up and cosine schedule, on the real recordings: both encoders move."""
+  passt_path = pretrained_files.passt_file(str(tmp_path / "passt-s.pt"))
+  config = pretrained_config(tiny_config, files, text="roberta", audio_encoder="passt",
+                             audio_weights=passt_path, frame_buckets=(200,), patchout=(3, 1),
+                             compute_dtype="bfloat16", remat=True, objective="infonce",
+                             temperature=0.05, lr_schedule="warmup_cosine")
+  initial = experiment_of(config).initial_state
+  results = train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert results["steps"] == 2 and 0 <= results["t2a"]["mAP@10"] <= 1
+  with checkpoints_lib.Checkpoints(str(tmp_path / "run")) as checkpoints:
+    trained, _ = checkpoints.restore("latest", initial)
+  for name in ("audio_encoder", "text_encoder"):
     changed = [not np.array_equal(a, b) for a, b in zip(_leaves(trained.params[name]),
                                                         _leaves(initial.params[name]))]
     assert any(changed), name

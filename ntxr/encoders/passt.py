@@ -2,8 +2,9 @@
 
 `MelSpectrogram` is hear21passt's `AugmentMelSTFT` in evaluation mode (32 kHz waveforms ->
 log-mel [B, 128, frames]); `PaSST` is its transformer over 16x16 patches of that mel at
-stride 10, with frequency and time position embeddings and structured patchout; `Encoder`
-chains the two and gives frame and clip embeddings. `load(path)` reads a released state dict.
+stride 10 (or 16, as passt_s_p16_s16_128_ap468), with frequency and time position
+embeddings and structured patchout; `Encoder` chains the two and gives frame and clip
+embeddings. `load(path)` reads a released state dict, its sizes from its tensors.
 
 Training-mode augmentation of the front end (frequency and time masking, random fmin/fmax)
 and unstructured patchout are left out; structured patchout is kept.
@@ -34,6 +35,8 @@ class Size(NamedTuple):
 
 
 VARIANTS = {"S": Size(width=768, depth=12, num_heads=12)}
+HEAD_WIDTH = 64  # every released PaSST's attention heads are this wide
+MEL_BINS = 128
 
 
 def kaldi_mel_banks(n_mels: int, n_fft: int, sample_rate: float, fmin: float,
@@ -236,11 +239,13 @@ class Encoder(nn.Module):
   s_patchout_f: int = 0
   dtype: Any = jnp.float32  # see PaSST
   remat: bool = False
+  stride: int = 10
 
   def setup(self):
     self.front_end = MelSpectrogram()
     self.passt = PaSST(
         width=self.size.width, depth=self.size.depth, num_heads=self.size.num_heads,
+        stride=self.stride, freq_patches=freq_patches(self.stride),
         time_patches=self.time_patches, num_classes=self.num_classes,
         s_patchout_t=self.s_patchout_t, s_patchout_f=self.s_patchout_f, dtype=self.dtype,
         remat=self.remat)
@@ -258,16 +263,22 @@ class Encoder(nn.Module):
     return EncoderOutputs(out.patches.mean(axis=1), mask, out.features, out.logits)
 
 
-def _layouts(size: Size, time_patches: int, num_classes: int) -> dict:
+def freq_patches(stride: int, patch_size: int = 16) -> int:
+  """The rows of patches that cut MEL_BINS mel bins at `stride`: 12 at 10, 8 at 16."""
+  return (MEL_BINS - patch_size) // stride + 1
+
+
+def _layouts(size: Size, time_patches: int, num_classes: int, stride: int) -> dict:
   """Each state-dict key of PaSST -> (its shape there, its Flax path or None for a key
   the reference's forward never reads, the conversion to the Flax layout)."""
-  d, c = size.width, num_classes
+  d, c, rows = size.width, num_classes, freq_patches(stride)
   same = lambda a: a
   layouts = {
       "cls_token": ((1, 1, d), ("cls_token",), lambda a: a.reshape(d)),
       "dist_token": ((1, 1, d), ("dist_token",), lambda a: a.reshape(d)),
       "new_pos_embed": ((1, 2, d), ("token_pos_embed",), lambda a: a[0]),
-      "freq_new_pos_embed": ((1, d, 12, 1), ("freq_pos_embed",), lambda a: a[0, :, :, 0].T),
+      "freq_new_pos_embed": ((1, d, rows, 1), ("freq_pos_embed",),
+                             lambda a: a[0, :, :, 0].T),
       "time_new_pos_embed": ((1, d, 1, time_patches), ("time_pos_embed",),
                              lambda a: a[0, :, 0].T),
       "patch_embed.proj.weight": ((d, 1, 16, 16), ("patch_embed", "kernel"),
@@ -298,16 +309,37 @@ def _layouts(size: Size, time_patches: int, num_classes: int) -> dict:
   return layouts
 
 
+def sizes_of(state_dict: dict) -> dict:
+  """The Encoder fields a PaSST state dict's tensors give (those it lacks left out): size
+  (width from the class token, depth from the blocks, HEAD_WIDTH-wide heads), stride
+  (from the frequency rows), time_patches and num_classes."""
+  shapes = {key.removeprefix(_WRAPPER_PREFIX): np.shape(value)
+            for key, value in state_dict.items()}
+  sizes = {}
+  if len(shapes.get("cls_token", ())) == 3:
+    width = shapes["cls_token"][2]
+    depth = len({key.split(".")[1] for key in shapes if key.startswith("blocks.")})
+    sizes["size"] = Size(width, depth, max(width // HEAD_WIDTH, 1))
+  if len(shapes.get("freq_new_pos_embed", ())) == 4:
+    rows = shapes["freq_new_pos_embed"][2]
+    sizes["stride"] = (MEL_BINS - 16) // max(rows - 1, 1)
+  if len(shapes.get("time_new_pos_embed", ())) == 4:
+    sizes["time_patches"] = shapes["time_new_pos_embed"][3]
+  if len(shapes.get("head.1.bias", ())) == 1:
+    sizes["num_classes"] = shapes["head.1.bias"][0]
+  return sizes
+
+
 def variables_from_state_dict(state_dict: dict, size: Size = VARIANTS["S"], *,
                               time_patches: int = 99, num_classes: int = 527,
-                              source: str = "the state dict") -> dict:
+                              stride: int = 10, source: str = "the state dict") -> dict:
   """PaSST's state dict (keys as in PaSST, or under hear21passt's wrapper prefix "net.")
-  -> the variables of `Encoder(size, time_patches, num_classes)`.
+  -> the variables of `Encoder(size, time_patches, num_classes, stride=stride)`.
 
   Raises ValueError, one line naming `source`, the key, the expected and found shapes and
   where the files are published, for a key it does not map, a key missing, a wrong shape.
   """
-  layouts = _layouts(size, time_patches, num_classes)
+  layouts = _layouts(size, time_patches, num_classes, stride)
   if any(key.startswith(_WRAPPER_PREFIX) for key in state_dict):
     # hear21passt's wrapper: PaSST under "net.", a device marker, no mel buffers saved.
     layouts = {_WRAPPER_PREFIX + key: layout for key, layout in layouts.items()}
@@ -334,19 +366,22 @@ def variables_from_state_dict(state_dict: dict, size: Size = VARIANTS["S"], *,
   return {"params": {"passt": params}}
 
 
-def load(path: str, variant: Any = "S", *, time_patches: int = 99,
-         num_classes: int = 527) -> Loaded:
-  """The released PaSST file `path` (a state dict, e.g. passt-s-f128-p16-s10-ap.476-swa.pt)
-  -> Loaded(Encoder, its variables, embed).
+def load(path: str, variant: Any = None) -> Loaded:
+  """The released PaSST file `path` (a state dict, e.g. passt-s-f128-p16-s10-ap.476-swa.pt
+  or passt-s-p16-s16-128-ap.468.pt) -> Loaded(Encoder, its variables, embed).
 
-  variant: a name in VARIANTS or a Size. embed(waveforms [B, N] at 32 kHz, lengths [B] in
-  samples or None) -> ((frames [B, T', width], mask [B, T']), clip [B, width]), jitted.
+  variant: a name in VARIANTS or a Size, checked against the file; None: the file's own
+  (`sizes_of`); stride, time patches and classes are always the file's. embed(waveforms
+  [B, N] at 32 kHz, lengths [B] in samples or None) -> ((frames [B, T', width], mask
+  [B, T']), clip [B, width]), jitted.
   """
-  size = VARIANTS[variant] if isinstance(variant, str) else Size(*variant)
-  variables = variables_from_state_dict(
-      checkpoint_files.read_state_dict(path), size, time_patches=time_patches,
-      num_classes=num_classes, source=str(path))
-  module = Encoder(size, time_patches=time_patches, num_classes=num_classes)
+  state_dict = checkpoint_files.read_state_dict(path)
+  fields = {"size": VARIANTS["S"], "stride": 10, "time_patches": 99, "num_classes": 527,
+            **sizes_of(state_dict)}
+  if variant is not None:
+    fields["size"] = VARIANTS[variant] if isinstance(variant, str) else Size(*variant)
+  variables = variables_from_state_dict(state_dict, source=str(path), **fields)
+  module = Encoder(**fields)
 
   @jax.jit
   def embed(waveforms, lengths=None):
