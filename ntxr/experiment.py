@@ -105,6 +105,7 @@ class Experiment:
                                 dropout=model.dropout, initializer=model.initializer,
                                 pool_remainder=model.pool_remainder, dtype=model.compute_dtype,
                                 frozen=frozen_sides(model),
+                                pooled_outputs=run_settings.loss.score == "pooled",
                                 **{f"{side}_encoder": encoder.module
                                    for side, encoder in loaded.items()})
     self.initial_state = self.devices.replicate(steps.create_train_state(

@@ -6,7 +6,10 @@ All return L2-normalised embeddings, one per frame / per token, zero where maske
 the compute dtype `dtype` (float32, or bfloat16 on accelerators); parameters are float32.
 A clip's embedding does not depend on how much padding its batch added: padded frames
 are zeroed after every layer, dropout draws each frame's mask from its index, the GRU
-stops at each clip's length and upsampling clamps at it.
+stops at each clip's length and upsampling clamps at it. Of the pretrained encoders,
+CNN14 zeroes padding after every layer too (in training its dropout masks follow the
+padded shape), while PaSST attends to padding as its reference does, so its runs pad
+every clip to one length (`settings`).
 """
 
 import math
@@ -185,12 +188,15 @@ class PretrainedAudio(nn.Module):
   """Waveform frames [B, T, hop] -> frame embeddings [B, T, embed_dim]: a pretrained audio
   encoder (`encoders.cnn14.Cnn14` or `encoders.passt.Encoder`) on each
   clip's waveform, its frame outputs [B, T', D] projected to embed_dim and stretched
-  linearly back over the clip's T frames, as the CRNN upsamples its own. frozen: the
-  encoder runs in inference mode and passes no gradient back (its projection trains)."""
+  linearly back over the clip's T frames, as the CRNN upsamples its own; with
+  clip_output, its clip output (CNN14's `embedding`, PaSST's tokens) projected at every
+  frame, whose masked mean (the pooled score's) it then is. frozen: the encoder runs in
+  inference mode and passes no gradient back (its projection trains)."""
   encoder: nn.Module
   embed_dim: int = 300
   dtype: Any = jnp.float32
   frozen: bool = False
+  clip_output: bool = False
 
   @nn.compact
   def __call__(self, audio: Array, mask: Array, *, train: bool) -> Array:
@@ -198,10 +204,12 @@ class PretrainedAudio(nn.Module):
     lengths = mask.sum(axis=1)
     outputs = self.encoder(audio.reshape(batch, frames * hop), lengths * hop,
                            train=train and not self.frozen)
-    x, x_mask = outputs[0], outputs[1]  # frames [B, T', D] and their mask
-    if self.frozen:
-      x = jax.lax.stop_gradient(x)
-    x = nn.Dense(self.embed_dim, dtype=self.dtype, name="projection")(x)
+    project = lambda x: nn.Dense(self.embed_dim, dtype=self.dtype, name="projection")(
+        jax.lax.stop_gradient(x) if self.frozen else x)
+    if self.clip_output:  # clip [B, D]
+      x = project(outputs[2])[:, None]
+      return l2_normalize(jnp.broadcast_to(x, (batch, frames, x.shape[-1])), mask)
+    x, x_mask = project(outputs[0]), outputs[1]  # frames [B, T', D] and their mask
     factor = -(-frames // x.shape[1])
     x = upsample_linear(x, jnp.maximum(x_mask.sum(axis=1), 1), factor,
                         jnp.maximum(lengths, 1))[:, :frames]
@@ -211,16 +219,20 @@ class PretrainedAudio(nn.Module):
 class PretrainedText(nn.Module):
   """Token ids [B, W] (`data.tokenizer.PretrainedTokenizer`'s: the checkpoint's + 1, 0
   pads) -> word embeddings [B, W, embed_dim]: a BERT-family encoder, its last hidden
-  states projected to embed_dim. frozen: as PretrainedAudio's."""
+  states projected to embed_dim; with sentence_output, the first token's ([CLS], <s>)
+  at every word. frozen: as PretrainedAudio's."""
   encoder: nn.Module
   embed_dim: int = 300
   dtype: Any = jnp.float32
   frozen: bool = False
+  sentence_output: bool = False
 
   @nn.compact
   def __call__(self, tokens: Array, mask: Array, *, train: bool = False) -> Array:
     ids = jnp.where(mask, tokens - 1, self.encoder.pad_token_id)
     words, _ = self.encoder(ids, mask, train=train and not self.frozen)
+    if self.sentence_output:
+      words = jnp.broadcast_to(words[:, :1], words.shape)
     if self.frozen:
       words = jax.lax.stop_gradient(words)
     return l2_normalize(nn.Dense(self.embed_dim, dtype=self.dtype, name="projection")(words),
@@ -232,7 +244,9 @@ class DualEncoder(nn.Module):
   dtype: the compute dtype (a name or a NumPy dtype). audio_encoder, text_encoder: a
   pretrained module (`ntxr.encoders`) in place of the CRNN or the word table (its
   variables under its field's name), or None; frozen: the sides ("audio", "text") whose
-  pretrained encoder runs as published (see PretrainedAudio)."""
+  pretrained encoder runs as published (see PretrainedAudio); pooled_outputs: pretrained
+  encoders give their clip and sentence outputs at every frame and word (for the pooled
+  score), not their frame and word outputs (for the alignment score)."""
   vocab_size: int
   embed_dim: int = 300
   channels: Sequence[int] = PAPER_CHANNELS
@@ -243,6 +257,7 @@ class DualEncoder(nn.Module):
   audio_encoder: Optional[nn.Module] = None
   text_encoder: Optional[nn.Module] = None
   frozen: Tuple[str, ...] = ()
+  pooled_outputs: bool = False
 
   def setup(self):
     dtype = compute_dtype(self.dtype)
@@ -255,12 +270,14 @@ class DualEncoder(nn.Module):
                         dtype=dtype)
     else:
       self.audio = PretrainedAudio(self.audio_encoder, self.embed_dim, dtype=dtype,
-                                   frozen="audio" in self.frozen)
+                                   frozen="audio" in self.frozen,
+                                   clip_output=self.pooled_outputs)
     if self.text_encoder is None:
       self.text = TextEncoder(self.vocab_size, self.embed_dim, dtype=dtype)
     else:
       self.text = PretrainedText(self.text_encoder, self.embed_dim, dtype=dtype,
-                                 frozen="text" in self.frozen)
+                                 frozen="text" in self.frozen,
+                                 sentence_output=self.pooled_outputs)
 
   def embed_audio(self, audio: Array, audio_mask: Array, *, train: bool = False) -> Array:
     return self.audio(audio, audio_mask, train=train)

@@ -488,12 +488,17 @@ def check_values(config: ml_collections.ConfigDict) -> None:
                        f"time stride {stride}, not {buckets}")
   for field, default in (("audio_encoder", "crnn"), ("text_encoder", "word_vectors")):
     weights = field.replace("encoder", "weights")
-    if (config[field] == default) != (not config[weights]):
+    if config[field] != default and not config[weights]:
+      raise SettingError(
+          f"--config.{field}={config[field]} reads its publisher's weights: give "
+          f"--config.{weights}=" + ("PATH (the .pth or .pt file)" if field == "audio_encoder"
+                                    else "DIR (the Hugging Face model folder)"))
+    if config[field] == default and config[weights]:
       raise SettingError(
           f"--config.{weights} names the pretrained {field.split('_')[0]} encoder's file: "
           f"give it with --config.{field}=" + ("|".join(
               AUDIO_ENCODERS[1:] if field == "audio_encoder" else TEXT_ENCODERS[1:]))
-          + (", not alone" if config[weights] else f", not {config[field]} alone"))
+          + ", not alone")
   _check_fine_tuning(config)
   if config.text_encoder != "word_vectors" and (config.word_vectors or
                                                 config.similarity == "word_vectors"):

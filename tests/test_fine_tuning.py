@@ -17,7 +17,7 @@ import pretrained_files
 import recordings
 from runs import experiment_of
 from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib, models
-from ntxr import settings, steps, train
+from ntxr import scores, settings, steps, train
 from ntxr.data import features
 from ntxr.encoders import bert, cnn14, passt
 
@@ -223,3 +223,36 @@ def test_remat_keeps_the_variables_names():
     plain = jax.eval_shape(build().init, jax.random.key(0), waves)
     remat = jax.eval_shape(build(remat=True).init, jax.random.key(0), waves)
     assert jax.tree.structure(plain) == jax.tree.structure(remat)
+
+
+def test_the_pooled_score_reads_the_clip_and_sentence_outputs(bert_folder):
+  """With the pooled score, a pretrained encoder's embedding at every frame (word) is its
+  projected clip (first token's) output, so the masked mean the pooled score takes is
+  that output: PaSST's tokens' mean and BERT's [CLS] state, projected and normalised."""
+  text = bert.load(bert_folder)
+  audio = passt.Encoder(passt.Size(64, 2, 1))
+  waves = _waveforms()
+  model = models.DualEncoder(vocab_size=2, embed_dim=8, audio_encoder=audio,
+                             text_encoder=text.module, pooled_outputs=True)
+  frames = waves.shape[1] // 320
+  batch = dict(audio=waves.reshape(2, frames, 320), audio_mask=np.ones((2, frames), bool),
+               tokens=np.array([[3, 9, 12, 5, 0], [3, 7, 5, 0, 0]]))
+  batch["token_mask"] = batch["tokens"] > 0
+  variables = model.init(jax.random.key(0), batch)
+  variables["params"]["text_encoder"] = text.variables["params"]
+  audio_embedded, text_embedded = model.apply(variables, batch)
+  params = variables["params"]
+
+  def projected(x, side):
+    kernel = params[side]["projection"]
+    y = x @ kernel["kernel"] + kernel["bias"]
+    return y / np.linalg.norm(y, axis=-1, keepdims=True)
+
+  clips = audio.apply({"params": params["audio_encoder"]}, waves).clip
+  sentences = text.module.apply(text.variables, batch["tokens"] - 1, batch["token_mask"])[0][:, 0]
+  for embedded, expected, mask in ((audio_embedded, projected(clips, "audio"),
+                                    batch["audio_mask"]),
+                                   (text_embedded, projected(sentences, "text"),
+                                    batch["token_mask"])):
+    pooled = scores.pooled_embeddings(embedded, mask)
+    np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-6)

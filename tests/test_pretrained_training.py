@@ -3,6 +3,7 @@ real recordings (tests/data/recordings): the publishers' files reach the train s
 written, the text encoder reads its own checkpoint's token ids, both encoders are
 fine-tuned, and settings that cannot run are refused before anything is written."""
 
+import importlib
 import os
 
 import jax
@@ -13,7 +14,8 @@ import pretrained_files
 import recordings
 from ntxr.encoders import references as torch_references
 from runs import experiment_of
-from ntxr import checkpoints as checkpoints_lib, encoders, settings, train
+from ntxr import checkpoints as checkpoints_lib, encoders, experiment as experiment_lib
+from ntxr import settings, train
 from ntxr.configs import default
 from ntxr.data import tokenizer
 from ntxr.encoders import bert
@@ -113,7 +115,8 @@ def test_roberta_reads_its_own_checkpoints_token_ids_padding_included(tiny_confi
 @pytest.mark.parametrize("overrides, message", [
     (dict(audio_weights="x.pth"), r"--config\.audio_weights names .* give it with "
                                   r"--config\.audio_encoder=cnn14\|passt, not alone"),
-    (dict(text_encoder="bert"), r"--config\.text_weights names .* not bert alone"),
+    (dict(text_encoder="bert"), r"--config\.text_encoder=bert reads its publisher's "
+                                r"weights: give --config\.text_weights=DIR \(the Hugging Face"),
     (dict(audio_encoder="cnn14", audio_weights="/no/Cnn14_mAP=0.431.pth"),
      r"--config\.audio_weights=/no/Cnn14_mAP=0\.431\.pth: no such file"),
     (dict(text_encoder="roberta", text_weights="/no/roberta"),
@@ -153,3 +156,34 @@ def test_a_pretrained_text_encoder_refuses_word_vectors(files):
   config.update(text_encoder="bert", text_weights=files["bert"], word_vectors=files["cnn14"])
   with pytest.raises(settings.SettingError, match="reads its own tokens"):
     settings.Settings.of(config)
+
+
+def _changed_fields(config, defaults) -> list:
+  """The top-level fields whose value differs from the default config's."""
+  return [field for field in config if config[field] != defaults[field]]
+
+
+@pytest.mark.parametrize("name, audio, text", [("dcase2023", "cnn14", "bert"),
+                                               ("dcase2025", "passt", "roberta")])
+def test_the_dcase_configs_run_on_their_encoders_and_say_each_change(name, audio, text, files,
+                                                                     tmp_path):
+  """Each DCASE config, given its publishers' files, resolves to its encoders as the
+  baseline trains them, and docs/dcase_settings.md names every field it changes."""
+  config = importlib.import_module(f"ntxr.configs.{name}").get_config()
+  weights = files["cnn14"] if audio == "cnn14" else pretrained_files.passt_file(
+      str(tmp_path / "passt.pt"))
+  config.update(data_dir=files["pairs"], audio_weights=weights, text_weights=files[text],
+                cache_dir=str(tmp_path / "cache"))
+  run = settings.Settings.of(config)
+  assert (run.model.audio_encoder, run.model.text_encoder, run.loss.score) == (
+      audio, text, "pooled")
+  loaded = experiment_lib.pretrained_encoders(run.model)
+  if audio == "passt":
+    module = loaded["audio"].module
+    assert (module.s_patchout_t, module.s_patchout_f, module.dtype) == (15, 2, jax.numpy.bfloat16)
+  with open(os.path.join(os.path.dirname(__file__), "..", "docs", "dcase_settings.md"),
+            encoding="utf-8") as f:
+    section = f.read().split(f"`ntxr/configs/{name}.py`")[1].split("\n## ")[0]
+  unsaid = [field for field in _changed_fields(config, default.get_config())
+            if field not in settings.OPERATIONAL + settings.PATHS and f"`{field}" not in section]
+  assert not unsaid
