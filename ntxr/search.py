@@ -121,7 +121,7 @@ class Model:
     for query in queries:
       if not query.strip():
         raise ValueError("a query is empty: give words to search for")
-      tokens = len(self.experiment.corpus.tokenizer.encode(query))
+      tokens = self.experiment.corpus.tokenizer.length(query)
       if tokens > self.settings.data.max_tokens:
         logging.warning("the query %r is %d tokens long: the text encoder reads its first "
                         "%d (the run's max_tokens)", query[:60], tokens,

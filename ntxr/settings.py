@@ -505,7 +505,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
     raise SettingError(f"--config.text_encoder={config.text_encoder} reads its own "
                        f"tokens: --config.word_vectors and --config.similarity=word_vectors "
                        f"are for the word-vector text encoder")
-  if config.require_word_vectors and not config.word_vectors:
+  if (config.require_word_vectors and not config.word_vectors
+      and config.text_encoder == "word_vectors"):
     raise SettingError(
         "this config trains on frozen word2vec vectors, as the paper: pass "
         "--config.word_vectors=/path/to/GoogleNews-vectors-negative300.bin (or any "
@@ -531,6 +532,8 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
     raise SettingError(f"--config.text_weights={config.text_weights}: no Hugging Face model "
                        f"folder (config.json, model.safetensors or pytorch_model.bin, the "
                        f"tokenizer's files), as published on huggingface.co")
+  if config.text_weights:
+    _check_text_length(os.path.expanduser(config.text_weights), config.max_tokens)
   folder = os.path.expanduser(config.graded_relevance_dir)
   if folder and not (os.path.isdir(folder) and any(
       name.endswith("_relevances.csv") for name in os.listdir(folder))):
@@ -546,6 +549,19 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
       layouts.layout_of(os.path.expanduser(config.data_dir))
     except ValueError as error:
       raise SettingError(f"--config.data_dir={error}") from None
+
+
+def _check_text_length(folder: str, max_tokens: int) -> None:
+  """SettingError unless a caption of max_tokens tokens fits the text encoder in `folder`:
+  its two special tokens and a word, at most one token per position embedding."""
+  from ntxr.encoders import bert  # pylint: disable=import-outside-toplevel  (JAX)
+  try:
+    most = bert.max_tokens(bert.module_from_config(bert.read_config(folder)))
+  except ValueError as error:
+    raise SettingError(f"--config.text_weights={error}") from None
+  if not 3 <= max_tokens <= most:
+    raise SettingError(f"--config.max_tokens={max_tokens}: the text encoder in {folder} "
+                       f"reads 3 (its two special tokens and a word) to {most} tokens")
 
 
 def _splits(config: ml_collections.ConfigDict) -> tuple:

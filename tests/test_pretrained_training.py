@@ -15,7 +15,7 @@ import recordings
 from ntxr.encoders import references as torch_references
 from runs import experiment_of
 from ntxr import checkpoints as checkpoints_lib, encoders, experiment as experiment_lib
-from ntxr import settings, train
+from ntxr import search, settings, train
 from ntxr.configs import default
 from ntxr.data import tokenizer
 from ntxr.encoders import bert
@@ -65,6 +65,17 @@ def test_cnn14_and_bert_fine_tune_end_to_end_on_real_recordings(tiny_config, fil
     changed = [not np.array_equal(a, b) for a, b in zip(_leaves(trained.params[name]),
                                                         _leaves(initial.params[name]))]
     assert any(changed), name
+  # Search the recordings with the run: its scores of the test split are the evaluation's.
+  model = search.Model(str(tmp_path / "run"))
+  experiment = model.experiment
+  expected = experiment.evaluation.runs_scores([experiment.evaluation.embed_split(
+      model.state, experiment.test_split)])[0]  # [clips, captions]
+  named = experiment.corpus.captions(experiment.test_split)
+  index = search.Index.build(model, files["pairs"], dtype=np.float32)
+  found = index.scores(*model.embed_queries([c for _, texts in named for c in texts]),
+                       model.settings.loss.score)
+  np.testing.assert_allclose(found[[index.files.index(name) for name, _ in named]], expected,
+                             rtol=1e-5, atol=1e-6)
 
 
 def test_passt_and_roberta_fine_tune_end_to_end_as_the_dcase_2025_baseline(tiny_config, files,
@@ -85,6 +96,17 @@ def test_passt_and_roberta_fine_tune_end_to_end_as_the_dcase_2025_baseline(tiny_
     changed = [not np.array_equal(a, b) for a, b in zip(_leaves(trained.params[name]),
                                                         _leaves(initial.params[name]))]
     assert any(changed), name
+
+
+def test_a_pretrained_tokenizer_cuts_captions_and_counts_them_whole(files):
+  """The cut ids are transformers' with truncation; the length its count without (which
+  search's warning on a long query reads)."""
+  caption = " ".join(recordings.CAPTIONS["front center.wav"])
+  theirs = torch_references.transformers().AutoTokenizer.from_pretrained(files["roberta"])
+  ours = tokenizer.PretrainedTokenizer(files["roberta"], 8)
+  assert (ours.encode(caption) - 1).tolist() == theirs(caption, truncation=True,
+                                                       max_length=8)["input_ids"]
+  assert ours.length(caption) == len(theirs(caption)["input_ids"]) > 8
 
 
 def test_roberta_reads_its_own_checkpoints_token_ids_padding_included(tiny_config, files):
@@ -149,6 +171,26 @@ def test_pretrained_settings_that_cannot_run_are_refused(overrides, message, tmp
   with pytest.raises(settings.SettingError, match=message):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("max_tokens", [2, 41])
+def test_a_caption_length_the_text_encoder_cannot_read_is_refused(files, max_tokens):
+  """The small BERT's 40 position embeddings hold 40 tokens; fewer than 3 hold no word."""
+  config = default.get_config()
+  config.update(text_encoder="bert", text_weights=files["bert"], max_tokens=max_tokens)
+  with pytest.raises(settings.SettingError, match=rf"--config\.max_tokens={max_tokens}: the "
+                     rf"text encoder in .*bert reads 3 \(its two special tokens and a word\) "
+                     rf"to 40 tokens"):
+    settings.Settings.of(config)
+  config.max_tokens = 40
+  assert settings.Settings.of(config).data.max_tokens == 40
+
+
+def test_the_papers_config_takes_a_pretrained_text_encoder_without_word_vectors(files):
+  from ntxr.configs import paper  # pylint: disable=import-outside-toplevel
+  config = paper.get_config()
+  config.update(text_encoder="bert", text_weights=files["bert"], max_tokens=24)
+  assert settings.Settings.of(config).data.tokens == "pretrained"
 
 
 def test_a_pretrained_text_encoder_refuses_word_vectors(files):

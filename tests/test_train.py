@@ -3,6 +3,7 @@ authors' training score, objectives. What the workdir survives: test_workdir.py.
 
 import collections
 import csv
+import functools
 import json
 import os
 import pathlib
@@ -11,6 +12,7 @@ import shutil
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from ntxr import checkpoints as checkpoints_lib, dcase, experiment as experiment_lib
@@ -407,6 +409,40 @@ def test_the_configs_margin_is_the_margin_of_the_loss_a_run_computes(tiny_config
   found = experiment.validation_loss(state, 1)
   assert found == pytest.approx(np.mean(expected[0.2]), rel=1e-5)
   assert abs(found - np.mean(expected[0.5])) > 0.1
+
+
+def test_the_configs_margin_is_the_margin_of_a_training_step(tiny_config):
+  """--config.margin=0.2 reaches the train step, not only the validation loss: a jitted
+  step on fixed embeddings under hard_cross has the per-anchor loop's loss with margin 0.2,
+  and its share of zero-loss triplets counts the gaps (negative - positive) at or below
+  -0.2, not -0.5. Catches the step's statistics taking the default margin."""
+  loss = settings.Settings.of(tiny_config(strategy="hard_cross", margin=0.2)).loss
+  rng = np.random.default_rng(0)
+  audio, text = (rng.normal(size=(6, length, 8)).astype(np.float32) for length in (4, 3))
+  batch = dict(audio_mask=np.arange(4) < np.array([[4], [2], [3], [4], [1], [4]]),
+               token_mask=np.arange(3) < np.array([[3], [1], [2], [3], [3], [2]]),
+               audio_id=np.array([0, 0, 1, 2, 3, 4]))
+  def encoders(variables, inputs, train, **unused):  # zero where the mask is False
+    scale = variables["params"]["scale"]
+    return (scale * audio * inputs["audio_mask"][..., None],
+            scale * text * inputs["token_mask"][..., None]), {}
+  state = steps.TrainState.create(apply_fn=encoders, params={"scale": np.float32(1)},
+                                  tx=optax.sgd(0.0), batch_stats={})
+  _, statistics = jax.jit(functools.partial(steps.train_step, loss=loss))(
+      state, batch, jax.random.key(0))
+  masked = (audio * batch["audio_mask"][..., None], text * batch["token_mask"][..., None])
+  hand = lambda margin: hard_cross_loss(*masked, batch["audio_mask"], batch["token_mask"],
+                                        batch["audio_id"], margin)
+  assert float(statistics.loss) == pytest.approx(hand(0.2), rel=1e-5)
+  assert abs(float(statistics.loss) - hand(0.5)) > 0.1
+  # Each anchor's two gaps: its hardest other clip's and caption's score less its positive's.
+  score = np.array([[np.maximum(a[m] @ t[w].T, 0).mean() for t, w in zip(masked[1],
+                     batch["token_mask"])] for a, m in zip(masked[0], batch["audio_mask"])])
+  gaps = [max(pair[j] for j in range(6) if batch["audio_id"][j] != batch["audio_id"][i])
+          - score[i, i] for i in range(6) for pair in (score[:, i], score[i])]
+  shares = {m: np.mean([gap + m <= 0 for gap in gaps]) for m in (0.2, 0.5)}
+  assert shares[0.2] != shares[0.5]
+  assert float(statistics.share_zero_loss) == pytest.approx(shares[0.2], abs=1e-7)
 
 
 def test_the_reported_checkpoint_is_the_best_epochs_not_the_last(tiny_config, tmp_path,

@@ -65,7 +65,15 @@ def train_words(texts: list, vocab_path: str, cleaning: str = "ntxr") -> str:
   return vocab_path
 
 
-class Tokenizer:
+class _Uncut:
+  """A tokenizer whose `encode` keeps every token (the input pipeline cuts)."""
+
+  def length(self, caption: str) -> int:
+    """The caption's tokens."""
+    return len(self.encode(caption))
+
+
+class Tokenizer(_Uncut):
   """Cleaned caption -> int32 sentencepiece ids (never PAD_ID)."""
 
   def __init__(self, model_path: str, cleaning: str = "ntxr"):
@@ -89,13 +97,19 @@ class PretrainedTokenizer:
     from ntxr.encoders import bert  # pylint: disable=import-outside-toplevel  (JAX)
     config = bert.read_config(folder)
     self.tokenizer = bert.load_tokenizer(folder, config["model_type"], max_tokens)
+    self.whole = bert.load_tokenizer(folder, config["model_type"], max_tokens)
+    self.whole.no_truncation()
     self.vocab_size = config["vocab_size"] + 1
 
   def encode(self, caption: str) -> np.ndarray:
     return np.asarray(self.tokenizer.encode(caption).ids, np.int32) + 1
 
+  def length(self, caption: str) -> int:
+    """The caption's tokens before the cut at max_tokens."""
+    return len(self.whole.encode(caption).ids)
 
-class WordTokenizer:
+
+class WordTokenizer(_Uncut):
   """Cleaned caption -> int32 word ids; words outside the vocabulary map to UNK_ID.
 
   Example:
