@@ -1,0 +1,97 @@
+"""The paper's CRNN against the authors' encoder (xieh97/contrastive-negative-sampling,
+models/audio_encoders.py, MIT licence): the same weights give the same frame embeddings
+on a real recording's log-mel, the paper's way (44.1 kHz, their log-mel settings, a
+length that LP-pooling floors)."""
+
+import os
+
+import jax
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+import recordings
+from ntxr import models, settings
+from ntxr.data import features
+
+PAPER_LOGMEL = settings.Features(sample_rate=44100, n_fft=2048, f_min=12.0, f_max=8000.0,
+                                 log_offset=2.220446049250313e-16)
+
+
+class AuthorsCRNN(nn.Module):
+  """CRNNEncoder of the authors' models/audio_encoders.py, as written there (its
+  `up_sampling="linear"`, 64 mel bands, 300 dimensions)."""
+
+  def __init__(self, in_dim=64, out_dim=300):
+    super().__init__()
+    block = lambda c_in, c_out: [nn.BatchNorm2d(c_in),
+                                 nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+                                 nn.LeakyReLU(inplace=True, negative_slope=0.1)]
+    self.cnn = nn.Sequential(
+        *block(1, 32), nn.LPPool2d(4, (2, 4)), *block(32, 128), *block(128, 128),
+        nn.LPPool2d(4, (2, 4)), *block(128, 128), *block(128, 128), nn.LPPool2d(4, (1, 4)),
+        nn.Dropout(0.3))
+    with torch.no_grad():
+      rnn_in_dim = self.cnn(torch.randn(1, 1, 500, in_dim)).shape
+      rnn_in_dim = rnn_in_dim[1] * rnn_in_dim[-1]
+    self.gru = nn.GRU(rnn_in_dim, out_dim // 2, bidirectional=True, batch_first=True)
+
+  def forward(self, x):
+    _, time, _ = x.shape
+    x = self.cnn(x.unsqueeze(1))
+    x = x.transpose(1, 2).contiguous().flatten(-2)
+    x, _ = self.gru(x)
+    return F.interpolate(x.transpose(1, 2), time, mode="linear",
+                         align_corners=False).transpose(1, 2)
+
+
+def _randomised(net: AuthorsCRNN) -> AuthorsCRNN:
+  """Random weights, and BatchNorm statistics and affine terms away from 0 and 1."""
+  torch.manual_seed(0)
+  with torch.no_grad():
+    for module in net.modules():
+      if isinstance(module, nn.BatchNorm2d):
+        module.running_mean.uniform_(-2.0, 2.0)
+        module.running_var.uniform_(0.5, 4.0)
+        module.weight.uniform_(0.5, 1.5)
+        module.bias.uniform_(-0.5, 0.5)
+      elif isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight)
+  return net.eval()
+
+
+def _ntxr_variables(net: AuthorsCRNN) -> dict:
+  """The authors' weights as ntxr's CRNN variables: BatchNorm and convolutions in order,
+  each GRU direction's input and hidden biases of the reset and update gates summed (a
+  Flax GRUCell has one)."""
+  numpy = lambda t: t.detach().numpy().astype(np.float32)
+  params, stats = {}, {}
+  norms = [m for m in net.cnn if isinstance(m, nn.BatchNorm2d)]
+  convs = [m for m in net.cnn if isinstance(m, nn.Conv2d)]
+  for i, (norm, conv) in enumerate(zip(norms, convs)):
+    params[f"BatchNorm_{i}"] = dict(scale=numpy(norm.weight), bias=numpy(norm.bias))
+    stats[f"BatchNorm_{i}"] = dict(mean=numpy(norm.running_mean), var=numpy(norm.running_var))
+    params[f"Conv_{i}"] = dict(kernel=numpy(conv.weight).transpose(2, 3, 1, 0))  # OIHW -> HWIO
+  for cell, suffix in (("GRUCell_0", ""), ("GRUCell_1", "_reverse")):
+    w_ih, w_hh, b_ih, b_hh = (np.split(numpy(getattr(net.gru, f"{name}_l0{suffix}")), 3)
+                              for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+    params[cell] = {
+        "ir": dict(kernel=w_ih[0].T, bias=b_ih[0] + b_hh[0]), "hr": dict(kernel=w_hh[0].T),
+        "iz": dict(kernel=w_ih[1].T, bias=b_ih[1] + b_hh[1]), "hz": dict(kernel=w_hh[1].T),
+        "in": dict(kernel=w_ih[2].T, bias=b_ih[2]), "hn": dict(kernel=w_hh[2].T, bias=b_hh[2])}
+  return {"params": params, "batch_stats": stats}
+
+
+def test_the_papers_crnn_equals_the_authors_encoder_with_their_weights():
+  audio = features.decode_audio(os.path.join(recordings.RECORDINGS, "alarm clock.ogg"), 44100)
+  logmel = features.log_mel(audio, PAPER_LOGMEL)[None]  # [1, 307, 64]: not 4k frames
+  assert logmel.shape[1] % 4
+  net = _randomised(AuthorsCRNN())
+  with torch.no_grad():
+    expected = F.normalize(net(torch.from_numpy(logmel)), dim=-1).numpy()
+  crnn = models.CRNN(embed_dim=300, pool_remainder="drop", initializer="pytorch")
+  mask = np.ones(logmel.shape[:2], bool)
+  with jax.default_matmul_precision("highest"):
+    got = crnn.apply(_ntxr_variables(net), logmel, mask, train=False)
+  np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=2e-6)
