@@ -103,6 +103,7 @@ class Experiment:
     dual_encoder = shared_model(vocab_size=corpus.tokenizer.vocab_size,
                                 embed_dim=model.embed_dim, channels=model.channels,
                                 dropout=model.dropout, initializer=model.initializer,
+                                conv_precision=model.conv_precision or None,
                                 pool_remainder=model.pool_remainder, dtype=model.compute_dtype,
                                 frozen=frozen_sides(model),
                                 pooled_outputs=run_settings.loss.score == "pooled",
@@ -114,7 +115,7 @@ class Experiment:
         objective=run_settings.loss.objective, learning_rate=optimiser.learning_rate,
         word_table=corpus.word_table,
         pretrained={f"{side}_encoder": encoder.variables for side, encoder in loaded.items()},
-        updates=self._updates()))
+        updates=self._updates(), batch_norm_pass=model.batch_norm_pass))
     similarity = run_settings.loss.similarity
     self.relations = relations_lib.CaptionRelations(
         corpus.builder, corpus.events, corpus.tokenizer, similarity, corpus.word_table,
@@ -185,7 +186,8 @@ class Experiment:
 
   def validation_draws(self, epoch: int) -> tuple:
     """(random key, batch shuffle seed) of the validation loss after `epoch` epochs: the
-    same every epoch, or with --config.validation_draws=per_epoch the epoch's own."""
+    same every epoch, or with --config.validation_draws=per_epoch the epoch's own. Batch
+    i draws with `fold_in(key, i)`: each batch its own draws, as the authors' loader."""
     seed = self.settings.seed
     key, shuffle = jax.random.key(seed), 0
     if self.settings.optimiser.validation_draws == "per_epoch":
@@ -202,8 +204,9 @@ class Experiment:
     key, seed = self.validation_draws(epoch)
     batches = parallel.prefetch(self.validation_batches(seed),
                                 lambda batch: self.device_batch(batch, self.validation_split))
-    return finite_validation_loss(mean_loss([self._eval_loss(state, batch, key)
-                                             for batch in batches]))
+    return finite_validation_loss(mean_loss([
+        self._eval_loss(state, batch, jax.random.fold_in(key, index))
+        for index, batch in enumerate(batches)]))
 
   def validate(self, state: steps.TrainState, training: dict, epoch: int) -> tuple:
     """(validation {"loss", "t2a", "a2t"}, Collapse) on the validation split after

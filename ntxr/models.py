@@ -134,6 +134,7 @@ class CRNN(nn.Module):
   initializer: str = "flax"
   pool_remainder: str = "keep"
   dtype: Any = jnp.float32
+  conv_precision: Optional[str] = None  # None: jax.default_matmul_precision's
 
   @nn.compact
   def __call__(self, audio: Array, mask: Array, *, train: bool) -> Array:
@@ -150,6 +151,7 @@ class CRNN(nn.Module):
       x = nn.BatchNorm(use_running_average=not train, momentum=0.9, dtype=self.dtype)(
           x, mask=valid)
       x = nn.Conv(channels, (3, 3), padding="SAME", use_bias=False, kernel_init=conv_init,
+                  precision=self.conv_precision,
                   dtype=self.dtype)(x * valid.astype(self.dtype))
       x = nn.leaky_relu(x, 0.1)
       if window:
@@ -254,6 +256,7 @@ class DualEncoder(nn.Module):
   initializer: str = "flax"
   pool_remainder: str = "keep"
   dtype: Any = jnp.float32
+  conv_precision: Optional[str] = None  # the CRNN's (`CRNN`)
   audio_encoder: Optional[nn.Module] = None
   text_encoder: Optional[nn.Module] = None
   frozen: Tuple[str, ...] = ()
@@ -267,7 +270,7 @@ class DualEncoder(nn.Module):
     if self.audio_encoder is None:
       self.audio = CRNN(self.channels, embed_dim=self.embed_dim, dropout=self.dropout,
                         initializer=self.initializer, pool_remainder=self.pool_remainder,
-                        dtype=dtype)
+                        dtype=dtype, conv_precision=self.conv_precision)
     else:
       self.audio = PretrainedAudio(self.audio_encoder, self.embed_dim, dtype=dtype,
                                    frozen="audio" in self.frozen,

@@ -160,14 +160,15 @@ class Stacked:
     states = together.stack([run.state for run in self.runs])
     draws = [run.experiment.validation_draws(epoch) for run in self.runs]
     stacked = jax.device_put(states, self._mesh.runs)
-    keys = jax.device_put(jnp.stack([key for key, _ in draws]), self._mesh.runs)
     made = {seed: experiment.validation_batches(seed) for _, seed in draws}
     losses = []
-    for batches in zip(*made.values()):
+    for index, batches in enumerate(zip(*made.values())):
       of_seed = {seed: experiment.relations.add(batch, split)
                  for seed, batch in zip(made, batches)}
+      keys = jnp.stack([jax.random.fold_in(key, index) for key, _ in draws])  # as apart
       losses.append(self._eval_loss(
-          stacked, together.pad_and_stack([of_seed[seed] for _, seed in draws]), keys))
+          stacked, together.pad_and_stack([of_seed[seed] for _, seed in draws]),
+          jax.device_put(keys, self._mesh.runs)))
     evaluation = experiment.evaluation
     embedded = evaluation.embed_split_runs(states, split)
     validated = []

@@ -160,7 +160,9 @@ class Model:
   block's activations for the gradient; patchout: PaSST's structured patchout in
   training, (time columns, frequency rows) dropped; frozen (a name in FROZEN): those
   pretrained encoders run as published (inference mode, no gradient, no updates), their
-  projections trained."""
+  projections trained. batch_norm_pass: the authors' construction pass
+  (`steps.create_train_state`); conv_precision: the CRNN's convolutions' (""
+  matmul_precision's; PyTorch 1.13 runs them in TF32 on Ampere and Hopper GPUs)."""
   audio_encoder: str
   audio_weights: str
   text_encoder: str
@@ -174,6 +176,8 @@ class Model:
   remat: bool
   patchout: tuple
   frozen: str
+  batch_norm_pass: bool
+  conv_precision: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -332,7 +336,8 @@ class Settings:
                     channels=tuple(c.channels), dropout=c.dropout,
                     initializer=c.initializer, compute_dtype=c.compute_dtype,
                     pool_remainder=c.pool_remainder, remat=c.remat,
-                    patchout=tuple(c.patchout), frozen=c.frozen),
+                    patchout=tuple(c.patchout), frozen=c.frozen,
+                    batch_norm_pass=c.batch_norm_pass, conv_precision=c.conv_precision),
         loss=Loss(objective=c.objective, strategy=c.strategy, margin=c.margin, score=c.score,
                   padding=c.train_padding, temperature=c.temperature, beta=c.beta,
                   similarity=c.similarity, relevance_slope=c.relevance_slope,
@@ -398,6 +403,10 @@ def _check_fine_tuning(config: ml_collections.ConfigDict) -> None:
     raise SettingError("--config.remat and --config.encoder_lr_factor are for pretrained "
                        "encoders (--config.audio_encoder=cnn14|passt, "
                        "--config.text_encoder=bert|roberta)")
+  if config.audio_encoder != "crnn" and (config.batch_norm_pass or config.conv_precision):
+    raise SettingError("--config.batch_norm_pass and --config.conv_precision are the "
+                       "CRNN's: the pretrained audio encoders keep their files' statistics "
+                       "and compute at --config.matmul_precision")
   patchout = tuple(config.patchout)
   if len(patchout) != 2 or any(not isinstance(n, int) or n < 0 for n in patchout):
     raise SettingError(f"--config.patchout must be two counts (time, frequency) of at "
@@ -426,6 +435,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
       ("select_by", SELECTIONS), ("similarity", ("", *SIMILARITIES)),
       ("pool_remainder", models.POOL_REMAINDERS), ("word_variants", WORD_VARIANTS),
       ("validation_draws", VALIDATION_DRAWS), ("matmul_precision", MATMUL_PRECISIONS),
+      ("conv_precision", ("", *MATMUL_PRECISIONS)),
       ("audio_encoder", AUDIO_ENCODERS), ("text_encoder", TEXT_ENCODERS),
       ("frozen", FROZEN), ("lr_schedule", LR_SCHEDULES)]:
     _choose(field, config[field], choices)

@@ -32,6 +32,7 @@ class TrainState(train_state.TrainState):
             "batch_stats": self.batch_stats}
 
 
+BATCH_NORM_PASS_FRAMES = 500  # the authors' CRNNEncoder's pass: torch.randn(1, 1, 500, mels)
 WORD_TABLE = ("text", "embed")  # the parameters of the paper's frozen word vectors
 PRETRAINED = ("audio_encoder", "text_encoder")  # a pretrained encoder's (models.DualEncoder)
 
@@ -129,15 +130,25 @@ def create_train_state(model: models.DualEncoder, key: jax.Array, *, frames: int
                        mel_bands: int, objective: str = "triplet", learning_rate: float = 1e-3,
                        word_table: Optional[np.ndarray] = None,
                        pretrained: Optional[dict] = None,
-                       updates: Updates = Updates()) -> TrainState:
+                       updates: Updates = Updates(), batch_norm_pass: bool = False
+                       ) -> TrainState:
   """Initialised parameters (from an example of `frames` frames of `mel_bands` values
   (log-mel bands, or waveform samples) and `words` tokens) and Adam; the objective's
   learnt scalars join the params; word_table [V, E] replaces (and freezes) the text
   encoder's table; pretrained {"audio_encoder" or "text_encoder": variables} replace the
-  pretrained encoders' initial variables; updates: the optimizer's (`Updates`)."""
+  pretrained encoders' initial variables; updates: the optimizer's (`Updates`).
+  batch_norm_pass: the audio encoder then runs once in training mode on a random normal
+  clip of BATCH_NORM_PASS_FRAMES frames, moving its BatchNorm statistics, as the authors'
+  encoder does when it is built (to measure its GRU's input)."""
   example = dict(audio=jnp.zeros((2, frames, mel_bands)), audio_mask=jnp.ones((2, frames), bool),
                  tokens=jnp.ones((2, words), jnp.int32), token_mask=jnp.ones((2, words), bool))
   variables = _with_pretrained(_init_variables(model, key, example), pretrained or {})
+  if batch_norm_pass:
+    clip = jax.random.normal(jax.random.fold_in(key, 1), (1, BATCH_NORM_PASS_FRAMES, mel_bands))
+    _, moved = model.apply(variables, clip, jnp.ones(clip.shape[:2], bool), train=True,
+                           method="embed_audio", mutable=["batch_stats"],
+                           rngs={"dropout": jax.random.fold_in(key, 2)})
+    variables = {**variables, **moved}
   params = variables["params"]
   if word_table is not None:
     expected = params["text"]["embed"]["embedding"].shape

@@ -95,3 +95,52 @@ def test_the_papers_crnn_equals_the_authors_encoder_with_their_weights():
   with jax.default_matmul_precision("highest"):
     got = crnn.apply(_ntxr_variables(net), logmel, mask, train=False)
   np.testing.assert_allclose(np.asarray(got), expected, rtol=1e-5, atol=2e-6)
+
+
+def test_the_construction_pass_moves_batch_norm_as_the_authors_encoder_does():
+  """--config.batch_norm_pass: the authors' CRNNEncoder runs its CNN in training mode on
+  one random normal clip of 500 frames when it is built. Given ntxr's initial CRNN and
+  that same clip, their BatchNorm layers end with the running statistics ntxr's end with
+  (ntxr's variance of n values biased where theirs is unbiased: n / (n - 1) apart, n at
+  least 500 here, so within 1e-3 once the momentum weighs it)."""
+  from ntxr import steps  # pylint: disable=import-outside-toplevel
+  model = models.DualEncoder(vocab_size=4, embed_dim=300, channels=models.PAPER_CHANNELS,
+                             initializer="pytorch", pool_remainder="drop")
+  key = jax.random.key(3)
+  moved = steps.create_train_state(model, key, frames=64, words=3, mel_bands=64,
+                                   batch_norm_pass=True)
+  initial = steps.create_train_state(model, key, frames=64, words=3, mel_bands=64)
+  net = AuthorsCRNN()  # its own pass moved its statistics: they start afresh below
+  params = jax.device_get(initial.params["audio"])
+  norms = [m for m in net.cnn if isinstance(m, nn.BatchNorm2d)]
+  convs = [m for m in net.cnn if isinstance(m, nn.Conv2d)]
+  with torch.no_grad():
+    for i, (norm, conv) in enumerate(zip(norms, convs)):
+      norm.reset_running_stats()
+      norm.weight.copy_(torch.from_numpy(np.asarray(params[f"BatchNorm_{i}"]["scale"])))
+      norm.bias.copy_(torch.from_numpy(np.asarray(params[f"BatchNorm_{i}"]["bias"])))
+      conv.weight.copy_(torch.from_numpy(
+          np.asarray(params[f"Conv_{i}"]["kernel"]).transpose(3, 2, 0, 1)))  # HWIO -> OIHW
+    clip = jax.random.normal(jax.random.fold_in(key, 1),
+                             (1, steps.BATCH_NORM_PASS_FRAMES, 64))  # the pass's clip
+    net.train()(torch.from_numpy(np.asarray(clip)))
+  for i, norm in enumerate(norms):
+    stats = jax.device_get(moved.batch_stats["audio"][f"BatchNorm_{i}"])
+    np.testing.assert_allclose(stats["mean"], norm.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(stats["var"], norm.running_var.numpy(), rtol=1e-3)
+    assert not np.allclose(stats["var"], 1.0)  # moved from the initial 1
+
+
+def test_the_crnns_convolutions_take_their_own_precision():
+  """--config.conv_precision=default: the convolutions at the backend's default (TF32 on
+  Ampere and Hopper GPUs, as the authors' PyTorch 1.13) under full-float32 products."""
+  crnn = models.CRNN(channels=(2, 2, 2, 2, 2), embed_dim=4, conv_precision="default")
+  audio, mask = np.zeros((1, 8, 64), np.float32), np.ones((1, 8), bool)
+  variables = crnn.init(jax.random.key(0), audio, mask, train=False)
+  with jax.default_matmul_precision("highest"):
+    jaxpr = jax.make_jaxpr(lambda v: crnn.apply(v, audio, mask, train=False))(variables)
+  convolutions = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+  assert len(convolutions) == 5
+  assert all(str(e.params["precision"]) in ("DEFAULT", "Precision.DEFAULT",
+                                            "(Precision.DEFAULT, Precision.DEFAULT)")
+             for e in convolutions), [e.params["precision"] for e in convolutions]

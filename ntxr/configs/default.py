@@ -83,6 +83,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.patchout = (0, 0)            # PaSST in training: (time, frequency) patches dropped
   config.matmul_precision = "default"  # or "highest": full float32 products on GPUs, whose
                                        # default is TF32 (the authors' PyTorch 1.13: full)
+  config.conv_precision = ""          # the CRNN's convolutions: "" matmul_precision's, or
+                                      # one of its values ("default": TF32, as PyTorch 1.13)
+  config.batch_norm_pass = False      # the authors' construction pass moves BatchNorm stats
 
   # Optimisation: Adam, ReduceLROnPlateau on the validation loss as the paper.
   config.batch_size = 32

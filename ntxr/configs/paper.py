@@ -33,7 +33,12 @@ def get_config():
   config.channels = (32, 128, 128, 128, 128)
   config.initializer = "pytorch"
   config.pool_remainder = "drop"  # LPPool2d floors: a clip's odd last frames are dropped
-  # PyTorch 1.13 multiplies float32 matrices in full float32 (TF32 only in convolutions).
+  # CRNNEncoder.__init__ runs its CNN once in training mode on torch.randn(1, 1, 500, 64)
+  # (to measure the GRU's input): BatchNorm's statistics start from that batch's.
+  config.batch_norm_pass = True
+  # PyTorch 1.13 multiplies float32 matrices in full float32, and runs cuDNN convolutions
+  # in TF32 on Ampere and Hopper GPUs (--config.conv_precision=default for those); here
+  # full float32 everywhere, the same on every device.
   config.matmul_precision = "highest"
   # conf.yaml, main.py and criterion_utils.py: 120 epochs, each DataLoader's last short
   # batch kept; the training score's mean runs over the batch's padding; the validation
