@@ -6,6 +6,8 @@ decay, bfloat16 compute and rematerialisation; each against an independent expec
 import json
 import math
 import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -278,3 +280,31 @@ def test_pretrained_runs_trained_together_are_the_runs_trained_apart(tiny_config
   train.train_runs(joined)
   for (_, alone), (_, workdir) in zip(apart, joined):
     assert_same_run(workdir, alone)
+
+
+_TRAIN = """
+import json, sys
+import ml_collections
+import jax
+from ntxr import train
+assert jax.device_count() == 8
+train.train_and_evaluate(ml_collections.ConfigDict(json.loads(sys.argv[1])), sys.argv[2])
+"""
+
+
+def test_pretrained_encoders_on_eight_devices_train_as_on_one(tiny_config, bert_folder,
+                                                              tmp_path):
+  """A small PaSST and BERT on the built-in corpus, the global batch split over 8 CPU
+  devices (another process), train to the run one device trains (`runs.assert_same_run`)."""
+  config = tiny_config(audio_encoder="passt",
+                       audio_weights=pretrained_files.passt_file(str(tmp_path / "passt.pt")),
+                       text_encoder="bert", text_weights=bert_folder, frame_buckets=(300,),
+                       patchout=(2, 1), num_epochs=1, max_steps_per_epoch=2, max_tokens=24)
+  train.train_and_evaluate(config, str(tmp_path / "one"))
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
+  child = subprocess.run([sys.executable, "-c", _TRAIN, config.to_json(),
+                          str(tmp_path / "eight")], env=env, capture_output=True, text=True,
+                         check=False)
+  assert child.returncode == 0, child.stderr[-3000:]
+  assert_same_run(str(tmp_path / "eight"), str(tmp_path / "one"))
