@@ -43,10 +43,14 @@ def pretrained_encoders(model: settings.Model) -> dict:
   """{"audio" and/or "text": Loaded} of the model's pretrained encoders (none for the
   paper's CRNN and word table), their modules as a run trains them: in the compute dtype,
   rematerialised if asked, CNN14 at the run's matmul precision (its file's module
-  computes at the highest), PaSST with the run's patchout."""
+  computes at the highest), PaSST with the run's patchout, the text encoder with the
+  run's dropout if it sets one (else its config.json's)."""
   dtype = models.compute_dtype(model.compute_dtype)
+  text = ({} if model.text_dropout < 0 else
+          dict(hidden_dropout=model.text_dropout, attention_dropout=model.text_dropout))
   fields = {"cnn14": dict(precision=None),
-            "passt": dict(s_patchout_t=model.patchout[0], s_patchout_f=model.patchout[1])}
+            "passt": dict(s_patchout_t=model.patchout[0], s_patchout_f=model.patchout[1]),
+            "bert": text, "roberta": text}
   loaded = {}
   for side, name, path in (("audio", model.audio_encoder, model.audio_weights),
                            ("text", model.text_encoder, model.text_weights)):
@@ -107,6 +111,7 @@ class Experiment:
                                 pool_remainder=model.pool_remainder, dtype=model.compute_dtype,
                                 frozen=frozen_sides(model),
                                 pooled_outputs=run_settings.loss.score == "pooled",
+                                sentence_pooling=model.sentence_pooling,
                                 **{f"{side}_encoder": encoder.module
                                    for side, encoder in loaded.items()})
     self.initial_state = self.devices.replicate(steps.create_train_state(

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from ntxr import scores
+from ntxr.encoders import bert
 
 Array = jax.Array
 PAPER_CHANNELS = (32, 128, 128, 128, 128)
@@ -221,20 +222,23 @@ class PretrainedAudio(nn.Module):
 class PretrainedText(nn.Module):
   """Token ids [B, W] (`data.tokenizer.PretrainedTokenizer`'s: the checkpoint's + 1, 0
   pads) -> word embeddings [B, W, embed_dim]: a BERT-family encoder, its last hidden
-  states projected to embed_dim; with sentence_output, the first token's ([CLS], <s>)
-  at every word. frozen: as PretrainedAudio's."""
+  states projected to embed_dim; with sentence_output, its sentence output at every
+  word: the first token's state ([CLS], <s>; sentence_pooling "cls") or the words' mean
+  ("mean", as Sentence-BERT's). frozen: as PretrainedAudio's."""
   encoder: nn.Module
   embed_dim: int = 300
   dtype: Any = jnp.float32
   frozen: bool = False
   sentence_output: bool = False
+  sentence_pooling: str = "cls"
 
   @nn.compact
   def __call__(self, tokens: Array, mask: Array, *, train: bool = False) -> Array:
     ids = jnp.where(mask, tokens - 1, self.encoder.pad_token_id)
     words, _ = self.encoder(ids, mask, train=train and not self.frozen)
     if self.sentence_output:
-      words = jnp.broadcast_to(words[:, :1], words.shape)
+      sentences = bert.pool_sentences(words, mask, self.sentence_pooling)
+      words = jnp.broadcast_to(sentences[:, None], words.shape)
     if self.frozen:
       words = jax.lax.stop_gradient(words)
     return l2_normalize(nn.Dense(self.embed_dim, dtype=self.dtype, name="projection")(words),
@@ -261,6 +265,7 @@ class DualEncoder(nn.Module):
   text_encoder: Optional[nn.Module] = None
   frozen: Tuple[str, ...] = ()
   pooled_outputs: bool = False
+  sentence_pooling: str = "cls"  # see PretrainedText
 
   def setup(self):
     dtype = compute_dtype(self.dtype)
@@ -280,7 +285,8 @@ class DualEncoder(nn.Module):
     else:
       self.text = PretrainedText(self.text_encoder, self.embed_dim, dtype=dtype,
                                  frozen="text" in self.frozen,
-                                 sentence_output=self.pooled_outputs)
+                                 sentence_output=self.pooled_outputs,
+                                 sentence_pooling=self.sentence_pooling)
 
   def embed_audio(self, audio: Array, audio_mask: Array, *, train: bool = False) -> Array:
     return self.audio(audio, audio_mask, train=train)

@@ -58,6 +58,7 @@ PRETRAINED_SAMPLE_RATE, PRETRAINED_HOP = 32000, 320
 PASST_FRAMES = 1000  # 10 s: the released PaSST files' time embedding holds no more
 PASST_PATCH, PASST_STRIDE, PASST_ROWS = 16, 10, 12  # its patches: 16 mel frames, 10 apart
 FROZEN = ("", "audio", "text", "both")  # which pretrained encoders run as published
+SENTENCE_POOLINGS = ("cls", "mean")  # encoders.bert.POOLINGS
 LR_SCHEDULES = ("plateau", "warmup_cosine")  # see Optimiser
 VOCABULARIES = ("training", "all")  # which splits' captions a tokenizer learns from
 MISSING_WORD_VECTORS = ("random", "one_unk")
@@ -162,7 +163,9 @@ class Model:
   pretrained encoders run as published (inference mode, no gradient, no updates), their
   projections trained. batch_norm_pass: the authors' construction pass
   (`steps.create_train_state`); conv_precision: the CRNN's convolutions' (""
-  matmul_precision's; PyTorch 1.13 runs them in TF32 on Ampere and Hopper GPUs)."""
+  matmul_precision's; PyTorch 1.13 runs them in TF32 on Ampere and Hopper GPUs).
+  sentence_pooling ("cls" or "mean") and text_dropout (below 0: the file's): the
+  pretrained text encoder's (`models.PretrainedText`)."""
   audio_encoder: str
   audio_weights: str
   text_encoder: str
@@ -178,6 +181,8 @@ class Model:
   frozen: str
   batch_norm_pass: bool
   conv_precision: str
+  sentence_pooling: str
+  text_dropout: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,7 +342,8 @@ class Settings:
                     initializer=c.initializer, compute_dtype=c.compute_dtype,
                     pool_remainder=c.pool_remainder, remat=c.remat,
                     patchout=tuple(c.patchout), frozen=c.frozen,
-                    batch_norm_pass=c.batch_norm_pass, conv_precision=c.conv_precision),
+                    batch_norm_pass=c.batch_norm_pass, conv_precision=c.conv_precision,
+                    sentence_pooling=c.sentence_pooling, text_dropout=c.text_dropout),
         loss=Loss(objective=c.objective, strategy=c.strategy, margin=c.margin, score=c.score,
                   padding=c.train_padding, temperature=c.temperature, beta=c.beta,
                   similarity=c.similarity, relevance_slope=c.relevance_slope,
@@ -399,6 +405,13 @@ def _check_fine_tuning(config: ml_collections.ConfigDict) -> None:
       raise SettingError(f"--config.frozen={config.frozen}: the {side} encoder is the "
                          f"paper's, trained from scratch; freeze a pretrained one "
                          f"(--config.{side}_encoder)")
+  if config.text_dropout >= 1 or (config.text_dropout < 0 and config.text_dropout != -1):
+    raise SettingError(f"--config.text_dropout must be at least 0 and below 1, or -1 for "
+                       f"the text encoder's config.json's, not {config.text_dropout}")
+  if "text" not in pretrained and (config.text_dropout != -1
+                                   or config.sentence_pooling != "cls"):
+    raise SettingError("--config.text_dropout and --config.sentence_pooling are for a "
+                       "pretrained text encoder (--config.text_encoder=bert|roberta)")
   if not pretrained and (config.remat or config.encoder_lr_factor != 1):
     raise SettingError("--config.remat and --config.encoder_lr_factor are for pretrained "
                        "encoders (--config.audio_encoder=cnn14|passt, "
@@ -435,7 +448,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
       ("select_by", SELECTIONS), ("similarity", ("", *SIMILARITIES)),
       ("pool_remainder", models.POOL_REMAINDERS), ("word_variants", WORD_VARIANTS),
       ("validation_draws", VALIDATION_DRAWS), ("matmul_precision", MATMUL_PRECISIONS),
-      ("conv_precision", ("", *MATMUL_PRECISIONS)),
+      ("conv_precision", ("", *MATMUL_PRECISIONS)), ("sentence_pooling", SENTENCE_POOLINGS),
       ("audio_encoder", AUDIO_ENCODERS), ("text_encoder", TEXT_ENCODERS),
       ("frozen", FROZEN), ("lr_schedule", LR_SCHEDULES)]:
     _choose(field, config[field], choices)

@@ -227,15 +227,18 @@ def test_remat_keeps_the_variables_names():
     assert jax.tree.structure(plain) == jax.tree.structure(remat)
 
 
-def test_the_pooled_score_reads_the_clip_and_sentence_outputs(bert_folder):
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_the_pooled_score_reads_the_clip_and_sentence_outputs(bert_folder, pooling):
   """With the pooled score, a pretrained encoder's embedding at every frame (word) is its
   projected clip (first token's) output, so the masked mean the pooled score takes is
-  that output: PaSST's tokens' mean and BERT's [CLS] state, projected and normalised."""
+  that output: PaSST's tokens' mean and BERT's [CLS] state (or its words' mean), projected
+  and normalised."""
   text = bert.load(bert_folder)
   audio = passt.Encoder(passt.Size(64, 2, 1))
   waves = _waveforms()
   model = models.DualEncoder(vocab_size=2, embed_dim=8, audio_encoder=audio,
-                             text_encoder=text.module, pooled_outputs=True)
+                             text_encoder=text.module, pooled_outputs=True,
+                             sentence_pooling=pooling)
   frames = waves.shape[1] // 320
   batch = dict(audio=waves.reshape(2, frames, 320), audio_mask=np.ones((2, frames), bool),
                tokens=np.array([[3, 9, 12, 5, 0], [3, 7, 5, 0, 0]]))
@@ -251,7 +254,11 @@ def test_the_pooled_score_reads_the_clip_and_sentence_outputs(bert_folder):
     return y / np.linalg.norm(y, axis=-1, keepdims=True)
 
   clips = audio.apply({"params": params["audio_encoder"]}, waves).clip
-  sentences = text.module.apply(text.variables, batch["tokens"] - 1, batch["token_mask"])[0][:, 0]
+  words = np.asarray(text.module.apply(text.variables, batch["tokens"] - 1,
+                                       batch["token_mask"])[0])
+  token_mask = batch["token_mask"][..., None]
+  sentences = (words[:, 0] if pooling == "cls" else  # Sentence-BERT's masked mean
+               (words * token_mask).sum(axis=1) / token_mask.sum(axis=1))
   for embedded, expected, mask in ((audio_embedded, projected(clips, "audio"),
                                     batch["audio_mask"]),
                                    (text_embedded, projected(sentences, "text"),

@@ -158,6 +158,10 @@ def test_roberta_reads_its_own_checkpoints_token_ids_padding_included(tiny_confi
     (dict(audio_encoder="cnn14", audio_weights="x.pth", patchout=(1, 0)),
      r"--config\.patchout=\(1, 0\) is PaSST's"),
     (dict(frozen="audio"), r"--config\.frozen=audio: the audio encoder is the paper's"),
+    (dict(text_dropout=0.2), r"--config\.text_dropout and --config\.sentence_pooling are for"),
+    (dict(text_encoder="bert", text_weights="/no/bert", text_dropout=-0.5),
+     r"--config\.text_dropout must be at least 0 and below 1, or -1"),
+    (dict(sentence_pooling="max"), r"--config\.sentence_pooling must be one of"),
     (dict(remat=True), r"--config\.remat and --config\.encoder_lr_factor are for pretrained"),
     (dict(encoder_lr_factor=0.1), r"--config\.remat and --config\.encoder_lr_factor are for"),
     (dict(lr_schedule="cosine"), r"--config\.lr_schedule must be one of"),
@@ -223,6 +227,8 @@ def test_the_dcase_configs_run_on_their_encoders_and_say_each_change(name, audio
   if audio == "passt":
     module = loaded["audio"].module
     assert (module.s_patchout_t, module.s_patchout_f, module.dtype) == (15, 2, jax.numpy.bfloat16)
+    assert (loaded["text"].module.hidden_dropout, loaded["text"].module.attention_dropout) == (
+        0.2, 0.2)
   with open(os.path.join(os.path.dirname(__file__), "..", "docs", "dcase_settings.md"),
             encoding="utf-8") as f:
     section = f.read().split(f"`ntxr/configs/{name}.py`")[1].split("\n## ")[0]

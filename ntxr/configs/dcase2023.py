@@ -23,6 +23,7 @@ def get_config():
   config.audio_encoder = "cnn14"
   config.text_encoder = "bert"
   config.frozen = "text"
+  config.sentence_pooling = "mean"  # Sentence-BERT's mean over the caption's tokens
   config.embed_dim = 300
   config.score = "pooled"
   # Whole Clotho clips (up to 30 s, 100 frames a second), in five lengths.

@@ -20,6 +20,7 @@ def get_config():
   config.text_encoder = "roberta"
   config.embed_dim = 1024
   config.max_tokens = 32
+  config.text_dropout = 0.2  # RoBERTa's hidden and attention dropout, set by the baseline
   # The clip output (class and distillation tokens' mean) and the first token's state
   # meet in a cosine: ntxr's pooled score on them.
   config.score = "pooled"

@@ -81,6 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.encoder_lr_factor = 1.0      # their learning rate: learning_rate x this
   config.remat = False                # recompute their activations: less memory, more time
   config.patchout = (0, 0)            # PaSST in training: (time, frequency) patches dropped
+  config.text_dropout = -1.0          # text encoder's hidden and attention dropout (-1:
+                                      # its config.json's)
+  config.sentence_pooling = "cls"     # with score=pooled: the first token's state, or "mean"
   config.matmul_precision = "default"  # or "highest": full float32 products on GPUs, whose
                                        # default is TF32 (the authors' PyTorch 1.13: full)
   config.conv_precision = ""          # the CRNN's convolutions: "" matmul_precision's, or
