@@ -61,9 +61,17 @@ def pretrained_encoders(model: settings.Model) -> dict:
   return loaded
 
 
-def frozen_sides(model: settings.Model) -> tuple:
-  """The sides ("audio", "text") whose pretrained encoder is frozen."""
-  return {"": (), "both": ("audio", "text")}.get(model.frozen, (model.frozen,))
+def check_patchout(encoder, frames: int, patchout: tuple) -> None:
+  """SettingError unless PaSST's patchout (time columns, frequency rows) drops fewer
+  patches than its file's stride cuts from `frames` mel frames."""
+  from ntxr.encoders import passt  # pylint: disable=import-outside-toplevel
+  columns = int(passt.time_patches(frames, encoder.stride))
+  rows = passt.freq_patches(encoder.stride)
+  if patchout[0] >= columns or patchout[1] >= rows:
+    raise settings.SettingError(
+        f"--config.patchout={patchout}: PaSST (stride {encoder.stride}) cuts {columns} time "
+        f"columns of patches from {frames} frames and {rows} frequency rows; patchout "
+        f"drops fewer")
 
 
 @functools.lru_cache(maxsize=None)
@@ -104,12 +112,14 @@ class Experiment:
     self.corpus = corpus
     self.training_split, self.validation_split, self.test_split = data.splits
     loaded = pretrained_encoders(model)
+    if model.audio_encoder == "passt":
+      check_patchout(loaded["audio"].module, data.frame_buckets[0], model.patchout)
     dual_encoder = shared_model(vocab_size=corpus.tokenizer.vocab_size,
                                 embed_dim=model.embed_dim, channels=model.channels,
                                 dropout=model.dropout, initializer=model.initializer,
                                 conv_precision=model.conv_precision or None,
                                 pool_remainder=model.pool_remainder, dtype=model.compute_dtype,
-                                frozen=frozen_sides(model),
+                                frozen=settings.frozen_sides(model.frozen),
                                 pooled_outputs=run_settings.loss.score == "pooled",
                                 sentence_pooling=model.sentence_pooling,
                                 **{f"{side}_encoder": encoder.module
@@ -161,9 +171,16 @@ class Experiment:
       cosine, steps_per_epoch = optimiser.warmup_cosine, self.steps_per_epoch()
       schedule = (round(cosine.warmup_epochs * steps_per_epoch),
                   round(cosine.decay_epochs * steps_per_epoch), cosine.min_lr)
-    return steps.Updates(frozen=tuple((f"{side}_encoder",) for side in frozen_sides(model)),
+    return steps.Updates(frozen=tuple((f"{side}_encoder",)
+                                      for side in settings.frozen_sides(model.frozen)),
                          encoder_lr_factor=optimiser.encoder_lr_factor,
                          weight_decay=optimiser.weight_decay, warmup_cosine=schedule)
+
+  def scheduled_rate(self, step: int) -> float:
+    """The learning rate of optimizer step `step` under --config.lr_schedule=warmup_cosine."""
+    warmup, decay, lowest = self._updates().warmup_cosine
+    return float(steps.warmup_cosine(step, peak=self.settings.optimiser.learning_rate,
+                                     warmup=warmup, decay=decay, lowest=lowest))
 
   def steps_per_epoch(self) -> int:
     """The training steps of an epoch: the training split's batches, at most

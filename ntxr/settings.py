@@ -31,7 +31,8 @@ OPERATIONAL = ("checkpoint_every_steps", "metrics_every_steps", "cache_dir", "st
                "eval_batch_size")
 # Config fields a resumed run may change (they leave training as it was, and a finished
 # run with more epochs trains on); any other change needs a new workdir.
-RESUMABLE_CHANGES = (*OPERATIONAL, "num_epochs", "collapse")
+RESUMABLE_CHANGES = (*OPERATIONAL, "num_epochs", "collapse",
+                     "batch_norm_pass")  # it sets the initial state a checkpoint replaces
 # The fields that may differ between runs trained together (`ntxr.programs`).
 PER_RUN = ("strategy", "objective", "seed")
 # Paths: "/data/clotho/" and "/data/clotho" name one folder.
@@ -56,7 +57,7 @@ TEXT_ENCODERS = ("word_vectors", "bert", "roberta")
 # The pretrained audio encoders read waveforms at this rate, in frames of HOP samples.
 PRETRAINED_SAMPLE_RATE, PRETRAINED_HOP = 32000, 320
 PASST_FRAMES = 1000  # 10 s: the released PaSST files' time embedding holds no more
-PASST_PATCH, PASST_STRIDE, PASST_ROWS = 16, 10, 12  # its patches: 16 mel frames, 10 apart
+PASST_PATCH = 16  # PaSST's patches are 16 mel frames wide
 FROZEN = ("", "audio", "text", "both")  # which pretrained encoders run as published
 SENTENCE_POOLINGS = ("cls", "mean")  # encoders.bert.POOLINGS
 LR_SCHEDULES = ("plateau", "warmup_cosine")  # see Optimiser
@@ -379,28 +380,29 @@ def _choose(field: str, value, choices) -> None:
     raise SettingError(f"--config.{field} must be one of {list(choices)}, not {value!r}")
 
 
-def _check_passt(buckets: tuple, patchout: tuple) -> None:
+def _check_passt(buckets: tuple) -> None:
   """PaSST's frames: one bucket (it attends to every patch, padding too, so a clip's
   embedding would depend on its batch's padding; one length pads every clip alike) of
-  one patch to PASST_FRAMES frames; patchout dropping fewer patches than there are."""
+  one patch to PASST_FRAMES frames. (Its patchout against its file's patches:
+  `experiment.check_patchout`.)"""
   if len(buckets) != 1 or not PASST_PATCH <= buckets[0] <= PASST_FRAMES:
     raise SettingError(
         f"--config.frame_buckets: PaSST reads one length, {PASST_PATCH} to {PASST_FRAMES} "
         f"frames of {PRETRAINED_HOP} samples (10 s at most): it attends to every patch, "
         f"padding too, so every clip is padded to one length; give one bucket, e.g. "
         f"--config.frame_buckets=\"({PASST_FRAMES},)\", not {buckets}")
-  columns = (buckets[0] - PASST_PATCH) // PASST_STRIDE + 1
-  if patchout[0] >= columns or patchout[1] >= PASST_ROWS:
-    raise SettingError(f"--config.patchout={patchout}: PaSST has {columns} time columns of "
-                       f"patches at {buckets[0]} frames and {PASST_ROWS} frequency rows; "
-                       f"patchout drops fewer")
+
+
+def frozen_sides(frozen: str) -> tuple:
+  """The sides ("audio", "text") that --config.frozen (a name in FROZEN) freezes."""
+  return {"": (), "both": ("audio", "text")}.get(frozen, (frozen,))
 
 
 def _check_fine_tuning(config: ml_collections.ConfigDict) -> None:
   """Raises SettingError for a fine-tuning field given without the encoder it is for."""
   pretrained = [side for side, paper in (("audio", "crnn"), ("text", "word_vectors"))
                 if config[f"{side}_encoder"] != paper]
-  for side in {"": [], "both": ["audio", "text"]}.get(config.frozen, [config.frozen]):
+  for side in frozen_sides(config.frozen):
     if side not in pretrained:
       raise SettingError(f"--config.frozen={config.frozen}: the {side} encoder is the "
                          f"paper's, trained from scratch; freeze a pretrained one "
@@ -412,6 +414,23 @@ def _check_fine_tuning(config: ml_collections.ConfigDict) -> None:
                                    or config.sentence_pooling != "cls"):
     raise SettingError("--config.text_dropout and --config.sentence_pooling are for a "
                        "pretrained text encoder (--config.text_encoder=bert|roberta)")
+  frozen = frozen_sides(config.frozen)
+  for given, reason in (
+      (config.sentence_pooling != "cls" and config.score != "pooled",
+       "--config.sentence_pooling is the pooled score's: give it with --config.score=pooled"),
+      (tuple(config.patchout) != (0, 0) and "audio" in frozen,
+       "--config.patchout is PaSST's in training: a frozen audio encoder runs without it"),
+      (config.text_dropout != -1 and "text" in frozen,
+       "--config.text_dropout is the text encoder's in training: a frozen one runs without"),
+      (config.encoder_lr_factor != 1 and pretrained and set(pretrained) <= set(frozen),
+       "--config.encoder_lr_factor: every pretrained encoder is frozen"),
+      (config.lr_schedule == "plateau"
+       and WarmupCosine(**config.warmup_cosine.to_dict()) != WarmupCosine(),
+       "--config.warmup_cosine is --config.lr_schedule=warmup_cosine's"),
+      (config.lr_schedule != "plateau" and Schedule(**config.plateau.to_dict()) != Schedule(),
+       "--config.plateau is --config.lr_schedule=plateau's")):
+    if given:
+      raise SettingError(reason)
   if not pretrained and (config.remat or config.encoder_lr_factor != 1):
     raise SettingError("--config.remat and --config.encoder_lr_factor are for pretrained "
                        "encoders (--config.audio_encoder=cnn14|passt, "
@@ -504,7 +523,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
       raise SettingError(f"--config.frame_buckets must rise, each a count of "
                          f"{PRETRAINED_HOP}-sample frames, not {buckets}")
     if config.audio_encoder == "passt":
-      _check_passt(buckets, tuple(config.patchout))
+      _check_passt(buckets)
   elif (not buckets or list(buckets) != sorted(set(buckets))
         or any(b < stride or b % stride for b in buckets)):
     raise SettingError(f"--config.frame_buckets must rise, each a multiple of the CRNN's "

@@ -171,11 +171,6 @@ def scheduled(state: TrainState) -> bool:
   return bool(state.opt_state.hyperparams_states)
 
 
-def current_learning_rate(state: TrainState) -> float:
-  """The learning rate of the state's last step (or, before one, its first)."""
-  return float(state.opt_state.hyperparams["learning_rate"])
-
-
 def set_learning_rate(state: TrainState, learning_rate: float) -> TrainState:
   """The state with its optimizer's learning rate set, placed as the old one was
   (replicated over every process's devices in training); unchanged where the optimizer

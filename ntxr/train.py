@@ -242,7 +242,8 @@ def end_epoch(experiment, state, progress, checkpoints, log, seconds, label: str
   validation, collapse, validation_seconds = validated
   progress = progress.after_validation(validation["loss"], experiment.settings.optimiser)
   state = steps.set_learning_rate(state, progress.learning_rate)
-  learning_rate = (steps.current_learning_rate(state) if steps.scheduled(state)
+  # The next step's rate: the plateau's after this epoch, or the schedule's.
+  learning_rate = (experiment.scheduled_rate(int(state.step)) if steps.scheduled(state)
                    else progress.learning_rate)
   if collapse.collapsed:
     logging.warning("feature collapse at epoch %d: %s", epoch, "; ".join(collapse.reasons))

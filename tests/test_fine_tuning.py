@@ -70,7 +70,8 @@ def test_each_step_moves_the_parameters_by_the_scheduled_rate():
     expected = baseline_rate(step, 1e-4, 1e-2, 3, 5, steps_per_epoch=1)
     # rtol: float32 holds 1 - 0.999^t (Adam's bias correction) to about 1e-5
     np.testing.assert_allclose(before - after.params["w"], expected, rtol=1e-4)
-    assert steps.current_learning_rate(after) == pytest.approx(expected, rel=1e-6)
+    assert float(after.opt_state.hyperparams["learning_rate"]) == pytest.approx(expected,
+                                                                                  rel=1e-6)
     assert steps.set_learning_rate(after, 0.5) is after  # the schedule's, not the loop's
     before = after.params["w"]
 
@@ -134,8 +135,8 @@ def test_a_frozen_text_encoder_runs_as_published_and_passes_no_gradient(bert_fol
 def test_cosine_fine_tuning_with_a_frozen_text_encoder_end_to_end(tiny_config, bert_folder,
                                                                   tmp_path):
   """The paper's CRNN with a frozen BERT on the real recordings: each epoch's logged rate
-  is the schedule's at its last step, the frozen encoder ends as published, and the
-  projection and the CRNN train."""
+  is the schedule's at the next step (as the plateau's is the next epoch's), the frozen
+  encoder ends as published, and the projection and the CRNN train."""
   config = tiny_config(data_dir=recordings.pairs_folder(str(tmp_path / "pairs")),
                        text_encoder="bert", text_weights=bert_folder, frozen="text",
                        lr_schedule="warmup_cosine", learning_rate=1e-3, embed_dim=16,
@@ -148,7 +149,7 @@ def test_cosine_fine_tuning_with_a_frozen_text_encoder_end_to_end(tiny_config, b
     logged = [json.loads(line) for line in f if '"epoch"' in line]
   assert [line["learning_rate"] for line in logged] == [
       pytest.approx(baseline_rate(step, 1e-5, 1e-3, 1, 1, steps_per_epoch=2), rel=1e-6)
-      for step in (1, 3, 5)]
+      for step in (2, 4, 6)]
   with checkpoints_lib.Checkpoints(str(tmp_path / "run")) as checkpoints:
     trained, _ = checkpoints.restore("latest", initial)
   same = lambda name: [np.array_equal(a, b) for a, b in zip(
@@ -315,3 +316,27 @@ def test_pretrained_encoders_on_eight_devices_train_as_on_one(tiny_config, bert_
                          check=False)
   assert child.returncode == 0, child.stderr[-3000:]
   assert_same_run(str(tmp_path / "eight"), str(tmp_path / "one"))
+
+
+def test_a_frozen_audio_encoder_keeps_its_statistics_and_passes_no_gradient():
+  """A frozen CNN14 in training: its BatchNorm statistics stay as loaded (inference mode),
+  no gradient reaches its parameters, and its projection trains."""
+  model = models.DualEncoder(vocab_size=2, embed_dim=8, audio_encoder=cnn14.Cnn14(),
+                             frozen=("audio",))
+  waves = _waveforms()
+  frames = waves.shape[1] // 320
+  audio, mask = waves.reshape(2, frames, 320), np.ones((2, frames), bool)
+  variables = model.init(jax.random.key(0), audio, mask, method="embed_audio")
+
+  def embedded(params):
+    return model.apply({**variables, "params": params}, audio, mask, train=True,
+                       method="embed_audio", mutable=["batch_stats"],
+                       rngs={"dropout": jax.random.key(1)})
+
+  _, moved = embedded(variables["params"])
+  for got, loaded in zip(jax.tree.leaves(moved["batch_stats"]),
+                         jax.tree.leaves(variables["batch_stats"])):
+    np.testing.assert_array_equal(got, loaded)
+  grads = jax.grad(lambda p: embedded(p)[0].sum())(variables["params"])
+  assert all(not np.any(g) for g in jax.tree.leaves(grads["audio_encoder"]))
+  assert any(np.any(g) for g in jax.tree.leaves(grads["audio"]))

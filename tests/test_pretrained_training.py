@@ -152,9 +152,6 @@ def test_roberta_reads_its_own_checkpoints_token_ids_padding_included(tiny_confi
      r"PaSST reads one length, 16 to 1000 frames .* not \(1200,\)"),
     (dict(audio_encoder="passt", audio_weights="passt.pt", frame_buckets=(15,)),
      r"PaSST reads one length, 16 to 1000 frames .* not \(15,\)"),
-    (dict(audio_encoder="passt", audio_weights="passt.pt", frame_buckets=(1000,),
-          patchout=(99, 0)),
-     r"--config\.patchout=\(99, 0\): PaSST has 99 time columns of patches at 1000 frames"),
     (dict(audio_encoder="cnn14", audio_weights="x.pth", patchout=(1, 0)),
      r"--config\.patchout=\(1, 0\) is PaSST's"),
     (dict(frozen="audio"), r"--config\.frozen=audio: the audio encoder is the paper's"),
@@ -162,6 +159,14 @@ def test_roberta_reads_its_own_checkpoints_token_ids_padding_included(tiny_confi
     (dict(text_encoder="bert", text_weights="/no/bert", text_dropout=-0.5),
      r"--config\.text_dropout must be at least 0 and below 1, or -1"),
     (dict(sentence_pooling="max"), r"--config\.sentence_pooling must be one of"),
+    (dict(text_encoder="bert", text_weights="/no/bert", sentence_pooling="mean"),
+     r"--config\.sentence_pooling is the pooled score's: give it with --config\.score=pooled"),
+    (dict(text_encoder="bert", text_weights="/no/bert", frozen="text", text_dropout=0.2),
+     r"--config\.text_dropout is the text encoder's in training: a frozen one runs without"),
+    (dict(text_encoder="bert", text_weights="/no/bert", frozen="text", encoder_lr_factor=0.1),
+     r"--config\.encoder_lr_factor: every pretrained encoder is frozen"),
+    (dict(warmup_cosine=dict(warmup_epochs=2.0, decay_epochs=15.0, min_lr=1e-7)),
+     r"--config\.warmup_cosine is --config\.lr_schedule=warmup_cosine's"),
     (dict(remat=True), r"--config\.remat and --config\.encoder_lr_factor are for pretrained"),
     (dict(encoder_lr_factor=0.1), r"--config\.remat and --config\.encoder_lr_factor are for"),
     (dict(lr_schedule="cosine"), r"--config\.lr_schedule must be one of"),
@@ -195,6 +200,18 @@ def test_the_papers_config_takes_a_pretrained_text_encoder_without_word_vectors(
   config = paper.get_config()
   config.update(text_encoder="bert", text_weights=files["bert"], max_tokens=24)
   assert settings.Settings.of(config).data.tokens == "pretrained"
+
+
+@pytest.mark.parametrize("patchout, message", [
+    ((99, 0), r"PaSST \(stride 10\) cuts 99 time columns of patches from 1000 frames and 12"),
+    ((0, 12), r"and 12 frequency rows; patchout drops fewer")])
+def test_a_patchout_beyond_the_files_patches_is_refused(tiny_config, files, tmp_path, patchout,
+                                                        message):
+  config = pretrained_config(
+      tiny_config, files, audio_encoder="passt", frame_buckets=(1000,), patchout=patchout,
+      audio_weights=pretrained_files.passt_file(str(tmp_path / "passt.pt")))
+  with pytest.raises(settings.SettingError, match=rf"--config\.patchout=.*{message}"):
+    experiment_of(config)
 
 
 def test_a_pretrained_text_encoder_refuses_word_vectors(files):

@@ -40,5 +40,7 @@ def get_config():
   config.schedule_from_untrained = True
   config.stopper.update(std=0.001, num_results=10, grace_period=60)
   config.select_by = "validation_loss"
+  # Its float32 products (PyTorch's; their convolutions TF32 on Ampere and Hopper GPUs).
+  config.matmul_precision = "highest"
   config.checkpoint_every_steps = 200
   return config

@@ -54,7 +54,7 @@ def clean_text_paper(text: str) -> str:
   return " ".join(re.sub(r"""[!"#$%&'()*+,./\\:;<=>?@\[\]^_`{|}~]""", " ", text.lower()).split())
 
 
-TEXT_CLEANING = dict(zip(layouts.TEXT_CLEANINGS, (clean_text, clean_text_paper)))
+TEXT_CLEANING = {"ntxr": clean_text, "paper": clean_text_paper}  # layouts.TEXT_CLEANINGS
 
 
 def _rows(path: str, columns: list) -> list:

@@ -118,7 +118,8 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=settings.Features()
       start = time.perf_counter()
       data_dir = synthetic.generate(os.path.join(local, f"synthetic_{size}"), size)
       generate_s = time.perf_counter() - start
-      logmel = dataclasses.replace(logmel, sample_rate=logmel.sample_rate or layouts.SYNTHETIC_SAMPLE_RATE)
+      logmel = dataclasses.replace(
+          logmel, sample_rate=logmel.sample_rate or layouts.SYNTHETIC_SAMPLE_RATE)
     logmel = dataclasses.replace(logmel,
                                  sample_rate=logmel.sample_rate or layouts.FOLDER_SAMPLE_RATE)
     builder_class = builders.builder_for(data_dir)

@@ -225,10 +225,11 @@ class Outputs(NamedTuple):
 class Cnn14(nn.Module):
   """PANNs CNN14 on waveforms [B, N] at 32 kHz (see the module docstring).
 
-  precision: of its products (None: `jax.default_matmul_precision`'s); dtype: of the
-  convolutions and dense layers after the float32 front end (BatchNorm normalises in
-  float32); remat: each conv block's activations are recomputed for the gradient, not
-  kept (less memory, more compute; the same values)."""
+  precision: of its products after the front end, which computes at the highest (None:
+  `jax.default_matmul_precision`'s); dtype: of the convolutions and dense layers after
+  the float32 front end (BatchNorm normalises in float32); remat: each conv block's
+  activations are recomputed for the gradient, not kept (less memory, more compute; the
+  same values)."""
   classes: int = CLASSES
   block_dropout: float = 0.2
   clip_dropout: float = 0.5
@@ -245,7 +246,9 @@ class Cnn14(nn.Module):
       waveforms = jnp.pad(waveforms, ((0, 0), (0, MIN_SAMPLES - waveforms.shape[1])))
     lengths = (jnp.full(waveforms.shape[:1], waveforms.shape[1]) if lengths is None
                else jnp.clip(jnp.asarray(lengths), MIN_SAMPLES, waveforms.shape[1]))
-    x = LogMel(self.precision, name="front_end")(waveforms, lengths)  # [B, T, 64]
+    # The front end at full float32 whatever the products' precision: TF32 moves log-mel
+    # bins by decibels.
+    x = LogMel(jax.lax.Precision.HIGHEST, name="front_end")(waveforms, lengths)  # [B, T, 64]
     frames = stft_frames(lengths)
     mask = jnp.arange(x.shape[1])[None, :] < frames[:, None]
     x = BatchNorm(name="bn0")(x, mask, train)  # each mel bin its own statistics

@@ -89,7 +89,8 @@ class MelSpectrogram(nn.Module):
     spectrum = jnp.fft.rfft(framed * window.astype(x.dtype), axis=-1)
     power = spectrum.real ** 2 + spectrum.imag ** 2
     banks = kaldi_mel_banks(self.n_mels, self.n_fft, SAMPLE_RATE, self.fmin, self.fmax)
-    mel = jnp.einsum("mk,btk->bmt", banks.astype(x.dtype), power)
+    mel = jnp.einsum("mk,btk->bmt", banks.astype(x.dtype), power,
+                     precision=jax.lax.Precision.HIGHEST)  # float32 whatever the run's
     return (jnp.log(mel + 1e-5) + 4.5) / 5.0
 
 
@@ -172,7 +173,8 @@ class PaSST(nn.Module):
     patchout's random draw; None: drawn when training with patchout, all otherwise."""
     embed_init = nn.initializers.truncated_normal(0.02)
     x = nn.Conv(self.width, (self.patch_size, self.patch_size), (self.stride, self.stride),
-                padding="VALID", dtype=self.dtype, name="patch_embed")(mel[..., None])  # [B, F', T', width]
+                padding="VALID", dtype=self.dtype,
+                name="patch_embed")(mel[..., None])  # [B, F', T', width]
     b, f, t, _ = x.shape
     if f != self.freq_patches:
       raise ValueError(f"{mel.shape[1]} mel bins give {f} rows of patches, not "
@@ -182,7 +184,7 @@ class PaSST(nn.Module):
                        f"1 to {self.time_patches} (its time position embedding's length)")
     time_pos = self.param("time_pos_embed", embed_init, (self.time_patches, self.width))
     freq_pos = self.param("freq_pos_embed", embed_init, (self.freq_patches, self.width))
-    x = x + time_pos[:t] + freq_pos[:, None]
+    x = x + (time_pos[:t] + freq_pos[:, None]).astype(x.dtype)  # the stream in dtype
     if kept_time is None:
       kept_time = self._patchout(train, t, self.s_patchout_t, "time")
     if kept_freq is None:
@@ -192,7 +194,8 @@ class PaSST(nn.Module):
     token_pos = self.param("token_pos_embed", embed_init, (2, self.width))
     tokens = [self.param(name, embed_init, (self.width,)) + token_pos[i]
               for i, name in enumerate(("cls_token", "dist_token"))]
-    x = jnp.concatenate([jnp.broadcast_to(jnp.stack(tokens), (b, 2, self.width)),
+    tokens = jnp.stack(tokens).astype(x.dtype)
+    x = jnp.concatenate([jnp.broadcast_to(tokens, (b, 2, self.width)),
                          x.reshape(b, f * t, self.width)], axis=1)
     block = nn.remat(Block) if self.remat else Block
     for i in range(self.depth):
@@ -258,9 +261,15 @@ class Encoder(nn.Module):
     if lengths is None:
       lengths = jnp.full(waveforms.shape[:1], waveforms.shape[1])
     frames = self.front_end.frames(jnp.asarray(lengths))
-    columns = jnp.maximum((frames - self.passt.patch_size) // self.passt.stride + 1, 1)
+    columns = time_patches(frames, self.passt.stride, self.passt.patch_size)
     mask = out.kept_time[None] < columns[:, None]
     return EncoderOutputs(out.patches.mean(axis=1), mask, out.features, out.logits)
+
+
+def time_patches(frames, stride: int, patch_size: int = 16):
+  """The columns of patches that cut `frames` mel frames (an int or an int array) at
+  `stride`, at least one."""
+  return jnp.maximum((frames - patch_size) // stride + 1, 1)
 
 
 def freq_patches(stride: int, patch_size: int = 16) -> int:
