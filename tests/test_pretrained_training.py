@@ -159,6 +159,8 @@ def test_roberta_reads_its_own_checkpoints_token_ids_padding_included(tiny_confi
     (dict(text_encoder="bert", text_weights="/no/bert", text_dropout=-0.5),
      r"--config\.text_dropout must be at least 0 and below 1, or -1"),
     (dict(sentence_pooling="max"), r"--config\.sentence_pooling must be one of"),
+    (dict(audio_encoder="cnn14", audio_weights="x.pth", batch_norm_pass=True),
+     r"--config\.batch_norm_pass and --config\.conv_precision are the CRNN's"),
     (dict(text_encoder="bert", text_weights="/no/bert", sentence_pooling="mean"),
      r"--config\.sentence_pooling is the pooled score's: give it with --config\.score=pooled"),
     (dict(text_encoder="bert", text_weights="/no/bert", frozen="text", text_dropout=0.2),
