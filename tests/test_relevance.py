@@ -127,9 +127,10 @@ def test_the_2022_baseline_submission_scored_by_2025_relevance_matches_the_loop(
   relevant = {q: ast.literal_eval(names) for q, names in read_rows(RELEVANCE)}
   ranked = {row[0]: row[1:] for row in read_rows(BASELINE)}
   assert got.pop("queries") == 1037
+  # A top-10 list ranks nothing beyond its tenth file: its mAP@16 only bounds the value.
+  assert got.pop("lower_bounds") == ["mAP@16"]
   assert got == pytest.approx(loop_metrics(relevant, ranked), abs=1e-12)
   assert 0 < got["mAP@16"] < 0.2  # a weak 2022 baseline
-  # A top-10 list ranks nothing beyond its tenth file: its mAP@16 only bounds the value.
   assert (f"mAP@16 {got['mAP@16']:.4f} (a lower bound: a top-10 list ranks no file beyond "
           f"its tenth)  mAP@10 {got['mAP@10']:.4f}  R@1 ") in done.stdout
   assert done.stdout.count("lower bound") == 1 and done.stderr == ""
@@ -244,6 +245,28 @@ def test_graded_scoring_of_a_score_matrix_matches_the_loop(tmp_path):
   assert got["queries"] == 12
   for k in (10, 16):
     assert got[f"nDCG@{k}"] == pytest.approx(loop_ndcg(tau.ratings, ranked, k), abs=1e-12)
+
+
+def test_a_top_10_lists_ndcg_at_16_is_a_lower_bound(tmp_path):
+  """Each rated query's ten best-rated clips, best first: nDCG@10 is 1 (the ideal order),
+  and nDCG@16, short of the six clips beyond the tenth, is printed and listed in the
+  JSON as a lower bound."""
+  tau = relevance.read_tau(TAU, "evaluation")
+  path = tmp_path / "top10.csv"
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(dcase.COLUMNS)
+    for query, rated in tau.ratings.items():
+      writer.writerow([query, *sorted(rated, key=lambda name: -rated[name])[:10]])
+  done = run_dcase(f"--graded_relevance={TAU}", "--split=evaluation", f"--predictions={path}",
+                   f"--output_json={tmp_path}/g.json")
+  assert done.returncode == 0, done.stderr
+  got = json.loads((tmp_path / "g.json").read_text())
+  assert (got["queries"], got["nDCG@10"], got["lower_bounds"]) == (
+      12, pytest.approx(1.0), ["nDCG@16"])
+  assert got["nDCG@16"] < 1
+  assert (f"nDCG@16 {got['nDCG@16']:.4f} (a lower bound: a top-10 list ranks no file beyond "
+          "its tenth)") in done.stdout and done.stdout.count("lower bound") == 1
 
 
 def test_a_bad_rating_is_named_by_file_and_line(tmp_path):
