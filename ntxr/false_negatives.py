@@ -309,10 +309,14 @@ def define_flags() -> None:
   flags.DEFINE_string("fit_split", "development", "the split thresholds and maps are fit on")
   flags.DEFINE_string("report_split", "evaluation", "the split they are reported on")
   config = default.get_config()
-  flags.DEFINE_float("threshold", config.relevance_offset / config.relevance_slope,
+  crossing = config.relevance_offset / config.relevance_slope
+  flags.DEFINE_float("threshold", crossing,
                      "a similarity above this flags a pair, as --config.filter_similarity "
-                     "drops it (default: where the soft objective's relevance map crosses "
-                     "1/2, the config's relevance_offset / relevance_slope)")
+                     f"drops it. That filter defaults to {config.filter_similarity:g}, off "
+                     "(no threshold on a caption's similarity finds people's matches "
+                     "precisely enough: docs/results.md), so this defaults to where the soft "
+                     "objective's relevance map crosses 1/2, the config's relevance_offset / "
+                     f"relevance_slope = {crossing:g}")
   flags.DEFINE_float("relevance_slope", config.relevance_slope,
                      "the soft objective's relevance map: slope")
   flags.DEFINE_float("relevance_offset", config.relevance_offset,

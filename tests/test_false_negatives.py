@@ -290,9 +290,12 @@ def test_the_commands_default_threshold_is_where_the_configs_relevance_map_cross
     tmp_path):
   """Without --threshold the rules are measured at the similarity the config's soft
   relevance map takes to 1/2 (its relevance_offset / relevance_slope), and that map is the
-  one compared with people's ratings; a config with another offset moves the default."""
+  one compared with people's ratings; a config with another offset moves the default. The
+  caption filter the threshold stands for is off in the config (0), and the flag's help
+  says so, with both values."""
   config = default.get_config()
   threshold = config.relevance_offset / config.relevance_slope
+  assert (threshold, config.filter_similarity) == (0.5, 0.0)  # 5 / 10; 0 is off
   assert float(false_negatives.relevance(jnp.array([[threshold]]), jnp.array([[False]]),
                                          config.relevance_slope, config.relevance_offset)
                [0, 0]) == 0.5
@@ -318,7 +321,11 @@ default.get_config = get_config
 false_negatives.define_flags()
 flags.FLAGS(["false_negatives"])
 print(flags.FLAGS.threshold)
+print(flags.FLAGS["threshold"].help)
 """
   moved = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
-  assert float(moved.stdout) == 3.0 / config.relevance_slope
+  value, help_text = moved.stdout.split("\n", 1)
+  assert float(value) == 3.0 / config.relevance_slope
+  assert "--config.filter_similarity drops it. That filter defaults to 0, off" in help_text
+  assert help_text.rstrip().endswith("relevance_offset / relevance_slope = 0.3")
