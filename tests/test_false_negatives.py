@@ -260,7 +260,29 @@ def test_the_command_measures_every_rule_against_the_ratings(tmp_path):
       assert (row["fit"]["pairs"], row["report"]["pairs"]) == (8 * 15, 12 * 15)
     for role in ("fit", "report"):
       assert 0 <= row[role]["roc_auc"] <= 1 and row[role]["at_threshold"]["threshold"] == 0.3
-  assert done.stdout.count("\n") == 1 + 2 * len(rows)
+    for role in ("fit", "report"):
+      bands = row[role]["relevance_map"]["bands"]
+      assert sum(b["pairs"] for b in bands["candidates"]) == row[role]["pairs"]
+      assert [(b["low"], b["high"]) for b in bands["random"]] == [
+          (None, 0.1), (0.1, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.5), (0.5, None)]
+  # The table, then a blank line, a title, a header and two lines a row and split.
+  assert done.stdout.count("\n") == 1 + 2 * len(rows) + 3 + 4 * len(rows)
+
+
+def test_the_relevance_map_by_band_against_hand_computed_means():
+  """Bands s <= 0.1, (0.1, 0.2], ..., s > 0.5: a similarity on an edge falls in the band
+  below it; sigmoid(10 s - 5) by hand."""
+  sigmoid = lambda x: 1 / (1 + np.exp(-x))
+  got = false_negatives.by_band(np.array([0.05, 0.1, 0.15, 0.5, 0.9]),
+                                np.array([10, 20, 50, 60, 100]), 10.0, 5.0)
+  assert [(b["low"], b["high"], b["pairs"]) for b in got] == [
+      (None, 0.1, 2), (0.1, 0.2, 1), (0.2, 0.3, 0), (0.3, 0.4, 0), (0.4, 0.5, 1), (0.5, None, 1)]
+  expected = [((sigmoid(-4.5) + sigmoid(-4.0)) / 2, 0.15), (sigmoid(-3.5), 0.5), (None, None),
+              (None, None), (0.5, 0.6), (sigmoid(4.0), 1.0)]
+  for band, (mapped, rated) in zip(got, expected):
+    assert (band["mapped"], band["rated"]) == (
+        (None, None) if mapped is None else (pytest.approx(mapped, rel=1e-6),
+                                             pytest.approx(rated)))
 
 
 def test_a_split_the_ratings_lack_is_named_with_those_they_hold(tmp_path):
