@@ -18,8 +18,8 @@ per query (`ntxr.relevance.multi_relevance_metrics`, ranked by mAP@16). Graded: 
 against the TAU ratings (`ntxr.relevance.graded_metrics`). A top-10 list ranks nothing
 beyond its tenth file, so its metrics at a cut-off beyond 10 (mAP@16, nDCG@16) are lower
 bounds, printed as such and listed in the JSON's `lower_bounds`. A score matrix that leaves
-out some of the files it could score is warned about: those rank below every file it
-scores.
+out some of the files it could score is warned about: those are never retrieved, at any
+cut-off, however few files it scores.
 """
 
 import os
@@ -159,8 +159,8 @@ def read_score_matrix(path: str, known_queries, known_files: set, whose: str) ->
     first[query] = line
   unscored = sorted(known_files - seen)
   if unscored:
-    logging.warning("%s scores %d of %s %d files: the other %d (%s) rank below every "
-                    "file it scores", path, len(seen), whose, len(known_files),
+    logging.warning("%s scores %d of %s %d files: the other %d (%s) count as never "
+                    "retrieved", path, len(seen), whose, len(known_files),
                     len(unscored), ", ".join(unscored[:3]) + (", ..." if len(unscored) > 3
                                                               else ""))
   return relevance_lib.ranked_by_score(queries, names, values)

@@ -152,9 +152,10 @@ def test_a_2025_score_matrix_round_trips_and_scores_as_the_loop(tmp_path):
 
 
 def test_a_score_matrix_that_leaves_out_files_of_the_split_is_warned_about(tmp_path):
-  """Files a score matrix leaves out rank below every file it scores: the command says so
-  in one warning, and its scores are those of a ranking with them appended last. A matrix
-  of every file of the split gets no warning, and neither's mAP@16 is a lower bound."""
+  """Files a score matrix leaves out are never retrieved: the command says so in one
+  warning, and its scores are those of a ranking with them appended last, beyond every
+  cut-off (it scores 1,040 files). A matrix of every file of the split gets no warning,
+  and neither's mAP@16 is a lower bound."""
   relevant = relevance.read_dcase2025(RELEVANCE)
   _, names = dcase.read_ground_truth(GROUND_TRUTH)
   names, queries = sorted(names), list(relevant)
@@ -175,7 +176,24 @@ def test_a_score_matrix_that_leaves_out_files_of_the_split_is_warned_about(tmp_p
     assert got == pytest.approx(loop_metrics(relevant, ranked), abs=1e-12)
   assert warnings == ["", (
       f"WARNING: {path} scores {len(names) - 5} of the split's {len(names)} files: the other "
-      f"5 ({', '.join(names[:3])}, ...) rank below every file it scores\n")]
+      f"5 ({', '.join(names[:3])}, ...) count as never retrieved\n")]
+
+
+def test_a_matrix_that_leaves_out_a_judged_file_is_warned_about_and_scored_by_hand(tmp_path):
+  """Without --ground_truth the files are the relevance file's. z.wav, unscored, is never
+  retrieved, though a third rank would be within every cut-off: "a dog barks" has x.wav
+  second, AP (1/2) / 2 = 1/4; "rain" has y.wav first, AP 1; mAP@16 5/8."""
+  (tmp_path / "m.csv").write_text("query,audio_filenames\n\"a dog barks\",\"['x.wav', 'z.wav']\"\n"
+                                  "\"rain\",\"['y.wav']\"\n")
+  (tmp_path / "s.csv").write_text("query,x.wav,y.wav\na dog barks,1,2\nrain,1,2\n")
+  done = run_dcase(f"--relevance={tmp_path}/m.csv", f"--predictions={tmp_path}/s.csv",
+                   f"--output_json={tmp_path}/got.json")
+  assert done.returncode == 0, done.stderr
+  assert done.stderr == (f"WARNING: {tmp_path}/s.csv scores 2 of the relevance file's 3 "
+                         "files: the other 1 (z.wav) count as never retrieved\n")
+  got = json.loads((tmp_path / "got.json").read_text())
+  assert (got["queries"], got["mAP@16"], got["R@1"], got["HR@1"]) == (
+      2, 5 / 8, 0.5, 0.5)
 
 
 @pytest.mark.parametrize("rows, message", [
