@@ -17,8 +17,9 @@ dictionary keeps it); R@k says whether that file is in the top k and mAP@10 is
 per query (`ntxr.relevance.multi_relevance_metrics`, ranked by mAP@16). Graded: nDCG
 against the TAU ratings (`ntxr.relevance.graded_metrics`). A top-10 list ranks nothing
 beyond its tenth file, so its metrics at a cut-off beyond 10 (mAP@16, nDCG@16) are lower
-bounds, and printed as such. A score matrix that leaves out some of the files it could
-score is warned about: those rank below every file it scores.
+bounds, printed as such and listed in the JSON's `lower_bounds`. A score matrix that leaves
+out some of the files it could score is warned about: those are never retrieved, at any
+cut-off, however few files it scores.
 """
 
 import os
@@ -39,6 +40,7 @@ from ntxr import command, files, relevance as relevance_lib
 # pylint: enable=wrong-import-position
 
 RANKED = 10  # files a submission lists per caption, best first
+BOUND_NOTE = "a lower bound: a top-10 list ranks no file beyond its tenth"
 COLUMNS = ["caption"] + [f"file_name_{k}" for k in range(1, RANKED + 1)]
 
 FLAGS = flags.FLAGS
@@ -157,8 +159,8 @@ def read_score_matrix(path: str, known_queries, known_files: set, whose: str) ->
     first[query] = line
   unscored = sorted(known_files - seen)
   if unscored:
-    logging.warning("%s scores %d of %s %d files: the other %d (%s) rank below every "
-                    "file it scores", path, len(seen), whose, len(known_files),
+    logging.warning("%s scores %d of %s %d files: the other %d (%s) count as never "
+                    "retrieved", path, len(seen), whose, len(known_files),
                     len(unscored), ", ".join(unscored[:3]) + (", ..." if len(unscored) > 3
                                                               else ""))
   return relevance_lib.ranked_by_score(queries, names, values)
@@ -281,10 +283,9 @@ def main(argv):
     command.exit_with(error, 1)
   bounded = lower_bounds(FLAGS.predictions, result)
   print("  ".join((f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}")
-                  + (" (a lower bound: a top-10 list ranks no file beyond its tenth)"
-                     if k in bounded else "") for k, v in result.items()))
+                  + (f" ({BOUND_NOTE})" if k in bounded else "") for k, v in result.items()))
   if output:
-    files.write_json(output, result)
+    files.write_json(output, dict(result, lower_bounds=sorted(bounded)) if bounded else result)
 
 
 if __name__ == "__main__":

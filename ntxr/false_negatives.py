@@ -40,6 +40,9 @@ FLAGS = flags.FLAGS
 # sees the one caption a batch holds), or their maximum or mean similarity.
 COMBINED = ("caption", "max", "mean")
 TARGET_PRECISION = 0.8
+# Bands of caption similarity s the relevance map is compared with people in: s <= 0.1,
+# 0.1 < s <= 0.2, ..., s > 0.5 (the last is "above" the default --threshold).
+BANDS = (0.1, 0.2, 0.3, 0.4, 0.5)
 
 Array = jax.Array
 
@@ -203,6 +206,25 @@ def threshold_for_precision(score: np.ndarray, label: np.ndarray,
   return None
 
 
+def by_band(score: np.ndarray, rating: np.ndarray, slope: float, offset: float,
+            edges: tuple = BANDS) -> list:
+  """The relevance map against people in bands of similarity, score [P] and rating [P]
+  (0-100) split at `edges` (a band holds edges[i - 1] < s <= edges[i]; the first is
+  unbounded below, the last above): per band, its edges (None where unbounded), pairs,
+  the map's mean and people's mean rating / 100 (None where the band is empty)."""
+  score, rating = np.asarray(score, np.float64), np.asarray(rating, np.float64)
+  band = np.searchsorted(np.asarray(edges, np.float64), score, side="left")
+  bounds = [None, *edges, None]
+  found = []
+  for i in range(len(edges) + 1):
+    inside = band == i
+    mapped = np.asarray(relevance(score[inside], np.zeros(inside.sum(), bool), slope, offset))
+    found.append(dict(low=bounds[i], high=bounds[i + 1], pairs=int(inside.sum()),
+                      mapped=float(mapped.mean()) if inside.any() else None,
+                      rated=float(rating[inside].mean() / 100) if inside.any() else None))
+  return found
+
+
 def _similarity_rules(fit: relevance_lib.TauSplit, folder: str, tokens: str,
                       vocab_size: int, vectors: Optional[str]) -> dict:
   """{rule name: similarity_of(texts) -> [T, T]}: TF-IDF (idf and tokenizer from the fit
@@ -241,7 +263,8 @@ def judged_rules(folder: str, *, relevance_map: tuple, fit_split: str = "develop
   and share flagged on the report split; and, per split, how the soft objective's
   relevance map (`relevance` with (slope, offset) = `relevance_map`) compares with
   people's ratings / 100: its mean against theirs over the rated random clips (what
-  most in-batch negatives are) and over the candidates above `threshold`.
+  most in-batch negatives are), over the candidates above `threshold`, and over each in
+  bands of similarity (`by_band`).
   """
   splits = {name: relevance_lib.read_tau(folder, name) for name in (fit_split, report_split)}
   with tempfile.TemporaryDirectory() as scratch:
@@ -275,7 +298,9 @@ def judged_rules(folder: str, *, relevance_map: tuple, fit_split: str = "develop
                         rated=float(random_rating.mean() / 100)),
             above_threshold=dict(mapped=mapped(score[above]),
                                  rated=float(rating[above].mean() / 100))
-            if above.any() else None)
+            if above.any() else None,
+            bands=dict(candidates=by_band(score, rating, slope, offset),
+                       random=by_band(random_score, random_rating, slope, offset)))
         row[role]["at_fitted"] = None if fitted is None else dict(
             threshold=fitted, **at_threshold(score, matched, fitted))
       rows.append(row)
@@ -299,7 +324,25 @@ def format_rules(rows: list) -> str:
           f"{fixed['precision']:5.2f} {fixed['recall']:5.2f} {fixed['flagged']:6.3f}  {tail}  "
           f"{mapped['random']['mapped']:.3f} vs {mapped['random']['rated']:.3f}, "
           + (f"{above['mapped']:.3f} vs {above['rated']:.3f}" if above else "-"))
-  return "\n".join(lines)
+  return "\n".join(lines + _band_lines(rows))
+
+
+def _band_lines(rows: list) -> list:
+  """The relevance map against people by band of similarity (`by_band`), printed: a
+  title, a header and one line per rule, split and group of clips."""
+  name = lambda b: (f"s<={b['high']:g}" if b["low"] is None else f"s>{b['low']:g}"
+                    if b["high"] is None else f"{b['low']:g}-{b['high']:g}")
+  first = rows[0]["fit"]["relevance_map"]["bands"]["candidates"]
+  lines = ["", "relevance map / people's mean rating / 100, and pairs, by caption similarity s",
+           f"{'rule':<13}{'captions':<9}{'split':<12}{'clips':<10}"
+           + "".join(f"{name(b):>18}" for b in first)]
+  for row in rows:
+    for role in ("fit", "report"):
+      for clips, bands in row[role]["relevance_map"]["bands"].items():
+        lines.append(f"{row['rule']:<13}{row['combined']:<9}{row[role]['split']:<12}{clips:<10}"
+                     + "".join(f"{b['mapped']:.3f}/{b['rated']:.3f} {b['pairs']:5d}".rjust(18)
+                               if b["pairs"] else f"{'-':>18}" for b in bands))
+  return lines
 
 
 def define_flags() -> None:
@@ -309,10 +352,14 @@ def define_flags() -> None:
   flags.DEFINE_string("fit_split", "development", "the split thresholds and maps are fit on")
   flags.DEFINE_string("report_split", "evaluation", "the split they are reported on")
   config = default.get_config()
-  flags.DEFINE_float("threshold", config.relevance_offset / config.relevance_slope,
+  crossing = config.relevance_offset / config.relevance_slope
+  flags.DEFINE_float("threshold", crossing,
                      "a similarity above this flags a pair, as --config.filter_similarity "
-                     "drops it (default: where the soft objective's relevance map crosses "
-                     "1/2, the config's relevance_offset / relevance_slope)")
+                     f"drops it. That filter defaults to {config.filter_similarity:g}, off "
+                     "(no threshold on a caption's similarity finds people's matches "
+                     "precisely enough: docs/results.md), so this defaults to where the soft "
+                     "objective's relevance map crosses 1/2, the config's relevance_offset / "
+                     f"relevance_slope = {crossing:g}")
   flags.DEFINE_float("relevance_slope", config.relevance_slope,
                      "the soft objective's relevance map: slope")
   flags.DEFINE_float("relevance_offset", config.relevance_offset,

@@ -260,7 +260,29 @@ def test_the_command_measures_every_rule_against_the_ratings(tmp_path):
       assert (row["fit"]["pairs"], row["report"]["pairs"]) == (8 * 15, 12 * 15)
     for role in ("fit", "report"):
       assert 0 <= row[role]["roc_auc"] <= 1 and row[role]["at_threshold"]["threshold"] == 0.3
-  assert done.stdout.count("\n") == 1 + 2 * len(rows)
+    for role in ("fit", "report"):
+      bands = row[role]["relevance_map"]["bands"]
+      assert sum(b["pairs"] for b in bands["candidates"]) == row[role]["pairs"]
+      assert [(b["low"], b["high"]) for b in bands["random"]] == [
+          (None, 0.1), (0.1, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.5), (0.5, None)]
+  # The table, then a blank line, a title, a header and two lines a row and split.
+  assert done.stdout.count("\n") == 1 + 2 * len(rows) + 3 + 4 * len(rows)
+
+
+def test_the_relevance_map_by_band_against_hand_computed_means():
+  """Bands s <= 0.1, (0.1, 0.2], ..., s > 0.5: a similarity on an edge falls in the band
+  below it; sigmoid(10 s - 5) by hand."""
+  sigmoid = lambda x: 1 / (1 + np.exp(-x))
+  got = false_negatives.by_band(np.array([0.05, 0.1, 0.15, 0.5, 0.9]),
+                                np.array([10, 20, 50, 60, 100]), 10.0, 5.0)
+  assert [(b["low"], b["high"], b["pairs"]) for b in got] == [
+      (None, 0.1, 2), (0.1, 0.2, 1), (0.2, 0.3, 0), (0.3, 0.4, 0), (0.4, 0.5, 1), (0.5, None, 1)]
+  expected = [((sigmoid(-4.5) + sigmoid(-4.0)) / 2, 0.15), (sigmoid(-3.5), 0.5), (None, None),
+              (None, None), (0.5, 0.6), (sigmoid(4.0), 1.0)]
+  for band, (mapped, rated) in zip(got, expected):
+    assert (band["mapped"], band["rated"]) == (
+        (None, None) if mapped is None else (pytest.approx(mapped, rel=1e-6),
+                                             pytest.approx(rated)))
 
 
 def test_a_split_the_ratings_lack_is_named_with_those_they_hold(tmp_path):
@@ -290,9 +312,12 @@ def test_the_commands_default_threshold_is_where_the_configs_relevance_map_cross
     tmp_path):
   """Without --threshold the rules are measured at the similarity the config's soft
   relevance map takes to 1/2 (its relevance_offset / relevance_slope), and that map is the
-  one compared with people's ratings; a config with another offset moves the default."""
+  one compared with people's ratings; a config with another offset moves the default. The
+  caption filter the threshold stands for is off in the config (0), and the flag's help
+  says so, with both values."""
   config = default.get_config()
   threshold = config.relevance_offset / config.relevance_slope
+  assert (threshold, config.filter_similarity) == (0.5, 0.0)  # 5 / 10; 0 is off
   assert float(false_negatives.relevance(jnp.array([[threshold]]), jnp.array([[False]]),
                                          config.relevance_slope, config.relevance_offset)
                [0, 0]) == 0.5
@@ -318,7 +343,11 @@ default.get_config = get_config
 false_negatives.define_flags()
 flags.FLAGS(["false_negatives"])
 print(flags.FLAGS.threshold)
+print(flags.FLAGS["threshold"].help)
 """
   moved = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
-  assert float(moved.stdout) == 3.0 / config.relevance_slope
+  value, help_text = moved.stdout.split("\n", 1)
+  assert float(value) == 3.0 / config.relevance_slope
+  assert "--config.filter_similarity drops it. That filter defaults to 0, off" in help_text
+  assert help_text.rstrip().endswith("relevance_offset / relevance_slope = 0.3")

@@ -127,9 +127,10 @@ def test_the_2022_baseline_submission_scored_by_2025_relevance_matches_the_loop(
   relevant = {q: ast.literal_eval(names) for q, names in read_rows(RELEVANCE)}
   ranked = {row[0]: row[1:] for row in read_rows(BASELINE)}
   assert got.pop("queries") == 1037
+  # A top-10 list ranks nothing beyond its tenth file: its mAP@16 only bounds the value.
+  assert got.pop("lower_bounds") == ["mAP@16"]
   assert got == pytest.approx(loop_metrics(relevant, ranked), abs=1e-12)
   assert 0 < got["mAP@16"] < 0.2  # a weak 2022 baseline
-  # A top-10 list ranks nothing beyond its tenth file: its mAP@16 only bounds the value.
   assert (f"mAP@16 {got['mAP@16']:.4f} (a lower bound: a top-10 list ranks no file beyond "
           f"its tenth)  mAP@10 {got['mAP@10']:.4f}  R@1 ") in done.stdout
   assert done.stdout.count("lower bound") == 1 and done.stderr == ""
@@ -151,9 +152,10 @@ def test_a_2025_score_matrix_round_trips_and_scores_as_the_loop(tmp_path):
 
 
 def test_a_score_matrix_that_leaves_out_files_of_the_split_is_warned_about(tmp_path):
-  """Files a score matrix leaves out rank below every file it scores: the command says so
-  in one warning, and its scores are those of a ranking with them appended last. A matrix
-  of every file of the split gets no warning, and neither's mAP@16 is a lower bound."""
+  """Files a score matrix leaves out are never retrieved: the command says so in one
+  warning, and its scores are those of a ranking with them appended last, beyond every
+  cut-off (it scores 1,040 files). A matrix of every file of the split gets no warning,
+  and neither's mAP@16 is a lower bound."""
   relevant = relevance.read_dcase2025(RELEVANCE)
   _, names = dcase.read_ground_truth(GROUND_TRUTH)
   names, queries = sorted(names), list(relevant)
@@ -174,7 +176,24 @@ def test_a_score_matrix_that_leaves_out_files_of_the_split_is_warned_about(tmp_p
     assert got == pytest.approx(loop_metrics(relevant, ranked), abs=1e-12)
   assert warnings == ["", (
       f"WARNING: {path} scores {len(names) - 5} of the split's {len(names)} files: the other "
-      f"5 ({', '.join(names[:3])}, ...) rank below every file it scores\n")]
+      f"5 ({', '.join(names[:3])}, ...) count as never retrieved\n")]
+
+
+def test_a_matrix_that_leaves_out_a_judged_file_is_warned_about_and_scored_by_hand(tmp_path):
+  """Without --ground_truth the files are the relevance file's. z.wav, unscored, is never
+  retrieved, though a third rank would be within every cut-off: "a dog barks" has x.wav
+  second, AP (1/2) / 2 = 1/4; "rain" has y.wav first, AP 1; mAP@16 5/8."""
+  (tmp_path / "m.csv").write_text("query,audio_filenames\n\"a dog barks\",\"['x.wav', 'z.wav']\"\n"
+                                  "\"rain\",\"['y.wav']\"\n")
+  (tmp_path / "s.csv").write_text("query,x.wav,y.wav\na dog barks,1,2\nrain,1,2\n")
+  done = run_dcase(f"--relevance={tmp_path}/m.csv", f"--predictions={tmp_path}/s.csv",
+                   f"--output_json={tmp_path}/got.json")
+  assert done.returncode == 0, done.stderr
+  assert done.stderr == (f"WARNING: {tmp_path}/s.csv scores 2 of the relevance file's 3 "
+                         "files: the other 1 (z.wav) count as never retrieved\n")
+  got = json.loads((tmp_path / "got.json").read_text())
+  assert (got["queries"], got["mAP@16"], got["R@1"], got["HR@1"]) == (
+      2, 5 / 8, 0.5, 0.5)
 
 
 @pytest.mark.parametrize("rows, message", [
@@ -244,6 +263,28 @@ def test_graded_scoring_of_a_score_matrix_matches_the_loop(tmp_path):
   assert got["queries"] == 12
   for k in (10, 16):
     assert got[f"nDCG@{k}"] == pytest.approx(loop_ndcg(tau.ratings, ranked, k), abs=1e-12)
+
+
+def test_a_top_10_lists_ndcg_at_16_is_a_lower_bound(tmp_path):
+  """Each rated query's ten best-rated clips, best first: nDCG@10 is 1 (the ideal order),
+  and nDCG@16, short of the six clips beyond the tenth, is printed and listed in the
+  JSON as a lower bound."""
+  tau = relevance.read_tau(TAU, "evaluation")
+  path = tmp_path / "top10.csv"
+  with open(path, "w", newline="", encoding="utf-8") as f:
+    writer = csv.writer(f)
+    writer.writerow(dcase.COLUMNS)
+    for query, rated in tau.ratings.items():
+      writer.writerow([query, *sorted(rated, key=lambda name: -rated[name])[:10]])
+  done = run_dcase(f"--graded_relevance={TAU}", "--split=evaluation", f"--predictions={path}",
+                   f"--output_json={tmp_path}/g.json")
+  assert done.returncode == 0, done.stderr
+  got = json.loads((tmp_path / "g.json").read_text())
+  assert (got["queries"], got["nDCG@10"], got["lower_bounds"]) == (
+      12, pytest.approx(1.0), ["nDCG@16"])
+  assert got["nDCG@16"] < 1
+  assert (f"nDCG@16 {got['nDCG@16']:.4f} (a lower bound: a top-10 list ranks no file beyond "
+          "its tenth)") in done.stdout and done.stdout.count("lower bound") == 1
 
 
 def test_a_bad_rating_is_named_by_file_and_line(tmp_path):
