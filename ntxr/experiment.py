@@ -42,8 +42,8 @@ def pretrained_encoder(name: str, path: str):
 def pretrained_encoders(model: settings.Model) -> dict:
   """{"audio" and/or "text": Loaded} of the model's pretrained encoders (none for the
   paper's CRNN and word table), their modules as a run trains them: in the compute dtype,
-  rematerialised if asked, CNN14 at the run's matmul precision (its file's module
-  computes at the highest), PaSST with the run's patchout, the text encoder with the
+  rematerialised if asked, CNN14's products after its front end at the run's matmul
+  precision (its file's module takes the highest), PaSST with the run's patchout, the text encoder with the
   run's dropout if it sets one (else its config.json's)."""
   dtype = models.compute_dtype(model.compute_dtype)
   text = ({} if model.text_dropout < 0 else
