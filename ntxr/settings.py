@@ -59,7 +59,6 @@ PRETRAINED_SAMPLE_RATE, PRETRAINED_HOP = 32000, 320
 PASST_FRAMES = 1000  # 10 s: the released PaSST files' time embedding holds no more
 PASST_PATCH = 16  # PaSST's patches are 16 mel frames wide
 FROZEN = ("", "audio", "text", "both")  # which pretrained encoders run as published
-SENTENCE_POOLINGS = ("cls", "mean")  # encoders.bert.POOLINGS
 LR_SCHEDULES = ("plateau", "warmup_cosine")  # see Optimiser
 VOCABULARIES = ("training", "all")  # which splits' captions a tokenizer learns from
 MISSING_WORD_VECTORS = ("random", "one_unk")
@@ -402,7 +401,8 @@ def _check_fine_tuning(config: ml_collections.ConfigDict) -> None:
   """Raises SettingError for a fine-tuning field given without the encoder it is for."""
   pretrained = [side for side, paper in (("audio", "crnn"), ("text", "word_vectors"))
                 if config[f"{side}_encoder"] != paper]
-  for side in frozen_sides(config.frozen):
+  frozen = frozen_sides(config.frozen)
+  for side in frozen:
     if side not in pretrained:
       raise SettingError(f"--config.frozen={config.frozen}: the {side} encoder is the "
                          f"paper's, trained from scratch; freeze a pretrained one "
@@ -414,7 +414,6 @@ def _check_fine_tuning(config: ml_collections.ConfigDict) -> None:
                                    or config.sentence_pooling != "cls"):
     raise SettingError("--config.text_dropout and --config.sentence_pooling are for a "
                        "pretrained text encoder (--config.text_encoder=bert|roberta)")
-  frozen = frozen_sides(config.frozen)
   for given, reason in (
       (config.sentence_pooling != "cls" and config.score != "pooled",
        "--config.sentence_pooling is the pooled score's: give it with --config.score=pooled"),
@@ -458,6 +457,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   files and folders it names are left to `Settings.of`, where the run starts."""
   # pylint: disable=import-outside-toplevel  (scores and models load JAX)
   from ntxr import models, scores
+  from ntxr.encoders import bert
   for field, choices in [
       ("objective", specs.OBJECTIVES), ("strategy", specs.STRATEGIES),
       ("score", scores.SCORERS), ("size", layouts.SYNTHETIC_SIZES), ("tokens", TOKENS),
@@ -467,7 +467,7 @@ def check_values(config: ml_collections.ConfigDict) -> None:
       ("select_by", SELECTIONS), ("similarity", ("", *SIMILARITIES)),
       ("pool_remainder", models.POOL_REMAINDERS), ("word_variants", WORD_VARIANTS),
       ("validation_draws", VALIDATION_DRAWS), ("matmul_precision", MATMUL_PRECISIONS),
-      ("conv_precision", ("", *MATMUL_PRECISIONS)), ("sentence_pooling", SENTENCE_POOLINGS),
+      ("conv_precision", ("", *MATMUL_PRECISIONS)), ("sentence_pooling", bert.POOLINGS),
       ("audio_encoder", AUDIO_ENCODERS), ("text_encoder", TEXT_ENCODERS),
       ("frozen", FROZEN), ("lr_schedule", LR_SCHEDULES)]:
     _choose(field, config[field], choices)
