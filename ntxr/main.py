@@ -24,6 +24,7 @@ if __name__ == "__main__":  # first: a Ctrl-C while the imports below load costs
 # pylint: disable=wrong-import-position
 from absl import app
 from absl import flags
+from absl import logging
 
 from ntxr import cli, command, specs
 # pylint: enable=wrong-import-position
@@ -78,9 +79,11 @@ def main(argv):
   try:  # the settings, before TensorFlow loads and anything is written
     if FLAGS.check_settings:
       settings.check_values(config)
+      warn_unused(config)
       return
     workdir = FLAGS.workdir or os.path.join("workdir", settings.run_name(config))
     settings.check(workdir, config)
+    warn_unused(config)
     if FLAGS.eval_only:
       workdir_lib.check_trained(workdir)
   except settings.SettingError as error:
@@ -105,6 +108,16 @@ def main(argv):
           + "; ".join(results["skipped"]["entries"]))
   print(evaluate.format_table(results))
   print(f"results: {os.path.join(workdir, 'results.json')}")
+
+
+def warn_unused(config) -> None:
+  """Logs the config's fields that its pretrained encoders do not read, if any."""
+  from ntxr import settings  # pylint: disable=import-outside-toplevel
+  unused = settings.unused_fields(config)
+  if unused:
+    logging.warning("%s: not read with --config.audio_encoder=%s, --config.text_encoder=%s "
+                    "(a pretrained encoder has its own front end or tokenizer)",
+                    ", ".join(unused), config.audio_encoder, config.text_encoder)
 
 
 def run_or_exit(run, *args):

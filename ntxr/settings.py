@@ -342,7 +342,8 @@ class Settings:
                     initializer=c.initializer, compute_dtype=c.compute_dtype,
                     pool_remainder=c.pool_remainder, remat=c.remat,
                     patchout=tuple(c.patchout), frozen=c.frozen,
-                    batch_norm_pass=c.batch_norm_pass, conv_precision=c.conv_precision,
+                    batch_norm_pass=c.batch_norm_pass and c.audio_encoder == "crnn",
+                    conv_precision=c.conv_precision if c.audio_encoder == "crnn" else "",
                     sentence_pooling=c.sentence_pooling, text_dropout=c.text_dropout),
         loss=Loss(objective=c.objective, strategy=c.strategy, margin=c.margin, score=c.score,
                   padding=c.train_padding, temperature=c.temperature, beta=c.beta,
@@ -434,10 +435,6 @@ def _check_fine_tuning(config: ml_collections.ConfigDict) -> None:
     raise SettingError("--config.remat and --config.encoder_lr_factor are for pretrained "
                        "encoders (--config.audio_encoder=cnn14|passt, "
                        "--config.text_encoder=bert|roberta)")
-  if config.audio_encoder != "crnn" and (config.batch_norm_pass or config.conv_precision):
-    raise SettingError("--config.batch_norm_pass and --config.conv_precision are the "
-                       "CRNN's: the pretrained audio encoders keep their files' statistics "
-                       "and compute at --config.matmul_precision")
   patchout = tuple(config.patchout)
   if len(patchout) != 2 or any(not isinstance(n, int) or n < 0 for n in patchout):
     raise SettingError(f"--config.patchout must be two counts (time, frequency) of at "
@@ -450,6 +447,30 @@ def _check_fine_tuning(config: ml_collections.ConfigDict) -> None:
     raise SettingError(f"--config.warmup_cosine.min_lr ({config.warmup_cosine.min_lr:g}) "
                        f"must be at most --config.learning_rate ({config.learning_rate:g}), "
                        f"the schedule's peak")
+
+
+# The fields only the paper's encoders read: the CRNN and its log-mel, the word table's
+# tokens. A pretrained encoder reads its own (waveforms at 32 kHz, its file's statistics
+# and tokenizer), so with one these fields are off in the typed settings.
+CRNN_FIELDS = ("sample_rate", "n_fft", "f_min", "f_max", "log_offset", "channels",
+               "dropout", "initializer", "pool_remainder", "batch_norm_pass",
+               "conv_precision")
+WORD_TABLE_FIELDS = ("tokens", "vocab_size", "vocabulary", "missing_word_vectors",
+                     "word_variants")
+
+
+def unused_fields(config: ml_collections.ConfigDict) -> list:
+  """The fields of `config` set away from the default config's that its encoders do not
+  read (a pretrained audio encoder ignores CRNN_FIELDS, a pretrained text encoder
+  WORD_TABLE_FIELDS), as "name=value"."""
+  from ntxr.configs import default  # pylint: disable=import-outside-toplevel
+  defaults = default.get_config()
+  unread = ((CRNN_FIELDS if config.audio_encoder != "crnn" else ())
+            + (WORD_TABLE_FIELDS if config.text_encoder != "word_vectors" else ()))
+  def value(config, field):
+    return tuple(config[field]) if isinstance(config[field], (list, tuple)) else config[field]
+  return [f"{field}={value(config, field)}" for field in unread
+          if value(config, field) != value(defaults, field)]
 
 
 def check_values(config: ml_collections.ConfigDict) -> None:

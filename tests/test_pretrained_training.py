@@ -5,6 +5,8 @@ fine-tuned, and settings that cannot run are refused before anything is written.
 
 import importlib
 import os
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -159,8 +161,6 @@ def test_roberta_reads_its_own_checkpoints_token_ids_padding_included(tiny_confi
     (dict(text_encoder="bert", text_weights="/no/bert", text_dropout=-0.5),
      r"--config\.text_dropout must be at least 0 and below 1, or -1"),
     (dict(sentence_pooling="max"), r"--config\.sentence_pooling must be one of"),
-    (dict(audio_encoder="cnn14", audio_weights="x.pth", batch_norm_pass=True),
-     r"--config\.batch_norm_pass and --config\.conv_precision are the CRNN's"),
     (dict(text_encoder="bert", text_weights="/no/bert", sentence_pooling="mean"),
      r"--config\.sentence_pooling is the pooled score's: give it with --config\.score=pooled"),
     (dict(text_encoder="bert", text_weights="/no/bert", frozen="text", text_dropout=0.2),
@@ -214,6 +214,39 @@ def test_a_patchout_beyond_the_files_patches_is_refused(tiny_config, files, tmp_
       audio_weights=pretrained_files.passt_file(str(tmp_path / "passt.pt")))
   with pytest.raises(settings.SettingError, match=rf"--config\.patchout=.*{message}"):
     experiment_of(config)
+
+
+def test_the_fields_a_pretrained_encoder_does_not_read_are_named_when_set(files):
+  """The paper's config with pretrained encoders: its log-mel, CRNN and word-table fields
+  have no effect, and the command says which (the default config's values pass quietly)."""
+  def check(*flags):
+    return subprocess.run(
+        [sys.executable, "-m", "ntxr.main", "--check_settings", *flags, "--config.max_tokens=24",
+         "--config.audio_encoder=cnn14", f"--config.audio_weights={files['cnn14']}",
+         "--config.text_encoder=bert", f"--config.text_weights={files['bert']}"],
+        capture_output=True, text=True, check=False)
+  quiet = check()
+  assert (quiet.returncode, quiet.stderr) == (0, "")
+  paper = check("--config=ntxr/configs/paper.py")
+  assert paper.returncode == 0, paper.stderr
+  line = paper.stderr.strip().splitlines()[-1]
+  assert ("sample_rate=44100, n_fft=2048, f_min=12.0, f_max=8000.0, log_offset=2.22" in line
+          and "channels=(32, 128, 128, 128, 128), initializer=pytorch, pool_remainder=drop, "
+              "batch_norm_pass=True, "
+              "tokens=words, vocabulary=all, missing_word_vectors=one_unk, "
+              "word_variants=authors: not read with --config.audio_encoder=cnn14, "
+              "--config.text_encoder=bert" in line), line
+  from ntxr.configs import paper  # pylint: disable=import-outside-toplevel
+  config = paper.get_config()
+  config.update(audio_encoder="cnn14", audio_weights=files["cnn14"], text_encoder="bert",
+                text_weights=files["bert"], max_tokens=24, conv_precision="high")
+  model = settings.Settings.of(config).model  # CNN14's file's statistics, its precision
+  assert (model.batch_norm_pass, model.conv_precision) == (False, "")
+  config = default.get_config()
+  config.update(audio_encoder="passt", channels=(1, 2, 3, 4, 5), batch_norm_pass=True)
+  assert settings.unused_fields(config) == ["channels=(1, 2, 3, 4, 5)", "batch_norm_pass=True"]
+  config.audio_encoder = "crnn"
+  assert settings.unused_fields(config) == []
 
 
 def test_a_pretrained_text_encoder_refuses_word_vectors(files):
