@@ -1,5 +1,5 @@
 """What a workdir survives: kills at any moment (of a run, and of runs trained
-together), SIGTERM, a second run, torn metrics, unreadable checkpoints, a full disk."""
+together), a kill between two epochs' step checkpoints, SIGTERM, a second run, torn metrics, unreadable checkpoints, a full disk."""
 
 import glob
 import json
@@ -112,6 +112,41 @@ def test_a_together_sweep_killed_at_random_moments_ends_as_if_never_killed(
   for run in runs:
     assert read(run.workdir)[0]["frozen"] is None
     assert_same_run(run.workdir, unstopped[run.seed])
+
+
+def test_a_run_killed_mid_epoch_resumes_from_its_step_checkpoint_as_if_never_killed(
+    tiny_config, tiny_flags, tiny_run, tmp_path, monkeypatch):
+  """SIGKILL (no handler runs: nothing is saved at the kill) just after the periodic
+  checkpoint of step 4, in the first epoch's 15 steps: the rerun resumes there, steps
+  only the epoch's other 11 batches, and ends with the unkilled run's parameters and
+  results (checkpoint_every_steps changes nothing a run computes)."""
+  work = tmp_path / "run"
+  run = subprocess.Popen([sys.executable, "-m", "ntxr.main", f"--workdir={work}",
+                          *tiny_flags(checkpoint_every_steps=4)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  while not (work / "checkpoints" / "latest" / "4").exists():
+    assert run.poll() is None, "the run ended before its checkpoint of step 4"
+    time.sleep(0.002)
+  run.kill()
+  run.wait()
+  assert metrics_lines(work) == 0  # killed in the first epoch
+  with checkpoints_lib.Checkpoints(str(work)) as checkpoints:
+    saved, step = checkpoints.progress("latest"), checkpoints.step("latest")
+  assert step in (4, 8, 12) and (saved["epoch"], saved["step_in_epoch"]) == (0, step)
+  stepped = []
+  train_step = experiment_lib.Experiment.train_step
+  def counted(self, state, batch, key):
+    stepped.append(1)
+    return train_step(self, state, batch, key)
+  monkeypatch.setattr(experiment_lib.Experiment, "train_step", counted)
+  resumed = train.train_and_evaluate(tiny_config(checkpoint_every_steps=4), str(work))
+  assert len(stepped) == 30 - step  # the first epoch's rest, then the second
+  (step_a, a), (step_b, b) = params_of(str(tiny_run)), params_of(str(work))
+  assert step_a == step_b == 30
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a, b)
+  straight = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
+  del straight["seconds"], resumed["seconds"]
+  assert flat(resumed) == flat(straight)
 
 
 def stop_at_step_12(config, workdir, monkeypatch):
