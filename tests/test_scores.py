@@ -1,6 +1,10 @@
 """Score matrices against a naive loop, hand-computed numbers and each other."""
 
+import functools
+import math
+
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -201,6 +205,51 @@ def test_audio_audio_memory_is_bounded_at_paper_scale():
   temp = compiled.memory_analysis().temp_size_in_bytes
   assert temp < 4 * tile_bytes + 2 * 256 * 1500 * 300 * 4, temp
   assert temp < all_products_bytes / 1000
+
+
+def largest_product(fn, *args) -> int:
+  """The most elements one matrix product (dot_general) of fn(*args) outputs, in its
+  traced program and every loop body in it."""
+  most = 0
+  def walk(jaxpr):
+    nonlocal most
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        most = max(most, math.prod(eqn.outvars[0].aval.shape))
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (list, tuple)) else [param]:
+          if isinstance(sub, (jax_core.ClosedJaxpr, jax_core.Jaxpr)):
+            walk(getattr(sub, "jaxpr", sub))
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return most
+
+
+@pytest.mark.parametrize("tile_elements", [1, 500, 2000, 10_000, 10**7])
+@pytest.mark.parametrize("tiling", ["rows", "blocks"])
+def test_no_product_block_exceeds_the_tile(tile_elements, tiling):
+  """Frame-word and frame-frame products come in blocks of at most `tile_elements` that
+  fill it near enough (one clip's frames against one caption's words, or another clip's
+  frames, at the least), forward and backward; a tile that holds them all takes them in
+  one block. (The compiled
+  program's memory on a CPU hardly shows this: XLA fuses each block into its max.)"""
+  n, t, w, e = 12, 40, 9, 8
+  audio, text = jnp.ones((n, t, e)), jnp.ones((n, w, e))
+  audio_mask, text_mask = jnp.ones((n, t), bool), jnp.ones((n, w), bool)
+  cross = functools.partial(scores.alignment_scores, tile_elements=tile_elements,
+                            tiling=tiling)
+  def gradient(audio, text):
+    return jax.grad(lambda a, x: cross(a, x, audio_mask, text_mask).sum(), (0, 1))(audio, text)
+  within = functools.partial(scores.symmetric_alignment_scores, tile_elements=tile_elements)
+  for largest, least, every in (
+      (largest_product(cross, audio, text, audio_mask, text_mask), t * w, n * t * n * w),
+      (largest_product(gradient, audio, text), t * w, n * t * n * w),
+      (largest_product(within, audio, audio_mask), t * t, n * t * n * t)):
+    if tile_elements < least:  # one clip against one caption or clip
+      assert largest == least
+    elif tile_elements < every:  # blocks that fill the tile, near enough
+      assert tile_elements / 8 < largest <= tile_elements
+    else:
+      assert largest == every
 
 
 @pytest.mark.parametrize("paired, matrix", [
