@@ -41,12 +41,28 @@ class Negatives(NamedTuple):
 
 
 def _one_each(audio_neg: Array, text_neg: Array) -> Negatives:
-  """Negatives from one index per anchor and direction ([N], -1 where the pool is empty)."""
+  """Negatives from one index per anchor and direction ([n], -1 where the pool is empty)."""
   return Negatives(audio_neg[:, None], text_neg[:, None], (audio_neg >= 0)[:, None])
 
 
-# (selection matrix [N, N] or None, pool [N, N] bool, key or None) -> Negatives.
-Selector = Callable[[Optional[Array], Array, Optional[Array]], Negatives]
+class Rows(NamedTuple):
+  """The anchors' rows of the matrix a strategy reads, over the G candidates.
+
+  by_audio [n, G]: audio anchor a's scores of the captions (s_cross[a, :]); by_text [n, G]:
+  caption anchor t's of the clips (s_cross[:, t]); positive [n]: s_cross[i, i] (None for
+  a within-modality matrix, whose one row serves both directions); anchors [n] int32:
+  the anchors' indices among the G. On one batch n = G and the rows are the whole matrix
+  and its transpose; over a sharded batch (`ntxr.ring`) a device holds its anchors' rows.
+  """
+  by_audio: Optional[Array]
+  by_text: Optional[Array]
+  positive: Optional[Array]
+  anchors: Array
+
+
+# (Rows, pool [n, G] bool, key or None) -> Negatives: caption anchors' clips (audio) and
+# audio anchors' captions (text), as indices among the G.
+Selector = Callable[[Rows, Array, Optional[Array]], Negatives]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +97,9 @@ def _selects(spec: specs.Strategy):
 
 def register(name: str, needs: Optional[str], needs_key: bool = False):
   """Decorator adding a new strategy under `name` (specified in `ntxr.specs` as it
-  registers), its selector reading the score matrix `needs` ("cross", "audio", "text" or
-  None) and, with needs_key, a PRNG key; a taken name is refused."""
+  registers), its selector (rows, pool, key) -> Negatives reading the rows of the score
+  matrix `needs` ("cross", "audio", "text" or None) and, with needs_key, a PRNG key; a
+  taken name is refused."""
   spec = specs.Strategy(name, needs, needs_key=needs_key)
   def decorate(select: Selector) -> Selector:
     specs.add(spec)
@@ -98,7 +115,7 @@ def _specified(name: str):
 
 
 def masked_argmax(values: Array, pool: Array) -> Array:
-  """Row-wise argmax over the pool: [N, N], [N, N] bool -> [N] int32, -1 if pool empty.
+  """Row-wise argmax over the pool: [n, G], [n, G] bool -> [n] int32, -1 if pool empty.
 
   Ties go to the lowest index.
   """
@@ -109,36 +126,39 @@ def masked_argmax(values: Array, pool: Array) -> Array:
 @_specified("full_batch")
 def _full_batch(_, pool, __):
   """Every member of the pool; the anchor's hinge is averaged over them."""
-  every = jnp.broadcast_to(jnp.arange(pool.shape[0], dtype=jnp.int32), pool.shape)
+  every = jnp.broadcast_to(jnp.arange(pool.shape[1], dtype=jnp.int32), pool.shape)
   return Negatives(every, every, pool)
 
 
 @_specified("random")
-def _random(_, pool, key):
-  """Uniform over the pool, audio and text drawn independently."""
+def _random(rows, pool, key):
+  """Uniform over the pool, audio and text drawn independently: anchor i's draws are row
+  i of a [G, G] uniform matrix, whichever device holds it."""
   audio_key, text_key = jax.random.split(key)
-  return _one_each(masked_argmax(jax.random.uniform(audio_key, pool.shape), pool),
-                   masked_argmax(jax.random.uniform(text_key, pool.shape), pool))
+  count = pool.shape[1]
+  draws = lambda key: jax.random.uniform(key, (count, count))[rows.anchors]
+  return _one_each(masked_argmax(draws(audio_key), pool),
+                   masked_argmax(draws(text_key), pool))
 
 
 @_specified("semihard_cross")
-def _semihard_cross(s_cross, pool, _):
+def _semihard_cross(rows, pool, _):
   """Negative whose cross score is closest to the positive's, either side."""
-  positive = jnp.diagonal(s_cross)[:, None]
-  return _one_each(masked_argmax(-jnp.abs(s_cross.T - positive), pool),
-                   masked_argmax(-jnp.abs(s_cross - positive), pool))
+  positive = rows.positive[:, None]
+  return _one_each(masked_argmax(-jnp.abs(rows.by_text - positive), pool),
+                   masked_argmax(-jnp.abs(rows.by_audio - positive), pool))
 
 
 @_specified("hard_cross")
-def _hard_cross(s_cross, pool, _):
+def _hard_cross(rows, pool, _):
   """Negative with the highest cross score."""
-  return _one_each(masked_argmax(s_cross.T, pool), masked_argmax(s_cross, pool))
+  return _one_each(masked_argmax(rows.by_text, pool), masked_argmax(rows.by_audio, pool))
 
 
 def _same_for_both(sign: float) -> Selector:
   """Selector taking one j per anchor from a within-modality matrix, used both ways."""
-  def select(s_within, pool, _):
-    index = masked_argmax(sign * s_within, pool)
+  def select(rows, pool, _):
+    index = masked_argmax(sign * rows.by_audio, pool)
     return _one_each(index, index)
   return select
 
@@ -219,8 +239,19 @@ def select_negatives(s_cross: Optional[Array], audio_ids: Array, *, strategy: st
     pool = negative_pool(audio_ids)
   elif pool.shape != (n, n) or pool.dtype != jnp.bool_:
     raise ValueError(f"pool must be bool {(n, n)}, got {pool.dtype} {pool.shape}")
-  within = matrices.get(spec.needs)
-  return spec.select(None if within is None else jax.lax.stop_gradient(within), pool, key)
+  return spec.select(whole_rows(matrices.get(spec.needs), spec.needs == "cross", n), pool, key)
+
+
+def whole_rows(matrix: Optional[Array], cross: bool, n: int) -> Rows:
+  """The Rows of a whole [n, n] matrix (None: none), without gradient; `cross`: it is
+  s_cross (else a symmetric within-modality matrix)."""
+  anchors = jnp.arange(n, dtype=jnp.int32)
+  if matrix is None:
+    return Rows(None, None, None, anchors)
+  matrix = jax.lax.stop_gradient(matrix)
+  if not cross:
+    return Rows(matrix, matrix, None, anchors)
+  return Rows(matrix, matrix.T, jnp.diagonal(matrix), anchors)
 
 
 def masked_mean(x: Array, mask: Array, axis=None) -> Array:

@@ -337,8 +337,8 @@ def test_a_strategy_registered_at_run_time_trains_from_python(batch, monkeypatch
   monkeypatch.setattr(sampling, "STRATEGIES", dict(sampling.STRATEGIES))
 
   @sampling.register("least_cross", needs="cross")
-  def least_cross(s_cross, pool, key):  # pylint: disable=unused-variable,unused-argument
-    audio, text = (sampling.masked_argmax(-s, pool) for s in (s_cross.T, s_cross))
+  def least_cross(rows, pool, key):  # pylint: disable=unused-variable,unused-argument
+    audio, text = (sampling.masked_argmax(-s, pool) for s in (rows.by_text, rows.by_audio))
     return sampling.Negatives(audio[:, None], text[:, None], (audio >= 0)[:, None])
   assert specs.STRATEGIES["least_cross"].needs == "cross"
   masks = dict(audio_mask=batch["audio_mask"], text_mask=batch["text_mask"])
