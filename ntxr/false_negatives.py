@@ -91,15 +91,23 @@ def filter_pool(pool: Array, s_cross: Array, similarity: Optional[Array], *,
   to i's than max_similarity, or whose cross score with i (either direction) is above
   max_share_of_positive times i's positive score (NV-Retriever's TopK-PercPos). A
   bound of 0 is off."""
-  s = jax.lax.stop_gradient(s_cross)
+  rows = sampling.whole_rows(s_cross, True, pool.shape[0]) if max_share_of_positive > 0 else None
+  return filter_rows(pool, rows, similarity, max_similarity=max_similarity,
+                     max_share_of_positive=max_share_of_positive)
+
+
+def filter_rows(pool: Array, rows: Optional[sampling.Rows], similarity: Optional[Array], *,
+                max_similarity: float, max_share_of_positive: float) -> Array:
+  """`filter_pool` on the anchors' rows: pool [n, G] bool, rows the cross scores' (None
+  where max_share_of_positive is 0), similarity [n, G] the anchors' captions' rows."""
   drop = jnp.zeros_like(pool)
   if max_similarity > 0:
     if similarity is None:
       raise ValueError("filtering by caption similarity needs a similarity source")
     drop = drop | (similarity > max_similarity)
   if max_share_of_positive > 0:
-    bound = max_share_of_positive * jnp.diagonal(s)[:, None]
-    drop = drop | (s.T > bound) | (s > bound)
+    bound = max_share_of_positive * rows.positive[:, None]
+    drop = drop | (rows.by_text > bound) | (rows.by_audio > bound)
   return pool & ~drop
 
 
@@ -121,7 +129,8 @@ def chance_share(kinds) -> float:
   return sum(c * (c - 1) for c in counts.values()) / max(n * (n - 1), 1)
 
 
-def measured_shares(weights: Array, pool: Array, kept: Array, false: Array) -> dict:
+def measured_shares(weights: Array, pool: Array, kept: Array, false: Array,
+                    mean=sampling.masked_mean) -> dict:
   """Scalars measured against ground truth.
 
   Args:
@@ -129,6 +138,8 @@ def measured_shares(weights: Array, pool: Array, kept: Array, false: Array) -> d
       audio anchors over captions), rows summing to 1 (0 for an anchor without any).
     pool: [N, N] bool every other clip; kept: [N, N] bool what the filter left of it.
     false: [N, N] bool, candidate j is a false negative for anchor i.
+    mean: (values, mask) -> the mean where mask holds (over a sharded batch's anchor
+      rows, every device's).
 
   Returns:
     false_negative_share: the mean (over anchors with negatives) weight on false
@@ -138,9 +149,9 @@ def measured_shares(weights: Array, pool: Array, kept: Array, false: Array) -> d
   has = weights.sum(axis=-1) > 0
   per_anchor = jnp.sum(weights * false[None], axis=-1)
   removed = pool & ~kept
-  return dict(false_negative_share=sampling.masked_mean(per_anchor, has),
-              filtered_share=sampling.masked_mean(removed.astype(jnp.float32), pool),
-              filtered_false_share=sampling.masked_mean(false.astype(jnp.float32), removed))
+  return dict(false_negative_share=mean(per_anchor, has),
+              filtered_share=mean(removed.astype(jnp.float32), pool),
+              filtered_false_share=mean(false.astype(jnp.float32), removed))
 
 
 def rated_candidates(tau: relevance_lib.TauSplit, similarity_of: Callable,

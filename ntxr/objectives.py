@@ -137,15 +137,13 @@ def _triplet(embedded: Embedded, setting, *, pool, key, **_) -> tuple:
 _add(Objective(_spec_of("triplet"), _triplet))
 
 
-def _cross_entropy(z: Array, targets: Array, log_weights: Array, candidates: Array,
-                   anchors: Array) -> Array:
-  """Mean over anchor rows of -sum_j targets_ij log(w_ij e^z_ij / sum_k w_ik e^z_ik),
-  the softmax over candidates [N, N] bool; targets rows sum to 1 (rows: anchors)."""
+def _cross_entropy(z: Array, targets: Array, log_weights: Array, candidates: Array) -> Array:
+  """Per anchor row [n]: -sum_j targets_ij log(w_ij e^z_ij / sum_k w_ik e^z_ik), the
+  softmax over candidates [n, G] bool; targets rows sum to 1."""
   some = candidates.any(axis=1, keepdims=True)  # rows without any stay finite
   logits = jnp.where(candidates, z + log_weights, jnp.where(some, -jnp.inf, 0.0))
   log_softmax = z - jax.nn.logsumexp(logits, axis=1, keepdims=True)
-  per_anchor = -jnp.sum(jnp.where(targets > 0, targets * log_softmax, 0), axis=1)
-  return sampling.masked_mean(per_anchor, anchors)
+  return -jnp.sum(jnp.where(targets > 0, targets * log_softmax, 0), axis=1)
 
 
 def _normalised(relevance: Array, candidates: Array) -> Array:
@@ -163,18 +161,38 @@ def hard_negative_log_weights(z: Array, pool: Array, beta: float) -> Array:
   return jnp.where(pool, log_share + jnp.log(count), 0.0)
 
 
-def _softmax_objective(z: Array, targets: Array, positives: Array, pools: Pools,
-                       valid: Array, log_weights=lambda z, pool: jnp.zeros_like(z)) -> Array:
-  """(audio anchors' rows + caption anchors' columns) / 2 of the cross-entropy between
-  targets [N, N] (normalised over each anchor's candidates) and the softmax of z with
-  log_weights(z, pool) added inside it; an anchor's candidates are its positives and
-  its pool, and anchors are the valid rows with a pool."""
-  def direction(z, targets, positives, pool):
-    candidates = positives | pool
-    return _cross_entropy(z, _normalised(targets, candidates), log_weights(z, pool),
-                          candidates, valid & pool.any(axis=1))
-  return (direction(z, targets, positives, pools.audio)
-          + direction(z.T, targets.T, positives.T, pools.text)) / 2
+class AnchorRows(NamedTuple):
+  """One direction's anchors over their G candidates: z [n, G] scaled scores, targets
+  [n, G] >= 0, positives [n, G] bool, pool [n, G] bool, valid [n] bool (padding False).
+  A whole batch gives the audio anchors' rows of s and the caption anchors' rows of s.T
+  (`_directions`); a device of a sharded batch its own anchors' rows (`ntxr.ring`)."""
+  z: Array
+  targets: Array
+  positives: Array
+  pool: Array
+  valid: Array
+
+
+def softmax_rows(audio: AnchorRows, text: AnchorRows, *, log_weights=None,
+                 mean=sampling.masked_mean) -> Array:
+  """(audio anchors' + caption anchors') / 2 of the mean cross-entropy between the targets
+  (normalised over each anchor's candidates) and the softmax of z with log_weights(z,
+  pool) added inside it; an anchor's candidates are its positives and its pool, and
+  anchors are the valid rows with a pool. mean(values [n], mask [n]): the anchors' mean
+  (over a sharded batch, every device's)."""
+  def direction(rows):
+    candidates = rows.positives | rows.pool
+    weights = jnp.zeros_like(rows.z) if log_weights is None else log_weights(rows.z, rows.pool)
+    return mean(_cross_entropy(rows.z, _normalised(rows.targets, candidates), weights,
+                               candidates), rows.valid & rows.pool.any(axis=1))
+  return (direction(audio) + direction(text)) / 2
+
+
+def _directions(z: Array, targets: Array, positives: Array, pools: Pools,
+                valid: Array) -> tuple:
+  """The whole batch's (audio anchors', caption anchors') AnchorRows."""
+  return (AnchorRows(z, targets, positives, pools.audio, valid),
+          AnchorRows(z.T, targets.T, positives.T, pools.text, valid))
 
 
 def _prepared(s_cross: Array, audio_ids: Array, temperature, pools: Optional[Pools],
@@ -222,7 +240,7 @@ def infonce(s_cross: Array, audio_ids: Array, *, temperature=0.05,
     0.3133
   """
   z, positives, pools, valid = _prepared(s_cross, audio_ids, temperature, pools, valid)
-  return _softmax_objective(z, positives.astype(z.dtype), positives, pools, valid)
+  return softmax_rows(*_directions(z, positives.astype(z.dtype), positives, pools, valid))
 
 
 def hn_nce(s_cross: Array, audio_ids: Array, *, temperature=0.05, beta: float = 0.0,
@@ -248,8 +266,8 @@ def hn_nce(s_cross: Array, audio_ids: Array, *, temperature=0.05, beta: float = 
     0.3133
   """
   z, positives, pools, valid = _prepared(s_cross, audio_ids, temperature, pools, valid)
-  return _softmax_objective(z, positives.astype(z.dtype), positives, pools, valid,
-                            lambda z, pool: hard_negative_log_weights(z, pool, beta))
+  return softmax_rows(*_directions(z, positives.astype(z.dtype), positives, pools, valid),
+                      log_weights=lambda z, pool: hard_negative_log_weights(z, pool, beta))
 
 
 def soft(s_cross: Array, audio_ids: Array, relevance: Array, *, temperature=0.05,
@@ -279,7 +297,7 @@ def soft(s_cross: Array, audio_ids: Array, relevance: Array, *, temperature=0.05
     raise ValueError("objective 'soft' needs relevance= [N, N]")
   z, positives, pools, valid = _prepared(s_cross, audio_ids, temperature, pools, valid,
                                          relevance)
-  return _softmax_objective(z, relevance, positives, pools, valid)
+  return softmax_rows(*_directions(z, relevance, positives, pools, valid))
 
 
 def siglip(s_cross: Array, audio_ids: Array, *, temperature=0.1, bias=-10.0,
@@ -308,9 +326,14 @@ def siglip(s_cross: Array, audio_ids: Array, *, temperature=0.1, bias=-10.0,
   z, positives, pools, valid = _prepared(s_cross, audio_ids, temperature, pools, valid)
   pairs = positives | (pools.audio & pools.text.T)
   pairs = pairs & valid[:, None] & valid[None, :]
+  return -siglip_log_likelihood(z, positives, pairs, bias) / jnp.maximum(valid.sum(), 1)
+
+
+def siglip_log_likelihood(z: Array, positives: Array, pairs: Array, bias) -> Array:
+  """sum over the pairs [n, G] bool of log sigmoid(y (z + bias)), y = +1 on positives
+  [n, G] bool and -1 elsewhere: `siglip`'s sum over some audio anchors' rows."""
   signs = jnp.where(positives, 1.0, -1.0)
-  log_likelihood = jnp.where(pairs, jax.nn.log_sigmoid(signs * (z + bias)), 0)
-  return -jnp.sum(log_likelihood) / jnp.maximum(valid.sum(), 1)
+  return jnp.sum(jnp.where(pairs, jax.nn.log_sigmoid(signs * (z + bias)), 0))
 
 
 def _whole_pool(name: str) -> WholePool:

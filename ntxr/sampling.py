@@ -277,13 +277,29 @@ class LossTerms(NamedTuple):
   weights: Array
 
 
-def negative_weights(chosen: Negatives) -> Array:
-  """Negatives as weights [2, N, N]: each valid chosen index gets 1 / (valid count)."""
+def negative_weights(chosen: Negatives, candidates: Optional[int] = None) -> Array:
+  """Negatives as weights [2, n, G] (G candidates, default n): each valid chosen index
+  gets 1 / (valid count)."""
   n = chosen.audio.shape[0]
   share = jnp.where(chosen.valid, 1.0 / jnp.maximum(chosen.valid.sum(1, keepdims=True), 1), 0)
   rows = jnp.broadcast_to(jnp.arange(n)[:, None], chosen.audio.shape)
-  scatter = lambda columns: jnp.zeros((n, n)).at[rows, columns].add(share)
+  scatter = lambda columns: jnp.zeros((n, candidates or n)).at[rows, columns].add(share)
   return jnp.stack([scatter(chosen.audio), scatter(chosen.text)])
+
+
+def triplet_from_scores(positive: Array, audio_negative: Array, text_negative: Array,
+                        chosen: Negatives, margin: float, candidates: Optional[int] = None,
+                        mean=jnp.mean) -> Tuple[Array, LossTerms]:
+  """The triplet loss and its LossTerms from the anchors' scores with gradient: positive
+  [n], the chosen negatives' audio_negative and text_negative [n, K]. Each anchor's hinge
+  is averaged over its valid negatives, the two directions added; mean([n]) averages the
+  anchors (over a sharded batch, every device's)."""
+  average = lambda x: masked_mean(x, chosen.valid, axis=1)
+  hinge = lambda negative: average(jax.nn.relu(negative - positive[:, None] + margin))
+  loss = mean(hinge(audio_negative) + hinge(text_negative))
+  terms = LossTerms(positive, jnp.stack([average(audio_negative), average(text_negative)], 1),
+                    chosen.valid.any(axis=1), negative_weights(chosen, candidates))
+  return loss, terms
 
 
 def _selected_scores(scorer: scores.Scorer, audio: Array, text: Array,
@@ -358,14 +374,8 @@ def triplet_loss_and_terms(audio: Array, text: Array, audio_ids: Array, *,
   matrices = {f"s_{needs}": compute[needs]()} if needs else {}
   chosen = select_negatives(matrices.pop("s_cross", None), audio_ids, strategy=strategy,
                             key=key, pool=pool, **matrices)
-  positive, audio_negative, text_negative = _selected_scores(
-      scorer, audio, text, audio_mask, text_mask, chosen)
-  mean = lambda x: masked_mean(x, chosen.valid, axis=1)
-  hinge = lambda negative: mean(jax.nn.relu(negative - positive[:, None] + margin))
-  loss = jnp.mean(hinge(audio_negative) + hinge(text_negative))
-  terms = LossTerms(positive, jnp.stack([mean(audio_negative), mean(text_negative)], axis=1),
-                       chosen.valid.any(axis=1), negative_weights(chosen))
-  return loss, terms
+  return triplet_from_scores(*_selected_scores(scorer, audio, text, audio_mask, text_mask,
+                                              chosen), chosen, margin)
 
 
 def triplet_loss(audio: Array, text: Array, audio_ids: Array, *, strategy: str,
