@@ -80,8 +80,9 @@ def compiled_steps(devices: tuple, loss: settings.Loss) -> tuple:
   Experiment in the process: a second run with the same settings (a sweep's next seed,
   a test) compiles nothing again."""
   mesh = parallel.Devices(devices)
-  return (mesh.jit(functools.partial(steps.train_step, loss=loss), donate_argnums=0),
-          mesh.jit(functools.partial(steps.eval_loss, loss=loss)))
+  return (mesh.jit(functools.partial(steps.train_step, loss=loss, mesh=mesh.mesh),
+                   donate_argnums=0),
+          mesh.jit(functools.partial(steps.eval_loss, loss=loss, mesh=mesh.mesh)))
 
 
 def mean_loss(losses: list) -> np.ndarray:

@@ -363,7 +363,7 @@ def contrastive_loss(s_cross: Array, audio_ids: Array, *, objective: str,
                                      beta=beta, relevance=relevance, pools=pools, valid=valid)
 
 
-def _weights(logits: Array, pool: Array) -> Array:
+def pool_weights(logits: Array, pool: Array) -> Array:
   """Softmax of logits [N, N] over each row's pool; 0 for rows without one."""
   logits = jnp.where(pool, logits, -jnp.inf)
   peak = jnp.max(jnp.where(pool.any(axis=1, keepdims=True), logits, 0), axis=1, keepdims=True)
@@ -389,8 +389,8 @@ def whole_pool_loss_and_terms(s_cross: Array, audio_ids: Array, learnt: dict, *,
   s = jax.lax.stop_gradient(s_cross)
   z = s / jax.lax.stop_gradient(temperature)
   hyper = dict(beta=beta, bias=jax.lax.stop_gradient(bias))
-  weights = jnp.stack([_weights(logits(z.T, pools.text, **hyper), pools.text),
-                       _weights(logits(z, pools.audio, **hyper), pools.audio)])
+  weights = jnp.stack([pool_weights(logits(z.T, pools.text, **hyper), pools.text),
+                       pool_weights(logits(z, pools.audio, **hyper), pools.audio)])
   negative = jnp.stack([sampling.masked_mean(s.T, pools.text, axis=1),
                         sampling.masked_mean(s, pools.audio, axis=1)], axis=1)
   valid = pools.text.any(axis=1) | pools.audio.any(axis=1)

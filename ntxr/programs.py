@@ -237,7 +237,8 @@ def run_bytes(experiment: experiment_lib.Experiment) -> tuple:
       token_mask=np.ones((size, data.max_tokens), bool),
       audio_id=np.arange(size, dtype=np.int32) % 2), experiment.training_split)
   state = experiment.initial_state
-  step = jax.jit(functools.partial(steps.train_step, loss=experiment.settings.loss))
+  step = jax.jit(functools.partial(steps.train_step, loss=experiment.settings.loss,
+                                   mesh=experiment.devices.mesh))
   compiled = step.lower(state, batch, jax.random.key(0)).compile()
   state_bytes = sum(leaf.nbytes for leaf in jax.tree.leaves(state))
   batch_bytes = sum(value.nbytes for value in batch.values())

@@ -65,6 +65,7 @@ MISSING_WORD_VECTORS = ("random", "one_unk")
 PADDINGS = ("masked", "batch")  # see steps.training_masks
 WORD_VARIANTS = ("rules", "authors")  # see data.word_vectors.read_word2vec
 VALIDATION_DRAWS = ("fixed", "per_epoch")  # see Optimiser
+NEGATIVES = ("gather", "ring")  # see Loss
 MATMUL_PRECISIONS = ("default", "high", "highest")  # jax.default_matmul_precision's
 SIMILARITIES = ("tfidf", "word_vectors", "events")  # see ntxr.false_negatives
 
@@ -195,7 +196,9 @@ class Loss:
   sigmoid(relevance_slope * similarity - relevance_offset)). score and padding: see
   `scores` and `steps.training_masks`. similarity: how captions are compared (see
   `false_negatives`, "" for not at all). filter_similarity, filter_share_of_positive: the
-  false-negative filter's bounds (`false_negatives.filter_pool`; 0 is off).
+  false-negative filter's bounds (`false_negatives.filter_pool`; 0 is off). negatives:
+  "gather" (the step's score matrices over the global batch) or "ring" (each device
+  scores its anchors against the others' embeddings passed round, `ntxr.ring`).
   """
   objective: str = "triplet"
   strategy: str = "semihard_cross"
@@ -209,6 +212,7 @@ class Loss:
   relevance_offset: float = 5.0
   filter_similarity: float = 0.0
   filter_share_of_positive: float = 0.0
+  negatives: str = "gather"
 
   @property
   def filters(self) -> bool:
@@ -349,7 +353,8 @@ class Settings:
                   padding=c.train_padding, temperature=c.temperature, beta=c.beta,
                   similarity=c.similarity, relevance_slope=c.relevance_slope,
                   relevance_offset=c.relevance_offset, filter_similarity=c.filter_similarity,
-                  filter_share_of_positive=c.filter_share_of_positive),
+                  filter_share_of_positive=c.filter_share_of_positive,
+                  negatives=c.negatives),
         optimiser=Optimiser(
             learning_rate=c.learning_rate, schedule=Schedule(**c.plateau.to_dict()),
             stopper=Stopper(**c.stopper.to_dict()), lr_schedule=c.lr_schedule,
@@ -490,8 +495,13 @@ def check_values(config: ml_collections.ConfigDict) -> None:
       ("validation_draws", VALIDATION_DRAWS), ("matmul_precision", MATMUL_PRECISIONS),
       ("conv_precision", ("", *MATMUL_PRECISIONS)), ("sentence_pooling", bert.POOLINGS),
       ("audio_encoder", AUDIO_ENCODERS), ("text_encoder", TEXT_ENCODERS),
-      ("frozen", FROZEN), ("lr_schedule", LR_SCHEDULES)]:
+      ("frozen", FROZEN), ("lr_schedule", LR_SCHEDULES), ("negatives", NEGATIVES)]:
     _choose(field, config[field], choices)
+  if (config.negatives == "ring" and config.objective == "siglip"
+      and config.filter_share_of_positive):
+    raise SettingError("--config.negatives=ring: siglip scores each pair once, from both "
+                       "anchors' pools, and --config.filter_share_of_positive makes them "
+                       "differ; use --config.negatives=gather")
   for field, value in _flat(config):
     if isinstance(value, float) and not math.isfinite(value):
       raise SettingError(f"--config.{field} must be a finite number, not {value}")
@@ -656,6 +666,9 @@ def run_name(config: ml_collections.ConfigDict) -> str:
 def check_together(configs: list) -> None:
   """Raises SettingError unless the configs differ only in PER_RUN fields."""
   first = configs[0].to_dict()
+  if len(configs) > 1 and first["negatives"] != "gather":
+    raise SettingError("runs trained together step as one program over the runs: train "
+                       "them with --config.negatives=gather, or apart")
   for config in configs[1:]:
     for field, value in config.to_dict().items():
       if field not in PER_RUN and value != first[field]:

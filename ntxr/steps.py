@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ntxr import false_negatives, models, objectives, sampling, scores, settings
+from ntxr import false_negatives, models, objectives, ring, sampling, scores, settings
 
 
 class TrainState(train_state.TrainState):
@@ -278,11 +278,12 @@ def training_masks(batch: dict, padding: str) -> tuple:
 
 
 def _loss_and_terms(params: dict, variables: dict, apply_fn, batch: dict, key: jax.Array, *,
-                    train: bool, loss: settings.Loss):
+                    train: bool, loss: settings.Loss, mesh=None):
   """(loss, (new batch_stats or None, LossTerms, false-negative shares or None)) of one
   batch; params: the state's (for the objective's learnt scalars), variables: the
   model's. Optional batch entries: caption_similarity [B, B] (the filter's and soft's),
-  events [B, K] bool (to measure false negatives)."""
+  events [B, K] bool (to measure false negatives). mesh: the devices' (`parallel`),
+  which loss.negatives "ring" splits the loss over."""
   dropout_key, sample_key = jax.random.split(key)
   encoder_mask, audio_mask, text_mask = training_masks(batch, loss.padding)
   inputs = dict(batch, audio_mask=encoder_mask)
@@ -294,6 +295,12 @@ def _loss_and_terms(params: dict, variables: dict, apply_fn, batch: dict, key: j
     (audio, text), updates = apply_fn(variables, inputs, train=False), {}
   embedded = objectives.Embedded(audio, text, audio_mask, text_mask, batch["audio_id"])
   similarity = batch.get("caption_similarity")
+  learnt = params.get("objective", {})
+  if loss.negatives == "ring":
+    value, terms, shares = ring.sharded_loss_and_terms(
+        mesh, embedded, loss, learnt=learnt, key=sample_key, similarity=similarity,
+        events=batch.get("events"))
+    return value, (updates.get("batch_stats"), terms, shares)
   pool = sampling.negative_pool(embedded.audio_ids)
   kept = pool
   if loss.filters:
@@ -310,7 +317,7 @@ def _loss_and_terms(params: dict, variables: dict, apply_fn, batch: dict, key: j
     relevance = false_negatives.relevance(similarity, ~pool, loss.relevance_slope,
                                           loss.relevance_offset)
   value, terms = objective.loss_and_terms(embedded, loss, pool=kept, relevance=relevance,
-                                          learnt=params.get("objective", {}), key=sample_key)
+                                          learnt=learnt, key=sample_key)
   shares = None
   if "events" in batch:
     shares = false_negatives.measured_shares(
@@ -319,16 +326,17 @@ def _loss_and_terms(params: dict, variables: dict, apply_fn, batch: dict, key: j
 
 
 def train_step(state: TrainState, batch: dict, key: jax.Array, *,
-               loss: settings.Loss = settings.Loss()):
+               loss: settings.Loss = settings.Loss(), mesh=None):
   """One optimizer step: (state, batch, key) -> (state, TrainingStatistics). Jit it with
   donate_argnums=0.
 
   batch: {audio [B,T,F], audio_mask [B,T], tokens [B,W], token_mask [B,W], audio_id [B]},
-  and optionally caption_similarity [B, B] and events [B, K] (see _loss_and_terms).
+  and optionally caption_similarity [B, B] and events [B, K] (see _loss_and_terms);
+  mesh: the devices', for loss.negatives "ring".
   """
   def loss_fn(params):
     return _loss_and_terms(params, state.variables(params), state.apply_fn, batch, key,
-                           train=True, loss=loss)
+                           train=True, loss=loss, mesh=mesh)
   (value, (batch_stats, terms, shares)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
@@ -337,7 +345,7 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *,
 
 
 def eval_loss(state: TrainState, batch: dict, key: jax.Array, *,
-              loss: settings.Loss = settings.Loss()) -> jax.Array:
+              loss: settings.Loss = settings.Loss(), mesh=None) -> jax.Array:
   """The loss of one batch in inference mode (no dropout, running BatchNorm)."""
   return _loss_and_terms(state.params, state.variables(), state.apply_fn, batch, key,
-                         train=False, loss=loss)[0]
+                         train=False, loss=loss, mesh=mesh)[0]

@@ -27,6 +27,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.filter_similarity = 0.0       # drop negatives whose caption is more similar
   config.filter_share_of_positive = 0.0  # drop negatives above this share of the positive
   config.score = "alignment"          # or "pooled"
+  config.negatives = "gather"         # or "ring": several devices' scores without the
+                                      # global matrices (ntxr.ring)
   config.margin = 0.5
   config.seed = 0
 

@@ -1,0 +1,191 @@
+"""--config.negatives=ring against gather on 8 (CPU) devices: every strategy and objective,
+both scores, the false-negative filters and soft relevance give the same loss, the same
+negatives, the same gradients and the same statistics; a few training steps of the
+tiny corpus the same losses and parameters.
+
+The comparison runs in a child process started with 8 host devices (XLA reads the
+device count once, at start-up); run as a script, this file is that child.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ntxr import settings
+from ntxr.configs import default
+
+G, T, W, E = 32, 6, 5, 8  # the global batch (4 pairs a device), frames, words, width
+# Each strategy, then each whole-pool objective, then the filters with one of each.
+CASES = ([dict(strategy=name) for name in ("full_batch", "random", "semihard_cross",
+                                           "hard_cross", "easy_text", "hard_text",
+                                           "easy_audio", "hard_audio")]
+         + [dict(objective=name, strategy="") for name in ("infonce", "hn_nce", "soft",
+                                                           "siglip")]
+         + [dict(strategy="semihard_cross", filter_share_of_positive=0.9,
+                 filter_similarity=0.8),
+            dict(objective="infonce", strategy="", filter_similarity=0.7)])
+TRAINED = (dict(strategy="hard_audio"),
+           dict(objective="soft", similarity="tfidf", filter_similarity=0.5))
+STEPS = 3
+
+
+@pytest.fixture(scope="module")
+def found(cache_dir, tmp_path_factory):
+  out = tmp_path_factory.mktemp("ring") / "found.npz"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+      os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
+  child = subprocess.run([sys.executable, __file__, cache_dir, str(out)], env=env,
+                         capture_output=True, text=True, check=False)
+  assert child.returncode == 0, child.stderr[-3000:]
+  return dict(np.load(out))
+
+
+@pytest.mark.parametrize("score", ["alignment", "pooled"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_ring_gives_what_gather_gives(found, score, case):
+  """The loss within 1e-5, gradients of the embeddings within 1e-5, the negatives'
+  weights (which negatives, how much each counts) and the statistics' terms and shares."""
+  prefix = f"{score}/{case}"
+  gather, ring = ({name: value for name, value in found.items()
+                   if name.startswith(f"{way}/{prefix}/")} for way in ("gather", "ring"))
+  assert len(gather) == len(ring) > 5
+  for name, value in gather.items():
+    np.testing.assert_allclose(ring[name.replace("gather/", "ring/", 1)], value,
+                               rtol=1e-5, atol=1e-5, err_msg=f"{CASES[case]} {name}")
+  weights = gather[f"gather/{prefix}/weights"]
+  assert weights.shape == (2, G, G) and weights.sum() > 0
+
+
+@pytest.mark.parametrize("trained", range(len(TRAINED)))
+def test_training_steps_with_ring_equal_gather(found, trained):
+  gather, ring = (found[f"{way}/trained/{trained}/loss"] for way in ("gather", "ring"))
+  assert gather.shape == (STEPS,)
+  np.testing.assert_allclose(ring, gather, rtol=1e-5)
+  names = [n for n in found if n.startswith(f"gather/trained/{trained}/params/")]
+  assert names
+  for name in names:
+    np.testing.assert_allclose(found[name.replace("gather/", "ring/", 1)], found[name],
+                               rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_ring_refuses_what_it_cannot_compute_as_gather():
+  config = default.get_config()
+  config.update(negatives="ring", objective="siglip", similarity="tfidf",
+                filter_share_of_positive=0.9)
+  with pytest.raises(settings.SettingError, match="siglip scores each pair once"):
+    settings.check_values(config)
+  config.update(objective="triplet", strategy="random", filter_share_of_positive=0.0)
+  other = config.copy_and_resolve_references()
+  other.seed = 1
+  with pytest.raises(settings.SettingError, match="--config.negatives=gather, or apart"):
+    settings.check_together([config, other])
+  config.negatives = "rings"
+  with pytest.raises(settings.SettingError, match=r"--config\.negatives must be one of"):
+    settings.check_values(config)
+
+
+def _kernels() -> dict:
+  """For each case and score, both ways: the loss, the gradients of the embeddings, the
+  negatives' weights [2, G, G], the terms and the false-negative shares."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import PartitionSpec
+  from ntxr import false_negatives, objectives, parallel, ring, sampling, scores
+  mesh = parallel.Devices().mesh
+  keys = jax.random.split(jax.random.key(0), 6)
+  ids = jax.random.permutation(keys[5], jnp.arange(G) // 2)  # two captions a clip
+  audio, text = jax.random.normal(keys[0], (G, T, E)), jax.random.normal(keys[1], (G, W, E))
+  audio_mask = jnp.arange(T)[None] < jax.random.randint(keys[2], (G, 1), 1, T + 1)
+  text_mask = jnp.arange(W)[None] < jax.random.randint(keys[3], (G, 1), 1, W + 1)
+  similarity = jax.random.uniform(keys[4], (G, G))
+  similarity = (similarity + similarity.T) / 2  # as every caption similarity
+  events = jax.random.bernoulli(keys[4], 0.5, (G, 2))
+  key = jax.random.key(3)
+
+  def gather(audio, text, loss, learnt):  # as steps._loss_and_terms on one batch
+    embedded = objectives.Embedded(audio, text, audio_mask, text_mask, ids)
+    pool = sampling.negative_pool(ids)
+    s_cross = scores.get_scorer(loss.score).matrix(
+        *jax.lax.stop_gradient((audio, text)), audio_mask, text_mask)
+    kept = false_negatives.filter_pool(
+        pool, s_cross, similarity, max_similarity=loss.filter_similarity,
+        max_share_of_positive=loss.filter_share_of_positive) if loss.filters else pool
+    objective = objectives.get_objective(loss.objective)
+    relevance = (false_negatives.relevance(similarity, ~pool, loss.relevance_slope,
+                                           loss.relevance_offset)
+                 if objective.needs_relevance else None)
+    value, terms = objective.loss_and_terms(embedded, loss, pool=kept, relevance=relevance,
+                                            learnt=learnt, key=key)
+    shares = false_negatives.measured_shares(
+        terms.weights, pool, kept, false_negatives.same_events(events) & pool)
+    return value, (terms, shares)
+
+  def ringed(audio, text, loss, learnt):
+    rows, same = PartitionSpec(ring.AXIS), PartitionSpec()
+    def run(embedded, similarity, events):
+      return ring.loss_and_terms(embedded, loss, learnt=learnt, key=key,
+                                 similarity=similarity, events=events)
+    value, terms, shares = jax.shard_map(
+        run, mesh=mesh, in_specs=(rows, rows, rows),
+        out_specs=(same, sampling.LossTerms(rows, rows, rows, PartitionSpec(None, ring.AXIS)),
+                   same), check_vma=False)(
+            objectives.Embedded(audio, text, audio_mask, text_mask, ids), similarity, events)
+    return value, (terms, shares)
+
+  found = {}
+  for score in ("alignment", "pooled"):
+    for case, fields in enumerate(CASES):
+      loss = settings.Loss(**{**dict(score=score, beta=0.5, similarity="tfidf"), **fields})
+      learnt = objectives.initial_parameters(loss.objective)
+      for way, fn in (("gather", gather), ("ring", ringed)):
+        (value, (terms, shares)), grads = jax.jit(jax.value_and_grad(
+            lambda a, t, fn=fn: fn(a, t, loss, learnt), argnums=(0, 1), has_aux=True))(
+                audio, text)
+        prefix = f"{way}/{score}/{case}"
+        found.update({f"{prefix}/loss": value, f"{prefix}/grad_audio": grads[0],
+                      f"{prefix}/grad_text": grads[1], f"{prefix}/weights": terms.weights,
+                      f"{prefix}/positive": terms.positive,
+                      f"{prefix}/negative": terms.negative,
+                      f"{prefix}/valid": terms.valid,
+                      **{f"{prefix}/{name}": v for name, v in shares.items()}})
+  return found
+
+
+def _training(cache_dir: str) -> dict:
+  """For each of TRAINED, both ways: STEPS training steps' losses from one initial state
+  on the tiny corpus's first batches of 16, then the parameters."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  from flax import traverse_util
+  sys.path.insert(0, os.path.dirname(__file__))
+  from conftest import TINY
+  from runs import experiment_of
+  found = {}
+  for index, fields in enumerate(TRAINED):
+    for way in ("gather", "ring"):
+      config = default.get_config()
+      config.update(dict(TINY, cache_dir=cache_dir, batch_size=16, negatives=way, **fields))
+      experiment = experiment_of(config)
+      state, losses = experiment.initial_state, []
+      batches = experiment.train_batches(experiment.training_split, 0)
+      for step, batch in zip(range(STEPS), batches.as_numpy_iterator()):
+        state, statistics = experiment.train_step(
+            state, experiment.device_batch(batch, experiment.training_split),
+            jax.random.key(step))
+        losses.append(float(statistics.loss))
+      prefix = f"{way}/trained/{index}"
+      found[f"{prefix}/loss"] = np.array(losses)
+      for name, value in traverse_util.flatten_dict(jax.device_get(state.params)).items():
+        found[f"{prefix}/params/{'/'.join(name)}"] = np.asarray(value)
+  return found
+
+
+if __name__ == "__main__":
+  import jax  # pylint: disable=g-import-not-at-top
+  assert jax.device_count() == 8
+  np.savez(sys.argv[2], **{k: np.asarray(v) for k, v in
+                           {**_kernels(), **_training(sys.argv[1])}.items()})
