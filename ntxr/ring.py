@@ -14,16 +14,19 @@ within-modality scores a strategy selects by. From those rows every strategy sel
 act, as on one device; means over anchors are over every device's (psum). Random draws
 are row i of the same [G, G] draw for anchor i on whichever device holds it.
 
-Memory per device: its rows, O(n G) scalars, one block in flight, and, for the gradient,
-the embeddings of the blocks that passed (the global batch's, O(G T E)), never the
-[G, G] products. Runs trained together step with `gather`.
+Memory per device: its rows, O(n G) scalars, and one block in flight; the gradient goes
+round the ring again, each block with its gradient so far, so no device keeps the
+blocks that passed, and none holds the [G, G] products. Runs trained together step with
+`gather`.
 """
 
+import functools
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
+import numpy as np
 
 from ntxr import false_negatives, objectives, sampling, scores
 
@@ -53,16 +56,59 @@ def rows_round_the_ring(score_block, local, first_block):
   return jax.tree.map(lambda x: ordered(x).reshape(x.shape[1], -1), held)
 
 
+def _cross_blocks(scorer: scores.Scorer, mine: tuple, passing: tuple) -> tuple:
+  """(s_cross[my clips, passing captions], s_cross[passing clips, my captions].T) [n, m]
+  of (audio, text, audio_mask, text_mask) tuples."""
+  (audio, text, audio_mask, text_mask), (p_audio, p_text, p_audio_mask, p_text_mask) = (
+      mine, passing)
+  return (scorer.matrix(audio, p_text, audio_mask, p_text_mask),
+          scorer.matrix(p_audio, text, p_audio_mask, text_mask).T)
+
+
 def cross_rows(scorer: scores.Scorer, embedded: objectives.Embedded) -> tuple:
   """(by_audio, by_text) [n, G]: s_cross[a, :] of this device's clips a and s_cross[:, t]
-  of its captions t, with gradient."""
-  def score_block(mine, passing):
-    (audio, audio_mask, text, text_mask), (p_audio, p_audio_mask, p_text, p_text_mask) = (
-        mine, passing)
-    return (scorer.matrix(audio, p_text, audio_mask, p_text_mask),
-            scorer.matrix(p_audio, text, p_audio_mask, text_mask).T)
-  local = (embedded.audio, embedded.audio_mask, embedded.text, embedded.text_mask)
-  return rows_round_the_ring(score_block, local, local)
+  of its captions t, with gradient. The gradient goes round the ring again (`_cross_rows`'
+  backward), so no device keeps the blocks that passed."""
+  return _cross_rows(scorer, (embedded.audio, embedded.text),
+                     (embedded.audio_mask, embedded.text_mask))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _cross_rows(scorer, embeddings: tuple, masks: tuple) -> tuple:
+  local = (*embeddings, *masks)
+  return rows_round_the_ring(functools.partial(_cross_blocks, scorer), local, local)
+
+
+def _cross_rows_forward(scorer, embeddings, masks):
+  return _cross_rows(scorer, embeddings, masks), (embeddings, masks)
+
+
+def _cross_rows_backward(scorer, saved, cotangents):
+  """Each block comes round again with its gradient so far: a device adds its anchors'
+  part (the cotangents' columns of the block's owner) to it and to its own embeddings'
+  gradient, and after D steps every block is home with its whole gradient."""
+  embeddings, masks = saved
+  devices, me = jax.lax.axis_size(AXIS), jax.lax.axis_index(AXIS)
+  forward = [(j, (j + 1) % devices) for j in range(devices)]
+  n = embeddings[0].shape[0]
+  zeros = jax.tree.map(jnp.zeros_like, embeddings)
+  def step(carry, k):
+    block, block_masks, block_gradient, own_gradient = carry
+    owner_columns = tuple(jax.lax.dynamic_slice_in_dim(c, ((me - k) % devices) * n, n, axis=1)
+                          for c in cotangents)
+    _, vjp = jax.vjp(lambda mine, passing: _cross_blocks(
+        scorer, (*mine, *masks), (*passing, *block_masks)), embeddings, block)
+    mine, passing = vjp(owner_columns)
+    moved = jax.lax.ppermute((block, block_masks, jax.tree.map(jnp.add, block_gradient,
+                                                                passing)), AXIS, forward)
+    return (*moved, jax.tree.map(jnp.add, own_gradient, mine)), None
+  (_, _, home_gradient, own_gradient), _ = jax.lax.scan(
+      step, (embeddings, masks, zeros, zeros), jnp.arange(devices))
+  no_gradient = tuple(np.zeros(mask.shape, jax.dtypes.float0) for mask in masks)
+  return jax.tree.map(jnp.add, own_gradient, home_gradient), no_gradient
+
+
+_cross_rows.defvjp(_cross_rows_forward, _cross_rows_backward)
 
 
 def within_rows(scorer: scores.Scorer, x: Array, mask: Array) -> Array:
