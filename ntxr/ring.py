@@ -42,41 +42,45 @@ def global_mean(values: Array, mask: Optional[Array] = None, axis=None) -> Array
   return total / jnp.maximum(jax.lax.psum(jnp.sum(mask, axis=axis), AXIS), 1)
 
 
-def rows_round_the_ring(score_block, local, first_block):
-  """score_block(local, block) -> a tree of [n, m] arrays, for every device's block as
-  it comes round the ring (each device sends what it holds to the next), as [n, D m] in
-  the global order of the blocks."""
-  devices, me = jax.lax.axis_size(AXIS), jax.lax.axis_index(AXIS)
-  forward = [(j, (j + 1) % devices) for j in range(devices)]
-  def step(block, _):
-    return jax.lax.ppermute(block, AXIS, forward), score_block(local, block)
-  _, held = jax.lax.scan(step, first_block, length=devices)
-  # At step k a device holds device (me - k)'s block: device j's came at step (me - j).
-  ordered = lambda x: jnp.moveaxis(x[(me - jnp.arange(devices)) % devices], 0, 1)
-  return jax.tree.map(lambda x: ordered(x).reshape(x.shape[1], -1), held)
-
-
-def _cross_blocks(scorer: scores.Scorer, mine: tuple, passing: tuple) -> tuple:
-  """(s_cross[my clips, passing captions], s_cross[passing clips, my captions].T) [n, m]
-  of (audio, text, audio_mask, text_mask) tuples."""
-  (audio, text, audio_mask, text_mask), (p_audio, p_text, p_audio_mask, p_text_mask) = (
-      mine, passing)
-  return (scorer.matrix(audio, p_text, audio_mask, p_text_mask),
-          scorer.matrix(p_audio, text, p_audio_mask, text_mask).T)
-
-
 def cross_rows(scorer: scores.Scorer, embedded: objectives.Embedded) -> tuple:
   """(by_audio, by_text) [n, G]: s_cross[a, :] of this device's clips a and s_cross[:, t]
-  of its captions t, with gradient. The gradient goes round the ring again (`_cross_rows`'
-  backward), so no device keeps the blocks that passed."""
+  of its captions t, with gradient (`_cross_rows`)."""
   return _cross_rows(scorer, (embedded.audio, embedded.text),
                      (embedded.audio_mask, embedded.text_mask))
 
 
+def _ring() -> tuple:
+  """(D, this device's index, the pairs of `ppermute` to the next device)."""
+  devices = jax.lax.axis_size(AXIS)
+  return devices, jax.lax.axis_index(AXIS), [(j, (j + 1) % devices) for j in range(devices)]
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _cross_rows(scorer, embeddings: tuple, masks: tuple) -> tuple:
-  local = (*embeddings, *masks)
-  return rows_round_the_ring(functools.partial(_cross_blocks, scorer), local, local)
+  """The captions go round the ring, each block with its owner's by_text rows so far: a
+  device scores its clips against the passing captions once, keeps the block as its
+  by_audio columns and writes its transpose into the passing rows, which come home
+  whole after D steps. Each entry of s_cross is computed once."""
+  (audio, text), (audio_mask, text_mask) = embeddings, masks
+  devices, me, forward = _ring()
+  n = audio.shape[0]
+  kind = jax.eval_shape(scorer.matrix, audio, text, audio_mask, text_mask).dtype
+  def step(carry, _):
+    captions, caption_mask, their_rows = carry
+    block = scorer.matrix(audio, captions, audio_mask, caption_mask)  # [my clips, theirs]
+    their_rows = jax.lax.dynamic_update_slice_in_dim(their_rows, block.T, me * n, axis=1)
+    return jax.lax.ppermute((captions, caption_mask, their_rows), AXIS, forward), block
+  (_, _, by_text), held = jax.lax.scan(
+      step, (text, text_mask, jnp.zeros((n, devices * n), kind)), length=devices)
+  return _in_global_order(held), by_text
+
+
+def _in_global_order(held: Array) -> Array:
+  """[D, n, m] blocks, held[k] from device (me - k) (a ring's step k) -> [n, D m] in the
+  devices' order."""
+  devices, me, _ = _ring()
+  ordered = jnp.moveaxis(held[(me - jnp.arange(devices)) % devices], 0, 1)
+  return ordered.reshape(held.shape[1], -1)
 
 
 def _cross_rows_forward(scorer, embeddings, masks):
@@ -84,38 +88,45 @@ def _cross_rows_forward(scorer, embeddings, masks):
 
 
 def _cross_rows_backward(scorer, saved, cotangents):
-  """Each block comes round again with its gradient so far: a device adds its anchors'
-  part (the cotangents' columns of the block's owner) to it and to its own embeddings'
-  gradient, and after D steps every block is home with its whole gradient."""
-  embeddings, masks = saved
-  devices, me = jax.lax.axis_size(AXIS), jax.lax.axis_index(AXIS)
-  forward = [(j, (j + 1) % devices) for j in range(devices)]
-  n = embeddings[0].shape[0]
-  zeros = jax.tree.map(jnp.zeros_like, embeddings)
+  """The captions go round again with their rows' cotangents and their gradient so far:
+  a device takes each block's part of both cotangents, adds the block's gradient to the
+  passing one and its clips' to its own; after D steps every block is home with its
+  whole gradient. No device keeps the blocks that passed."""
+  (audio, text), (audio_mask, text_mask) = saved
+  by_audio_cotangent, by_text_cotangent = cotangents
+  devices, me, forward = _ring()
+  n = audio.shape[0]
   def step(carry, k):
-    block, block_masks, block_gradient, own_gradient = carry
-    owner_columns = tuple(jax.lax.dynamic_slice_in_dim(c, ((me - k) % devices) * n, n, axis=1)
-                          for c in cotangents)
-    _, vjp = jax.vjp(lambda mine, passing: _cross_blocks(
-        scorer, (*mine, *masks), (*passing, *block_masks)), embeddings, block)
-    mine, passing = vjp(owner_columns)
-    moved = jax.lax.ppermute((block, block_masks, jax.tree.map(jnp.add, block_gradient,
-                                                                passing)), AXIS, forward)
-    return (*moved, jax.tree.map(jnp.add, own_gradient, mine)), None
-  (_, _, home_gradient, own_gradient), _ = jax.lax.scan(
-      step, (embeddings, masks, zeros, zeros), jnp.arange(devices))
-  no_gradient = tuple(np.zeros(mask.shape, jax.dtypes.float0) for mask in masks)
-  return jax.tree.map(jnp.add, own_gradient, home_gradient), no_gradient
+    captions, caption_mask, their_cotangent, their_gradient, audio_gradient = carry
+    cotangent = (jax.lax.dynamic_slice_in_dim(by_audio_cotangent, ((me - k) % devices) * n,
+                                              n, axis=1)
+                 + jax.lax.dynamic_slice_in_dim(their_cotangent, me * n, n, axis=1).T)
+    _, vjp = jax.vjp(lambda a, t: scorer.matrix(a, t, audio_mask, caption_mask),
+                     audio, captions)
+    audio_part, caption_part = vjp(cotangent.astype(by_audio_cotangent.dtype))
+    moved = jax.lax.ppermute((captions, caption_mask, their_cotangent,
+                              their_gradient + caption_part), AXIS, forward)
+    return (*moved, audio_gradient + audio_part), None
+  start = (text, text_mask, by_text_cotangent, jnp.zeros_like(text), jnp.zeros_like(audio))
+  (_, _, _, text_gradient, audio_gradient), _ = jax.lax.scan(step, start, jnp.arange(devices))
+  no_gradient = tuple(np.zeros(mask.shape, jax.dtypes.float0) for mask in (audio_mask,
+                                                                         text_mask))
+  return (audio_gradient, text_gradient), no_gradient
 
 
 _cross_rows.defvjp(_cross_rows_forward, _cross_rows_backward)
 
 
 def within_rows(scorer: scores.Scorer, x: Array, mask: Array) -> Array:
-  """[n, G]: this device's rows of a within-modality matrix of x [n, L, E], no gradient."""
+  """[n, G]: this device's rows of a within-modality matrix of x [n, L, E], no gradient,
+  the other devices' x passed round the ring."""
   x = jax.lax.stop_gradient(x)
-  score_block = lambda mine, passing: scorer.matrix(mine[0], passing[0], mine[1], passing[1])
-  return rows_round_the_ring(score_block, (x, mask), (x, mask))
+  _, _, forward = _ring()
+  def step(block, _):
+    held = scorer.matrix(x, block[0], mask, block[1])
+    return jax.lax.ppermute(block, AXIS, forward), held
+  _, held = jax.lax.scan(step, (x, mask), length=jax.lax.axis_size(AXIS))
+  return _in_global_order(held)
 
 
 def loss_and_terms(embedded: objectives.Embedded, loss, *, learnt: dict, key: Array,
@@ -135,20 +146,29 @@ def loss_and_terms(embedded: objectives.Embedded, loss, *, learnt: dict, key: Ar
   count = every_id.shape[0]
   pool = embedded.audio_ids[:, None] != every_id[None, :]
   scorer = scores.get_scorer(loss.score)
-  by_audio, by_text = cross_rows(scorer, embedded)
-  positive = jnp.take_along_axis(by_audio, anchors[:, None], axis=1)[:, 0]
-  cross = sampling.Rows(*jax.lax.stop_gradient((by_audio, by_text, positive)), anchors)
+  every_negative = loss.objective != "triplet" or loss.strategy == "full_batch"
+  if every_negative:  # the rows are the loss's, with gradient
+    with_gradient = cross_rows(scorer, embedded)
+    frozen = jax.lax.stop_gradient(with_gradient)
+  elif (sampling.get_strategy(loss.strategy).needs == "cross"
+        or loss.filter_share_of_positive):  # the rows choose; one negative is scored apart
+    with_gradient = None
+    frozen = cross_rows(scorer, jax.lax.stop_gradient(embedded))
+  else:  # no rows of the cross scores at all
+    with_gradient, frozen = None, (None, None)
+  positive = (jax.lax.stop_gradient(scorer.paired(*embedded[:4])) if frozen[0] is None else
+              jnp.take_along_axis(frozen[0], anchors[:, None], axis=1)[:, 0])
+  cross = sampling.Rows(*frozen, positive, anchors)
   kept = pool
   if loss.filters:
     kept = false_negatives.filter_rows(
         pool, cross, similarity, max_similarity=loss.filter_similarity,
         max_share_of_positive=loss.filter_share_of_positive)
   if loss.objective == "triplet":
-    value, terms = _triplet(embedded, loss, scorer, cross, (by_audio, by_text), kept, key,
-                            count)
+    value, terms = _triplet(embedded, loss, scorer, kept, key, count, cross, with_gradient)
   else:
-    value, terms = _whole_pool(loss, learnt, (by_audio, by_text), cross.positive, pool,
-                               kept, similarity, count)
+    value, terms = _whole_pool(loss, learnt, with_gradient, positive, pool, kept,
+                               similarity, count)
   shares = None
   if events is not None:
     every_events = jax.lax.all_gather(events, AXIS, tiled=True)
@@ -158,25 +178,57 @@ def loss_and_terms(embedded: objectives.Embedded, loss, *, learnt: dict, key: Ar
   return value, terms, shares
 
 
-def _triplet(embedded, loss, scorer, cross: sampling.Rows, with_gradient: tuple, kept,
-             key, count: int):
-  """The triplet loss and terms from this device's rows (`sampling.triplet_from_scores`)."""
+def collect_round_the_ring(local: tuple, chosen: Array) -> tuple:
+  """Rows chosen [n] (indices among the G) of every device's tuple of [n, ...] arrays,
+  taken from each device's block as it comes round; the gradient goes back to the
+  owners. An index below 0 takes the last row, as indexing does."""
+  devices, me, forward = _ring()
+  n = chosen.shape[0]
+  chosen = jnp.where(chosen < 0, devices * n - 1, chosen)
+  def step(carry, k):
+    block, taken = carry
+    here = chosen // n == (me - k) % devices
+    rows = chosen % n
+    taken = jax.tree.map(
+        lambda kept, x: jnp.where(here.reshape((n,) + (1,) * (x.ndim - 1)), x[rows], kept),
+        taken, block)
+    return (jax.lax.ppermute(block, AXIS, forward), taken), None
+  (_, taken), _ = jax.lax.scan(step, (local, jax.tree.map(jnp.zeros_like, local)),
+                               jnp.arange(devices))
+  return taken
+
+
+def _triplet(embedded, loss, scorer, kept, key, count: int, cross=None, with_gradient=None):
+  """The triplet loss and terms from this device's rows (`sampling.triplet_from_scores`):
+  one negative an anchor is scored with its embeddings fetched round the ring
+  (`collect_round_the_ring`); full_batch's every negative from the rows with gradient."""
   strategy = sampling.get_strategy(loss.strategy)
-  rows = sampling.Rows(None, None, None, cross.anchors)
+  anchors = cross.anchors
+  rows = sampling.Rows(None, None, None, anchors)
   if strategy.needs == "cross":
     rows = cross
   elif strategy.needs in ("audio", "text"):
     x, mask = ((embedded.audio, embedded.audio_mask) if strategy.needs == "audio"
                else (embedded.text, embedded.text_mask))
     within = within_rows(scorer, x, mask)
-    rows = sampling.Rows(within, within, None, cross.anchors)
+    rows = sampling.Rows(within, within, None, anchors)
   chosen = strategy.select(rows, kept, key)
-  by_audio, by_text = with_gradient
-  positive = jnp.take_along_axis(by_audio, cross.anchors[:, None], axis=1)[:, 0]  # gradient
-  return sampling.triplet_from_scores(
-      positive, jnp.take_along_axis(by_text, chosen.audio, axis=1),
-      jnp.take_along_axis(by_audio, chosen.text, axis=1), chosen, loss.margin, count,
-      mean=global_mean)
+  if with_gradient is not None:  # every negative: read from the rows
+    by_audio, by_text = with_gradient
+    positive = jnp.take_along_axis(by_audio, anchors[:, None], axis=1)[:, 0]
+    scored = (positive, jnp.take_along_axis(by_text, chosen.audio, axis=1),
+              jnp.take_along_axis(by_audio, chosen.text, axis=1))
+  else:
+    audio, text = embedded.audio, embedded.text
+    audio_mask, text_mask = embedded.audio_mask, embedded.text_mask
+    negative_audio, negative_audio_mask = collect_round_the_ring(
+        (audio, audio_mask), chosen.audio[:, 0])
+    negative_text, negative_text_mask = collect_round_the_ring(
+        (text, text_mask), chosen.text[:, 0])
+    scored = (scorer.paired(audio, text, audio_mask, text_mask),
+              scorer.paired(negative_audio, text, negative_audio_mask, text_mask)[:, None],
+              scorer.paired(audio, negative_text, audio_mask, negative_text_mask)[:, None])
+  return sampling.triplet_from_scores(*scored, chosen, loss.margin, count, mean=global_mean)
 
 
 def _whole_pool(loss, learnt: dict, with_gradient: tuple, positive, pool, kept, similarity,

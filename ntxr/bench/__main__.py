@@ -9,6 +9,7 @@ encoders job).
   python -m ntxr.bench --jobs=together --grid=accelerator --widths=default,paper
   python -m ntxr.bench --jobs=union --widths=default --union_seeds=2
   python -m ntxr.bench --jobs=encoders --grid=accelerator --pairs=passt+roberta
+  python -m ntxr.bench --jobs=negatives --strategies=semihard_cross,hard_audio
 
 Jobs (--jobs, comma-separated): kernels (ntxr/bench/kernels.py), parts (kernel_parts.py:
 where a kernel's time goes), scores (score_matrices.py), steps (training_steps.py), loop
@@ -17,7 +18,9 @@ where a kernel's time goes), scores (score_matrices.py), steps (training_steps.p
 ablation's strategies as one program over their union against one program per strategy,
 for --strategies), encoders (encoder_steps.py: a pretrained encoder pair's training step
 against the publishers' PyTorch code, for --pairs; needs the test extra's PyTorch
-packages). Each prints a Markdown
+packages), negatives (negatives.py: a step's memory per device and time with
+--config.negatives gather and ring, for --strategies; run alone, it splits a CPU into 8
+devices). Each prints a Markdown
 table; --json writes every row with the device and the command line, and --results_dir
 one file per job, named by device kind and job, as docs/benchmarks/ keeps them
 (`ntxr.bench.results`; `python -m ntxr.bench.page` makes docs/benchmarks.md from them).
@@ -47,16 +50,20 @@ GRIDS = {
         scores=[("cross", 64, 250, 12, 300), ("cross", 256, 500, 20, 300),
                 ("audio-audio", 32, 500, 500, 300), ("evaluation", 96, 1500, 20, 300)],
         steps=[32], together=[1, 2, 4], union_seeds=1,
-        encoders=dict(sizes="tiny", batch=2, samples=32000, words=16)),
+        encoders=dict(sizes="tiny", batch=2, samples=32000, words=16),
+        negatives=dict(batches=[256, 1024, 4096], timed_up_to=256)),
     "accelerator": dict(
         kernels=[(32, 250, 12, 300), (32, 500, 15, 300), (32, 1500, 20, 300),
                  (128, 500, 20, 300), (256, 500, 20, 300), (1024, 250, 12, 300)],
         scores=[("cross", 256, 500, 20, 300), ("audio-audio", 256, 1500, 1500, 300),
                 ("evaluation", 1045, 1500, 20, 300)],
         steps=[32, 256], together=[1, 4, 8, 16, 24], union_seeds=3,
-        encoders=dict(sizes="published", batch=32, samples=320000, words=32)),
+        encoders=dict(sizes="published", batch=32, samples=320000, words=32),
+        negatives=dict(batches=[256, 1024, 4096], timed_up_to=4096)),
 }
-JOBS = ("kernels", "parts", "scores", "steps", "loop", "together", "union", "encoders")
+JOBS = ("kernels", "parts", "scores", "steps", "loop", "together", "union", "encoders",
+        "negatives")
+HOST_DEVICES = 8  # the negatives job's devices on a CPU
 
 FLAGS = flags.FLAGS
 
@@ -124,14 +131,21 @@ def main(argv):
     runs = whole_numbers("runs", FLAGS.runs) if FLAGS.runs else None
   except ValueError as error:
     command.exit_with(error, 2)
+  if "negatives" in FLAGS.jobs:
+    if len(FLAGS.jobs) > 1:
+      command.exit_with("--jobs=negatives runs alone: on a CPU it splits the host into "
+                        f"{HOST_DEVICES} devices, which the other jobs would step on", 2)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
+                               f"platform_device_count={HOST_DEVICES}").strip()
   torch_too = FLAGS.torch_loop or "encoders" in FLAGS.jobs
   if torch_too:  # PyTorch shares the GPU: JAX allocates as it goes, not 75% at once
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   # pylint: disable=import-outside-toplevel  (JAX loads after --help and the flags' checks)
   import jax
   import jax.numpy as jnp
-  from ntxr.bench import (encoder_steps, kernel_parts, kernels, score_matrices, timing,
-                          together_steps, training_loop, training_steps, union_program)
+  from ntxr.bench import (encoder_steps, kernel_parts, kernels, negatives, score_matrices,
+                          timing, together_steps, training_loop, training_steps,
+                          union_program)
   from ntxr.encoders import references
   if "encoders" in FLAGS.jobs:  # before any job runs
     lacking = references.missing(e for pair in FLAGS.pairs for e in ENCODER_PAIRS[pair])
@@ -172,6 +186,9 @@ def main(argv):
       "encoders": ("encoders", lambda: encoder_steps.run(
           FLAGS.pairs, **grid["encoders"], repeats=FLAGS.repeats, device=device),
                    encoder_steps.format_table),
+      "negatives": ("negatives", lambda: negatives.run(
+          grid["negatives"]["batches"], strategies, widths[next(iter(widths))], step_shape,
+          FLAGS.repeats, grid["negatives"]["timed_up_to"]), negatives.format_table),
   }
   for job in JOBS:
     if job not in FLAGS.jobs:
