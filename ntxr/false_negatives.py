@@ -116,9 +116,11 @@ def relevance(similarity: Array, positives: Array, slope: float, offset: float) 
   return jnp.where(positives, 1.0, jax.nn.sigmoid(slope * similarity - offset))
 
 
-def same_events(events: Array) -> Array:
-  """[N, K] bool event kinds -> [N, N] bool: the two clips have exactly the same kinds."""
-  return jnp.all(events[:, None, :] == events[None, :, :], axis=-1)
+def same_events(events: Array, others: Optional[Array] = None) -> Array:
+  """[n, K] bool event kinds, and others' [G, K] (default: the same) -> [n, G] bool: the
+  two clips have exactly the same kinds."""
+  others = events if others is None else others
+  return jnp.all(events[:, None, :] == others[None, :, :], axis=-1)
 
 
 def chance_share(kinds) -> float:

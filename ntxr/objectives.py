@@ -379,22 +379,38 @@ def whole_pool_loss_and_terms(s_cross: Array, audio_ids: Array, learnt: dict, *,
   parameters (initial_parameters), which replace temperature and bias where present.
   The terms hold the positives, each anchor's mean pool score, and the weights each
   anchor's negatives carry."""
-  if "log_inverse_temperature" in learnt:
-    temperature = jnp.exp(-learnt["log_inverse_temperature"])
-  bias = learnt.get("bias", 0.0)
+  temperature, bias = learnt_scalars(learnt, temperature)
   pools = default_pools(audio_ids) if pools is None else pools
   loss = contrastive_loss(s_cross, audio_ids, objective=objective, temperature=temperature,
                           bias=bias, beta=beta, relevance=relevance, pools=pools)
-  logits = _whole_pool(objective).negative_logits
   s = jax.lax.stop_gradient(s_cross)
-  z = s / jax.lax.stop_gradient(temperature)
+  return loss, pool_terms(objective, sampling.whole_rows(s, True, s.shape[0]), pools,
+                          temperature=temperature, beta=beta, bias=bias)
+
+
+def learnt_scalars(learnt: dict, temperature) -> tuple:
+  """(temperature, bias): the objective's learnt ones where it has them (siglip's),
+  else the setting's temperature and no bias."""
+  if "log_inverse_temperature" in learnt:
+    temperature = jnp.exp(-learnt["log_inverse_temperature"])
+  return temperature, learnt.get("bias", 0.0)
+
+
+def pool_terms(objective: str, rows: sampling.Rows, pools: Pools, *, temperature, beta,
+               bias) -> sampling.LossTerms:
+  """A whole-pool objective's LossTerms from its anchors' rows of the cross scores (no
+  gradient) and pools' rows: the positives, each anchor's mean pool score, and the
+  weight each negative carries [2, n, G]."""
+  logits = _whole_pool(objective).negative_logits
+  frozen = jax.lax.stop_gradient(temperature)
   hyper = dict(beta=beta, bias=jax.lax.stop_gradient(bias))
-  weights = jnp.stack([pool_weights(logits(z.T, pools.text, **hyper), pools.text),
-                       pool_weights(logits(z, pools.audio, **hyper), pools.audio)])
-  negative = jnp.stack([sampling.masked_mean(s.T, pools.text, axis=1),
-                        sampling.masked_mean(s, pools.audio, axis=1)], axis=1)
+  weights = jnp.stack([
+      pool_weights(logits(rows.by_text / frozen, pools.text, **hyper), pools.text),
+      pool_weights(logits(rows.by_audio / frozen, pools.audio, **hyper), pools.audio)])
+  negative = jnp.stack([sampling.masked_mean(rows.by_text, pools.text, axis=1),
+                        sampling.masked_mean(rows.by_audio, pools.audio, axis=1)], axis=1)
   valid = pools.text.any(axis=1) | pools.audio.any(axis=1)
-  return loss, sampling.LossTerms(jnp.diagonal(s), negative, valid, weights)
+  return sampling.LossTerms(rows.positive, negative, valid, weights)
 
 
 def _add_whole_pool(name: str, loss: Callable[..., Array],

@@ -167,12 +167,12 @@ def loss_and_terms(embedded: objectives.Embedded, loss, *, learnt: dict, key: Ar
   if loss.objective == "triplet":
     value, terms = _triplet(embedded, loss, scorer, kept, key, count, cross, with_gradient)
   else:
-    value, terms = _whole_pool(loss, learnt, with_gradient, positive, pool, kept,
-                               similarity, count)
+    value, terms = _whole_pool(loss, learnt, with_gradient, cross, pool, kept, similarity,
+                               count)
   shares = None
   if events is not None:
-    every_events = jax.lax.all_gather(events, AXIS, tiled=True)
-    false = jnp.all(events[:, None, :] == every_events[None, :, :], axis=-1) & pool
+    false = false_negatives.same_events(
+        events, jax.lax.all_gather(events, AXIS, tiled=True)) & pool
     shares = false_negatives.measured_shares(terms.weights, pool, kept, false,
                                              mean=global_mean)
   return value, terms, shares
@@ -231,46 +231,33 @@ def _triplet(embedded, loss, scorer, kept, key, count: int, cross=None, with_gra
   return sampling.triplet_from_scores(*scored, chosen, loss.margin, count, mean=global_mean)
 
 
-def _whole_pool(loss, learnt: dict, with_gradient: tuple, positive, pool, kept, similarity,
-                count):
+def _whole_pool(loss, learnt: dict, with_gradient: tuple, cross: sampling.Rows, pool, kept,
+                similarity, count):
   """A whole-pool objective's loss and terms from this device's rows, as
   `objectives.whole_pool_loss_and_terms` on the whole batch."""
-  objective = loss.objective
-  temperature = loss.temperature
-  if "log_inverse_temperature" in learnt:
-    temperature = jnp.exp(-learnt["log_inverse_temperature"])
-  bias = learnt.get("bias", 0.0)
+  temperature, bias = objectives.learnt_scalars(learnt, loss.temperature)
   by_audio, by_text = with_gradient
   positives = ~pool  # every row is a valid anchor: a sharded batch has no padding rows
   valid = jnp.ones(pool.shape[0], bool)
   z_audio, z_text = (s.astype(jnp.float32) / temperature for s in (by_audio, by_text))
-  if objective == "siglip":
+  if loss.objective == "siglip":
     pairs = positives | kept  # kept & kept.T, as kept is symmetric (settings refuse else)
     value = -jax.lax.psum(objectives.siglip_log_likelihood(z_audio, positives, pairs, bias),
                           AXIS) / count
   else:
     targets = positives.astype(jnp.float32)
-    if objective == "soft":
+    if loss.objective == "soft":
       targets = false_negatives.relevance(similarity, positives, loss.relevance_slope,
                                           loss.relevance_offset)
     log_weights = None
-    if objective == "hn_nce":
+    if loss.objective == "hn_nce":
       log_weights = lambda z, pool: objectives.hard_negative_log_weights(z, pool, loss.beta)
     value = objectives.softmax_rows(
         objectives.AnchorRows(z_audio, targets, positives, kept, valid),
         objectives.AnchorRows(z_text, targets, positives, kept, valid),
         log_weights=log_weights, mean=global_mean)
-  negative_logits = objectives.OBJECTIVES[objective].whole_pool.negative_logits
-  hyper = dict(beta=loss.beta, bias=jax.lax.stop_gradient(bias))
-  frozen_temperature = jax.lax.stop_gradient(temperature)
-  s_audio, s_text = jax.lax.stop_gradient((by_audio, by_text))
-  weights = jnp.stack([
-      objectives.pool_weights(negative_logits(s_text / frozen_temperature, kept, **hyper), kept),
-      objectives.pool_weights(negative_logits(s_audio / frozen_temperature, kept, **hyper),
-                              kept)])
-  negative = jnp.stack([sampling.masked_mean(s_text, kept, axis=1),
-                        sampling.masked_mean(s_audio, kept, axis=1)], axis=1)
-  return value, sampling.LossTerms(positive, negative, kept.any(axis=1), weights)
+  return value, objectives.pool_terms(loss.objective, cross, objectives.Pools(kept, kept),
+                                      temperature=temperature, beta=loss.beta, bias=bias)
 
 
 def sharded_loss_and_terms(mesh, embedded: objectives.Embedded, loss, *, learnt: dict,

@@ -17,7 +17,8 @@ import pytest
 
 from ntxr import bench, ctrl_c, models, sampling, settings, steps, together
 from ntxr.bench import __main__ as bench_command
-from ntxr.bench import encoder_steps, kernel_parts, kernels, reference, score_matrices, timing
+from ntxr.bench import encoder_steps, kernel_parts, kernels, negatives, reference, score_matrices
+from ntxr.bench import timing
 from ntxr.bench import together_steps, training_loop, training_steps, union_program
 
 
@@ -92,6 +93,29 @@ def test_jobs_give_one_row_each():
   assert "| narrow | 4 | 8 | 2 |" in together_steps.format_table(rows)
 
 
+def test_the_negatives_job_gives_each_way_on_eight_devices():
+  """gather, ring and the local program at two global batches on 8 host devices (a child
+  process: XLA reads the device count at start-up), timed at the first only."""
+  code = ("import json, os\n"
+          "os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'\n"
+          "from ntxr.bench import negatives\n"
+          "rows = negatives.run([16, 32], ['hard_audio'], (2, 4, 4, 4, 4), dict(frames=8, "
+          "words=3, mel_bands=64, vocab=10), 1, 16)\n"
+          "print(json.dumps(dict(rows=rows, table=negatives.format_table(rows))))")
+  done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        check=False, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert done.returncode == 0, done.stderr[-3000:]
+  found = json.loads(done.stdout.splitlines()[-1])
+  rows = found["rows"]
+  assert [(r["way"], r["batch"], r["devices"], r["local_batch"]) for r in rows] == [
+      (way, batch, 8, batch // 8) for batch in (16, 32) for way in negatives.WAYS]
+  assert all((r["ms"] is not None) == (r["batch"] == 16) for r in rows)
+  assert all(r["ms"] is None or r["ms"] > 0 for r in rows)
+  assert all(negatives.per_device_mib(r) > 0 for r in rows)
+  assert "| hard_audio | 32 | 8 | local |" in found["table"]
+  assert "| 1.00 | - |" in found["table"]
+
+
 def test_command_writes_json_and_imports_no_tensorflow(tmp_path):
   out = tmp_path / "bench.json"
   code = ("import sys; from absl import app; from ntxr.bench import __main__ as bench\n"
@@ -117,7 +141,9 @@ def test_a_malformed_shape_run_count_or_job_costs_one_line(tmp_path):
   for flag, message in [
       ("--shapes=256x1500", "--shapes: '256x1500' is not N:T:W:E, four positive whole numbers"),
       ("--jobs=kernel", "--jobs: unknown ['kernel']; choose from ['kernels', 'parts', "
-       "'scores', 'steps', 'loop', 'together', 'union', 'encoders']")]:
+       "'scores', 'steps', 'loop', 'together', 'union', 'encoders', 'negatives']"),
+      ("--jobs=negatives,kernels", "--jobs=negatives runs alone: on a CPU it splits the "
+       "host into 8 devices, which the other jobs would step on")]:
     done = subprocess.run([sys.executable, "-m", "ntxr.bench", flag,
                            f"--json={tmp_path}/bench.json"], capture_output=True, text=True,
                           check=False)

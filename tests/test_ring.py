@@ -71,6 +71,34 @@ def test_training_steps_with_ring_equal_gather(found, trained):
                                rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.parametrize("fields", [dict(strategy="semihard_cross"),
+                                    dict(objective="infonce", strategy="")])
+def test_a_ring_of_one_device_is_the_batch_itself(fields):
+  """On one device the ring is one step: the loss and the gradients are gather's."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+  from ntxr import objectives, parallel, ring, sampling
+  mesh = parallel.Devices(jax.devices()[:1]).mesh
+  keys = jax.random.split(jax.random.key(4), 2)
+  ids = jnp.arange(8) // 2
+  audio, text = jax.random.normal(keys[0], (8, T, E)), jax.random.normal(keys[1], (8, W, E))
+  masks = jnp.ones((8, T), bool), jnp.ones((8, W), bool)
+  loss = settings.Loss(**fields)
+  def gather(a, t):
+    return objectives.get_objective(loss.objective).loss_and_terms(
+        objectives.Embedded(a, t, *masks, ids), loss, pool=sampling.negative_pool(ids),
+        relevance=None, learnt={}, key=keys[0])[0]
+  def ringed(a, t):
+    return ring.sharded_loss_and_terms(mesh, objectives.Embedded(a, t, *masks, ids), loss,
+                                       learnt={}, key=keys[0])[0]
+  (one, one_grads), (other, other_grads) = (
+      jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(audio, text) for fn in (gather, ringed))
+  np.testing.assert_allclose(other, one, rtol=1e-6)
+  for a, b in zip(other_grads, one_grads):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # float32 sums in two orders
+
+
 def test_ring_refuses_what_it_cannot_compute_as_gather():
   config = default.get_config()
   config.update(negatives="ring", objective="siglip", similarity="tfidf",

@@ -31,6 +31,7 @@ JOB_TITLES = {
     "together": "Runs trained together, vmapped over a runs axis",
     "union": "An ablation's strategies: one program per strategy or one over their union",
     "encoders": "Pretrained encoder pairs' training step against the publishers' PyTorch code",
+    "negatives": "Negatives over a sharded batch: gather against ring",
 }
 
 
@@ -95,11 +96,11 @@ def read(results_dir: str) -> list:
 
 def _table(result: dict) -> str:
   # pylint: disable=import-outside-toplevel  (the jobs import JAX; the page needs only them)
-  from ntxr.bench import (encoder_steps, kernel_parts, kernels, score_matrices,
+  from ntxr.bench import (encoder_steps, kernel_parts, kernels, negatives, score_matrices,
                           together_steps, training_loop, training_steps, union_program)
   modules = dict(kernels=kernels, parts=kernel_parts, scores=score_matrices,
                  steps=training_steps, loop=training_loop, together=together_steps,
-                 union=union_program, encoders=encoder_steps)
+                 union=union_program, encoders=encoder_steps, negatives=negatives)
   return modules[result["job"]].format_table(result["rows"])
 
 
