@@ -97,16 +97,20 @@ def filter_pool(pool: Array, s_cross: Array, similarity: Optional[Array], *,
 
 
 def filter_rows(pool: Array, rows: Optional[sampling.Rows], similarity: Optional[Array], *,
-                max_similarity: float, max_share_of_positive: float) -> Array:
+                max_similarity: float, max_share_of_positive: float,
+                candidates_positive: Optional[Array] = None) -> Array:
   """`filter_pool` on the anchors' rows: pool [n, G] bool, rows the cross scores' (None
-  where max_share_of_positive is 0), similarity [n, G] the anchors' captions' rows."""
+  where max_share_of_positive is 0), similarity [n, G] the anchors' captions' rows.
+  candidates_positive [G]: every anchor's positive score; given, the rows are those of
+  the filtered pool's transpose (each candidate bounded by its own positive)."""
   drop = jnp.zeros_like(pool)
   if max_similarity > 0:
     if similarity is None:
       raise ValueError("filtering by caption similarity needs a similarity source")
     drop = drop | (similarity > max_similarity)
   if max_share_of_positive > 0:
-    bound = max_share_of_positive * rows.positive[:, None]
+    bound = max_share_of_positive * (rows.positive[:, None] if candidates_positive is None
+                                     else candidates_positive[None, :])
     drop = drop | (rows.by_text > bound) | (rows.by_audio > bound)
   return pool & ~drop
 

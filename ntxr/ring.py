@@ -7,17 +7,18 @@ every device. Under `ring` the loss runs in `jax.shard_map` over the mesh axis "
 each of the D devices keeps its n = G / D pairs, and the other devices' embeddings come
 round the ring by `ppermute`, one device's block at a time. As a block passes, a device
 scores its own anchors against it, so it builds only its anchors' rows [n, G] of the
-matrices the loss reads: the cross scores of its clips and of its captions, and the
-within-modality scores a strategy selects by. From those rows every strategy selects
-(`sampling.Rows`), every objective scores (`objectives.softmax_rows`,
-`objectives.siglip_log_likelihood`), and the false-negative filter and soft relevance
-act, as on one device; means over anchors are over every device's (psum). Random draws
-are row i of the same [G, G] draw for anchor i on whichever device holds it.
+matrices the loss reads: the cross scores of its clips and of its captions (each entry
+computed once going forward), and the within-modality scores a strategy selects by.
+From those rows every strategy selects (`sampling.Rows`), every objective scores
+(`objectives.softmax_rows`, `objectives.siglip_log_likelihood`), and the false-negative
+filter and soft relevance act, as on one device; means over anchors are over every
+device's (psum). Random draws are anchor i's own wherever it lives.
 
 Memory per device: its rows, O(n G) scalars, and one block in flight; the gradient goes
 round the ring again, each block with its gradient so far, so no device keeps the
-blocks that passed, and none holds the [G, G] products. Runs trained together step with
-`gather`.
+blocks that passed, and none holds the [G, G] products. Runs trained together, and
+objectives registered with their own loss (`objectives.register`), are refused: they
+take `gather`.
 """
 
 import functools
@@ -64,14 +65,14 @@ def _cross_rows(scorer, embeddings: tuple, masks: tuple) -> tuple:
   (audio, text), (audio_mask, text_mask) = embeddings, masks
   devices, me, forward = _ring()
   n = audio.shape[0]
-  kind = jax.eval_shape(scorer.matrix, audio, text, audio_mask, text_mask).dtype
+  dtype = jax.eval_shape(scorer.matrix, audio, text, audio_mask, text_mask).dtype
   def step(carry, _):
     captions, caption_mask, their_rows = carry
     block = scorer.matrix(audio, captions, audio_mask, caption_mask)  # [my clips, theirs]
     their_rows = jax.lax.dynamic_update_slice_in_dim(their_rows, block.T, me * n, axis=1)
     return jax.lax.ppermute((captions, caption_mask, their_rows), AXIS, forward), block
   (_, _, by_text), held = jax.lax.scan(
-      step, (text, text_mask, jnp.zeros((n, devices * n), kind)), length=devices)
+      step, (text, text_mask, jnp.zeros((n, devices * n), dtype)), length=devices)
   return _in_global_order(held), by_text
 
 
@@ -90,8 +91,9 @@ def _cross_rows_forward(scorer, embeddings, masks):
 def _cross_rows_backward(scorer, saved, cotangents):
   """The captions go round again with their rows' cotangents and their gradient so far:
   a device takes each block's part of both cotangents, adds the block's gradient to the
-  passing one and its clips' to its own; after D steps every block is home with its
-  whole gradient. No device keeps the blocks that passed."""
+  passing one and its clips' to its own (sums in float32, whatever the embeddings'
+  dtype); after D steps every block is home with its whole gradient. No device keeps the
+  blocks that passed."""
   (audio, text), (audio_mask, text_mask) = saved
   by_audio_cotangent, by_text_cotangent = cotangents
   devices, me, forward = _ring()
@@ -103,15 +105,17 @@ def _cross_rows_backward(scorer, saved, cotangents):
                  + jax.lax.dynamic_slice_in_dim(their_cotangent, me * n, n, axis=1).T)
     _, vjp = jax.vjp(lambda a, t: scorer.matrix(a, t, audio_mask, caption_mask),
                      audio, captions)
-    audio_part, caption_part = vjp(cotangent.astype(by_audio_cotangent.dtype))
+    audio_part, caption_part = vjp(cotangent)
     moved = jax.lax.ppermute((captions, caption_mask, their_cotangent,
-                              their_gradient + caption_part), AXIS, forward)
-    return (*moved, audio_gradient + audio_part), None
-  start = (text, text_mask, by_text_cotangent, jnp.zeros_like(text), jnp.zeros_like(audio))
+                              their_gradient + caption_part.astype(jnp.float32)), AXIS,
+                             forward)
+    return (*moved, audio_gradient + audio_part.astype(jnp.float32)), None
+  start = (text, text_mask, by_text_cotangent, jnp.zeros(text.shape, jnp.float32),
+           jnp.zeros(audio.shape, jnp.float32))
   (_, _, _, text_gradient, audio_gradient), _ = jax.lax.scan(step, start, jnp.arange(devices))
   no_gradient = tuple(np.zeros(mask.shape, jax.dtypes.float0) for mask in (audio_mask,
                                                                          text_mask))
-  return (audio_gradient, text_gradient), no_gradient
+  return (audio_gradient.astype(audio.dtype), text_gradient.astype(text.dtype)), no_gradient
 
 
 _cross_rows.defvjp(_cross_rows_forward, _cross_rows_backward)
@@ -146,7 +150,13 @@ def loss_and_terms(embedded: objectives.Embedded, loss, *, learnt: dict, key: Ar
   count = every_id.shape[0]
   pool = embedded.audio_ids[:, None] != every_id[None, :]
   scorer = scores.get_scorer(loss.score)
-  every_negative = loss.objective != "triplet" or loss.strategy == "full_batch"
+  objective = objectives.get_objective(loss.objective)
+  if loss.objective != "triplet" and objective.whole_pool is None:
+    raise ValueError(f"--config.negatives=ring computes the triplet loss and the whole-pool "
+                     f"objectives; {loss.objective!r} computes its own loss from the whole "
+                     f"batch: use --config.negatives=gather")
+  every_negative = loss.objective != "triplet" or _negatives_an_anchor(loss.strategy, n,
+                                                                      count) > 1
   if every_negative:  # the rows are the loss's, with gradient
     with_gradient = cross_rows(scorer, embedded)
     frozen = jax.lax.stop_gradient(with_gradient)
@@ -167,8 +177,14 @@ def loss_and_terms(embedded: objectives.Embedded, loss, *, learnt: dict, key: Ar
   if loss.objective == "triplet":
     value, terms = _triplet(embedded, loss, scorer, kept, key, count, cross, with_gradient)
   else:
-    value, terms = _whole_pool(loss, learnt, with_gradient, cross, pool, kept, similarity,
-                               count)
+    kept_transposed = kept
+    if loss.objective == "siglip" and loss.filter_share_of_positive:
+      kept_transposed = false_negatives.filter_rows(
+          pool, cross, similarity, max_similarity=loss.filter_similarity,
+          max_share_of_positive=loss.filter_share_of_positive,
+          candidates_positive=jax.lax.all_gather(positive, AXIS, tiled=True))
+    value, terms = _whole_pool(loss, learnt, with_gradient, cross, pool, kept,
+                               kept_transposed, similarity, count)
   shares = None
   if events is not None:
     false = false_negatives.same_events(
@@ -176,6 +192,17 @@ def loss_and_terms(embedded: objectives.Embedded, loss, *, learnt: dict, key: Ar
     shares = false_negatives.measured_shares(terms.weights, pool, kept, false,
                                              mean=global_mean)
   return value, terms, shares
+
+
+def _negatives_an_anchor(strategy: str, n: int, count: int) -> int:
+  """K: how many negatives the strategy's selector gives an anchor (traced on shapes)."""
+  rows = jax.ShapeDtypeStruct((n, count), jnp.float32)
+  found = jax.eval_shape(
+      sampling.get_strategy(strategy).select,
+      sampling.Rows(rows, rows, jax.ShapeDtypeStruct((n,), jnp.float32),
+                    jax.ShapeDtypeStruct((n,), jnp.int32)),
+      jax.ShapeDtypeStruct((n, count), jnp.bool_), jax.random.key(0))
+  return found.audio.shape[1]
 
 
 def collect_round_the_ring(local: tuple, chosen: Array) -> tuple:
@@ -232,16 +259,17 @@ def _triplet(embedded, loss, scorer, kept, key, count: int, cross=None, with_gra
 
 
 def _whole_pool(loss, learnt: dict, with_gradient: tuple, cross: sampling.Rows, pool, kept,
-                similarity, count):
+                kept_transposed, similarity, count):
   """A whole-pool objective's loss and terms from this device's rows, as
-  `objectives.whole_pool_loss_and_terms` on the whole batch."""
+  `objectives.whole_pool_loss_and_terms` on the whole batch; kept_transposed: this
+  device's rows of the filtered pool's transpose (siglip's pairs are in both pools)."""
   temperature, bias = objectives.learnt_scalars(learnt, loss.temperature)
   by_audio, by_text = with_gradient
   positives = ~pool  # every row is a valid anchor: a sharded batch has no padding rows
   valid = jnp.ones(pool.shape[0], bool)
   z_audio, z_text = (s.astype(jnp.float32) / temperature for s in (by_audio, by_text))
   if loss.objective == "siglip":
-    pairs = positives | kept  # kept & kept.T, as kept is symmetric (settings refuse else)
+    pairs = positives | (kept & kept_transposed)
     value = -jax.lax.psum(objectives.siglip_log_likelihood(z_audio, positives, pairs, bias),
                           AXIS) / count
   else:
@@ -265,12 +293,12 @@ def sharded_loss_and_terms(mesh, embedded: objectives.Embedded, loss, *, learnt:
                            events: Optional[Array] = None):
   """`loss_and_terms` on the global batch split by rows over `mesh`'s AXIS (jit-traced
   arrays [G, ...]): (loss, LossTerms [G] without their weights, shares or None)."""
-  rows, same = PartitionSpec(AXIS), PartitionSpec()
+  rows, replicated = PartitionSpec(AXIS), PartitionSpec()
   def run(embedded, learnt, key, similarity, events):
     value, terms, shares = loss_and_terms(embedded, loss, learnt=learnt, key=key,
                                           similarity=similarity, events=events)
     return value, terms._replace(weights=None), shares
   return jax.shard_map(
-      run, mesh=mesh, in_specs=(rows, same, same, rows, rows),
-      out_specs=(same, sampling.LossTerms(rows, rows, rows, None), same),
+      run, mesh=mesh, in_specs=(rows, replicated, replicated, rows, rows),
+      out_specs=(replicated, sampling.LossTerms(rows, rows, rows, None), replicated),
       check_vma=False)(embedded, learnt, key, similarity, events)

@@ -132,11 +132,12 @@ def _full_batch(_, pool, __):
 
 @_specified("random")
 def _random(rows, pool, key):
-  """Uniform over the pool, audio and text drawn independently: anchor i's draws are row
-  i of a [G, G] uniform matrix, whichever device holds it."""
+  """Uniform over the pool, audio and text drawn independently: anchor i's draws come from
+  the key folded with i, whichever device holds it, [n, G] and never [G, G]."""
   audio_key, text_key = jax.random.split(key)
   count = pool.shape[1]
-  draws = lambda key: jax.random.uniform(key, (count, count))[rows.anchors]
+  draws = lambda key: jax.vmap(lambda anchor: jax.random.uniform(
+      jax.random.fold_in(key, anchor), (count,)))(rows.anchors)
   return _one_each(masked_argmax(draws(audio_key), pool),
                    masked_argmax(draws(text_key), pool))
 

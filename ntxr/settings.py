@@ -32,7 +32,8 @@ OPERATIONAL = ("checkpoint_every_steps", "metrics_every_steps", "cache_dir", "st
 # Config fields a resumed run may change (they leave training as it was, and a finished
 # run with more epochs trains on); any other change needs a new workdir.
 RESUMABLE_CHANGES = (*OPERATIONAL, "num_epochs", "collapse",
-                     "batch_norm_pass")  # it sets the initial state a checkpoint replaces
+                     "batch_norm_pass",  # it sets the initial state a checkpoint replaces
+                     "negatives")  # ring computes what gather does, in less memory
 # The fields that may differ between runs trained together (`ntxr.programs`).
 PER_RUN = ("strategy", "objective", "seed")
 # Paths: "/data/clotho/" and "/data/clotho" name one folder.
@@ -497,11 +498,6 @@ def check_values(config: ml_collections.ConfigDict) -> None:
       ("audio_encoder", AUDIO_ENCODERS), ("text_encoder", TEXT_ENCODERS),
       ("frozen", FROZEN), ("lr_schedule", LR_SCHEDULES), ("negatives", NEGATIVES)]:
     _choose(field, config[field], choices)
-  if (config.negatives == "ring" and config.objective == "siglip"
-      and config.filter_share_of_positive):
-    raise SettingError("--config.negatives=ring: siglip scores each pair once, from both "
-                       "anchors' pools, and --config.filter_share_of_positive makes them "
-                       "differ; use --config.negatives=gather")
   for field, value in _flat(config):
     if isinstance(value, float) and not math.isfinite(value):
       raise SettingError(f"--config.{field} must be a finite number, not {value}")

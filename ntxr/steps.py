@@ -294,20 +294,34 @@ def _loss_and_terms(params: dict, variables: dict, apply_fn, batch: dict, key: j
   else:
     (audio, text), updates = apply_fn(variables, inputs, train=False), {}
   embedded = objectives.Embedded(audio, text, audio_mask, text_mask, batch["audio_id"])
-  similarity = batch.get("caption_similarity")
-  learnt = params.get("objective", {})
+  value, terms, shares = embedded_loss_and_terms(
+      embedded, loss, learnt=params.get("objective", {}), key=sample_key,
+      similarity=batch.get("caption_similarity"), events=batch.get("events"), mesh=mesh)
+  return value, (updates.get("batch_stats"), terms, shares)
+
+
+def embedded_loss_and_terms(embedded: objectives.Embedded, loss: settings.Loss, *,
+                            learnt: dict, key: jax.Array, similarity=None, events=None,
+                            mesh=None) -> tuple:
+  """(loss, LossTerms, false-negative shares or None) of a batch's embeddings, over the
+  whole batch or, with loss.negatives "ring", from each of `mesh`'s devices' rows
+  (`ntxr.ring`; its LossTerms [B] without weights). learnt: the objective's parameters;
+  similarity [B, B]: the captions' (the filter's and soft's); events [B, K] bool: the
+  clips' event kinds (to measure false negatives)."""
   if loss.negatives == "ring":
-    value, terms, shares = ring.sharded_loss_and_terms(
-        mesh, embedded, loss, learnt=learnt, key=sample_key, similarity=similarity,
-        events=batch.get("events"))
-    return value, (updates.get("batch_stats"), terms, shares)
+    if mesh is None:
+      raise ValueError("--config.negatives=ring splits the loss over the devices' mesh: "
+                       "pass mesh=")
+    return ring.sharded_loss_and_terms(mesh, embedded, loss, learnt=learnt, key=key,
+                                       similarity=similarity, events=events)
   pool = sampling.negative_pool(embedded.audio_ids)
   kept = pool
   if loss.filters:
     s_cross = None
     if loss.filter_share_of_positive:
       s_cross = scores.get_scorer(loss.score).matrix(
-          *jax.lax.stop_gradient((audio, text)), audio_mask, text_mask)
+          *jax.lax.stop_gradient((embedded.audio, embedded.text)), embedded.audio_mask,
+          embedded.text_mask)
     kept = false_negatives.filter_pool(
         pool, s_cross, similarity, max_similarity=loss.filter_similarity,
         max_share_of_positive=loss.filter_share_of_positive)
@@ -317,12 +331,12 @@ def _loss_and_terms(params: dict, variables: dict, apply_fn, batch: dict, key: j
     relevance = false_negatives.relevance(similarity, ~pool, loss.relevance_slope,
                                           loss.relevance_offset)
   value, terms = objective.loss_and_terms(embedded, loss, pool=kept, relevance=relevance,
-                                          learnt=learnt, key=sample_key)
+                                          learnt=learnt, key=key)
   shares = None
-  if "events" in batch:
+  if events is not None:
     shares = false_negatives.measured_shares(
-        terms.weights, pool, kept, false_negatives.same_events(batch["events"]) & pool)
-  return value, (updates.get("batch_stats"), terms, shares)
+        terms.weights, pool, kept, false_negatives.same_events(events) & pool)
+  return value, terms, shares
 
 
 def train_step(state: TrainState, batch: dict, key: jax.Array, *,

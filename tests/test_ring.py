@@ -26,7 +26,12 @@ CASES = ([dict(strategy=name) for name in ("full_batch", "random", "semihard_cro
                                                            "siglip")]
          + [dict(strategy="semihard_cross", filter_share_of_positive=0.9,
                  filter_similarity=0.8),
-            dict(objective="infonce", strategy="", filter_similarity=0.7)])
+            dict(objective="infonce", strategy="", filter_similarity=0.7),
+            dict(objective="siglip", strategy="", filter_share_of_positive=0.9),
+            dict(strategy="full_batch", filter_share_of_positive=0.9, filter_similarity=0.8),
+            dict(strategy="hard_audio", filter_share_of_positive=0.9)])
+EMPTIED = 3  # anchors whose captions are like every other: the similarity filters empty
+             # their pools
 TRAINED = (dict(strategy="hard_audio"),
            dict(objective="soft", similarity="tfidf", filter_similarity=0.5))
 STEPS = 3
@@ -46,8 +51,9 @@ def found(cache_dir, tmp_path_factory):
 @pytest.mark.parametrize("score", ["alignment", "pooled"])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_ring_gives_what_gather_gives(found, score, case):
-  """The loss within 1e-5, gradients of the embeddings within 1e-5, the negatives'
-  weights (which negatives, how much each counts) and the statistics' terms and shares."""
+  """The loss within 1e-5, gradients of the embeddings (and of siglip's learnt scalars)
+  within 1e-5, the negatives' weights (which negatives, how much each counts) and the
+  statistics' terms and shares; anchors whose pool a filter empties included."""
   prefix = f"{score}/{case}"
   gather, ring = ({name: value for name, value in found.items()
                    if name.startswith(f"{way}/{prefix}/")} for way in ("gather", "ring"))
@@ -57,6 +63,8 @@ def test_ring_gives_what_gather_gives(found, score, case):
                                rtol=1e-5, atol=1e-5, err_msg=f"{CASES[case]} {name}")
   weights = gather[f"gather/{prefix}/weights"]
   assert weights.shape == (2, G, G) and weights.sum() > 0
+  if CASES[case].get("filter_similarity"):
+    assert not gather[f"gather/{prefix}/valid"][:EMPTIED].any()
 
 
 @pytest.mark.parametrize("trained", range(len(TRAINED)))
@@ -99,12 +107,33 @@ def test_a_ring_of_one_device_is_the_batch_itself(fields):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)  # float32 sums in two orders
 
 
+def test_an_objective_with_its_own_loss_is_refused_by_ring(monkeypatch):
+  # pylint: disable=import-outside-toplevel
+  import jax
+  import jax.numpy as jnp
+  from ntxr import objectives, parallel, specs, steps
+  monkeypatch.setattr(specs, "OBJECTIVES", dict(specs.OBJECTIVES))
+  monkeypatch.setattr(objectives, "OBJECTIVES", dict(objectives.OBJECTIVES))
+  objectives.register("mean_score", lambda embedded, setting, **_: (0.0, None),
+                      takes_strategy=False)
+  embedded = objectives.Embedded(jnp.ones((4, T, E)), jnp.ones((4, W, E)),
+                                 jnp.ones((4, T), bool), jnp.ones((4, W), bool),
+                                 jnp.arange(4))
+  with pytest.raises(ValueError, match="'mean_score' computes its own loss from the whole "
+                                       "batch: use --config.negatives=gather"):
+    steps.embedded_loss_and_terms(
+        embedded, settings.Loss(objective="mean_score", negatives="ring"), learnt={},
+        key=jax.random.key(0), mesh=parallel.Devices(jax.devices()[:1]).mesh)
+  with pytest.raises(ValueError, match="splits the loss over the devices' mesh: pass mesh="):
+    steps.embedded_loss_and_terms(embedded, settings.Loss(negatives="ring"), learnt={},
+                                  key=jax.random.key(0))
+
+
 def test_ring_refuses_what_it_cannot_compute_as_gather():
   config = default.get_config()
   config.update(negatives="ring", objective="siglip", similarity="tfidf",
                 filter_share_of_positive=0.9)
-  with pytest.raises(settings.SettingError, match="siglip scores each pair once"):
-    settings.check_values(config)
+  settings.check_values(config)  # siglip's pairs in both filtered pools: ring has them
   config.update(objective="triplet", strategy="random", filter_share_of_positive=0.0)
   other = config.copy_and_resolve_references()
   other.seed = 1
@@ -122,7 +151,7 @@ def _kernels() -> dict:
   import jax
   import jax.numpy as jnp
   from jax.sharding import PartitionSpec
-  from ntxr import false_negatives, objectives, parallel, ring, sampling, scores
+  from ntxr import objectives, parallel, ring, sampling, steps
   mesh = parallel.Devices().mesh
   keys = jax.random.split(jax.random.key(0), 6)
   ids = jax.random.permutation(keys[5], jnp.arange(G) // 2)  # two captions a clip
@@ -131,25 +160,14 @@ def _kernels() -> dict:
   text_mask = jnp.arange(W)[None] < jax.random.randint(keys[3], (G, 1), 1, W + 1)
   similarity = jax.random.uniform(keys[4], (G, G))
   similarity = (similarity + similarity.T) / 2  # as every caption similarity
+  similarity = similarity.at[:EMPTIED].set(0.95).at[:, :EMPTIED].set(0.95)
   events = jax.random.bernoulli(keys[4], 0.5, (G, 2))
   key = jax.random.key(3)
 
-  def gather(audio, text, loss, learnt):  # as steps._loss_and_terms on one batch
-    embedded = objectives.Embedded(audio, text, audio_mask, text_mask, ids)
-    pool = sampling.negative_pool(ids)
-    s_cross = scores.get_scorer(loss.score).matrix(
-        *jax.lax.stop_gradient((audio, text)), audio_mask, text_mask)
-    kept = false_negatives.filter_pool(
-        pool, s_cross, similarity, max_similarity=loss.filter_similarity,
-        max_share_of_positive=loss.filter_share_of_positive) if loss.filters else pool
-    objective = objectives.get_objective(loss.objective)
-    relevance = (false_negatives.relevance(similarity, ~pool, loss.relevance_slope,
-                                           loss.relevance_offset)
-                 if objective.needs_relevance else None)
-    value, terms = objective.loss_and_terms(embedded, loss, pool=kept, relevance=relevance,
-                                            learnt=learnt, key=key)
-    shares = false_negatives.measured_shares(
-        terms.weights, pool, kept, false_negatives.same_events(events) & pool)
+  def gather(audio, text, loss, learnt):  # what the step computes on one batch
+    value, terms, shares = steps.embedded_loss_and_terms(
+        objectives.Embedded(audio, text, audio_mask, text_mask, ids), loss, learnt=learnt,
+        key=key, similarity=similarity, events=events)
     return value, (terms, shares)
 
   def ringed(audio, text, loss, learnt):
@@ -171,11 +189,13 @@ def _kernels() -> dict:
       learnt = objectives.initial_parameters(loss.objective)
       for way, fn in (("gather", gather), ("ring", ringed)):
         (value, (terms, shares)), grads = jax.jit(jax.value_and_grad(
-            lambda a, t, fn=fn: fn(a, t, loss, learnt), argnums=(0, 1), has_aux=True))(
-                audio, text)
+            lambda a, t, scalars, fn=fn: fn(a, t, loss, scalars), argnums=(0, 1, 2),
+            has_aux=True))(audio, text, learnt)
         prefix = f"{way}/{score}/{case}"
         found.update({f"{prefix}/loss": value, f"{prefix}/grad_audio": grads[0],
                       f"{prefix}/grad_text": grads[1], f"{prefix}/weights": terms.weights,
+                      **{f"{prefix}/grad_{name}": g
+                         for name, g in grads[2].get("objective", {}).items()},
                       f"{prefix}/positive": terms.positive,
                       f"{prefix}/negative": terms.negative,
                       f"{prefix}/valid": terms.valid,

@@ -194,7 +194,10 @@ def main(argv):
     if job not in FLAGS.jobs:
       continue
     key, run, table = jobs[job]
-    report[key] = run()
+    try:
+      report[key] = run()
+    except ValueError as error:  # a job this machine cannot run
+      command.exit_with(error, 1)
     print(table(report[key]) + "\n")
     if FLAGS.results_dir:  # each job's file as soon as it is measured
       print(results.write(FLAGS.results_dir, job, report[key], about) + "\n")

@@ -65,7 +65,11 @@ def measure(way: str, strategy: str, batch: int, channels: tuple, shape: dict,
 
 def run(batches, strategies, channels: tuple, shape: dict, repeats: int,
         timed_up_to: int) -> list:
-  """Rows of every way, strategy and global batch (each a multiple of the devices)."""
+  """Rows of every way, strategy and global batch (each a multiple of the devices);
+  ValueError on one device, where there is nothing to split."""
+  if jax.device_count() < 2:
+    raise ValueError(f"the negatives job splits a batch over several devices; JAX sees "
+                     f"one ({jax.devices()[0].device_kind})")
   return [measure(way, strategy, batch, channels, shape, repeats, batch <= timed_up_to)
           for strategy in strategies for batch in batches for way in WAYS]
 
