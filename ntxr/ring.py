@@ -61,7 +61,8 @@ def _cross_rows(scorer, embeddings: tuple, masks: tuple) -> tuple:
   """The captions go round the ring, each block with its owner's by_text rows so far: a
   device scores its clips against the passing captions once, keeps the block as its
   by_audio columns and writes its transpose into the passing rows, which come home
-  whole after D steps. Each entry of s_cross is computed once."""
+  whole after D steps. Each entry of s_cross is computed once (the backward pass scores
+  each block again)."""
   (audio, text), (audio_mask, text_mask) = embeddings, masks
   devices, me, forward = _ring()
   n = audio.shape[0]
