@@ -35,12 +35,11 @@ Array = jax.Array
 AXIS = "data"  # the mesh axis the batch is split over (`parallel.Devices`)
 
 
-def global_mean(values: Array, mask: Optional[Array] = None, axis=None) -> Array:
-  """The mean of values where mask holds (None: everywhere) over every device's anchors
-  (axis None: all of them; else per entry of the other axes, then over devices)."""
+def global_mean(values: Array, mask: Optional[Array] = None) -> Array:
+  """The mean of values where mask holds (None: everywhere), over every device's."""
   mask = jnp.ones(values.shape, bool) if mask is None else jnp.broadcast_to(mask, values.shape)
-  total = jax.lax.psum(jnp.sum(jnp.where(mask, values, 0), axis=axis), AXIS)
-  return total / jnp.maximum(jax.lax.psum(jnp.sum(mask, axis=axis), AXIS), 1)
+  total = jax.lax.psum(jnp.sum(jnp.where(mask, values, 0)), AXIS)
+  return total / jnp.maximum(jax.lax.psum(jnp.sum(mask), AXIS), 1)
 
 
 def cross_rows(scorer: scores.Scorer, embedded: objectives.Embedded) -> tuple:
