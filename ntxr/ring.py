@@ -205,30 +205,33 @@ def _negatives_an_anchor(strategy: str, n: int, count: int) -> int:
   return found.audio.shape[1]
 
 
-def collect_round_the_ring(local: tuple, chosen: Array) -> tuple:
-  """Rows chosen [n] (indices among the G) of every device's tuple of [n, ...] arrays,
-  taken from each device's block as it comes round; the gradient goes back to the
-  owners. An index below 0 takes the last row, as indexing does."""
+def collect_round_the_ring(wanted: list) -> list:
+  """For each (local, chosen) of `wanted`: the rows chosen [n] (indices among the G) of
+  every device's `local`, a tuple of [n, ...] arrays, taken from each device's block as
+  it comes round, in one pass for all; the gradient goes back to the owners. An index
+  below 0 takes the last row, as indexing does."""
   devices, me, forward = _ring()
-  n = chosen.shape[0]
-  chosen = jnp.where(chosen < 0, devices * n - 1, chosen)
+  n = wanted[0][1].shape[0]
+  chosen = [jnp.where(c < 0, devices * n - 1, c) for _, c in wanted]
+  def take(indices, block, so_far, k):  # the rows of `indices` that `block` holds
+    here = indices // n == (me - k) % devices
+    return jax.tree.map(lambda kept, x: jnp.where(
+        here.reshape((n,) + (1,) * (x.ndim - 1)), x[indices % n], kept), so_far, block)
   def step(carry, k):
-    block, taken = carry
-    here = chosen // n == (me - k) % devices
-    rows = chosen % n
-    taken = jax.tree.map(
-        lambda kept, x: jnp.where(here.reshape((n,) + (1,) * (x.ndim - 1)), x[rows], kept),
-        taken, block)
-    return (jax.lax.ppermute(block, AXIS, forward), taken), None
-  (_, taken), _ = jax.lax.scan(step, (local, jax.tree.map(jnp.zeros_like, local)),
-                               jnp.arange(devices))
+    blocks, taken = carry
+    taken = [take(*entry, k) for entry in zip(chosen, blocks, taken)]
+    return (jax.lax.ppermute(blocks, AXIS, forward), taken), None
+  own = [local for local, _ in wanted]
+  (_, taken), _ = jax.lax.scan(
+      step, (own, [jax.tree.map(jnp.zeros_like, local) for local in own]), jnp.arange(devices))
   return taken
 
 
-def _triplet(embedded, loss, scorer, kept, key, count: int, cross=None, with_gradient=None):
+def _triplet(embedded, loss, scorer, kept, key, count: int, cross: sampling.Rows,
+             with_gradient: Optional[tuple]):
   """The triplet loss and terms from this device's rows (`sampling.triplet_from_scores`):
   one negative an anchor is scored with its embeddings fetched round the ring
-  (`collect_round_the_ring`); full_batch's every negative from the rows with gradient."""
+  (`collect_round_the_ring`, both modalities in one pass); full_batch's every negative from the rows with gradient."""
   strategy = sampling.get_strategy(loss.strategy)
   anchors = cross.anchors
   rows = sampling.Rows(None, None, None, anchors)
@@ -248,10 +251,9 @@ def _triplet(embedded, loss, scorer, kept, key, count: int, cross=None, with_gra
   else:
     audio, text = embedded.audio, embedded.text
     audio_mask, text_mask = embedded.audio_mask, embedded.text_mask
-    negative_audio, negative_audio_mask = collect_round_the_ring(
-        (audio, audio_mask), chosen.audio[:, 0])
-    negative_text, negative_text_mask = collect_round_the_ring(
-        (text, text_mask), chosen.text[:, 0])
+    (negative_audio, negative_audio_mask), (negative_text, negative_text_mask) = (
+        collect_round_the_ring([((audio, audio_mask), chosen.audio[:, 0]),
+                                ((text, text_mask), chosen.text[:, 0])]))
     scored = (scorer.paired(audio, text, audio_mask, text_mask),
               scorer.paired(negative_audio, text, negative_audio_mask, text_mask)[:, None],
               scorer.paired(audio, negative_text, audio_mask, negative_text_mask)[:, None])
