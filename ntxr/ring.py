@@ -231,7 +231,8 @@ def _triplet(embedded, loss, scorer, kept, key, count: int, cross: sampling.Rows
              with_gradient: Optional[tuple]):
   """The triplet loss and terms from this device's rows (`sampling.triplet_from_scores`):
   one negative an anchor is scored with its embeddings fetched round the ring
-  (`collect_round_the_ring`, both modalities in one pass); full_batch's every negative from the rows with gradient."""
+  (`collect_round_the_ring`, both modalities in one pass); full_batch's every negative
+  from the rows with gradient."""
   strategy = sampling.get_strategy(loss.strategy)
   anchors = cross.anchors
   rows = sampling.Rows(None, None, None, anchors)
