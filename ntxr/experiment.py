@@ -12,8 +12,8 @@ import functools
 import jax
 import numpy as np
 
-from ntxr import evaluation as evaluation_lib, models, parallel, relations as relations_lib
-from ntxr import settings, steps
+from ntxr import evaluation as evaluation_lib, memory as memory_lib, models, parallel
+from ntxr import relations as relations_lib, settings, steps
 from ntxr.data import corpus as corpus_lib, input_pipeline
 
 
@@ -125,18 +125,26 @@ class Experiment:
                                 sentence_pooling=model.sentence_pooling,
                                 **{f"{side}_encoder": encoder.module
                                    for side, encoder in loaded.items()})
-    self.initial_state = self.devices.replicate(steps.create_train_state(
+    state = steps.create_train_state(
         dual_encoder, jax.random.key(run_settings.seed), frames=data.frame_buckets[0],
         words=data.max_tokens, mel_bands=corpus.feature_width,
         objective=run_settings.loss.objective, learning_rate=optimiser.learning_rate,
         word_table=corpus.word_table,
         pretrained={f"{side}_encoder": encoder.variables for side, encoder in loaded.items()},
-        updates=self._updates(), batch_norm_pass=model.batch_norm_pass))
+        updates=self._updates(), batch_norm_pass=model.batch_norm_pass)
     similarity = run_settings.loss.similarity
     self.relations = relations_lib.CaptionRelations(
         corpus.builder, corpus.events, corpus.tokenizer, similarity, corpus.word_table,
         [c for _, captions in corpus.captions(self.training_split) for c in captions]
-        if similarity == "tfidf" else [])
+        if similarity == "tfidf" else [],
+        caption_vectors=run_settings.loss.memory_batches > 0 and run_settings.loss.compares_captions)
+    if run_settings.loss.memory_batches:
+      state = state.replace(memory=memory_lib.empty(
+          state.apply_fn, state.variables(), batches=run_settings.loss.memory_batches,
+          batch_size=optimiser.batch_size, frames=data.frame_buckets[-1],
+          words=data.max_tokens, feature_width=corpus.feature_width,
+          event_kinds=self.relations.event_kinds, vector_width=self.relations.vector_width))
+    self.initial_state = self.devices.replicate(state)
     self._train_step, self._eval_loss = compiled_steps(
         tuple(self.devices.mesh.devices.flat), run_settings.loss)
     self.evaluation = evaluation_lib.Evaluation(run_settings, corpus, self.devices)

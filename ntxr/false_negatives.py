@@ -55,34 +55,61 @@ def inverse_document_frequency(token_lists, vocab_size: int) -> np.ndarray:
   return np.log((1 + len(token_lists)) / (1 + df)) + 1
 
 
-def _cosine(vectors: np.ndarray) -> np.ndarray:
-  """[B, D] -> [B, B] cosine similarity (0 for a zero vector)."""
+def unit_rows(vectors: np.ndarray) -> np.ndarray:
+  """[B, D] -> [B, D] each row over its norm (a zero row stays zero)."""
   norms = np.linalg.norm(vectors, axis=1, keepdims=True)
-  unit = vectors / np.where(norms > 0, norms, 1)
+  return vectors / np.where(norms > 0, norms, 1)
+
+
+def cosine(vectors: np.ndarray) -> np.ndarray:
+  """[B, D] -> [B, B] cosine similarity (0 for a zero vector)."""
+  unit = unit_rows(vectors)
   return (unit @ unit.T).astype(np.float32)
+
+
+def tfidf_vectors(tokens: np.ndarray, token_mask: np.ndarray, idf: np.ndarray) -> np.ndarray:
+  """The captions' TF-IDF vectors: tokens [B, W] int, token_mask [B, W] -> [B, V]."""
+  counts = np.zeros((tokens.shape[0], idf.shape[0]))
+  rows = np.broadcast_to(np.arange(tokens.shape[0])[:, None], tokens.shape)
+  np.add.at(counts, (rows[token_mask], tokens[token_mask]), 1)
+  return counts * idf
+
+
+def word_vector_sums(tokens: np.ndarray, token_mask: np.ndarray,
+                     table: np.ndarray) -> np.ndarray:
+  """The sums of the captions' word vectors (their means' direction): table [V, E] ->
+  [B, E]."""
+  return np.einsum("bw,bwe->be", token_mask.astype(np.float64), table[tokens])
 
 
 def tfidf_similarity(tokens: np.ndarray, token_mask: np.ndarray, idf: np.ndarray) -> np.ndarray:
   """Cosine of the captions' TF-IDF vectors: tokens [B, W] int, token_mask [B, W] -> [B, B]."""
-  counts = np.zeros((tokens.shape[0], idf.shape[0]))
-  rows = np.broadcast_to(np.arange(tokens.shape[0])[:, None], tokens.shape)
-  np.add.at(counts, (rows[token_mask], tokens[token_mask]), 1)
-  return _cosine(counts * idf)
+  return cosine(tfidf_vectors(tokens, token_mask, idf))
 
 
 def word_vector_similarity(tokens: np.ndarray, token_mask: np.ndarray,
                            table: np.ndarray) -> np.ndarray:
   """Cosine of the captions' mean word vectors: table [V, E] -> [B, B]."""
-  summed = np.einsum("bw,bwe->be", token_mask.astype(np.float64), table[tokens])
-  return _cosine(summed)
+  return cosine(word_vector_sums(tokens, token_mask, table))
 
 
-def event_similarity(events: np.ndarray) -> np.ndarray:
-  """Jaccard similarity of the captions' clips' event kinds: events [B, K] bool -> [B, B]."""
-  events = events.astype(np.float64)
-  shared = events @ events.T
-  union = events.sum(1)[:, None] + events.sum(1)[None, :] - shared
-  return (shared / np.maximum(union, 1)).astype(np.float32)
+def event_similarity(events, others=None):
+  """Jaccard similarity of the captions' clips' event kinds: events [B, K] bool, and
+  others' [M, K] (default: the same) -> [B, M] float32; NumPy or JAX arrays."""
+  others = events if others is None else others
+  events, others = events.astype(np.float32), others.astype(np.float32)
+  shared = events @ others.T  # whole counts: exact in float32
+  union = events.sum(1)[:, None] + others.sum(1)[None, :] - shared
+  return shared / (union + (union == 0))
+
+
+def similarity_to(kind: str, mine: Array, others: Array) -> Array:
+  """[n, M]: the similarity `kind` (`settings.SIMILARITIES`) of n captions to M others,
+  each given as its unit caption vector (tfidf, word_vectors: `CaptionRelations`'
+  caption_vectors) or its clip's event kinds (events), as the host compares a batch's."""
+  if kind == "events":
+    return event_similarity(mine, others)
+  return mine @ others.T
 
 
 def filter_pool(pool: Array, s_cross: Array, similarity: Optional[Array], *,

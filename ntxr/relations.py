@@ -4,6 +4,9 @@ built-in corpus records them) and the captions' similarity (`--config.similarity
   relations = CaptionRelations(builder, events, tokenizer, similarity="tfidf",
                                word_table=None, training_captions=captions)
   batch = relations.add(batch, "development")  # + events [B, K], caption_similarity [B, B]
+
+With caption_vectors (for a cross-batch memory, which compares its captions with later
+batches'), a batch also carries each caption's unit vector under the similarity.
 """
 
 from typing import Optional
@@ -19,20 +22,35 @@ class CaptionRelations:
   """A corpus's relations between a batch's pairs. builder: its TFDS builder; events:
   {split: {file_name: [event kind]}} of the built-in corpus, or None for recorded data;
   similarity: "", "tfidf" (over `training_captions` as the tokenizer reads them),
-  "word_vectors" (`word_table`'s) or "events"."""
+  "word_vectors" (`word_table`'s) or "events"; caption_vectors: a batch carries its
+  captions' unit vectors [B, D] too, under tfidf and word_vectors (`vector_width`)."""
 
   def __init__(self, builder, events: Optional[dict], tokenizer, similarity: str,
-               word_table: Optional[np.ndarray], training_captions: list):
+               word_table: Optional[np.ndarray], training_captions: list,
+               caption_vectors: bool = False):
     if similarity == "events" and events is None:
       raise ValueError("--config.similarity=events needs the built-in corpus, whose clips' "
                        "events are known: use tfidf or word_vectors on recorded data")
     self.builder, self.events, self.similarity = builder, events, similarity
     self.word_table = word_table
+    self.caption_vectors = caption_vectors and similarity in ("tfidf", "word_vectors")
     self._events = {}  # split -> [clips, kinds] bool by audio_id
     self._idf = None
     if similarity == "tfidf":  # over the training captions, as the model sees them
       self._idf = false_negatives.inverse_document_frequency(
           [tokenizer.encode(caption) for caption in training_captions], tokenizer.vocab_size)
+
+  @property
+  def vector_width(self) -> Optional[int]:
+    """D of a batch's caption_vectors, or None where it carries none."""
+    if not self.caption_vectors:
+      return None
+    return len(self._idf) if self.similarity == "tfidf" else self.word_table.shape[1]
+
+  @property
+  def event_kinds(self) -> Optional[int]:
+    """How many event kinds a batch's events name, or None for recorded data (no events)."""
+    return None if self.events is None else len(synthetic.EVENT_KINDS)
 
   def clip_events(self, split: str) -> Optional[np.ndarray]:
     """[clips, len(synthetic.EVENT_KINDS)] bool each clip's event kinds by audio_id, or
@@ -51,17 +69,22 @@ class CaptionRelations:
     return self._events[split]
 
   def add(self, batch: dict, split: str) -> dict:
-    """The batch of `split` with its relations: events [B, K] bool (the built-in corpus)
-    and caption_similarity [B, B] (with a similarity)."""
+    """The batch of `split` with its relations: events [B, K] bool (the built-in corpus),
+    caption_similarity [B, B] (with a similarity) and caption_vectors [B, D] float32 (if
+    asked)."""
     extra, events = {}, self.clip_events(split)
     if events is not None:
       extra["events"] = events[batch["audio_id"]]
+    vectors = None
     if self.similarity == "tfidf":
-      extra["caption_similarity"] = false_negatives.tfidf_similarity(
-          batch["tokens"], batch["token_mask"], self._idf)
+      vectors = false_negatives.tfidf_vectors(batch["tokens"], batch["token_mask"], self._idf)
     elif self.similarity == "word_vectors":
-      extra["caption_similarity"] = false_negatives.word_vector_similarity(
-          batch["tokens"], batch["token_mask"], self.word_table)
+      vectors = false_negatives.word_vector_sums(batch["tokens"], batch["token_mask"],
+                                                 self.word_table)
     elif self.similarity == "events":
       extra["caption_similarity"] = false_negatives.event_similarity(extra["events"])
+    if vectors is not None:
+      extra["caption_similarity"] = false_negatives.cosine(vectors)
+      if self.caption_vectors:
+        extra["caption_vectors"] = false_negatives.unit_rows(vectors).astype(np.float32)
     return dict(batch, **extra)

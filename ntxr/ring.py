@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 import numpy as np
 
-from ntxr import false_negatives, objectives, sampling, scores
+from ntxr import false_negatives, memory as memory_lib, objectives, sampling, scores
 
 Array = jax.Array
 AXIS = "data"  # the mesh axis the batch is split over (`parallel.Devices`)
@@ -42,11 +42,24 @@ def global_mean(values: Array, mask: Optional[Array] = None) -> Array:
   return total / jnp.maximum(jax.lax.psum(jnp.sum(mask), AXIS), 1)
 
 
-def cross_rows(scorer: scores.Scorer, embedded: objectives.Embedded) -> tuple:
-  """(by_audio, by_text) [n, G]: s_cross[a, :] of this device's clips a and s_cross[:, t]
-  of its captions t, with gradient (`_cross_rows`)."""
-  return _cross_rows(scorer, (embedded.audio, embedded.text),
-                     (embedded.audio_mask, embedded.text_mask))
+def cross_rows(scorer: scores.Scorer, embedded: objectives.Embedded,
+               stored: Optional[objectives.Embedded] = None) -> tuple:
+  """(by_audio, by_text) [n, G + M]: s_cross[a, :] of this device's clips a and
+  s_cross[:, t] of its captions t, with gradient (`_cross_rows`), against the batch's G
+  and the memory's M `stored` entries (none: M = 0)."""
+  if jax.lax.axis_size(AXIS) == 1:  # the whole batch: one matrix, its transpose the rows
+    matrix = scorer.matrix(*embedded[:4])  # by caption (a mapped axis: no custom VJP)
+    rows = matrix, matrix.T
+  else:
+    rows = _cross_rows(scorer, (embedded.audio, embedded.text),
+                       (embedded.audio_mask, embedded.text_mask))
+  if stored is None:
+    return rows
+  by_audio, by_text = rows
+  return (jnp.concatenate([by_audio, scorer.matrix(embedded.audio, stored.text,
+                                                   embedded.audio_mask, stored.text_mask)], 1),
+          jnp.concatenate([by_text, scorer.matrix(stored.audio, embedded.text,
+                                                  stored.audio_mask, embedded.text_mask).T], 1))
 
 
 def _ring() -> tuple:
@@ -134,36 +147,54 @@ def within_rows(scorer: scores.Scorer, x: Array, mask: Array) -> Array:
 
 
 def loss_and_terms(embedded: objectives.Embedded, loss, *, learnt: dict, key: Array,
-                   similarity: Optional[Array] = None, events: Optional[Array] = None):
+                   similarity: Optional[Array] = None, events: Optional[Array] = None,
+                   memory: Optional[memory_lib.Memory] = None,
+                   caption_vectors: Optional[Array] = None):
   """Inside shard_map over AXIS, on this device's rows of the batch: (the loss, the same
-  on every device; this device's anchors' LossTerms, weights [2, n, G]; the false-negative
-  shares, the same on every device, or None), equal to what the step computes on the
-  whole batch.
+  on every device; this device's anchors' LossTerms, weights [2, n, G + M]; the
+  false-negative shares, the same on every device, or None), equal to what the step
+  computes on the whole batch.
 
   embedded: this device's n pairs; loss: the run's `settings.Loss`; learnt: the
   objective's parameters; key: the batch's selection key; similarity [n, G]: its
-  captions' rows of the caption similarity; events [n, K] bool: its clips' event kinds.
+  captions' rows of the caption similarity; events [n, K] bool: its clips' event kinds;
+  memory: a cross-batch memory, every device's whole (`ntxr.memory`): its M entries are
+  candidates after the batch's G, negatives of the anchors of other clips, their
+  captions compared with the anchors' by caption_vectors [n, D] (or the events).
   """
   n = embedded.audio_ids.shape[0]
   anchors = jax.lax.axis_index(AXIS) * n + jnp.arange(n, dtype=jnp.int32)
   every_id = jax.lax.all_gather(embedded.audio_ids, AXIS, tiled=True)
   count = every_id.shape[0]
   pool = embedded.audio_ids[:, None] != every_id[None, :]
+  positives = ~pool
+  stored = None if memory is None else memory.entries()
+  if memory is not None:
+    pool = jnp.concatenate([pool, memory.filled()[None, :] & (
+        embedded.audio_ids[:, None] != stored.audio_ids[None, :])], axis=1)
+    positives = jnp.pad(positives, ((0, 0), (0, memory.size)))
+    if loss.compares_captions:
+      mine, theirs = ((events, memory.flat("events")) if loss.similarity == "events" else
+                      (caption_vectors, memory.flat("caption_vectors")))
+      similarity = jnp.concatenate(
+          [similarity, false_negatives.similarity_to(loss.similarity, mine, theirs)], axis=1)
+  candidates = pool.shape[1]
   scorer = scores.get_scorer(loss.score)
   objective = objectives.get_objective(loss.objective)
   if loss.objective != "triplet" and objective.whole_pool is None:
-    raise ValueError(f"--config.negatives=ring computes the triplet loss and the whole-pool "
-                     f"objectives; {loss.objective!r} computes its own loss from the whole "
-                     f"batch: use --config.negatives=gather")
-  every_negative = loss.objective != "triplet" or _negatives_an_anchor(loss.strategy, n,
-                                                                      count) > 1
+    raise ValueError(f"--config.negatives=ring and the cross-batch memory compute the "
+                     f"triplet loss and the whole-pool objectives; {loss.objective!r} "
+                     f"computes its own loss from the whole batch: use "
+                     f"--config.negatives=gather without a memory")
+  every_negative = loss.objective != "triplet" or _negatives_an_anchor(
+      loss.strategy, n, candidates) > 1
   if every_negative:  # the rows are the loss's, with gradient
-    with_gradient = cross_rows(scorer, embedded)
+    with_gradient = cross_rows(scorer, embedded, stored)
     frozen = jax.lax.stop_gradient(with_gradient)
   elif (sampling.get_strategy(loss.strategy).needs == "cross"
         or loss.filter_share_of_positive):  # the rows choose; one negative is scored apart
     with_gradient = None
-    frozen = cross_rows(scorer, jax.lax.stop_gradient(embedded))
+    frozen = cross_rows(scorer, jax.lax.stop_gradient(embedded), stored)
   else:  # no rows of the cross scores at all
     with_gradient, frozen = None, (None, None)
   positive = (jax.lax.stop_gradient(scorer.paired(*embedded[:4])) if frozen[0] is None else
@@ -175,20 +206,26 @@ def loss_and_terms(embedded: objectives.Embedded, loss, *, learnt: dict, key: Ar
         pool, cross, similarity, max_similarity=loss.filter_similarity,
         max_share_of_positive=loss.filter_share_of_positive)
   if loss.objective == "triplet":
-    value, terms = _triplet(embedded, loss, scorer, kept, key, count, cross, with_gradient)
+    value, terms = _triplet(embedded, loss, scorer, kept, key, count, cross, with_gradient,
+                            stored)
   else:
     kept_transposed = kept
     if loss.objective == "siglip" and loss.filter_share_of_positive:
+      every_positive = jax.lax.all_gather(positive, AXIS, tiled=True)
+      if stored is not None:
+        every_positive = jnp.concatenate([every_positive, scorer.paired(*stored[:4])])
       kept_transposed = false_negatives.filter_rows(
           pool, cross, similarity, max_similarity=loss.filter_similarity,
           max_share_of_positive=loss.filter_share_of_positive,
-          candidates_positive=jax.lax.all_gather(positive, AXIS, tiled=True))
-    value, terms = _whole_pool(loss, learnt, with_gradient, cross, pool, kept,
+          candidates_positive=every_positive)
+    value, terms = _whole_pool(loss, learnt, with_gradient, cross, positives, kept,
                                kept_transposed, similarity, count)
   shares = None
   if events is not None:
-    false = false_negatives.same_events(
-        events, jax.lax.all_gather(events, AXIS, tiled=True)) & pool
+    every_events = jax.lax.all_gather(events, AXIS, tiled=True)
+    if memory is not None:
+      every_events = jnp.concatenate([every_events, memory.flat("events")])
+    false = false_negatives.same_events(events, every_events) & pool
     shares = false_negatives.measured_shares(terms.weights, pool, kept, false,
                                              mean=global_mean)
   return value, terms, shares
@@ -228,20 +265,26 @@ def collect_round_the_ring(wanted: list) -> list:
 
 
 def _triplet(embedded, loss, scorer, kept, key, count: int, cross: sampling.Rows,
-             with_gradient: Optional[tuple]):
+             with_gradient: Optional[tuple], stored: Optional[objectives.Embedded]):
   """The triplet loss and terms from this device's rows (`sampling.triplet_from_scores`):
   one negative an anchor is scored with its embeddings fetched round the ring
-  (`collect_round_the_ring`, both modalities in one pass); full_batch's every negative
-  from the rows with gradient."""
+  (`collect_round_the_ring`, both modalities in one pass) or from the memory's `stored`
+  entries (candidates from `count` on); full_batch's every negative from the rows with
+  gradient."""
   strategy = sampling.get_strategy(loss.strategy)
   anchors = cross.anchors
   rows = sampling.Rows(None, None, None, anchors)
   if strategy.needs == "cross":
     rows = cross
   elif strategy.needs in ("audio", "text"):
-    x, mask = ((embedded.audio, embedded.audio_mask) if strategy.needs == "audio"
-               else (embedded.text, embedded.text_mask))
+    side = lambda e: (e.audio, e.audio_mask) if strategy.needs == "audio" else (e.text,
+                                                                               e.text_mask)
+    x, mask = side(embedded)
     within = within_rows(scorer, x, mask)
+    if stored is not None:
+      stored_x, stored_mask = side(stored)
+      within = jnp.concatenate(
+          [within, scorer.matrix(jax.lax.stop_gradient(x), stored_x, mask, stored_mask)], 1)
     rows = sampling.Rows(within, within, None, anchors)
   chosen = strategy.select(rows, kept, key)
   if with_gradient is not None:  # every negative: read from the rows
@@ -252,29 +295,43 @@ def _triplet(embedded, loss, scorer, kept, key, count: int, cross: sampling.Rows
   else:
     audio, text = embedded.audio, embedded.text
     audio_mask, text_mask = embedded.audio_mask, embedded.text_mask
+    audio_index, text_index = chosen.audio[:, 0], chosen.text[:, 0]
     (negative_audio, negative_audio_mask), (negative_text, negative_text_mask) = (
-        collect_round_the_ring([((audio, audio_mask), chosen.audio[:, 0]),
-                                ((text, text_mask), chosen.text[:, 0])]))
-    scored = (scorer.paired(audio, text, audio_mask, text_mask),
-              scorer.paired(negative_audio, text, negative_audio_mask, text_mask)[:, None],
-              scorer.paired(audio, negative_text, audio_mask, negative_text_mask)[:, None])
-  return sampling.triplet_from_scores(*scored, chosen, loss.margin, count, mean=global_mean)
+        collect_round_the_ring([((audio, audio_mask), audio_index),
+                                ((text, text_mask), text_index)]))
+    audio_negative = scorer.paired(negative_audio, text, negative_audio_mask, text_mask)
+    text_negative = scorer.paired(audio, negative_text, audio_mask, negative_text_mask)
+    if stored is not None:  # a negative from the memory replaces the batch's
+      entry = lambda index: jnp.clip(index - count, 0, stored.audio_ids.shape[0] - 1)
+      audio_negative = jnp.where(audio_index >= count, scorer.paired(
+          stored.audio[entry(audio_index)], text, stored.audio_mask[entry(audio_index)],
+          text_mask), audio_negative)
+      text_negative = jnp.where(text_index >= count, scorer.paired(
+          audio, stored.text[entry(text_index)], audio_mask,
+          stored.text_mask[entry(text_index)]), text_negative)
+    scored = (scorer.paired(audio, text, audio_mask, text_mask), audio_negative[:, None],
+              text_negative[:, None])
+  return sampling.triplet_from_scores(*scored, chosen, loss.margin, kept.shape[1],
+                                      mean=global_mean)
 
 
-def _whole_pool(loss, learnt: dict, with_gradient: tuple, cross: sampling.Rows, pool, kept,
-                kept_transposed, similarity, count):
-  """A whole-pool objective's loss and terms from this device's rows, as
-  `objectives.whole_pool_loss_and_terms` on the whole batch; kept_transposed: this
-  device's rows of the filtered pool's transpose (siglip's pairs are in both pools)."""
+def _whole_pool(loss, learnt: dict, with_gradient: tuple, cross: sampling.Rows, positives,
+                kept, kept_transposed, similarity, count: int):
+  """A whole-pool objective's loss and terms from this device's rows over the batch's
+  `count` candidates and the memory's after them, as `objectives.whole_pool_loss_and_terms`
+  on the whole batch; positives [n, G + M] bool: the anchors' own clip's captions in the
+  batch (none in the memory); kept_transposed: this device's rows of the filtered pool's
+  transpose (siglip's pairs are in both pools)."""
   temperature, bias = objectives.learnt_scalars(learnt, loss.temperature)
   by_audio, by_text = with_gradient
-  positives = ~pool  # every row is a valid anchor: a sharded batch has no padding rows
-  valid = jnp.ones(pool.shape[0], bool)
+  valid = jnp.ones(positives.shape[0], bool)  # a training batch has no padding rows
   z_audio, z_text = (s.astype(jnp.float32) / temperature for s in (by_audio, by_text))
-  if loss.objective == "siglip":
-    pairs = positives | (kept & kept_transposed)
-    value = -jax.lax.psum(objectives.siglip_log_likelihood(z_audio, positives, pairs, bias),
-                          AXIS) / count
+  if loss.objective == "siglip":  # each pair once: the anchor clips' rows, and the
+    pairs = positives | (kept & kept_transposed)  # memory clips' pairs with the captions
+    likelihood = (objectives.siglip_log_likelihood(z_audio, positives, pairs, bias)
+                  + objectives.siglip_log_likelihood(z_text[:, count:], positives[:, count:],
+                                                     pairs[:, count:], bias))
+    value = -jax.lax.psum(likelihood, AXIS) / count
   else:
     targets = positives.astype(jnp.float32)
     if loss.objective == "soft":
@@ -293,15 +350,34 @@ def _whole_pool(loss, learnt: dict, with_gradient: tuple, cross: sampling.Rows, 
 
 def sharded_loss_and_terms(mesh, embedded: objectives.Embedded, loss, *, learnt: dict,
                            key: Array, similarity: Optional[Array] = None,
-                           events: Optional[Array] = None):
+                           events: Optional[Array] = None,
+                           memory: Optional[memory_lib.Memory] = None,
+                           caption_vectors: Optional[Array] = None):
   """`loss_and_terms` on the global batch split by rows over `mesh`'s AXIS (jit-traced
-  arrays [G, ...]): (loss, LossTerms [G] without their weights, shares or None)."""
+  arrays [G, ...]; the memory whole on every device): (loss, LossTerms [G] without their
+  weights, shares or None)."""
   rows, replicated = PartitionSpec(AXIS), PartitionSpec()
-  def run(embedded, learnt, key, similarity, events):
+  def run(embedded, learnt, key, by_row, memory):
     value, terms, shares = loss_and_terms(embedded, loss, learnt=learnt, key=key,
-                                          similarity=similarity, events=events)
+                                          memory=memory, **by_row)
     return value, terms._replace(weights=None), shares
+  by_row = dict(similarity=similarity, events=events, caption_vectors=caption_vectors)
   return jax.shard_map(
-      run, mesh=mesh, in_specs=(rows, replicated, replicated, rows, rows),
+      run, mesh=mesh, in_specs=(rows, replicated, replicated, rows, replicated),
       out_specs=(replicated, sampling.LossTerms(rows, rows, rows, None), replicated),
-      check_vma=False)(embedded, learnt, key, similarity, events)
+      check_vma=False)(embedded, learnt, key, by_row, memory)
+
+
+def whole_batch_loss_and_terms(embedded: objectives.Embedded, loss, *, learnt: dict,
+                               key: Array, similarity: Optional[Array] = None,
+                               events: Optional[Array] = None,
+                               memory: Optional[memory_lib.Memory] = None,
+                               caption_vectors: Optional[Array] = None):
+  """`loss_and_terms` with the whole batch as the rows of one device (a mapped axis of
+  one), for a memory under `gather`: (loss, LossTerms [G] with weights [2, G, G + M],
+  shares or None)."""
+  def run(embedded, by_row):
+    return loss_and_terms(embedded, loss, learnt=learnt, key=key, memory=memory, **by_row)
+  by_row = dict(similarity=similarity, events=events, caption_vectors=caption_vectors)
+  found = jax.vmap(run, axis_name=AXIS)(*jax.tree.map(lambda x: x[None], (embedded, by_row)))
+  return jax.tree.map(lambda x: x[0], found)

@@ -46,7 +46,7 @@ AT_LEAST = dict(batch_size=2, eval_batch_size=1, num_epochs=1, max_steps_per_epo
                 vocab_size=2, margin=0, temperature=1e-6, beta=0, learning_rate=1e-12,
                 weight_decay=0, encoder_lr_factor=1e-6,
                 filter_similarity=0, filter_share_of_positive=0, n_fft=0, f_min=0, f_max=0,
-                log_offset=1e-30)
+                log_offset=1e-30, memory_batches=0)
 # The most of the numeric fields that have one: Adam's steps grow with its rate, and
 # above 1 every run diverges.
 AT_MOST = dict(learning_rate=1.0)
@@ -200,6 +200,8 @@ class Loss:
   false-negative filter's bounds (`false_negatives.filter_pool`; 0 is off). negatives:
   "gather" (the step's score matrices over the global batch) or "ring" (each device
   scores its anchors against the others' embeddings passed round, `ntxr.ring`).
+  memory_batches: K above 0 adds the last K batches' embeddings to every anchor's
+  candidates (`ntxr.memory`).
   """
   objective: str = "triplet"
   strategy: str = "semihard_cross"
@@ -214,10 +216,16 @@ class Loss:
   filter_similarity: float = 0.0
   filter_share_of_positive: float = 0.0
   negatives: str = "gather"
+  memory_batches: int = 0
 
   @property
   def filters(self) -> bool:
     return bool(self.filter_similarity or self.filter_share_of_positive)
+
+  @property
+  def compares_captions(self) -> bool:
+    """Whether the loss reads the caption similarity (the filter's bound, soft's relevance)."""
+    return self.filter_similarity > 0 or specs.OBJECTIVES[self.objective].needs_relevance
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,7 +363,7 @@ class Settings:
                   similarity=c.similarity, relevance_slope=c.relevance_slope,
                   relevance_offset=c.relevance_offset, filter_similarity=c.filter_similarity,
                   filter_share_of_positive=c.filter_share_of_positive,
-                  negatives=c.negatives),
+                  negatives=c.negatives, memory_batches=c.memory_batches),
         optimiser=Optimiser(
             learning_rate=c.learning_rate, schedule=Schedule(**c.plateau.to_dict()),
             stopper=Stopper(**c.stopper.to_dict()), lr_schedule=c.lr_schedule,

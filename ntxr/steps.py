@@ -17,13 +17,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ntxr import false_negatives, models, objectives, ring, sampling, scores, settings
+from ntxr import false_negatives, memory as memory_lib, models, objectives, ring, sampling
+from ntxr import scores, settings
 
 
 class TrainState(train_state.TrainState):
   """params: the model's, and under "objective" the objective's learnt scalars (siglip's
-  log inverse temperature and bias), if it has any."""
+  log inverse temperature and bias), if it has any; memory: the cross-batch memory
+  (`ntxr.memory`), or None."""
   batch_stats: Any
+  memory: Optional[memory_lib.Memory] = None
 
   def variables(self, params=None) -> dict:
     """The model's variables, with `params` in place of the state's if given."""
@@ -278,12 +281,13 @@ def training_masks(batch: dict, padding: str) -> tuple:
 
 
 def _loss_and_terms(params: dict, variables: dict, apply_fn, batch: dict, key: jax.Array, *,
-                    train: bool, loss: settings.Loss, mesh=None):
-  """(loss, (new batch_stats or None, LossTerms, false-negative shares or None)) of one
-  batch; params: the state's (for the objective's learnt scalars), variables: the
-  model's. Optional batch entries: caption_similarity [B, B] (the filter's and soft's),
-  events [B, K] bool (to measure false negatives). mesh: the devices' (`parallel`),
-  which loss.negatives "ring" splits the loss over."""
+                    train: bool, loss: settings.Loss, mesh=None, memory=None):
+  """(loss, (new batch_stats or None, LossTerms, false-negative shares or None, the
+  batch's Embedded)) of one batch; params: the state's (for the objective's learnt
+  scalars), variables: the model's. Optional batch entries: caption_similarity [B, B]
+  (the filter's and soft's), events [B, K] bool (to measure false negatives). mesh: the
+  devices' (`parallel`), which loss.negatives "ring" splits the loss over; memory: a
+  cross-batch memory whose entries join the pools."""
   dropout_key, sample_key = jax.random.split(key)
   encoder_mask, audio_mask, text_mask = training_masks(batch, loss.padding)
   inputs = dict(batch, audio_mask=encoder_mask)
@@ -296,24 +300,34 @@ def _loss_and_terms(params: dict, variables: dict, apply_fn, batch: dict, key: j
   embedded = objectives.Embedded(audio, text, audio_mask, text_mask, batch["audio_id"])
   value, terms, shares = embedded_loss_and_terms(
       embedded, loss, learnt=params.get("objective", {}), key=sample_key,
-      similarity=batch.get("caption_similarity"), events=batch.get("events"), mesh=mesh)
-  return value, (updates.get("batch_stats"), terms, shares)
+      similarity=batch.get("caption_similarity"), events=batch.get("events"), mesh=mesh,
+      memory=memory, caption_vectors=batch.get("caption_vectors"))
+  return value, (updates.get("batch_stats"), terms, shares, embedded)
 
 
 def embedded_loss_and_terms(embedded: objectives.Embedded, loss: settings.Loss, *,
                             learnt: dict, key: jax.Array, similarity=None, events=None,
-                            mesh=None) -> tuple:
+                            mesh=None, memory: Optional[memory_lib.Memory] = None,
+                            caption_vectors=None) -> tuple:
   """(loss, LossTerms, false-negative shares or None) of a batch's embeddings, over the
   whole batch or, with loss.negatives "ring", from each of `mesh`'s devices' rows
   (`ntxr.ring`; its LossTerms [B] without weights). learnt: the objective's parameters;
   similarity [B, B]: the captions' (the filter's and soft's); events [B, K] bool: the
-  clips' event kinds (to measure false negatives)."""
+  clips' event kinds (to measure false negatives); memory: a cross-batch memory, whose
+  entries join every anchor's candidates after the batch's (the loss then on rows,
+  `ntxr.ring`); caption_vectors [B, D]: the captions' unit vectors, which the memory's
+  are compared with."""
   if loss.negatives == "ring":
     if mesh is None:
       raise ValueError("--config.negatives=ring splits the loss over the devices' mesh: "
                        "pass mesh=")
     return ring.sharded_loss_and_terms(mesh, embedded, loss, learnt=learnt, key=key,
-                                       similarity=similarity, events=events)
+                                       similarity=similarity, events=events, memory=memory,
+                                       caption_vectors=caption_vectors)
+  if memory is not None:
+    return ring.whole_batch_loss_and_terms(embedded, loss, learnt=learnt, key=key,
+                                           similarity=similarity, events=events,
+                                           memory=memory, caption_vectors=caption_vectors)
   pool = sampling.negative_pool(embedded.audio_ids)
   kept = pool
   if loss.filters:
@@ -346,20 +360,25 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *,
 
   batch: {audio [B,T,F], audio_mask [B,T], tokens [B,W], token_mask [B,W], audio_id [B]},
   and optionally caption_similarity [B, B] and events [B, K] (see _loss_and_terms);
-  mesh: the devices', for loss.negatives "ring".
+  mesh: the devices', for loss.negatives "ring". A state with a memory draws negatives
+  from it too, then writes the batch's embeddings into it.
   """
   def loss_fn(params):
     return _loss_and_terms(params, state.variables(params), state.apply_fn, batch, key,
-                           train=True, loss=loss, mesh=mesh)
-  (value, (batch_stats, terms, shares)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+                           train=True, loss=loss, mesh=mesh, memory=state.memory)
+  (value, (batch_stats, terms, shares, embedded)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  if state.memory is not None:
+    state = state.replace(memory=memory_lib.push(state.memory, embedded, batch.get("events"),
+                                                 batch.get("caption_vectors")))
   return state, TrainingStatistics.of(value, optax.tree.norm(grads), terms, loss.margin,
                                       shares)
 
 
 def eval_loss(state: TrainState, batch: dict, key: jax.Array, *,
               loss: settings.Loss = settings.Loss(), mesh=None) -> jax.Array:
-  """The loss of one batch in inference mode (no dropout, running BatchNorm)."""
+  """The loss of one batch in inference mode (no dropout, running BatchNorm), its
+  negatives from the batch only (a memory holds training batches)."""
   return _loss_and_terms(state.params, state.variables(), state.apply_fn, batch, key,
                          train=False, loss=loss, mesh=mesh)[0]

@@ -1,15 +1,16 @@
 """Helpers for tests of training runs: a checkpoint's parameters, faults injected into
-the training batches, results flattened for comparison, the runs trained together and
-how they compare with the same runs trained apart."""
+the training batches, a run stopped by SIGTERM, results flattened for comparison, the
+runs trained together and how they compare with the same runs trained apart."""
 
 import json
 import os
+import re
 import signal
 
 import numpy as np
 import pytest
 
-from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib, settings
+from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib, settings, train
 from ntxr.data import input_pipeline
 
 
@@ -89,3 +90,21 @@ def interrupt_after(monkeypatch, batches: int, how: str):
           os.kill(os.getpid(), signal.SIGTERM)
       yield batch
   monkeypatch.setattr(input_pipeline, "as_numpy", as_numpy)
+
+
+def stop_at_step_12(config, workdir, monkeypatch):
+  """Trains until SIGTERM asks it to stop; returns the Stopped. (Ctrl-C through the
+  command: test_cli.py.)"""
+  handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+  with monkeypatch.context() as m:
+    # The signal while batch 13 is fetched: prefetched, so while step 11 runs, before step
+    # 12 is dispatched; training stops after step 12, the step in flight when it next asks.
+    interrupt_after(m, 12, how="sigterm")
+    with pytest.raises(train.Stopped, match=re.escape(
+        f"as asked (SIGTERM or a preemption notice), training stopped after step 12 "
+        f"(epoch 1), saved in {workdir}/checkpoints/latest: rerun the same command to "
+        "resume")) as stopped:
+      train.train_and_evaluate(config, str(workdir))
+  assert {n: signal.getsignal(n) for n in handlers} == handlers  # the handlers are training's only
+  assert params_of(str(workdir))[0] == 12
+  return stopped.value

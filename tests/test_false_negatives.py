@@ -98,7 +98,7 @@ def test_the_steps_caption_filter_keeps_a_caption_exactly_at_its_bound():
   assert ((similarity[pool] > 0.5).sum(), (similarity[pool] == 0.5).sum()) == (6, 4)
   for bound in (0.5, float(np.nextafter(np.float32(0.5), np.float32(0)))):
     loss = settings.Loss(strategy="hard_cross", filter_similarity=bound)
-    _, (_, _, found) = steps._loss_and_terms({}, None, encoders, batch, jax.random.key(0),
+    _, (_, _, found, _) = steps._loss_and_terms({}, None, encoders, batch, jax.random.key(0),
                                              train=False, loss=loss)
     assert float(found["filtered_share"]) == pytest.approx(
         (similarity[pool] > bound).sum() / pool.sum(), abs=1e-7)
@@ -154,7 +154,7 @@ def test_the_step_measures_false_negatives_and_the_events_filter_removes_exactly
   def shares(**filter_bounds):
     loss = settings.Loss(objective=objective, strategy=strategy or "semihard_cross",
                       **filter_bounds)
-    _, (_, terms, found) = steps._loss_and_terms({}, None, encoders, batch,
+    _, (_, terms, found, _) = steps._loss_and_terms({}, None, encoders, batch,
                                                  jax.random.key(0), train=False, loss=loss)
     return terms, {k: float(v) for k, v in found.items()}
   terms, unfiltered = shares()

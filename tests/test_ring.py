@@ -30,10 +30,19 @@ CASES = ([dict(strategy=name) for name in ("full_batch", "random", "semihard_cro
             dict(objective="siglip", strategy="", filter_share_of_positive=0.9),
             dict(strategy="full_batch", filter_share_of_positive=0.9, filter_similarity=0.8),
             dict(strategy="hard_audio", filter_share_of_positive=0.9)])
+# With a cross-batch memory of two slots of G, the newer half written (`ntxr.memory`).
+MEMORY_CASES = ([dict(strategy=name) for name in ("full_batch", "random", "semihard_cross",
+                                                  "hard_text", "hard_audio")]
+                + [dict(objective=name, strategy="") for name in ("infonce", "hn_nce", "soft")]
+                + [dict(objective="siglip", strategy="", filter_share_of_positive=0.9),
+                   dict(strategy="semihard_cross", filter_share_of_positive=0.9,
+                        filter_similarity=0.8)])
 EMPTIED = 3  # anchors whose captions are like every other: the similarity filters empty
              # their pools
 TRAINED = (dict(strategy="hard_audio"),
-           dict(objective="soft", similarity="tfidf", filter_similarity=0.5))
+           dict(objective="soft", similarity="tfidf", filter_similarity=0.5),
+           dict(strategy="semihard_cross", similarity="tfidf", filter_similarity=0.5,
+                memory_batches=2))
 STEPS = 3
 
 
@@ -54,17 +63,31 @@ def test_ring_gives_what_gather_gives(found, score, case):
   """The loss within 1e-5, gradients of the embeddings (and of siglip's learnt scalars)
   within 1e-5, the negatives' weights (which negatives, how much each counts) and the
   statistics' terms and shares; anchors whose pool a filter empties included."""
-  prefix = f"{score}/{case}"
-  gather, ring = ({name: value for name, value in found.items()
+  gather = _gather_equals_ring(found, f"{score}/{case}", CASES[case])
+  assert gather["weights"].shape == (2, G, G) and gather["weights"].sum() > 0
+  if CASES[case].get("filter_similarity"):
+    assert not gather["valid"][:EMPTIED].any()
+
+
+def _gather_equals_ring(found: dict, prefix: str, fields: dict) -> dict:
+  """Asserts every array gather and ring found for `prefix` equal within 1e-5; returns
+  gather's by name."""
+  gather, ring = ({name.split("/")[-1]: value for name, value in found.items()
                    if name.startswith(f"{way}/{prefix}/")} for way in ("gather", "ring"))
   assert len(gather) == len(ring) > 5
   for name, value in gather.items():
-    np.testing.assert_allclose(ring[name.replace("gather/", "ring/", 1)], value,
-                               rtol=1e-5, atol=1e-5, err_msg=f"{CASES[case]} {name}")
-  weights = gather[f"gather/{prefix}/weights"]
-  assert weights.shape == (2, G, G) and weights.sum() > 0
-  if CASES[case].get("filter_similarity"):
-    assert not gather[f"gather/{prefix}/valid"][:EMPTIED].any()
+    np.testing.assert_allclose(ring[name], value, rtol=1e-5, atol=1e-5,
+                               err_msg=f"{fields} {name}")
+  return gather
+
+
+@pytest.mark.parametrize("case", range(len(MEMORY_CASES)))
+def test_ring_with_a_memory_gives_what_gather_gives(found, case):
+  """The same with a memory (alignment score): the memory's candidates after the batch's,
+  the same on every device."""
+  weights = _gather_equals_ring(found, f"memory/{case}", MEMORY_CASES[case])["weights"]
+  assert weights.shape == (2, G, 3 * G) and weights[:, :, G:2 * G].sum() > 0
+  assert not weights[:, :, 2 * G:].any()  # the slot never written
 
 
 @pytest.mark.parametrize("trained", range(len(TRAINED)))
@@ -72,7 +95,7 @@ def test_training_steps_with_ring_equal_gather(found, trained):
   gather, ring = (found[f"{way}/trained/{trained}/loss"] for way in ("gather", "ring"))
   assert gather.shape == (STEPS,)
   np.testing.assert_allclose(ring, gather, rtol=1e-5)
-  names = [n for n in found if n.startswith(f"gather/trained/{trained}/params/")]
+  names = [n for n in found if n.startswith(f"gather/trained/{trained}/state/")]
   assert names
   for name in names:
     np.testing.assert_allclose(found[name.replace("gather/", "ring/", 1)], found[name],
@@ -145,13 +168,14 @@ def test_ring_refuses_what_it_cannot_compute_as_gather():
 
 
 def _kernels() -> dict:
-  """For each case and score, both ways: the loss, the gradients of the embeddings, the
-  negatives' weights [2, G, G], the terms and the false-negative shares."""
+  """For each case and score, and each memory case, both ways: the loss, the gradients of
+  the embeddings, the negatives' weights [2, G, G + M], the terms and the false-negative
+  shares."""
   # pylint: disable=import-outside-toplevel
   import jax
   import jax.numpy as jnp
   from jax.sharding import PartitionSpec
-  from ntxr import objectives, parallel, ring, sampling, steps
+  from ntxr import memory as memory_lib, objectives, parallel, ring, sampling, steps
   mesh = parallel.Devices().mesh
   keys = jax.random.split(jax.random.key(0), 6)
   ids = jax.random.permutation(keys[5], jnp.arange(G) // 2)  # two captions a clip
@@ -164,48 +188,64 @@ def _kernels() -> dict:
   events = jax.random.bernoulli(keys[4], 0.5, (G, 2))
   key = jax.random.key(3)
 
-  def gather(audio, text, loss, learnt):  # what the step computes on one batch
+  stored = jax.random.split(keys[4], 7)
+  unit = lambda x: x / jnp.linalg.norm(x, axis=-1, keepdims=True)
+  vectors = unit(jnp.abs(jax.random.normal(stored[5], (G, 4))))  # the captions'
+  memory = memory_lib.Memory(  # the older slot never written
+      jax.random.normal(stored[0], (2, G, T + 2, E)), jax.random.normal(stored[1], (2, G, W, E)),
+      jnp.arange(T + 2) < jax.random.randint(stored[2], (2, G, 1), 1, T + 3),
+      jnp.arange(W) < jax.random.randint(stored[3], (2, G, 1), 1, W + 1),
+      jax.random.randint(stored[4], (2, G), 0, G), jnp.array([[1] * G, [0] * G]),
+      jax.random.bernoulli(stored[4], 0.5, (2, G, 2)),
+      unit(jnp.abs(jax.random.normal(stored[6], (2, G, 4)))))
+
+  def gather(audio, text, loss, learnt, memory):  # what the step computes on one batch
     value, terms, shares = steps.embedded_loss_and_terms(
         objectives.Embedded(audio, text, audio_mask, text_mask, ids), loss, learnt=learnt,
-        key=key, similarity=similarity, events=events)
+        key=key, similarity=similarity, events=events, memory=memory,
+        caption_vectors=vectors)
     return value, (terms, shares)
 
-  def ringed(audio, text, loss, learnt):
+  def ringed(audio, text, loss, learnt, memory):
     rows, same = PartitionSpec(ring.AXIS), PartitionSpec()
-    def run(embedded, similarity, events):
+    def run(embedded, similarity, events, caption_vectors, memory):
       return ring.loss_and_terms(embedded, loss, learnt=learnt, key=key,
-                                 similarity=similarity, events=events)
+                                 similarity=similarity, events=events, memory=memory,
+                                 caption_vectors=caption_vectors)
     value, terms, shares = jax.shard_map(
-        run, mesh=mesh, in_specs=(rows, rows, rows),
+        run, mesh=mesh, in_specs=(rows, rows, rows, rows, same),
         out_specs=(same, sampling.LossTerms(rows, rows, rows, PartitionSpec(None, ring.AXIS)),
                    same), check_vma=False)(
-            objectives.Embedded(audio, text, audio_mask, text_mask, ids), similarity, events)
+            objectives.Embedded(audio, text, audio_mask, text_mask, ids), similarity, events,
+            vectors, memory)
     return value, (terms, shares)
 
   found = {}
-  for score in ("alignment", "pooled"):
-    for case, fields in enumerate(CASES):
-      loss = settings.Loss(**{**dict(score=score, beta=0.5, similarity="tfidf"), **fields})
-      learnt = objectives.initial_parameters(loss.objective)
-      for way, fn in (("gather", gather), ("ring", ringed)):
-        (value, (terms, shares)), grads = jax.jit(jax.value_and_grad(
-            lambda a, t, scalars, fn=fn: fn(a, t, loss, scalars), argnums=(0, 1, 2),
-            has_aux=True))(audio, text, learnt)
-        prefix = f"{way}/{score}/{case}"
-        found.update({f"{prefix}/loss": value, f"{prefix}/grad_audio": grads[0],
-                      f"{prefix}/grad_text": grads[1], f"{prefix}/weights": terms.weights,
-                      **{f"{prefix}/grad_{name}": g
-                         for name, g in grads[2].get("objective", {}).items()},
-                      f"{prefix}/positive": terms.positive,
-                      f"{prefix}/negative": terms.negative,
-                      f"{prefix}/valid": terms.valid,
-                      **{f"{prefix}/{name}": v for name, v in shares.items()}})
+  runs = [(f"{score}/{case}", dict(score=score, **fields), None)
+          for score in ("alignment", "pooled") for case, fields in enumerate(CASES)]
+  runs += [(f"memory/{case}", fields, memory) for case, fields in enumerate(MEMORY_CASES)]
+  for label, fields, stored_memory in runs:
+    loss = settings.Loss(**{**dict(beta=0.5, similarity="tfidf"), **fields})
+    learnt = objectives.initial_parameters(loss.objective)
+    for way, fn in (("gather", gather), ("ring", ringed)):
+      (value, (terms, shares)), grads = jax.jit(jax.value_and_grad(
+          lambda a, t, scalars, fn=fn: fn(a, t, loss, scalars, stored_memory),
+          argnums=(0, 1, 2), has_aux=True))(audio, text, learnt)
+      prefix = f"{way}/{label}"
+      found.update({f"{prefix}/loss": value, f"{prefix}/grad_audio": grads[0],
+                    f"{prefix}/grad_text": grads[1], f"{prefix}/weights": terms.weights,
+                    **{f"{prefix}/grad_{name}": g
+                       for name, g in grads[2].get("objective", {}).items()},
+                    f"{prefix}/positive": terms.positive,
+                    f"{prefix}/negative": terms.negative,
+                    f"{prefix}/valid": terms.valid,
+                    **{f"{prefix}/{name}": v for name, v in shares.items()}})
   return found
 
 
 def _training(cache_dir: str) -> dict:
   """For each of TRAINED, both ways: STEPS training steps' losses from one initial state
-  on the tiny corpus's first batches of 16, then the parameters."""
+  on the tiny corpus's first batches of 16, then the parameters (and the memory's text)."""
   # pylint: disable=import-outside-toplevel
   import jax
   from flax import traverse_util
@@ -228,7 +268,9 @@ def _training(cache_dir: str) -> dict:
       prefix = f"{way}/trained/{index}"
       found[f"{prefix}/loss"] = np.array(losses)
       for name, value in traverse_util.flatten_dict(jax.device_get(state.params)).items():
-        found[f"{prefix}/params/{'/'.join(name)}"] = np.asarray(value)
+        found[f"{prefix}/state/{'/'.join(name)}"] = np.asarray(value)
+      if state.memory is not None:  # what the steps wrote into it
+        found[f"{prefix}/state/memory_text"] = np.asarray(state.memory.text)
   return found
 
 

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from ntxr import models, settings, steps, together
+from ntxr import memory as memory_lib, models, settings, steps, together
 from ntxr.bench import training_steps
 
 SHAPE = dict(frames=64, words=6, mel_bands=64, vocab=40)
@@ -15,12 +15,18 @@ SHAPE = dict(frames=64, words=6, mel_bands=64, vocab=40)
 
 def separate_and_together(loss, shared_batch, count=3, steps_taken=2):
   """(initial states, then per step: [(state, statistics)] of each run stepped apart,
-  [state] of the runs stepped together, their stacked statistics)."""
+  [state] of the runs stepped together, their stacked statistics); each state with a
+  memory of loss.memory_batches slots, if any."""
   model = models.DualEncoder(vocab_size=SHAPE["vocab"], embed_dim=8, channels=(2, 4, 4, 4, 4))
   rates = [1e-3 * (seed + 1) for seed in range(count)]  # one optimizer, its own rate each
   states = [steps.set_learning_rate(steps.create_train_state(
       model, jax.random.key(seed), frames=SHAPE["frames"], words=SHAPE["words"],
       mel_bands=SHAPE["mel_bands"]), rate) for seed, rate in enumerate(rates)]
+  if loss.memory_batches:
+    states = [state.replace(memory=memory_lib.empty(
+        state.apply_fn, state.variables(), batches=loss.memory_batches, batch_size=8,
+        frames=SHAPE["frames"], words=SHAPE["words"], feature_width=SHAPE["mel_bands"],
+        event_kinds=None, vector_width=None)) for state in states]
   batches = [training_steps.random_batch(8, **SHAPE) for _ in range(count)]
   for r, batch in enumerate(batches):  # each run its own batch, unless shared
     batch["audio"] = batch["audio"] * (1 + r * (not shared_batch))
@@ -41,9 +47,11 @@ def separate_and_together(loss, shared_batch, count=3, steps_taken=2):
   return states, after
 
 
-@pytest.mark.parametrize("strategy, shared_batch", [("semihard_cross", False),
-                                                    ("hard_audio", True)])
-def test_runs_stepped_together_equal_the_runs_stepped_apart(strategy, shared_batch):
+@pytest.mark.parametrize("strategy, shared_batch, memory_batches",
+                         [("semihard_cross", False, 0), ("hard_audio", True, 0),
+                          ("hard_cross", False, 2)])
+def test_runs_stepped_together_equal_the_runs_stepped_apart(strategy, shared_batch,
+                                                            memory_batches):
   """Three runs (own initial parameters, learning rates and keys; own batches, or one
   batch shared as runs of one seed share theirs). After one
   step the loss, gradient norm, triplet statistics and BatchNorm statistics agree to 1e-5,
@@ -52,12 +60,18 @@ def test_runs_stepped_together_equal_the_runs_stepped_apart(strategy, shared_bat
   at rounding level (below about 1e-6, so it moved less than 0.99 of the rate; the input
   BatchNorm's scale, which the next BatchNorm normalises away), vmapped reductions, summing
   in another order, round differently: there each must move by at most the rate. After a
-  second step from those parameters the loss still agrees to 1e-5."""
-  initial, after = separate_and_together(settings.Loss(strategy=strategy), shared_batch)
+  second step from those parameters the loss still agrees to 1e-5 (with a memory, the
+  first step's batch among its negatives, and the memories then hold the same)."""
+  initial, after = separate_and_together(
+      settings.Loss(strategy=strategy, memory_batches=memory_batches), shared_batch)
   for step, (separate, joined, statistics) in enumerate(after, 1):
     for r, ((state, alone), stepped) in enumerate(zip(separate, joined)):
       rate = 1e-3 * (r + 1)
       np.testing.assert_allclose(statistics.loss[r], alone.loss, rtol=1e-5)
+      if memory_batches:
+        np.testing.assert_array_equal(stepped.memory.age, state.memory.age)
+        np.testing.assert_allclose(stepped.memory.text, state.memory.text, rtol=1e-5,
+                                   atol=1e-6)
       if step == 2:
         continue
       assert int(stepped.step) == int(state.step) == 1

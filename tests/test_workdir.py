@@ -22,8 +22,8 @@ import pytest
 from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib, sweep, train
 from ntxr import workdir as workdir_lib
 from processes import descendants, outliving
-from runs import (SHORT, TOGETHER_SEEDS, assert_same_run, experiment_of, flat, interrupt_after,
-                  params_of, read)
+from runs import (SHORT, TOGETHER_SEEDS, assert_same_run, experiment_of, flat, params_of, read,
+                  stop_at_step_12)
 
 
 def files_in(pattern) -> bool:
@@ -147,24 +147,6 @@ def test_a_run_killed_mid_epoch_resumes_from_its_step_checkpoint_as_if_never_kil
   straight = json.loads((pathlib.Path(tiny_run) / "results.json").read_text())
   del straight["seconds"], resumed["seconds"]
   assert flat(resumed) == flat(straight)
-
-
-def stop_at_step_12(config, workdir, monkeypatch):
-  """Trains until SIGTERM asks it to stop; returns the Stopped. (Ctrl-C through the
-  command: test_cli.py.)"""
-  handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
-  with monkeypatch.context() as m:
-    # The signal while batch 13 is fetched: prefetched, so while step 11 runs, before step
-    # 12 is dispatched; training stops after step 12, the step in flight when it next asks.
-    interrupt_after(m, 12, how="sigterm")
-    with pytest.raises(train.Stopped, match=re.escape(
-        f"as asked (SIGTERM or a preemption notice), training stopped after step 12 "
-        f"(epoch 1), saved in {workdir}/checkpoints/latest: rerun the same command to "
-        "resume")) as stopped:
-      train.train_and_evaluate(config, str(workdir))
-  assert {n: signal.getsignal(n) for n in handlers} == handlers  # the handlers are training's only
-  assert params_of(str(workdir))[0] == 12
-  return stopped.value
 
 
 def test_sigterm_saves_the_step_in_flight_and_a_rerun_finishes_as_if_never_stopped(

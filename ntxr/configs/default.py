@@ -29,6 +29,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.score = "alignment"          # or "pooled"
   config.negatives = "gather"         # or "ring": several devices' scores without the
                                       # global matrices (ntxr.ring)
+  config.memory_batches = 0           # K > 0: the last K batches' embeddings are negatives
+                                      # too (ntxr.memory)
   config.margin = 0.5
   config.seed = 0
 
