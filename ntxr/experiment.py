@@ -43,8 +43,8 @@ def pretrained_encoders(model: settings.Model) -> dict:
   """{"audio" and/or "text": Loaded} of the model's pretrained encoders (none for the
   paper's CRNN and word table), their modules as a run trains them: in the compute dtype,
   rematerialised if asked, CNN14's products after its front end at the run's matmul
-  precision (its file's module takes the highest), PaSST with the run's patchout, the text encoder with the
-  run's dropout if it sets one (else its config.json's)."""
+  precision (its file's module takes the highest), PaSST with the run's patchout, the
+  text encoder with the run's dropout if it sets one (else its config.json's)."""
   dtype = models.compute_dtype(model.compute_dtype)
   text = ({} if model.text_dropout < 0 else
           dict(hidden_dropout=model.text_dropout, attention_dropout=model.text_dropout))
@@ -136,10 +136,9 @@ class Experiment:
     self.relations = relations_lib.CaptionRelations(
         corpus.builder, corpus.events, corpus.tokenizer, similarity, corpus.word_table,
         [c for _, captions in corpus.captions(self.training_split) for c in captions]
-        if similarity == "tfidf" else [],
-        caption_vectors=run_settings.loss.memory_batches > 0 and run_settings.loss.compares_captions)
+        if similarity == "tfidf" else [], with_vectors=run_settings.loss.memory_batches > 0)
     if run_settings.loss.memory_batches:
-      state = state.replace(memory=memory_lib.empty(
+      state = steps.with_memory(state, memory_lib.empty(
           state.apply_fn, state.variables(), batches=run_settings.loss.memory_batches,
           batch_size=optimiser.batch_size, frames=data.frame_buckets[-1],
           words=data.max_tokens, feature_width=corpus.feature_width,

@@ -16,7 +16,7 @@ graded relevances (`judged_rules`), and by the command:
 import collections
 import os
 import tempfile
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 from ntxr import ctrl_c
 
@@ -93,9 +93,11 @@ def word_vector_similarity(tokens: np.ndarray, token_mask: np.ndarray,
   return cosine(word_vector_sums(tokens, token_mask, table))
 
 
-def event_similarity(events, others=None):
+def event_similarity(events: Union[np.ndarray, Array],
+                     others: Union[np.ndarray, Array, None] = None):
   """Jaccard similarity of the captions' clips' event kinds: events [B, K] bool, and
-  others' [M, K] (default: the same) -> [B, M] float32; NumPy or JAX arrays."""
+  others' [M, K] (default: the same) -> [B, M] float32, NumPy's or JAX's as given (the
+  counts are whole numbers: exact at any matmul precision)."""
   others = events if others is None else others
   events, others = events.astype(np.float32), others.astype(np.float32)
   shared = events @ others.T  # whole counts: exact in float32
@@ -109,7 +111,7 @@ def similarity_to(kind: str, mine: Array, others: Array) -> Array:
   caption_vectors) or its clip's event kinds (events), as the host compares a batch's."""
   if kind == "events":
     return event_similarity(mine, others)
-  return mine @ others.T
+  return jnp.matmul(mine, others.T, precision=jax.lax.Precision.HIGHEST)  # not TF32's
 
 
 def filter_pool(pool: Array, s_cross: Array, similarity: Optional[Array], *,

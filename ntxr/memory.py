@@ -4,17 +4,18 @@ in the train state as extra candidates for every anchor's pool
 
   memory = empty(state.apply_fn, state.variables(), batches=4, batch_size=32, frames=1024,
                  words=30, feature_width=64, event_kinds=None, vector_width=None)
-  state = state.replace(memory=memory)
-  # the step's loss reads memory.entries(); then, without gradient:
-  state = state.replace(memory=push(state.memory, embedded, events, caption_vectors))
+  state = steps.with_memory(state, memory)
+  # each step's loss reads memory.entries(); then, without gradient, the step writes
+  memory = push(memory, embedded, events, caption_vectors)
 
-Slot k of the K holds the batch of k + 1 steps ago (its embeddings as the model made them
-then, frames padded to the longest length bucket's), with its clips' ids, the step count
-since it was written (`age`, 0 for a slot never written), on the built-in corpus its
-clips' event kinds, and under a caption similarity from vectors its captions' unit
-vectors (`relations.CaptionRelations`), which later batches' captions are compared with. An entry is a negative for an anchor of another clip only: the
-anchor's own clip's entries, and empty entries, are neither negatives nor positives. No
-gradient flows into the memory. A slot's rows beyond a short last batch stay empty.
+Slot k of the K holds the batch of k + 1 steps ago (its embeddings as the model made
+them then, frames padded to the longest length bucket's), with its clips' ids, the step
+count since it was written (`age`, 0 for a slot never written), on the built-in corpus
+its clips' event kinds, and under a caption similarity from vectors its captions' unit
+vectors (`relations.CaptionRelations`), which later batches' captions are compared with.
+An entry is a negative for an anchor of another clip only: the anchor's own clip's
+entries, and empty entries, are neither negatives nor positives. No gradient flows into
+the memory. A slot's rows beyond a short last batch stay empty.
 """
 
 from typing import Optional

@@ -5,7 +5,7 @@ built-in corpus records them) and the captions' similarity (`--config.similarity
                                word_table=None, training_captions=captions)
   batch = relations.add(batch, "development")  # + events [B, K], caption_similarity [B, B]
 
-With caption_vectors (for a cross-batch memory, which compares its captions with later
+With with_vectors (for a cross-batch memory, which compares its captions with later
 batches'), a batch also carries each caption's unit vector under the similarity.
 """
 
@@ -22,18 +22,19 @@ class CaptionRelations:
   """A corpus's relations between a batch's pairs. builder: its TFDS builder; events:
   {split: {file_name: [event kind]}} of the built-in corpus, or None for recorded data;
   similarity: "", "tfidf" (over `training_captions` as the tokenizer reads them),
-  "word_vectors" (`word_table`'s) or "events"; caption_vectors: a batch carries its
-  captions' unit vectors [B, D] too, under tfidf and word_vectors (`vector_width`)."""
+  "word_vectors" (`word_table`'s) or "events"; with_vectors: a batch carries its
+  captions' unit vectors [B, D] too (caption_vectors), under tfidf and word_vectors
+  (`vector_width`)."""
 
   def __init__(self, builder, events: Optional[dict], tokenizer, similarity: str,
                word_table: Optional[np.ndarray], training_captions: list,
-               caption_vectors: bool = False):
+               with_vectors: bool = False):
     if similarity == "events" and events is None:
       raise ValueError("--config.similarity=events needs the built-in corpus, whose clips' "
                        "events are known: use tfidf or word_vectors on recorded data")
     self.builder, self.events, self.similarity = builder, events, similarity
     self.word_table = word_table
-    self.caption_vectors = caption_vectors and similarity in ("tfidf", "word_vectors")
+    self.with_vectors = with_vectors and similarity in ("tfidf", "word_vectors")
     self._events = {}  # split -> [clips, kinds] bool by audio_id
     self._idf = None
     if similarity == "tfidf":  # over the training captions, as the model sees them
@@ -43,7 +44,7 @@ class CaptionRelations:
   @property
   def vector_width(self) -> Optional[int]:
     """D of a batch's caption_vectors, or None where it carries none."""
-    if not self.caption_vectors:
+    if not self.with_vectors:
       return None
     return len(self._idf) if self.similarity == "tfidf" else self.word_table.shape[1]
 
@@ -85,6 +86,6 @@ class CaptionRelations:
       extra["caption_similarity"] = false_negatives.event_similarity(extra["events"])
     if vectors is not None:
       extra["caption_similarity"] = false_negatives.cosine(vectors)
-      if self.caption_vectors:
+      if self.with_vectors:
         extra["caption_vectors"] = false_negatives.unit_rows(vectors).astype(np.float32)
     return dict(batch, **extra)

@@ -14,11 +14,16 @@ From those rows every strategy selects (`sampling.Rows`), every objective scores
 filter and soft relevance act, as on one device; means over anchors are over every
 device's (psum). Random draws are anchor i's own wherever it lives.
 
-Memory per device: its rows, O(n G) scalars, and one block in flight; the gradient goes
+Device memory: its rows, O(n G) scalars, and one block in flight; the gradient goes
 round the ring again, each block with its gradient so far, so no device keeps the
-blocks that passed, and none holds the [G, G] products. Runs trained together, and
-objectives registered with their own loss (`objectives.register`), are refused: they
-take `gather`.
+blocks that passed, and none holds the [G, G] products. Runs trained together are
+refused: they take `gather`.
+
+A cross-batch memory (`ntxr.memory`, every device's whole) adds its M entries as
+candidates after the batch's: the rows are [n, G + M]. Under `gather` a memory takes
+this same path, the whole batch the rows of a mapped axis of one (`rows_loss_and_terms`
+without a mesh). Objectives registered with their own loss (`objectives.register`)
+compute it from the whole batch: they are refused with ring or a memory.
 """
 
 import functools
@@ -47,8 +52,9 @@ def cross_rows(scorer: scores.Scorer, embedded: objectives.Embedded,
   """(by_audio, by_text) [n, G + M]: s_cross[a, :] of this device's clips a and
   s_cross[:, t] of its captions t, with gradient (`_cross_rows`), against the batch's G
   and the memory's M `stored` entries (none: M = 0)."""
-  if jax.lax.axis_size(AXIS) == 1:  # the whole batch: one matrix, its transpose the rows
-    matrix = scorer.matrix(*embedded[:4])  # by caption (a mapped axis: no custom VJP)
+  if jax.lax.axis_size(AXIS) == 1:  # the whole batch: one matrix and its transpose, by
+    # autodiff (a custom VJP's backward is traced outside the mapped axis, unbound there)
+    matrix = scorer.matrix(*embedded[:4])
     rows = matrix, matrix.T
   else:
     rows = _cross_rows(scorer, (embedded.audio, embedded.text),
@@ -138,6 +144,8 @@ def within_rows(scorer: scores.Scorer, x: Array, mask: Array) -> Array:
   """[n, G]: this device's rows of a within-modality matrix of x [n, L, E], no gradient,
   the other devices' x passed round the ring."""
   x = jax.lax.stop_gradient(x)
+  if jax.lax.axis_size(AXIS) == 1:  # the whole batch: each block pair once
+    return scorer.symmetric(x, mask)
   _, _, forward = _ring()
   def step(block, _):
     held = scorer.matrix(x, block[0], mask, block[1])
@@ -277,8 +285,8 @@ def _triplet(embedded, loss, scorer, kept, key, count: int, cross: sampling.Rows
   if strategy.needs == "cross":
     rows = cross
   elif strategy.needs in ("audio", "text"):
-    side = lambda e: (e.audio, e.audio_mask) if strategy.needs == "audio" else (e.text,
-                                                                               e.text_mask)
+    side = lambda e: ((e.audio, e.audio_mask) if strategy.needs == "audio"
+                      else (e.text, e.text_mask))
     x, mask = side(embedded)
     within = within_rows(scorer, x, mask)
     if stored is not None:
@@ -326,8 +334,10 @@ def _whole_pool(loss, learnt: dict, with_gradient: tuple, cross: sampling.Rows, 
   by_audio, by_text = with_gradient
   valid = jnp.ones(positives.shape[0], bool)  # a training batch has no padding rows
   z_audio, z_text = (s.astype(jnp.float32) / temperature for s in (by_audio, by_text))
-  if loss.objective == "siglip":  # each pair once: the anchor clips' rows, and the
-    pairs = positives | (kept & kept_transposed)  # memory clips' pairs with the captions
+  if loss.objective == "siglip":
+    # Each pair once: the anchor clips' with every caption, then the memory's clips' with
+    # the anchor captions.
+    pairs = positives | (kept & kept_transposed)
     likelihood = (objectives.siglip_log_likelihood(z_audio, positives, pairs, bias)
                   + objectives.siglip_log_likelihood(z_text[:, count:], positives[:, count:],
                                                      pairs[:, count:], bias))
@@ -348,36 +358,29 @@ def _whole_pool(loss, learnt: dict, with_gradient: tuple, cross: sampling.Rows, 
                                       temperature=temperature, beta=loss.beta, bias=bias)
 
 
-def sharded_loss_and_terms(mesh, embedded: objectives.Embedded, loss, *, learnt: dict,
-                           key: Array, similarity: Optional[Array] = None,
-                           events: Optional[Array] = None,
-                           memory: Optional[memory_lib.Memory] = None,
-                           caption_vectors: Optional[Array] = None):
-  """`loss_and_terms` on the global batch split by rows over `mesh`'s AXIS (jit-traced
-  arrays [G, ...]; the memory whole on every device): (loss, LossTerms [G] without their
-  weights, shares or None)."""
-  rows, replicated = PartitionSpec(AXIS), PartitionSpec()
-  def run(embedded, learnt, key, by_row, memory):
-    value, terms, shares = loss_and_terms(embedded, loss, learnt=learnt, key=key,
-                                          memory=memory, **by_row)
-    return value, terms._replace(weights=None), shares
+def rows_loss_and_terms(embedded: objectives.Embedded, loss, *, learnt: dict, key: Array,
+                        mesh=None, similarity: Optional[Array] = None,
+                        events: Optional[Array] = None,
+                        memory: Optional[memory_lib.Memory] = None,
+                        caption_vectors: Optional[Array] = None):
+  """`loss_and_terms` on the global batch (jit-traced arrays [G, ...]; the memory whole on
+  every device): split by rows over `mesh`'s AXIS, (loss, LossTerms [G] without their
+  weights, shares or None); or, with no mesh (a memory under gather), the whole batch as
+  the rows of a mapped axis of one, which XLA partitions as it does the batch, its
+  LossTerms with their weights [2, G, G + M]."""
   by_row = dict(similarity=similarity, events=events, caption_vectors=caption_vectors)
-  return jax.shard_map(
-      run, mesh=mesh, in_specs=(rows, replicated, replicated, rows, replicated),
-      out_specs=(replicated, sampling.LossTerms(rows, rows, rows, None), replicated),
-      check_vma=False)(embedded, learnt, key, by_row, memory)
-
-
-def whole_batch_loss_and_terms(embedded: objectives.Embedded, loss, *, learnt: dict,
-                               key: Array, similarity: Optional[Array] = None,
-                               events: Optional[Array] = None,
-                               memory: Optional[memory_lib.Memory] = None,
-                               caption_vectors: Optional[Array] = None):
-  """`loss_and_terms` with the whole batch as the rows of one device (a mapped axis of
-  one), for a memory under `gather`: (loss, LossTerms [G] with weights [2, G, G + M],
-  shares or None)."""
-  def run(embedded, by_row):
+  def run(embedded, by_row, learnt, key, memory):
     return loss_and_terms(embedded, loss, learnt=learnt, key=key, memory=memory, **by_row)
-  by_row = dict(similarity=similarity, events=events, caption_vectors=caption_vectors)
-  found = jax.vmap(run, axis_name=AXIS)(*jax.tree.map(lambda x: x[None], (embedded, by_row)))
-  return jax.tree.map(lambda x: x[0], found)
+  if mesh is None:
+    one = lambda tree: jax.tree.map(lambda x: x[None], tree)
+    found = jax.vmap(run, axis_name=AXIS, in_axes=(0, 0, None, None, None))(
+        one(embedded), one(by_row), learnt, key, memory)
+    return jax.tree.map(lambda x: x[0], found)
+  def sharded(*args):
+    value, terms, shares = run(*args)
+    return value, terms._replace(weights=None), shares
+  rows, replicated = PartitionSpec(AXIS), PartitionSpec()
+  return jax.shard_map(
+      sharded, mesh=mesh, in_specs=(rows, rows, replicated, replicated, replicated),
+      out_specs=(replicated, sampling.LossTerms(rows, rows, rows, None), replicated),
+      check_vma=False)(embedded, by_row, learnt, key, memory)

@@ -46,7 +46,8 @@ def _one_each(audio_neg: Array, text_neg: Array) -> Negatives:
 
 
 class Rows(NamedTuple):
-  """The anchors' rows of the matrix a strategy reads, over the G candidates.
+  """The anchors' rows of the matrix a strategy reads, over the G candidates (the batch's,
+  then a cross-batch memory's, if any: `ntxr.memory`).
 
   by_audio [n, G]: audio anchor a's scores of the captions (s_cross[a, :]); by_text [n, G]:
   caption anchor t's of the clips (s_cross[:, t]); positive [n]: s_cross[i, i] (None for
@@ -270,8 +271,9 @@ def masked_mean(x: Array, mask: Array, axis=None) -> Array:
 class LossTerms(NamedTuple):
   """What an objective's loss saw, for diagnostics: positive [N]; negative [N, 2] (the audio
   negatives' and the text negatives' mean score); valid [N] (non-empty pool); weights
-  [2, N, N] (each caption anchor's weight on clips, each audio anchor's on captions:
-  how much each negative counts, rows summing to 1 over the negatives, 0 without any)."""
+  [2, N, C] over the C candidates (N, or N + M with a memory) (each caption anchor's
+  weight on clips, each audio anchor's on captions: how much each negative counts, rows
+  summing to 1 over the negatives, 0 without any)."""
   positive: Array
   negative: Array
   valid: Array

@@ -23,16 +23,31 @@ from ntxr import scores, settings
 
 class TrainState(train_state.TrainState):
   """params: the model's, and under "objective" the objective's learnt scalars (siglip's
-  log inverse temperature and bias), if it has any; memory: the cross-batch memory
-  (`ntxr.memory`), or None."""
+  log inverse temperature and bias), if it has any."""
   batch_stats: Any
-  memory: Optional[memory_lib.Memory] = None
 
   def variables(self, params=None) -> dict:
     """The model's variables, with `params` in place of the state's if given."""
     params = self.params if params is None else params
     return {"params": {k: v for k, v in params.items() if k != "objective"},
             "batch_stats": self.batch_stats}
+
+
+class TrainStateWithMemory(TrainState):
+  """A TrainState with a cross-batch memory (`ntxr.memory`). A run without one keeps
+  TrainState's fields, the tree its checkpoints have always held."""
+  memory: memory_lib.Memory
+
+
+def with_memory(state: TrainState, memory: memory_lib.Memory) -> TrainStateWithMemory:
+  """The state with a cross-batch memory."""
+  return TrainStateWithMemory(**{field.name: getattr(state, field.name)
+                                 for field in dataclasses.fields(state)}, memory=memory)
+
+
+def memory_of(state: TrainState) -> Optional[memory_lib.Memory]:
+  """The state's cross-batch memory, or None."""
+  return state.memory if isinstance(state, TrainStateWithMemory) else None
 
 
 BATCH_NORM_PASS_FRAMES = 500  # the authors' CRNNEncoder's pass: torch.randn(1, 1, 500, mels)
@@ -285,9 +300,10 @@ def _loss_and_terms(params: dict, variables: dict, apply_fn, batch: dict, key: j
   """(loss, (new batch_stats or None, LossTerms, false-negative shares or None, the
   batch's Embedded)) of one batch; params: the state's (for the objective's learnt
   scalars), variables: the model's. Optional batch entries: caption_similarity [B, B]
-  (the filter's and soft's), events [B, K] bool (to measure false negatives). mesh: the
-  devices' (`parallel`), which loss.negatives "ring" splits the loss over; memory: a
-  cross-batch memory whose entries join the pools."""
+  (the filter's and soft's), events [B, K] bool (to measure false negatives),
+  caption_vectors [B, D] (to compare captions with a memory's). mesh: the devices'
+  (`parallel`), which loss.negatives "ring" splits the loss over; memory: a cross-batch
+  memory whose entries join the pools."""
   dropout_key, sample_key = jax.random.split(key)
   encoder_mask, audio_mask, text_mask = training_masks(batch, loss.padding)
   inputs = dict(batch, audio_mask=encoder_mask)
@@ -317,17 +333,13 @@ def embedded_loss_and_terms(embedded: objectives.Embedded, loss: settings.Loss, 
   entries join every anchor's candidates after the batch's (the loss then on rows,
   `ntxr.ring`); caption_vectors [B, D]: the captions' unit vectors, which the memory's
   are compared with."""
-  if loss.negatives == "ring":
-    if mesh is None:
-      raise ValueError("--config.negatives=ring splits the loss over the devices' mesh: "
-                       "pass mesh=")
-    return ring.sharded_loss_and_terms(mesh, embedded, loss, learnt=learnt, key=key,
-                                       similarity=similarity, events=events, memory=memory,
-                                       caption_vectors=caption_vectors)
-  if memory is not None:
-    return ring.whole_batch_loss_and_terms(embedded, loss, learnt=learnt, key=key,
-                                           similarity=similarity, events=events,
-                                           memory=memory, caption_vectors=caption_vectors)
+  if loss.negatives == "ring" and mesh is None:
+    raise ValueError("--config.negatives=ring splits the loss over the devices' mesh: "
+                     "pass mesh=")
+  if loss.negatives == "ring" or memory is not None:
+    return ring.rows_loss_and_terms(
+        embedded, loss, learnt=learnt, key=key, mesh=mesh if loss.negatives == "ring" else None,
+        similarity=similarity, events=events, memory=memory, caption_vectors=caption_vectors)
   pool = sampling.negative_pool(embedded.audio_ids)
   kept = pool
   if loss.filters:
@@ -361,15 +373,16 @@ def train_step(state: TrainState, batch: dict, key: jax.Array, *,
   batch: {audio [B,T,F], audio_mask [B,T], tokens [B,W], token_mask [B,W], audio_id [B]},
   and optionally caption_similarity [B, B] and events [B, K] (see _loss_and_terms);
   mesh: the devices', for loss.negatives "ring". A state with a memory draws negatives
-  from it too, then writes the batch's embeddings into it.
+  from it too (with the batch's caption_vectors [B, D] where it keeps them), then writes
+  the batch's embeddings into it.
   """
   def loss_fn(params):
     return _loss_and_terms(params, state.variables(params), state.apply_fn, batch, key,
-                           train=True, loss=loss, mesh=mesh, memory=state.memory)
+                           train=True, loss=loss, mesh=mesh, memory=memory_of(state))
   (value, (batch_stats, terms, shares, embedded)), grads = jax.value_and_grad(
       loss_fn, has_aux=True)(state.params)
   state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  if state.memory is not None:
+  if memory_of(state) is not None:
     state = state.replace(memory=memory_lib.push(state.memory, embedded, batch.get("events"),
                                                  batch.get("caption_vectors")))
   return state, TrainingStatistics.of(value, optax.tree.norm(grads), terms, loss.margin,

@@ -68,13 +68,14 @@ def flat(tree, path="") -> dict:
   return {path: tree}
 
 
-def params_of(workdir, which="latest"):
-  """(step, params) of the workdir's `which` checkpoint, read as raw arrays."""
+def params_of(workdir, which="latest", field="params"):
+  """(step, params) of the workdir's `which` checkpoint, read as raw arrays (or another
+  field of its train state: "memory")."""
   with checkpoints_lib.Checkpoints(workdir) as checkpoints:
     manager = checkpoints.managers[which]
     step = manager.latest_step()
     restored = manager.restore(step)  # raw arrays, no target structure needed
-  return step, restored["state"]["params"]
+  return step, restored["state"][field]
 
 
 def interrupt_after(monkeypatch, batches: int, how: str):

@@ -121,8 +121,8 @@ def test_a_ring_of_one_device_is_the_batch_itself(fields):
         objectives.Embedded(a, t, *masks, ids), loss, pool=sampling.negative_pool(ids),
         relevance=None, learnt={}, key=keys[0])[0]
   def ringed(a, t):
-    return ring.sharded_loss_and_terms(mesh, objectives.Embedded(a, t, *masks, ids), loss,
-                                       learnt={}, key=keys[0])[0]
+    return ring.rows_loss_and_terms(objectives.Embedded(a, t, *masks, ids), loss, mesh=mesh,
+                                    learnt={}, key=keys[0])[0]
   (one, one_grads), (other, other_grads) = (
       jax.jit(jax.value_and_grad(fn, argnums=(0, 1)))(audio, text) for fn in (gather, ringed))
   np.testing.assert_allclose(other, one, rtol=1e-6)
@@ -249,6 +249,7 @@ def _training(cache_dir: str) -> dict:
   # pylint: disable=import-outside-toplevel
   import jax
   from flax import traverse_util
+  from ntxr import steps
   sys.path.insert(0, os.path.dirname(__file__))
   from conftest import TINY
   from runs import experiment_of
@@ -269,7 +270,7 @@ def _training(cache_dir: str) -> dict:
       found[f"{prefix}/loss"] = np.array(losses)
       for name, value in traverse_util.flatten_dict(jax.device_get(state.params)).items():
         found[f"{prefix}/state/{'/'.join(name)}"] = np.asarray(value)
-      if state.memory is not None:  # what the steps wrote into it
+      if steps.memory_of(state) is not None:  # what the steps wrote into it
         found[f"{prefix}/state/memory_text"] = np.asarray(state.memory.text)
   return found
 

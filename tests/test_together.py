@@ -23,7 +23,7 @@ def separate_and_together(loss, shared_batch, count=3, steps_taken=2):
       model, jax.random.key(seed), frames=SHAPE["frames"], words=SHAPE["words"],
       mel_bands=SHAPE["mel_bands"]), rate) for seed, rate in enumerate(rates)]
   if loss.memory_batches:
-    states = [state.replace(memory=memory_lib.empty(
+    states = [steps.with_memory(state, memory_lib.empty(
         state.apply_fn, state.variables(), batches=loss.memory_batches, batch_size=8,
         frames=SHAPE["frames"], words=SHAPE["words"], feature_width=SHAPE["mel_bands"],
         event_kinds=None, vector_width=None)) for state in states]
