@@ -25,7 +25,8 @@ others go on. The table of every run under ROOT finished with these settings (th
 ROOT/results.md: per strategy, the mean and sample standard deviation over seeds of
 both directions' metrics, how many seeds collapsed, and where the corpus knows its
 events, the share of the negatives' weight on false negatives; its figures (metrics by
-strategy, collapse signals over epochs) to ROOT/*.png.
+strategy, collapse signals over epochs) to ROOT/*.png; the commits, package versions
+and dates its runs were trained at, and the sweep's command, to ROOT/provenance.json.
 """
 
 import concurrent.futures
@@ -54,7 +55,7 @@ from absl import flags
 import ml_collections
 import numpy as np
 
-from ntxr import cli, command, files, lifetime, plots, ranking, specs
+from ntxr import cli, command, files, lifetime, plots, provenance, ranking, specs
 # pylint: enable=wrong-import-position
 
 FLAGS = flags.FLAGS
@@ -375,12 +376,30 @@ def to_markdown(rows) -> str:
 FIGURES = ("metrics_by_strategy", "training_curves", "collapse_over_epochs", "score_histograms")
 
 
-def write_report(root: str, config: ml_collections.ConfigDict, report=print) -> list:
+def provenance_of(runs: list, command: Optional[str]) -> dict:
+  """What ROOT/provenance.json records: the sweep's command, when the table was made,
+  and where its runs came from (each run's results.json records it): how many, the
+  commits and package versions they were trained at ("unrecorded" for runs older than
+  the record) and their first and last dates."""
+  recorded = [run.get("provenance") or {} for run in runs]
+  dates = sorted(p["date"] for p in recorded if "date" in p)
+  packages = dict.fromkeys(name for p in recorded for name in p.get("versions", {}))
+  return dict(command=command, tabulated=provenance.of()["date"], runs=dict(
+      count=len(runs), commits=sorted({p.get("commit") or "unrecorded" for p in recorded}),
+      first=dates[0] if dates else None, last=dates[-1] if dates else None,
+      versions={name: sorted({p["versions"][name] for p in recorded
+                              if name in p.get("versions", {})}) for name in packages}))
+
+
+def write_report(root: str, config: ml_collections.ConfigDict, report=print,
+                 command: Optional[str] = None) -> list:
   """From the runs finished with the sweep's settings `config`: ROOT/results.csv,
-  ROOT/results.md and the FIGURES as ROOT/NAME.png. Returns the rows."""
+  ROOT/results.md, ROOT/provenance.json (`provenance_of`; command: the sweep's) and the
+  FIGURES as ROOT/NAME.png. Returns the rows."""
   runs = read_sweep(root, config, report)
   rows = table(runs)
   files.write_text(os.path.join(root, "results.csv"), to_csv(rows))
+  files.write_json(os.path.join(root, "provenance.json"), provenance_of(runs, command))
   files.write_text(os.path.join(root, "results.md"), to_markdown(rows))
   for name, fig in [("metrics_by_strategy", plots.metrics_by_strategy(rows)),
                     ("training_curves", plots.training_curves(runs)),
@@ -446,7 +465,8 @@ def main(argv):
       print(ctrl_c.INTERRUPTED, file=sys.stderr)
       sys.exit(130)
   os.makedirs(FLAGS.root, exist_ok=True)
-  rows = write_report(FLAGS.root, config)
+  rows = write_report(FLAGS.root, config,
+                      command=" ".join(["python -m ntxr.sweep", *sys.argv[1:]]))
   print(to_markdown(rows))
   print(f"{sum(r['seeds'] for r in rows)} runs: table and figures in {FLAGS.root}")
   if failed:

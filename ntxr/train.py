@@ -27,7 +27,7 @@ import numpy as np
 import tqdm
 
 from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib, files
-from ntxr import metrics_log, parallel, programs, settings, steps
+from ntxr import metrics_log, parallel, programs, provenance, settings, steps
 from ntxr import workdir as workdir_lib
 from ntxr.data import corpus as corpus_lib, input_pipeline
 
@@ -309,11 +309,10 @@ def evaluate_best(experiment: experiment_lib.Experiment, checkpoints: checkpoint
                  collapse_epochs=list(trained.collapse_epochs), epochs=trained.epoch,
                  stopped_early=trained.stopped_early, frozen=frozen,
                  selected_by=experiment.settings.checkpoints.select_by,
-                 skipped=dict(count=len(skipped),
-                                                            entries=skipped),
+                 skipped=dict(count=len(skipped), entries=skipped),
                  steps=checkpoints.step("latest") or checkpoints.step("best"),
                  best_epoch=best.best_epoch, best_step=checkpoints.step("best"),
-                 seconds=trained.seconds,
+                 seconds=trained.seconds, provenance=provenance.of(),
                  false_negatives=metrics_log.false_negatives_of(
                      files.read_jsonl(os.path.join(workdir, "metrics.jsonl")),
                      best.best_epoch))

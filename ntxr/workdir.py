@@ -7,7 +7,8 @@
   lock                     held by the run using the workdir (host, pid)
   metrics.jsonl            one line per epoch: training, validation, collapse
   tensorboard/             the same as TensorBoard scalars (ntxr.metrics_log)
-  results.json             the test metrics and how they were reached
+  results.json             the test metrics, how they were reached, and the date,
+                           commit and package versions that reached them
   dcase_{split}.csv        the DCASE submission (each caption's top 10 files)
   dcase2025_{split}.csv    with a relevance file: the judged captions' scores for every
                            file, as the DCASE 2025 baseline writes them

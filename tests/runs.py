@@ -68,6 +68,13 @@ def flat(tree, path="") -> dict:
   return {path: tree}
 
 
+def timeless(results: dict) -> dict:
+  """A run's results.json less what two runs of one setting differ in: its seconds and
+  the date in its provenance."""
+  provenance = {k: v for k, v in results["provenance"].items() if k != "date"}
+  return {**{k: v for k, v in results.items() if k != "seconds"}, "provenance": provenance}
+
+
 def params_of(workdir, which="latest", field="params"):
   """(step, params) of the workdir's `which` checkpoint, read as raw arrays (or another
   field of its train state: "memory")."""

@@ -9,10 +9,11 @@ import sys
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 
-from ntxr import ranking, specs, sweep
+from ntxr import provenance, ranking, specs, sweep
 from ntxr.configs import default
 
 
@@ -57,6 +58,9 @@ def test_table_is_the_mean_and_sample_spread_over_seeds(tmp_path):
     table = list(csv.DictReader(f))
   assert table[1]["strategy"] == "hard_cross" and table[1]["t2a R@10 std"] == "0.1414"
   assert table[0]["t2a R@10 std"] == "nan"
+  with open(os.path.join(root, "provenance.json")) as f:  # runs that recorded none
+    assert json.load(f)["runs"] == dict(count=3, commits=["unrecorded"], first=None,
+                                        last=None, versions={})
   markdown = open(os.path.join(root, "results.md")).read().splitlines()
   assert markdown[0].startswith("| strategy | t2a R@1 | t2a R@5 |")
   assert markdown[0].endswith("| a2t mAP@10 | a2t mAP | collapse |")
@@ -122,7 +126,7 @@ def test_run_all_skips_finished_runs_and_reports_failures(tmp_path, tiny_flags, 
 
 
 def test_table_of_a_trained_sweep(tiny_sweep, tiny_config):
-  rows = sweep.write_report(tiny_sweep, tiny_config())
+  rows = sweep.write_report(tiny_sweep, tiny_config(), command="python -m ntxr.sweep --x")
   assert [(r["strategy"], r["seeds"]) for r in rows] == [
       ("random", 2), ("semihard_cross", 2)]
   for row in rows:
@@ -135,6 +139,13 @@ def test_table_of_a_trained_sweep(tiny_sweep, tiny_config):
   for name in sweep.FIGURES:
     with open(os.path.join(tiny_sweep, f"{name}.png"), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  with open(os.path.join(tiny_sweep, "provenance.json")) as f:
+    recorded = json.load(f)
+  assert recorded["command"] == "python -m ntxr.sweep --x"
+  assert recorded["runs"]["count"] == 4
+  assert recorded["runs"]["commits"] == [provenance.commit() or "unrecorded"]
+  assert recorded["runs"]["first"] <= recorded["runs"]["last"] <= recorded["tabulated"]
+  assert recorded["runs"]["versions"]["jax"] == [jax.__version__]
   read_back = sweep.read_csv(os.path.join(tiny_sweep, "results.csv"))
   assert [r["strategy"] for r in read_back] == ["random", "semihard_cross"]
   for row, back in zip(rows, read_back):

@@ -8,20 +8,13 @@ docs/benchmarks.md made from them.
 A new run of a job on a device replaces that file; nothing is appended.
 """
 
-import datetime
 import glob
-import importlib.metadata
 import json
 import os
-import platform
 import re
-import subprocess
-from typing import Optional
 
-from ntxr import files
+from ntxr import files, provenance as provenance_lib
 
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy", "torch", "transformers", "hear21passt",
-            "panns-inference")
 JOB_TITLES = {
     "kernels": "Loss kernels against the authors' per-anchor loop",
     "parts": "Where a kernel's time goes",
@@ -45,34 +38,9 @@ def slug(device: str) -> str:
   return re.sub(r"[^a-z0-9]+", "-", kind.lower()).strip("-")
 
 
-def _commit() -> Optional[str]:
-  """The checkout's commit, with "+changes" when files differ from it; None outside git."""
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  try:
-    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, check=True,
-                          capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                           check=True, capture_output=True, text=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return None
-  return head + ("+changes" if dirty else "")
-
-
-def _versions() -> dict:
-  found = {"python": platform.python_version()}
-  for name in PACKAGES:
-    try:
-      found[name] = importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-      pass
-  return found
-
-
 def provenance(device: str, argv) -> dict:
   """What a result file records besides its rows."""
-  return dict(device=device, date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-      timespec="seconds"), commit=_commit(), versions=_versions(),
-              command=" ".join(["python -m ntxr.bench", *argv]))
+  return dict(device=device, **provenance_lib.of(" ".join(["python -m ntxr.bench", *argv])))
 
 
 def write(results_dir: str, job: str, rows: list, about: dict) -> str:
