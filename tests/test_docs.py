@@ -1,9 +1,10 @@
 """The README and docs/: short README, links that resolve, the strategies and objectives
-they list the specified ones, the benchmark page made from its result files; the
-package's metadata: the paper cited alike everywhere, the Python versions and accelerator
-extras those of the JAX it requires."""
+they list the specified ones, the benchmark page and the result tables made from their
+files; the package's metadata: the paper cited alike everywhere, the Python versions and
+accelerator extras those of the JAX it requires."""
 
 import configparser
+import csv
 import glob
 import importlib.metadata
 import itertools
@@ -52,6 +53,58 @@ def test_every_relative_link_resolves():
 def read(name: str) -> str:
   with open(os.path.join(ROOT, name), encoding="utf-8") as f:
     return f.read()
+
+
+RESULTS = os.path.join(ROOT, "docs", "results")
+# A results.md table made from a sweep's results.csv follows a line naming it.
+TABLE_SOURCE = re.compile(r"^<!-- made from docs/results/(\w+)/results\.csv -->$", re.M)
+
+
+def _cells(line: str) -> list:
+  return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def first_table(text: str) -> tuple:
+  """(header cells, [row cells]) of the first Markdown table in text."""
+  lines = text.splitlines()
+  start = next(i for i, line in enumerate(lines) if line.startswith("| "))
+  end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
+  return _cells(lines[start]), [_cells(line) for line in lines[start + 2:end]]
+
+
+def assert_made_from(table: tuple, sweep_name: str) -> None:
+  """Every row of the table is its strategy's (or objective's, named in its first cell)
+  row of docs/results/SWEEP/results.csv: each metric column its mean ± sample standard
+  deviation to 3 decimals, the collapse column collapsed seeds / seeds."""
+  with open(os.path.join(RESULTS, sweep_name, "results.csv"), encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  header, body = table
+  assert body, sweep_name
+  for cells in body:
+    row, = [r for r in rows if re.search(rf"\b{r['strategy']}\b", cells[0])]
+    checked = 0
+    for column, cell in zip(header[1:], cells[1:]):
+      if column in ("collapse", "collapsed"):
+        assert cell == f"{row['collapsed']}/{row['seeds']}", (sweep_name, cells[0], column)
+      elif f"{column} mean" in row:
+        mean, spread = float(row[f"{column} mean"]), float(row[f"{column} std"])
+        assert cell == f"{mean:.3f} ± {spread:.3f}", (sweep_name, cells[0], column)
+        checked += 1
+    assert checked >= 2, (sweep_name, header)
+
+
+def test_the_result_tables_are_made_from_their_csvs():
+  """README's two tables (the ablation's, the objectives') and every table results.md
+  says it made from a sweep's results.csv; every sweep under docs/results has one."""
+  readme = read("README.md").split("\n## Results\n")[1].split("\n## ")[0]
+  ablation, objectives = readme.split("\n\n| objective")
+  assert_made_from(first_table(ablation), "ablation")
+  assert_made_from(first_table("| objective" + objectives), "objectives")
+  text = read("docs/results.md")
+  made = TABLE_SOURCE.findall(text)
+  assert sorted(made) == sorted(os.listdir(RESULTS))
+  for match in TABLE_SOURCE.finditer(text):
+    assert_made_from(first_table(text[match.end():]), match.group(1))
 
 
 def listed(lines) -> list:
