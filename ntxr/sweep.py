@@ -26,7 +26,8 @@ ROOT/results.md: per strategy, the mean and sample standard deviation over seeds
 both directions' metrics, how many seeds collapsed, and where the corpus knows its
 events, the share of the negatives' weight on false negatives; its figures (metrics by
 strategy, collapse signals over epochs) to ROOT/*.png; the commits, package versions
-and dates its runs were trained at, and the sweep's command, to ROOT/provenance.json.
+and dates its runs' results were written at, and the sweep's command, to
+ROOT/provenance.json.
 """
 
 import concurrent.futures
@@ -379,8 +380,8 @@ FIGURES = ("metrics_by_strategy", "training_curves", "collapse_over_epochs", "sc
 def provenance_of(runs: list, command: Optional[str]) -> dict:
   """What ROOT/provenance.json records: the sweep's command, when the table was made,
   and where its runs came from (each run's results.json records it): how many, the
-  commits and package versions they were trained at ("unrecorded" for runs older than
-  the record) and their first and last dates."""
+  commits and package versions their results were written at ("unrecorded" for runs
+  older than the record) and their first and last dates."""
   recorded = [run.get("provenance") or {} for run in runs]
   dates = sorted(p["date"] for p in recorded if "date" in p)
   packages = dict.fromkeys(name for p in recorded for name in p.get("versions", {}))

@@ -8,7 +8,7 @@
   metrics.jsonl            one line per epoch: training, validation, collapse
   tensorboard/             the same as TensorBoard scalars (ntxr.metrics_log)
   results.json             the test metrics, how they were reached, and the date,
-                           commit and package versions that reached them
+                           commit and package versions of the process that wrote it
   dcase_{split}.csv        the DCASE submission (each caption's top 10 files)
   dcase2025_{split}.csv    with a relevance file: the judged captions' scores for every
                            file, as the DCASE 2025 baseline writes them
