@@ -32,14 +32,14 @@ def shared_model(**fields) -> models.DualEncoder:
 
 
 @functools.lru_cache(maxsize=None)
-def pretrained_encoder(name: str, path: str):
-  """The encoder `name` loaded from its publisher's file at `path` (`ntxr.encoders.load`),
-  once per process: a sweep's runs share it."""
+def pretrained_encoder(name: str, path: str, cache_dir: str):
+  """The encoder `name` loaded from its publisher's file at `path` (`ntxr.encoders.load`,
+  its tensors kept in cache_dir), once per process: a sweep's runs share it."""
   from ntxr import encoders  # pylint: disable=import-outside-toplevel
-  return encoders.load(name, path)
+  return encoders.load(name, path, cache_dir)
 
 
-def pretrained_encoders(model: settings.Model) -> dict:
+def pretrained_encoders(model: settings.Model, cache_dir: str) -> dict:
   """{"audio" and/or "text": Loaded} of the model's pretrained encoders (none for the
   paper's CRNN and word table), their modules as a run trains them: in the compute dtype,
   rematerialised if asked, CNN14's products after its front end at the run's matmul
@@ -55,7 +55,7 @@ def pretrained_encoders(model: settings.Model) -> dict:
   for side, name, path in (("audio", model.audio_encoder, model.audio_weights),
                            ("text", model.text_encoder, model.text_weights)):
     if name not in ("crnn", "word_vectors"):
-      encoder = pretrained_encoder(name, path)
+      encoder = pretrained_encoder(name, path, cache_dir)
       loaded[side] = encoder._replace(module=encoder.module.clone(
           dtype=dtype, remat=model.remat, **fields.get(name, {})))
   return loaded
@@ -112,7 +112,7 @@ class Experiment:
     self.devices.check_divides("--config.eval_batch_size", optimiser.eval_batch_size)
     self.corpus = corpus
     self.training_split, self.validation_split, self.test_split = data.splits
-    loaded = pretrained_encoders(model)
+    loaded = pretrained_encoders(model, data.cache_dir)
     if model.audio_encoder == "passt":
       check_patchout(loaded["audio"].module, data.frame_buckets[0], model.patchout)
     dual_encoder = shared_model(vocab_size=corpus.tokenizer.vocab_size,

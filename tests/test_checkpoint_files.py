@@ -126,3 +126,58 @@ def test_refuses_a_file_without_a_state_dict(tmp_path):
   path = tmp_path / "no_tensors.pth"
   torch.save({"iteration": 7, "optimizer": {"lr": 0.1}}, path)
   assert "iteration" in _error(path)
+
+
+def _publisher_reads(monkeypatch) -> list:
+  """The paths read in the publisher's format from now on."""
+  reads = []
+  read = checkpoint_files._read_publisher_file
+  monkeypatch.setattr(checkpoint_files, "_read_publisher_file",
+                      lambda path: reads.append(path) or read(path))
+  return reads
+
+
+def test_a_cache_keeps_a_files_tensors_after_its_first_read(tmp_path, monkeypatch):
+  tensors = _tensors()
+  path, cache = str(tmp_path / "tensors.pth"), str(tmp_path / "cache")
+  torch.save(tensors, path)
+  reads = _publisher_reads(monkeypatch)
+  _assert_same(checkpoint_files.read_state_dict(path, cache), tensors)
+  kept = checkpoint_files.cached_path(path, cache)
+  assert kept.startswith(str(tmp_path / "cache" / "weights" / "tensors.pth-"))
+  assert sorted(p.name for p in (tmp_path / "cache" / "weights").iterdir()) == [
+      kept.rsplit("/", 1)[1]]  # no partial file left beside it
+  _assert_same(checkpoint_files.read_state_dict(path, cache), tensors)
+  assert reads == [path]
+  changed = {"w": torch.arange(3.0)}  # the file rewritten: its size and time change
+  torch.save(changed, path)
+  _assert_same(checkpoint_files.read_state_dict(path, cache), changed)
+  assert reads == [path, path]
+
+
+def test_a_cache_that_cannot_be_kept_or_read_back_is_skipped(tmp_path, monkeypatch, caplog):
+  tensors = {"w": torch.randn(4, 3), "b": torch.randn(3).bfloat16()}
+  path = str(tmp_path / "tensors.pth")
+  torch.save(tensors, path)
+  reads = _publisher_reads(monkeypatch)
+  blocked = tmp_path / "blocked"
+  blocked.mkdir()
+  (blocked / "weights").write_text("a file where the cache's folder would be")
+  _assert_same(checkpoint_files.read_state_dict(path, str(blocked)), tensors)
+  assert "not written" in caplog.text
+  cache = str(tmp_path / "cache")
+
+  def disk_full(file, **arrays):
+    file.write(b"PK\x03\x04 half")
+    raise OSError(28, "No space left on device")
+  with monkeypatch.context() as patched:
+    patched.setattr(np, "savez", disk_full)
+    _assert_same(checkpoint_files.read_state_dict(path, cache), tensors)
+  assert list((tmp_path / "cache" / "weights").iterdir()) == []  # the half-written file gone
+  kept = checkpoint_files.cached_path(path, cache)
+  with open(kept, "wb") as file:  # a damaged cache file is read around and replaced
+    file.write(b"PK\x03\x04 damaged")
+  _assert_same(checkpoint_files.read_state_dict(path, cache), tensors)
+  assert "unreadable" in caplog.text and len(reads) == 3
+  _assert_same(checkpoint_files.read_state_dict(path, cache), tensors)
+  assert len(reads) == 3

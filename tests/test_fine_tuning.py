@@ -163,7 +163,8 @@ def test_runs_train_their_pretrained_encoders_in_the_compute_dtype(tiny_config, 
   cnn14_path = pretrained_files.cnn14_file(str(tmp_path / "Cnn14_mAP=0.431.pth"))
   config = tiny_config(audio_encoder="cnn14", audio_weights=cnn14_path, text_encoder="bert",
                        text_weights=bert_folder, compute_dtype="bfloat16", remat=True)
-  loaded = experiment_lib.pretrained_encoders(settings.Settings.of(config).model)
+  run = settings.Settings.of(config)
+  loaded = experiment_lib.pretrained_encoders(run.model, run.data.cache_dir)
   audio, text = loaded["audio"].module, loaded["text"].module
   assert (audio.dtype, audio.remat, audio.precision) == (jnp.bfloat16, True, None)
   assert (text.dtype, text.remat) == (jnp.bfloat16, True)

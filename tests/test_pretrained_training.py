@@ -20,7 +20,7 @@ from ntxr import checkpoints as checkpoints_lib, encoders, experiment as experim
 from ntxr import search, settings, train
 from ntxr.configs import default
 from ntxr.data import tokenizer
-from ntxr.encoders import bert
+from ntxr.encoders import bert, checkpoint_files
 
 SMALL = dict(embed_dim=16, batch_size=4, eval_batch_size=4, num_epochs=1,
              max_steps_per_epoch=2, frame_buckets=(128,), max_tokens=24)
@@ -59,6 +59,10 @@ def test_cnn14_and_bert_fine_tune_end_to_end_on_real_recordings(tiny_config, fil
         np.testing.assert_array_equal(found, expected)
   results = train.train_and_evaluate(config, str(tmp_path / "run"))
   assert results["epochs"] == 1 and results["steps"] == 2
+  weights = [files["cnn14"], *(os.path.join(files["bert"], name) for name in bert.WEIGHT_FILES
+                               if os.path.isfile(os.path.join(files["bert"], name)))]
+  for path in weights:  # both files' tensors kept for the next run
+    assert os.path.isfile(checkpoint_files.cached_path(path, config.cache_dir)), path
   for direction in ("t2a", "a2t"):
     assert 0 <= results[direction]["mAP@10"] <= 1
   with checkpoints_lib.Checkpoints(str(tmp_path / "run")) as checkpoints:
@@ -275,7 +279,7 @@ def test_the_dcase_configs_run_on_their_encoders_and_say_each_change(name, audio
   run = settings.Settings.of(config)
   assert (run.model.audio_encoder, run.model.text_encoder, run.loss.score) == (
       audio, text, "pooled")
-  loaded = experiment_lib.pretrained_encoders(run.model)
+  loaded = experiment_lib.pretrained_encoders(run.model, run.data.cache_dir)
   if audio == "passt":
     module = loaded["audio"].module
     assert (module.s_patchout_t, module.s_patchout_f, module.dtype) == (15, 2, jax.numpy.bfloat16)

@@ -11,6 +11,8 @@ PyTorch code computes on the same weights, front end included (tests/test_encode
 Importing this package loads neither PyTorch, TensorFlow nor librosa.
 """
 
+from typing import Optional
+
 from ntxr.encoders import bert, cnn14, passt
 from ntxr.encoders.loaded import Loaded
 
@@ -21,9 +23,11 @@ AUDIO = ("cnn14", "passt")
 TEXT = ("bert", "roberta")
 
 
-def load(name: str, path: str) -> Loaded:
+def load(name: str, path: str, cache_dir: Optional[str] = None) -> Loaded:
   """The encoder `name` (one of ENCODERS) with the weights of the publisher's file or
-  folder at `path`; ValueError naming the file and what is wrong with it."""
+  folder at `path`; ValueError naming the file and what is wrong with it. cache_dir: a
+  local folder where the file's tensors are kept after its first read, so later loads
+  skip reading the publisher's format (`checkpoint_files.read_state_dict`)."""
   if name not in ENCODERS:
     raise ValueError(f"no encoder {name!r}: choose from {list(ENCODERS)}")
   loader, model_type = ENCODERS[name]
@@ -32,4 +36,4 @@ def load(name: str, path: str) -> Loaded:
     if declared != model_type:
       raise ValueError(f"{path}: its config.json declares model_type {declared!r}, not "
                        f"{model_type!r}: load it as {declared!r}")
-  return loader(path)
+  return loader(path, cache_dir=cache_dir)

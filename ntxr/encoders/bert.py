@@ -311,12 +311,13 @@ def variables_from_state_dict(state_dict: dict, module: BertEncoder, *, model_ty
   return {"params": jax.device_put(params)}
 
 
-def read_weights(folder: str) -> Tuple[str, dict]:
-  """(file, {name: array}) of model.safetensors in `folder`, else of pytorch_model.bin."""
+def read_weights(folder: str, cache_dir: Optional[str] = None) -> Tuple[str, dict]:
+  """(file, {name: array}) of model.safetensors in `folder`, else of pytorch_model.bin
+  (kept in cache_dir after the first read: `checkpoint_files.read_state_dict`)."""
   for name in WEIGHT_FILES:
     path = os.path.join(folder, name)
     if os.path.isfile(path):
-      return path, checkpoint_files.read_state_dict(path)
+      return path, checkpoint_files.read_state_dict(path, cache_dir)
   raise FileNotFoundError(f"{os.path.join(folder, WEIGHT_FILES[0])} not found (nor "
                           f"{WEIGHT_FILES[1]}): a BERT or RoBERTa folder holds its weights "
                           f"there, as published at {PUBLISHED}")
@@ -418,17 +419,18 @@ def tokenize(tokenizer: tokenizers.Tokenizer, captions: list) -> Tuple[np.ndarra
 
 
 def load(path: str, *, pooling: str = "cls", max_length: Optional[int] = None,
-         dtype=jnp.float32) -> Loaded:
+         dtype=jnp.float32, cache_dir: Optional[str] = None) -> Loaded:
   """A Hugging Face BERT or RoBERTa folder -> Loaded(module, variables, embed).
 
   embed(captions) -> ((words [B, W, D], mask [B, W]), sentences [B, D]), each caption cut to
   max_length tokens (default and at most: one per position embedding); sentences by `pooling`
   ("cls" or "mean", see `pool_sentences`). The module has a pooler where the file has one.
+  cache_dir: where the weights' tensors are kept after their first read.
   """
   if pooling not in POOLINGS:
     raise ValueError(f"pooling must be one of {POOLINGS}, not {pooling!r}")
   config = read_config(path)
-  file, state_dict = read_weights(path)
+  file, state_dict = read_weights(path, cache_dir)
   pooler = any(_published_name(key, config["model_type"]).startswith("pooler.")
                for key in state_dict)
   module = module_from_config(config, pooler=pooler, dtype=dtype)

@@ -9,15 +9,25 @@ Two formats are read:
 - safetensors (.safetensors): an 8-byte little-endian header size, a JSON header naming each
   tensor's dtype, shape and byte range, then the bytes (read here rather than by
   `safetensors.numpy`, which cannot hold bfloat16).
+
+With a cache folder, a file's tensors are read once and kept there as an .npz (NumPy's
+own format, read without unpickling), named by the file's path, size and modification
+time, so a changed file is read again.
 """
 
 import collections
+import contextlib
+import hashlib
 import json
+import os
 import pickle
 import zipfile
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
+from absl import logging
 import numpy as np
+
+from ntxr import files
 
 # torch.save's storage classes, by the name its pickle gives them.
 _STORAGE_DTYPES = {
@@ -201,8 +211,54 @@ def _is_state_dict(obj: Any) -> bool:
           and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()))
 
 
-def read_state_dict(path: str) -> Dict[str, np.ndarray]:
+def read_state_dict(path: str, cache_dir: Optional[str] = None) -> Dict[str, np.ndarray]:
   """The tensors of checkpoint file `path` by name, as NumPy arrays (bfloat16 as float32).
+
+  cache_dir: a local folder where they are kept after the first read (`cached_path`); a
+  cache that cannot be written (read-only, full) is said in one warning and skipped.
+  """
+  if cache_dir is None or files.is_bucket(cache_dir):
+    return _read_publisher_file(path)
+  cached = cached_path(path, cache_dir)
+  try:
+    with np.load(cached) as kept:
+      return {name: kept[name] for name in kept.files}
+  except FileNotFoundError:
+    pass
+  except (OSError, ValueError, zipfile.BadZipFile) as error:
+    logging.warning("%s is unreadable (%s): reading %s again", cached, error, path)
+  state_dict = _read_publisher_file(path)
+  _keep(cached, state_dict)
+  return state_dict
+
+
+def cached_path(path: str, cache_dir: str) -> str:
+  """<cache_dir>/weights/<file name>-<key>.npz, the key a hash of the file's absolute path,
+  size and modification time."""
+  stat = os.stat(path)
+  identity = f"{os.path.realpath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
+  key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+  return os.path.join(cache_dir, "weights", f"{os.path.basename(path)}-{key}.npz")
+
+
+def _keep(cached: str, state_dict: Dict[str, np.ndarray]) -> None:
+  """Writes `state_dict` at `cached` whole (renamed into place) or, on an OSError, not at all."""
+  partial = files.partial_path(cached)
+  try:
+    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    files.remove_left_by_dead(cached)
+    with open(partial, "wb") as file:
+      np.savez(file, **state_dict)
+    os.replace(partial, cached)
+  except OSError as error:
+    logging.warning("%s not written (%s): the publisher's file will be read again next "
+                    "time", cached, error)
+    with contextlib.suppress(OSError):
+      os.remove(partial)
+
+
+def _read_publisher_file(path: str) -> Dict[str, np.ndarray]:
+  """The tensors of checkpoint file `path` (`read_state_dict` without a cache).
 
   Reads torch.save's zip format and .safetensors. A torch checkpoint may hold the state dict
   itself or a dict with it under "model" or "state_dict" (beside e.g. an iteration count).

@@ -348,14 +348,16 @@ def variables_from_state_dict(state_dict: Dict[str, np.ndarray], path: str = "st
   return variables
 
 
-def load(path: str) -> Loaded:
+def load(path: str, cache_dir: Optional[str] = None) -> Loaded:
   """PANNs' Cnn14_mAP=0.431.pth (a dict whose "model" holds the state dict) -> Loaded.
 
   embed(waveforms [B, N] at 32 kHz, lengths=None) -> ((frames [B, T', 2048], frame mask
-  [B, T']), embedding [B, 2048]), in inference mode.
+  [B, T']), embedding [B, 2048]), in inference mode. cache_dir: where the file's tensors
+  are kept after its first read (`checkpoint_files.read_state_dict`).
   """
   module = Cnn14()
-  variables = variables_from_state_dict(checkpoint_files.read_state_dict(path), str(path))
+  variables = variables_from_state_dict(checkpoint_files.read_state_dict(path, cache_dir),
+                                        str(path))
   apply = jax.jit(module.apply)
 
   def embed(waveforms: Array, lengths: Optional[Array] = None):

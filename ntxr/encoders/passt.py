@@ -375,16 +375,17 @@ def variables_from_state_dict(state_dict: dict, size: Size = VARIANTS["S"], *,
   return {"params": {"passt": params}}
 
 
-def load(path: str, variant: Any = None) -> Loaded:
+def load(path: str, variant: Any = None, cache_dir: Optional[str] = None) -> Loaded:
   """The released PaSST file `path` (a state dict, e.g. passt-s-f128-p16-s10-ap.476-swa.pt
   or passt-s-p16-s16-128-ap.468.pt) -> Loaded(Encoder, its variables, embed).
 
   variant: a name in VARIANTS or a Size, checked against the file; None: the file's own
   (`sizes_of`); stride, time patches and classes are always the file's. embed(waveforms
   [B, N] at 32 kHz, lengths [B] in samples or None) -> ((frames [B, T', width], mask
-  [B, T']), clip [B, width]), jitted.
+  [B, T']), clip [B, width]), jitted. cache_dir: where the file's tensors are kept after
+  its first read (`checkpoint_files.read_state_dict`).
   """
-  state_dict = checkpoint_files.read_state_dict(path)
+  state_dict = checkpoint_files.read_state_dict(path, cache_dir)
   fields = {"size": VARIANTS["S"], "stride": 10, "time_patches": 99, "num_classes": 527,
             **sizes_of(state_dict)}
   if variant is not None:
