@@ -136,7 +136,8 @@ class Experiment:
     self.relations = relations_lib.CaptionRelations(
         corpus.builder, corpus.events, corpus.tokenizer, similarity, corpus.word_table,
         [c for _, captions in corpus.captions(self.training_split) for c in captions]
-        if similarity == "tfidf" else [], with_vectors=run_settings.loss.memory_batches > 0)
+        if similarity == "tfidf" else [],
+        vectors_split=self.training_split if run_settings.loss.memory_batches else None)
     if run_settings.loss.memory_batches:
       state = steps.with_memory(state, memory_lib.empty(
           state.apply_fn, state.variables(), batches=run_settings.loss.memory_batches,

@@ -5,8 +5,8 @@ built-in corpus records them) and the captions' similarity (`--config.similarity
                                word_table=None, training_captions=captions)
   batch = relations.add(batch, "development")  # + events [B, K], caption_similarity [B, B]
 
-With with_vectors (for a cross-batch memory, which compares its captions with later
-batches'), a batch also carries each caption's unit vector under the similarity.
+For a cross-batch memory, which compares its captions with later batches', a training
+batch also carries each caption's unit vector under the similarity (`vectors_split`).
 """
 
 from typing import Optional
@@ -22,19 +22,20 @@ class CaptionRelations:
   """A corpus's relations between a batch's pairs. builder: its TFDS builder; events:
   {split: {file_name: [event kind]}} of the built-in corpus, or None for recorded data;
   similarity: "", "tfidf" (over `training_captions` as the tokenizer reads them),
-  "word_vectors" (`word_table`'s) or "events"; with_vectors: a batch carries its
-  captions' unit vectors [B, D] too (caption_vectors), under tfidf and word_vectors
-  (`vector_width`)."""
+  "word_vectors" (`word_table`'s) or "events"; vectors_split: the split whose batches
+  carry their captions' unit vectors [B, D] too (caption_vectors), under tfidf and
+  word_vectors (`vector_width`); None: no split's."""
 
   def __init__(self, builder, events: Optional[dict], tokenizer, similarity: str,
                word_table: Optional[np.ndarray], training_captions: list,
-               with_vectors: bool = False):
+               vectors_split: Optional[str] = None):
     if similarity == "events" and events is None:
       raise ValueError("--config.similarity=events needs the built-in corpus, whose clips' "
                        "events are known: use tfidf or word_vectors on recorded data")
     self.builder, self.events, self.similarity = builder, events, similarity
     self.word_table = word_table
-    self.with_vectors = with_vectors and similarity in ("tfidf", "word_vectors")
+    self.vectors_split = (vectors_split if similarity in ("tfidf", "word_vectors")
+                          else None)
     self._events = {}  # split -> [clips, kinds] bool by audio_id
     self._idf = None
     if similarity == "tfidf":  # over the training captions, as the model sees them
@@ -44,7 +45,7 @@ class CaptionRelations:
   @property
   def vector_width(self) -> Optional[int]:
     """D of a batch's caption_vectors, or None where it carries none."""
-    if not self.with_vectors:
+    if self.vectors_split is None:
       return None
     return len(self._idf) if self.similarity == "tfidf" else self.word_table.shape[1]
 
@@ -71,8 +72,8 @@ class CaptionRelations:
 
   def add(self, batch: dict, split: str) -> dict:
     """The batch of `split` with its relations: events [B, K] bool (the built-in corpus),
-    caption_similarity [B, B] (with a similarity) and caption_vectors [B, D] float32 (if
-    asked)."""
+    caption_similarity [B, B] (with a similarity) and caption_vectors [B, D] float32 (of
+    `vectors_split`)."""
     extra, events = {}, self.clip_events(split)
     if events is not None:
       extra["events"] = events[batch["audio_id"]]
@@ -86,6 +87,6 @@ class CaptionRelations:
       extra["caption_similarity"] = false_negatives.event_similarity(extra["events"])
     if vectors is not None:
       extra["caption_similarity"] = false_negatives.cosine(vectors)
-      if self.with_vectors:
+      if split == self.vectors_split:
         extra["caption_vectors"] = false_negatives.unit_rows(vectors).astype(np.float32)
     return dict(batch, **extra)

@@ -275,8 +275,9 @@ def test_push_writes_the_newest_slot_and_ages_the_others():
 def test_a_step_writes_its_batch_into_the_memory(tiny_config):
   """After each step the memory's newest slot holds what the step's loss embedded (the
   same dropout), its ids, event kinds and caption vectors, the slot before it the
-  previous batch's; the batches carry caption vectors whatever the objective (runs
-  trained together share a seed's batches)."""
+  previous batch's; the training batches carry caption vectors whatever the objective
+  (runs trained together share a seed's batches), the validation batches none (their
+  loss uses the batch alone)."""
   experiment = experiment_of(tiny_config(memory_batches=2, similarity="tfidf",
                                          objective="infonce"))
   state = experiment.initial_state
@@ -301,6 +302,9 @@ def test_a_step_writes_its_batch_into_the_memory(tiny_config):
     np.testing.assert_allclose(memory.audio[slot, :, :frames], embedded.audio, atol=1e-5)
     np.testing.assert_allclose(memory.text[slot], embedded.text, atol=1e-5)
   assert batch["caption_vectors"].shape == (8, experiment.corpus.tokenizer.vocab_size)
+  validation = next(iter(experiment.validation_batches(0)))
+  assert "caption_vectors" not in experiment.device_batch(validation,
+                                                          experiment.validation_split)
 
 
 def test_the_memory_is_checkpointed_and_a_resumed_run_ends_as_if_never_stopped(
