@@ -17,6 +17,9 @@ import pytest
 from ntxr import settings
 from ntxr.configs import default
 
+# One worker takes the whole file (`--dist=loadgroup`): its child process runs once.
+pytestmark = pytest.mark.xdist_group("ring")
+
 G, T, W, E = 32, 6, 5, 8  # the global batch (4 pairs a device), frames, words, width
 # Each strategy, then each whole-pool objective, then the filters with one of each.
 CASES = ([dict(strategy=name) for name in ("full_batch", "random", "semihard_cross",
