@@ -8,6 +8,7 @@ over the devices; its methods feed them batches of a split and validate. Its
 """
 
 import functools
+from typing import Optional
 
 import jax
 import numpy as np
@@ -32,14 +33,14 @@ def shared_model(**fields) -> models.DualEncoder:
 
 
 @functools.lru_cache(maxsize=None)
-def pretrained_encoder(name: str, path: str, cache_dir: str):
+def pretrained_encoder(name: str, path: str, cache_dir: Optional[str] = None):
   """The encoder `name` loaded from its publisher's file at `path` (`ntxr.encoders.load`,
   its tensors kept in cache_dir), once per process: a sweep's runs share it."""
   from ntxr import encoders  # pylint: disable=import-outside-toplevel
   return encoders.load(name, path, cache_dir)
 
 
-def pretrained_encoders(model: settings.Model, cache_dir: str) -> dict:
+def pretrained_encoders(model: settings.Model, cache_dir: Optional[str] = None) -> dict:
   """{"audio" and/or "text": Loaded} of the model's pretrained encoders (none for the
   paper's CRNN and word table), their modules as a run trains them: in the compute dtype,
   rematerialised if asked, CNN14's products after its front end at the run's matmul

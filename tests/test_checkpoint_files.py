@@ -1,5 +1,7 @@
 """checkpoint_files.read_state_dict against what torch.save and safetensors write."""
 
+import os
+
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -138,21 +140,29 @@ def _publisher_reads(monkeypatch) -> list:
 
 
 def test_a_cache_keeps_a_files_tensors_after_its_first_read(tmp_path, monkeypatch):
-  tensors = _tensors()
-  path, cache = str(tmp_path / "tensors.pth"), str(tmp_path / "cache")
+  tensors = {**_tensors(), "file": torch.ones(2), "allow_pickle": torch.zeros(1)}  # np.savez's
+  path, cache = str(tmp_path / "tensors.pth"), str(tmp_path / "cache")           # own names
   torch.save(tensors, path)
   reads = _publisher_reads(monkeypatch)
   _assert_same(checkpoint_files.read_state_dict(path, cache), tensors)
   kept = checkpoint_files.cached_path(path, cache)
   assert kept.startswith(str(tmp_path / "cache" / "weights" / "tensors.pth-"))
-  assert sorted(p.name for p in (tmp_path / "cache" / "weights").iterdir()) == [
-      kept.rsplit("/", 1)[1]]  # no partial file left beside it
+  weights = tmp_path / "cache" / "weights"
+  assert [p.name for p in weights.iterdir()] == [os.path.basename(kept)]  # no partial file
   _assert_same(checkpoint_files.read_state_dict(path, cache), tensors)
   assert reads == [path]
-  changed = {"w": torch.arange(3.0)}  # the file rewritten: its size and time change
+  changed = {"w": torch.arange(3.0)}
   torch.save(changed, path)
   _assert_same(checkpoint_files.read_state_dict(path, cache), changed)
   assert reads == [path, path]
+  # the earlier version's tensors removed
+  assert [p.name for p in weights.iterdir()] == [os.path.basename(
+      checkpoint_files.cached_path(path, cache))]
+  stat = os.stat(path)
+  torch.save({"w": torch.arange(3.0) + 1}, path)  # the same size, its time set back
+  os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  assert checkpoint_files.read_state_dict(path, cache)["w"].tolist() == [1.0, 2.0, 3.0]
+  assert len(reads) == 3
 
 
 def test_a_cache_that_cannot_be_kept_or_read_back_is_skipped(tmp_path, monkeypatch, caplog):
@@ -164,20 +174,23 @@ def test_a_cache_that_cannot_be_kept_or_read_back_is_skipped(tmp_path, monkeypat
   blocked.mkdir()
   (blocked / "weights").write_text("a file where the cache's folder would be")
   _assert_same(checkpoint_files.read_state_dict(path, str(blocked)), tensors)
-  assert "not written" in caplog.text
+  assert "not written" in caplog.text and "unreadable" not in caplog.text
   cache = str(tmp_path / "cache")
 
-  def disk_full(file, **arrays):
+  def disk_full(file, arrays):
     file.write(b"PK\x03\x04 half")
     raise OSError(28, "No space left on device")
   with monkeypatch.context() as patched:
-    patched.setattr(np, "savez", disk_full)
+    patched.setattr(checkpoint_files, "_write_arrays", disk_full)
     _assert_same(checkpoint_files.read_state_dict(path, cache), tensors)
   assert list((tmp_path / "cache" / "weights").iterdir()) == []  # the half-written file gone
   kept = checkpoint_files.cached_path(path, cache)
-  with open(kept, "wb") as file:  # a damaged cache file is read around and replaced
-    file.write(b"PK\x03\x04 damaged")
+  for damaged in (b"PK\x03\x04 damaged", b""):  # read around and replaced
+    caplog.clear()
+    with open(kept, "wb") as file:
+      file.write(damaged)
+    _assert_same(checkpoint_files.read_state_dict(path, cache), tensors)
+    assert "unreadable" in caplog.text and kept in caplog.text
+  assert len(reads) == 4
   _assert_same(checkpoint_files.read_state_dict(path, cache), tensors)
-  assert "unreadable" in caplog.text and len(reads) == 3
-  _assert_same(checkpoint_files.read_state_dict(path, cache), tensors)
-  assert len(reads) == 3
+  assert len(reads) == 4

@@ -11,8 +11,8 @@ Two formats are read:
   `safetensors.numpy`, which cannot hold bfloat16).
 
 With a cache folder, a file's tensors are read once and kept there as an .npz (NumPy's
-own format, read without unpickling), named by the file's path, size and modification
-time, so a changed file is read again.
+own format, read without unpickling), named by the file's path and its size, times and
+inode, so a changed file is read again.
 """
 
 import collections
@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import pickle
+import tempfile
 import zipfile
 from typing import Any, Dict, Optional
 
@@ -214,47 +215,87 @@ def _is_state_dict(obj: Any) -> bool:
 def read_state_dict(path: str, cache_dir: Optional[str] = None) -> Dict[str, np.ndarray]:
   """The tensors of checkpoint file `path` by name, as NumPy arrays (bfloat16 as float32).
 
-  cache_dir: a local folder where they are kept after the first read (`cached_path`); a
-  cache that cannot be written (read-only, full) is said in one warning and skipped.
+  cache_dir: a local folder where they are kept after the first read (`cached_path`);
+  a cache that cannot be written (read-only, full) or read back is skipped with a warning.
   """
   if cache_dir is None or files.is_bucket(cache_dir):
     return _read_publisher_file(path)
   cached = cached_path(path, cache_dir)
-  try:
-    with np.load(cached) as kept:
-      return {name: kept[name] for name in kept.files}
-  except FileNotFoundError:
-    pass
-  except (OSError, ValueError, zipfile.BadZipFile) as error:
-    logging.warning("%s is unreadable (%s): reading %s again", cached, error, path)
+  if os.path.isfile(cached):
+    try:
+      return _read_arrays(cached)
+    except Exception as error:  # pylint: disable=broad-except  # the cache is optional
+      logging.warning("%s is unreadable (%s): reading %s again", cached, error, path)
   state_dict = _read_publisher_file(path)
   _keep(cached, state_dict)
   return state_dict
 
 
+CACHE_FORMAT = 1  # raised when what the cache holds for a file changes
+
+
 def cached_path(path: str, cache_dir: str) -> str:
-  """<cache_dir>/weights/<file name>-<key>.npz, the key a hash of the file's absolute path,
-  size and modification time."""
+  """<cache_dir>/weights/<file name>-<path key>-<file key>.npz: the path key hashes the
+  file's absolute path, the file key its size, modification and change times, inode and
+  the cache's format (a file rewritten, copied over or moved in is read again)."""
   stat = os.stat(path)
-  identity = f"{os.path.realpath(path)}\0{stat.st_size}\0{stat.st_mtime_ns}"
-  key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-  return os.path.join(cache_dir, "weights", f"{os.path.basename(path)}-{key}.npz")
+  path_key = _hash(os.path.realpath(path))
+  file_key = _hash(CACHE_FORMAT, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns,
+                   stat.st_ino, stat.st_dev)
+  return os.path.join(cache_dir, "weights",
+                      f"{os.path.basename(path)}-{path_key}-{file_key}.npz")
+
+
+def _hash(*parts) -> str:
+  return hashlib.sha256("\0".join(map(str, parts)).encode()).hexdigest()[:12]
 
 
 def _keep(cached: str, state_dict: Dict[str, np.ndarray]) -> None:
-  """Writes `state_dict` at `cached` whole (renamed into place) or, on an OSError, not at all."""
-  partial = files.partial_path(cached)
+  """Writes `state_dict` at `cached` whole (synced, then renamed into place) or not at all
+  (a warning), and removes what the cache kept for earlier versions of the file."""
+  folder, name = os.path.split(cached)
+  partial = None
   try:
-    os.makedirs(os.path.dirname(cached), exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
     files.remove_left_by_dead(cached)
-    with open(partial, "wb") as file:
-      np.savez(file, **state_dict)
+    handle, partial = tempfile.mkstemp(dir=folder, prefix=f"{name}{files.PARTIAL}{os.getpid()}-")
+    with os.fdopen(handle, "wb") as file:
+      _write_arrays(file, state_dict)
+      file.flush()
+      os.fsync(file.fileno())
     os.replace(partial, cached)
-  except OSError as error:
+    partial = None
+    earlier = name[:name.rindex("-")] + "-"
+    for other in os.listdir(folder):
+      if other.startswith(earlier) and other.endswith(".npz") and other != name:
+        with contextlib.suppress(OSError):
+          os.remove(os.path.join(folder, other))
+  except Exception as error:  # pylint: disable=broad-except  # the cache is optional
     logging.warning("%s not written (%s): the publisher's file will be read again next "
                     "time", cached, error)
-    with contextlib.suppress(OSError):
-      os.remove(partial)
+  finally:
+    if partial is not None:
+      with contextlib.suppress(OSError):
+        os.remove(partial)
+
+
+def _write_arrays(file, arrays: Dict[str, np.ndarray]) -> None:
+  """An .npz of `arrays`, each member named exactly by its key (np.savez would take the
+  keys `file` and `allow_pickle` as its own arguments)."""
+  with zipfile.ZipFile(file, "w") as archive:
+    for name, array in arrays.items():
+      with archive.open(name, "w", force_zip64=True) as member:
+        np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
+
+
+def _read_arrays(path: str) -> Dict[str, np.ndarray]:
+  """The arrays `_write_arrays` wrote, by name, in its order (nothing unpickled)."""
+  with zipfile.ZipFile(path) as archive:
+    arrays = {}
+    for name in archive.namelist():
+      with archive.open(name) as member:
+        arrays[name] = np.lib.format.read_array(member, allow_pickle=False)
+    return arrays
 
 
 def _read_publisher_file(path: str) -> Dict[str, np.ndarray]:
