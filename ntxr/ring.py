@@ -79,20 +79,23 @@ def _cross_rows(scorer, embeddings: tuple, masks: tuple) -> tuple:
   """The captions go round the ring, each block with its owner's by_text rows so far: a
   device scores its clips against the passing captions once, keeps the block as its
   by_audio columns and writes its transpose into the passing rows, which come home
-  whole after D steps. Each entry of s_cross is computed once (the backward pass scores
-  each block again)."""
+  whole after D steps (the captions stop after D - 1). Each entry of s_cross is computed
+  once (the backward pass scores each block again)."""
   (audio, text), (audio_mask, text_mask) = embeddings, masks
   devices, me, forward = _ring()
   n = audio.shape[0]
   dtype = jax.eval_shape(scorer.matrix, audio, text, audio_mask, text_mask).dtype
+  def visit(captions, caption_mask, their_rows):  # -> (their rows, [my clips, theirs])
+    block = scorer.matrix(audio, captions, audio_mask, caption_mask)
+    return jax.lax.dynamic_update_slice_in_dim(their_rows, block.T, me * n, axis=1), block
   def step(carry, _):
-    captions, caption_mask, their_rows = carry
-    block = scorer.matrix(audio, captions, audio_mask, caption_mask)  # [my clips, theirs]
-    their_rows = jax.lax.dynamic_update_slice_in_dim(their_rows, block.T, me * n, axis=1)
-    return jax.lax.ppermute((captions, caption_mask, their_rows), AXIS, forward), block
-  (_, _, by_text), held = jax.lax.scan(
-      step, (text, text_mask, jnp.zeros((n, devices * n), dtype)), length=devices)
-  return _in_global_order(held), by_text
+    their_rows, block = visit(*carry)
+    return jax.lax.ppermute((*carry[:2], their_rows), AXIS, forward), block
+  last, held = jax.lax.scan(step, (text, text_mask, jnp.zeros((n, devices * n), dtype)),
+                            length=devices - 1)
+  their_rows, block = visit(*last)
+  return (_in_global_order(jnp.concatenate([held, block[None]])),
+          jax.lax.ppermute(their_rows, AXIS, forward))
 
 
 def _in_global_order(held: Array) -> Array:
@@ -111,13 +114,13 @@ def _cross_rows_backward(scorer, saved, cotangents):
   """The captions go round again with their rows' cotangents and their gradient so far:
   a device takes each block's part of both cotangents, adds the block's gradient to the
   passing one and its clips' to its own (sums in float32, whatever the embeddings'
-  dtype); after D steps every block is home with its whole gradient. No device keeps the
-  blocks that passed."""
+  dtype); after D steps every block's gradient is home whole (the captions and their
+  cotangents stop after D - 1). No device keeps the blocks that passed."""
   (audio, text), (audio_mask, text_mask) = saved
   by_audio_cotangent, by_text_cotangent = cotangents
   devices, me, forward = _ring()
   n = audio.shape[0]
-  def step(carry, k):
+  def visit(carry, k):  # -> (their gradient, my clips' gradient) with this block's parts
     captions, caption_mask, their_cotangent, their_gradient, audio_gradient = carry
     cotangent = (jax.lax.dynamic_slice_in_dim(by_audio_cotangent, ((me - k) % devices) * n,
                                               n, axis=1)
@@ -125,13 +128,17 @@ def _cross_rows_backward(scorer, saved, cotangents):
     _, vjp = jax.vjp(lambda a, t: scorer.matrix(a, t, audio_mask, caption_mask),
                      audio, captions)
     audio_part, caption_part = vjp(cotangent)
-    moved = jax.lax.ppermute((captions, caption_mask, their_cotangent,
-                              their_gradient + caption_part.astype(jnp.float32)), AXIS,
-                             forward)
-    return (*moved, audio_gradient + audio_part.astype(jnp.float32)), None
+    return (their_gradient + caption_part.astype(jnp.float32),
+            audio_gradient + audio_part.astype(jnp.float32))
+  def step(carry, k):
+    their_gradient, audio_gradient = visit(carry, k)
+    return (*jax.lax.ppermute((*carry[:3], their_gradient), AXIS, forward),
+            audio_gradient), None
   start = (text, text_mask, by_text_cotangent, jnp.zeros(text.shape, jnp.float32),
            jnp.zeros(audio.shape, jnp.float32))
-  (_, _, _, text_gradient, audio_gradient), _ = jax.lax.scan(step, start, jnp.arange(devices))
+  last, _ = jax.lax.scan(step, start, jnp.arange(devices - 1))
+  their_gradient, audio_gradient = visit(last, devices - 1)
+  text_gradient = jax.lax.ppermute(their_gradient, AXIS, forward)
   no_gradient = tuple(np.zeros(mask.shape, jax.dtypes.float0) for mask in (audio_mask,
                                                                          text_mask))
   return (audio_gradient.astype(audio.dtype), text_gradient.astype(text.dtype)), no_gradient
@@ -147,11 +154,11 @@ def within_rows(scorer: scores.Scorer, x: Array, mask: Array) -> Array:
   if jax.lax.axis_size(AXIS) == 1:  # the whole batch: each block pair once
     return scorer.symmetric(x, mask)
   _, _, forward = _ring()
+  score = lambda block: scorer.matrix(x, block[0], mask, block[1])
   def step(block, _):
-    held = scorer.matrix(x, block[0], mask, block[1])
-    return jax.lax.ppermute(block, AXIS, forward), held
-  _, held = jax.lax.scan(step, (x, mask), length=jax.lax.axis_size(AXIS))
-  return _in_global_order(held)
+    return jax.lax.ppermute(block, AXIS, forward), score(block)
+  last, held = jax.lax.scan(step, (x, mask), length=jax.lax.axis_size(AXIS) - 1)
+  return _in_global_order(jnp.concatenate([held, score(last)[None]]))  # the last stays
 
 
 def loss_and_terms(embedded: objectives.Embedded, loss, *, learnt: dict, key: Array,
@@ -267,9 +274,10 @@ def collect_round_the_ring(wanted: list) -> list:
     taken = [take(*entry, k) for entry in zip(chosen, blocks, taken)]
     return (jax.lax.ppermute(blocks, AXIS, forward), taken), None
   own = [local for local, _ in wanted]
-  (_, taken), _ = jax.lax.scan(
-      step, (own, [jax.tree.map(jnp.zeros_like, local) for local in own]), jnp.arange(devices))
-  return taken
+  (last, taken), _ = jax.lax.scan(  # the last block taken from stays
+      step, (own, [jax.tree.map(jnp.zeros_like, local) for local in own]),
+      jnp.arange(devices - 1))
+  return [take(*entry, devices - 1) for entry in zip(chosen, last, taken)]
 
 
 def _triplet(embedded, loss, scorer, kept, key, count: int, cross: sampling.Rows,
