@@ -601,9 +601,14 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 
 def _check_paths(config: ml_collections.ConfigDict) -> None:
   """Raises SettingError naming the first file or folder of config that is not there."""
-  for field in ("word_vectors", "relevance_file", "audio_weights"):
+  for field in ("word_vectors", "relevance_file"):
     if config[field] and not os.path.isfile(os.path.expanduser(config[field])):
       raise SettingError(f"--config.{field}={config[field]}: no such file")
+  if config.audio_weights and not os.path.isfile(os.path.expanduser(config.audio_weights)):
+    from ntxr import encoders  # pylint: disable=import-outside-toplevel  (JAX)
+    raise SettingError(f"--config.audio_weights={config.audio_weights}: no such file "
+                       f"({config.audio_encoder}'s is published at "
+                       f"{encoders.PUBLISHED[config.audio_encoder]})")
   if config.text_weights and not os.path.isfile(
       os.path.join(os.path.expanduser(config.text_weights), "config.json")):
     raise SettingError(f"--config.text_weights={config.text_weights}: no Hugging Face model "

@@ -1,8 +1,8 @@
 """Pretrained encoders' files as their publishers write them, with random weights: PANNs'
-Cnn14 checkpoint (torch.save of {"model": state dict}), a small PaSST state dict and a
-small Hugging Face BERT or
-RoBERTa folder (config.json, model.safetensors, the tokenizer's files) whose tokenizer is
-trained on the real recordings' captions."""
+Cnn14 checkpoint (torch.save's legacy format of {"model": state dict}), a small PaSST state
+dict (its zip format) and a small Hugging Face BERT or RoBERTa folder (config.json,
+model.safetensors, the tokenizer's files) whose tokenizer is trained on the real
+recordings' captions."""
 
 import os
 
@@ -18,11 +18,12 @@ SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, interme
 
 
 def cnn14_file(path: str) -> str:
-  """A random Cnn14 saved at `path` as PANNs publish Cnn14_mAP=0.431.pth; returns path."""
+  """A random Cnn14 saved at `path` as PANNs' code (PyTorch 1.0) saved Cnn14_mAP=0.431.pth,
+  in torch.save's legacy format; returns path."""
   torch.manual_seed(0)
   model = torch_references.panns_cnn14()(sample_rate=32000, window_size=1024, hop_size=320,
                                          mel_bins=64, fmin=50, fmax=14000, classes_num=527)
-  torch.save({"model": model.state_dict()}, path)
+  torch.save({"model": model.state_dict()}, path, _use_new_zipfile_serialization=False)
   return path
 
 

@@ -8,6 +8,7 @@ import safetensors.numpy
 import safetensors.torch
 import torch
 
+from ntxr import encoders
 from ntxr.encoders import checkpoint_files
 
 
@@ -54,10 +55,15 @@ def _assert_same(found: dict, tensors: dict):
     np.testing.assert_array_equal(found[name], expected, err_msg=name)
 
 
-def test_reads_torch_save_tensors_of_every_dtype_and_layout(tmp_path):
+# torch.save's zip format, and its legacy format (PyTorch < 1.6, as PANNs' code wrote it)
+FORMATS = {"zip": {}, "legacy": {"_use_new_zipfile_serialization": False}}
+
+
+@pytest.mark.parametrize("written_as", FORMATS)
+def test_reads_torch_save_tensors_of_every_dtype_and_layout(tmp_path, written_as):
   tensors = _tensors()
   path = tmp_path / "tensors.pth"
-  torch.save(tensors, path)
+  torch.save(tensors, path, **FORMATS[written_as])
   found = checkpoint_files.read_state_dict(str(path))
   _assert_same(found, tensors)
   found["row"][0] = 123.0  # arrays are the reader's own, not views of one another
@@ -77,13 +83,16 @@ def test_reads_a_module_state_dict_with_parameters(tmp_path):
                {name: value.detach() for name, value in module.named_parameters()})
 
 
+@pytest.mark.parametrize("written_as", FORMATS)
 @pytest.mark.parametrize("key", ["model", "state_dict"])
-def test_unwraps_a_state_dict_nested_in_a_training_checkpoint(tmp_path, key):
+def test_unwraps_a_state_dict_nested_in_a_training_checkpoint(tmp_path, key, written_as):
   tensors = {"fc.weight": torch.randn(3, 2), "fc.bias": torch.randn(3)}
   path = tmp_path / "checkpoint.ckpt"
   # As a training loop saves it: an iteration count and a sampler's NumPy state beside it.
   torch.save({key: tensors, "iteration": 7,
-              "sampler": {"queue": np.arange(5), "seed": np.int64(3)}}, path)
+              "sampler": {"queue": np.arange(5), "seed": np.int64(3),
+                          "random_state": np.random.RandomState(0).get_state()}},
+             path, **FORMATS[written_as])
   _assert_same(checkpoint_files.read_state_dict(str(path)), tensors)
 
 
@@ -109,10 +118,25 @@ def _error(path) -> str:
   return message
 
 
-def test_refuses_the_legacy_format_saying_to_resave(tmp_path):
-  path = tmp_path / "legacy.pth"
-  torch.save({"w": torch.ones(2)}, path, _use_new_zipfile_serialization=False)
-  assert "re-save" in _error(path)
+@pytest.mark.parametrize("name", encoders.AUDIO)
+def test_a_file_not_there_is_named_with_where_it_is_published(tmp_path, name):
+  path = tmp_path / "weights.pth"
+  with pytest.raises(FileNotFoundError) as error:
+    encoders.load(name, str(path))
+  assert str(error.value) == f"{path} not found: it is published at {encoders.PUBLISHED[name]}"
+
+
+@pytest.mark.parametrize("written_as", FORMATS)
+def test_refuses_damaged_and_truncated_files(tmp_path, written_as):
+  path = tmp_path / "tensors.pth"
+  torch.save({"w": torch.arange(1000.0), "b": torch.ones(3)}, path, **FORMATS[written_as])
+  data = path.read_bytes()
+  cut = tmp_path / "cut.pth"
+  for end in (len(data) - 100, len(data) // 2, 60, 4):  # in a storage, the pickle, the start
+    cut.write_bytes(data[:end])
+    _error(cut)
+  path.write_text("w,b\n1,2\n")  # not a checkpoint at all
+  assert "not a checkpoint file" in _error(path)
 
 
 def test_refuses_pickled_objects_other_than_tensors_and_containers(tmp_path):

@@ -83,7 +83,8 @@ def state_dict(reference):
 @pytest.fixture(scope="module")
 def loaded(reference, tmp_path_factory):
   path = tmp_path_factory.mktemp("panns") / "Cnn14_mAP=0.431.pth"
-  torch.save({"model": reference.state_dict()}, path)  # as PANNs publish it
+  # As PANNs' code (PyTorch 1.0) saved it: torch.save's legacy format.
+  torch.save({"model": reference.state_dict()}, path, _use_new_zipfile_serialization=False)
   return cnn14.load(str(path))
 
 

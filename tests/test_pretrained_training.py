@@ -146,7 +146,8 @@ def test_roberta_reads_its_own_checkpoints_token_ids_padding_included(tiny_confi
     (dict(text_encoder="bert"), r"--config\.text_encoder=bert reads its publisher's "
                                 r"weights: give --config\.text_weights=DIR \(the Hugging Face"),
     (dict(audio_encoder="cnn14", audio_weights="/no/Cnn14_mAP=0.431.pth"),
-     r"--config\.audio_weights=/no/Cnn14_mAP=0\.431\.pth: no such file"),
+     r"--config\.audio_weights=/no/Cnn14_mAP=0\.431\.pth: no such file \(cnn14's is "
+     r"published at https://zenodo\.org/record/3987831"),
     (dict(text_encoder="roberta", text_weights="/no/roberta"),
      r"--config\.text_weights=/no/roberta: no Hugging Face model folder"),
     (dict(audio_encoder="vggish"), r"--config\.audio_encoder must be one of"),

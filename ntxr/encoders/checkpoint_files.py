@@ -1,11 +1,13 @@
 """Tensors from publishers' checkpoint files as NumPy arrays, without importing PyTorch.
 
-Two formats are read:
+Three formats are read:
 - torch.save's zip format (PyTorch >= 1.6; .pth/.pt/.bin/.ckpt): a zip holding `data.pkl`,
-  a pickle whose tensors point at raw storages `data/<key>` in the same zip. The pickle is
-  read by an unpickler that builds only dicts, lists, tuples, numbers, strings, tensors and
-  NumPy arrays (what a state dict and a training loop's bookkeeping hold) and refuses every
-  other global, so reading a file never runs its code;
+  a pickle whose tensors point at raw storages `data/<key>` in the same zip;
+- torch.save's legacy format (PyTorch < 1.6; PANNs' training code pins PyTorch 1.0): the
+  pickle, then the storages one after another in the same file (`_read_torch_legacy`).
+  Both pickles are read by an unpickler that builds only dicts, lists, tuples, numbers,
+  strings, tensors and NumPy arrays (what a state dict and a training loop's bookkeeping
+  hold) and refuses every other global, so reading a file never runs its code;
 - safetensors (.safetensors): an 8-byte little-endian header size, a JSON header naming each
   tensor's dtype, shape and byte range, then the bytes (read here rather than by
   `safetensors.numpy`, which cannot hold bfloat16).
@@ -23,7 +25,7 @@ import os
 import pickle
 import tempfile
 import zipfile
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from absl import logging
 import numpy as np
@@ -86,19 +88,17 @@ def _as_dtype(bits: np.ndarray, dtype: str) -> np.ndarray:
 
 
 class _Unpickler(pickle.Unpickler):
-  """torch.save's data.pkl -> Python containers of NumPy arrays; any other global refused."""
+  """A pickle torch.save wrote -> Python containers of NumPy arrays; any other global refused.
 
-  def __init__(self, file, archive: zipfile.ZipFile, prefix: str, path: str):
+  read_storage(key) -> the bytes of the storage the pickle names `key`, in the byte order
+  `big_endian` says.
+  """
+
+  def __init__(self, file, path: str, read_storage: Callable[[str], bytes] = None,
+               big_endian: bool = False):
     super().__init__(file)
-    self._archive, self._prefix, self._path = archive, prefix, path
-    self._big_endian = self._read_byteorder() == "big"
+    self._path, self._read_storage, self._big_endian = path, read_storage, big_endian
     self._storages: Dict[str, _Storage] = {}
-
-  def _read_byteorder(self) -> str:
-    try:
-      return self._archive.read(self._prefix + "byteorder").decode()
-    except KeyError:  # files from before the byte order was recorded are little-endian
-      return "little"
 
   def find_class(self, module: str, name: str) -> Any:
     if module == "collections" and name == "OrderedDict":
@@ -120,19 +120,42 @@ class _Unpickler(pickle.Unpickler):
     raise ValueError(f"{self._path}: refusing to unpickle {module}.{name}: only tensors, "
                      "dicts, lists, numbers, strings and NumPy arrays are read")
 
-  def persistent_load(self, pid) -> _Storage:
-    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-            and isinstance(pid[1], _Kind)):
+  def storage_id(self, pid) -> Tuple[str, str, int]:
+    """(key, dtype, element count) of a storage's persistent id: ("storage", its class,
+    key, location, count), and in the legacy format a sixth entry, None (a storage
+    view's place, which PyTorch >= 1.0 never writes)."""
+    if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
+            and isinstance(pid[1], _Kind) and pid[5:] in ((), (None,))):
       raise ValueError(f"{self._path}: unknown persistent id {pid!r} (not a tensor storage)")
-    _, kind, key, _location, numel = pid
+    return str(pid[2]), pid[1].dtype, pid[4]
+
+  def persistent_load(self, pid) -> _Storage:
+    key, dtype, numel = self.storage_id(pid)
     if key not in self._storages:
-      data = self._archive.read(f"{self._prefix}data/{key}")
-      self._storages[key] = _Storage(data, kind.dtype, self._big_endian)
+      self._storages[key] = _Storage(self._read_storage(key), dtype, self._big_endian)
     storage = self._storages[key]
     if storage.array.size < numel:
       raise ValueError(f"{self._path}: storage {key} holds {storage.array.size} elements, "
                        f"the pickle says {numel}")
     return storage
+
+
+class _StorageDtypes(_Unpickler):
+  """A first pass over a legacy file's pickle, whose storages come after it: `dtypes`
+  {key: dtype} of the storages it names (its tensors are not built)."""
+
+  def __init__(self, file, path: str):
+    super().__init__(file, path)
+    self.dtypes: Dict[str, str] = {}
+
+  def find_class(self, module: str, name: str) -> Any:
+    if module == "torch._utils" and name in _REBUILDERS:
+      return lambda *args: None
+    return super().find_class(module, name)
+
+  def persistent_load(self, pid) -> None:
+    key, dtype, _ = self.storage_id(pid)
+    self.dtypes[key] = dtype
 
 
 def _tensor(path: str, storage: _Storage, offset: int, size, stride, dtype: str) -> np.ndarray:
@@ -183,8 +206,50 @@ def _read_torch_zip(path: str) -> Any:
     if not pickles:
       raise ValueError(f"{path}: a zip file without data.pkl, not a torch.save checkpoint")
     prefix = min(pickles, key=len)[:-len("data.pkl")]
+    try:  # files from before the byte order was recorded are little-endian
+      big_endian = archive.read(prefix + "byteorder").decode() == "big"
+    except KeyError:
+      big_endian = False
     with archive.open(prefix + "data.pkl") as file:
-      return _Unpickler(file, archive, prefix, path).load()
+      return _Unpickler(file, path, lambda key: archive.read(f"{prefix}data/{key}"),
+                        big_endian).load()
+
+
+# The legacy format's first two pickles: a magic number and the format's version.
+_LEGACY_MAGIC, _LEGACY_VERSION = 0x1950A86A20F9469CFC6C, 1001
+
+
+def _read_torch_legacy(path: str) -> Any:
+  """The object torch.save wrote to `path` in its legacy format (PyTorch < 1.6, or
+  _use_new_zipfile_serialization=False): pickles of a magic number, the format's version
+  and the writer's type sizes; the object's pickle naming its storages; the pickle of the
+  storages' keys; then each storage in that order, an 8-byte little-endian element count
+  and its elements, little-endian."""
+  with open(path, "rb") as file:
+    try:
+      magic = _Unpickler(file, path).load()
+    except Exception:  # pylint: disable=broad-except  # any other file: said below
+      magic = None
+    if magic != _LEGACY_MAGIC:
+      raise ValueError(f"{path}: not a checkpoint file (neither torch.save's zip or legacy "
+                       "format nor .safetensors)")
+    version = _Unpickler(file, path).load()
+    if version != _LEGACY_VERSION:
+      raise ValueError(f"{path}: torch.save's legacy format version {version}, not "
+                       f"{_LEGACY_VERSION}, which is read")
+    _Unpickler(file, path).load()  # the writer's byte order and type sizes
+    start = file.tell()
+    first_pass = _StorageDtypes(file, path)
+    first_pass.load()
+    storages = {}
+    for key in map(str, _Unpickler(file, path).load()):
+      count = int.from_bytes(file.read(8), "little")
+      size = count * _stored(first_pass.dtypes.get(key, "uint8")).itemsize
+      storages[key] = file.read(size)
+      if len(storages[key]) < size:
+        raise ValueError(f"{path}: ends inside storage {key}: the file is truncated")
+    file.seek(start)
+    return _Unpickler(file, path, storages.__getitem__).load()
 
 
 def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
@@ -212,12 +277,17 @@ def _is_state_dict(obj: Any) -> bool:
           and all(isinstance(k, str) and isinstance(v, np.ndarray) for k, v in obj.items()))
 
 
-def read_state_dict(path: str, cache_dir: Optional[str] = None) -> Dict[str, np.ndarray]:
+def read_state_dict(path: str, cache_dir: Optional[str] = None,
+                    published: str = "") -> Dict[str, np.ndarray]:
   """The tensors of checkpoint file `path` by name, as NumPy arrays (bfloat16 as float32).
 
   cache_dir: a local folder where they are kept after the first read (`cached_path`);
   a cache that cannot be written (read-only, full) or read back is skipped with a warning.
+  published: where the file is published, said if it is not found.
   """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"{path} not found" + (f": it is published at {published}"
+                                                   if published else ""))
   if cache_dir is None or files.is_bucket(cache_dir):
     return _read_publisher_file(path)
   cached = cached_path(path, cache_dir)
@@ -301,20 +371,19 @@ def _read_arrays(path: str) -> Dict[str, np.ndarray]:
 def _read_publisher_file(path: str) -> Dict[str, np.ndarray]:
   """The tensors of checkpoint file `path` (`read_state_dict` without a cache).
 
-  Reads torch.save's zip format and .safetensors. A torch checkpoint may hold the state dict
-  itself or a dict with it under "model" or "state_dict" (beside e.g. an iteration count).
-  Raises ValueError (one line naming the file) for PyTorch's legacy (pre-1.6) format, for
-  pickled objects other than tensors, containers and NumPy arrays, and for a file without a
-  state dict.
+  Reads torch.save's zip and legacy formats and .safetensors. A torch checkpoint may hold
+  the state dict itself or a dict with it under "model" or "state_dict" (beside e.g. an
+  iteration count). Raises ValueError (one line naming the file) for a file in none of
+  these formats, damaged or truncated, for pickled objects other than tensors, containers
+  and NumPy arrays, and for a file without a state dict.
   """
   path = str(path)
   if path.endswith(".safetensors"):
     return _read_safetensors(path)
-  if not zipfile.is_zipfile(path):
-    raise ValueError(f"{path}: not torch.save's zip format (PyTorch's legacy format is not "
-                     "read); re-save it with PyTorch >= 1.6: "
-                     "torch.save(torch.load(path, weights_only=False), new_path)")
-  saved = _read_torch_zip(path)
+  try:
+    saved = _read_torch_zip(path) if zipfile.is_zipfile(path) else _read_torch_legacy(path)
+  except (pickle.UnpicklingError, EOFError) as error:
+    raise ValueError(f"{path}: damaged or truncated ({error})") from error
   if _is_state_dict(saved):
     return dict(saved)
   for key in ("model", "state_dict"):

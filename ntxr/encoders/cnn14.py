@@ -356,8 +356,8 @@ def load(path: str, cache_dir: Optional[str] = None) -> Loaded:
   are kept after its first read (`checkpoint_files.read_state_dict`).
   """
   module = Cnn14()
-  variables = variables_from_state_dict(checkpoint_files.read_state_dict(path, cache_dir),
-                                        str(path))
+  state_dict = checkpoint_files.read_state_dict(path, cache_dir, PUBLISHED)
+  variables = variables_from_state_dict(state_dict, str(path))
   apply = jax.jit(module.apply)
 
   def embed(waveforms: Array, lengths: Optional[Array] = None):

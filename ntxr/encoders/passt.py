@@ -385,7 +385,7 @@ def load(path: str, variant: Any = None, cache_dir: Optional[str] = None) -> Loa
   [B, T']), clip [B, width]), jitted. cache_dir: where the file's tensors are kept after
   its first read (`checkpoint_files.read_state_dict`).
   """
-  state_dict = checkpoint_files.read_state_dict(path, cache_dir)
+  state_dict = checkpoint_files.read_state_dict(path, cache_dir, PUBLISHED)
   fields = {"size": VARIANTS["S"], "stride": 10, "time_patches": 99, "num_classes": 527,
             **sizes_of(state_dict)}
   if variant is not None:
