@@ -122,11 +122,13 @@ def test_command_writes_json_and_imports_no_tensorflow(tmp_path):
           "bench.define_flags()\n"
           "try: app.run(bench.main)\nexcept SystemExit as e: assert not e.code, e.code\n"
           "assert 'tensorflow' not in sys.modules and 'librosa' not in sys.modules")
-  subprocess.run([sys.executable, "-c", code, "--jobs=kernels", "--shapes=4:6:3:8",
+  subprocess.run([sys.executable, "-c", code, "--jobs=kernels,steps", "--shapes=4:6:3:8",
                   "--strategies=random", "--repeats=1", "--device_kind=test-cpu",
-                  f"--json={out}"], check=True)
+                  "--widths=default", "--step_frames=8,16", f"--json={out}"], check=True)
   result = json.loads(out.read_text())
   assert result["device"] == "test-cpu" and [r["strategy"] for r in result["loss"]] == ["random"]
+  assert [(r["width"], r["frames"]) for r in result["steps"]] == [("default", 8),
+                                                                  ("default", 16)]
 
 
 def test_a_malformed_shape_run_count_or_job_costs_one_line(tmp_path):
@@ -135,7 +137,8 @@ def test_a_malformed_shape_run_count_or_job_costs_one_line(tmp_path):
   for flag, given, per_item, message in [
       ("shapes", ["4:6:3"], 4, "--shapes: '4:6:3' is not N:T:W:E, four positive whole numbers"),
       ("shapes", ["4:6:3:0"], 4, "'4:6:3:0' is not N:T:W:E"),
-      ("runs", ["1", "a"], 1, "--runs: 'a' is not a positive whole number")]:
+      ("runs", ["1", "a"], 1, "--runs: 'a' is not a positive whole number"),
+      ("step_frames", ["320", "0"], 1, "--step_frames: '0' is not a positive whole number")]:
     with pytest.raises(ValueError, match=re.escape(message)):
       bench_command.whole_numbers(flag, given, per_item)
   for flag, message in [

@@ -46,7 +46,8 @@ GRIDS = {
     # kernels: (N, T, W, E); scores: (kind, N, T, W, E); steps: batch sizes; encoders:
     # the encoders' sizes (encoder_steps.SIZES), batch, samples at 32 kHz and tokens.
     "cpu": dict(
-        kernels=[(32, 250, 12, 300), (32, 500, 15, 300), (64, 250, 12, 300)],
+        kernels=[(32, 250, 12, 300), (32, 500, 15, 300), (64, 250, 12, 300),
+                 (32, 1600, 20, 300)],  # the last: Clotho's longest clips, padded
         scores=[("cross", 64, 250, 12, 300), ("cross", 256, 500, 20, 300),
                 ("audio-audio", 32, 500, 500, 300), ("evaluation", 96, 1500, 20, 300)],
         steps=[32], together=[1, 2, 4], union_seeds=1,
@@ -87,8 +88,9 @@ def define_flags() -> None:
                     "where it sees one, else the CPU)")
   flags.DEFINE_list("widths", list(WIDTHS),
                     f"CRNN widths of the training-step job, of {list(WIDTHS)}")
-  flags.DEFINE_integer("step_frames", SHAPE["frames"],
-                    "frames per clip in the training-step job", lower_bound=4)
+  flags.DEFINE_list("step_frames", [str(SHAPE["frames"])],
+                    "frames per clip of the jobs that train (steps, loop, together, union, "
+                    "negatives): each job runs at each")
   flags.DEFINE_integer("loop_steps", 30, "steps per loop in the loop job",
                     lower_bound=2)
   flags.DEFINE_list("runs", None, "run counts of the together job (default: the grid's)")
@@ -129,6 +131,8 @@ def main(argv):
     strategies = cli.chosen("strategies", list(specs.STRATEGIES), list(specs.STRATEGIES))
     shapes = whole_numbers("shapes", FLAGS.shapes.split(","), 4) if FLAGS.shapes else None
     runs = whole_numbers("runs", FLAGS.runs) if FLAGS.runs else None
+    step_shapes = [dict(SHAPE, frames=frames)
+                   for frames in whole_numbers("step_frames", FLAGS.step_frames)]
   except ValueError as error:
     command.exit_with(error, 2)
   if "negatives" in FLAGS.jobs:
@@ -162,7 +166,9 @@ def main(argv):
                                 else "") + "\n")
   shapes = shapes or grid["kernels"]
   widths = {name: WIDTHS[name] for name in FLAGS.widths}
-  step_shape = dict(SHAPE, frames=FLAGS.step_frames)
+  def at_each_length(job):  # the rows of job(shape) at each --step_frames
+    return lambda: [row for shape in step_shapes for row in job(shape)]
+
   jobs = {  # job: (its key in --json, its rows, its table)
       "kernels": ("loss", lambda: kernels.run(shapes, strategies, dtype, FLAGS.repeats,
                                               FLAGS.loop_max_n, FLAGS.torch_loop),
@@ -171,24 +177,24 @@ def main(argv):
                                                   FLAGS.repeats), kernel_parts.format_table),
       "scores": ("scores", lambda: score_matrices.run(grid["scores"], dtype, FLAGS.repeats),
                  score_matrices.format_table),
-      "steps": ("steps", lambda: training_steps.run(
-          widths, grid["steps"], FLAGS.repeats, FLAGS.torch_loop, shape=step_shape,
-          dtype=FLAGS.dtype), training_steps.format_table),
-      "loop": ("loop", lambda: training_loop.run(
-          widths, grid["steps"], FLAGS.loop_steps, shape=step_shape, repeats=FLAGS.repeats,
-          dtype=FLAGS.dtype), training_loop.format_table),
-      "together": ("together", lambda: together_steps.run(
+      "steps": ("steps", at_each_length(lambda shape: training_steps.run(
+          widths, grid["steps"], FLAGS.repeats, FLAGS.torch_loop, shape=shape,
+          dtype=FLAGS.dtype)), training_steps.format_table),
+      "loop": ("loop", at_each_length(lambda shape: training_loop.run(
+          widths, grid["steps"], FLAGS.loop_steps, shape=shape, repeats=FLAGS.repeats,
+          dtype=FLAGS.dtype)), training_loop.format_table),
+      "together": ("together", at_each_length(lambda shape: together_steps.run(
           widths, runs or grid["together"], grid["steps"][0],
-          FLAGS.repeats, shape=step_shape, dtype=FLAGS.dtype), together_steps.format_table),
-      "union": ("union", lambda: union_program.run(
+          FLAGS.repeats, shape=shape, dtype=FLAGS.dtype)), together_steps.format_table),
+      "union": ("union", at_each_length(lambda shape: union_program.run(
           widths, strategies, FLAGS.union_seeds or grid["union_seeds"], grid["steps"][0],
-          FLAGS.repeats, shape=step_shape, dtype=FLAGS.dtype), union_program.format_table),
+          FLAGS.repeats, shape=shape, dtype=FLAGS.dtype)), union_program.format_table),
       "encoders": ("encoders", lambda: encoder_steps.run(
           FLAGS.pairs, **grid["encoders"], repeats=FLAGS.repeats, device=device),
                    encoder_steps.format_table),
-      "negatives": ("negatives", lambda: negatives.run(
-          grid["negatives"]["batches"], strategies, widths[next(iter(widths))], step_shape,
-          FLAGS.repeats, grid["negatives"]["timed_up_to"]), negatives.format_table),
+      "negatives": ("negatives", at_each_length(lambda shape: negatives.run(
+          grid["negatives"]["batches"], strategies, widths[next(iter(widths))], shape,
+          FLAGS.repeats, grid["negatives"]["timed_up_to"])), negatives.format_table),
   }
   for job in JOBS:
     if job not in FLAGS.jobs:

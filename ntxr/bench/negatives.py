@@ -80,11 +80,12 @@ def per_device_mib(row: dict) -> float:
 
 def format_table(rows: list) -> str:
   """The rows as a Markdown table, each way's memory beside the local program's."""
-  local = {(r["strategy"], r["batch"]): per_device_mib(r) for r in rows if r["way"] == "local"}
+  key = lambda row: (row["strategy"], row["batch"], row["frames"])
+  local = {key(r): per_device_mib(r) for r in rows if r["way"] == "local"}
   def against_local(row) -> Optional[float]:
-    return per_device_mib(row) / local[row["strategy"], row["batch"]]
+    return per_device_mib(row) / local[key(row)]
   return timing.markdown_table(
-      [("strategy", "strategy", ""), ("global batch", "batch", ""),
+      [("strategy", "strategy", ""), ("global batch", "batch", ""), ("frames", "frames", ""),
        ("devices", "devices", ""), ("way", "way", ""),
        ("MiB per device", per_device_mib, ".1f"), ("x local", against_local, ".2f"),
        ("step ms", "ms", ".0f")], rows)
