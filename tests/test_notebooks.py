@@ -3,6 +3,7 @@ and are committed with their outputs."""
 
 import os
 import shutil
+import tempfile
 
 import nbclient
 import nbformat
@@ -58,13 +59,19 @@ def test_kernel_notebook(tmp_path, monkeypatch):
   assert text(tables).count("| hard_cross | 16 | 5 | 3 | 4 |") == 2
 
 
-def test_committed_notebooks_show_their_outputs():
+def test_committed_notebooks_show_their_outputs_and_no_local_paths():
+  local = (os.path.dirname(NOTEBOOKS), os.path.expanduser("~"), tempfile.gettempdir(),
+           "site-packages")
   for name in sorted(os.listdir(NOTEBOOKS)):
     if name.endswith(".ipynb"):
       notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
       for cell in notebook.cells:
         if cell.cell_type == "code":
           assert cell.execution_count and cell.outputs, f"{name}: a cell without its outputs"
+          shown = text(cell.outputs) + "".join(
+              o.get("data", {}).get("text/plain", "") + "".join(o.get("traceback", []))
+              for o in cell.outputs)
+          assert not [path for path in local if path in shown], (name, shown)
 
 
 def test_search_notebook(tiny_run, cache_dir, tmp_path, monkeypatch):
