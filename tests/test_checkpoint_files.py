@@ -1,6 +1,8 @@
 """checkpoint_files.read_state_dict against what torch.save and safetensors write."""
 
 import os
+import pickle
+import types
 
 import numpy as np
 import pytest
@@ -91,8 +93,33 @@ def test_unwraps_a_state_dict_nested_in_a_training_checkpoint(tmp_path, key, wri
   # As a training loop saves it: an iteration count and a sampler's NumPy state beside it.
   torch.save({key: tensors, "iteration": 7,
               "sampler": {"queue": np.arange(5), "seed": np.int64(3),
+                          "empty_class": np.array([], np.int64),
                           "random_state": np.random.RandomState(0).get_state()}},
              path, **FORMATS[written_as])
+  _assert_same(checkpoint_files.read_state_dict(str(path)), tensors)
+
+
+class _Python2Pickler(pickle._Pickler):  # pylint: disable=protected-access
+  """Pickles str as Python 2 did (latin-1 bytes, BINSTRING), as torch.save under Python 2
+  wrote a checkpoint's keys."""
+  dispatch = dict(pickle._Pickler.dispatch)  # pylint: disable=protected-access
+
+  def _save_str(self, text):
+    data = text.encode("latin1")
+    self.write(pickle.BINSTRING + len(data).to_bytes(4, "little") + data)
+    self.memoize(text)
+
+  dispatch[str] = _save_str
+
+
+def test_reads_a_checkpoint_pickled_by_python_2(tmp_path):
+  tensors = {"fc.weight": torch.randn(3, 2), "fc.bias": torch.randn(3)}
+  python2 = types.SimpleNamespace(__name__="python2", Pickler=_Python2Pickler,
+                                  dump=lambda obj, f, protocol: _Python2Pickler(f, protocol)
+                                  .dump(obj))
+  path = tmp_path / "python2.pth"
+  torch.save({"model": tensors, "sampler": {"queue": np.arange(300)}}, path,
+             pickle_module=python2, _use_new_zipfile_serialization=False)
   _assert_same(checkpoint_files.read_state_dict(str(path)), tensors)
 
 
@@ -124,6 +151,27 @@ def test_a_file_not_there_is_named_with_where_it_is_published(tmp_path, name):
   with pytest.raises(FileNotFoundError) as error:
     encoders.load(name, str(path))
   assert str(error.value) == f"{path} not found: it is published at {encoders.PUBLISHED[name]}"
+
+
+@pytest.mark.parametrize("written_as", FORMATS)
+def test_any_byte_damaged_reads_or_is_refused_in_one_line(tmp_path, written_as):
+  """Each byte of a training checkpoint flipped in turn: the file reads, or its error is
+  one line naming it (never a crash, nor another error from deep in the reader)."""
+  path = tmp_path / "checkpoint.pth"
+  torch.save({"model": {"w": torch.arange(6.0).view(2, 3), "b": torch.ones(2).half()},
+              "iteration": 5, "sampler": {"queue": np.arange(5), "seed": np.int64(3)}},
+             path, **FORMATS[written_as])
+  data = path.read_bytes()
+  damaged = tmp_path / "damaged.pth"
+  refused = 0
+  for at in range(len(data)):
+    damaged.write_bytes(data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:])
+    try:
+      checkpoint_files.read_state_dict(str(damaged))
+    except checkpoint_files.CheckpointError as error:
+      assert "\n" not in str(error) and str(damaged) in str(error)
+      refused += 1
+  assert 0 < refused < len(data)
 
 
 @pytest.mark.parametrize("written_as", FORMATS)

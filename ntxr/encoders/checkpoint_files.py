@@ -6,8 +6,8 @@ Three formats are read:
 - torch.save's legacy format (PyTorch < 1.6; PANNs' training code pins PyTorch 1.0): the
   pickle, then the storages one after another in the same file (`_read_torch_legacy`).
   Both pickles are read by an unpickler that builds only dicts, lists, tuples, numbers,
-  strings, tensors and NumPy arrays (what a state dict and a training loop's bookkeeping
-  hold) and refuses every other global, so reading a file never runs its code;
+  strings and tensors, drops NumPy's objects (a training loop's bookkeeping beside the
+  model) unbuilt, and refuses every other global, so reading a file never runs its code;
 - safetensors (.safetensors): an 8-byte little-endian header size, a JSON header naming each
   tensor's dtype, shape and byte range, then the bytes (read here rather than by
   `safetensors.numpy`, which cannot hold bfloat16).
@@ -53,11 +53,35 @@ _SAFETENSORS_DTYPES = {
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64",
     "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
 }
+# NumPy's globals in a training loop's bookkeeping (a sampler's state beside the model's):
+# parsed into _Dropped, never built, so a file cannot steer NumPy's own unpickling.
 _NUMPY_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
 }
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file that cannot be read: one line naming the file and why."""
+
+
+class _Dropped:
+  """A NumPy object the pickle holds beside the tensors: its arguments and state unread."""
+
+  def __init__(self, *args, **kwargs):
+    del args, kwargs
+
+  def __setstate__(self, state):
+    del state
+
+
+def _encode(text: str, encoding: str = "latin1") -> bytes:
+  """_codecs.encode as protocol 2 pickles bytes (latin-1 text), and nothing else."""
+  if not isinstance(text, str) or encoding != "latin1":
+    raise CheckpointError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not how "
+                          "a pickle holds bytes")
+  return text.encode("latin1")
 
 
 class _Kind:
@@ -88,7 +112,8 @@ def _as_dtype(bits: np.ndarray, dtype: str) -> np.ndarray:
 
 
 class _Unpickler(pickle.Unpickler):
-  """A pickle torch.save wrote -> Python containers of NumPy arrays; any other global refused.
+  """A pickle torch.save wrote -> Python containers of its tensors as NumPy arrays (NumPy's
+  own objects dropped); any other global refused.
 
   read_storage(key) -> the bytes of the storage the pickle names `key`, in the byte order
   `big_endian` says.
@@ -96,7 +121,7 @@ class _Unpickler(pickle.Unpickler):
 
   def __init__(self, file, path: str, read_storage: Callable[[str], bytes] = None,
                big_endian: bool = False):
-    super().__init__(file)
+    super().__init__(file, encoding="latin1")  # Python 2's str, as torch.load takes it
     self._path, self._read_storage, self._big_endian = path, read_storage, big_endian
     self._storages: Dict[str, _Storage] = {}
 
@@ -104,29 +129,31 @@ class _Unpickler(pickle.Unpickler):
     if module == "collections" and name == "OrderedDict":
       return collections.OrderedDict
     if module == "_codecs" and name == "encode":  # protocol 2 pickles bytes this way
-      return lambda text, encoding="utf-8": text.encode(encoding)
+      return _encode
+    if module in ("builtins", "__builtin__") and name == "bytes":  # and b"" this way
+      return lambda: b""
     if module == "torch._utils" and name in _REBUILDERS:
       return _REBUILDERS[name](self._path)
     if module in ("torch", "torch.storage") and name in _STORAGE_DTYPES:
       return _Kind(_STORAGE_DTYPES[name])
     if module == "torch" and name in _TORCH_DTYPES:
       return _Kind(_TORCH_DTYPES[name])
-    if (module, name) in _NUMPY_GLOBALS:
-      return super().find_class(module, name)
-    if module == "numpy.dtypes" and name.endswith("DType"):
-      found = super().find_class(module, name)
-      if isinstance(found, type) and issubclass(found, np.dtype):
-        return found
-    raise ValueError(f"{self._path}: refusing to unpickle {module}.{name}: only tensors, "
-                     "dicts, lists, numbers, strings and NumPy arrays are read")
+    if (module, name) in _NUMPY_GLOBALS or (module == "numpy.dtypes"
+                                            and name.endswith("DType")):
+      return _Dropped
+    raise CheckpointError(f"{self._path}: refusing to unpickle {module}.{name}: only "
+                          "tensors, dicts, lists, numbers and strings are read")
 
   def storage_id(self, pid) -> Tuple[str, str, int]:
     """(key, dtype, element count) of a storage's persistent id: ("storage", its class,
-    key, location, count), and in the legacy format a sixth entry, None (a storage
-    view's place, which PyTorch >= 1.0 never writes)."""
+    key, location, count), and in the legacy format a sixth entry, None where the storage
+    is not a view into another (views: PyTorch < 0.4, not read)."""
     if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
-            and isinstance(pid[1], _Kind) and pid[5:] in ((), (None,))):
-      raise ValueError(f"{self._path}: unknown persistent id {pid!r} (not a tensor storage)")
+            and isinstance(pid[1], _Kind)):
+      raise CheckpointError(f"{self._path}: a persistent id that names no tensor storage")
+    if pid[5:] not in ((), (None,)):
+      raise CheckpointError(f"{self._path}: a storage view (PyTorch < 0.4), which is not "
+                            "read")
     return str(pid[2]), pid[1].dtype, pid[4]
 
   def persistent_load(self, pid) -> _Storage:
@@ -135,8 +162,8 @@ class _Unpickler(pickle.Unpickler):
       self._storages[key] = _Storage(self._read_storage(key), dtype, self._big_endian)
     storage = self._storages[key]
     if storage.array.size < numel:
-      raise ValueError(f"{self._path}: storage {key} holds {storage.array.size} elements, "
-                       f"the pickle says {numel}")
+      raise CheckpointError(f"{self._path}: storage {key} holds {storage.array.size} "
+                            f"elements, the pickle says {numel}")
     return storage
 
 
@@ -155,7 +182,7 @@ class _StorageDtypes(_Unpickler):
 
   def persistent_load(self, pid) -> None:
     key, dtype, _ = self.storage_id(pid)
-    self.dtypes[key] = dtype
+    self.dtypes.setdefault(key, dtype)  # the dtype the storage was written in
 
 
 def _tensor(path: str, storage: _Storage, offset: int, size, stride, dtype: str) -> np.ndarray:
@@ -168,8 +195,8 @@ def _tensor(path: str, storage: _Storage, offset: int, size, stride, dtype: str)
     return _as_dtype(np.zeros(size, bits.dtype), dtype)
   last = offset + sum((n - 1) * s for n, s in zip(size, stride))
   if offset < 0 or min(stride, default=0) < 0 or last >= bits.size:
-    raise ValueError(f"{path}: a tensor of size {size}, stride {stride} at offset {offset} "
-                     f"runs past its storage of {bits.size} elements")
+    raise CheckpointError(f"{path}: a tensor of size {size}, stride {stride} at offset "
+                          f"{offset} runs past its storage of {bits.size} elements")
   view = np.lib.stride_tricks.as_strided(
       bits[offset:], size, tuple(s * bits.itemsize for s in stride), writeable=False)
   return _as_dtype(np.array(view), dtype)
@@ -204,7 +231,8 @@ def _read_torch_zip(path: str) -> Any:
     pickles = [name for name in archive.namelist()
                if name == "data.pkl" or name.endswith("/data.pkl")]
     if not pickles:
-      raise ValueError(f"{path}: a zip file without data.pkl, not a torch.save checkpoint")
+      raise CheckpointError(f"{path}: a zip file without data.pkl, not a torch.save "
+                            "checkpoint")
     prefix = min(pickles, key=len)[:-len("data.pkl")]
     try:  # files from before the byte order was recorded are little-endian
       big_endian = archive.read(prefix + "byteorder").decode() == "big"
@@ -231,23 +259,23 @@ def _read_torch_legacy(path: str) -> Any:
     except Exception:  # pylint: disable=broad-except  # any other file: said below
       magic = None
     if magic != _LEGACY_MAGIC:
-      raise ValueError(f"{path}: not a checkpoint file (neither torch.save's zip or legacy "
-                       "format nor .safetensors)")
+      raise CheckpointError(f"{path}: not a checkpoint file (neither torch.save's zip or "
+                            "legacy format nor .safetensors)")
     version = _Unpickler(file, path).load()
     if version != _LEGACY_VERSION:
-      raise ValueError(f"{path}: torch.save's legacy format version {version}, not "
-                       f"{_LEGACY_VERSION}, which is read")
+      raise CheckpointError(f"{path}: torch.save's legacy format version {version}, not "
+                            f"{_LEGACY_VERSION}, which is read")
     _Unpickler(file, path).load()  # the writer's byte order and type sizes
     start = file.tell()
     first_pass = _StorageDtypes(file, path)
     first_pass.load()
-    storages = {}
+    storages, end = {}, os.fstat(file.fileno()).st_size
     for key in map(str, _Unpickler(file, path).load()):
       count = int.from_bytes(file.read(8), "little")
       size = count * _stored(first_pass.dtypes.get(key, "uint8")).itemsize
+      if file.tell() + size > end:
+        raise CheckpointError(f"{path}: ends inside storage {key}: the file is truncated")
       storages[key] = file.read(size)
-      if len(storages[key]) < size:
-        raise ValueError(f"{path}: ends inside storage {key}: the file is truncated")
     file.seek(start)
     return _Unpickler(file, path, storages.__getitem__).load()
 
@@ -263,8 +291,8 @@ def _read_safetensors(path: str) -> Dict[str, np.ndarray]:
     if name == "__metadata__":
       continue
     if entry["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {name} has dtype {entry['dtype']}, which is not read "
-                       f"(only {', '.join(_SAFETENSORS_DTYPES)})")
+      raise CheckpointError(f"{path}: tensor {name} has dtype {entry['dtype']}, which is "
+                            f"not read (only {', '.join(_SAFETENSORS_DTYPES)})")
     dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
     start, end = (8 + size + offset for offset in entry["data_offsets"])
     bits = np.frombuffer(data[start:end], _stored(dtype).newbyteorder("<"))
@@ -373,17 +401,20 @@ def _read_publisher_file(path: str) -> Dict[str, np.ndarray]:
 
   Reads torch.save's zip and legacy formats and .safetensors. A torch checkpoint may hold
   the state dict itself or a dict with it under "model" or "state_dict" (beside e.g. an
-  iteration count). Raises ValueError (one line naming the file) for a file in none of
-  these formats, damaged or truncated, for pickled objects other than tensors, containers
-  and NumPy arrays, and for a file without a state dict.
+  iteration count). Raises CheckpointError (one line naming the file) for a file in none
+  of these formats, damaged or truncated, for pickled objects other than tensors,
+  containers and NumPy's (which are dropped), and for a file without a state dict.
   """
   path = str(path)
-  if path.endswith(".safetensors"):
-    return _read_safetensors(path)
   try:
+    if path.endswith(".safetensors"):
+      return _read_safetensors(path)
     saved = _read_torch_zip(path) if zipfile.is_zipfile(path) else _read_torch_legacy(path)
-  except (pickle.UnpicklingError, EOFError) as error:
-    raise ValueError(f"{path}: damaged or truncated ({error})") from error
+  except CheckpointError:
+    raise
+  except Exception as error:  # pylint: disable=broad-except  # whatever a damaged file does
+    raise CheckpointError(f"{path}: damaged or truncated ({type(error).__name__}: "
+                          f"{error})") from error
   if _is_state_dict(saved):
     return dict(saved)
   for key in ("model", "state_dict"):
@@ -391,5 +422,5 @@ def _read_publisher_file(path: str) -> Dict[str, np.ndarray]:
       return dict(saved[key])
   found = (f"a dict with keys {sorted(map(str, saved))[:8]}" if isinstance(saved, dict)
            else f"a {type(saved).__name__}")
-  raise ValueError(f"{path}: holds {found}, not a state dict of tensors by name "
-                   "(at the top level or under 'model' or 'state_dict')")
+  raise CheckpointError(f"{path}: holds {found}, not a state dict of tensors by name "
+                        "(at the top level or under 'model' or 'state_dict')")
