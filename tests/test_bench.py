@@ -144,7 +144,8 @@ def test_a_malformed_shape_run_count_or_job_costs_one_line(tmp_path):
   for flag, message in [
       ("--shapes=256x1500", "--shapes: '256x1500' is not N:T:W:E, four positive whole numbers"),
       ("--jobs=kernel", "--jobs: unknown ['kernel']; choose from ['kernels', 'parts', "
-       "'scores', 'steps', 'loop', 'together', 'union', 'encoders', 'negatives']"),
+       "'scores', 'steps', 'loop', 'together', 'union', 'encoders', 'encoder_memory', "
+       "'negatives']"),
       ("--jobs=negatives,kernels", "--jobs=negatives runs alone: on a CPU it splits the "
        "host into 8 devices, which the other jobs would step on")]:
     done = subprocess.run([sys.executable, "-m", "ntxr.bench", flag,
@@ -236,6 +237,33 @@ def test_the_encoders_job_times_the_same_step_in_both_frameworks():
     assert row["fits_batch"] is None  # the CPU reports no memory limit
   assert rows[0]["parameters"] > 80e6 > 1e6 > rows[1]["parameters"]  # CNN14 has one size
   assert "| cnn14+bert | tiny | 84.0 | 2 | 0.32 | 5 |" in encoder_steps.format_table(rows)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="the step with real weights starts from PyTorch's modules, which "
+                           "are not installed (pip install -e '.[test]')")
+def test_the_planned_memory_is_the_memory_of_the_step_with_real_weights():
+  """From the modules alone, each pair's state has the shapes and dtypes of the state
+  with the publishers' (random) weights; compiled from shapes, the step plans the memory
+  of the step compiled with weights and a batch (temp and argument bytes equal)."""
+  described = lambda tree: jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), tree)
+  states = {}
+  for pair in bench.ENCODER_PAIRS:
+    states[pair] = encoder_steps.jax_state(encoder_steps.reference_modules(pair, "tiny"),
+                                           pair, "tiny")
+    abstract = encoder_steps.abstract_state(pair, "tiny")
+    assert described(abstract.params) == described(states[pair].params), pair
+    assert described(abstract.batch_stats) == described(states[pair].batch_stats), pair
+  pair, shape = "passt+roberta", dict(batch=2, samples=10240, words=5)
+  row = encoder_steps.planned_memory(pair, "tiny", **shape)
+  memory = jax.jit(encoder_steps.train_step, donate_argnums=0).lower(
+      states[pair], encoder_steps.random_batch(**shape, vocab=100)).compile().memory_analysis()
+  assert (row["temp_bytes"], row["argument_bytes"]) == (memory.temp_size_in_bytes,
+                                                        memory.argument_size_in_bytes)
+  assert row["jax_parameters"] == sum(leaf.size for leaf in jax.tree.leaves(
+      states[pair].params))
+  assert "| passt+roberta | tiny | 0.3 | 2 | 0.32 | 5 |" in (
+      encoder_steps.format_memory_table([row]))
 
 
 def test_the_encoders_job_without_its_references_costs_one_line():

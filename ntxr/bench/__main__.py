@@ -9,6 +9,7 @@ encoders job).
   python -m ntxr.bench --jobs=together --grid=accelerator --widths=default,paper
   python -m ntxr.bench --jobs=union --widths=default --union_seeds=2
   python -m ntxr.bench --jobs=encoders --grid=accelerator --pairs=passt+roberta
+  python -m ntxr.bench --jobs=encoder_memory --grid=accelerator --pairs=passt+roberta
   python -m ntxr.bench --jobs=negatives --strategies=semihard_cross,hard_audio
 
 Jobs (--jobs, comma-separated): kernels (ntxr/bench/kernels.py), parts (kernel_parts.py:
@@ -18,10 +19,12 @@ where a kernel's time goes), scores (score_matrices.py), steps (training_steps.p
 ablation's strategies as one program over their union against one program per strategy,
 for --strategies), encoders (encoder_steps.py: a pretrained encoder pair's training step
 against the publishers' PyTorch code, for --pairs; needs the test extra's PyTorch
-packages), negatives (negatives.py: a step's memory per device and time with
---config.negatives gather and ring, for --strategies; run alone, it splits a CPU into 8
-devices). Each prints a Markdown
-table; --json writes every row with the device and the command line, and --results_dir
+packages), encoder_memory (encoder_steps.py: the memory XLA plans for that step at the
+grid's sizes and batch and half that batch, compiled from shapes and not run, so a CPU
+states what `--grid=accelerator`'s step needs), negatives (negatives.py: a step's memory
+per device and time with --config.negatives gather and ring, for --strategies; run
+alone, it splits a CPU into 8 devices). Each prints a Markdown table; --json writes
+every row with the device and the command line, and --results_dir
 one file per job, named by device kind and job, as docs/benchmarks/ keeps them
 (`ntxr.bench.results`; `python -m ntxr.bench.page` makes docs/benchmarks.md from them).
 """
@@ -63,7 +66,7 @@ GRIDS = {
         negatives=dict(batches=[256, 1024, 4096], timed_up_to=4096)),
 }
 JOBS = ("kernels", "parts", "scores", "steps", "loop", "together", "union", "encoders",
-        "negatives")
+        "encoder_memory", "negatives")
 HOST_DEVICES = 8  # the negatives job's devices on a CPU
 
 FLAGS = flags.FLAGS
@@ -192,6 +195,8 @@ def main(argv):
       "encoders": ("encoders", lambda: encoder_steps.run(
           FLAGS.pairs, **grid["encoders"], repeats=FLAGS.repeats, device=device),
                    encoder_steps.format_table),
+      "encoder_memory": ("encoder_memory", lambda: encoder_steps.plan(
+          FLAGS.pairs, **grid["encoders"], device=device), encoder_steps.format_memory_table),
       "negatives": ("negatives", at_each_length(lambda shape: negatives.run(
           grid["negatives"]["batches"], strategies, widths[next(iter(widths))], shape,
           FLAGS.repeats, grid["negatives"]["timed_up_to"])), negatives.format_table),

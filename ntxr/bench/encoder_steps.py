@@ -140,18 +140,24 @@ def _numpy(module) -> dict:
   return {key: value.detach().cpu().numpy().copy() for key, value in module.state_dict().items()}
 
 
+def pair_modules(pair: str, sizes: str) -> tuple:
+  """(audio module, text module) of `pair` at `sizes`, as the step trains them."""
+  audio, text = ENCODER_PAIRS[pair]
+  audio_module = (cnn14.Cnn14(block_dropout=0.0, clip_dropout=0.0,
+                              precision=jax.lax.Precision.DEFAULT) if audio == "cnn14"
+                  else passt.Encoder(SIZES[sizes]["passt"]))
+  return audio_module, bert.module_from_config(text_config(text, sizes))
+
+
 def jax_state(modules: dict, pair: str, sizes: str) -> steps.TrainState:
   """The Pair with the weights of `reference_modules`' modules, and Adam, on the device."""
   audio, text = ENCODER_PAIRS[pair]
+  audio_module, text_module = pair_modules(pair, sizes)
   if audio == "cnn14":
-    audio_module = cnn14.Cnn14(block_dropout=0.0, clip_dropout=0.0,
-                               precision=jax.lax.Precision.DEFAULT)
     audio_variables = cnn14.variables_from_state_dict(_numpy(modules["audio"]))
   else:
-    audio_module = passt.Encoder(SIZES[sizes]["passt"])
     audio_variables = passt.variables_from_state_dict(_numpy(modules["audio"]),
                                                       SIZES[sizes]["passt"])
-  text_module = bert.module_from_config(text_config(text, sizes))
   text_variables = bert.variables_from_state_dict(_numpy(modules["text"]), text_module,
                                                   model_type=text)
   dense = lambda linear: {"kernel": linear["weight"].T, "bias": linear["bias"]}
@@ -160,9 +166,23 @@ def jax_state(modules: dict, pair: str, sizes: str) -> steps.TrainState:
             "text_head": dense(_numpy(modules["text_head"]))}
   batch_stats = ({"audio": audio_variables["batch_stats"]} if "batch_stats" in audio_variables
                  else {})
-  return jax.device_put(steps.TrainState.create(
-      apply_fn=Pair(audio_module, text_module).apply, params=params,
-      tx=optax.adam(LEARNING_RATE), batch_stats=batch_stats))
+  return jax.device_put(_train_state(Pair(audio_module, text_module), params, batch_stats))
+
+
+def _train_state(model: Pair, params: dict, batch_stats: dict) -> steps.TrainState:
+  """The step's state: the Pair's parameters and statistics, and Adam."""
+  return steps.TrainState.create(apply_fn=model.apply, params=params,
+                                 tx=optax.adam(LEARNING_RATE), batch_stats=batch_stats)
+
+
+def abstract_state(pair: str, sizes: str) -> steps.TrainState:
+  """jax_state's shapes and dtypes, made from the modules alone (no weights made)."""
+  model = Pair(*pair_modules(pair, sizes))
+  def init():
+    variables = model.init(jax.random.key(0), jnp.zeros((1, cnn14.SAMPLE_RATE)),
+                           jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool))
+    return _train_state(model, variables["params"], variables.get("batch_stats", {}))
+  return jax.eval_shape(init)
 
 
 def torch_step(modules: dict, batch: dict, device):
@@ -280,6 +300,38 @@ def measure(pair: str, sizes: str, batch: int, samples: int, words: int, repeats
               torch_device=str(torch_device))
 
 
+def planned_memory(pair: str, sizes: str, batch: int, samples: int, words: int,
+                   device: Optional[str] = None) -> dict:
+  """One row: the memory XLA plans for the JAX step of `pair` at `sizes` on `batch`
+  waveforms of `samples` samples and captions of `words` tokens, compiled from shapes
+  alone (no weights made, nothing run, no PyTorch), so that a CPU states what a device
+  needs before one is at hand: the JAX parameters (CNN14's frozen front end is not among
+  them), and the temp and argument bytes of the compiled step (arguments: parameters,
+  Adam's two moments, BatchNorm's statistics and the batch; temp: activations kept for
+  the backward pass and every other buffer, as this backend's compiler assigns them;
+  None where it gives none)."""
+  state = abstract_state(pair, sizes)
+  inputs = dict(waveforms=jax.ShapeDtypeStruct((batch, samples), jnp.float32),
+                token_ids=jax.ShapeDtypeStruct((batch, words), jnp.int32),
+                mask=jax.ShapeDtypeStruct((batch, words), jnp.bool_))
+  compiled = jax.jit(train_step, donate_argnums=0).lower(state, inputs).compile()
+  temp, arguments = _needed_bytes(compiled) or (None, None)
+  audio, text = ENCODER_PAIRS[pair]
+  return dict(pair=pair, audio=audio, text=text, sizes=sizes,
+              jax_parameters=sum(leaf.size for leaf in jax.tree.leaves(state.params)),
+              batch=batch, samples=samples, seconds=samples / cnn14.SAMPLE_RATE, words=words,
+              temp_bytes=temp, argument_bytes=arguments,
+              device=device or timing.device_name())
+
+
+def plan(pairs, sizes: str, batch: int, samples: int, words: int,
+         device: Optional[str] = None) -> list:
+  """`planned_memory`'s rows for each encoder pair (names in ENCODER_PAIRS) at `batch` and
+  at batch // 2 (how the memory grows with the batch)."""
+  return [planned_memory(pair, sizes, n, samples, words, device)
+          for pair in pairs for n in (batch, batch // 2)]
+
+
 def run(pairs, sizes: str, batch: int, samples: int, words: int, repeats: int,
         device: Optional[str] = None) -> list:
   """One row per encoder pair (names in ENCODER_PAIRS), each encoder at `sizes` (a name
@@ -300,3 +352,15 @@ def format_table(rows: list) -> str:
        ("largest batch (est.)", "fits_batch", ""),
        ("first loss JAX / PyTorch", lambda r: f"{r['jax_loss']:.5f} / {r['torch_loss']:.5f}",
         "")], rows)
+
+
+def format_memory_table(rows: list) -> str:
+  """planned_memory's rows as a Markdown table."""
+  gib = lambda *keys: lambda r: (None if r["temp_bytes"] is None
+                                 else sum(r[key] for key in keys) / 2 ** 30)
+  return timing.markdown_table(
+      [("pair", "pair", ""), ("sizes", "sizes", ""),
+       ("JAX parameters (M)", lambda r: r["jax_parameters"] / 1e6, ".1f"),
+       ("batch", "batch", ""), ("seconds", "seconds", "g"), ("words", "words", ""),
+       ("arguments GiB", gib("argument_bytes"), ".2f"), ("temp GiB", gib("temp_bytes"), ".2f"),
+       ("total GiB", gib("argument_bytes", "temp_bytes"), ".2f")], rows)

@@ -24,6 +24,7 @@ JOB_TITLES = {
     "together": "Runs trained together, vmapped over a runs axis",
     "union": "An ablation's strategies: one program per strategy or one over their union",
     "encoders": "Pretrained encoder pairs' training step against the publishers' PyTorch code",
+    "encoder_memory": "The memory a pretrained encoder pair's training step needs, as compiled",
     "negatives": "Negatives over a sharded batch: gather against ring",
 }
 
@@ -66,10 +67,13 @@ def _table(result: dict) -> str:
   # pylint: disable=import-outside-toplevel  (the jobs import JAX; the page needs only them)
   from ntxr.bench import (encoder_steps, kernel_parts, kernels, negatives, score_matrices,
                           together_steps, training_loop, training_steps, union_program)
-  modules = dict(kernels=kernels, parts=kernel_parts, scores=score_matrices,
-                 steps=training_steps, loop=training_loop, together=together_steps,
-                 union=union_program, encoders=encoder_steps, negatives=negatives)
-  return modules[result["job"]].format_table(result["rows"])
+  tables = dict(kernels=kernels.format_table, parts=kernel_parts.format_table,
+                scores=score_matrices.format_table, steps=training_steps.format_table,
+                loop=training_loop.format_table, together=together_steps.format_table,
+                union=union_program.format_table, encoders=encoder_steps.format_table,
+                encoder_memory=encoder_steps.format_memory_table,
+                negatives=negatives.format_table)
+  return tables[result["job"]](result["rows"])
 
 
 def page(results: list, figures: dict) -> str:
