@@ -17,7 +17,7 @@ import recordings
 from ntxr.encoders import references as torch_references
 from runs import experiment_of
 from ntxr import checkpoints as checkpoints_lib, encoders, experiment as experiment_lib
-from ntxr import search, settings, train
+from ntxr import search, settings, specs, train
 from ntxr.configs import default
 from ntxr.data import tokenizer
 from ntxr.encoders import bert, checkpoint_files
@@ -102,6 +102,35 @@ def test_passt_and_roberta_fine_tune_end_to_end_as_the_dcase_2025_baseline(tiny_
     changed = [not np.array_equal(a, b) for a, b in zip(_leaves(trained.params[name]),
                                                         _leaves(initial.params[name]))]
     assert any(changed), name
+
+
+# Every strategy's triplet loss, and every objective that takes no strategy.
+LOSSES = ([dict(strategy=name) for name in specs.STRATEGIES]
+          + [dict(objective=name, **(dict(similarity="tfidf") if objective.needs_relevance
+                                     else {}))
+             for name, objective in specs.OBJECTIVES.items() if not objective.takes_strategy])
+
+
+@pytest.mark.parametrize("loss", LOSSES, ids=lambda loss: loss.get("strategy",
+                                                                   loss.get("objective")))
+def test_every_strategy_and_objective_trains_a_pretrained_pair(tiny_config, files, tmp_path,
+                                                               loss):
+  """One step on a batch of the real recordings with a small PaSST and RoBERTa: a finite
+  loss, and a gradient that moves both encoders."""
+  config = pretrained_config(
+      tiny_config, files, text="roberta", audio_encoder="passt", frame_buckets=(200,),
+      audio_weights=pretrained_files.passt_file(str(tmp_path / "passt.pt")), **loss)
+  experiment = experiment_of(config)
+  initial = {name: _leaves(experiment.initial_state.params[name])
+             for name in ("audio_encoder", "text_encoder")}
+  batch = next(iter(experiment.train_batches(experiment.training_split, seed=0)))
+  state, statistics = experiment.train_step(
+      experiment.initial_state, experiment.device_batch(batch, experiment.training_split),
+      jax.random.key(0))
+  assert np.isfinite(float(statistics.loss)) and float(statistics.grad_norm) > 0
+  for name, before in initial.items():
+    assert any(not np.array_equal(a, b)
+               for a, b in zip(_leaves(state.params[name]), before)), name
 
 
 def test_a_pretrained_tokenizer_cuts_captions_and_counts_them_whole(files):
