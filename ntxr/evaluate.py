@@ -325,6 +325,21 @@ def finite_scores(split: SplitEmbeddings, s: np.ndarray) -> np.ndarray:
   return s
 
 
+def report(name: str, results: dict, path: str) -> str:
+  """What `ntxr.main` prints as a run ends: the run `name`'s epochs and reported
+  checkpoint, the clips left out, the table of its `results` (results.json's) and where
+  they are (`path`)."""
+  stopped = ", stopped on a plateau" if results.get("stopped_early") else ""
+  lines = [f"{name} on {results['split']} (epochs {results['epochs']}{stopped}, best "
+           f"{results['best_epoch']} by {results['selected_by']}, {results['seconds']:.0f} s "
+           f"training; reported checkpoint collapsed: {results['collapse']}, epochs flagged: "
+           f"{results['collapse_epochs'] or 'none'})"]
+  if results["skipped"]["count"]:
+    lines.append(f"{results['skipped']['count']} clips or rows left out when preparing the "
+                 "data: " + "; ".join(results["skipped"]["entries"]))
+  return "\n".join([*lines, format_table(results), f"results: {path}"])
+
+
 def format_table(results: dict) -> str:
   """A printed table of both directions' metrics, with text-to-audio against several
   relevant clips (t2a_multi) and against graded ratings (t2a_graded) where measured."""

@@ -98,16 +98,8 @@ def main(argv):
   results = run_or_exit(run, config, workdir)
   if jax.process_index() != 0:  # the first process reports for all
     return
-  stopped = ", stopped on a plateau" if results.get("stopped_early") else ""
-  print(f"\n{settings.run_name(config)} on {results['split']} (epochs {results['epochs']}"
-        f"{stopped}, best {results['best_epoch']} by {results['selected_by']}, "
-        f"{results['seconds']:.0f} s training; reported checkpoint collapsed: "
-        f"{results['collapse']}, epochs flagged: {results['collapse_epochs'] or 'none'})")
-  if results["skipped"]["count"]:
-    print(f"{results['skipped']['count']} clips or rows left out when preparing the data: "
-          + "; ".join(results["skipped"]["entries"]))
-  print(evaluate.format_table(results))
-  print(f"results: {os.path.join(workdir, 'results.json')}")
+  print("\n" + evaluate.report(settings.run_name(config), results,
+                               os.path.join(workdir, "results.json")))
 
 
 def warn_unused(config) -> None:

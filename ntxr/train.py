@@ -231,6 +231,16 @@ def check_statistics(progress: Progress, read: list, epoch: int,
   return progress
 
 
+def epoch_line(record: dict) -> str:
+  """The line a run prints as an epoch ends, from the epoch's record (metrics.jsonl's)."""
+  training, validation = record["training"], record["validation"]
+  return (f"epoch {record['epoch']}: train loss {training.get('loss', float('nan')):.4f}, "
+          f"validation loss {validation['loss']:.4f}, t2a R@10 "
+          f"{validation['t2a']['R@10']:.3f} mAP@10 {validation['t2a']['mAP@10']:.3f}, a2t "
+          f"R@10 {validation['a2t']['R@10']:.3f}, lr {record['learning_rate']:g} "
+          f"(validation {record['validation_seconds']:.0f} s)")
+
+
 def end_epoch(experiment, state, progress, checkpoints, log, seconds, label: str,
               validated: tuple) -> tuple:
   """The plateau schedule, checkpoints and the metrics line of an epoch whose steps are
@@ -257,15 +267,11 @@ def end_epoch(experiment, state, progress, checkpoints, log, seconds, label: str
     checkpoints.save("best", state, progress.to_json())
   checkpoints.save("latest", state, progress.to_json())
   checkpoints.wait()
-  log.write(int(state.step), dict(epoch=epoch, step=int(state.step), training=training,
-                                  validation=validation, collapse=collapse.to_dict(),
-                                  learning_rate=learning_rate, seconds=progress.seconds,
-                                  validation_seconds=validation_seconds))
-  tqdm.tqdm.write(
-      f"{label}epoch {epoch}: train loss {training.get('loss', float('nan')):.4f}, validation "
-      f"loss {validation['loss']:.4f}, t2a R@10 {validation['t2a']['R@10']:.3f} mAP@10 "
-      f"{validation['t2a']['mAP@10']:.3f}, a2t R@10 {validation['a2t']['R@10']:.3f}, "
-      f"lr {learning_rate:g} (validation {validation_seconds:.0f} s)")
+  record = dict(epoch=epoch, step=int(state.step), training=training, validation=validation,
+                collapse=collapse.to_dict(), learning_rate=learning_rate,
+                seconds=progress.seconds, validation_seconds=validation_seconds)
+  log.write(int(state.step), record)
+  tqdm.tqdm.write(label + epoch_line(record))
   if progress.stopped_early:
     stopper = experiment.settings.optimiser.stopper
     tqdm.tqdm.write(f"{label}the validation loss has plateaued (standard deviation below "
