@@ -1,5 +1,6 @@
 """checkpoint_files.read_state_dict against what torch.save and safetensors write."""
 
+import codecs
 import os
 import pickle
 import types
@@ -194,6 +195,20 @@ def test_refuses_pickled_objects_other_than_tensors_and_containers(tmp_path):
   path = tmp_path / "float8.pth"
   torch.save({"w": torch.zeros(2).to(torch.float8_e4m3fn)}, path)
   assert "float8_e4m3fn" in _error(path)
+
+
+class _EncodedAsUtf8:
+  """Pickles as a call of _codecs.encode with UTF-8, which no torch.save writes."""
+
+  def __reduce__(self):
+    return codecs.encode, ("x", "utf-8")
+
+
+def test_refuses_calls_a_pickle_of_tensors_never_makes(tmp_path):
+  path = tmp_path / "crafted.pth"
+  torch.save({"w": torch.ones(2), "x": _EncodedAsUtf8()}, path,
+             _use_new_zipfile_serialization=False)
+  assert "_codecs.encode(str, 'utf-8')" in _error(path)
 
 
 def test_refuses_a_file_without_a_state_dict(tmp_path):

@@ -19,8 +19,8 @@ from ntxr.encoders.loaded import Loaded
 # name -> (its module's load, the model_type its file must declare, or None)
 ENCODERS = {"cnn14": (cnn14.load, None), "passt": (passt.load, None),
             "bert": (bert.load, "bert"), "roberta": (bert.load, "roberta")}
-PUBLISHED = {"cnn14": cnn14.PUBLISHED, "passt": passt.PUBLISHED, "bert": bert.PUBLISHED,
-             "roberta": bert.PUBLISHED}  # where each encoder's files are
+PUBLISHED = {"cnn14": cnn14.PUBLISHED, "passt": passt.PUBLISHED}  # where each audio
+# encoder's file is (a text encoder's folder: bert.PUBLISHED)
 AUDIO = ("cnn14", "passt")
 TEXT = ("bert", "roberta")
 

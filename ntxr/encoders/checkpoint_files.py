@@ -19,6 +19,7 @@ inode, so a changed file is read again.
 
 import collections
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -76,11 +77,11 @@ class _Dropped:
     del state
 
 
-def _encode(text: str, encoding: str = "latin1") -> bytes:
+def _encode(path: str, text: str, encoding: str = "latin1") -> bytes:
   """_codecs.encode as protocol 2 pickles bytes (latin-1 text), and nothing else."""
   if not isinstance(text, str) or encoding != "latin1":
-    raise CheckpointError(f"_codecs.encode({type(text).__name__}, {encoding!r}) is not how "
-                          "a pickle holds bytes")
+    raise CheckpointError(f"{path}: _codecs.encode({type(text).__name__}, {encoding!r}) is "
+                          "not how a pickle holds bytes")
   return text.encode("latin1")
 
 
@@ -119,9 +120,11 @@ class _Unpickler(pickle.Unpickler):
   `big_endian` says.
   """
 
-  def __init__(self, file, path: str, read_storage: Callable[[str], bytes] = None,
+  def __init__(self, file, path: str, read_storage: Optional[Callable[[str], bytes]] = None,
                big_endian: bool = False):
-    super().__init__(file, encoding="latin1")  # Python 2's str, as torch.load takes it
+    # Python 2's str as latin-1, which maps every byte (NumPy's among them, dropped);
+    # torch.load takes it as UTF-8 unless given encoding="latin1".
+    super().__init__(file, encoding="latin1")
     self._path, self._read_storage, self._big_endian = path, read_storage, big_endian
     self._storages: Dict[str, _Storage] = {}
 
@@ -129,7 +132,7 @@ class _Unpickler(pickle.Unpickler):
     if module == "collections" and name == "OrderedDict":
       return collections.OrderedDict
     if module == "_codecs" and name == "encode":  # protocol 2 pickles bytes this way
-      return _encode
+      return functools.partial(_encode, self._path)
     if module in ("builtins", "__builtin__") and name == "bytes":  # and b"" this way
       return lambda: b""
     if module == "torch._utils" and name in _REBUILDERS:
@@ -406,6 +409,8 @@ def _read_publisher_file(path: str) -> Dict[str, np.ndarray]:
   containers and NumPy's (which are dropped), and for a file without a state dict.
   """
   path = str(path)
+  with open(path, "rb"):  # a file that cannot be opened: OSError, naming it, as it is
+    pass
   try:
     if path.endswith(".safetensors"):
       return _read_safetensors(path)
