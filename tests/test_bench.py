@@ -147,7 +147,9 @@ def test_a_malformed_shape_run_count_or_job_costs_one_line(tmp_path):
        "'scores', 'steps', 'loop', 'together', 'union', 'encoders', 'encoder_memory', "
        "'negatives']"),
       ("--jobs=negatives,kernels", "--jobs=negatives runs alone: on a CPU it splits the "
-       "host into 8 devices, which the other jobs would step on")]:
+       "host into 8 devices, which the other jobs would step on"),
+      ("--step_frames=320,3", "--step_frames: 3 frames are fewer than the 4 the CRNN pools "
+       "into one")]:
     done = subprocess.run([sys.executable, "-m", "ntxr.bench", flag,
                            f"--json={tmp_path}/bench.json"], capture_output=True, text=True,
                           check=False)

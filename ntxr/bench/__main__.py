@@ -134,8 +134,11 @@ def main(argv):
     strategies = cli.chosen("strategies", list(specs.STRATEGIES), list(specs.STRATEGIES))
     shapes = whole_numbers("shapes", FLAGS.shapes.split(","), 4) if FLAGS.shapes else None
     runs = whole_numbers("runs", FLAGS.runs) if FLAGS.runs else None
-    step_shapes = [dict(SHAPE, frames=frames)
-                   for frames in whole_numbers("step_frames", FLAGS.step_frames)]
+    step_frames = whole_numbers("step_frames", FLAGS.step_frames)
+    if min(step_frames) < 4:
+      raise ValueError(f"--step_frames: {min(step_frames)} frames are fewer than the 4 the "
+                       "CRNN pools into one")
+    step_shapes = [dict(SHAPE, frames=frames) for frames in step_frames]
   except ValueError as error:
     command.exit_with(error, 2)
   if "negatives" in FLAGS.jobs:

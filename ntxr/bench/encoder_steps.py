@@ -261,7 +261,7 @@ def measure(pair: str, sizes: str, batch: int, samples: int, words: int, repeats
   (temp and argument bytes; on a device that reports its memory, the largest batch it
   holds, estimated from the memory at `batch` and at batch // 2)."""
   import torch  # pylint: disable=import-outside-toplevel
-  audio, text = ENCODER_PAIRS[pair]
+  _, text = ENCODER_PAIRS[pair]
   vocab = text_config(text, sizes)["vocab_size"]
   inputs = random_batch(batch, samples, words, vocab)
   modules = reference_modules(pair, sizes)
@@ -291,13 +291,21 @@ def measure(pair: str, sizes: str, batch: int, samples: int, words: int, repeats
   if needed and limit and batch > 1:
     half = jitted.lower(state, random_batch(batch // 2, samples, words, vocab)).compile()
     fits = largest_batch(batch, sum(needed), sum(_needed_bytes(half)), limit)
-  return dict(pair=pair, audio=audio, text=text, sizes=sizes, parameters=parameters,
-              batch=batch, samples=samples, seconds=samples / cnn14.SAMPLE_RATE, words=words,
-              jax_ms=jax_ms, torch_ms=torch_ms, speedup=torch_ms / jax_ms,
-              jax_loss=jax_loss, torch_loss=torch_loss,
+  return dict(_shape_row(pair, sizes, batch, samples, words, needed, device),
+              parameters=parameters, jax_ms=jax_ms, torch_ms=torch_ms,
+              speedup=torch_ms / jax_ms, jax_loss=jax_loss, torch_loss=torch_loss,
+              fits_batch=fits, torch_device=str(torch_device))
+
+
+def _shape_row(pair: str, sizes: str, batch: int, samples: int, words: int,
+               needed: Optional[tuple], device: Optional[str]) -> dict:
+  """A row's step and memory: the pair, its encoders and sizes, the batch's shape, the
+  compiled step's (temp, argument) bytes (`_needed_bytes`) and the device."""
+  audio, text = ENCODER_PAIRS[pair]
+  return dict(pair=pair, audio=audio, text=text, sizes=sizes, batch=batch, samples=samples,
+              seconds=samples / cnn14.SAMPLE_RATE, words=words,
               temp_bytes=needed and needed[0], argument_bytes=needed and needed[1],
-              fits_batch=fits, device=device or timing.device_name(),
-              torch_device=str(torch_device))
+              device=device or timing.device_name())
 
 
 def planned_memory(pair: str, sizes: str, batch: int, samples: int, words: int,
@@ -315,13 +323,8 @@ def planned_memory(pair: str, sizes: str, batch: int, samples: int, words: int,
                 token_ids=jax.ShapeDtypeStruct((batch, words), jnp.int32),
                 mask=jax.ShapeDtypeStruct((batch, words), jnp.bool_))
   compiled = jax.jit(train_step, donate_argnums=0).lower(state, inputs).compile()
-  temp, arguments = _needed_bytes(compiled) or (None, None)
-  audio, text = ENCODER_PAIRS[pair]
-  return dict(pair=pair, audio=audio, text=text, sizes=sizes,
-              jax_parameters=sum(leaf.size for leaf in jax.tree.leaves(state.params)),
-              batch=batch, samples=samples, seconds=samples / cnn14.SAMPLE_RATE, words=words,
-              temp_bytes=temp, argument_bytes=arguments,
-              device=device or timing.device_name())
+  return dict(_shape_row(pair, sizes, batch, samples, words, _needed_bytes(compiled), device),
+              jax_parameters=sum(leaf.size for leaf in jax.tree.leaves(state.params)))
 
 
 def plan(pairs, sizes: str, batch: int, samples: int, words: int,
