@@ -8,6 +8,7 @@ import csv
 import glob
 import importlib.metadata
 import itertools
+import json
 import os
 import re
 
@@ -95,14 +96,17 @@ def assert_made_from(table: tuple, sweep_name: str) -> None:
 
 def test_the_result_tables_are_made_from_their_csvs():
   """README's two tables (the ablation's, the objectives') and every table results.md
-  says it made from a sweep's results.csv; every sweep under docs/results has one."""
+  says it made from a sweep's results.csv; every sweep under docs/results has one (its
+  other folders hold one run: results.json)."""
   readme = read("README.md").split("\n## Results\n")[1].split("\n## ")[0]
   ablation, objectives = readme.split("\n\n| objective")
   assert_made_from(first_table(ablation), "ablation")
   assert_made_from(first_table("| objective" + objectives), "objectives")
   text = read("docs/results.md")
   made = TABLE_SOURCE.findall(text)
-  assert sorted(made) == sorted(os.listdir(RESULTS))
+  sweeps = [name for name in os.listdir(RESULTS)
+            if not os.path.exists(os.path.join(RESULTS, name, "results.json"))]
+  assert sorted(made) == sorted(sweeps)
   for match in TABLE_SOURCE.finditer(text):
     assert_made_from(first_table(text[match.end():]), match.group(1))
 
@@ -117,6 +121,25 @@ def first_column(text: str, header: str) -> list:
   table = itertools.dropwhile(lambda line: not line.startswith(header), text.splitlines())
   rows = itertools.takewhile(lambda line: line.startswith("|"), itertools.islice(table, 2, None))
   return [row.split("|")[1] for row in rows]
+
+
+def test_the_default_runs_printout_is_the_committed_runs():
+  """README's printout of its first command is what `ntxr.main` prints from the run kept
+  in docs/results/default (its metrics.jsonl, and its results.json, which names its
+  commit)."""
+  from ntxr import evaluate, train  # pylint: disable=import-outside-toplevel  (JAX)
+  folder = os.path.join(ROOT, "docs", "results", "default")
+  with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as f:
+    records = [json.loads(line) for line in f]
+  with open(os.path.join(folder, "results.json"), encoding="utf-8") as f:
+    run = json.load(f)
+  with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+    printout = f.read().split("and prints:\n\n```\n", 1)[1].split("\n```", 1)[0]
+  first, *lines = printout.splitlines()
+  assert first.startswith("Preparing log-mel features (")
+  assert lines == [*map(train.epoch_line, records), "", *evaluate.report(
+      "semihard_cross", run, "workdir/semihard_cross/results.json").splitlines()]
+  assert run["provenance"]["commit"] and not run["provenance"]["commit"].endswith("+changes")
 
 
 def test_the_docs_list_each_specified_strategy_and_objective_once():
