@@ -31,6 +31,7 @@ TINY = dict(size="tiny", batch_size=8, num_epochs=2, channels=(4, 8, 8, 8, 8), e
             vocab_size=60, checkpoint_every_steps=10, eval_batch_size=8, frame_buckets=(320,))
 SWEEP_STRATEGIES = ("random", "semihard_cross")
 COMPILATION_CACHE = "JAX_COMPILATION_CACHE_DIR"
+collect_ignore = ["authors"]  # the authors' code as published, which test_authors_crnn loads
 CACHE_OWNER = pytest.StashKey[str]()  # the cache this process made and removes
 
 

@@ -1,9 +1,11 @@
-"""The paper's CRNN against the authors' encoder (xieh97/contrastive-negative-sampling,
-models/audio_encoders.py, MIT licence): the same weights give the same frame embeddings
-on a real recording's log-mel, the paper's way (44.1 kHz, their log-mel settings, a
-length that LP-pooling floors)."""
+"""The paper's CRNN against the authors' encoder (xieh97/contrastive-negative-sampling's
+models/audio_encoders.py, MIT licence, in tests/authors as published): the same weights
+give the same frame embeddings on a real recording's log-mel, the paper's way (44.1 kHz,
+their log-mel settings, a length that LP-pooling floors)."""
 
+import importlib
 import os
+import sys
 
 import jax
 import numpy as np
@@ -15,38 +17,24 @@ import recordings
 from ntxr import models, settings
 from ntxr.data import features
 
+AUTHORS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "authors")
 PAPER_LOGMEL = settings.Features(sample_rate=44100, n_fft=2048, f_min=12.0, f_max=8000.0,
                                  log_offset=2.220446049250313e-16)
 
 
-class AuthorsCRNN(nn.Module):
-  """CRNNEncoder of the authors' models/audio_encoders.py, as written there (its
-  `up_sampling="linear"`, 64 mel bands, 300 dimensions)."""
-
-  def __init__(self, in_dim=64, out_dim=300):
-    super().__init__()
-    block = lambda c_in, c_out: [nn.BatchNorm2d(c_in),
-                                 nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
-                                 nn.LeakyReLU(inplace=True, negative_slope=0.1)]
-    self.cnn = nn.Sequential(
-        *block(1, 32), nn.LPPool2d(4, (2, 4)), *block(32, 128), *block(128, 128),
-        nn.LPPool2d(4, (2, 4)), *block(128, 128), *block(128, 128), nn.LPPool2d(4, (1, 4)),
-        nn.Dropout(0.3))
-    with torch.no_grad():
-      rnn_in_dim = self.cnn(torch.randn(1, 1, 500, in_dim)).shape
-      rnn_in_dim = rnn_in_dim[1] * rnn_in_dim[-1]
-    self.gru = nn.GRU(rnn_in_dim, out_dim // 2, bidirectional=True, batch_first=True)
-
-  def forward(self, x):
-    _, time, _ = x.shape
-    x = self.cnn(x.unsqueeze(1))
-    x = x.transpose(1, 2).contiguous().flatten(-2)
-    x, _ = self.gru(x)
-    return F.interpolate(x.transpose(1, 2), time, mode="linear",
-                         align_corners=False).transpose(1, 2)
+def authors_crnn() -> nn.Module:
+  """The authors' CRNNEncoder (tests/authors: their models/audio_encoders.py, unchanged),
+  built as their conf.yaml builds it: 64 mel bands, 300 dimensions, linear up-sampling.
+  Their code imports its package as `models`, found in tests/authors for the import."""
+  sys.path.insert(0, AUTHORS)
+  try:
+    audio_encoders = importlib.import_module("models.audio_encoders")
+  finally:
+    sys.path.remove(AUTHORS)
+  return audio_encoders.CRNNEncoder(in_dim=64, out_dim=300, up_sampling="linear")
 
 
-def _randomised(net: AuthorsCRNN) -> AuthorsCRNN:
+def _randomised(net: nn.Module) -> nn.Module:
   """Random weights, and BatchNorm statistics and affine terms away from 0 and 1."""
   torch.manual_seed(0)
   with torch.no_grad():
@@ -61,7 +49,7 @@ def _randomised(net: AuthorsCRNN) -> AuthorsCRNN:
   return net.eval()
 
 
-def _ntxr_variables(net: AuthorsCRNN) -> dict:
+def _ntxr_variables(net: nn.Module) -> dict:
   """The authors' weights as ntxr's CRNN variables: BatchNorm and convolutions in order,
   each GRU direction's input and hidden biases of the reset and update gates summed (a
   Flax GRUCell has one)."""
@@ -87,7 +75,7 @@ def test_the_papers_crnn_equals_the_authors_encoder_with_their_weights():
   audio = features.decode_audio(os.path.join(recordings.RECORDINGS, "alarm clock.ogg"), 44100)
   logmel = features.log_mel(audio, PAPER_LOGMEL)[None]  # [1, 307, 64]: not 4k frames
   assert logmel.shape[1] % 4
-  net = _randomised(AuthorsCRNN())
+  net = _randomised(authors_crnn())
   with torch.no_grad():
     expected = F.normalize(net(torch.from_numpy(logmel)), dim=-1).numpy()
   crnn = models.CRNN(embed_dim=300, pool_remainder="drop", initializer="pytorch")
@@ -110,20 +98,20 @@ def test_the_construction_pass_moves_batch_norm_as_the_authors_encoder_does():
   moved = steps.create_train_state(model, key, frames=64, words=3, mel_bands=64,
                                    batch_norm_pass=True)
   initial = steps.create_train_state(model, key, frames=64, words=3, mel_bands=64)
-  net = AuthorsCRNN()  # its own pass moved its statistics: they start afresh below
+  net = authors_crnn()  # its own pass moved its statistics: they start afresh below
   params = jax.device_get(initial.params["audio"])
   norms = [m for m in net.cnn if isinstance(m, nn.BatchNorm2d)]
   convs = [m for m in net.cnn if isinstance(m, nn.Conv2d)]
   with torch.no_grad():
     for i, (norm, conv) in enumerate(zip(norms, convs)):
       norm.reset_running_stats()
-      norm.weight.copy_(torch.from_numpy(np.asarray(params[f"BatchNorm_{i}"]["scale"])))
-      norm.bias.copy_(torch.from_numpy(np.asarray(params[f"BatchNorm_{i}"]["bias"])))
+      norm.weight.copy_(torch.from_numpy(np.array(params[f"BatchNorm_{i}"]["scale"])))
+      norm.bias.copy_(torch.from_numpy(np.array(params[f"BatchNorm_{i}"]["bias"])))
       conv.weight.copy_(torch.from_numpy(
-          np.asarray(params[f"Conv_{i}"]["kernel"]).transpose(3, 2, 0, 1)))  # HWIO -> OIHW
+          np.array(params[f"Conv_{i}"]["kernel"]).transpose(3, 2, 0, 1)))  # HWIO -> OIHW
     clip = jax.random.normal(jax.random.fold_in(key, 1),
                              (1, steps.BATCH_NORM_PASS_FRAMES, 64))  # the pass's clip
-    net.train()(torch.from_numpy(np.asarray(clip)))
+    net.train()(torch.from_numpy(np.array(clip)))
   for i, norm in enumerate(norms):
     stats = jax.device_get(moved.batch_stats["audio"][f"BatchNorm_{i}"])
     np.testing.assert_allclose(stats["mean"], norm.running_mean.numpy(), rtol=1e-5, atol=1e-6)
