@@ -112,7 +112,7 @@ def test_the_negatives_job_gives_each_way_on_eight_devices():
   assert all((r["ms"] is not None) == (r["batch"] == 16) for r in rows)
   assert all(r["ms"] is None or r["ms"] > 0 for r in rows)
   assert all(negatives.per_device_mib(r) > 0 for r in rows)
-  assert "| hard_audio | 32 | 8 | local |" in found["table"]
+  assert "| hard_audio | 32 | 8 | 8 | local |" in found["table"]  # batch, frames, devices
   assert "| 1.00 | - |" in found["table"]
 
 
