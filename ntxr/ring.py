@@ -262,9 +262,23 @@ def collect_round_the_ring(wanted: list) -> list:
   every device's `local`, a tuple of [n, ...] arrays, taken from each device's block as
   it comes round, in one pass for all; the gradient goes back to the owners. An index
   below 0 takes the last row, as indexing does."""
-  devices, me, forward = _ring()
+  if jax.lax.axis_size(AXIS) == 1:  # the whole batch (a custom VJP's backward is traced
+    # outside the mapped axis, unbound there)
+    return [jax.tree.map(lambda x: x[chosen], local) for local, chosen in wanted]
+  devices = jax.lax.axis_size(AXIS)
   n = wanted[0][1].shape[0]
   chosen = [jnp.where(c < 0, devices * n - 1, c) for _, c in wanted]
+  return _fetch_rows([local for local, _ in wanted], chosen)
+
+
+@jax.custom_vjp
+def _fetch_rows(own: list, chosen: list) -> list:
+  """Each device's blocks go round: from each passing block a device takes the rows of
+  `chosen` that block holds (the last block taken from stays). Differentiated by
+  `_fetch_rows_backward`, which keeps only the indices: autodiff of the takes would keep
+  each step's [n, ...] choice of rows."""
+  devices, me, forward = _ring()
+  n = chosen[0].shape[0]
   def take(indices, block, so_far, k):  # the rows of `indices` that `block` holds
     here = indices // n == (me - k) % devices
     return jax.tree.map(lambda kept, x: jnp.where(
@@ -273,11 +287,40 @@ def collect_round_the_ring(wanted: list) -> list:
     blocks, taken = carry
     taken = [take(*entry, k) for entry in zip(chosen, blocks, taken)]
     return (jax.lax.ppermute(blocks, AXIS, forward), taken), None
-  own = [local for local, _ in wanted]
-  (last, taken), _ = jax.lax.scan(  # the last block taken from stays
+  (last, taken), _ = jax.lax.scan(
       step, (own, [jax.tree.map(jnp.zeros_like, local) for local in own]),
       jnp.arange(devices - 1))
   return [take(*entry, devices - 1) for entry in zip(chosen, last, taken)]
+
+
+def _fetch_rows_forward(own, chosen):
+  return _fetch_rows(own, chosen), chosen
+
+
+def _fetch_rows_backward(chosen, cotangents):
+  """The rows' cotangents go round with their indices; each device adds the rows it owns
+  into its blocks' gradient (sums in float32, whatever the blocks' dtype)."""
+  devices, me, forward = _ring()
+  n = chosen[0].shape[0]
+  differentiable = lambda c: c.dtype != jax.dtypes.float0  # not a mask
+  def owned(indices, passing, gradient):  # gradient + the passing rows this device owns
+    row = jnp.where(indices // n == me, indices % n, n)  # n: dropped
+    return jax.tree.map(lambda g, c: g.at[row].add(c, mode="drop"), gradient, passing)
+  passing = jax.tree.map(lambda c: c.astype(jnp.float32) if differentiable(c) else None,
+                         cotangents)
+  def step(carry, _):
+    indices, passing, gradient = carry
+    gradient = [owned(*entry) for entry in zip(indices, passing, gradient)]
+    return (*jax.lax.ppermute((indices, passing), AXIS, forward), gradient), None
+  (indices, passing, gradient), _ = jax.lax.scan(
+      step, (chosen, passing, jax.tree.map(jnp.zeros_like, passing)), length=devices - 1)
+  gradient = [owned(*entry) for entry in zip(indices, passing, gradient)]
+  own = jax.tree.map(lambda g, c: c if g is None else g.astype(c.dtype), gradient,
+                     cotangents, is_leaf=lambda g: g is None)
+  return own, [np.zeros(c.shape, jax.dtypes.float0) for c in chosen]
+
+
+_fetch_rows.defvjp(_fetch_rows_forward, _fetch_rows_backward)
 
 
 def _triplet(embedded, loss, scorer, kept, key, count: int, cross: sampling.Rows,
