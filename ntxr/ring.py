@@ -38,6 +38,9 @@ from ntxr import false_negatives, memory as memory_lib, objectives, sampling, sc
 
 Array = jax.Array
 AXIS = "data"  # the mesh axis the batch is split over (`parallel.Devices`)
+# A within-modality matrix's blocks go round in this many parts, one part in flight at a
+# time: a block of frames is as large as the device's embeddings of its clips.
+WITHIN_PARTS = 2
 
 
 def global_mean(values: Array, mask: Optional[Array] = None) -> Array:
@@ -149,16 +152,19 @@ _cross_rows.defvjp(_cross_rows_forward, _cross_rows_backward)
 
 def within_rows(scorer: scores.Scorer, x: Array, mask: Array) -> Array:
   """[n, G]: this device's rows of a within-modality matrix of x [n, L, E], no gradient,
-  the other devices' x passed round the ring."""
+  the other devices' x passed round the ring in `WITHIN_PARTS` parts of their rows."""
   x = jax.lax.stop_gradient(x)
   if jax.lax.axis_size(AXIS) == 1:  # the whole batch: each block pair once
     return scorer.symmetric(x, mask)
-  _, _, forward = _ring()
+  devices, _, forward = _ring()
   score = lambda block: scorer.matrix(x, block[0], mask, block[1])
   def step(block, _):
     return jax.lax.ppermute(block, AXIS, forward), score(block)
-  last, held = jax.lax.scan(step, (x, mask), length=jax.lax.axis_size(AXIS) - 1)
-  return _in_global_order(jnp.concatenate([held, score(last)[None]]))  # the last stays
+  parts = []
+  for rows in np.array_split(np.arange(x.shape[0]), min(WITHIN_PARTS, x.shape[0])):
+    last, held = jax.lax.scan(step, (x[rows], mask[rows]), length=devices - 1)
+    parts.append(jnp.concatenate([held, score(last)[None]]))  # [D, n, rows], the last stays
+  return _in_global_order(jnp.concatenate(parts, axis=2))
 
 
 def loss_and_terms(embedded: objectives.Embedded, loss, *, learnt: dict, key: Array,
