@@ -14,9 +14,10 @@ From those rows every strategy selects (`sampling.Rows`), every objective scores
 filter and soft relevance act, as on one device; means over anchors are over every
 device's (psum). Random draws are anchor i's own wherever it lives.
 
-Device memory: its rows, O(n G) scalars, and one block in flight; the gradient goes
-round the ring again, each block with its gradient so far, so no device keeps the
-blocks that passed, and none holds the [G, G] products. Runs trained together are
+Device memory: its rows, O(n G) scalars, and one block in flight (of frames, half a
+block: `WITHIN_PARTS`); the gradient goes round the ring again, each block with its
+gradient so far, so no device keeps the blocks that passed, and none holds the [G, G]
+products. Runs trained together are
 refused: they take `gather`.
 
 A cross-batch memory (`ntxr.memory`, every device's whole) adds its M entries as
