@@ -59,6 +59,23 @@ def shared_path(tmp_path_factory, name: str) -> str:
 
 
 @pytest.fixture(scope="session")
+def made_once(tmp_path_factory):
+  """made_once(name, make): the path of the file make(path) writes, made by one worker
+  for the session while the others wait (a lock beside it), whichever worker asks first."""
+  from ntxr import files  # pylint: disable=import-outside-toplevel
+  def made(name: str, make) -> str:
+    path = shared_path(tmp_path_factory, name)
+    with files.locked(f"{path}.lock", wait=True):
+      if not os.path.exists(path):
+        stem, extension = os.path.splitext(path)
+        partial = f"{stem}.partial{extension}"  # whole or absent
+        make(partial)
+        os.replace(partial, path)
+    return path
+  return made
+
+
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
   """The workers' one cache: the corpus is generated and prepared once (under a lock)."""
   path = shared_path(tmp_path_factory, "cache")

@@ -17,9 +17,6 @@ import pytest
 from ntxr import settings
 from ntxr.configs import default
 
-# One worker takes the whole file (`--dist=loadgroup`): its child process runs once.
-pytestmark = pytest.mark.xdist_group("ring")
-
 G, T, W, E = 32, 6, 5, 8  # the global batch (4 pairs a device), frames, words, width
 # Each strategy, then each whole-pool objective, then the filters with one of each.
 CASES = ([dict(strategy=name) for name in ("full_batch", "random", "semihard_cross",
@@ -49,15 +46,16 @@ TRAINED = (dict(strategy="hard_audio"),
 STEPS = 3
 
 
-@pytest.fixture(scope="module")
-def found(cache_dir, tmp_path_factory):
-  out = tmp_path_factory.mktemp("ring") / "found.npz"
+@pytest.fixture(scope="session")
+def found(cache_dir, made_once):
+  """Every array the child found, by name: computed once for every worker."""
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
       os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip())
-  child = subprocess.run([sys.executable, __file__, cache_dir, str(out)], env=env,
-                         capture_output=True, text=True, check=False)
-  assert child.returncode == 0, child.stderr[-3000:]
-  return dict(np.load(out))
+  def run_child(out: str) -> None:
+    child = subprocess.run([sys.executable, __file__, cache_dir, out], env=env,
+                           capture_output=True, text=True, check=False)
+    assert child.returncode == 0, child.stderr[-3000:]
+  return dict(np.load(made_once("ring-found.npz", run_child)))
 
 
 @pytest.mark.parametrize("score", ["alignment", "pooled"])
