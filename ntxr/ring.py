@@ -17,8 +17,7 @@ device's (psum). Random draws are anchor i's own wherever it lives.
 Device memory: its rows, O(n G) scalars, and one block in flight (of frames, half a
 block: `WITHIN_PARTS`); the gradient goes round the ring again, each block with its
 gradient so far, so no device keeps the blocks that passed, and none holds the [G, G]
-products. Runs trained together are
-refused: they take `gather`.
+products. Runs trained together are refused: they take `gather`.
 
 A cross-batch memory (`ntxr.memory`, every device's whole) adds its M entries as
 candidates after the batch's: the rows are [n, G + M]. Under `gather` a memory takes
