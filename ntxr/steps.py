@@ -124,23 +124,21 @@ def optimizer(learning_rate: float, updates: Updates) -> optax.GradientTransform
 
 
 @functools.partial(jax.jit, static_argnames="model")
-def _init_variables(model: models.DualEncoder, key: jax.Array, example: dict) -> dict:
-  """The model's initial variables; compiled once per model setting (modules hash by field)."""
-  return model.init(key, example, train=False)
-
-
-def _with_pretrained(variables: dict, pretrained: dict) -> dict:
-  """`variables` with the pretrained encoders' ("audio_encoder", "text_encoder" of
-  `models.DualEncoder`) replaced by their files' {name: {"params": ..., ...}}; ValueError
-  where a shape differs."""
-  variables = {collection: dict(tree) for collection, tree in variables.items()}
+def _init_variables(model: models.DualEncoder, key: jax.Array, example: dict,
+                    pretrained: dict) -> dict:
+  """The model's initial variables, the pretrained encoders' ("audio_encoder",
+  "text_encoder" of `models.DualEncoder`) copied from their files' {name: {"params": ...,
+  ...}}: the random values they replace are never computed. Compiled once per model
+  setting (modules hash by field); ValueError where a file's shapes differ."""
+  variables = {collection: dict(tree)
+               for collection, tree in model.init(key, example, train=False).items()}
   shapes = lambda tree: jax.tree.map(jnp.shape, tree)
   for name, loaded in pretrained.items():
     for collection, tree in loaded.items():
       if shapes(variables[collection][name]) != shapes(tree):
         raise ValueError(f"the {name}'s {collection} in its file do not fit the module "
                          f"built from it")
-      variables[collection][name] = jax.tree.map(jnp.array, tree)  # a copy: steps donate it
+      variables[collection][name] = jax.tree.map(jnp.copy, tree)  # a copy: steps donate it
   return variables
 
 
@@ -160,7 +158,7 @@ def create_train_state(model: models.DualEncoder, key: jax.Array, *, frames: int
   encoder does when it is built (to measure its GRU's input)."""
   example = dict(audio=jnp.zeros((2, frames, mel_bands)), audio_mask=jnp.ones((2, frames), bool),
                  tokens=jnp.ones((2, words), jnp.int32), token_mask=jnp.ones((2, words), bool))
-  variables = _with_pretrained(_init_variables(model, key, example), pretrained or {})
+  variables = _init_variables(model, key, example, pretrained or {})
   if batch_norm_pass:
     clip = jax.random.normal(jax.random.fold_in(key, 1), (1, BATCH_NORM_PASS_FRAMES, mel_bands))
     _, moved = model.apply(variables, clip, jnp.ones(clip.shape[:2], bool), train=True,
