@@ -284,11 +284,14 @@ def test_a_step_writes_its_batch_into_the_memory(tiny_config):
   assert state.memory.audio_ids.shape == (2, 8) and not state.memory.age.any()
   batches = experiment.train_batches(experiment.training_split, 0).as_numpy_iterator()
   seen = []
+  loss_and_terms = jax.jit(lambda params, variables, batch, key: (
+      steps._loss_and_terms(  # pylint: disable=protected-access
+          params, variables, state.apply_fn, batch, key, train=True,
+          loss=experiment.settings.loss)))
   for step, batch in zip(range(3), batches):
     batch = experiment.device_batch(batch, experiment.training_split)
-    _, (_, _, _, embedded) = steps._loss_and_terms(  # pylint: disable=protected-access
-        state.params, state.variables(), state.apply_fn, batch, jax.random.key(step),
-        train=True, loss=experiment.settings.loss)
+    _, (_, _, _, embedded) = loss_and_terms(state.params, state.variables(), batch,
+                                            jax.random.key(step))
     state, _ = experiment.train_step(state, batch, jax.random.key(step))
     seen.append((jax.device_get(batch), jax.device_get(embedded)))
   memory = jax.device_get(state.memory)
