@@ -29,10 +29,11 @@ SMALL = dict(embed_dim=16, batch_size=4, eval_batch_size=4, num_epochs=1,
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
   """{"pairs": a folder of the real recordings and their captions (captions.csv), "cnn14":
-  a PANNs file, "bert" and "roberta": Hugging Face folders}."""
+  a PANNs file, "passt": a small PaSST's, "bert" and "roberta": Hugging Face folders}."""
   root = tmp_path_factory.mktemp("pretrained")
   return dict(pairs=recordings.pairs_folder(str(root / "pairs")),
               cnn14=pretrained_files.cnn14_file(str(root / "Cnn14_mAP=0.431.pth")),
+              passt=pretrained_files.passt_file(str(root / "passt-s.pt")),
               bert=pretrained_files.text_folder(str(root / "bert"), "bert"),
               roberta=pretrained_files.text_folder(str(root / "roberta"), "roberta"))
 
@@ -88,9 +89,8 @@ def test_passt_and_roberta_fine_tune_end_to_end_as_the_dcase_2025_baseline(tiny_
                                                                           tmp_path):
   """A small PaSST with patchout and RoBERTa, in bfloat16 with remat, the baseline's
   InfoNCE and warm-up and cosine schedule, on the real recordings: both encoders move."""
-  passt_path = pretrained_files.passt_file(str(tmp_path / "passt-s.pt"))
   config = pretrained_config(tiny_config, files, text="roberta", audio_encoder="passt",
-                             audio_weights=passt_path, frame_buckets=(200,), patchout=(3, 1),
+                             audio_weights=files["passt"], frame_buckets=(200,), patchout=(3, 1),
                              compute_dtype="bfloat16", remat=True, objective="infonce",
                              temperature=0.05, lr_schedule="warmup_cosine")
   initial = experiment_of(config).initial_state
@@ -113,13 +113,12 @@ LOSSES = ([dict(strategy=name) for name in specs.STRATEGIES]
 
 @pytest.mark.parametrize("loss", LOSSES, ids=lambda loss: loss.get("strategy",
                                                                    loss.get("objective")))
-def test_every_strategy_and_objective_trains_a_pretrained_pair(tiny_config, files, tmp_path,
-                                                               loss):
+def test_every_strategy_and_objective_trains_a_pretrained_pair(tiny_config, files, loss):
   """One step on a batch of the real recordings with a small PaSST and RoBERTa: a finite
   loss, and a gradient that moves both encoders."""
   config = pretrained_config(
       tiny_config, files, text="roberta", audio_encoder="passt", frame_buckets=(200,),
-      audio_weights=pretrained_files.passt_file(str(tmp_path / "passt.pt")), **loss)
+      audio_weights=files["passt"], **loss)
   experiment = experiment_of(config)
   initial = {name: _leaves(experiment.initial_state.params[name])
              for name in ("audio_encoder", "text_encoder")}
@@ -241,11 +240,10 @@ def test_the_papers_config_takes_a_pretrained_text_encoder_without_word_vectors(
 @pytest.mark.parametrize("patchout, message", [
     ((99, 0), r"PaSST \(stride 10\) cuts 99 time columns of patches from 1000 frames and 12"),
     ((0, 12), r"and 12 frequency rows; patchout drops fewer")])
-def test_a_patchout_beyond_the_files_patches_is_refused(tiny_config, files, tmp_path, patchout,
-                                                        message):
+def test_a_patchout_beyond_the_files_patches_is_refused(tiny_config, files, patchout, message):
   config = pretrained_config(
       tiny_config, files, audio_encoder="passt", frame_buckets=(1000,), patchout=patchout,
-      audio_weights=pretrained_files.passt_file(str(tmp_path / "passt.pt")))
+      audio_weights=files["passt"])
   with pytest.raises(settings.SettingError, match=rf"--config\.patchout=.*{message}"):
     experiment_of(config)
 
@@ -302,8 +300,7 @@ def test_the_dcase_configs_run_on_their_encoders_and_say_each_change(name, audio
   """Each DCASE config, given its publishers' files, resolves to its encoders as the
   baseline trains them, and docs/dcase_settings.md names every field it changes."""
   config = importlib.import_module(f"ntxr.configs.{name}").get_config()
-  weights = files["cnn14"] if audio == "cnn14" else pretrained_files.passt_file(
-      str(tmp_path / "passt.pt"))
+  weights = files["cnn14"] if audio == "cnn14" else files["passt"]
   config.update(data_dir=files["pairs"], audio_weights=weights, text_weights=files[text],
                 cache_dir=str(tmp_path / "cache"))
   run = settings.Settings.of(config)
