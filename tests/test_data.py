@@ -6,13 +6,14 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import wave
 
 import librosa
 import numpy as np
 import pytest
 
-from ntxr import layouts, settings
+from ntxr import files, layouts, settings
 from ntxr.configs import default
 from ntxr.data import builders, captions, features, input_pipeline, synthetic, tokenizer
 from ntxr.data import corpus as corpus_lib
@@ -194,6 +195,28 @@ def test_synthetic_corpus_layout_and_cache(corpus, tmp_path):
   finally:
     live.kill()
     live.wait()
+
+
+def test_a_source_being_prepared_holds_up_only_its_own_runs(tiny_config):
+  """While another process generates or prepares a source in the shared cache (holding
+  that source's lock), a run of a source already prepared there opens it at once, and a
+  run of the same source waits for it."""
+  data = settings.Settings.of(tiny_config()).data
+  corpus_lib.load_data(data)  # prepared before the test holds any lock
+  locks = os.path.join(data.cache_dir, corpus_lib.LOCKS)
+  released, opened = threading.Event(), []
+  def open_corpus():
+    corpus_lib.load_data(data)
+    opened.append(released.is_set())
+  for source, waits in (("Clotho-0123456789ab", False), (f"synthetic_{data.size}", True)):
+    with files.locked(os.path.join(locks, source), wait=True):
+      run = threading.Thread(target=open_corpus)
+      run.start()
+      run.join(timeout=60 if not waits else 3)
+      released.set()
+    run.join()
+    released.clear()
+  assert opened == [False, True]
 
 
 def test_a_corpus_of_clothos_shape_has_15_to_30_second_clips(tmp_path, monkeypatch):

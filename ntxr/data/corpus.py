@@ -18,6 +18,7 @@ from ntxr import files, layouts, relevance, settings
 from ntxr.data import builders, captions, staging, synthetic, tokenizer, word_vectors
 
 SPLITS_FILE = "splits.csv"  # in a pairs folder's prepared folder: the assigned splits
+LOCKS = "locks"  # in the cache: one lock for each source folder its prepared folder is of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,20 +111,23 @@ def load(data_dir=None, *, cache_dir, size="default", logmel=settings.Features()
     raise ValueError(f"vocabulary must be one of {settings.VOCABULARIES}, not {vocabulary!r}")
   bucket = files.is_bucket(cache_dir)
   local = staging.local_copy(cache_dir, stage_dir) if bucket else cache_dir
-  # Processes sharing a cache (a sweep's parallel runs) generate and prepare it one at a
-  # time; the others then reuse it.
-  with files.locked(os.path.join(local, "lock"), wait=True):
+  generated = data_dir is None
+  if generated:
+    data_dir = os.path.join(local, f"synthetic_{size}")
+    logmel = dataclasses.replace(
+        logmel, sample_rate=logmel.sample_rate or layouts.SYNTHETIC_SAMPLE_RATE)
+  logmel = dataclasses.replace(logmel,
+                               sample_rate=logmel.sample_rate or layouts.FOLDER_SAMPLE_RATE)
+  prepared = _prepared_dir(local, data_dir)
+  # Processes sharing a cache (a sweep's parallel runs) generate and prepare a source one
+  # at a time, the others then reuse it; a run of another source does not wait for them.
+  with files.locked(os.path.join(local, LOCKS, os.path.basename(prepared)), wait=True):
     generate_s = 0.0
-    if data_dir is None:
+    if generated:
       start = time.perf_counter()
-      data_dir = synthetic.generate(os.path.join(local, f"synthetic_{size}"), size)
+      synthetic.generate(data_dir, size)
       generate_s = time.perf_counter() - start
-      logmel = dataclasses.replace(
-          logmel, sample_rate=logmel.sample_rate or layouts.SYNTHETIC_SAMPLE_RATE)
-    logmel = dataclasses.replace(logmel,
-                                 sample_rate=logmel.sample_rate or layouts.FOLDER_SAMPLE_RATE)
     builder_class = builders.builder_for(data_dir)
-    prepared = _prepared_dir(local, data_dir)
     bucket_copy = f"{cache_dir.rstrip('/')}/{os.path.relpath(prepared, local)}"
     if bucket:
       staging.download(bucket_copy, prepared)
