@@ -197,26 +197,27 @@ def test_synthetic_corpus_layout_and_cache(corpus, tmp_path):
     live.wait()
 
 
-def test_a_source_being_prepared_holds_up_only_its_own_runs(tiny_config):
-  """While another process generates or prepares a source in the shared cache (holding
-  that source's lock), a run of a source already prepared there opens it at once, and a
-  run of the same source waits for it."""
+def test_a_source_being_prepared_holds_up_only_its_own_runs(tiny_config, monkeypatch):
+  """A run takes one lock, its source's: while another process generates or prepares that
+  source, the run waits for it, and a source prepared elsewhere in the cache holds up
+  nothing."""
   data = settings.Settings.of(tiny_config()).data
-  corpus_lib.load_data(data)  # prepared before the test holds any lock
-  locks = os.path.join(data.cache_dir, corpus_lib.LOCKS)
+  corpus_lib.load_data(data)  # prepared before the test holds the lock
+  own = os.path.join(data.cache_dir, corpus_lib.LOCKS, f"synthetic_{data.size}")
+  locked, taken = files.locked, []
+  monkeypatch.setattr(files, "locked", lambda path, **how: taken.append(path) or locked(
+      path, **how))
   released, opened = threading.Event(), []
   def open_corpus():
     corpus_lib.load_data(data)
     opened.append(released.is_set())
-  for source, waits in (("Clotho-0123456789ab", False), (f"synthetic_{data.size}", True)):
-    with files.locked(os.path.join(locks, source), wait=True):
-      run = threading.Thread(target=open_corpus)
-      run.start()
-      run.join(timeout=60 if not waits else 3)
-      released.set()
-    run.join()
-    released.clear()
-  assert opened == [False, True]
+  with locked(own, wait=True):  # as another process preparing the source
+    run = threading.Thread(target=open_corpus)
+    run.start()
+    run.join(timeout=3)
+    released.set()
+  run.join()
+  assert opened == [True] and taken == [own]
 
 
 def test_a_corpus_of_clothos_shape_has_15_to_30_second_clips(tmp_path, monkeypatch):
