@@ -18,7 +18,7 @@ from ntxr import files, layouts, relevance, settings
 from ntxr.data import builders, captions, staging, synthetic, tokenizer, word_vectors
 
 SPLITS_FILE = "splits.csv"  # in a pairs folder's prepared folder: the assigned splits
-LOCKS = "locks"  # in the cache: one lock for each source folder its prepared folder is of
+LOCKS = "locks"  # in the cache: one lock for each source, named as its prepared folder
 
 
 @dataclasses.dataclass(frozen=True)
