@@ -373,12 +373,13 @@ def test_every_program_a_run_compiles_multiplies_at_its_configured_precision(
   assert seen == ["highest", True]
 
 
-def test_per_epoch_validation_reshuffles_and_draws_anew_from_the_epochs_seed(
+def test_per_epoch_validation_reshuffles_and_each_batch_draws_anew_from_the_epochs_seed(
     tiny_config, monkeypatch):
   """--config.validation_draws=per_epoch: each epoch's validation loss reads the split
-  reshuffled and draws its random negatives anew, both from the epoch's seed. Each is
-  checked where the other cannot move the loss: the reshuffle under semihard_cross, which
-  draws nothing, and the draws under random over batches held in one order."""
+  reshuffled and draws its random negatives anew, both from the epoch's seed, and each
+  batch draws its own, as the authors' loader does. Each is checked where the others
+  cannot move the loss: the reshuffle under semihard_cross, which draws nothing, and the
+  draws under random over batches held in one order."""
   split = dict(batch_size=16, keep_partial_batch=True)
   fixed = experiment_of(tiny_config(strategy="semihard_cross", **split))
   per_epoch = experiment_of(tiny_config(
@@ -393,6 +394,13 @@ def test_per_epoch_validation_reshuffles_and_draws_anew_from_the_epochs_seed(
   draws, (_, one_order) = drawn.validation_draws, drawn.validation_draws(1)
   monkeypatch.setattr(drawn, "validation_draws", lambda epoch: (draws(epoch)[0], one_order))
   assert abs(drawn.validation_loss(state, 2) - drawn.validation_loss(state, 1)) > 1e-6
+  calls, eval_loss = [], drawn._eval_loss  # pylint: disable=protected-access
+  monkeypatch.setattr(drawn, "_eval_loss", lambda *args: calls.append(args) or eval_loss(*args))
+  drawn.validation_loss(state, 1)
+  keys = {np.asarray(jax.random.key_data(key)).tobytes() for _, _, key in calls}
+  assert len(keys) == len(calls) == 3  # one key per batch, not the epoch's for all
+  (_, batch, key), (_, _, other_key) = calls[:2]
+  assert abs(float(eval_loss(state, batch, other_key)) - float(eval_loss(state, batch, key))) > 1e-6
   # The authors' DataLoader(shuffle=True): every pair once, the last batch short.
   batches = list(input_pipeline.as_numpy(per_epoch.train_batches("validation", 7)))
   assert [len(b["audio_id"]) for b in batches] == [16, 16, 8]
