@@ -143,6 +143,16 @@ def score_histograms(runs, strategies=("random", "semihard_cross", "hard_cross")
   return fig
 
 
+def device_label(result: dict) -> str:
+  """A benchmark result's device, said to be at no recorded commit where it is (figures
+  transcribed, not measured by this code).
+
+  >>> device_label(dict(device="cpu: cpu", commit=None))
+  'cpu: cpu (commit not recorded)'
+  """
+  return result["device"] + ("" if result.get("commit") else " (commit not recorded)")
+
+
 def kernel_times(results) -> figure.Figure:
   """Kernel time and matmul fraction against N per strategy and shape (T, W, E), one
   line style per device.
@@ -158,7 +168,7 @@ def kernel_times(results) -> figure.Figure:
         rows = sorted((r for r in mine if (r["T"], r["W"], r["E"]) == shape),
                       key=lambda r: r["N"])  # one line per clip and caption length
         n = [r["N"] for r in rows]
-        label = f"{strategy} ({result['device']})" if k == 0 else None
+        label = f"{strategy} ({device_label(result)})" if k == 0 else None
         time_ax.plot(n, [r["kernel_ms"] for r in rows], style, label=label,
                      color=strategy_color(strategy))
         fraction_ax.plot(n, [r["matmul_fraction"] for r in rows], style,
@@ -189,7 +199,7 @@ def speedup_by_strategy(results, shape=None) -> figure.Figure:
                   if (r["N"], r["T"], r["W"], r["E"]) == tuple(shape)}
       x = [i + k * width for i, s in enumerate(strategies) if at_shape.get(s)]
       y = [at_shape[s] for s in strategies if at_shape.get(s)]
-      ax.bar(x, y, width, label=result["device"])
+      ax.bar(x, y, width, label=device_label(result))
     ax.set_xticks([i + width * (len(results) - 1) / 2 for i in range(len(strategies))],
                   strategies, rotation=45, ha="right", fontsize=7)
     ax.set_title(f"{title}, N={shape[0]} T={shape[1]} W={shape[2]}", fontsize=9)
