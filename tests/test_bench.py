@@ -236,7 +236,7 @@ def test_the_encoders_job_times_the_same_step_in_both_frameworks():
         "jax_ms", "torch_ms", "temp_bytes", "argument_bytes", "parameters"))
     assert row["speedup"] == pytest.approx(row["torch_ms"] / row["jax_ms"])
     assert row["jax_loss"] == pytest.approx(row["torch_loss"], rel=1e-4)
-    assert row["fits_batch"] is None  # the CPU reports no memory limit
+    assert row["out_of_memory"] == []
   assert rows[0]["parameters"] > 80e6 > 1e6 > rows[1]["parameters"]  # CNN14 has one size
   assert "| cnn14+bert | tiny | 84.0 | 2 | 0.32 | 5 |" in encoder_steps.format_table(rows)
 
@@ -244,10 +244,12 @@ def test_the_encoders_job_times_the_same_step_in_both_frameworks():
 @pytest.mark.skipif(importlib.util.find_spec("torch") is None,
                     reason="the step with real weights starts from PyTorch's modules, which "
                            "are not installed (pip install -e '.[test]')")
-def test_the_planned_memory_is_the_memory_of_the_step_with_real_weights():
+def test_the_planned_memory_is_the_memory_of_the_step_with_real_weights(monkeypatch):
   """From the modules alone, each pair's state has the shapes and dtypes of the state
   with the publishers' (random) weights; compiled from shapes, the step plans the memory
-  of the step compiled with weights and a batch (temp and argument bytes equal)."""
+  of the step compiled with weights and a batch (temp and argument bytes equal), and on a
+  device that says what it holds, the largest batch whose memory, affine in the batch
+  through the two planned, fits it."""
   described = lambda tree: jax.tree.map(lambda leaf: (leaf.shape, leaf.dtype), tree)
   states = {}
   for pair in bench.ENCODER_PAIRS:
@@ -257,15 +259,53 @@ def test_the_planned_memory_is_the_memory_of_the_step_with_real_weights():
     assert described(abstract.params) == described(states[pair].params), pair
     assert described(abstract.batch_stats) == described(states[pair].batch_stats), pair
   pair, shape = "passt+roberta", dict(batch=2, samples=10240, words=5)
-  row = encoder_steps.planned_memory(pair, "tiny", **shape)
+  assert encoder_steps.device_memory_limit() is None  # a CPU does not say
+  rows = encoder_steps.plan([pair], "tiny", **shape)
+  assert [r["fits_batch"] for r in rows] == [None, None]
+  need = {r["batch"]: r["temp_bytes"] + r["argument_bytes"] for r in rows}
+  # 3 clips' worth above batch 2's need, a byte short of a 4th: batch 5 fits, 6 does not
+  monkeypatch.setattr(encoder_steps, "device_memory_limit",
+                      lambda: need[2] + 4 * (need[2] - need[1]) - 1)
+  row, half = encoder_steps.plan([pair], "tiny", **shape)
+  assert (row["batch"], half["batch"], row["fits_batch"], half["fits_batch"]) == (2, 1, 5, 5)
   memory = jax.jit(encoder_steps.train_step, donate_argnums=0).lower(
       states[pair], encoder_steps.random_batch(**shape, vocab=100)).compile().memory_analysis()
   assert (row["temp_bytes"], row["argument_bytes"]) == (memory.temp_size_in_bytes,
                                                         memory.argument_size_in_bytes)
   assert row["jax_parameters"] == sum(leaf.size for leaf in jax.tree.leaves(
       states[pair].params))
-  assert "| passt+roberta | tiny | 0.3 | 2 | 0.32 | 5 |" in (
-      encoder_steps.format_memory_table([row]))
+  table = encoder_steps.format_memory_table([row])
+  assert "| passt+roberta | tiny | 0.3 | 2 | 0.32 | 5 |" in table and table.endswith(" | 5 |")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="the encoders job times PyTorch, which is not installed "
+                           "(pip install -e '.[test]')")
+def test_a_step_out_of_the_devices_memory_is_recorded_and_the_job_goes_on(monkeypatch):
+  """PyTorch's OutOfMemoryError or XLA's RESOURCE_EXHAUSTED in a framework's step leaves
+  that framework's time and loss empty and names it, while the other is timed; any other
+  error stops the job."""
+  import torch  # pylint: disable=import-outside-toplevel
+  def raising(error):
+    def step():
+      raise error
+    return step
+  for error in (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying "
+                                           "to allocate 2147483648 bytes.")):
+    monkeypatch.setattr(encoder_steps, "torch_step", lambda *_, e=error: raising(e))
+    row = encoder_steps.measure("passt+roberta", "tiny", batch=2, samples=10240, words=5,
+                                repeats=1)
+    assert (row["torch_ms"], row["torch_loss"], row["speedup"], row["out_of_memory"]) == (
+        None, None, None, ["PyTorch"])
+    assert row["jax_ms"] > 0 and math.isfinite(row["jax_loss"])
+    table = encoder_steps.format_table([row])
+    assert f"| {row['jax_ms']:.0f} | - | - | " in table
+    assert table.endswith(f" | {row['jax_loss']:.5f} / out of memory |")
+  monkeypatch.setattr(encoder_steps, "torch_step",
+                      lambda *_: raising(RuntimeError("expected scalar type Float")))
+  with pytest.raises(RuntimeError, match="expected scalar type"):
+    encoder_steps.measure("passt+roberta", "tiny", batch=2, samples=10240, words=5, repeats=1)
 
 
 def test_the_encoders_job_without_its_references_costs_one_line():

@@ -8,9 +8,19 @@ encoders job).
   python -m ntxr.bench --jobs=parts --strategies=random,hard_text,semihard_cross
   python -m ntxr.bench --jobs=together --grid=accelerator --widths=default,paper
   python -m ntxr.bench --jobs=union --widths=default --union_seeds=2
-  python -m ntxr.bench --jobs=encoders --grid=accelerator --pairs=passt+roberta
   python -m ntxr.bench --jobs=encoder_memory --grid=accelerator --pairs=passt+roberta
+  python -m ntxr.bench --jobs=encoders --grid=accelerator --pairs=passt+roberta --encoder_batch=8
   python -m ntxr.bench --jobs=negatives --strategies=semihard_cross,hard_audio
+
+On an accelerator, the jobs docs/benchmarks/ keeps (--results_dir=docs/benchmarks each;
+encoders also needs the test extra's reference packages):
+
+  python -m ntxr.bench --grid=accelerator --jobs=kernels,scores --torch_loop
+  python -m ntxr.bench --grid=accelerator --jobs=steps,loop,together --torch_loop
+      --step_frames=320,1600 --widths=default,paper
+  python -m ntxr.bench --grid=accelerator --jobs=encoder_memory
+  python -m ntxr.bench --grid=accelerator --jobs=encoders --encoder_batch=<what fits>
+  python -m ntxr.bench --grid=accelerator --jobs=negatives
 
 Jobs (--jobs, comma-separated): kernels (ntxr/bench/kernels.py), parts (kernel_parts.py:
 where a kernel's time goes), scores (score_matrices.py), steps (training_steps.py), loop
@@ -19,14 +29,15 @@ where a kernel's time goes), scores (score_matrices.py), steps (training_steps.p
 ablation's strategies as one program over their union against one program per strategy,
 for --strategies), encoders (encoder_steps.py: a pretrained encoder pair's training step
 against the publishers' PyTorch code, for --pairs; needs the test extra's PyTorch
-packages), encoder_memory (encoder_steps.py: the memory XLA plans for that step at the
-grid's sizes and batch and half that batch, compiled from shapes and not run, so a CPU
-states what `--grid=accelerator`'s step needs), negatives (negatives.py: a step's memory
-per device and time with --config.negatives gather and ring, for --strategies; run
-alone, it splits a CPU into 8 devices). Each prints a Markdown table; --json writes
-every row with the device and the command line, and --results_dir
-one file per job, named by device kind and job, as docs/benchmarks/ keeps them
-(`ntxr.bench.results`; `python -m ntxr.bench.page` makes docs/benchmarks.md from them).
+packages; a framework that runs out of memory is recorded so), encoder_memory
+(encoder_steps.py: the memory XLA plans for that step at the grid's sizes and batch and
+half that batch, compiled from shapes and not run, so a CPU states what
+`--grid=accelerator`'s step needs, and a device the largest batch it holds), negatives
+(negatives.py: a step's memory per device and time with --config.negatives gather and
+ring, for --strategies; run alone, it splits a CPU into 8 devices). Each prints a
+Markdown table; --json writes every row with the device and the command line, and
+--results_dir one file per job, named by device kind and job, as docs/benchmarks/ keeps
+them (`ntxr.bench.results`; `python -m ntxr.bench.page` makes docs/benchmarks.md from them).
 """
 
 import os
@@ -57,7 +68,7 @@ GRIDS = {
         encoders=dict(sizes="tiny", batch=2, samples=32000, words=16),
         negatives=dict(batches=[256, 1024, 4096], timed_up_to=256)),
     "accelerator": dict(
-        kernels=[(32, 250, 12, 300), (32, 500, 15, 300), (32, 1500, 20, 300),
+        kernels=[(32, 250, 12, 300), (32, 500, 15, 300), (32, 1600, 20, 300),
                  (128, 500, 20, 300), (256, 500, 20, 300), (1024, 250, 12, 300)],
         scores=[("cross", 256, 500, 20, 300), ("audio-audio", 256, 1500, 1500, 300),
                 ("evaluation", 1045, 1500, 20, 300)],
@@ -101,6 +112,8 @@ def define_flags() -> None:
                        "the grid's)", lower_bound=1)
   flags.DEFINE_list("pairs", list(ENCODER_PAIRS),
                     f"encoder pairs of the encoders job, of {list(ENCODER_PAIRS)}")
+  flags.DEFINE_integer("encoder_batch", None, "batch of the encoders and encoder_memory "
+                       "jobs (default: the grid's)", lower_bound=2)
   flags.DEFINE_string("device_kind", None,
                     "device name for the output (default: JAX's)")
   flags.DEFINE_string("results_dir", None,
@@ -171,6 +184,7 @@ def main(argv):
   print(f"device: {device}" + (f", PyTorch on {about['torch_device']}" if torch_too
                                 else "") + "\n")
   shapes = shapes or grid["kernels"]
+  encoders = dict(grid["encoders"], batch=FLAGS.encoder_batch or grid["encoders"]["batch"])
   widths = {name: WIDTHS[name] for name in FLAGS.widths}
   def at_each_length(job):  # the rows of job(shape) at each --step_frames
     return lambda: [row for shape in step_shapes for row in job(shape)]
@@ -196,10 +210,10 @@ def main(argv):
           widths, strategies, FLAGS.union_seeds or grid["union_seeds"], grid["steps"][0],
           FLAGS.repeats, shape=shape, dtype=FLAGS.dtype)), union_program.format_table),
       "encoders": ("encoders", lambda: encoder_steps.run(
-          FLAGS.pairs, **grid["encoders"], repeats=FLAGS.repeats, device=device),
+          FLAGS.pairs, **encoders, repeats=FLAGS.repeats, device=device),
                    encoder_steps.format_table),
       "encoder_memory": ("encoder_memory", lambda: encoder_steps.plan(
-          FLAGS.pairs, **grid["encoders"], device=device), encoder_steps.format_memory_table),
+          FLAGS.pairs, **encoders, device=device), encoder_steps.format_memory_table),
       "negatives": ("negatives", at_each_length(lambda shape: negatives.run(
           grid["negatives"]["batches"], strategies, widths[next(iter(widths))], shape,
           FLAGS.repeats, grid["negatives"]["timed_up_to"])), negatives.format_table),

@@ -246,20 +246,31 @@ def _needed_bytes(compiled) -> Optional[tuple]:
 
 def _median_ms_and_first_loss(step, repeats: int) -> tuple:
   """(median milliseconds of step() over `repeats` calls after a warm-up call, the loss
-  that the warm-up call returned)."""
+  that the warm-up call returned); (None, None) where the device runs out of memory
+  (PyTorch's OutOfMemoryError, XLA's RESOURCE_EXHAUSTED), any other error raised."""
   losses = []
   def call():
     losses.append(step())
     return losses[-1]
-  return 1e3 * timing.time_call(call, repeats=repeats), float(losses[0])
+  try:
+    return 1e3 * timing.time_call(call, repeats=repeats), float(losses[0])
+  except Exception as error:  # pylint: disable=broad-exception-caught
+    if type(error).__name__ != "OutOfMemoryError" and "RESOURCE_EXHAUSTED" not in str(error):
+      raise
+    return None, None
+
+
+def device_memory_limit() -> Optional[int]:
+  """The bytes JAX's first device holds; None where it does not say (a CPU)."""
+  return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
 
 
 def measure(pair: str, sizes: str, batch: int, samples: int, words: int, repeats: int,
             device: Optional[str] = None) -> dict:
   """One row: the step's median milliseconds in PyTorch (`timing.torch_device`), then in
   JAX, their first steps' losses (the warm-up calls'), and the compiled JAX step's memory
-  (temp and argument bytes; on a device that reports its memory, the largest batch it
-  holds, estimated from the memory at `batch` and at batch // 2)."""
+  (temp and argument bytes). A framework that runs out of memory has None for its time
+  and loss and is named in `out_of_memory` (`encoder_memory` says what batch fits)."""
   import torch  # pylint: disable=import-outside-toplevel
   _, text = ENCODER_PAIRS[pair]
   vocab = text_config(text, sizes)["vocab_size"]
@@ -276,8 +287,7 @@ def measure(pair: str, sizes: str, batch: int, samples: int, words: int, repeats
   gc.collect()
   if torch_device.type == "cuda":  # the memory PyTorch cached, back for JAX
     torch.cuda.empty_cache()
-  jitted = jax.jit(train_step, donate_argnums=0)
-  compiled = jitted.lower(state, inputs).compile()
+  compiled = jax.jit(train_step, donate_argnums=0).lower(state, inputs).compile()
 
   def one_step():  # the state is donated: each call steps from the last one's
     nonlocal state
@@ -285,16 +295,12 @@ def measure(pair: str, sizes: str, batch: int, samples: int, words: int, repeats
     return loss
 
   jax_ms, jax_loss = _median_ms_and_first_loss(one_step, repeats)
-  needed = _needed_bytes(compiled)
-  limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
-  fits = None
-  if needed and limit and batch > 1:
-    half = jitted.lower(state, random_batch(batch // 2, samples, words, vocab)).compile()
-    fits = largest_batch(batch, sum(needed), sum(_needed_bytes(half)), limit)
-  return dict(_shape_row(pair, sizes, batch, samples, words, needed, device),
+  out_of_memory = [name for name, ms in (("PyTorch", torch_ms), ("JAX", jax_ms)) if ms is None]
+  return dict(_shape_row(pair, sizes, batch, samples, words, _needed_bytes(compiled), device),
               parameters=parameters, jax_ms=jax_ms, torch_ms=torch_ms,
-              speedup=torch_ms / jax_ms, jax_loss=jax_loss, torch_loss=torch_loss,
-              fits_batch=fits, torch_device=str(torch_device))
+              speedup=None if out_of_memory else torch_ms / jax_ms, jax_loss=jax_loss,
+              torch_loss=torch_loss, out_of_memory=out_of_memory,
+              torch_device=str(torch_device))
 
 
 def _shape_row(pair: str, sizes: str, batch: int, samples: int, words: int,
@@ -330,9 +336,17 @@ def planned_memory(pair: str, sizes: str, batch: int, samples: int, words: int,
 def plan(pairs, sizes: str, batch: int, samples: int, words: int,
          device: Optional[str] = None) -> list:
   """`planned_memory`'s rows for each encoder pair (names in ENCODER_PAIRS) at `batch` and
-  at batch // 2 (how the memory grows with the batch)."""
-  return [planned_memory(pair, sizes, n, samples, words, device)
-          for pair in pairs for n in (batch, batch // 2)]
+  at batch // 2 (how the memory grows with the batch), each with `fits_batch`: on a device
+  that says how much it holds, the largest batch that fits (`largest_batch`), else None."""
+  limit, rows = device_memory_limit(), []
+  for pair in pairs:
+    full, half = (planned_memory(pair, sizes, n, samples, words, device)
+                  for n in (batch, batch // 2))
+    needs = [None if row["temp_bytes"] is None else row["temp_bytes"] + row["argument_bytes"]
+             for row in (full, half)]
+    fits = largest_batch(batch, *needs, limit) if limit and None not in needs else None
+    rows += [dict(full, fits_batch=fits), dict(half, fits_batch=fits)]
+  return rows
 
 
 def run(pairs, sizes: str, batch: int, samples: int, words: int, repeats: int,
@@ -352,9 +366,9 @@ def format_table(rows: list) -> str:
        ("seconds", "seconds", "g"), ("words", "words", ""), ("JAX step ms", "jax_ms", ".0f"),
        ("PyTorch step ms", "torch_ms", ".0f"), ("speedup", "speedup", ".2f"),
        ("JAX memory GiB (temp + arguments)", gib, ".2f"),
-       ("largest batch (est.)", "fits_batch", ""),
-       ("first loss JAX / PyTorch", lambda r: f"{r['jax_loss']:.5f} / {r['torch_loss']:.5f}",
-        "")], rows)
+       ("first loss JAX / PyTorch", lambda r: " / ".join(
+           "out of memory" if loss is None else f"{loss:.5f}"
+           for loss in (r["jax_loss"], r["torch_loss"])), "")], rows)
 
 
 def format_memory_table(rows: list) -> str:
@@ -366,4 +380,5 @@ def format_memory_table(rows: list) -> str:
        ("JAX parameters (M)", lambda r: r["jax_parameters"] / 1e6, ".1f"),
        ("batch", "batch", ""), ("seconds", "seconds", "g"), ("words", "words", ""),
        ("arguments GiB", gib("argument_bytes"), ".2f"), ("temp GiB", gib("temp_bytes"), ".2f"),
-       ("total GiB", gib("argument_bytes", "temp_bytes"), ".2f")], rows)
+       ("total GiB", gib("argument_bytes", "temp_bytes"), ".2f"),
+       ("largest batch (est.)", "fits_batch", "")], rows)
