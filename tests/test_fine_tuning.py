@@ -20,7 +20,7 @@ import pretrained_files
 import recordings
 from runs import assert_same_run, experiment_of
 from ntxr import checkpoints as checkpoints_lib, experiment as experiment_lib, models
-from ntxr import scores, settings, steps, train
+from ntxr import scores, settings, steps, sweep, train
 from ntxr.data import features
 from ntxr.encoders import bert, cnn14, passt
 
@@ -293,26 +293,28 @@ def test_the_pooled_score_reads_the_clip_and_sentence_outputs(bert_folder, pooli
     np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_pretrained_runs_trained_together_are_the_runs_trained_apart(tiny_config, bert_folder,
-                                                                     tmp_path):
-  """Two strategies of the CRNN with a frozen BERT under the warm-up and cosine schedule,
-  trained as one program, are the runs trained apart (`runs.assert_same_run`), each
-  epoch's scheduled rate included."""
-  pairs = recordings.pairs_folder(str(tmp_path / "pairs"))
-  plan = [tiny_config(data_dir=pairs, text_encoder="bert", text_weights=bert_folder,
-                      frozen="text", lr_schedule="warmup_cosine", strategy=strategy,
-                      embed_dim=16, batch_size=4, eval_batch_size=4, num_epochs=2,
-                      max_steps_per_epoch=2, max_tokens=24)
-          for strategy in ("semihard_cross", "hard_text")]
-  for config in plan:
-    config.warmup_cosine.update(warmup_epochs=1.0, decay_epochs=1.0)
-  apart = [(config, str(tmp_path / "apart" / config.strategy)) for config in plan]
-  joined = [(config, str(tmp_path / "together" / config.strategy)) for config in plan]
-  for config, workdir in apart:
-    train.train_and_evaluate(config, workdir)
-  train.train_runs(joined)
-  for (_, alone), (_, workdir) in zip(apart, joined):
-    assert_same_run(workdir, alone)
+def test_a_pretrained_sweep_trained_together_is_its_runs_trained_apart(tiny_config, bert_folder,
+                                                                      tmp_path):
+  """Two strategies of a small PaSST with a frozen BERT under the warm-up and cosine
+  schedule, swept with --together (`ntxr.sweep`: its check, one program, its table), are
+  the runs trained apart (`runs.assert_same_run`), each epoch's scheduled rate included."""
+  base = tiny_config(data_dir=recordings.pairs_folder(str(tmp_path / "pairs")),
+                     audio_encoder="passt",
+                     audio_weights=pretrained_files.passt_file(str(tmp_path / "passt.pt")),
+                     text_encoder="bert", text_weights=bert_folder, frozen="text",
+                     lr_schedule="warmup_cosine", frame_buckets=(300,), embed_dim=16,
+                     batch_size=4, eval_batch_size=4, num_epochs=2, max_steps_per_epoch=2,
+                     max_tokens=24)
+  base.warmup_cosine.update(warmup_epochs=1.0, decay_epochs=1.0)
+  runs = sweep.plan(str(tmp_path / "sweep"), ["semihard_cross", "hard_text"], [0])
+  sweep.check(runs, base)
+  assert sweep.run_together(runs, base) == []
+  rows = sweep.write_report(str(tmp_path / "sweep"), base)
+  assert sorted(row["strategy"] for row in rows) == ["hard_text", "semihard_cross"]
+  for run in runs:
+    alone = str(tmp_path / "apart" / run.name)
+    train.train_and_evaluate(run.config(base), alone)
+    assert_same_run(run.workdir, alone)
 
 
 _TRAIN = """
