@@ -97,7 +97,8 @@ def assert_made_from(table: tuple, sweep_name: str) -> None:
 def test_the_result_tables_are_made_from_their_csvs():
   """README's two tables (the ablation's, the objectives') and every table results.md
   says it made from a sweep's results.csv; every sweep under docs/results has one (its
-  other folders hold one run: results.json)."""
+  other folders hold one run: results.json), and its provenance.json: the sweep's
+  command, and the commits and dates of as many runs as the table counts seeds."""
   readme = read("README.md").split("\n## Results\n")[1].split("\n## ")[0]
   ablation, objectives = readme.split("\n\n| objective")
   assert_made_from(first_table(ablation), "ablation")
@@ -107,6 +108,14 @@ def test_the_result_tables_are_made_from_their_csvs():
   sweeps = [name for name in os.listdir(RESULTS)
             if not os.path.exists(os.path.join(RESULTS, name, "results.json"))]
   assert sorted(made) == sorted(sweeps)
+  for name in sweeps:
+    with open(os.path.join(RESULTS, name, "provenance.json"), encoding="utf-8") as f:
+      made_by = json.load(f)
+    with open(os.path.join(RESULTS, name, "results.csv"), encoding="utf-8") as f:
+      seeds = sum(int(row["seeds"]) for row in csv.DictReader(f))
+    assert made_by["command"].startswith("python -m ntxr.sweep --root="), name
+    assert made_by["runs"]["count"] == seeds and made_by["runs"]["commits"], name
+    assert made_by["runs"]["first"] <= made_by["runs"]["last"] <= made_by["tabulated"], name
   for match in TABLE_SOURCE.finditer(text):
     assert_made_from(first_table(text[match.end():]), match.group(1))
 
