@@ -122,13 +122,16 @@ def test_command_writes_json_and_imports_no_tensorflow(tmp_path):
           "bench.define_flags()\n"
           "try: app.run(bench.main)\nexcept SystemExit as e: assert not e.code, e.code\n"
           "assert 'tensorflow' not in sys.modules and 'librosa' not in sys.modules")
-  subprocess.run([sys.executable, "-c", code, "--jobs=kernels,steps", "--shapes=4:6:3:8",
-                  "--strategies=random", "--repeats=1", "--device_kind=test-cpu",
-                  "--widths=default", "--step_frames=8,16", f"--json={out}"], check=True)
+  subprocess.run([sys.executable, "-c", code, "--jobs=kernels,steps,encoder_memory",
+                  "--shapes=4:6:3:8", "--strategies=random", "--repeats=1",
+                  "--device_kind=test-cpu", "--widths=default", "--step_frames=8,16",
+                  "--pairs=passt+roberta", "--encoder_batch=4", f"--json={out}"], check=True)
   result = json.loads(out.read_text())
   assert result["device"] == "test-cpu" and [r["strategy"] for r in result["loss"]] == ["random"]
   assert [(r["width"], r["frames"]) for r in result["steps"]] == [("default", 8),
                                                                   ("default", 16)]
+  assert [(r["pair"], r["batch"]) for r in result["encoder_memory"]] == [
+      ("passt+roberta", 4), ("passt+roberta", 2)]  # --encoder_batch, not the grid's 2
 
 
 def test_a_malformed_shape_run_count_or_job_costs_one_line(tmp_path):
