@@ -16,11 +16,13 @@ On an accelerator, the jobs docs/benchmarks/ keeps (--results_dir=docs/benchmark
 encoders also needs the test extra's reference packages):
 
   python -m ntxr.bench --grid=accelerator --jobs=kernels,scores --torch_loop
-  python -m ntxr.bench --grid=accelerator --jobs=steps,loop,together --torch_loop
+  python -m ntxr.bench --grid=accelerator --jobs=steps,loop,together --torch_loop \\
       --step_frames=320,1600 --widths=default,paper
   python -m ntxr.bench --grid=accelerator --jobs=encoder_memory
-  python -m ntxr.bench --grid=accelerator --jobs=encoders --encoder_batch=<what fits>
+  python -m ntxr.bench --grid=accelerator --jobs=encoders --encoder_batch=B
   python -m ntxr.bench --grid=accelerator --jobs=negatives
+
+B: the smaller of the largest batches encoder_memory gives, so that both pairs run at it.
 
 Jobs (--jobs, comma-separated): kernels (ntxr/bench/kernels.py), parts (kernel_parts.py:
 where a kernel's time goes), scores (score_matrices.py), steps (training_steps.py), loop
@@ -30,8 +32,8 @@ ablation's strategies as one program over their union against one program per st
 for --strategies), encoders (encoder_steps.py: a pretrained encoder pair's training step
 against the publishers' PyTorch code, for --pairs; needs the test extra's PyTorch
 packages; a framework that runs out of memory is recorded so), encoder_memory
-(encoder_steps.py: the memory XLA plans for that step at the grid's sizes and batch and
-half that batch, compiled from shapes and not run, so a CPU states what
+(encoder_steps.py: the memory XLA plans for that step at the grid's sizes and batch (or
+--encoder_batch) and half that batch, compiled from shapes and not run, so a CPU states what
 `--grid=accelerator`'s step needs, and a device the largest batch it holds), negatives
 (negatives.py: a step's memory per device and time with --config.negatives gather and
 ring, for --strategies; run alone, it splits a CPU into 8 devices). Each prints a
@@ -111,7 +113,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("union_seeds", None, "runs per strategy in the union job (default: "
                        "the grid's)", lower_bound=1)
   flags.DEFINE_list("pairs", list(ENCODER_PAIRS),
-                    f"encoder pairs of the encoders job, of {list(ENCODER_PAIRS)}")
+                    f"encoder pairs of the encoders and encoder_memory jobs, of "
+                    f"{list(ENCODER_PAIRS)}")
   flags.DEFINE_integer("encoder_batch", None, "batch of the encoders and encoder_memory "
                        "jobs (default: the grid's)", lower_bound=2)
   flags.DEFINE_string("device_kind", None,

@@ -150,7 +150,8 @@ def pair_modules(pair: str, sizes: str) -> tuple:
 
 
 def jax_state(modules: dict, pair: str, sizes: str) -> steps.TrainState:
-  """The Pair with the weights of `reference_modules`' modules, and Adam, on the device."""
+  """The Pair with the weights of `reference_modules`' modules, and Adam, in the host's
+  memory (JAX's CPU device), for `run` to put on the device once PyTorch is done."""
   audio, text = ENCODER_PAIRS[pair]
   audio_module, text_module = pair_modules(pair, sizes)
   if audio == "cnn14":
@@ -166,7 +167,8 @@ def jax_state(modules: dict, pair: str, sizes: str) -> steps.TrainState:
             "text_head": dense(_numpy(modules["text_head"]))}
   batch_stats = ({"audio": audio_variables["batch_stats"]} if "batch_stats" in audio_variables
                  else {})
-  return jax.device_put(_train_state(Pair(audio_module, text_module), params, batch_stats))
+  with jax.default_device(jax.devices("cpu")[0]):
+    return _train_state(Pair(audio_module, text_module), params, batch_stats)
 
 
 def _train_state(model: Pair, params: dict, batch_stats: dict) -> steps.TrainState:
@@ -226,14 +228,18 @@ def torch_step(modules: dict, batch: dict, device):
 
 def largest_batch(batch: int, need: int, half_need: int, limit: int) -> Optional[int]:
   """The largest batch whose step fits `limit` bytes, taking its memory as affine in the
-  batch through `need` (bytes at `batch`) and `half_need` (at batch // 2); None where the
-  memory does not grow with the batch.
+  batch through `need` (bytes at `batch`) and `half_need` (at batch // 2); 0 where not
+  one clip fits, None where the memory does not grow with the batch.
 
   >>> largest_batch(32, need=40, half_need=24, limit=80)  # 8 bytes and 1 a clip: 80 at 72
   72
+  >>> largest_batch(32, need=40, half_need=24, limit=8)  # the 8 bytes alone fill it
+  0
   """
   per_example = (need - half_need) / (batch - batch // 2)
-  return batch + math.floor((limit - need) / per_example) if per_example > 0 else None
+  if per_example <= 0:
+    return None
+  return max(0, batch + math.floor((limit - need) / per_example))
 
 
 def _needed_bytes(compiled) -> Optional[tuple]:
@@ -244,10 +250,18 @@ def _needed_bytes(compiled) -> Optional[tuple]:
                                       memory.argument_size_in_bytes)
 
 
+def _out_of_memory(error: Exception) -> bool:
+  """Whether `error` is a device running out of memory: PyTorch's OutOfMemoryError or
+  XLA's RESOURCE_EXHAUSTED."""
+  import torch  # pylint: disable=import-outside-toplevel
+  return isinstance(error, torch.cuda.OutOfMemoryError) or (
+      isinstance(error, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(error))
+
+
 def _median_ms_and_first_loss(step, repeats: int) -> tuple:
   """(median milliseconds of step() over `repeats` calls after a warm-up call, the loss
   that the warm-up call returned); (None, None) where the device runs out of memory
-  (PyTorch's OutOfMemoryError, XLA's RESOURCE_EXHAUSTED), any other error raised."""
+  (`_out_of_memory`), any other error raised."""
   losses = []
   def call():
     losses.append(step())
@@ -255,38 +269,39 @@ def _median_ms_and_first_loss(step, repeats: int) -> tuple:
   try:
     return 1e3 * timing.time_call(call, repeats=repeats), float(losses[0])
   except Exception as error:  # pylint: disable=broad-exception-caught
-    if type(error).__name__ != "OutOfMemoryError" and "RESOURCE_EXHAUSTED" not in str(error):
+    if not _out_of_memory(error):
       raise
     return None, None
 
 
 def device_memory_limit() -> Optional[int]:
-  """The bytes JAX's first device holds; None where it does not say (a CPU)."""
+  """The bytes JAX's allocator may take of its first device (by default 75% of a GPU's);
+  None where it does not say (a CPU)."""
   return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
 
 
-def measure(pair: str, sizes: str, batch: int, samples: int, words: int, repeats: int,
-            device: Optional[str] = None) -> dict:
-  """One row: the step's median milliseconds in PyTorch (`timing.torch_device`), then in
-  JAX, their first steps' losses (the warm-up calls'), and the compiled JAX step's memory
-  (temp and argument bytes). A framework that runs out of memory has None for its time
-  and loss and is named in `out_of_memory` (`encoder_memory` says what batch fits)."""
+def _time_in_pytorch(pair: str, sizes: str, inputs: dict, repeats: int) -> tuple:
+  """(the JAX state of the same weights (`jax_state`), the parameter count, and PyTorch's
+  `_median_ms_and_first_loss` of the step on `inputs`), PyTorch's memory given back."""
   import torch  # pylint: disable=import-outside-toplevel
-  _, text = ENCODER_PAIRS[pair]
-  vocab = text_config(text, sizes)["vocab_size"]
-  inputs = random_batch(batch, samples, words, vocab)
   modules = reference_modules(pair, sizes)
   state = jax_state(modules, pair, sizes)
   parameters = sum(p.numel() for name, module in modules.items() if name != "mel"
                    for p in module.parameters())
   torch_device = timing.torch_device()
   torch.set_float32_matmul_precision("high")  # TF32 on a GPU, as XLA's default precision
-  torch_ms, torch_loss = _median_ms_and_first_loss(
-      torch_step(modules, inputs, torch_device), repeats)
+  timed = _median_ms_and_first_loss(torch_step(modules, inputs, torch_device), repeats)
   del modules  # with the step and its optimizer, gone
   gc.collect()
   if torch_device.type == "cuda":  # the memory PyTorch cached, back for JAX
     torch.cuda.empty_cache()
+  return state, parameters, *timed
+
+
+def _time_in_jax(state: steps.TrainState, inputs: dict, repeats: int) -> tuple:
+  """(`_median_ms_and_first_loss` of the JAX step from `state` on `inputs`, both put on
+  the device first, and the compiled step's `_needed_bytes`)."""
+  state, inputs = jax.device_put((state, inputs), jax.devices()[0])
   compiled = jax.jit(train_step, donate_argnums=0).lower(state, inputs).compile()
 
   def one_step():  # the state is donated: each call steps from the last one's
@@ -294,13 +309,35 @@ def measure(pair: str, sizes: str, batch: int, samples: int, words: int, repeats
     state, loss = compiled(state, inputs)
     return loss
 
-  jax_ms, jax_loss = _median_ms_and_first_loss(one_step, repeats)
-  out_of_memory = [name for name, ms in (("PyTorch", torch_ms), ("JAX", jax_ms)) if ms is None]
-  return dict(_shape_row(pair, sizes, batch, samples, words, _needed_bytes(compiled), device),
-              parameters=parameters, jax_ms=jax_ms, torch_ms=torch_ms,
-              speedup=None if out_of_memory else torch_ms / jax_ms, jax_loss=jax_loss,
-              torch_loss=torch_loss, out_of_memory=out_of_memory,
-              torch_device=str(torch_device))
+  return *_median_ms_and_first_loss(one_step, repeats), _needed_bytes(compiled)
+
+
+def run(pairs, sizes: str, batch: int, samples: int, words: int, repeats: int,
+        device: Optional[str] = None) -> list:
+  """One row per encoder pair (names in ENCODER_PAIRS), each encoder at `sizes` (a name
+  in SIZES), on `batch` waveforms of `samples` samples and captions of `words` tokens:
+  the step's median milliseconds in PyTorch (`timing.torch_device`) and in JAX, their
+  first steps' losses (the warm-up calls'), and the compiled JAX step's memory (temp and
+  argument bytes). A framework that runs out of memory has None for its time and loss
+  and is named in `out_of_memory` (`plan` says what batch fits). Every pair's PyTorch
+  step runs before any JAX step: JAX's allocator keeps the device memory it grows to."""
+  in_pytorch = []
+  for pair in pairs:
+    vocab = text_config(ENCODER_PAIRS[pair][1], sizes)["vocab_size"]
+    inputs = random_batch(batch, samples, words, vocab)
+    in_pytorch.append((pair, inputs, *_time_in_pytorch(pair, sizes, inputs, repeats)))
+  rows = []
+  for pair, inputs, state, parameters, torch_ms, torch_loss in in_pytorch:
+    jax_ms, jax_loss, needed = _time_in_jax(state, inputs, repeats)
+    out_of_memory = [name for name, ms in (("PyTorch", torch_ms), ("JAX", jax_ms))
+                     if ms is None]
+    rows.append(dict(
+        _shape_row(pair, sizes, batch, samples, words, needed, device),
+        parameters=parameters, jax_ms=jax_ms, torch_ms=torch_ms,
+        speedup=None if out_of_memory else torch_ms / jax_ms, jax_loss=jax_loss,
+        torch_loss=torch_loss, out_of_memory=out_of_memory,
+        torch_device=str(timing.torch_device())))
+  return rows
 
 
 def _shape_row(pair: str, sizes: str, batch: int, samples: int, words: int,
@@ -347,13 +384,6 @@ def plan(pairs, sizes: str, batch: int, samples: int, words: int,
     fits = largest_batch(batch, *needs, limit) if limit and None not in needs else None
     rows += [dict(full, fits_batch=fits), dict(half, fits_batch=fits)]
   return rows
-
-
-def run(pairs, sizes: str, batch: int, samples: int, words: int, repeats: int,
-        device: Optional[str] = None) -> list:
-  """One row per encoder pair (names in ENCODER_PAIRS), each encoder at `sizes` (a name
-  in SIZES), on `batch` waveforms of `samples` samples and captions of `words` tokens."""
-  return [measure(pair, sizes, batch, samples, words, repeats, device) for pair in pairs]
 
 
 def format_table(rows: list) -> str:
