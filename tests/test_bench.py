@@ -262,6 +262,8 @@ def test_the_planned_memory_is_the_memory_of_the_step_with_real_weights(monkeypa
     assert described(abstract.params) == described(states[pair].params), pair
     assert described(abstract.batch_stats) == described(states[pair].batch_stats), pair
   pair, shape = "passt+roberta", dict(batch=2, samples=10240, words=5)
+  if jax.default_backend() == "cpu":
+    assert encoder_steps.device_memory_limit() is None  # a CPU does not say
   monkeypatch.setattr(encoder_steps, "device_memory_limit", lambda: None)  # as a CPU's
   row, half = encoder_steps.plan([pair], "tiny", **shape)
   assert (row["batch"], half["batch"], row["fits_batch"], half["fits_batch"]) == (
@@ -319,6 +321,40 @@ def test_a_step_out_of_the_devices_memory_is_recorded_and_the_job_goes_on(monkey
                       lambda *_: raising(RuntimeError("expected scalar type Float")))
   with pytest.raises(RuntimeError, match="expected scalar type"):
     encoder_steps.run(["passt+roberta"], "tiny", **shape)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                    reason="the state is made from PyTorch's modules, which are not "
+                           "installed (pip install -e '.[test]')")
+def test_every_pytorch_step_runs_first_and_the_jax_states_wait_in_host_memory(monkeypatch):
+  """JAX's allocator keeps the device memory it grows to, so the job times every pair's
+  PyTorch step before any JAX step, and each JAX state (weights converted included) is
+  made in the host's memory: here JAX's first CPU device, another being the default, in
+  another process."""
+  order = []
+  monkeypatch.setattr(encoder_steps, "_time_in_pytorch", lambda pair, *_: (
+      order.append(("PyTorch", pair)) or (pair, 1, 2.0, 0.5)))
+  monkeypatch.setattr(encoder_steps, "_time_in_jax", lambda state, *_: (
+      order.append(("JAX", state)) or (1.0, 0.5, (1, 1))))
+  rows = encoder_steps.run(["cnn14+bert", "passt+roberta"], "tiny", batch=2, samples=10240,
+                           words=5, repeats=1)
+  assert order == [("PyTorch", "cnn14+bert"), ("PyTorch", "passt+roberta"),
+                   ("JAX", "cnn14+bert"), ("JAX", "passt+roberta")]
+  assert [(r["pair"], r["speedup"]) for r in rows] == [("cnn14+bert", 2.0),
+                                                      ("passt+roberta", 2.0)]
+  code = ("import jax; jax.config.update('jax_default_device', jax.devices()[1])\n"
+          "from ntxr.bench import encoder_steps\n"
+          "for pair in ('cnn14+bert', 'passt+roberta'):\n"
+          "  state = encoder_steps.jax_state(encoder_steps.reference_modules(pair, 'tiny'), "
+          "pair, 'tiny')\n"
+          "  held = {device for leaf in jax.tree.leaves(state) if isinstance(leaf, jax.Array)\n"
+          "          for device in leaf.devices()}\n"
+          "  assert held == {jax.devices()[0]}, (pair, held)")
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
+                                    + " --xla_force_host_platform_device_count=2").strip())
+  done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                        check=False)
+  assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_the_encoders_job_without_its_references_costs_one_line():

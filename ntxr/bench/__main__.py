@@ -33,13 +33,14 @@ for --strategies), encoders (encoder_steps.py: a pretrained encoder pair's train
 against the publishers' PyTorch code, for --pairs; needs the test extra's PyTorch
 packages; a framework that runs out of memory is recorded so), encoder_memory
 (encoder_steps.py: the memory XLA plans for that step at the grid's sizes and batch (or
---encoder_batch) and half that batch, compiled from shapes and not run, so a CPU states what
-`--grid=accelerator`'s step needs, and a device the largest batch it holds), negatives
-(negatives.py: a step's memory per device and time with --config.negatives gather and
-ring, for --strategies; run alone, it splits a CPU into 8 devices). Each prints a
-Markdown table; --json writes every row with the device and the command line, and
---results_dir one file per job, named by device kind and job, as docs/benchmarks/ keeps
-them (`ntxr.bench.results`; `python -m ntxr.bench.page` makes docs/benchmarks.md from them).
+--encoder_batch) and half that batch, compiled from shapes and not run, so a CPU states
+what `--grid=accelerator`'s step needs, and a device the largest batch it holds),
+negatives (negatives.py: a step's memory per device and time with --config.negatives
+gather and ring, for --strategies; run alone, it splits a CPU into 8 devices). Each
+prints a Markdown table; --json writes every row with the device and the command line,
+and --results_dir one file per job, named by device kind and job, as docs/benchmarks/
+keeps them (`ntxr.bench.results`; `python -m ntxr.bench.page` makes docs/benchmarks.md
+from them).
 """
 
 import os

@@ -152,22 +152,22 @@ def pair_modules(pair: str, sizes: str) -> tuple:
 def jax_state(modules: dict, pair: str, sizes: str) -> steps.TrainState:
   """The Pair with the weights of `reference_modules`' modules, and Adam, in the host's
   memory (JAX's CPU device), for `run` to put on the device once PyTorch is done."""
-  audio, text = ENCODER_PAIRS[pair]
-  audio_module, text_module = pair_modules(pair, sizes)
-  if audio == "cnn14":
-    audio_variables = cnn14.variables_from_state_dict(_numpy(modules["audio"]))
-  else:
-    audio_variables = passt.variables_from_state_dict(_numpy(modules["audio"]),
-                                                      SIZES[sizes]["passt"])
-  text_variables = bert.variables_from_state_dict(_numpy(modules["text"]), text_module,
-                                                  model_type=text)
-  dense = lambda linear: {"kernel": linear["weight"].T, "bias": linear["bias"]}
-  params = {"audio": audio_variables["params"], "text": text_variables["params"],
-            "audio_head": dense(_numpy(modules["audio_head"])),
-            "text_head": dense(_numpy(modules["text_head"]))}
-  batch_stats = ({"audio": audio_variables["batch_stats"]} if "batch_stats" in audio_variables
-                 else {})
-  with jax.default_device(jax.devices("cpu")[0]):
+  with jax.default_device(jax.devices("cpu")[0]):  # the conversions' arrays too
+    audio, text = ENCODER_PAIRS[pair]
+    audio_module, text_module = pair_modules(pair, sizes)
+    if audio == "cnn14":
+      audio_variables = cnn14.variables_from_state_dict(_numpy(modules["audio"]))
+    else:
+      audio_variables = passt.variables_from_state_dict(_numpy(modules["audio"]),
+                                                        SIZES[sizes]["passt"])
+    text_variables = bert.variables_from_state_dict(_numpy(modules["text"]), text_module,
+                                                    model_type=text)
+    dense = lambda linear: {"kernel": linear["weight"].T, "bias": linear["bias"]}
+    params = {"audio": audio_variables["params"], "text": text_variables["params"],
+              "audio_head": dense(_numpy(modules["audio_head"])),
+              "text_head": dense(_numpy(modules["text_head"]))}
+    batch_stats = ({"audio": audio_variables["batch_stats"]} if "batch_stats" in audio_variables
+                   else {})
     return _train_state(Pair(audio_module, text_module), params, batch_stats)
 
 
@@ -281,8 +281,9 @@ def device_memory_limit() -> Optional[int]:
 
 
 def _time_in_pytorch(pair: str, sizes: str, inputs: dict, repeats: int) -> tuple:
-  """(the JAX state of the same weights (`jax_state`), the parameter count, and PyTorch's
-  `_median_ms_and_first_loss` of the step on `inputs`), PyTorch's memory given back."""
+  """(the JAX state of the same weights (`jax_state`), the parameter count, PyTorch's
+  median ms, its first loss) of the step on `inputs` (`_median_ms_and_first_loss`),
+  PyTorch's memory given back."""
   import torch  # pylint: disable=import-outside-toplevel
   modules = reference_modules(pair, sizes)
   state = jax_state(modules, pair, sizes)
@@ -299,8 +300,9 @@ def _time_in_pytorch(pair: str, sizes: str, inputs: dict, repeats: int) -> tuple
 
 
 def _time_in_jax(state: steps.TrainState, inputs: dict, repeats: int) -> tuple:
-  """(`_median_ms_and_first_loss` of the JAX step from `state` on `inputs`, both put on
-  the device first, and the compiled step's `_needed_bytes`)."""
+  """(median ms, first loss, the compiled step's `_needed_bytes`) of the JAX step from
+  `state` on `inputs` (`_median_ms_and_first_loss`), both put on the device first: the
+  step's arguments, a few GiB at the published sizes, outside the out-of-memory guard."""
   state, inputs = jax.device_put((state, inputs), jax.devices()[0])
   compiled = jax.jit(train_step, donate_argnums=0).lower(state, inputs).compile()
 
@@ -321,7 +323,7 @@ def run(pairs, sizes: str, batch: int, samples: int, words: int, repeats: int,
   argument bytes). A framework that runs out of memory has None for its time and loss
   and is named in `out_of_memory` (`plan` says what batch fits). Every pair's PyTorch
   step runs before any JAX step: JAX's allocator keeps the device memory it grows to."""
-  in_pytorch = []
+  in_pytorch, torch_device = [], str(timing.torch_device())
   for pair in pairs:
     vocab = text_config(ENCODER_PAIRS[pair][1], sizes)["vocab_size"]
     inputs = random_batch(batch, samples, words, vocab)
@@ -335,8 +337,7 @@ def run(pairs, sizes: str, batch: int, samples: int, words: int, repeats: int,
         _shape_row(pair, sizes, batch, samples, words, needed, device),
         parameters=parameters, jax_ms=jax_ms, torch_ms=torch_ms,
         speedup=None if out_of_memory else torch_ms / jax_ms, jax_loss=jax_loss,
-        torch_loss=torch_loss, out_of_memory=out_of_memory,
-        torch_device=str(timing.torch_device())))
+        torch_loss=torch_loss, out_of_memory=out_of_memory, torch_device=torch_device))
   return rows
 
 
