@@ -21,6 +21,10 @@ from ntxr.bench import encoder_steps, kernel_parts, kernels, negatives, referenc
 from ntxr.bench import timing
 from ntxr.bench import together_steps, training_loop, training_steps, union_program
 
+# The encoders job and its states start from the publishers' PyTorch modules.
+NEEDS_TORCH = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                 reason="PyTorch is not installed (pip install -e '.[test]')")
+
 
 @pytest.mark.parametrize("strategy", [s for s in sampling.STRATEGIES if s != "random"])
 def test_reference_loop_computes_the_kernel_loss(strategy):
@@ -54,6 +58,10 @@ def test_matmul_yardstick_is_bounded_whatever_the_flops(monkeypatch):
   assert timing.matmul_seconds(2 * 16 * 64 * 64, 16, np.float32, repeats=1) == 1.0
   assert timed[1] == ((1, 64, 16), (1, 16, 64))
 
+
+# The encoders job and its states start from the publishers' PyTorch modules.
+NEEDS_TORCH = pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                 reason="PyTorch is not installed (pip install -e '.[test]')")
 
 def test_jobs_give_one_row_each():
   rows = kernels.run([(4, 6, 3, 8)], ["random", "hard_text"], np.float32, repeats=1,
@@ -213,9 +221,7 @@ def test_the_union_program_steps_each_run_as_its_strategys_own_step():
   assert "| narrow | 4 | 8 | 2 | 1 |" in union_program.format_table(rows)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
-                    reason="the encoders job times PyTorch, which is not installed "
-                           "(pip install -e '.[test]')")
+@NEEDS_TORCH
 def test_the_encoders_job_times_the_same_step_in_both_frameworks():
   """Each pair's row at a tiny shape: both steps timed, the compiled JAX step's memory, and
   the JAX step's first loss equal to PyTorch's on the same random weights to 1e-4 (measured
@@ -244,9 +250,7 @@ def test_the_encoders_job_times_the_same_step_in_both_frameworks():
   assert "| cnn14+bert | tiny | 84.0 | 2 | 0.32 | 5 |" in encoder_steps.format_table(rows)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
-                    reason="the step with real weights starts from PyTorch's modules, which "
-                           "are not installed (pip install -e '.[test]')")
+@NEEDS_TORCH
 def test_the_planned_memory_is_the_memory_of_the_step_with_real_weights(monkeypatch):
   """From the modules alone, each pair's state has the shapes and dtypes of the state
   with the publishers' (random) weights; compiled from shapes, the step plans the memory
@@ -286,9 +290,7 @@ def test_the_planned_memory_is_the_memory_of_the_step_with_real_weights(monkeypa
   assert "| passt+roberta | tiny | 0.3 | 2 | 0.32 | 5 |" in table and table.endswith(" | 5 |")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
-                    reason="the encoders job times PyTorch, which is not installed "
-                           "(pip install -e '.[test]')")
+@NEEDS_TORCH
 def test_a_step_out_of_the_devices_memory_is_recorded_and_the_job_goes_on(monkeypatch):
   """PyTorch's OutOfMemoryError or XLA's RESOURCE_EXHAUSTED in a framework's step leaves
   that framework's time and loss empty and names it, while the other is timed; any other
@@ -323,9 +325,7 @@ def test_a_step_out_of_the_devices_memory_is_recorded_and_the_job_goes_on(monkey
     encoder_steps.run(["passt+roberta"], "tiny", **shape)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("torch") is None,
-                    reason="the state is made from PyTorch's modules, which are not "
-                           "installed (pip install -e '.[test]')")
+@NEEDS_TORCH
 def test_every_pytorch_step_runs_first_and_the_jax_states_wait_in_host_memory(monkeypatch):
   """JAX's allocator keeps the device memory it grows to, so the job times every pair's
   PyTorch step before any JAX step, and each JAX state (weights converted included) is
