@@ -155,7 +155,7 @@ def test_a_malformed_shape_run_count_or_job_costs_one_line(tmp_path):
   for flag, message in [
       ("--shapes=256x1500", "--shapes: '256x1500' is not N:T:W:E, four positive whole numbers"),
       ("--jobs=kernel", "--jobs: unknown ['kernel']; choose from ['kernels', 'parts', "
-       "'scores', 'steps', 'loop', 'together', 'union', 'encoders', 'encoder_memory', "
+       "'scores', 'steps', 'loop', 'together', 'union', 'encoder_memory', 'encoders', "
        "'negatives']"),
       ("--jobs=negatives,kernels", "--jobs=negatives runs alone: on a CPU it splits the "
        "host into 8 devices, which the other jobs would step on"),
@@ -368,3 +368,29 @@ def test_the_encoders_job_without_its_references_costs_one_line():
       "error: the encoders job times the publishers' PyTorch code, which needs hear21passt: "
       "pip install -e '.[test]'\n"))
   assert "|" not in done.stdout  # before any job ran
+
+
+@pytest.mark.parametrize("flags, batch", [
+    (["--jobs=encoder_memory,encoders"], 3),  # the smaller pair's largest batch
+    (["--jobs=encoder_memory,encoders", "--encoder_batch=4"], 4),
+    (["--jobs=encoders"], 8)])  # the grid's
+def test_the_encoders_job_runs_at_the_batch_every_pair_fits(flags, batch):
+  """After encoder_memory, the encoders job takes the smallest of the pairs' largest
+  batches (its own steps and plans stood in for by what they were given)."""
+  code = ("from absl import app; from ntxr import command\n"
+          "from ntxr.bench import __main__ as bench, encoder_steps\n"
+          "from ntxr.encoders import references\n"
+          "bench.GRIDS['cpu']['encoders']['batch'] = 8\n"
+          "references.missing = lambda names: []\n"
+          "encoder_steps.plan = lambda pairs, sizes, batch, *_, **__: (\n"
+          "    print('planned at', batch) or [dict(fits_batch=6), dict(fits_batch=3)])\n"
+          "encoder_steps.run = lambda pairs, sizes, batch, *_, **__: (\n"
+          "    print('timed at', batch) or [])\n"
+          "encoder_steps.format_table = encoder_steps.format_memory_table = str\n"
+          "bench.define_flags(); app.run(bench.main, flags_parser=command.parse_flags)")
+  done = subprocess.run([sys.executable, "-c", code, "--pairs=cnn14+bert,passt+roberta",
+                         *flags], capture_output=True, text=True, check=True)
+  planned = ["planned at 4"] if "--encoder_batch=4" in flags else (
+      ["planned at 8"] if "encoder_memory" in flags[0] else [])
+  assert [line for line in done.stdout.splitlines() if " at " in line] == [
+      *planned, f"timed at {batch}"]

@@ -18,11 +18,11 @@ encoders also needs the test extra's reference packages):
   python -m ntxr.bench --grid=accelerator --jobs=kernels,scores --torch_loop
   python -m ntxr.bench --grid=accelerator --jobs=steps,loop,together --torch_loop \\
       --step_frames=320,1600 --widths=default,paper
-  python -m ntxr.bench --grid=accelerator --jobs=encoder_memory
-  python -m ntxr.bench --grid=accelerator --jobs=encoders --encoder_batch=B
+  python -m ntxr.bench --grid=accelerator --jobs=encoder_memory,encoders
   python -m ntxr.bench --grid=accelerator --jobs=negatives
 
-B: the smaller of the largest batches encoder_memory gives, so that both pairs run at it.
+After encoder_memory in the same command, the encoders job runs at the largest batch, up
+to the grid's, that encoder_memory finds every pair fits (--encoder_batch sets it).
 
 Jobs (--jobs, comma-separated): kernels (ntxr/bench/kernels.py), parts (kernel_parts.py:
 where a kernel's time goes), scores (score_matrices.py), steps (training_steps.py), loop
@@ -79,8 +79,8 @@ GRIDS = {
         encoders=dict(sizes="published", batch=32, samples=320000, words=32),
         negatives=dict(batches=[256, 1024, 4096], timed_up_to=4096)),
 }
-JOBS = ("kernels", "parts", "scores", "steps", "loop", "together", "union", "encoders",
-        "encoder_memory", "negatives")
+JOBS = ("kernels", "parts", "scores", "steps", "loop", "together", "union", "encoder_memory",
+        "encoders", "negatives")  # the order they run in
 HOST_DEVICES = 8  # the negatives job's devices on a CPU
 
 FLAGS = flags.FLAGS
@@ -117,7 +117,9 @@ def define_flags() -> None:
                     f"encoder pairs of the encoders and encoder_memory jobs, of "
                     f"{list(ENCODER_PAIRS)}")
   flags.DEFINE_integer("encoder_batch", None, "batch of the encoders and encoder_memory "
-                       "jobs (default: the grid's)", lower_bound=2)
+                       "jobs (default: the grid's; the encoders job after encoder_memory "
+                       "on a device: the largest up to it that every pair fits)",
+                       lower_bound=2)
   flags.DEFINE_string("device_kind", None,
                     "device name for the output (default: JAX's)")
   flags.DEFINE_string("results_dir", None,
@@ -214,8 +216,10 @@ def main(argv):
           widths, strategies, FLAGS.union_seeds or grid["union_seeds"], grid["steps"][0],
           FLAGS.repeats, shape=shape, dtype=FLAGS.dtype)), union_program.format_table),
       "encoders": ("encoders", lambda: encoder_steps.run(
-          FLAGS.pairs, **encoders, repeats=FLAGS.repeats, device=device),
-                   encoder_steps.format_table),
+          FLAGS.pairs, **dict(encoders, batch=FLAGS.encoder_batch or
+                              encoder_steps.batch_every_pair_fits(
+                                  report.get("encoder_memory", []), encoders["batch"])),
+          repeats=FLAGS.repeats, device=device), encoder_steps.format_table),
       "encoder_memory": ("encoder_memory", lambda: encoder_steps.plan(
           FLAGS.pairs, **encoders, device=device), encoder_steps.format_memory_table),
       "negatives": ("negatives", at_each_length(lambda shape: negatives.run(

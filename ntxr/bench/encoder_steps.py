@@ -387,6 +387,24 @@ def plan(pairs, sizes: str, batch: int, samples: int, words: int,
   return rows
 
 
+def batch_every_pair_fits(planned: list, batch: int) -> int:
+  """The encoders job's batch after `plan`'s rows: the smallest largest batch of their
+  pairs, at most `batch`; `batch` where a row states none (a CPU, or no rows) or fewer
+  than 2 clips fit (that step is then recorded out of memory).
+
+  >>> batch_every_pair_fits([dict(fits_batch=72), dict(fits_batch=20)], 32)
+  20
+  >>> batch_every_pair_fits([dict(fits_batch=72)], 32), batch_every_pair_fits([], 32)
+  (32, 32)
+  >>> batch_every_pair_fits([dict(fits_batch=1), dict(fits_batch=None)], 32)
+  32
+  """
+  fits = [row["fits_batch"] for row in planned]
+  if not fits or None in fits or min(fits) < 2:
+    return batch
+  return min(batch, min(fits))
+
+
 def format_table(rows: list) -> str:
   """The rows as a Markdown table."""
   gib = lambda r: None if r["temp_bytes"] is None else (
