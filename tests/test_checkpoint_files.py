@@ -152,6 +152,11 @@ def test_a_file_not_there_is_named_with_where_it_is_published(tmp_path, name):
   with pytest.raises(FileNotFoundError) as error:
     encoders.load(name, str(path))
   assert str(error.value) == f"{path} not found: it is published at {encoders.PUBLISHED[name]}"
+  path.mkdir()  # a model folder, say, where the audio encoder's one file goes
+  with pytest.raises(FileNotFoundError) as error:
+    encoders.load(name, str(path))
+  assert str(error.value) == (f"{path} is a folder, not a checkpoint file: it is published "
+                              f"at {encoders.PUBLISHED[name]}")
 
 
 @pytest.mark.parametrize("written_as", FORMATS)

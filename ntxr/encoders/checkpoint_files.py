@@ -317,8 +317,9 @@ def read_state_dict(path: str, cache_dir: Optional[str] = None,
   published: where the file is published, said if it is not found.
   """
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path} not found" + (f": it is published at {published}"
-                                                   if published else ""))
+    found = "is a folder, not a checkpoint file" if os.path.isdir(path) else "not found"
+    raise FileNotFoundError(f"{path} {found}" + (f": it is published at {published}"
+                                                 if published else ""))
   if cache_dir is None or files.is_bucket(cache_dir):
     return _read_publisher_file(path)
   cached = cached_path(path, cache_dir)

@@ -358,11 +358,11 @@ def variables_from_state_dict(state_dict: dict, size: Size = VARIANTS["S"], *,
   for key, value in state_dict.items():
     if key not in layouts:
       raise ValueError(f"{source}: key {key!r} (shape {tuple(np.shape(value))}) is not a key "
-                       f"of PaSST {tuple(size)} (expected none such) {where}")
+                       f"of PaSST ({size.width} wide, {size.depth} deep) {where}")
     shape, path, convert = layouts[key]
     if tuple(np.shape(value)) != shape:
       raise ValueError(f"{source}: key {key!r} has shape {tuple(np.shape(value))}, expected "
-                       f"{shape} for PaSST {tuple(size)} {where}")
+                       f"{shape} for PaSST ({size.width} wide, {size.depth} deep) {where}")
     if path is not None:
       node = params
       for name in path[:-1]:
