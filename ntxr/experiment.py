@@ -75,6 +75,17 @@ def check_patchout(encoder, frames: int, patchout: tuple) -> None:
         f"drops fewer")
 
 
+def checked_pretrained_encoders(run_settings: settings.Settings) -> dict:
+  """`pretrained_encoders` of a run, PaSST's patchout checked against its first frame
+  bucket. Each file is read once a process, so training calls this before preparing the
+  data: a wrong file or patchout stops the run before."""
+  data, model = run_settings.data, run_settings.model
+  loaded = pretrained_encoders(model, data.cache_dir)
+  if model.audio_encoder == "passt":
+    check_patchout(loaded["audio"].module, data.frame_buckets[0], model.patchout)
+  return loaded
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_steps(devices: tuple, loss: settings.Loss) -> tuple:
   """(train_step, eval_loss) jitted over `devices` for one loss setting, shared by every
@@ -113,9 +124,7 @@ class Experiment:
     self.devices.check_divides("--config.eval_batch_size", optimiser.eval_batch_size)
     self.corpus = corpus
     self.training_split, self.validation_split, self.test_split = data.splits
-    loaded = pretrained_encoders(model, data.cache_dir)
-    if model.audio_encoder == "passt":
-      check_patchout(loaded["audio"].module, data.frame_buckets[0], model.patchout)
+    loaded = checked_pretrained_encoders(run_settings)
     dual_encoder = shared_model(vocab_size=corpus.tokenizer.vocab_size,
                                 embed_dim=model.embed_dim, channels=model.channels,
                                 dropout=model.dropout, initializer=model.initializer,

@@ -363,6 +363,8 @@ def train_runs(runs: list, group_size: int = 0, freeze: bool = True) -> list:
       stack.enter_context(workdir_lib.in_use(workdir))
     run_settings = [settings.Settings.of(config) for config in configs]
     stack.enter_context(jax.default_matmul_precision(run_settings[0].matmul_precision))
+    for each in run_settings:  # a wrong file stops the runs before their data is prepared
+      experiment_lib.checked_pretrained_encoders(each)
     corpora = {s.data: corpus_lib.load_data(s.data)  # prepared once each
                for s in run_settings}
     experiments = [experiment_lib.Experiment(s, corpora[s.data]) for s in run_settings]

@@ -248,6 +248,20 @@ def test_a_patchout_beyond_the_files_patches_is_refused(tiny_config, files, patc
     experiment_of(config)
 
 
+@pytest.mark.parametrize("overrides, error, message", [
+    ({}, ValueError, "has a key Cnn14 does not have"),  # PaSST's file as CNN14's
+    (dict(audio_encoder="passt", frame_buckets=(1000,), patchout=(99, 0)),
+     settings.SettingError, "PaSST .stride 10. cuts 99 time columns")])
+def test_a_wrong_file_or_patchout_stops_the_run_before_its_data_is_prepared(
+    tiny_config, files, tmp_path, overrides, error, message):
+  config = pretrained_config(tiny_config, files, cache_dir=str(tmp_path / "cache"),
+                             **dict(overrides, audio_weights=files["passt"]))
+  with pytest.raises(error, match=message):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "cache" / "tfds")  # nothing prepared
+  assert not os.path.exists(tmp_path / "run" / "config.json")
+
+
 def test_the_fields_a_pretrained_encoder_does_not_read_are_named_when_set(files):
   """The paper's config with pretrained encoders: its log-mel, CRNN and word-table fields
   have no effect, and the command says which (the default config's values pass quietly)."""
