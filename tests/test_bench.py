@@ -326,6 +326,29 @@ def test_a_step_out_of_the_devices_memory_is_recorded_and_the_job_goes_on(monkey
 
 
 @NEEDS_TORCH
+def test_halving_times_both_frameworks_at_the_batch_pytorch_holds(monkeypatch):
+  """With halve, a PyTorch step out of memory at 8 and 4 clips is tried at 2, where both
+  frameworks are timed; below 2 nothing is tried and the step is recorded out of memory."""
+  import torch  # pylint: disable=import-outside-toplevel
+  tried, step = [], encoder_steps.torch_step
+  def holding_two(modules, batch, device):
+    tried.append(len(batch["waveforms"]))
+    if tried[-1] <= 2:
+      return step(modules, batch, device)
+    def out_of_memory():
+      raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    return out_of_memory
+  monkeypatch.setattr(encoder_steps, "torch_step", holding_two)
+  shape = dict(samples=10240, words=5, repeats=1)
+  row, = encoder_steps.run(["passt+roberta"], "tiny", batch=8, halve=True, **shape)
+  assert tried == [8, 4, 2] and row["batch"] == 2 and row["out_of_memory"] == []
+  assert row["speedup"] > 0 and np.isclose(row["jax_loss"], row["torch_loss"], rtol=1e-4)
+  tried.clear()
+  row, = encoder_steps.run(["passt+roberta"], "tiny", batch=8, **shape)  # as given
+  assert tried == [8] and row["batch"] == 8 and row["out_of_memory"] == ["PyTorch"]
+
+
+@NEEDS_TORCH
 def test_every_pytorch_step_runs_first_and_the_jax_states_wait_in_host_memory(monkeypatch):
   """JAX's allocator keeps the device memory it grows to, so the job times every pair's
   PyTorch step before any JAX step, and each JAX state (weights converted included) is
@@ -384,13 +407,13 @@ def test_the_encoders_job_runs_at_the_batch_every_pair_fits(flags, batch):
           "references.missing = lambda names: []\n"
           "encoder_steps.plan = lambda pairs, sizes, batch, *_, **__: (\n"
           "    print('planned at', batch) or [dict(fits_batch=6), dict(fits_batch=3)])\n"
-          "encoder_steps.run = lambda pairs, sizes, batch, *_, **__: (\n"
-          "    print('timed at', batch) or [])\n"
+          "encoder_steps.run = lambda pairs, sizes, batch, *_, halve, **__: (\n"
+          "    print('timed at', batch, 'halving' if halve else 'as given') or [])\n"
           "encoder_steps.format_table = encoder_steps.format_memory_table = str\n"
           "bench.define_flags(); app.run(bench.main, flags_parser=command.parse_flags)")
   done = subprocess.run([sys.executable, "-c", code, "--pairs=cnn14+bert,passt+roberta",
                          *flags], capture_output=True, text=True, check=True)
   planned = ["planned at 4"] if "--encoder_batch=4" in flags else (
       ["planned at 8"] if "encoder_memory" in flags[0] else [])
-  assert [line for line in done.stdout.splitlines() if " at " in line] == [
-      *planned, f"timed at {batch}"]
+  timed = f"timed at {batch} " + ("as given" if "--encoder_batch=4" in flags else "halving")
+  assert [line for line in done.stdout.splitlines() if " at " in line] == [*planned, timed]

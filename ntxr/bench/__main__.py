@@ -22,7 +22,8 @@ encoders also needs the test extra's reference packages):
   python -m ntxr.bench --grid=accelerator --jobs=negatives
 
 After encoder_memory in the same command, the encoders job runs at the largest batch, up
-to the grid's, that encoder_memory finds every pair fits (--encoder_batch sets it).
+to the grid's, that encoder_memory finds every pair fits, halved for a pair while
+PyTorch's step runs out of memory (--encoder_batch sets the batch, and nothing is halved).
 
 Jobs (--jobs, comma-separated): kernels (ntxr/bench/kernels.py), parts (kernel_parts.py:
 where a kernel's time goes), scores (score_matrices.py), steps (training_steps.py), loop
@@ -219,7 +220,8 @@ def main(argv):
           FLAGS.pairs, **dict(encoders, batch=FLAGS.encoder_batch or
                               encoder_steps.batch_every_pair_fits(
                                   report.get("encoder_memory", []), encoders["batch"])),
-          repeats=FLAGS.repeats, device=device), encoder_steps.format_table),
+          repeats=FLAGS.repeats, device=device, halve=FLAGS.encoder_batch is None),
+                   encoder_steps.format_table),
       "encoder_memory": ("encoder_memory", lambda: encoder_steps.plan(
           FLAGS.pairs, **encoders, device=device), encoder_steps.format_memory_table),
       "negatives": ("negatives", at_each_length(lambda shape: negatives.run(

@@ -315,26 +315,34 @@ def _time_in_jax(state: steps.TrainState, inputs: dict, repeats: int) -> tuple:
 
 
 def run(pairs, sizes: str, batch: int, samples: int, words: int, repeats: int,
-        device: Optional[str] = None) -> list:
+        device: Optional[str] = None, halve: bool = False) -> list:
   """One row per encoder pair (names in ENCODER_PAIRS), each encoder at `sizes` (a name
   in SIZES), on `batch` waveforms of `samples` samples and captions of `words` tokens:
   the step's median milliseconds in PyTorch (`timing.torch_device`) and in JAX, their
   first steps' losses (the warm-up calls'), and the compiled JAX step's memory (temp and
   argument bytes). A framework that runs out of memory has None for its time and loss
-  and is named in `out_of_memory` (`plan` says what batch fits). Every pair's PyTorch
-  step runs before any JAX step: JAX's allocator keeps the device memory it grows to."""
+  and is named in `out_of_memory` (`plan` says what batch fits); with `halve`, a PyTorch
+  step out of memory is first tried again at half the batch, down to 2, and both
+  frameworks time the pair at the batch PyTorch held. Every pair's PyTorch step runs
+  before any JAX step: JAX's allocator keeps the device memory it grows to."""
   in_pytorch, torch_device = [], str(timing.torch_device())
   for pair in pairs:
     vocab = text_config(ENCODER_PAIRS[pair][1], sizes)["vocab_size"]
-    inputs = random_batch(batch, samples, words, vocab)
-    in_pytorch.append((pair, inputs, *_time_in_pytorch(pair, sizes, inputs, repeats)))
+    size = batch
+    while True:
+      inputs = random_batch(size, samples, words, vocab)
+      timed = _time_in_pytorch(pair, sizes, inputs, repeats)
+      if timed[2] is not None or not halve or size // 2 < 2:
+        break
+      size //= 2
+    in_pytorch.append((pair, size, inputs, *timed))
   rows = []
-  for pair, inputs, state, parameters, torch_ms, torch_loss in in_pytorch:
+  for pair, size, inputs, state, parameters, torch_ms, torch_loss in in_pytorch:
     jax_ms, jax_loss, needed = _time_in_jax(state, inputs, repeats)
     out_of_memory = [name for name, ms in (("PyTorch", torch_ms), ("JAX", jax_ms))
                      if ms is None]
     rows.append(dict(
-        _shape_row(pair, sizes, batch, samples, words, needed, device),
+        _shape_row(pair, sizes, size, samples, words, needed, device),
         parameters=parameters, jax_ms=jax_ms, torch_ms=torch_ms,
         speedup=None if out_of_memory else torch_ms / jax_ms, jax_loss=jax_loss,
         torch_loss=torch_loss, out_of_memory=out_of_memory, torch_device=torch_device))
