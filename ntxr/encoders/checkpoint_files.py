@@ -400,6 +400,12 @@ def _read_arrays(path: str) -> Dict[str, np.ndarray]:
     return arrays
 
 
+def _starts_as_a_zip(path: str) -> bool:
+  """Whether the file begins with a zip file's first entry (zipfile reads the end)."""
+  with open(path, "rb") as file:
+    return file.read(4) == b"PK\x03\x04"
+
+
 def _read_publisher_file(path: str) -> Dict[str, np.ndarray]:
   """The tensors of checkpoint file `path` (`read_state_dict` without a cache).
 
@@ -415,7 +421,13 @@ def _read_publisher_file(path: str) -> Dict[str, np.ndarray]:
   try:
     if path.endswith(".safetensors"):
       return _read_safetensors(path)
-    saved = _read_torch_zip(path) if zipfile.is_zipfile(path) else _read_torch_legacy(path)
+    if zipfile.is_zipfile(path):
+      saved = _read_torch_zip(path)
+    elif _starts_as_a_zip(path):
+      raise CheckpointError(f"{path}: a zip file without its end (torch.save's zip format, "
+                            "truncated: a download cut short?)")
+    else:
+      saved = _read_torch_legacy(path)
   except CheckpointError:
     raise
   except Exception as error:  # pylint: disable=broad-except  # whatever a damaged file does
