@@ -339,11 +339,23 @@ def test_wrong_key_is_refused(small_bert, tmp_path):
                   "https://huggingface.co/")
 
 
-def test_missing_key_is_refused(small_bert, tmp_path):
-  folder, file = _edited_copy(small_bert, tmp_path, lambda sd: sd.pop(KEY))
+@pytest.mark.parametrize("key, shape", [(KEY, "(32, 32)"),
+                                        (KEY.replace("weight", "bias"), "(32,)")])
+def test_missing_key_is_refused(small_bert, tmp_path, key, shape):
+  folder, file = _edited_copy(small_bert, tmp_path, lambda sd: sd.pop(key))
   with pytest.raises(ValueError) as error:
     bert.load(folder)
-  _one_line_error(error, file, repr(KEY), "(32, 32)", "missing", "https://huggingface.co/")
+  _one_line_error(error, file, repr(key), shape, "missing", "https://huggingface.co/")
+
+
+def test_a_parameter_given_twice_is_refused(small_bert, tmp_path):
+  """A file with a LayerNorm's weight under its name and its legacy name (gamma)."""
+  norm = "encoder.layer.0.output.LayerNorm"
+  folder, file = _edited_copy(small_bert, tmp_path, lambda sd: sd.update(
+      {f"{norm}.gamma": sd[f"{norm}.weight"] + 1}))
+  with pytest.raises(ValueError) as error:
+    bert.load(folder)
+  _one_line_error(error, file, "names a parameter that another key gave already")
 
 
 def test_wrong_shape_is_refused(small_bert, tmp_path):

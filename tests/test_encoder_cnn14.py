@@ -235,3 +235,12 @@ def test_refuses_unknown_and_missing_keys_and_wrong_shapes(state_dict):
   other_front_end = dict(state_dict, **{"logmel_extractor.melW": librosa.filters.mel(
       sr=32000, n_fft=1024, n_mels=64, fmin=0, fmax=16000).T})
   assert "logmel_extractor.melW" in _error(other_front_end)
+
+
+@pytest.mark.parametrize("key", ["spectrogram_extractor.stft.conv_real.weight",
+                                 "spectrogram_extractor.stft.conv_imag.weight",
+                                 "logmel_extractor.melW"])
+def test_refuses_a_front_end_a_thousandth_off(state_dict, key):
+  """Each frozen front-end tensor must equal the front end's to 1e-5 of its largest value:
+  0.1% more is another front end."""
+  assert key in _error(dict(state_dict, **{key: state_dict[key] * 1.001}))

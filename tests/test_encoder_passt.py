@@ -376,6 +376,7 @@ def test_inputs_beyond_the_time_embedding_are_refused_as_the_reference_fails(hea
     ("rename", "norm.gamma", ["(64,)"]),
     ("delete", "head.1.bias", ["(527,)"]),
     ("shorten", "patch_embed.proj.bias", ["(50,)", "(64,)"]),
+    ("shorten", "head_dist.weight", ["(527, 50)", "(527, 64)"]),  # read, not used
 ])
 def test_load_refuses_a_wrong_missing_or_misshaped_key(tmp_path, change, key, shapes):
   state_dict = _tiny_reference().state_dict()
