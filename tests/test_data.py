@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from unittest import mock
 import wave
 
 import librosa
@@ -265,6 +266,22 @@ def test_prepared_clips_hold_features_and_captions(corpus, prepared):
   assert example["logmel"].dtype == np.float32 and example["logmel"].shape == expected.shape
   np.testing.assert_allclose(example["logmel"], expected, atol=1e-3)
   assert len(example["captions"]) == 5
+
+
+def test_a_corpus_reads_each_splits_captions_once(corpus, prepared):
+  """An Experiment asks for the training split's caption count every epoch: the corpus
+  reads the split's records once and answers from that after."""
+  builder, tok = prepared
+  prepared_corpus = corpus_lib.Corpus(builder, tok, skipped={}, generate_s=0, prepare_s=0)
+  reads = []
+  as_dataset = builder.as_dataset
+  with mock.patch.object(builder, "as_dataset",
+                         lambda **kw: reads.append(kw["split"]) or as_dataset(**kw)):
+    first = prepared_corpus.captions("validation")
+    assert prepared_corpus.captions("validation") == first and reads == ["validation"]
+  expected, _ = captions.read_clotho_captions(
+      os.path.join(corpus, "clotho_captions_validation.csv"))
+  assert sorted(first) == sorted((clip.file_name, list(clip.captions)) for clip in expected)
 
 
 def test_train_batches_masks_and_determinism(prepared):

@@ -37,6 +37,7 @@ class Corpus:
   events: Optional[dict] = None
   relevance_file: Optional[str] = None
   word_table: Optional[np.ndarray] = None
+  _captions: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
   @property
   def splits(self) -> tuple:
@@ -52,11 +53,14 @@ class Corpus:
     return self.builder.as_dataset(split=split)
 
   def captions(self, split: str) -> list:
-    """[(file_name, [captions])] of a split's clips in order, without decoding audio."""
-    clips = self.builder.as_dataset(split=split,
-                                    decoders={"logmel": tfds.decode.SkipDecoding()})
-    return [(c["file_name"].decode(), [x.decode() for x in c["captions"]])
-            for c in tfds.as_numpy(clips)]
+    """[(file_name, [captions])] of a split's clips in order, without decoding audio;
+    read once a split (a prepared corpus does not change)."""
+    if split not in self._captions:
+      clips = self.builder.as_dataset(split=split,
+                                      decoders={"logmel": tfds.decode.SkipDecoding()})
+      self._captions[split] = [(c["file_name"].decode(), [x.decode() for x in c["captions"]])
+                               for c in tfds.as_numpy(clips)]
+    return self._captions[split]
 
 
 def _tokenizer(kind: str, captions: list, folder: str, vocab_size: int, cleaning: str,
