@@ -110,3 +110,9 @@ def prefetch(batches: Iterable, put: Callable, size: int = 2) -> Iterator:
       yield ahead.popleft()
   while ahead:
     yield ahead.popleft()
+
+
+def device_memory(device: jax.Device) -> Optional[int]:
+  """The bytes `device` can hold (its allocator's limit: by default 75% of a GPU's), or
+  None where JAX does not say (the CPU)."""
+  return (device.memory_stats() or {}).get("bytes_limit")

@@ -51,6 +51,11 @@ class Run:
     return self.experiment.settings.seed
 
   @property
+  def steps_key(self) -> jax.Array:
+    """The key step k's draws fold k - 1 into, alone or stacked with other runs."""
+    return jax.random.key(self.seed + 1)
+
+  @property
   def training(self) -> bool:
     return (not self.frozen and not self.progress.stopped_early
             and self.progress.epoch < self.experiment.settings.optimiser.num_epochs)
@@ -72,7 +77,7 @@ class Single:
   def __init__(self, run: Run):
     self.runs = [run]
     self.unread = steps.UnreadStatistics()
-    self._key = jax.random.key(run.seed + 1)
+    self._key = run.steps_key
 
   def put(self, seed_batches: dict) -> dict:
     """The run's seed's batch (numpy, with its relations) sharded over its devices."""
@@ -125,7 +130,7 @@ class Stacked:
     self._step, self._eval_loss, self._mesh = stacked_steps(
         experiment.settings.loss, len(runs), tuple(experiment.devices.mesh.devices.flat))
     self.states = jax.device_put(together.stack([run.state for run in runs]), self._mesh.runs)
-    self.seed_keys = jax.device_put(jnp.stack([jax.random.key(run.seed + 1) for run in runs]),
+    self.seed_keys = jax.device_put(jnp.stack([run.steps_key for run in runs]),
                                     self._mesh.runs)
     self.unread = steps.UnreadStatistics()
 
@@ -218,12 +223,6 @@ def grouped(runs: list, group_size: int) -> list:
           for first in range(0, len(members), group_size or len(members))]
 
 
-def device_memory(device: jax.Device) -> Optional[int]:
-  """The bytes `device` can hold (its allocator's limit), or None where JAX does not say
-  (the CPU)."""
-  return (device.memory_stats() or {}).get("bytes_limit")
-
-
 def run_bytes(experiment: experiment_lib.Experiment) -> tuple:
   """An estimate of one run's bytes while it steps: (its train state: parameters, Adam's
   moments, BatchNorm statistics; its step's: XLA's temporary memory for a step at the
@@ -252,7 +251,7 @@ def check_memory(experiments: list, group_size: int) -> None:
   device holds (the CPU), checks nothing. A run's step bytes are split over its
   batch's devices, its state is whole on each."""
   devices = tuple(experiments[0].devices.mesh.devices.flat)
-  limit = device_memory(devices[0])
+  limit = parallel.device_memory(devices[0])
   if limit is None:
     return
   for members in _by_loss(experiments, experiments):

@@ -87,7 +87,7 @@ class Features:
   """Log-mel parameters, or waveform frames; `name` encodes all of them, so a change
   re-prepares.
 
-  sample_rate 0 means the corpus's own default (16 kHz synthetic, 44.1 kHz Clotho);
+  sample_rate 0 means the corpus's own default (16 kHz synthetic, 44.1 kHz a data folder);
   n_fft 0 means the window length; f_max 0 means the Nyquist frequency. The paper's
   (their `audio_logmel.py`): n_fft 2048, f_min 12, f_max 8000, log_offset 2.2e-16.
   waveform_hop > 0: no log-mel, the waveform itself in frames of that many samples
@@ -515,15 +515,10 @@ def check_values(config: ml_collections.ConfigDict) -> None:
   for field, most in AT_MOST.items():
     if config[field] > most:
       raise SettingError(f"--config.{field} must be at most {most}, not {config[field]}")
-  for field in ("dropout", "plateau.factor"):
-    value = config.dropout if field == "dropout" else config.plateau.factor
+  for field, value in (("dropout", config.dropout), ("plateau.factor", config.plateau.factor)):
     if not 0 <= value < 1:
       raise SettingError(f"--config.{field} must be at least 0 and below 1, not {value}")
-  for field in ("patience", "threshold", "min_lr"):
-    if not config.plateau[field] >= 0:
-      raise SettingError(f"--config.plateau.{field} must be at least 0, not "
-                         f"{config.plateau[field]}")
-  for group in ("collapse", "stopper", "warmup_cosine"):
+  for group in ("plateau", "collapse", "stopper", "warmup_cosine"):
     for field, value in config[group].items():
       if not value >= 0:
         raise SettingError(f"--config.{group}.{field} must be at least 0, not {value}")
@@ -553,14 +548,14 @@ def check_values(config: ml_collections.ConfigDict) -> None:
                        f"counts, one per CRNN block, not {tuple(config.channels)}")
   stride = math.prod(pool[0] for pool in models.PAPER_POOLS if pool)
   buckets = tuple(config.frame_buckets)
+  rising = bool(buckets) and list(buckets) == sorted(set(buckets))
   if config.audio_encoder != "crnn":  # frames of waveform: any length
-    if not buckets or list(buckets) != sorted(set(buckets)) or buckets[0] < 1:
+    if not rising or buckets[0] < 1:
       raise SettingError(f"--config.frame_buckets must rise, each a count of "
                          f"{PRETRAINED_HOP}-sample frames, not {buckets}")
     if config.audio_encoder == "passt":
       _check_passt(buckets)
-  elif (not buckets or list(buckets) != sorted(set(buckets))
-        or any(b < stride or b % stride for b in buckets)):
+  elif not rising or any(b < stride or b % stride for b in buckets):
     raise SettingError(f"--config.frame_buckets must rise, each a multiple of the CRNN's "
                        f"time stride {stride}, not {buckets}")
   for field, default in (("audio_encoder", "crnn"), ("text_encoder", "word_vectors")):
@@ -600,7 +595,8 @@ def check_values(config: ml_collections.ConfigDict) -> None:
 
 
 def _check_paths(config: ml_collections.ConfigDict) -> None:
-  """Raises SettingError naming the first file or folder of config that is not there."""
+  """Raises SettingError naming the first file or folder of config that is not there, or
+  a --config.max_tokens the text encoder's file cannot read."""
   for field in ("word_vectors", "relevance_file"):
     if config[field] and not os.path.isfile(os.path.expanduser(config[field])):
       raise SettingError(f"--config.{field}={config[field]}: no such file")
@@ -673,14 +669,15 @@ def run_name(config: ml_collections.ConfigDict) -> str:
 
 
 def check_together(configs: list) -> None:
-  """Raises SettingError unless the configs differ only in PER_RUN fields."""
+  """Raises SettingError unless the configs differ only in PER_RUN fields (a path
+  however it is written: `_normal`)."""
   first = configs[0].to_dict()
   if len(configs) > 1 and first["negatives"] != "gather":
     raise SettingError("runs trained together step as one program over the runs: train "
                        "them with --config.negatives=gather, or apart")
   for config in configs[1:]:
     for field, value in config.to_dict().items():
-      if field not in PER_RUN and value != first[field]:
+      if field not in PER_RUN and _normal(field, value) != _normal(field, first[field]):
         raise SettingError(
             f"runs trained together differ only in {', '.join(PER_RUN)}; --config.{field} "
             f"is {first[field]!r} in one and {value!r} in another")

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from runs import SHORT, TOGETHER_SEEDS, assert_same_run, experiment_of, read, together_plan
-from ntxr import experiment as experiment_lib, programs, settings, sweep, train, together
+from ntxr import experiment as experiment_lib, parallel, programs, settings, sweep, train
+from ntxr import together
 
 
 def test_runs_trained_together_are_the_runs_trained_apart(apart_and_together, tmp_path):
@@ -41,6 +42,17 @@ def test_runs_trained_together_are_the_runs_trained_apart(apart_and_together, tm
   copy = shutil.copytree(workdir, tmp_path / "run")
   again = train.evaluate_only(config, str(copy))
   assert (again["t2a"], again["a2t"]) == (read(workdir)[0]["t2a"], read(workdir)[0]["a2t"])
+
+
+def test_runs_trained_together_differ_only_in_strategy_objective_and_seed(tiny_config):
+  config = tiny_config(data_dir="~/clotho")
+  other = tiny_config(data_dir=os.path.expanduser("~/clotho/"), seed=1, strategy="hard_cross",
+                      objective="infonce")
+  settings.check_together([config, other])  # the same folder, however it is written
+  other.batch_size = 16
+  with pytest.raises(settings.SettingError, match=re.escape(
+      "differ only in strategy, objective, seed; --config.batch_size is 8 in one and 16")):
+    settings.check_together([config, other])
 
 
 def first_epochs(runs) -> dict:
@@ -230,12 +242,12 @@ def test_runs_that_would_not_fit_a_device_are_refused_naming_a_group_size_that_f
   assert 3 * params + statistics < state_bytes < 3 * params + statistics + 1024
   assert step_bytes > 0
   one = state_bytes + step_bytes
-  monkeypatch.setattr(programs, "device_memory", lambda device: int(2.5 * one / 0.9))
+  monkeypatch.setattr(parallel, "device_memory", lambda device: int(2.5 * one / 0.9))
   with pytest.raises(settings.SettingError, match=re.escape(
       f"6 runs of hard_cross trained together need about {6 * one / 2**30:.1f} GiB of each "
       f"device's {2.5 * one / 0.9 / 2**30:.1f} GiB: train at most 2 together "
       "(--group_size=2)")):
     programs.check_memory(experiments, 0)
   programs.check_memory(experiments, 2)
-  monkeypatch.setattr(programs, "device_memory", lambda device: None)  # the CPU's
+  monkeypatch.setattr(parallel, "device_memory", lambda device: None)  # the CPU's
   programs.check_memory(experiments, 0)

@@ -171,7 +171,6 @@ def main(argv):
   if torch_too:  # PyTorch shares the GPU: JAX allocates as it goes, not 75% at once
     os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
   # pylint: disable=import-outside-toplevel  (JAX loads after --help and the flags' checks)
-  import jax
   import jax.numpy as jnp
   from ntxr.bench import (encoder_steps, kernel_parts, kernels, negatives, score_matrices,
                           timing, together_steps, training_loop, training_steps,
@@ -187,7 +186,7 @@ def main(argv):
   about = results.provenance(device, sys.argv[1:])
   if torch_too:
     about["torch_device"] = str(timing.torch_device())
-  report = dict(about, jax=jax.__version__, argv=sys.argv[1:])
+  report = dict(about)
   print(f"device: {device}" + (f", PyTorch on {about['torch_device']}" if torch_too
                                 else "") + "\n")
   shapes = shapes or grid["kernels"]

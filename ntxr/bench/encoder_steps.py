@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ntxr import objectives, scores, steps
+from ntxr import objectives, parallel, scores, steps
 from ntxr.bench import ENCODER_PAIRS, timing
 from ntxr.encoders import bert, cnn14, passt, references
 
@@ -93,13 +93,13 @@ def random_batch(batch: int, samples: int, words: int, vocab: int) -> dict:
               mask=np.ones((batch, words), bool))
 
 
-def reference_modules(pair: str, sizes: str, seed: int = 0) -> dict:
-  """The publishers' modules of `pair` at `sizes`, PyTorch's random weights from `seed`,
+def reference_modules(pair: str, sizes: str) -> dict:
+  """The publishers' modules of `pair` at `sizes`, PyTorch's random weights from seed 0,
   on the CPU: {"audio", "text", "audio_head", "text_head"} (PaSST's with its front end as
   "mel"), each in the mode the step trains in (see the module docstring)."""
   import torch  # pylint: disable=import-outside-toplevel
   audio, text = ENCODER_PAIRS[pair]
-  torch.manual_seed(seed)
+  torch.manual_seed(0)
   modules = {}
   if audio == "cnn14":
     modules["audio"] = references.panns_cnn14()(
@@ -151,7 +151,8 @@ def pair_modules(pair: str, sizes: str) -> tuple:
 
 def jax_state(modules: dict, pair: str, sizes: str) -> steps.TrainState:
   """The Pair with the weights of `reference_modules`' modules, and Adam, in the host's
-  memory (JAX's CPU device), for `run` to put on the device once PyTorch is done."""
+  memory (JAX's CPU device), for `_time_in_jax` to put on the device once PyTorch is
+  done."""
   with jax.default_device(jax.devices("cpu")[0]):  # the conversions' arrays too
     audio, text = ENCODER_PAIRS[pair]
     audio_module, text_module = pair_modules(pair, sizes)
@@ -275,9 +276,8 @@ def _median_ms_and_first_loss(step, repeats: int) -> tuple:
 
 
 def device_memory_limit() -> Optional[int]:
-  """The bytes JAX's allocator may take of its first device (by default 75% of a GPU's);
-  None where it does not say (a CPU)."""
-  return (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+  """The bytes JAX's allocator may take of its first device (`parallel.device_memory`)."""
+  return parallel.device_memory(jax.devices()[0])
 
 
 def _time_in_pytorch(pair: str, sizes: str, inputs: dict, repeats: int) -> tuple:
