@@ -602,7 +602,9 @@ def _check_paths(config: ml_collections.ConfigDict) -> None:
       raise SettingError(f"--config.{field}={config[field]}: no such file")
   if config.audio_weights and not os.path.isfile(os.path.expanduser(config.audio_weights)):
     from ntxr import encoders  # pylint: disable=import-outside-toplevel  (JAX)
-    raise SettingError(f"--config.audio_weights={config.audio_weights}: no such file "
+    found = ("a folder, not a checkpoint file" if os.path.isdir(
+        os.path.expanduser(config.audio_weights)) else "no such file")
+    raise SettingError(f"--config.audio_weights={config.audio_weights}: {found} "
                        f"({config.audio_encoder}'s is published at "
                        f"{encoders.PUBLISHED[config.audio_encoder]})")
   if config.text_weights and not os.path.isfile(

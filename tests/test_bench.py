@@ -328,17 +328,18 @@ def test_a_step_out_of_the_devices_memory_is_recorded_and_the_job_goes_on(monkey
 @NEEDS_TORCH
 def test_halving_times_both_frameworks_at_the_batch_pytorch_holds(monkeypatch):
   """With halve, a PyTorch step out of memory at 8 and 4 clips is tried at 2, where both
-  frameworks are timed; below 2 nothing is tried and the step is recorded out of memory."""
+  frameworks are timed; below 2 nothing is tried and the step is recorded out of memory
+  (JAX timed at the last batch tried)."""
   import torch  # pylint: disable=import-outside-toplevel
   tried, step = [], encoder_steps.torch_step
-  def holding_two(modules, batch, device):
-    tried.append(len(batch["waveforms"]))
-    if tried[-1] <= 2:
-      return step(modules, batch, device)
-    def out_of_memory():
-      raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-    return out_of_memory
-  monkeypatch.setattr(encoder_steps, "torch_step", holding_two)
+  def out_of_memory():
+    raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+  def holding(most):  # a torch_step that runs out of memory above `most` clips
+    def torch_step(modules, batch, device):
+      tried.append(len(batch["waveforms"]))
+      return step(modules, batch, device) if tried[-1] <= most else out_of_memory
+    return torch_step
+  monkeypatch.setattr(encoder_steps, "torch_step", holding(2))
   shape = dict(samples=10240, words=5, repeats=1)
   row, = encoder_steps.run(["passt+roberta"], "tiny", batch=8, halve=True, **shape)
   assert tried == [8, 4, 2] and row["batch"] == 2 and row["out_of_memory"] == []
@@ -346,6 +347,11 @@ def test_halving_times_both_frameworks_at_the_batch_pytorch_holds(monkeypatch):
   tried.clear()
   row, = encoder_steps.run(["passt+roberta"], "tiny", batch=8, **shape)  # as given
   assert tried == [8] and row["batch"] == 8 and row["out_of_memory"] == ["PyTorch"]
+  tried.clear()
+  monkeypatch.setattr(encoder_steps, "torch_step", holding(0))  # out of memory at any batch
+  row, = encoder_steps.run(["passt+roberta"], "tiny", batch=5, halve=True, **shape)
+  assert tried == [5, 2] and row["batch"] == 2 and row["out_of_memory"] == ["PyTorch"]
+  assert row["jax_ms"] > 0
 
 
 @NEEDS_TORCH

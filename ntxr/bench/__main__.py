@@ -22,8 +22,8 @@ encoders also needs the test extra's reference packages):
   python -m ntxr.bench --grid=accelerator --jobs=negatives
 
 After encoder_memory in the same command, the encoders job runs at the largest batch, up
-to the grid's, that encoder_memory finds every pair fits, halved for a pair while
-PyTorch's step runs out of memory (--encoder_batch sets the batch, and nothing is halved).
+to the grid's, that encoder_memory finds every pair fits. Without --encoder_batch (which
+sets the batch), a pair's batch is halved while PyTorch's step runs out of memory.
 
 Jobs (--jobs, comma-separated): kernels (ntxr/bench/kernels.py), parts (kernel_parts.py:
 where a kernel's time goes), scores (score_matrices.py), steps (training_steps.py), loop

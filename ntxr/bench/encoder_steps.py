@@ -396,21 +396,21 @@ def plan(pairs, sizes: str, batch: int, samples: int, words: int,
 
 
 def batch_every_pair_fits(planned: list, batch: int) -> int:
-  """The encoders job's batch after `plan`'s rows: the smallest largest batch of their
-  pairs, at most `batch`; `batch` where a row states none (a CPU, or no rows) or fewer
-  than 2 clips fit (that step is then recorded out of memory).
+  """The encoders job's batch after `plan`'s rows: the smallest of their pairs' largest
+  batches, at most `batch`. A pair whose memory states no limit (None: a CPU, or memory
+  that does not grow with the batch) or fits fewer than 2 clips limits nothing.
 
   >>> batch_every_pair_fits([dict(fits_batch=72), dict(fits_batch=20)], 32)
   20
   >>> batch_every_pair_fits([dict(fits_batch=72)], 32), batch_every_pair_fits([], 32)
   (32, 32)
-  >>> batch_every_pair_fits([dict(fits_batch=1), dict(fits_batch=None)], 32)
-  32
+  >>> batch_every_pair_fits([dict(fits_batch=20), dict(fits_batch=0),
+  ...                        dict(fits_batch=None)], 32)
+  20
   """
-  fits = [row["fits_batch"] for row in planned]
-  if not fits or None in fits or min(fits) < 2:
-    return batch
-  return min(batch, min(fits))
+  fits = [row["fits_batch"] for row in planned
+          if row["fits_batch"] is not None and row["fits_batch"] >= 2]
+  return min([batch, *fits])
 
 
 def format_table(rows: list) -> str:

@@ -37,7 +37,8 @@ class Corpus:
   events: Optional[dict] = None
   relevance_file: Optional[str] = None
   word_table: Optional[np.ndarray] = None
-  _captions: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+  _captions: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
+                                      compare=False)  # by split: `captions`
 
   @property
   def splits(self) -> tuple:
