@@ -119,7 +119,8 @@ def define_flags() -> None:
                     f"{list(ENCODER_PAIRS)}")
   flags.DEFINE_integer("encoder_batch", None, "batch of the encoders and encoder_memory "
                        "jobs (default: the grid's; the encoders job after encoder_memory "
-                       "on a device: the largest up to it that every pair fits)",
+                       "on a device: the largest up to it that every pair fits; unset, a "
+                       "pair's is halved while PyTorch runs out of memory)",
                        lower_bound=2)
   flags.DEFINE_string("device_kind", None,
                     "device name for the output (default: JAX's)")
