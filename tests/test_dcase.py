@@ -55,6 +55,61 @@ def test_written_submission_scores_as_planted(tmp_path):
                                   "mAP@10": (6 * 1 + 18 * 0.5) / 24})
 
 
+def _planted(tmp_path, scores, captions=None) -> dict:
+  """score_files of the submission written from scores [24, 12] of the ground truth's
+  captions (default: write_ground_truth's) against its 12 files."""
+  captions = captions or [f"cap {i} {v}" for i in range(12) for v in "ab"]
+  dcase.write_submission(str(tmp_path / "sub.csv"), captions,
+                         [f"f{i}.wav" for i in range(12)], scores)
+  return dcase.score_files(str(tmp_path / "gt.csv"), str(tmp_path / "sub.csv"))
+
+
+def test_a_file_at_rank_ten_counts_a_tenth_in_map_at_10(tmp_path):
+  write_ground_truth(tmp_path / "gt.csv")
+  result = _planted(tmp_path, -np.tile(np.arange(12.0), (24, 1)))  # f0..f9 for every caption
+  assert result == pytest.approx({"R@1": 2 / 24, "R@5": 10 / 24, "R@10": 20 / 24,
+                                  "mAP@10": 2 * sum(1 / r for r in range(1, 11)) / 24})
+
+
+def test_tied_scores_list_the_lower_file_index_first(tmp_path):
+  """Each caption's own file ties with the next file: listed first, except for f11's two
+  captions, whose tie is with f0."""
+  write_ground_truth(tmp_path / "gt.csv")
+  scores = np.zeros((24, 12))
+  for row in range(24):
+    scores[row, row // 2] = scores[row, (row // 2 + 1) % 12] = 1
+  assert _planted(tmp_path, scores) == pytest.approx(
+      {"R@1": 22 / 24, "R@5": 1.0, "R@10": 1.0, "mAP@10": 23 / 24})
+
+
+def test_a_caption_text_in_two_rows_is_the_last_rows(tmp_path):
+  """As the challenge's script reads the ground truth: f1's first caption repeats f0's,
+  so that text's one relevant file is f1, which its submission row (the first of the
+  text's, f0's) lists second; the other 22 texts' files are first."""
+  write_ground_truth(tmp_path / "gt.csv")
+  rows = (tmp_path / "gt.csv").read_text().splitlines()
+  rows[2] = rows[2].replace("cap 1 a", "cap 0 a")
+  (tmp_path / "gt.csv").write_text("\n".join(rows) + "\n")
+  captions = [c for i in range(12) for c in ("cap 0 a" if i == 1 else f"cap {i} a",
+                                              f"cap {i} b")]
+  scores = np.zeros((24, 12))
+  for row in range(24):
+    scores[row, row // 2], scores[row, (row // 2 + 1) % 12] = 2, 1
+  assert _planted(tmp_path, scores, captions) == pytest.approx(
+      {"R@1": 22 / 23, "R@5": 1.0, "R@10": 1.0, "mAP@10": 22.5 / 23})
+
+
+def test_a_score_matrix_keeps_its_float32_scores_exactly(tmp_path):
+  """Two float32 scores that agree to six digits keep their order through the file."""
+  (tmp_path / "matches.csv").write_text(
+      'query,audio_filenames\nq,"[\'y.wav\']"\nr,"[\'x.wav\']"\n')
+  a, b = 0.1234561, 0.1234564
+  dcase.write_score_matrix(str(tmp_path / "scores.csv"), ["q", "r"], ["x.wav", "y.wav"],
+                           np.array([[a, b], [b, a]], np.float32))
+  assert dcase.score_2025(str(tmp_path / "matches.csv"),
+                          str(tmp_path / "scores.csv"))["mAP@16"] == 1.0
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda rows: rows[1].__setitem__(0, "no such caption"),
      ":2: unknown caption 'no such caption'"),
