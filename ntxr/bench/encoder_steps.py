@@ -379,6 +379,12 @@ def planned_memory(pair: str, sizes: str, batch: int, samples: int, words: int,
               jax_parameters=sum(leaf.size for leaf in jax.tree.leaves(state.params)))
 
 
+def _total_bytes(row: dict) -> Optional[int]:
+  """A row's step memory, temporary and argument bytes, or None where the backend gives
+  none."""
+  return None if row["temp_bytes"] is None else row["temp_bytes"] + row["argument_bytes"]
+
+
 def plan(pairs, sizes: str, batch: int, samples: int, words: int,
          device: Optional[str] = None) -> list:
   """`planned_memory`'s rows for each encoder pair (names in ENCODER_PAIRS) at `batch` and
@@ -388,8 +394,7 @@ def plan(pairs, sizes: str, batch: int, samples: int, words: int,
   for pair in pairs:
     full, half = (planned_memory(pair, sizes, n, samples, words, device)
                   for n in (batch, batch // 2))
-    needs = [None if row["temp_bytes"] is None else row["temp_bytes"] + row["argument_bytes"]
-             for row in (full, half)]
+    needs = [_total_bytes(row) for row in (full, half)]
     fits = largest_batch(batch, *needs, limit) if limit and None not in needs else None
     rows += [dict(full, fits_batch=fits), dict(half, fits_batch=fits)]
   return rows
@@ -415,8 +420,7 @@ def batch_every_pair_fits(planned: list, batch: int) -> int:
 
 def format_table(rows: list) -> str:
   """The rows as a Markdown table."""
-  gib = lambda r: None if r["temp_bytes"] is None else (
-      (r["temp_bytes"] + r["argument_bytes"]) / 2 ** 30)
+  gib = lambda r: None if _total_bytes(r) is None else _total_bytes(r) / 2 ** 30
   return timing.markdown_table(
       [("pair", "pair", ""), ("sizes", "sizes", ""),
        ("parameters (M)", lambda r: r["parameters"] / 1e6, ".1f"), ("batch", "batch", ""),
