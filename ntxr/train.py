@@ -241,12 +241,11 @@ def epoch_line(record: dict) -> str:
           f"(validation {record['validation_seconds']:.0f} s)")
 
 
-def end_epoch(experiment, state, progress, checkpoints, log, seconds, label: str,
-              validated: tuple) -> tuple:
-  """The plateau schedule, checkpoints and the metrics line of an epoch whose steps are
-  done and validated (its (validation, Collapse, seconds), `programs`); returns (state,
-  progress) at the start of the next. Its printed lines start with `label` (the run's
-  name, where several train at once)."""
+def end_epoch(run: programs.Run, seconds: float, validated: tuple) -> None:
+  """The plateau schedule, checkpoints and the metrics line of the run's epoch whose
+  steps (`seconds` of them) are done and validated (its (validation, Collapse, seconds),
+  `programs`); leaves the run's state and progress at the start of the next epoch."""
+  experiment, state, progress = run.experiment, run.state, run.progress
   select = settings.SELECTIONS[experiment.settings.checkpoints.select_by]
   epoch, training = progress.epoch + 1, progress.statistic_means()
   validation, collapse, validation_seconds = validated
@@ -264,20 +263,20 @@ def end_epoch(experiment, state, progress, checkpoints, log, seconds, label: str
   if select(validation) > progress.best_selection:
     progress = dataclasses.replace(progress, best_selection=select(validation),
                                    best_epoch=epoch)
-    checkpoints.save("best", state, progress.to_json())
-  checkpoints.save("latest", state, progress.to_json())
-  checkpoints.wait()
+    run.checkpoints.save("best", state, progress.to_json())
+  run.checkpoints.save("latest", state, progress.to_json())
+  run.checkpoints.wait()
   record = dict(epoch=epoch, step=int(state.step), training=training, validation=validation,
                 collapse=collapse.to_dict(), learning_rate=learning_rate,
                 seconds=progress.seconds, validation_seconds=validation_seconds)
-  log.write(int(state.step), record)
-  tqdm.tqdm.write(label + epoch_line(record))
+  run.log.write(int(state.step), record)
+  tqdm.tqdm.write(run.label + epoch_line(record))
   if progress.stopped_early:
     stopper = experiment.settings.optimiser.stopper
-    tqdm.tqdm.write(f"{label}the validation loss has plateaued (standard deviation below "
+    tqdm.tqdm.write(f"{run.label}the validation loss has plateaued (standard deviation below "
                     f"{stopper.std:g} over its last {stopper.num_results} values): training "
                     f"stops after epoch {epoch}")
-  return state, progress
+  run.state, run.progress = state, progress
 
 
 def best_state(experiment: experiment_lib.Experiment,
@@ -525,9 +524,7 @@ def _train_epoch(runs: list, group_size: int, freeze: bool, stop: StopRequests) 
         run.freeze(f"{validated} after epoch {epoch}; this run is frozen, its checkpoints "
                    f"kept in {run.checkpoints.root}")
         continue
-      run.state, run.progress = end_epoch(run.experiment, run.state, run.progress,
-                                          run.checkpoints, run.log, seconds, run.label,
-                                          validated)
+      end_epoch(run, seconds, validated)
 
 
 def _read(active: list, epoch: int, freeze: bool) -> list:
