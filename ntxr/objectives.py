@@ -33,11 +33,9 @@ class Pools(NamedTuple):
   audio: Array
 
 
-def default_pools(audio_ids: Array, valid: Optional[Array] = None) -> Pools:
-  """Every candidate of another clip, padding rows (valid False) left out: [N] -> Pools."""
+def default_pools(audio_ids: Array) -> Pools:
+  """Every candidate of another clip: [N] -> Pools."""
   other = sampling.negative_pool(audio_ids)
-  if valid is not None:
-    other = other & valid[:, None] & valid[None, :]
   return Pools(other, other)
 
 
@@ -207,8 +205,10 @@ def _prepared(s_cross: Array, audio_ids: Array, temperature, pools: Optional[Poo
   if relevance is not None and relevance.shape != (n, n):
     raise ValueError(f"relevance must be [{n}, {n}], got {relevance.shape}")
   valid = jnp.ones(n, bool) if valid is None else valid
-  pools = default_pools(audio_ids, valid) if pools is None else pools
-  positives = (audio_ids[:, None] == audio_ids[None, :]) & valid[:, None] & valid[None, :]
+  both_valid = valid[:, None] & valid[None, :]  # padding is no anchor's candidate
+  pools = default_pools(audio_ids) if pools is None else pools
+  pools = Pools(pools.text & both_valid, pools.audio & both_valid)
+  positives = (audio_ids[:, None] == audio_ids[None, :]) & both_valid
   return s_cross.astype(jnp.float32) / temperature, positives, pools, valid
 
 
@@ -224,7 +224,7 @@ def infonce(s_cross: Array, audio_ids: Array, *, temperature=0.05,
     s_cross: [N, N] float, s_cross[a, t] = score(audio a, text t).
     audio_ids: [N] int, equal exactly when two captions belong to the same clip.
     temperature: z = s_cross / temperature (a traced value is fine: it may be learnt).
-    pools: the anchors' negatives (default: `default_pools(audio_ids, valid)`).
+    pools: the anchors' negatives (default: `default_pools(audio_ids)`), padding left out.
     valid: [N] bool, False for padding rows (default: all valid).
 
   Returns:
@@ -325,7 +325,6 @@ def siglip(s_cross: Array, audio_ids: Array, *, temperature=0.1, bias=-10.0,
   """
   z, positives, pools, valid = _prepared(s_cross, audio_ids, temperature, pools, valid)
   pairs = positives | (pools.audio & pools.text.T)
-  pairs = pairs & valid[:, None] & valid[None, :]
   return -siglip_log_likelihood(z, positives, pairs, bias) / jnp.maximum(valid.sum(), 1)
 
 

@@ -89,7 +89,9 @@ def _loop_loss(audio, text, memory, loss: settings.Loss, learnt: dict):
   above = lambda i, j, bound: share and (frozen[i, j] > share * bound
                                          or frozen[j, i] > share * bound)
   hinge = lambda negative, positive: jax.nn.relu(negative - positive + loss.margin)
-  temperature, bias = objectives.learnt_scalars(learnt, loss.temperature)
+  temperature, bias = loss.temperature, 0.0  # siglip's are learnt: 1 / temperature, bias
+  if "log_inverse_temperature" in learnt:
+    temperature, bias = jnp.exp(-learnt["log_inverse_temperature"]), learnt["bias"]
   a2t, t2a, siglip = [], [], 0.0
   for i in range(n):
     pool = [j for j in range(len(ids)) if ids[j] != ids[i]

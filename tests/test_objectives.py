@@ -23,9 +23,10 @@ def naive_loss(s, ids, objective, temperature=0.05, bias=0.0, beta=0.0, relevanc
   s, n = np.asarray(s, np.float64), len(ids)
   weight_z = np.asarray(s if weight_scores is None else weight_scores, np.float64) / temperature
   valid = np.ones(n, bool) if valid is None else np.asarray(valid)
-  other = (ids[:, None] != ids[None, :]) & valid[:, None] & valid[None, :]
-  text_pools = other if text_pools is None else text_pools
-  audio_pools = other if audio_pools is None else audio_pools
+  both_valid = valid[:, None] & valid[None, :]  # padding is no anchor's candidate
+  other = (ids[:, None] != ids[None, :]) & both_valid
+  text_pools = other if text_pools is None else text_pools & both_valid
+  audio_pools = other if audio_pools is None else audio_pools & both_valid
   positive = lambda i, j: ids[i] == ids[j] and valid[i] and valid[j]
   z = s / temperature
   if objective == "siglip":
@@ -90,18 +91,24 @@ def test_each_objective_matches_the_loop(batch, objective, extra):
   assert jax_loss(s, ids, objective, **kwargs) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("given", ["filtered", "every other clip's", "none"])
 @pytest.mark.parametrize("objective", [*SOFTMAX_OBJECTIVES, "siglip"])
-def test_padding_rows_and_filtered_pools_are_left_out(batch, objective):
+def test_padding_rows_and_filtered_pools_are_left_out(batch, objective, given):
+  """Pools filtered (and without padding), of every other clip's pair (padding
+  included: left out all the same) or not given (the default pools)."""
   s, ids, relevance = batch
   valid = np.array([1, 1, 1, 1, 1, 1, 0, 1, 0], bool)
   rng = np.random.default_rng(1)
-  other = (ids[:, None] != ids[None, :]) & valid[:, None] & valid[None, :]
-  text_pools, audio_pools = other & (rng.uniform(size=(2, 9, 9)) > 0.3)
-  text_pools[4] = False  # caption anchor 4's whole pool filtered away
+  other = ids[:, None] != ids[None, :]
+  text_pools, audio_pools = other, other
+  if given == "filtered":
+    text_pools, audio_pools = other & valid & valid[:, None] & (rng.uniform(size=(2, 9, 9)) > 0.3)
+    text_pools[4] = False  # caption anchor 4's whole pool filtered away
   kwargs = dict(temperature=0.3, beta=1.5, bias=0.4, relevance=relevance)
   expected = naive_loss(s, ids, objective, valid=valid, text_pools=text_pools,
                         audio_pools=audio_pools, **kwargs)
-  pools = objectives.Pools(jnp.asarray(text_pools), jnp.asarray(audio_pools))
+  pools = (None if given == "none" else
+           objectives.Pools(jnp.asarray(text_pools), jnp.asarray(audio_pools)))
   found = jax_loss(s, ids, objective, valid=valid, pools=pools, **kwargs)
   assert found == pytest.approx(expected, rel=1e-5)
   # What padding rows hold changes nothing.
@@ -225,14 +232,37 @@ def naive_negative_weights(s, ids, objective, temperature, beta, bias, pool):
 
 @pytest.mark.parametrize("objective", [*SOFTMAX_OBJECTIVES, "siglip"])
 def test_the_weights_each_negative_carries_match_the_formulas(batch, objective):
+  """A training batch's loss and terms: siglip's at its learnt temperature (1/5, where
+  the setting says 0.9) and bias; each anchor's mean pool score, by direction."""
   s, ids, relevance = batch
   pool = (ids[:, None] != ids[None, :]) & (np.random.default_rng(3).uniform(size=(9, 9)) > 0.2)
   pool[5] = False  # an anchor whose pool is filtered away: no weight at all
-  learnt = {"bias": jnp.float32(-0.7)} if objective == "siglip" else {}
-  _, terms = objectives.whole_pool_loss_and_terms(
-      jnp.asarray(s), jnp.asarray(ids), learnt, objective=objective, temperature=0.2,
+  learnt, temperature = {}, 0.2
+  if objective == "siglip":
+    learnt, temperature = {"log_inverse_temperature": jnp.log(5.0),
+                           "bias": jnp.float32(-0.7)}, 0.9
+  loss, terms = objectives.whole_pool_loss_and_terms(
+      jnp.asarray(s), jnp.asarray(ids), learnt, objective=objective, temperature=temperature,
       beta=1.5, relevance=jnp.asarray(relevance),
       pools=objectives.Pools(jnp.asarray(pool), jnp.asarray(pool)))
+  assert float(loss) == pytest.approx(naive_loss(
+      s, ids, objective, temperature=0.2, bias=-0.7, beta=1.5, relevance=relevance,
+      text_pools=pool, audio_pools=pool), rel=1e-5)
   expected = naive_negative_weights(s.astype(np.float64), ids, objective, 0.2, 1.5, -0.7, pool)
   np.testing.assert_allclose(terms.weights, expected, rtol=1e-5, atol=1e-7)
   assert not np.asarray(terms.valid)[5]
+  mean = lambda rows: (rows * pool).sum(1) / np.maximum(pool.sum(1), 1)
+  np.testing.assert_allclose(terms.negative, np.stack([mean(s.T), mean(s)], 1), rtol=1e-5,
+                             atol=1e-7)  # a caption's clips, a clip's captions
+
+
+def test_a_row_far_below_the_others_still_spreads_its_weight_over_its_pool():
+  """Each row's softmax is its own: scores of +1 and -1 at temperature 0.01."""
+  logits = jnp.array([[100.0, 99.0, 0.0], [-100.0, -101.0, -99.5], [5.0, 0.0, 0.0]])
+  pool = jnp.array([[True, True, False], [True, True, True], [False, False, False]])
+  found = np.asarray(objectives.pool_weights(logits, pool))
+  x = np.where(pool, np.asarray(logits, np.float64), -np.inf)
+  e = np.exp(x - x.max(1, initial=0, where=np.asarray(pool), keepdims=True))
+  expected = e / np.maximum(e.sum(1, keepdims=True), 1e-300)
+  np.testing.assert_allclose(found, expected, rtol=1e-6)
+  np.testing.assert_allclose(found.sum(1), [1, 1, 0], rtol=1e-6)
