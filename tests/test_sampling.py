@@ -156,6 +156,12 @@ def test_random_covers_the_pool_uniformly_and_never_a_positive(batch):
       assert set(drawn) == set(pool)
       counts = np.bincount(drawn, minlength=len(ids))[pool]
       assert counts.min() > 0.7 * counts.mean()  # ~4000/6 each; 0.7 is > 7 sigma
+    for i in range(len(ids)):  # each anchor draws apart from the others
+      for j in range(i + 1, len(ids)):
+        shared = np.sum((ids != ids[i]) & (ids != ids[j]))
+        expected = shared / np.sum(ids != ids[i]) / np.sum(ids != ids[j])
+        same = np.mean(negatives[:, i] == negatives[:, j])
+        assert abs(same - expected) < 0.05, (i, j, same, expected)  # > 6 sigma
   assert np.mean(np.asarray(audio_neg) == np.asarray(text_neg)) < 0.5  # independent
 
 
@@ -315,6 +321,11 @@ def test_terms_report_the_scores_the_loss_used(batch, strategy):
     np.testing.assert_allclose(loss, hinge, rtol=1e-5)
   np.testing.assert_allclose(terms.negative, expected, rtol=1e-5)
   np.testing.assert_array_equal(terms.valid, pool.any(1))
+  if strategy == "full_batch":  # each negative counts 1 / |pool| of its anchor's hinge
+    weights = np.stack([pool, pool]) / pool.sum(1)[None, :, None]
+  else:  # the one chosen, whole
+    weights = np.stack([np.eye(len(s))[audio_neg], np.eye(len(s))[text_neg]])
+  np.testing.assert_allclose(terms.weights, weights, rtol=1e-6)
 
 
 def test_a_strategy_name_is_registered_once():
