@@ -31,9 +31,9 @@ def score_histogram(s: np.ndarray, clip_ids: np.ndarray, caption_ids: np.ndarray
   over [-1, 1] (scores outside are counted in the end bins).
 
   Example:
-    >>> h = score_histogram(np.array([[0.9, -0.5], [0.1, 0.8]]), [0, 1], [0, 1], bins=4)
+    >>> h = score_histogram(np.array([[1.3, -2.0], [0.1, 0.8]]), [0, 1], [0, 1], bins=4)
     >>> h["edges"], h["positive"], h["negative"]
-    ([-1.0, -0.5, 0.0, 0.5, 1.0], [0, 0, 0, 2], [0, 1, 1, 0])
+    ([-1.0, -0.5, 0.0, 0.5, 1.0], [0, 0, 0, 2], [1, 0, 1, 0])
   """
   relevant = np.asarray(clip_ids)[:, None] == np.asarray(caption_ids)[None, :]
   edges = np.linspace(-1, 1, bins + 1)

@@ -39,6 +39,7 @@ def test_real_clotho_evaluation_captions_parse():
 
 def test_clean_text():
   assert captions.clean_text("A dog's bark, then... SILENCE!") == "a dog s bark then silence"
+  assert captions.clean_text_paper("A car_horn (loud) & rain-drops") == "a car horn loud rain-drops"
 
 
 def write_csv(path, rows, header=captions.CLOTHO_COLUMNS):
@@ -53,6 +54,11 @@ def test_malformed_captions_name_file_and_line(tmp_path):
     captions.read_clotho_captions(path)
   clips, skipped = captions.read_clotho_captions(path, skip=True)
   assert [c.file_name for c in clips] == ["a.wav"] and skipped == [(3, "empty caption for 'b.wav'")]
+  write_csv(path, [["a.wav"] + ["a caption"] * 5, ["b.wav", "x", "...", "y", "z", "w"],
+                   ["a.wav"] + ["another"] * 5])  # punctuation alone is no caption
+  clips, skipped = captions.read_clotho_captions(path, skip=True)
+  assert [c.file_name for c in clips] == ["a.wav"] and skipped == [
+      (3, "empty caption for 'b.wav'"), (4, "duplicate file_name 'a.wav'")]
   write_csv(path, [["a.wav", "x"]], header=["file_name", "caption_1"])
   with pytest.raises(ValueError, match=r"caps\.csv:1: missing columns \['caption_2'"):
     captions.read_clotho_captions(path)
@@ -65,14 +71,17 @@ def test_malformed_captions_name_file_and_line(tmp_path):
 
 
 GOOD_PAIRS = [["a.wav", "A dog barks.", "train"], ["b.wav", "Rain falls.", "val"],
-              ["a.wav", "Barking.", "train"], ["c/d.wav", "A car.", "test"]]
+              ["a.wav", "Barking.", "train"], ["c/d.wav", "A car.", "Test"]]  # any case
 
 
 @pytest.mark.parametrize("row, reason", [
     (["b.wav", " ", "val"], "empty caption for 'b.wav'"),
+    (["b.wav", "?!", "val"], "empty caption for 'b.wav'"),
     (["", "A caption.", "val"], "empty file_name"),
     (["/abs/e.wav", "A caption.", "val"], "file_name '/abs/e.wav' must be relative"),
     (["../e.wav", "A caption.", "val"], "file_name '../e.wav' must be relative"),
+    (["c\\..\\..\\e.wav", "A caption.", "val"],  # Windows' separators
+     "file_name 'c\\\\..\\\\..\\\\e.wav' must be relative"),
     (["e.wav", "A caption.", "holdout"], "unknown split 'holdout' for 'e.wav'"),
     (["a.wav", "Rain.", "test"], "'a.wav' is in split 'development' at line 2 and in "
      "'evaluation' here"),
@@ -111,6 +120,8 @@ def test_pairs_read_with_a_byte_order_mark_and_windows_line_endings(tmp_path):
   assert [list(assigned.values()).count(s) for s in layouts.SPLITS] == [14, 3, 3]
   assert captions.assign_splits(reversed(names)) == assigned  # order of rows does not matter
   assert captions.assign_splits(names, seed=1) != assigned
+  ten = list(captions.assign_splits(names[:10]).values())  # 15% of 10 rounds to 2
+  assert [ten.count(s) for s in layouts.SPLITS] == [6, 2, 2]
 
 
 def test_audiocaps_captions_group_by_clip(tmp_path):
@@ -121,8 +132,8 @@ def test_audiocaps_captions_group_by_clip(tmp_path):
   with pytest.raises(ValueError, match=r"train\.csv:5: bad youtube_id or start_time"):
     captions.read_audiocaps_captions(path)
   clips, skipped = captions.read_audiocaps_captions(path, skip=True)
-  assert [(c.file_name, c.captions) for c in clips] == [
-      ("abc_30", ("A dog barks.", "Barking.")), ("xyz_0", ("Rain falls.",))]
+  assert [(c.file_name, c.captions, c.line) for c in clips] == [  # a clip's first line
+      ("abc_30", ("A dog barks.", "Barking."), 2), ("xyz_0", ("Rain falls.",), 4)]
   assert skipped == [(5, "bad youtube_id or start_time")]
 
 

@@ -1,6 +1,7 @@
 """Retrieval metrics against hand-made rankings and a naive per-query loop."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
@@ -194,3 +195,9 @@ def test_mean_pairwise_cosine_matches_pairs():
   x /= np.linalg.norm(x, axis=1, keepdims=True)
   pairs = [x[i] @ x[j] for i in range(5) for j in range(5) if i != j]
   assert evaluate.mean_pairwise_cosine(x) == pytest.approx(np.mean(pairs))
+
+
+def test_effective_rank_of_unequal_singular_values_by_hand():
+  """Singular values 3 and 1: shares 3/4 and 1/4, exp(-(3/4 ln 3/4 + 1/4 ln 1/4))."""
+  by_hand = math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+  assert evaluate.effective_rank(np.diag([3.0, 1.0])) == pytest.approx(by_hand, rel=1e-12)

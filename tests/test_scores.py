@@ -64,15 +64,18 @@ def test_padding_does_not_change_scores(batch):
       scores.alignment_scores(audio, text, audio_mask, text_mask), rtol=1e-6)
 
 
-# 1,008 products: 500 tiles them (blocks of 2 x rows against all of y), 10_000 is one tile.
+# 1,008 products: 500 tiles them (blocks of 2 x rows against all of y), 10_000 is one tile;
+# 140 and 840 leave a short last block (840: blocks of 5 rows, one left over).
 @pytest.mark.parametrize("tiling", scores.TILINGS)
-@pytest.mark.parametrize("tile_elements", [1, 30, 200, 500, 10_000])
+@pytest.mark.parametrize("tile_elements", [1, 30, 140, 200, 500, 840, 10_000])
 def test_tiling_matches_one_shot(batch, tile_elements, tiling):
-  audio, audio_mask, _, text, text_mask, _ = batch
+  audio, audio_mask, a_len, text, text_mask, t_len = batch
   one_shot = scores.alignment_scores(audio, text, audio_mask, text_mask)
   tiled = scores.alignment_scores(audio, text, audio_mask, text_mask,
                                   tile_elements=tile_elements, tiling=tiling)
   np.testing.assert_allclose(tiled, one_shot, rtol=1e-6, atol=1e-7)
+  np.testing.assert_allclose(tiled, naive_alignment(audio, a_len, text, t_len), rtol=1e-5,
+                             atol=1e-6)
 
 
 @pytest.mark.parametrize("tiling", scores.TILINGS)
@@ -137,6 +140,9 @@ def test_pooled_scores_are_cosines_of_masked_means(batch):
   np.testing.assert_allclose(
       scores.paired_pooled_scores(audio, text, audio_mask, text_mask),
       np.diag(expected), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(scores.get_scorer("pooled").symmetric(audio, audio_mask),
+                             pooled(audio, a_len) @ pooled(audio, a_len).T, rtol=1e-5,
+                             atol=1e-6)  # within a modality, padding left out too
 
 
 def test_fully_masked_sequence_scores_zero_without_nan(batch):

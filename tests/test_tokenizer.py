@@ -97,6 +97,24 @@ def test_word_tokens_flow_through_the_input_pipeline(tmp_path):
   np.testing.assert_array_equal(batch["token_mask"], batch["tokens"] > 0)
 
 
+@pytest.mark.parametrize("lines", [["<pad>", "<unk>", "dog"],  # no cleaning named
+                                   ["# cleaning: ntxr", "dog", "rain"],  # no reserved words
+                                   ["# cleaning: shouting", "<pad>", "<unk>"]])
+def test_a_hand_made_word_list_is_refused_naming_the_file(tmp_path, lines):
+  path = tmp_path / "words.txt"
+  path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+  with pytest.raises(ValueError, match=f"{path}: not a word vocabulary"):
+    tokenizer.WordTokenizer(str(path))
+
+
+def test_sentencepiece_learns_and_encodes_cleaned_captions(tmp_path):
+  texts = ["A DOG barks loudly!", "Rain falls, a dog barks.", "Birds sing; rain FALLS."] * 30
+  tok = tokenizer.Tokenizer(tokenizer.train(texts, str(tmp_path / "spm.model"), 40))
+  pieces = [tok.processor.id_to_piece(i) for i in range(tok.vocab_size)]
+  assert not [p for p in pieces if p != p.lower() or any(c in p for c in "!,.;")]
+  assert tok.encode("A DOG, barks!").tolist() == tok.encode("a dog barks").tolist()
+
+
 def test_paper_cleaning_keeps_hyphenated_words_and_the_vocabulary_says_so(tmp_path):
   path = tokenizer.train_words(["A walkie-talkie crackles.", "Rain, on a tin-roof!"],
                                str(tmp_path / "words.txt"), cleaning="paper")
@@ -109,12 +127,12 @@ def test_paper_cleaning_keeps_hyphenated_words_and_the_vocabulary_says_so(tmp_pa
 
 
 def test_hyphenated_word_gets_its_parts_mean_and_missing_words_share_one_unit_vector(tmp_path):
-  vocabulary = ["<pad>", "<unk>", "walkie-talkie", "dog", "zorp", "blip"]
+  vocabulary = ["<pad>", "<unk>", "walkie-talkie", "dog", "zorp", "blip", "tin-roof"]
   write_text(tmp_path / "v", {"walkie": [1.0, 0.0, 2.0], "talkie": [3.0, 2.0, 0.0],
-                              "dog": [0.0, 5.0, 1.0]})
+                              "dog": [0.0, 5.0, 1.0], "tin": [1.0, 1.0, 1.0]})
   table, missing = word_vectors.read_word2vec(str(tmp_path / "v"), vocabulary, missing="one_unk")
   np.testing.assert_allclose(table[2], [2.0, 1.0, 1.0])
-  assert missing == ["<unk>", "zorp", "blip"]
+  assert missing == ["<unk>", "zorp", "blip", "tin-roof"]  # a part missing: no mean
   np.testing.assert_array_equal(table[1], table[4])
   np.testing.assert_array_equal(table[4], table[5])
   np.testing.assert_allclose(np.linalg.norm(table[4]), 1.0, rtol=1e-6)
