@@ -8,7 +8,7 @@ import pytest
 from ntxr.data import input_pipeline, tokenizer, word_vectors
 
 VECTORS = {"dog": [1.0, 2.0, 3.0], "Rain": [-1.5, 0.25, 4.0], "rain": [0.5, 0.5, 0.5],
-           "Bird": [7.0, 8.0, 9.0], "zzz": [0.0, 0.0, 1.0]}
+           "Bird": [7.0, 8.0, 9.0], "BIRD": [0.5, -1.0, 2.0], "zzz": [0.0, 0.0, 1.0]}
 
 
 def write_text(path, vectors):
@@ -48,7 +48,7 @@ def test_read_word2vec_aligns_rows_to_the_vocabulary(tmp_path, form):
   assert table.shape == (9, 3) and table.dtype == np.float32
   np.testing.assert_array_equal(table[tok.ids["dog"]], VECTORS["dog"])
   np.testing.assert_array_equal(table[tok.ids["rain"]], VECTORS["rain"])  # exact beats "Rain"
-  np.testing.assert_array_equal(table[tok.ids["bird"]], VECTORS["Bird"])  # lower-case match
+  np.testing.assert_array_equal(table[tok.ids["bird"]], VECTORS["Bird"])  # the first lower-case match
   np.testing.assert_array_equal(table[tokenizer.PAD_ID], 0)
   assert missing == ["<unk>", "a", "and", "barks", "falls"]
   assert np.all(np.abs(table[tok.ids["a"]]) > 0)  # random, never zero
@@ -79,7 +79,7 @@ def test_truncated_binary_vectors_are_reported(tmp_path):
   path = tmp_path / "cut.bin"
   write_binary(path, VECTORS, newline=True)
   path.write_bytes(path.read_bytes()[:-7])
-  with pytest.raises(ValueError, match="cut.bin: record 5 .*'zzz'.* inside its vector"):
+  with pytest.raises(ValueError, match="cut.bin: record 6 .*'zzz'.* inside its vector"):
     word_vectors.read_word2vec(str(path), ["<pad>", "<unk>", "dog"], binary=True)
   with pytest.raises(FileNotFoundError, match="nowhere.bin"):
     word_vectors.read_word2vec(str(tmp_path / "nowhere.bin"), ["dog"])
@@ -136,6 +136,8 @@ def test_hyphenated_word_gets_its_parts_mean_and_missing_words_share_one_unit_ve
   np.testing.assert_array_equal(table[1], table[4])
   np.testing.assert_array_equal(table[4], table[5])
   np.testing.assert_allclose(np.linalg.norm(table[4]), 1.0, rtol=1e-6)
+  for found in table[2:4]:  # no closer to a found word than a cosine of 0.25, either way
+    assert abs(found @ table[4]) <= 0.25 * np.linalg.norm(found)
   random_table, _ = word_vectors.read_word2vec(str(tmp_path / "v"), vocabulary)
   assert not np.array_equal(random_table[4], random_table[5])
 

@@ -99,17 +99,19 @@ def test_a_run_scores_several_matching_clips_per_caption_as_dcase_2025(tiny_conf
 
 
 def test_results_name_the_peoples_file_t2a_multi_was_judged_against(tiny_config, tiny_run,
-                                                                     tmp_path):
+                                                                     tmp_path, caplog):
   """With --config.relevance_file on the built-in corpus, results.json names that file,
   not the corpus's events, and t2a_multi is scored against it: two captions, each judged
-  to match all 8 test clips, so any ranking has AP 1, R@k = k / 8 and HR@k = 1."""
+  to match all 8 test clips, so any ranking has AP 1, R@k = k / 8 and HR@k = 1. A third
+  judged caption, not one of the split's, is left out with a warning."""
   corpus = pathlib.Path(tiny_config().cache_dir) / "synthetic_tiny"
   with open(corpus / "clotho_captions_evaluation.csv", newline="") as f:
     rows = list(csv.reader(f))[1:]
   assert len(rows) == 8
   people = str(tmp_path / "people.csv")
   relevance.write_dcase2025(people, {rows[0][1]: [r[0] for r in rows],
-                                     rows[1][1]: [r[0] for r in rows]})
+                                     rows[1][1]: [r[0] for r in rows],
+                                     "a caption of another split": [rows[2][0]]})
   workdir = shutil.copytree(tiny_run, tmp_path / "run")
   results = train.evaluate_only(tiny_config(relevance_file=people), str(workdir))
   assert json.loads((workdir / "results.json").read_text()) == json.loads(json.dumps(results))
@@ -117,6 +119,8 @@ def test_results_name_the_peoples_file_t2a_multi_was_judged_against(tiny_config,
   assert results["t2a_multi"] == {"mAP@16": 1.0, "mAP@10": 1.0, "R@1": 1 / 8, "R@5": 5 / 8,
                                   "R@10": 1.0, "HR@1": 1.0, "HR@5": 1.0, "HR@10": 1.0,
                                   "queries": 2}
+  assert ("t2a_multi: 1 of the 3 judged captions are not captions of the evaluation split"
+          in caplog.text)
   # The built-in corpus's own file again: its events are named, not its path.
   again = train.evaluate_only(tiny_config(), str(workdir))
   assert again["judged_against"] == {"t2a_multi": "built-in corpus events"}
