@@ -242,9 +242,10 @@ def epoch_line(record: dict) -> str:
 
 
 def end_epoch(run: programs.Run, seconds: float, validated: tuple) -> None:
-  """The plateau schedule, checkpoints and the metrics line of the run's epoch whose
-  steps (`seconds` of them) are done and validated (its (validation, Collapse, seconds),
-  `programs`); leaves the run's state and progress at the start of the next epoch."""
+  """The plateau schedule, checkpoints and the metrics line of the run's epoch, whose
+  steps took `seconds` and whose validation gave `validated` ((validation metrics,
+  Collapse, validation seconds), `programs`); leaves the run's state and progress at the
+  start of the next epoch."""
   experiment, state, progress = run.experiment, run.state, run.progress
   select = settings.SELECTIONS[experiment.settings.checkpoints.select_by]
   epoch, training = progress.epoch + 1, progress.statistic_means()

@@ -18,7 +18,8 @@ def log_sigmoid(x):
 
 def naive_loss(s, ids, objective, temperature=0.05, bias=0.0, beta=0.0, relevance=None,
                valid=None, text_pools=None, audio_pools=None, weight_scores=None):
-  """The objective anchor by anchor, float64; pools[i, j]: anchor i may take negative j.
+  """The objective anchor by anchor, float64; pools[i, j]: anchor i may take negative j
+  (padding rows and columns left out of every pool).
   hn_nce weighs negatives by weight_scores (default: s), which carry no gradient."""
   s, n = np.asarray(s, np.float64), len(ids)
   weight_z = np.asarray(s if weight_scores is None else weight_scores, np.float64) / temperature
@@ -257,12 +258,13 @@ def test_the_weights_each_negative_carries_match_the_formulas(batch, objective):
 
 
 def test_a_row_far_below_the_others_still_spreads_its_weight_over_its_pool():
-  """Each row's softmax is its own: scores of +1 and -1 at temperature 0.01."""
+  """Each row's softmax is its own: scores of +1 and -1 at temperature 0.01; a row
+  without a pool gets 0."""
   logits = jnp.array([[100.0, 99.0, 0.0], [-100.0, -101.0, -99.5], [5.0, 0.0, 0.0]])
   pool = jnp.array([[True, True, False], [True, True, True], [False, False, False]])
   found = np.asarray(objectives.pool_weights(logits, pool))
   x = np.where(pool, np.asarray(logits, np.float64), -np.inf)
-  e = np.exp(x - x.max(1, initial=0, where=np.asarray(pool), keepdims=True))
+  e = np.exp(x - x.max(1, initial=0, where=np.asarray(pool), keepdims=True))  # 0: no pool
   expected = e / np.maximum(e.sum(1, keepdims=True), 1e-300)
   np.testing.assert_allclose(found, expected, rtol=1e-6)
   np.testing.assert_allclose(found.sum(1), [1, 1, 0], rtol=1e-6)
