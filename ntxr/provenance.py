@@ -1,9 +1,11 @@
-"""Where a result came from: the date, the checkout's commit and the package versions
-(no JAX or TensorFlow here: the benchmark's machines may lack TensorFlow).
+"""Where a result came from: the date, the checkout's commit, the package versions and
+the CPU (XLA compiles for the CPU it runs on, so another CPU model may move the last
+digits of a run's metrics). No JAX or TensorFlow here: the benchmark's machines may lack
+TensorFlow.
 
   provenance.of("python -m ntxr.bench --jobs=kernels")
   # {"date": "2026-12-06T23:59:00+00:00", "commit": "2fa29ae4c1d0", "versions": {...},
-  #  "command": "python -m ntxr.bench --jobs=kernels"}
+  #  "cpu": "AMD EPYC", "command": "python -m ntxr.bench --jobs=kernels"}
 """
 
 import datetime
@@ -42,8 +44,20 @@ def versions() -> dict:
   return found
 
 
+def cpu() -> str:
+  """The CPU's model name: Linux's /proc/cpuinfo, else what `platform` says."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def of(command: Optional[str] = None) -> dict:
-  """{date (UTC, now), commit, versions} and the command, if given."""
+  """{date (UTC, now), commit, versions, cpu} and the command, if given."""
   found = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               commit=commit(), versions=versions())
+               commit=commit(), versions=versions(), cpu=cpu())
   return dict(found, command=command) if command else found

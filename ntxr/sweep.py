@@ -380,13 +380,14 @@ FIGURES = ("metrics_by_strategy", "training_curves", "collapse_over_epochs", "sc
 def provenance_of(runs: list, command: Optional[str]) -> dict:
   """What ROOT/provenance.json records: the sweep's command, when the table was made,
   and where its runs came from (each run's results.json records it): how many, the
-  commits and package versions their results were written at ("unrecorded" for runs
-  older than the record) and their first and last dates."""
+  commits, CPUs and package versions their results were written at ("unrecorded" for
+  runs older than the record) and their first and last dates."""
   recorded = [run.get("provenance") or {} for run in runs]
   dates = sorted(p["date"] for p in recorded if "date" in p)
   packages = dict.fromkeys(name for p in recorded for name in p.get("versions", {}))
   return dict(command=command, tabulated=provenance.of()["date"], runs=dict(
       count=len(runs), commits=sorted({p.get("commit") or "unrecorded" for p in recorded}),
+      cpus=sorted({p.get("cpu") or "unrecorded" for p in recorded}),
       first=dates[0] if dates else None, last=dates[-1] if dates else None,
       versions={name: sorted({p["versions"][name] for p in recorded
                               if name in p.get("versions", {})}) for name in packages}))

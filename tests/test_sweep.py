@@ -59,8 +59,8 @@ def test_table_is_the_mean_and_sample_spread_over_seeds(tmp_path):
   assert table[1]["strategy"] == "hard_cross" and table[1]["t2a R@10 std"] == "0.1414"
   assert table[0]["t2a R@10 std"] == "nan"
   with open(os.path.join(root, "provenance.json")) as f:  # runs that recorded none
-    assert json.load(f)["runs"] == dict(count=3, commits=["unrecorded"], first=None,
-                                        last=None, versions={})
+    assert json.load(f)["runs"] == dict(count=3, commits=["unrecorded"], cpus=["unrecorded"],
+                                        first=None, last=None, versions={})
   markdown = open(os.path.join(root, "results.md")).read().splitlines()
   assert markdown[0].startswith("| strategy | t2a R@1 | t2a R@5 |")
   assert markdown[0].endswith("| a2t mAP@10 | a2t mAP | collapse |")
@@ -125,6 +125,13 @@ def test_run_all_skips_finished_runs_and_reports_failures(tmp_path, tiny_flags, 
   assert [run.finished(config) for run in runs] == [True, True, False, True]  # a rerun runs one
 
 
+def cpu_model() -> str:
+  """This machine's CPU as `lscpu` names it (Linux), read apart from ntxr's provenance."""
+  found = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+  return next(line.split(":", 1)[1].strip() for line in found.splitlines()
+              if line.startswith("Model name:"))
+
+
 def test_table_of_a_trained_sweep(tiny_sweep, tiny_config):
   rows = sweep.write_report(tiny_sweep, tiny_config(), command="python -m ntxr.sweep --x")
   assert [(r["strategy"], r["seeds"]) for r in rows] == [
@@ -144,6 +151,7 @@ def test_table_of_a_trained_sweep(tiny_sweep, tiny_config):
   assert recorded["command"] == "python -m ntxr.sweep --x"
   assert recorded["runs"]["count"] == 4
   assert recorded["runs"]["commits"] == [provenance.commit() or "unrecorded"]
+  assert recorded["runs"]["cpus"] == [cpu_model()]
   assert recorded["runs"]["first"] <= recorded["runs"]["last"] <= recorded["tabulated"]
   assert recorded["runs"]["versions"]["jax"] == [jax.__version__]
   read_back = sweep.read_csv(os.path.join(tiny_sweep, "results.csv"))
