@@ -56,8 +56,12 @@ def cpu() -> str:
   return platform.processor() or platform.machine()
 
 
+def now() -> str:
+  """The date and time in UTC, to the second, as ISO 8601."""
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def of(command: Optional[str] = None) -> dict:
   """{date (UTC, now), commit, versions, cpu} and the command, if given."""
-  found = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-               commit=commit(), versions=versions(), cpu=cpu())
+  found = dict(date=now(), commit=commit(), versions=versions(), cpu=cpu())
   return dict(found, command=command) if command else found

@@ -385,7 +385,7 @@ def provenance_of(runs: list, command: Optional[str]) -> dict:
   recorded = [run.get("provenance") or {} for run in runs]
   dates = sorted(p["date"] for p in recorded if "date" in p)
   packages = dict.fromkeys(name for p in recorded for name in p.get("versions", {}))
-  return dict(command=command, tabulated=provenance.of()["date"], runs=dict(
+  return dict(command=command, tabulated=provenance.now(), runs=dict(
       count=len(runs), commits=sorted({p.get("commit") or "unrecorded" for p in recorded}),
       cpus=sorted({p.get("cpu") or "unrecorded" for p in recorded}),
       first=dates[0] if dates else None, last=dates[-1] if dates else None,
